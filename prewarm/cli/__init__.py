@@ -1,0 +1,62 @@
+"""The ``prewarm`` command line.
+
+Each group of commands lives in its own module under ``prewarm.cli`` and is attached
+here; expected failures (:class:`prewarm.errors.PrewarmError`) print one line naming
+the thing and what to do, and exit with the error's code.  ``--debug`` shows the
+traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from prewarm.errors import PrewarmError
+
+
+class PrewarmGroup(click.Group):
+    """A click group that turns our errors into one-line messages and exit codes."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except PrewarmError as err:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"prewarm: error: {err}", err=True)
+            sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("prewarm: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=PrewarmGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Pre-warm container images onto nodes before pods need them."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _attach_subcommands() -> None:
+    """Attach the command modules; each exposes ``register(main)``."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(main)
+
+
+_attach_subcommands()

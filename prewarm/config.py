@@ -1,0 +1,90 @@
+"""Settings: read once from ``PREWARM_*`` environment variables, CLI flags win.
+
+Only the CLI, the workers and the shim build a :class:`Settings`; every other module
+receives one (or the plain values it needs) as an argument and never reads the
+environment itself.  The defaults below are the documented ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+
+from prewarm.errors import ConfigError
+
+#: Where a node keeps its content store (layers, zTOC cache, snapshots).
+DEFAULT_ROOT = Path("/var/lib/prewarm")
+#: Uncompressed bytes between two gzip checkpoints, as soci uses.
+DEFAULT_SPAN_SIZE = 4 << 20
+#: Layers smaller than this get no zTOC and are fetched whole, as soci does.
+DEFAULT_MIN_LAYER_SIZE = 10 << 20
+#: Build-tool identifier written into the zTOCs we build.
+BUILD_TOOL_IDENTIFIER = "prewarm"
+
+
+def _split_csv(value: str | None) -> frozenset[str]:
+    if not value:
+        return frozenset()
+    return frozenset(part.strip() for part in value.split(",") if part.strip())
+
+
+def _int_env(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw, 0)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer; set it to a number of bytes") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def default_node_name(env: Mapping[str, str]) -> str:
+    """The node's name: ``PREWARM_NODE_NAME``, then the downward API's ``NODE_NAME``, then the hostname."""
+    return env.get("PREWARM_NODE_NAME") or env.get("NODE_NAME") or socket.gethostname()
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything configurable, frozen so it can be passed around without surprises."""
+
+    root: Path = DEFAULT_ROOT
+    broker_url: str | None = None
+    insecure_registries: frozenset[str] = frozenset()
+    ca_bundle: str | None = None
+    docker_config: Path | None = None
+    node_name: str = dataclasses.field(default_factory=socket.gethostname)
+    span_size: int = DEFAULT_SPAN_SIZE
+    min_layer_size: int = DEFAULT_MIN_LAYER_SIZE
+    platform: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> "Settings":
+        """Build settings from the environment; keyword arguments that are not None win."""
+        env = os.environ if env is None else env
+        docker_config = env.get("DOCKER_CONFIG")
+        values: dict[str, object] = {
+            "root": Path(env.get("PREWARM_ROOT") or DEFAULT_ROOT),
+            "broker_url": env.get("PREWARM_BROKER_URL") or None,
+            "insecure_registries": _split_csv(env.get("PREWARM_INSECURE_REGISTRIES")),
+            "ca_bundle": env.get("PREWARM_CA_BUNDLE") or None,
+            "docker_config": Path(docker_config) if docker_config else None,
+            "node_name": default_node_name(env),
+            "span_size": _int_env(env, "PREWARM_SPAN_SIZE", DEFAULT_SPAN_SIZE),
+            "min_layer_size": _int_env(env, "PREWARM_MIN_LAYER_SIZE", DEFAULT_MIN_LAYER_SIZE),
+            "platform": env.get("PREWARM_PLATFORM") or None,
+        }
+        for key, value in overrides.items():
+            if key not in values:
+                raise TypeError(f"unknown setting {key!r}")
+            if value is None:
+                continue
+            if key == "insecure_registries":
+                value = values["insecure_registries"] | frozenset(value)  # type: ignore[operator, arg-type]
+            values[key] = value
+        return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,158 @@
+"""The error tree of prewarm.  This module imports nothing of ours.
+
+Every failure that crosses a boundary (registry, zTOC, store, snapshotter, CLI) is one
+of these, so the CLI maps them to exit codes in one place and the workers know which
+ones are worth a retry::
+
+    PrewarmError
+     +-- InvalidReference            the image reference as typed cannot be parsed
+     +-- ConfigError                 a flag, environment variable or file is unusable
+     +-- RegistryError               anything the registry said or did not say
+     |    +-- AuthenticationFailed   401/403 after the credentials we have
+     |    +-- NotFound
+     |    |    +-- ManifestNotFound
+     |    |    +-- BlobNotFound
+     |    +-- UnsupportedManifest    schema 1, unknown media type, no matching platform
+     |    +-- RateLimited            (Transient) 429, carries retry_after
+     |    +-- RegistryUnavailable    (Transient) connection errors, 5xx, timeouts
+     |    +-- RangeNotHonored        the server cannot serve the byte range asked for
+     +-- CorruptContent              bytes that do not match what vouches for them
+     |    +-- DigestMismatch
+     |    +-- BadSpan
+     |    +-- BadZtoc
+     |    +-- UnsafeArchive          a tar entry that would write outside its layer
+     +-- StoreError                  the node's content store
+     |    +-- InsufficientSpace
+     +-- JobError                    a pre-warm job failed or was cancelled
+     +-- SnapshotError
+          +-- SnapshotNotFound
+          +-- SnapshotExists
+          +-- FailedPrecondition
+
+``Transient`` is a mixin: tasks retry exactly the exceptions that carry it, so corrupt
+data and auth errors fail loudly instead of being retried into a storm.
+"""
+
+from __future__ import annotations
+
+
+class PrewarmError(Exception):
+    """Root of every error prewarm raises on purpose.
+
+    ``exit_code`` is what the CLI exits with when this reaches it.
+    """
+
+    exit_code = 1
+
+
+class Transient:
+    """Mixin for failures that may go away if the same thing is tried again later."""
+
+
+class InvalidReference(PrewarmError):
+    exit_code = 2
+
+
+class ConfigError(PrewarmError):
+    exit_code = 2
+
+
+class RegistryError(PrewarmError):
+    exit_code = 3
+
+    def __init__(self, message: str, *, registry: str | None = None,
+                 repository: str | None = None, digest: str | None = None,
+                 status: int | None = None) -> None:
+        super().__init__(message)
+        self.registry = registry
+        self.repository = repository
+        self.digest = digest
+        self.status = status
+
+
+class AuthenticationFailed(RegistryError):
+    exit_code = 4
+
+
+class NotFound(RegistryError):
+    exit_code = 1
+
+
+class ManifestNotFound(NotFound):
+    pass
+
+
+class BlobNotFound(NotFound):
+    pass
+
+
+class UnsupportedManifest(RegistryError):
+    exit_code = 2
+
+
+class RegistryUnavailable(Transient, RegistryError):
+    exit_code = 5
+
+
+class RateLimited(Transient, RegistryError):
+    exit_code = 5
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+
+
+class RangeNotHonored(RegistryError):
+    pass
+
+
+class CorruptContent(PrewarmError):
+    exit_code = 6
+
+
+class DigestMismatch(CorruptContent):
+    def __init__(self, message: str, *, expected: str | None = None,
+                 actual: str | None = None) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.actual = actual
+
+
+class BadSpan(CorruptContent):
+    pass
+
+
+class BadZtoc(CorruptContent):
+    pass
+
+
+class UnsafeArchive(CorruptContent):
+    pass
+
+
+class StoreError(PrewarmError):
+    exit_code = 7
+
+
+class InsufficientSpace(StoreError):
+    pass
+
+
+class JobError(PrewarmError):
+    exit_code = 8
+
+
+class SnapshotError(PrewarmError):
+    exit_code = 9
+
+
+class SnapshotNotFound(SnapshotError):
+    pass
+
+
+class SnapshotExists(SnapshotError):
+    pass
+
+
+class FailedPrecondition(SnapshotError):
+    pass
