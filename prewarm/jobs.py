@@ -1,0 +1,252 @@
+"""Job records in Redis: what was asked, and per node and per layer, what is true.
+
+A job is one image pre-warmed on a set of nodes.  Redis holds:
+
+* the job hash (image, manifest digest, window, created, cancelled flag),
+* the plan once (:class:`prewarm.plan.ImagePlan` as JSON),
+* per node: a cursor into the plan (the next task to release), byte counters, and the
+  state of each layer (``pending``, ``ready``, ``failed``) with the reason of a failure,
+* per node and layer: a bitmap of finished spans.  ``SETBIT`` returns the old bit, so a
+  redelivered or duplicated task never counts twice.
+
+The job's overall state is DERIVED from the layer states every time it is read
+(:func:`job_status`), never stored: a job is ``succeeded`` only when every layer on every
+node is ``ready``, so it cannot report success with a layer missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import Iterable
+
+import redis
+
+from prewarm import keys
+from prewarm.errors import JobError
+from prewarm.plan import ImagePlan
+
+LAYER_PENDING = "pending"
+LAYER_READY = "ready"
+LAYER_FAILED = "failed"
+
+# Claim the next task of a node's cursor unless the job is cancelled or the plan is done.
+_CLAIM = """
+if redis.call('HGET', KEYS[1], 'cancelled') == '1' then return -1 end
+local total = tonumber(redis.call('HGET', KEYS[2], 'tasks_total'))
+local k = redis.call('HINCRBY', KEYS[2], 'cursor', 1) - 1
+if k >= total then
+  redis.call('HINCRBY', KEYS[2], 'cursor', -1)
+  return -1
+end
+return k
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeStatus:
+    node: str
+    state: str  # pending | running | succeeded | failed | cancelled
+    bytes_done: int
+    bytes_total: int
+    tasks_finished: int
+    tasks_total: int
+    layers: dict[int, str]
+    errors: dict[int, str]
+    started: float
+    updated: float
+
+
+@dataclasses.dataclass(frozen=True)
+class JobStatus:
+    job_id: str
+    image: str
+    state: str  # pending | running | succeeded | failed | cancelled
+    created: float
+    plan: ImagePlan
+    nodes: dict[str, NodeStatus]
+
+    @property
+    def bytes_done(self) -> int:
+        return sum(n.bytes_done for n in self.nodes.values())
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(n.bytes_total for n in self.nodes.values())
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("succeeded", "failed", "cancelled")
+
+    def failures(self) -> list[str]:
+        """One line per failed layer: node, layer digest and why."""
+        out = []
+        for node in sorted(self.nodes):
+            ns = self.nodes[node]
+            for idx, reason in sorted(ns.errors.items()):
+                digest = self.plan.layers[idx].digest if idx < len(self.plan.layers) else f"#{idx}"
+                out.append(f"{node}: layer {digest}: {reason}")
+        return out
+
+
+def _s(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else (value or "")
+
+
+def create_job(r: redis.Redis, plan: ImagePlan, nodes: Iterable[str], *, window: int,
+               image: str, job_id: str | None = None, present: dict[str, set[int]] | None = None) -> str:
+    """Record a new job; no task is released yet (see :func:`claim_next`).
+
+    Args:
+        present: per node, indexes of layers the node already holds ready; they are
+            recorded ready at once and their tasks are skipped by the workers.
+    """
+    job_id = job_id or uuid.uuid4().hex[:12]
+    nodes = sorted(set(nodes))
+    if not nodes:
+        raise JobError("no node to pre-warm on: name one with --node, or start a worker")
+    now = time.time()
+    pipe = r.pipeline(transaction=True)
+    pipe.hset(keys.job(job_id), mapping={
+        "image": image, "reference": plan.reference, "manifest_digest": plan.manifest_digest,
+        "window": window, "created": now, "cancelled": "0",
+    })
+    pipe.set(keys.job_plan(job_id), plan.to_json())
+    pipe.sadd(keys.job_nodes(job_id), *nodes)
+    for node in nodes:
+        ready = (present or {}).get(node, set())
+        pipe.hset(keys.job_node(job_id, node), mapping={
+            "cursor": 0, "tasks_total": plan.task_count, "tasks_finished": 0,
+            "bytes_total": plan.total_bytes,
+            "bytes_done": sum(plan.layers[i].size for i in ready),
+            "started": now, "updated": now,
+        })
+        pipe.hset(keys.job_node_layers(job_id, node), mapping={
+            str(i): (LAYER_READY if i in ready else LAYER_PENDING) for i in range(len(plan.layers))
+        })
+    pipe.zadd(keys.JOBS, {job_id: now})
+    pipe.sadd(keys.ACTIVE_JOBS, job_id)
+    pipe.execute()
+    return job_id
+
+
+def load_plan(r: redis.Redis, job_id: str) -> ImagePlan:
+    raw = r.get(keys.job_plan(job_id))
+    if raw is None:
+        raise JobError(f"job {job_id} does not exist (prewarm status lists the jobs)")
+    return ImagePlan.from_json(raw)
+
+
+def claim_next(r: redis.Redis, job_id: str, node: str) -> int | None:
+    """Advance the node's cursor and return the task index to release, or None when done."""
+    k = int(r.eval(_CLAIM, 2, keys.job(job_id), keys.job_node(job_id, node)))
+    return None if k < 0 else k
+
+
+def layer_state(r: redis.Redis, job_id: str, node: str, layer: int) -> str:
+    return _s(r.hget(keys.job_node_layers(job_id, node), str(layer))) or LAYER_PENDING
+
+
+def record_span(r: redis.Redis, job_id: str, node: str, layer: int, span: int, nbytes: int) -> bool:
+    """Count a finished span once, however often it is reported; True if this call counted it."""
+    old = r.setbit(keys.job_node_spans(job_id, node, layer), span, 1)
+    if old:
+        return False
+    pipe = r.pipeline(transaction=True)
+    pipe.hincrby(keys.job_node(job_id, node), "tasks_finished", 1)
+    pipe.hincrby(keys.job_node(job_id, node), "bytes_done", nbytes)
+    pipe.hset(keys.job_node(job_id, node), "updated", time.time())
+    pipe.execute()
+    return True
+
+
+def record_layer(r: redis.Redis, job_id: str, node: str, layer: int, state: str,
+                 reason: str | None = None) -> None:
+    """Set a layer's state on a node.  ``ready`` wins over ``failed`` (a retry that succeeded)."""
+    if state not in (LAYER_READY, LAYER_FAILED, LAYER_PENDING):
+        raise ValueError(state)
+    pipe = r.pipeline(transaction=True)
+    pipe.hset(keys.job_node_layers(job_id, node), str(layer), state)
+    if state == LAYER_FAILED:
+        pipe.hset(keys.job_node_errors(job_id, node), str(layer), reason or "failed")
+    else:
+        pipe.hdel(keys.job_node_errors(job_id, node), str(layer))
+    pipe.hset(keys.job_node(job_id, node), "updated", time.time())
+    pipe.execute()
+
+
+def cancel_job(r: redis.Redis, job_id: str) -> None:
+    if not r.exists(keys.job(job_id)):
+        raise JobError(f"job {job_id} does not exist (prewarm status lists the jobs)")
+    r.hset(keys.job(job_id), "cancelled", "1")
+    r.srem(keys.ACTIVE_JOBS, job_id)
+
+
+def node_status(r: redis.Redis, job_id: str, node: str, plan: ImagePlan, cancelled: bool) -> NodeStatus:
+    h = {_s(k): _s(v) for k, v in r.hgetall(keys.job_node(job_id, node)).items()}
+    layers = {int(_s(k)): _s(v) for k, v in r.hgetall(keys.job_node_layers(job_id, node)).items()}
+    errors = {int(_s(k)): _s(v) for k, v in r.hgetall(keys.job_node_errors(job_id, node)).items()}
+    states = [layers.get(i, LAYER_PENDING) for i in range(len(plan.layers))]
+    tasks_finished = int(h.get("tasks_finished", 0))
+    if all(s == LAYER_READY for s in states):
+        state = "succeeded"
+    elif all(s in (LAYER_READY, LAYER_FAILED) for s in states):
+        state = "failed"
+    elif cancelled:
+        state = "cancelled"
+    elif tasks_finished == 0 and int(h.get("bytes_done", 0)) == 0:
+        state = "pending"
+    else:
+        state = "running"
+    return NodeStatus(
+        node=node, state=state, bytes_done=int(h.get("bytes_done", 0)),
+        bytes_total=int(h.get("bytes_total", 0)), tasks_finished=tasks_finished,
+        tasks_total=int(h.get("tasks_total", 0)), layers=layers, errors=errors,
+        started=float(h.get("started", 0)), updated=float(h.get("updated", 0)),
+    )
+
+
+def job_status(r: redis.Redis, job_id: str) -> JobStatus:
+    """Read a job and derive its state from its layers.
+
+    Raises:
+        JobError: no such job.
+    """
+    h = {_s(k): _s(v) for k, v in r.hgetall(keys.job(job_id)).items()}
+    if not h:
+        raise JobError(f"job {job_id} does not exist (prewarm status lists the jobs)")
+    plan = load_plan(r, job_id)
+    cancelled = h.get("cancelled") == "1"
+    nodes = {_s(n): node_status(r, job_id, _s(n), plan, cancelled)
+             for n in r.smembers(keys.job_nodes(job_id))}
+    states = {n.state for n in nodes.values()}
+    if states == {"succeeded"}:
+        state = "succeeded"
+    elif states <= {"succeeded", "failed"}:
+        state = "failed"
+    elif cancelled:
+        state = "cancelled"
+    elif states == {"pending"}:
+        state = "pending"
+    else:
+        state = "running"
+    return JobStatus(job_id, h.get("image", ""), state, float(h.get("created", 0)), plan, nodes)
+
+
+def list_jobs(r: redis.Redis, limit: int = 20) -> list[str]:
+    return [_s(j) for j in r.zrevrange(keys.JOBS, 0, limit - 1)]
+
+
+def job_summary_json(status: JobStatus) -> str:
+    return json.dumps({
+        "job": status.job_id, "image": status.image, "state": status.state,
+        "bytes_done": status.bytes_done, "bytes_total": status.bytes_total,
+        "nodes": {
+            n: {"state": s.state, "bytes_done": s.bytes_done, "bytes_total": s.bytes_total,
+                "tasks_finished": s.tasks_finished, "tasks_total": s.tasks_total,
+                "errors": {status.plan.layers[i].digest: e for i, e in s.errors.items()}}
+            for n, s in sorted(status.nodes.items())
+        },
+    }, indent=2)

@@ -1,0 +1,80 @@
+"""Every Redis key prewarm uses, as templates in one place (one grep finds the keyspace).
+
+Keys follow ``prewarm:<noun>:<id>[:<facet>]``.  Nothing here ever holds a credential:
+jobs name images by reference and layers by digest; each node reads its own registry
+credentials.
+"""
+
+from __future__ import annotations
+
+#: Sorted set of job ids, scored by creation time.
+JOBS = "prewarm:jobs"
+#: Hash: the job's spec and overall state (image, manifest digest, nodes, state, error).
+JOB = "prewarm:job:{job}"
+#: String (JSON): the job's plan, layers and their span counts; one per job, not per node.
+JOB_PLAN = "prewarm:job:{job}:plan"
+#: Set of node names the job covers.
+JOB_NODES = "prewarm:job:{job}:nodes"
+#: Hash: per-node progress of a job (state, bytes_done, bytes_total, cursor, layers_ready, ...).
+JOB_NODE = "prewarm:job:{job}:node:{node}"
+#: Hash: per-node, per-layer state (layer index -> pending|running|ready|failed).
+JOB_NODE_LAYERS = "prewarm:job:{job}:node:{node}:layers"
+#: Hash: per-node, per-layer failure reason (layer index -> message).
+JOB_NODE_ERRORS = "prewarm:job:{job}:node:{node}:errors"
+#: Bitmap: which spans of layer ``layer`` are done on the node; SETBIT makes counting idempotent.
+JOB_NODE_SPANS = "prewarm:job:{job}:node:{node}:spans:{layer}"
+#: Hash: per-node count of finished (done or failed) spans per layer index.
+JOB_NODE_FINISHED = "prewarm:job:{job}:node:{node}:finished"
+#: Set of job ids that are still handing out work (standing schedules included).
+ACTIVE_JOBS = "prewarm:jobs:active"
+
+#: Hash: a node's registration (labels, free disk, last heartbeat, worker pid...).
+NODE = "prewarm:node:{node}"
+#: Set of known node names.
+NODES = "prewarm:nodes"
+
+#: Registry budget state per registry host (token bucket, concurrency).
+BUDGET = "prewarm:budget:{registry}"
+BUDGET_INFLIGHT = "prewarm:budget:{registry}:inflight"
+BUDGET_BACKOFF = "prewarm:budget:{registry}:backoff"
+
+
+def job(job_id: str) -> str:
+    return JOB.format(job=job_id)
+
+
+def job_plan(job_id: str) -> str:
+    return JOB_PLAN.format(job=job_id)
+
+
+def job_nodes(job_id: str) -> str:
+    return JOB_NODES.format(job=job_id)
+
+
+def job_node(job_id: str, node: str) -> str:
+    return JOB_NODE.format(job=job_id, node=node)
+
+
+def job_node_layers(job_id: str, node: str) -> str:
+    return JOB_NODE_LAYERS.format(job=job_id, node=node)
+
+
+def job_node_errors(job_id: str, node: str) -> str:
+    return JOB_NODE_ERRORS.format(job=job_id, node=node)
+
+
+def job_node_spans(job_id: str, node: str, layer: int) -> str:
+    return JOB_NODE_SPANS.format(job=job_id, node=node, layer=layer)
+
+
+def job_node_finished(job_id: str, node: str) -> str:
+    return JOB_NODE_FINISHED.format(job=job_id, node=node)
+
+
+def node(name: str) -> str:
+    return NODE.format(node=name)
+
+
+def node_queue(name: str) -> str:
+    """The Celery queue a node's worker consumes: spans are done on the node whose store they fill."""
+    return f"prewarm.node.{name}"

@@ -1,0 +1,163 @@
+"""Turn a resolved image into units of work: spans of indexed layers, whole unindexed layers.
+
+Pure: no I/O.  The plan is stored once per job in Redis and every node walks it with a
+cursor, so Redis holds one plan per job and a counter per node, never a task list per
+node (a 20 GB image has ~5,000 spans; a fleet has hundreds of nodes).
+
+Work order: whole-layer tasks first, largest first (they are long and cannot be split),
+then the spans of each indexed layer in stream order, so the in-order hash of a layer's
+compressed bytes mostly advances without spooling.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Literal
+
+LayerMode = Literal["spans", "whole"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """One distinct layer of the image and how it will be fetched.
+
+    ``mode`` is ``"spans"`` when a zTOC splits it (``ztoc_digest`` names the zTOC), else
+    ``"whole"``: one streamed task (small, zstd, uncompressed without index, no Range).
+    """
+
+    digest: str
+    size: int
+    media_type: str
+    diff_id: str
+    mode: LayerMode
+    num_spans: int
+    ztoc_digest: str | None = None
+    uncompressed_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode == "whole" and self.num_spans != 1:
+            raise ValueError(f"layer {self.digest}: a whole-layer plan has exactly one task")
+        if self.mode == "spans" and (self.num_spans < 1 or not self.ztoc_digest):
+            raise ValueError(f"layer {self.digest}: a span plan needs a zTOC and at least one span")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePlan:
+    """The work for one image on one node, identical for every node of a job.
+
+    ``layers`` holds each distinct layer once (work units); ``layer_order`` gives the
+    image's layers bottom to top by index into ``layers`` (a digest may repeat), with
+    ``diff_ids`` in the same order, which is what snapshots (chain IDs) need.
+    """
+
+    reference: str
+    manifest_digest: str
+    config_digest: str
+    layers: tuple[LayerPlan, ...]
+    layer_order: tuple[int, ...]
+    diff_ids: tuple[str, ...]
+    platform: str = ""
+    _work: tuple[int, ...] = dataclasses.field(default=(), compare=False, repr=False)
+    _starts: tuple[int, ...] = dataclasses.field(default=(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Work order: whole layers first (largest first), then span layers in image order.
+        whole = sorted((i for i, l in enumerate(self.layers) if l.mode == "whole"),
+                       key=lambda i: -self.layers[i].size)
+        spans = [i for i, l in enumerate(self.layers) if l.mode == "spans"]
+        work = tuple(whole + spans)
+        starts, total = [], 0
+        for i in work:
+            starts.append(total)
+            total += self.layers[i].num_spans
+        object.__setattr__(self, "_work", work)
+        object.__setattr__(self, "_starts", tuple(starts))
+
+    @property
+    def task_count(self) -> int:
+        return sum(layer.num_spans for layer in self.layers)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+    def task_at(self, k: int) -> tuple[int, int]:
+        """The k-th unit of work as (layer index, span index); whole layers have span 0.
+
+        Raises:
+            IndexError: k is outside the plan.
+        """
+        if not 0 <= k < self.task_count:
+            raise IndexError(f"task {k} is outside the plan of {self.task_count} tasks")
+        pos = bisect.bisect_right(self._starts, k) - 1
+        return self._work[pos], k - self._starts[pos]
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "reference": self.reference,
+            "manifest_digest": self.manifest_digest,
+            "config_digest": self.config_digest,
+            "platform": self.platform,
+            "layers": [dataclasses.asdict(layer) for layer in self.layers],
+            "layer_order": list(self.layer_order),
+            "diff_ids": list(self.diff_ids),
+        }, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "ImagePlan":
+        raw = json.loads(text)
+        return cls(
+            reference=raw["reference"],
+            manifest_digest=raw["manifest_digest"],
+            config_digest=raw["config_digest"],
+            platform=raw.get("platform", ""),
+            layers=tuple(LayerPlan(**layer) for layer in raw["layers"]),
+            layer_order=tuple(raw["layer_order"]),
+            diff_ids=tuple(raw["diff_ids"]),
+        )
+
+
+def plan_image(
+    *,
+    reference: str,
+    manifest_digest: str,
+    config_digest: str,
+    layers: Sequence[tuple[str, int, str]],
+    diff_ids: Sequence[str],
+    span_layers: dict[str, tuple[str, int, int]],
+    platform: str = "",
+) -> ImagePlan:
+    """Build the plan.
+
+    Args:
+        layers: the manifest's layers bottom to top as (digest, size, media type).
+        diff_ids: the config's rootfs.diff_ids, same order.
+        span_layers: for layers that have a usable zTOC, digest -> (zTOC digest, number of
+            spans, uncompressed size); every other layer is planned whole.
+
+    Raises:
+        ValueError: the manifest and config disagree on the number of layers.
+    """
+    if len(layers) != len(diff_ids):
+        raise ValueError(
+            f"{reference}: the manifest lists {len(layers)} layers but the config has "
+            f"{len(diff_ids)} diff_ids"
+        )
+    index_of: dict[str, int] = {}
+    plans: list[LayerPlan] = []
+    order: list[int] = []
+    for (digest, size, media_type), diff_id in zip(layers, diff_ids):
+        if digest not in index_of:
+            index_of[digest] = len(plans)
+            if digest in span_layers:
+                ztoc_digest, num_spans, usize = span_layers[digest]
+                plans.append(LayerPlan(digest, size, media_type, diff_id, "spans", num_spans,
+                                       ztoc_digest, usize))
+            else:
+                plans.append(LayerPlan(digest, size, media_type, diff_id, "whole", 1))
+        order.append(index_of[digest])
+    return ImagePlan(reference, manifest_digest, config_digest, tuple(plans), tuple(order),
+                     tuple(diff_ids), platform)

@@ -1,0 +1,82 @@
+"""Span maths of the plan: every unit of work appears exactly once, in the documented order."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from prewarm.plan import ImagePlan, plan_image
+
+
+def _digest(i: int) -> str:
+    return "sha256:" + f"{i:064x}"
+
+
+layer_specs = st.lists(
+    st.tuples(st.integers(0, 6), st.integers(1, 10**9), st.one_of(st.none(), st.integers(1, 40))),
+    min_size=1, max_size=12,
+)
+
+
+def _build(specs):
+    layers, diff_ids, span_layers = [], [], {}
+    for ident, size, spans in specs:
+        d = _digest(ident)
+        layers.append((d, size + ident, "application/vnd.oci.image.layer.v1.tar+gzip"))
+        diff_ids.append(_digest(1000 + ident))
+        if spans is not None and d not in span_layers:
+            span_layers[d] = (_digest(2000 + ident), spans, spans * 4 << 20)
+    return plan_image(reference="r/x@sha256:" + "a" * 64, manifest_digest=_digest(9), config_digest=_digest(8),
+                      layers=layers, diff_ids=diff_ids, span_layers=span_layers)
+
+
+@given(layer_specs)
+def test_every_task_appears_exactly_once(specs) -> None:
+    # Given any mix of indexed and whole layers, repeated digests included
+    plan = _build(specs)
+    # When every task index is mapped to (layer, span)
+    seen = [plan.task_at(k) for k in range(plan.task_count)]
+    # Then each span of each distinct layer appears exactly once
+    expected = {(i, s) for i, layer in enumerate(plan.layers) for s in range(layer.num_spans)}
+    assert sorted(seen) == sorted(expected)
+    assert len(seen) == len(expected)
+    # And whole layers come first, largest first
+    kinds = [plan.layers[i].mode for i, _ in seen]
+    assert kinds == sorted(kinds, key=lambda m: m != "whole")
+    whole_sizes = [plan.layers[i].size for i, _ in seen if plan.layers[i].mode == "whole"]
+    assert whole_sizes == sorted(whole_sizes, reverse=True)
+    # And span layers are walked in stream order
+    for i, layer in enumerate(plan.layers):
+        spans = [s for li, s in seen if li == i]
+        assert spans == list(range(layer.num_spans))
+
+
+@given(layer_specs)
+def test_plan_round_trips_through_json(specs) -> None:
+    plan = _build(specs)
+    again = ImagePlan.from_json(plan.to_json())
+    assert again == plan
+    assert [again.task_at(k) for k in range(again.task_count)] == [plan.task_at(k) for k in range(plan.task_count)]
+
+
+def test_repeated_layers_are_planned_once_but_kept_in_order() -> None:
+    plan = _build([(1, 100, None), (2, 200, 3), (1, 100, None)])
+    assert len(plan.layers) == 2
+    assert plan.layer_order == (0, 1, 0)
+    assert plan.task_count == 1 + 3
+    assert plan.total_bytes == 101 + 202
+
+
+def test_outside_the_plan_is_an_error() -> None:
+    plan = _build([(1, 100, 2)])
+    with pytest.raises(IndexError):
+        plan.task_at(2)
+    with pytest.raises(IndexError):
+        plan.task_at(-1)
+
+
+def test_manifest_and_config_must_agree() -> None:
+    with pytest.raises(ValueError, match="2 layers but the config has 1"):
+        plan_image(reference="r", manifest_digest=_digest(1), config_digest=_digest(2),
+                   layers=[(_digest(1), 1, "m"), (_digest(2), 1, "m")], diff_ids=[_digest(3)], span_layers={})
