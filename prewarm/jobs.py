@@ -235,6 +235,11 @@ def job_status(r: redis.Redis, job_id: str) -> JobStatus:
     return JobStatus(job_id, h.get("image", ""), state, float(h.get("created", 0)), plan, nodes)
 
 
+def job_image_name(r: redis.Redis, job_id: str) -> str:
+    """The image as the user named it when scheduling (the name of its record on nodes)."""
+    return _s(r.hget(keys.job(job_id), "image"))
+
+
 def list_jobs(r: redis.Redis, limit: int = 20) -> list[str]:
     return [_s(j) for j in r.zrevrange(keys.JOBS, 0, limit - 1)]
 

@@ -1,0 +1,102 @@
+"""Job records on a real Redis: the cursor, idempotent counting, and state derived from layers."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from prewarm import jobs, keys
+from prewarm.errors import JobError
+from prewarm.plan import plan_image
+
+
+def _digest(i: int) -> str:
+    return "sha256:" + f"{i:064x}"
+
+
+@pytest.fixture()
+def r(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+def _plan(spans=(3, None)):
+    layers, diff_ids, span_layers = [], [], {}
+    for i, n in enumerate(spans):
+        layers.append((_digest(i), 1000 * (i + 1), "application/vnd.oci.image.layer.v1.tar+gzip"))
+        diff_ids.append(_digest(100 + i))
+        if n:
+            span_layers[_digest(i)] = (_digest(200 + i), n, n * 10)
+    return plan_image(reference="127.0.0.1:5000/x@" + _digest(9), manifest_digest=_digest(9),
+                      config_digest=_digest(8), layers=layers, diff_ids=diff_ids, span_layers=span_layers)
+
+
+def test_cursor_hands_out_each_task_once_per_node(r: redis.Redis) -> None:
+    # Given a job of 4 tasks on two nodes
+    plan = _plan()
+    job = jobs.create_job(r, plan, ["a", "b"], window=2, image="x")
+    # When each node claims until the plan is exhausted
+    claimed = {n: [] for n in "ab"}
+    for n in "ab":
+        while (k := jobs.claim_next(r, job, n)) is not None:
+            claimed[n].append(k)
+    # Then every node got every task exactly once, and further claims stay None
+    assert claimed == {"a": [0, 1, 2, 3], "b": [0, 1, 2, 3]}
+    assert jobs.claim_next(r, job, "a") is None
+    assert int(r.hget(keys.job_node(job, "a"), "cursor")) == 4
+
+
+def test_a_duplicated_span_report_counts_once(r: redis.Redis) -> None:
+    plan = _plan()
+    job = jobs.create_job(r, plan, ["a"], window=2, image="x")
+    assert jobs.record_span(r, job, "a", 0, 1, 500) is True
+    assert jobs.record_span(r, job, "a", 0, 1, 500) is False
+    st = jobs.job_status(r, job).nodes["a"]
+    assert st.bytes_done == 500 and st.tasks_finished == 1
+
+
+def test_state_is_derived_and_never_success_with_a_layer_missing(r: redis.Redis) -> None:
+    plan = _plan()
+    job = jobs.create_job(r, plan, ["a", "b"], window=2, image="x")
+    assert jobs.job_status(r, job).state == "pending"
+    # Given every span counted on node a but one layer not ready
+    for s in range(3):
+        jobs.record_span(r, job, "a", 1, s, 10)
+    jobs.record_layer(r, job, "a", 0, jobs.LAYER_READY)
+    assert jobs.job_status(r, job).nodes["a"].state == "running"
+    # When a's last layer is ready but b still has nothing
+    jobs.record_layer(r, job, "a", 1, jobs.LAYER_READY)
+    st = jobs.job_status(r, job)
+    assert st.nodes["a"].state == "succeeded" and st.state == "running"
+    # And b fails one layer
+    jobs.record_layer(r, job, "b", 0, jobs.LAYER_READY)
+    jobs.record_layer(r, job, "b", 1, jobs.LAYER_FAILED, "digest mismatch")
+    st = jobs.job_status(r, job)
+    # Then the job failed, and the reason names node and layer
+    assert st.state == "failed"
+    assert st.failures() == [f"b: layer {plan.layers[1].digest}: digest mismatch"]
+    # And a later success of that layer wins
+    jobs.record_layer(r, job, "b", 1, jobs.LAYER_READY)
+    assert jobs.job_status(r, job).state == "succeeded"
+
+
+def test_present_layers_start_ready(r: redis.Redis) -> None:
+    plan = _plan()
+    job = jobs.create_job(r, plan, ["a"], window=2, image="x", present={"a": {0, 1}})
+    st = jobs.job_status(r, job)
+    assert st.state == "succeeded"
+    assert st.bytes_done == plan.total_bytes
+
+
+def test_cancel_stops_handing_out_work(r: redis.Redis) -> None:
+    job = jobs.create_job(r, _plan(), ["a"], window=2, image="x")
+    assert jobs.claim_next(r, job, "a") == 0
+    jobs.cancel_job(r, job)
+    assert jobs.claim_next(r, job, "a") is None
+    assert jobs.job_status(r, job).state == "cancelled"
+
+
+def test_unknown_job_is_a_clear_error(r: redis.Redis) -> None:
+    with pytest.raises(JobError, match="job nope does not exist"):
+        jobs.job_status(r, "nope")
+    with pytest.raises(JobError, match="no node"):
+        jobs.create_job(r, _plan(), [], window=1, image="x")
