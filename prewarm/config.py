@@ -88,3 +88,22 @@ class Settings:
                 value = values["insecure_registries"] | frozenset(value)  # type: ignore[operator, arg-type]
             values[key] = value
         return cls(**values)  # type: ignore[arg-type]
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes a child process (a worker) build these same settings."""
+        env = {
+            "PREWARM_ROOT": str(self.root),
+            "PREWARM_NODE_NAME": self.node_name,
+            "PREWARM_SPAN_SIZE": str(self.span_size),
+            "PREWARM_MIN_LAYER_SIZE": str(self.min_layer_size),
+            "PREWARM_INSECURE_REGISTRIES": ",".join(sorted(self.insecure_registries)),
+        }
+        if self.broker_url:
+            env["PREWARM_BROKER_URL"] = self.broker_url
+        if self.ca_bundle:
+            env["PREWARM_CA_BUNDLE"] = self.ca_bundle
+        if self.docker_config:
+            env["DOCKER_CONFIG"] = str(self.docker_config)
+        if self.platform:
+            env["PREWARM_PLATFORM"] = self.platform
+        return env

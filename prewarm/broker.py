@@ -1,0 +1,57 @@
+"""One Redis URL, two dialects: redis-py's and kombu's.
+
+Users give one URL (``PREWARM_BROKER_URL``): ``redis://[user:pass@]host:port/db``,
+``rediss://...`` for TLS, or ``unix:///path/to/redis.sock``.  redis-py reads those as
+they are; kombu spells a unix socket ``redis+socket:///path``.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import redis
+
+from prewarm.errors import ConfigError
+
+_SCHEMES = ("redis", "rediss", "unix", "redis+socket")
+
+
+def _check(url: str) -> str:
+    scheme = urlsplit(url).scheme
+    if scheme not in _SCHEMES:
+        raise ConfigError(
+            f"broker URL {redact(url)!r} is not a Redis URL; use redis://host:port/db, "
+            "rediss://host:port/db (TLS) or unix:///path/to/redis.sock"
+        )
+    return scheme
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def celery_url(url: str) -> str:
+    scheme = _check(url)
+    if scheme == "unix":
+        return "redis+socket://" + url[len("unix://"):]
+    return url
+
+
+def redis_url(url: str) -> str:
+    scheme = _check(url)
+    if scheme == "redis+socket":
+        return "unix://" + url[len("redis+socket://"):]
+    return url
+
+
+def redis_client(url: str, **kwargs: object) -> redis.Redis:
+    """A redis-py client for the broker URL (TLS, ACL user and password come from the URL)."""
+    kwargs.setdefault("health_check_interval", 30)
+    kwargs.setdefault("socket_keepalive", True)
+    kwargs.setdefault("retry_on_timeout", True)
+    return redis.Redis.from_url(redis_url(url), **kwargs)  # type: ignore[arg-type]

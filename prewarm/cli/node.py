@@ -1,0 +1,164 @@
+"""Node-side commands: ``prewarm worker``, ``prewarm mounts``, ``prewarm images``, ``rm``, ``gc``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from prewarm.cli._common import registry_options, root_option, settings_from
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--node", help="This node's name (PREWARM_NODE_NAME, NODE_NAME, else the hostname).")
+@click.option("--concurrency", "-c", type=click.IntRange(1, 256), default=None,
+              help="Worker processes (default: cores + 1).")
+@click.option("--hostname", "-n", default=None, help="Celery worker name (default prewarm@NODE).")
+@click.option("--broker-url", envvar="PREWARM_BROKER_URL", help="Redis URL (PREWARM_BROKER_URL).")
+@click.option("--quiet", is_flag=True, help="Warnings and errors only.")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="Node label for --selector (repeatable; also PREWARM_NODE_LABELS, comma-separated).")
+@registry_options
+@root_option
+@click.pass_context
+def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, hostname: str | None,
+               broker_url: str | None, quiet: bool, labels: tuple[str, ...], insecure_registries: tuple[str, ...],
+               ca_bundle: str | None, root: Path | None) -> None:
+    """Start this node's worker: it consumes the node's queue and fills the node's store.
+
+    Extra arguments are passed to ``celery worker`` as they are (e.g. ``--pool threads``).
+    """
+    from prewarm import keys
+    from prewarm.embedded import default_concurrency
+    from prewarm.errors import ConfigError
+
+    settings = settings_from(insecure_registries=insecure_registries, ca_bundle=ca_bundle, root=root,
+                             broker_url=broker_url, node_name=node)
+    if not settings.broker_url:
+        raise ConfigError("prewarm worker needs a broker: set PREWARM_BROKER_URL or --broker-url "
+                          "(redis://host:port/db, rediss://..., unix:///path)")
+    settings.root.mkdir(parents=True, exist_ok=True)
+    os.environ.update(settings.to_env())
+    from workers.app import app  # reads the environment set just above
+
+    from prewarm.broker import redis_client
+    from prewarm.nodes import Heartbeat, parse_labels
+    from prewarm.store import ContentStore
+
+    env_labels = [p for p in os.environ.get("PREWARM_NODE_LABELS", "").split(",") if p.strip()]
+    node_labels = parse_labels(env_labels + list(labels))
+    store = ContentStore(settings.root)
+    beat = Heartbeat(redis_client(settings.broker_url), settings.node_name, node_labels, settings.root,
+                     lambda: frozenset(d for d in store.list_layers() if store.is_ready(d)))
+    beat.start()
+
+    argv = ["worker", "-Q", keys.node_queue(settings.node_name),
+            "-c", str(concurrency or default_concurrency()),
+            "-n", hostname or f"prewarm@{settings.node_name}",
+            "--loglevel", "WARNING" if quiet else "INFO", "-E"]
+    app.worker_main(argv + list(ctx.args))
+
+
+@click.command()
+@click.argument("image")
+@click.argument("target", required=False, default="/mnt/prewarm")
+@root_option
+def mounts_cmd(image: str, target: str, root: Path | None) -> None:
+    """Print the overlay mount of IMAGE's pre-warmed rootfs, as `ctr snapshots mounts` does."""
+    from prewarm.errors import PrewarmError
+    from prewarm.images import find_record
+    from prewarm.layout import Layout
+    from prewarm.store import ContentStore
+
+    settings = settings_from(root=root)
+    layout = Layout(settings.root)
+    record = find_record(layout, image)
+    if record is None:
+        raise PrewarmError(f"{image} is not pre-warmed in {settings.root}; run `prewarm schedule {image}` first")
+    store = ContentStore(settings.root)
+    missing = [d for d in record.layer_digests if not store.is_ready(d)]
+    if missing:
+        raise PrewarmError(f"{image}: layer(s) {', '.join(missing)} are not ready in {settings.root}; "
+                           f"run `prewarm schedule {image}` again")
+    lowers = [str(layout.layer_fs(d)) for d in reversed(record.layer_digests)]
+    if len(lowers) == 1:
+        click.echo(f"mount -t bind {lowers[0]} {target} -o ro,rbind")
+    else:
+        click.echo(f"mount -t overlay overlay {target} -o lowerdir={':'.join(lowers)}")
+
+
+def _image_state(store, record) -> str:  # type: ignore[no-untyped-def]
+    return "ready" if all(store.is_ready(d) for d in record.layer_digests) else "incomplete"
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True)
+@root_option
+def images_cmd(as_json: bool, root: Path | None) -> None:
+    """List the images pre-warmed on this node, with size and state."""
+    from prewarm.images import list_records
+    from prewarm.layout import Layout
+    from prewarm.progress import human_bytes
+    from prewarm.store import ContentStore
+
+    settings = settings_from(root=root)
+    store = ContentStore(settings.root)
+    records = list_records(Layout(settings.root))
+    if as_json:
+        click.echo(json.dumps([{"name": r.name, "reference": r.reference, "manifest_digest": r.manifest_digest,
+                                "size": r.size, "layers": len(r.layer_digests),
+                                "state": _image_state(store, r)} for r in records], indent=2))
+        return
+    if not records:
+        click.echo(f"no image is pre-warmed in {settings.root}")
+        return
+    click.echo(f"{'IMAGE':<50} {'SIZE':>10} {'LAYERS':>6}  STATE  DIGEST")
+    for r in records:
+        click.echo(f"{r.name:<50} {human_bytes(r.size):>10} {len(r.layer_digests):>6}  "
+                   f"{_image_state(store, r):<6} {r.manifest_digest[:19]}")
+
+
+@click.command()
+@click.argument("image")
+@root_option
+def rm_cmd(image: str, root: Path | None) -> None:
+    """Forget IMAGE on this node and remove its layers that nothing else uses."""
+    from prewarm.errors import PrewarmError
+    from prewarm.gc import collect
+    from prewarm.images import find_record, remove_record
+    from prewarm.layout import Layout
+
+    settings = settings_from(root=root)
+    layout = Layout(settings.root)
+    record = find_record(layout, image)
+    if record is None:
+        raise PrewarmError(f"{image} is not pre-warmed in {settings.root} (prewarm images lists them)")
+    remove_record(layout, record)
+    removed = collect(layout)
+    click.echo(f"removed {image}; {len(removed)} layer(s) no longer used were deleted")
+
+
+@click.command()
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@root_option
+def gc_cmd(dry_run: bool, root: Path | None) -> None:
+    """Remove layers that no pre-warmed image and no snapshot uses."""
+    from prewarm.gc import collect
+    from prewarm.layout import Layout
+
+    settings = settings_from(root=root)
+    removed = collect(Layout(settings.root), dry_run=dry_run)
+    for digest in removed:
+        click.echo(("would remove " if dry_run else "removed ") + digest)
+    if not removed:
+        click.echo("nothing to remove")
+
+
+def register(main: click.Group) -> None:
+    main.add_command(worker_cmd, "worker")
+    main.add_command(mounts_cmd, "mounts")
+    main.add_command(images_cmd, "images")
+    main.add_command(rm_cmd, "rm")
+    main.add_command(gc_cmd, "gc")

@@ -1,0 +1,204 @@
+"""``prewarm schedule``, ``prewarm status`` and ``prewarm cancel``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from prewarm.cli._common import registry_options, root_option, settings_from
+
+
+def _say(msg: str) -> None:
+    click.echo(f"prewarm: {msg}", err=True)
+
+
+def _finish(status, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+    from prewarm.errors import JobError
+    from prewarm.jobs import job_summary_json
+    from prewarm.progress import human_bytes
+
+    if as_json:
+        click.echo(job_summary_json(status))
+    if status.state == "succeeded":
+        if not as_json:
+            click.echo(f"{status.image}: pre-warmed on {len(status.nodes)} node(s), "
+                       f"{human_bytes(status.bytes_total)} (job {status.job_id})")
+        return
+    failures = "\n  ".join(status.failures()) or "no layer failed, but not every layer is ready"
+    raise JobError(f"job {status.job_id} for {status.image} {status.state}:\n  {failures}")
+
+
+def _save_summary(root: Path, status) -> None:  # type: ignore[no-untyped-def]
+    from prewarm.images import atomic_write
+    from prewarm.jobs import job_summary_json
+
+    atomic_write(root / "jobs" / f"{status.job_id}.json", job_summary_json(status).encode())
+
+
+def _schedule_embedded(settings, image: str, window: int, index: str, concurrency: int | None,
+                       as_json: bool, quiet: bool) -> None:  # type: ignore[no-untyped-def]
+    from prewarm import jobs, schedule
+    from prewarm.broker import redis_client
+    from prewarm.embedded import embedded_cluster
+    from prewarm.images import record_prewarmed_image
+    from prewarm.layout import Layout
+    from prewarm.progress import ProgressView
+    from prewarm.reference import parse_reference
+    from prewarm.registry.client import RegistryClient
+    from prewarm.store import ContentStore
+
+    ref = parse_reference(image)
+    client = RegistryClient.from_settings(settings)
+    resolved = client.resolve(ref, settings.platform)
+    store = ContentStore(settings.root)
+    layout = Layout(settings.root)
+    if all(store.is_ready(layer.digest) for layer in resolved.layers):
+        plan = schedule.make_plan(resolved, {})
+        record_prewarmed_image(layout, image, plan)
+        if as_json:
+            click.echo(json.dumps({"image": image, "state": "succeeded", "fetched_bytes": 0,
+                                   "manifest_digest": resolved.manifest_digest}))
+        else:
+            click.echo(f"{image}: already pre-warmed on this node ({resolved.manifest_digest}); nothing fetched")
+        return
+    with embedded_cluster(settings, concurrency=concurrency) as cluster:
+        span_layers, choice = schedule.find_ztocs(settings, client, resolved, build=index != "none",
+                                                  push=False, say=_say if not quiet else lambda m: None)
+        plan = schedule.make_plan(resolved, span_layers)
+        present = schedule.check_local_space(store, plan)
+        cluster.wait_redis()
+        r = redis_client(cluster.broker_url)
+        job_id = schedule.launch(r, cluster.broker_url, plan, image, [settings.node_name], window=window,
+                                 present={settings.node_name: present})
+        view = ProgressView() if not quiet else None
+        status = schedule.wait_for_job(r, job_id, on_update=view.render if view else None,
+                                       alive=cluster.check_workers)
+        if view:
+            view.render(status, final=True)
+        _save_summary(settings.root, status)
+    _finish(status, as_json)
+
+
+@click.command()
+@click.argument("image")
+@click.option("--platform", help="os/arch[/variant] to pre-warm (default: this host's).")
+@click.option("--wait", is_flag=True, help="Show progress until the job ends; exit non-zero if a layer failed.")
+@click.option("--node", "nodes", multiple=True, metavar="NAME", help="Node to pre-warm (repeatable).")
+@click.option("--window", type=click.IntRange(1, 10000), default=None,
+              help="Tasks in flight per node (default 32).")
+@click.option("--index", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+              help="auto: the registry's SOCI index, else build zTOCs; none: fetch every layer whole.")
+@click.option("--concurrency", type=click.IntRange(1, 256), default=None,
+              help="Embedded mode: local worker processes (default: cores + 1).")
+@click.option("--broker-url", envvar="PREWARM_BROKER_URL", help="Redis of the fleet (PREWARM_BROKER_URL). "
+              "Without it the whole job runs on this machine.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final job summary as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+@registry_options
+@root_option
+def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str, ...], window: int | None,
+                 index: str, concurrency: int | None, broker_url: str | None, as_json: bool, quiet: bool,
+                 insecure_registries: tuple[str, ...], ca_bundle: str | None, root: Path | None) -> None:
+    """Pre-warm IMAGE: resolve it, split its layers into span tasks, and have the nodes fetch them.
+
+    With no broker (PREWARM_BROKER_URL) the whole job runs on this machine: a private Redis
+    and local workers are started and stopped again.
+    """
+    from prewarm import schedule
+    from prewarm.broker import redact, redis_client
+    from prewarm.progress import ProgressView
+    from prewarm.reference import parse_reference
+    from prewarm.registry.client import RegistryClient
+
+    settings = settings_from(insecure_registries=insecure_registries, ca_bundle=ca_bundle, root=root,
+                             platform=platform, broker_url=broker_url)
+    window = window or schedule.DEFAULT_WINDOW
+    if not settings.broker_url:
+        _schedule_embedded(settings, image, window, index, concurrency, as_json, quiet)
+        return
+    ref = parse_reference(image)
+    client = RegistryClient.from_settings(settings)
+    resolved = client.resolve(ref, settings.platform)
+    r = redis_client(settings.broker_url)
+    targets = schedule.require_nodes(r, nodes)
+    span_layers, _ = schedule.find_ztocs(settings, client, resolved, build=index != "none", push=True,
+                                         say=_say if not quiet else lambda m: None)
+    plan = schedule.make_plan(resolved, span_layers)
+    job_id = schedule.launch(r, settings.broker_url, plan, image, targets, window=window)
+    if not wait:
+        click.echo(job_id)
+        _say(f"job {job_id}: {plan.task_count} task(s) for {len(targets)} node(s) via {redact(settings.broker_url)}")
+        return
+    view = ProgressView() if not quiet else None
+    status = schedule.wait_for_job(r, job_id, on_update=view.render if view else None)
+    if view:
+        view.render(status, final=True)
+    _finish(status, as_json)
+
+
+@click.command()
+@click.argument("job", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--broker-url", envvar="PREWARM_BROKER_URL")
+@root_option
+def status_cmd(job: str | None, as_json: bool, broker_url: str | None, root: Path | None) -> None:
+    """Show a job (or list recent jobs): per node and layer state, bytes, and why a layer failed."""
+    from prewarm import jobs
+    from prewarm.broker import redis_client
+    from prewarm.progress import human_bytes
+
+    settings = settings_from(root=root, broker_url=broker_url)
+    if not settings.broker_url:
+        # Embedded jobs leave their final summary in the store.
+        folder = settings.root / "jobs"
+        files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
+        if job:
+            files = [f for f in files if f.stem == job]
+            if not files:
+                from prewarm.errors import JobError
+
+                raise JobError(f"no job {job} in {folder} (and no PREWARM_BROKER_URL to ask a fleet)")
+        for f in files[:20]:
+            data = json.loads(f.read_text())
+            click.echo(f.read_text() if as_json else
+                       f"{data['job']}  {data['state']:<10} {data['image']}  "
+                       f"{human_bytes(data['bytes_done'])}/{human_bytes(data['bytes_total'])}")
+        return
+    r = redis_client(settings.broker_url)
+    ids = [job] if job else jobs.list_jobs(r)
+    for job_id in ids:
+        status = jobs.job_status(r, job_id)
+        if as_json:
+            click.echo(jobs.job_summary_json(status))
+            continue
+        click.echo(f"{status.job_id}  {status.state:<10} {status.image}  "
+                   f"{human_bytes(status.bytes_done)}/{human_bytes(status.bytes_total)}")
+        if job:
+            for name, ns in sorted(status.nodes.items()):
+                ready = sum(1 for s in ns.layers.values() if s == jobs.LAYER_READY)
+                click.echo(f"  {name:<20} {ns.state:<10} layers {ready}/{len(status.plan.layers)} "
+                           f"{human_bytes(ns.bytes_done)}/{human_bytes(ns.bytes_total)}")
+            for line in status.failures():
+                click.echo(f"  failed: {line}")
+
+
+@click.command()
+@click.argument("job")
+@click.option("--broker-url", envvar="PREWARM_BROKER_URL", required=True)
+def cancel_cmd(job: str, broker_url: str) -> None:
+    """Stop handing out work for JOB; tasks in flight finish, stores stay consistent."""
+    from prewarm import jobs
+    from prewarm.broker import redis_client
+
+    jobs.cancel_job(redis_client(broker_url), job)
+    click.echo(f"job {job} cancelled")
+
+
+def register(main: click.Group) -> None:
+    main.add_command(schedule_cmd, "schedule")
+    main.add_command(status_cmd, "status")
+    main.add_command(cancel_cmd, "cancel")

@@ -1,0 +1,127 @@
+"""The embedded default: the whole job on this machine, with no other set-up.
+
+With no broker configured, ``prewarm schedule`` starts a private ``redis-server`` on a
+unix socket in a private folder and local ``prewarm worker`` processes, runs the very same
+tasks as a fleet would, and stops them afterwards (by PID).  Processes are started
+first and waited for last, so their start-up overlaps with resolving the image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from prewarm.config import Settings
+from prewarm.errors import ConfigError, PrewarmError
+
+
+@dataclasses.dataclass
+class EmbeddedCluster:
+    """A private Redis and local workers; ``broker_url`` reaches the Redis."""
+
+    dir: Path
+    redis: subprocess.Popen[bytes]
+    workers: list[subprocess.Popen[bytes]]
+    broker_url: str
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / "redis.sock"
+
+    def wait_redis(self, timeout: float = 10.0) -> None:
+        import redis
+
+        deadline = time.monotonic() + timeout
+        client = redis.Redis(unix_socket_path=str(self.socket))
+        while True:
+            if self.redis.poll() is not None:
+                log = (self.dir / "redis.log").read_text(errors="replace")[-1000:]
+                raise PrewarmError(f"the private redis-server exited at start-up: {log}")
+            try:
+                if client.ping():
+                    return
+            except (redis.exceptions.ConnectionError, FileNotFoundError):
+                pass
+            if time.monotonic() > deadline:
+                raise PrewarmError(f"the private redis-server did not answer on {self.socket} within {timeout}s")
+            time.sleep(0.01)
+
+    def check_workers(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is not None:
+                log = (self.dir / "worker.log").read_text(errors="replace")[-2000:]
+                raise PrewarmError(f"a local worker exited with status {proc.returncode}:\n{log}")
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def default_concurrency() -> int:
+    """Worker processes: one per core plus one, so a download overlaps the others' inflating."""
+    return (os.cpu_count() or 1) + 1
+
+
+@contextlib.contextmanager
+def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
+                     workers: int = 1) -> Iterator[EmbeddedCluster]:
+    """Start a private Redis and ``workers`` worker processes consuming this node's queue.
+
+    Raises:
+        ConfigError: redis-server is not installed.
+    """
+    redis_server = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not os.path.exists(redis_server):
+        raise ConfigError(
+            "the embedded mode needs redis-server (Debian package redis-server); install it, "
+            "or set PREWARM_BROKER_URL to use a fleet's Redis"
+        )
+    settings.root.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="prewarm-embedded-"))
+    sock = run_dir / "redis.sock"
+    redis_proc = subprocess.Popen(
+        [redis_server, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+         "--save", "", "--appendonly", "no", "--dir", str(run_dir), "--daemonize", "no",
+         "--logfile", str(run_dir / "redis.log")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    broker_url = f"unix://{sock}"
+    env = {**os.environ, **dataclasses.replace(settings, broker_url=broker_url).to_env()}
+    env.setdefault("PREWARM_VISIBILITY_TIMEOUT", "300")
+    procs: list[subprocess.Popen[bytes]] = []
+    cluster = EmbeddedCluster(run_dir, redis_proc, procs, broker_url)
+    try:
+        with open(run_dir / "worker.log", "ab") as log:
+            for i in range(workers):
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "prewarm", "worker",
+                     "--concurrency", str(concurrency or default_concurrency()),
+                     "--hostname", f"embedded{i}-{os.getpid()}@{settings.node_name}", "--quiet"],
+                    env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                ))
+        yield cluster
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            _stop(proc, 10)
+        _stop(redis_proc, 5)
+        shutil.rmtree(run_dir, ignore_errors=True)

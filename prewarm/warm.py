@@ -1,0 +1,171 @@
+"""What a node's worker does for one task: fetch, verify, inflate, land, and account.
+
+The Celery tasks in ``workers.tasks`` are thin wrappers around :func:`warm_span` and
+:func:`warm_layer`; everything here is plain Python that takes a :class:`NodeContext`,
+so it can be read, tested and profiled without Celery.
+
+Per span (the hot path)::
+
+    Range GET of the span's compressed bytes      (registry, through the node's budget)
+    === verify the span digest                     (transport check; the layer digest is the real one)
+    === inflate from the checkpoint, check the next checkpoint's window against our tail
+    === land: TOC checked against the real tar headers, pwrite into pre-sized files,
+        in-order hash of the compressed layer advanced, layer committed when complete
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import redis
+
+from prewarm import jobs
+from prewarm.config import Settings
+from prewarm.digest import verify
+from prewarm.images import record_prewarmed_image
+from prewarm.inflate import inflate_span
+from prewarm.layout import Layout
+from prewarm.plan import ImagePlan
+from prewarm.reference import Reference, parse_reference
+from prewarm.registry.client import RegistryClient
+from prewarm.store import ContentStore
+from prewarm.ztoc_cache import ZtocCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class NodeContext:
+    """What one worker process keeps between tasks: clients, store, caches."""
+
+    settings: Settings
+    redis: redis.Redis
+    client: RegistryClient
+    store: ContentStore
+    layout: Layout
+    ztocs: ZtocCache
+    _plans: dict[str, ImagePlan] = dataclasses.field(default_factory=dict)
+    _refs: dict[str, Reference] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def create(cls, settings: Settings, r: redis.Redis) -> "NodeContext":
+        layout = Layout(settings.root)
+        return cls(settings, r, RegistryClient.from_settings(settings), ContentStore(settings.root),
+                   layout, ZtocCache(layout))
+
+    def plan(self, job_id: str) -> ImagePlan:
+        plan = self._plans.get(job_id)
+        if plan is None:
+            plan = self._plans[job_id] = jobs.load_plan(self.redis, job_id)
+            if len(self._plans) > 64:
+                self._plans.pop(next(iter(self._plans)))
+        return plan
+
+    def reference(self, image: str) -> Reference:
+        ref = self._refs.get(image)
+        if ref is None:
+            ref = self._refs[image] = parse_reference(image)
+        return ref
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What a task did: bytes it accounts for, whether it fetched, whether the layer is now ready."""
+
+    nbytes: int
+    fetched: bool
+    layer_ready: bool
+
+
+def span_accounting_bytes(ztoc, index: int) -> int:  # type: ignore[no-untyped-def]
+    """Compressed bytes a span accounts for, so that a layer's spans add up to its size exactly.
+
+    Neighbouring spans may share one byte; each span counts from the end of the one before.
+    """
+    span = ztoc.span(index)
+    start = ztoc.span(index - 1).compressed_end if index > 0 else 0
+    return span.compressed_end - start
+
+
+def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index: int,
+              ztoc: str, span: int) -> Outcome:
+    """Fetch, verify, inflate and land one span; a span already in the store is not fetched again.
+
+    Raises:
+        RegistryError: fetching failed (``Transient`` ones are retried by the task).
+        CorruptContent: the span, its zTOC or the layer do not match what vouches for them.
+        StoreError: the store cannot take the span (disk full, ...).
+    """
+    plan = ctx.plan(job)
+    lp = plan.layers[layer_index]
+    if lp.digest != layer:
+        raise ValueError(f"task names layer {layer} but the job's plan has {lp.digest} at {layer_index}")
+    ref = ctx.reference(image)
+    z = ctx.ztocs.get(ztoc, ctx.client, ref.registry, ref.repository)
+    nbytes = span_accounting_bytes(z, span)
+    if ctx.store.is_ready(layer):
+        return Outcome(nbytes, False, True)
+    ctx.store.prepare_layer(layer, z, diff_id=lp.diff_id)
+    if ctx.store.span_landed(layer, span):
+        ready = ctx.store.finish_if_complete(layer, z)
+        return Outcome(nbytes, False, ready)
+    s = z.span(span)
+    data = ctx.client.fetch_range(ref.registry, ref.repository, layer, s.compressed_start, s.compressed_end)
+    verify(data, s.digest, what=f"span {span} of layer {layer} ({ref.registry}/{ref.repository})")
+    next_window = z.checkpoint(span + 1).window if span + 1 < z.num_spans and s.checkpoint else None
+    out = inflate_span(s, data, next_window=next_window, is_last=span == z.num_spans - 1)
+    ready = ctx.store.land_span(layer, z, span, data, out)
+    return Outcome(nbytes, True, bool(ready))
+
+
+def warm_layer(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index: int) -> Outcome:
+    """Stream one whole layer (no zTOC) into the store, verified against digest and diff_id."""
+    plan = ctx.plan(job)
+    lp = plan.layers[layer_index]
+    if lp.digest != layer:
+        raise ValueError(f"task names layer {layer} but the job's plan has {lp.digest} at {layer_index}")
+    if ctx.store.is_ready(layer):
+        return Outcome(lp.size, False, True)
+    ref = ctx.reference(image)
+    with ctx.client.stream_blob(ref.registry, ref.repository, layer) as chunks:
+        ctx.store.ingest_stream(layer, chunks, media_type=lp.media_type, diff_id=lp.diff_id)
+    return Outcome(lp.size, True, True)
+
+
+def complete_image(ctx: NodeContext, job: str, name: str) -> bool:
+    """If every layer of the job's image is ready on this node, record the image and its chains.
+
+    Idempotent: several workers may get here for the same image.
+    """
+    plan = ctx.plan(job)
+    if not all(ctx.store.is_ready(layer.digest) for layer in plan.layers):
+        return False
+    record_prewarmed_image(ctx.layout, name, plan)
+    return True
+
+
+def account(ctx: NodeContext, *, job: str, node: str, layer_index: int, span: int, outcome: Outcome | None,
+            error: str | None) -> None:
+    """Record a finished task in the job: span counted once, layer state, image record when complete."""
+    r = ctx.redis
+    if outcome is not None:
+        jobs.record_span(r, job, node, layer_index, span, outcome.nbytes)
+        if outcome.layer_ready:
+            jobs.record_layer(r, job, node, layer_index, jobs.LAYER_READY)
+            image = jobs.job_image_name(r, job)
+            if complete_image(ctx, job, image):
+                log.info("image %s complete on %s", image, node)
+    else:
+        jobs.record_span(r, job, node, layer_index, span, 0)
+        if jobs.layer_state(r, job, node, layer_index) != jobs.LAYER_READY:
+            jobs.record_layer(r, job, node, layer_index, jobs.LAYER_FAILED, error)
+
+
+def layer_failed(ctx: NodeContext, job: str, node: str, layer_index: int) -> bool:
+    return jobs.layer_state(ctx.redis, job, node, layer_index) == jobs.LAYER_FAILED
+
+
+def now() -> float:
+    return time.monotonic()

@@ -1,0 +1,93 @@
+"""The node's zTOC cache: zTOCs by digest, fetched once from the registry, read via mmap.
+
+A worker needs the zTOC of a layer for every span it handles; parsing it once per
+process and keeping the checkpoint windows in the page cache (mmap) keeps that cheap
+and keeps worker memory independent of layer size.  Files are written atomically after
+their digest was verified, so a file in the cache is trusted as it is.
+"""
+
+from __future__ import annotations
+
+import collections
+import mmap
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+from prewarm.digest import sha256_digest, verify
+from prewarm.errors import BadZtoc
+from prewarm.layout import Layout
+from prewarm.ztoc import Ztoc, parse_ztoc
+
+#: A zTOC larger than this is refused before it is fetched (about 4,000 GB of layer).
+MAX_ZTOC_BYTES = 1 << 30
+
+
+class BlobSource(Protocol):
+    def get_blob(self, registry: str, repository: str, digest: str, *, max_size: int = ...) -> bytes: ...
+
+
+class ZtocCache:
+    """zTOCs by digest under ``PREWARM_ROOT/ztoc``, with a small per-process LRU of parsed ones."""
+
+    def __init__(self, layout: Layout, capacity: int = 16) -> None:
+        self.layout = layout
+        self._parsed: collections.OrderedDict[str, Ztoc] = collections.OrderedDict()
+        self._capacity = capacity
+
+    def path(self, digest: str) -> Path:
+        return self.layout.ztoc(digest)
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def put(self, data: bytes, digest: str | None = None) -> str:
+        """Store zTOC bytes (verified against ``digest`` when given); returns the digest."""
+        if digest is None:
+            digest = sha256_digest(data)
+        else:
+            verify(data, digest, what=f"zTOC {digest}")
+        path = self.path(digest)
+        if path.is_file():
+            return digest
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return digest
+
+    def get(self, digest: str, source: BlobSource | None = None, registry: str = "",
+            repository: str = "") -> Ztoc:
+        """The parsed zTOC; fetched from ``registry/repository`` through ``source`` if not cached.
+
+        Raises:
+            BadZtoc: the zTOC is not in the cache and no source was given, or it is malformed.
+            RegistryError: fetching it failed.
+        """
+        z = self._parsed.get(digest)
+        if z is not None:
+            self._parsed.move_to_end(digest)
+            return z
+        path = self.path(digest)
+        if not path.is_file():
+            if source is None:
+                raise BadZtoc(f"zTOC {digest} is not in the node cache {path.parent} and no registry was given")
+            self.put(source.get_blob(registry, repository, digest, max_size=MAX_ZTOC_BYTES), digest)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise BadZtoc(f"zTOC {digest} in {path} is empty; delete it and retry")
+            buf = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        z = parse_ztoc(buf)
+        self._parsed[digest] = z
+        while len(self._parsed) > self._capacity:
+            self._parsed.popitem(last=False)
+        return z

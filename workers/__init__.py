@@ -1,0 +1,1 @@
+"""The Celery side of prewarm: the app (``workers.app``) and its thin tasks (``workers.tasks``)."""

@@ -1,0 +1,65 @@
+"""The Celery app every node's worker runs.
+
+Settings come from the environment (``PREWARM_BROKER_URL``, ``PREWARM_ROOT``, ...); the
+``prewarm worker`` command sets them from its flags before Celery imports this module.
+
+Why these options:
+
+* ``acks_late`` + ``reject_on_worker_lost``: a worker killed mid-span leaves its message
+  to be delivered again; tasks are idempotent by (layer digest, span) so that is safe.
+* ``prefetch_multiplier = 1``: a node takes one task per process at a time, so the
+  window of released tasks is spread over the nodes' processes, not hoarded.
+* ``visibility_timeout``: longer than the slowest task (a whole-layer task on a large
+  layer), shorter than "the job waits an hour" after a worker dies.
+* events on (``worker_send_task_events``, ``task_send_sent_event``) so Flower shows the
+  span tasks with their names and arguments.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+from prewarm.broker import celery_url
+from prewarm.config import Settings
+from prewarm.errors import ConfigError
+
+#: Seconds before an unacknowledged task is delivered to another worker.
+DEFAULT_VISIBILITY_TIMEOUT = 900
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings.from_env()
+    app = Celery("prewarm", include=["workers.tasks"])
+    broker = settings.broker_url or "redis://127.0.0.1:6379/0"
+    visibility = int(os.environ.get("PREWARM_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT))
+    app.conf.update(
+        broker_url=celery_url(broker),
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        broker_transport_options={"visibility_timeout": visibility},
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_default_queue="prewarm.default",
+        worker_hijack_root_logger=False,
+        worker_max_memory_per_child=400_000,  # KiB; a leak cannot grow a worker without bound
+    )
+    app.conf.prewarm_settings = settings
+    return app
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as err:  # pragma: no cover - reported by celery at start-up
+        raise SystemExit(f"prewarm worker: {err}") from None
+
+
+app = make_app(_settings())

@@ -1,0 +1,104 @@
+"""Thin tasks: deserialise, call :mod:`prewarm.warm`, map errors to retry or failure, account.
+
+Retry policy lives here and only here: ``Transient`` errors (registry unavailable, rate
+limited) are retried with capped exponential backoff and jitter; a span whose bytes do
+not match its digest (corrupted in transit) is fetched again a few times; everything else
+(corrupt layer, lying zTOC, unsafe archive, auth failure, disk full) fails the layer at
+once with its reason, which ``prewarm status`` shows.  Each task, when it finishes either
+way, releases the next task of its node's window.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import random
+
+from celery import Task
+from celery.exceptions import Retry
+from celery.signals import worker_process_init
+
+from prewarm import dispatch
+from prewarm.broker import redis_client
+from prewarm.errors import DigestMismatch, PrewarmError, RateLimited, Transient
+from prewarm.warm import NodeContext, Outcome, account, layer_failed, warm_layer, warm_span
+from workers.app import app
+
+log = logging.getLogger("prewarm.worker")
+
+MAX_TRANSIENT_RETRIES = 10
+MAX_CORRUPT_SPAN_RETRIES = 3
+
+_ctx: NodeContext | None = None
+
+
+@worker_process_init.connect
+def _reset_context(**_: object) -> None:
+    """Each forked worker process opens its own connections and file handles."""
+    global _ctx
+    _ctx = None
+
+
+def context() -> NodeContext:
+    global _ctx
+    if _ctx is None:
+        settings = app.conf.prewarm_settings
+        _ctx = NodeContext.create(settings, redis_client(app.conf.broker_url))
+    return _ctx
+
+
+def _retry_delay(retries: int, err: BaseException) -> float:
+    if isinstance(err, RateLimited) and err.retry_after:
+        return float(err.retry_after) + random.uniform(0, 1)
+    return min(60.0, 0.5 * 2**retries) * random.uniform(0.5, 1.0)
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, PrewarmError):
+        return str(err)
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return f"disk full on this node's store ({err.filename or 'PREWARM_ROOT'}): free space and re-run"
+    return f"{type(err).__name__}: {err}"
+
+
+def _run(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: ignore[no-untyped-def]
+    job, node, layer_index = kw["job"], kw["node"], kw["layer_index"]
+    span = kw.get("span", 0)
+    outcome: Outcome | None = None
+    error: str | None = None
+    if layer_failed(ctx, job, node, layer_index):
+        error = "layer already failed on this node"
+    else:
+        try:
+            outcome = fn(ctx, **{k: v for k, v in kw.items() if k != "node"})
+        except Retry:
+            raise
+        except Exception as err:  # noqa: BLE001 - every failure ends in a retry or a recorded reason
+            retries = task.request.retries
+            if isinstance(err, Transient) and retries < MAX_TRANSIENT_RETRIES:
+                raise task.retry(exc=err, countdown=_retry_delay(retries, err), max_retries=None)
+            if isinstance(err, DigestMismatch) and "span" in kw and retries < MAX_CORRUPT_SPAN_RETRIES:
+                log.warning("span %s of %s corrupted in transit, fetching again: %s", span, kw["layer"], err)
+                raise task.retry(exc=err, countdown=0.2, max_retries=None)
+            if not isinstance(err, PrewarmError) and not isinstance(err, OSError):
+                log.exception("unexpected error in %s", task.name)
+            error = _describe(err)
+            log.error("%s %s failed: %s", task.name, kw, error)
+    account(ctx, job=job, node=node, layer_index=layer_index, span=span, outcome=outcome, error=error)
+    plan = ctx.plan(job)
+    dispatch.release(app, ctx.redis, plan, job, node, 1)
+
+
+@app.task(name=dispatch.TASK_WARM_SPAN, bind=True, acks_late=True)
+def warm_span_task(self: Task, *, job: str, node: str, image: str, layer: str, layer_index: int,
+                   ztoc: str, span: int) -> None:
+    """Fetch, verify, inflate and store one span of one layer on this node."""
+    _run(self, warm_span, context(), dict(job=job, node=node, image=image, layer=layer,
+                                          layer_index=layer_index, ztoc=ztoc, span=span))
+
+
+@app.task(name=dispatch.TASK_WARM_LAYER, bind=True, acks_late=True)
+def warm_layer_task(self: Task, *, job: str, node: str, image: str, layer: str, layer_index: int) -> None:
+    """Stream one whole layer (no zTOC) into this node's store."""
+    _run(self, warm_layer, context(), dict(job=job, node=node, image=image, layer=layer,
+                                           layer_index=layer_index))
