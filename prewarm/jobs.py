@@ -96,40 +96,68 @@ def _s(value: bytes | str | None) -> str:
 
 
 def create_job(r: redis.Redis, plan: ImagePlan, nodes: Iterable[str], *, window: int,
-               image: str, job_id: str | None = None, present: dict[str, set[int]] | None = None) -> str:
+               image: str, job_id: str | None = None, present: dict[str, set[int]] | None = None,
+               keep: dict[str, str] | None = None) -> str:
     """Record a new job; no task is released yet (see :func:`claim_next`).
 
     Args:
         present: per node, indexes of layers the node already holds ready; they are
             recorded ready at once and their tasks are skipped by the workers.
+        keep: a standing schedule: nodes that register later and whose labels match this
+            selector ({} matches every node) join the job (:func:`standing_jobs_for`).
     """
     job_id = job_id or uuid.uuid4().hex[:12]
     nodes = sorted(set(nodes))
-    if not nodes:
+    if not nodes and keep is None:
         raise JobError("no node to pre-warm on: name one with --node, or start a worker")
     now = time.time()
     pipe = r.pipeline(transaction=True)
     pipe.hset(keys.job(job_id), mapping={
         "image": image, "reference": plan.reference, "manifest_digest": plan.manifest_digest,
         "window": window, "created": now, "cancelled": "0",
+        "keep": json.dumps(keep) if keep is not None else "",
     })
     pipe.set(keys.job_plan(job_id), plan.to_json())
-    pipe.sadd(keys.job_nodes(job_id), *nodes)
-    for node in nodes:
-        ready = (present or {}).get(node, set())
-        pipe.hset(keys.job_node(job_id, node), mapping={
-            "cursor": 0, "tasks_total": plan.task_count, "tasks_finished": 0,
-            "bytes_total": plan.total_bytes,
-            "bytes_done": sum(plan.layers[i].size for i in ready),
-            "started": now, "updated": now,
-        })
-        pipe.hset(keys.job_node_layers(job_id, node), mapping={
-            str(i): (LAYER_READY if i in ready else LAYER_PENDING) for i in range(len(plan.layers))
-        })
     pipe.zadd(keys.JOBS, {job_id: now})
     pipe.sadd(keys.ACTIVE_JOBS, job_id)
     pipe.execute()
+    for node in nodes:
+        add_node(r, job_id, node, plan, (present or {}).get(node, set()))
     return job_id
+
+
+def add_node(r: redis.Redis, job_id: str, node: str, plan: ImagePlan, ready: set[int] | frozenset[int]) -> bool:
+    """Add a node to a job (at creation, or joining a standing schedule); False if it was there."""
+    if not r.sadd(keys.job_nodes(job_id), node):
+        return False
+    now = time.time()
+    pipe = r.pipeline(transaction=True)
+    pipe.hset(keys.job_node(job_id, node), mapping={
+        "cursor": 0, "tasks_total": plan.task_count, "tasks_finished": 0,
+        "bytes_total": plan.total_bytes,
+        "bytes_done": sum(plan.layers[i].size for i in ready),
+        "started": now, "updated": now,
+    })
+    pipe.hset(keys.job_node_layers(job_id, node), mapping={
+        str(i): (LAYER_READY if i in ready else LAYER_PENDING) for i in range(len(plan.layers))
+    })
+    pipe.execute()
+    return True
+
+
+def standing_jobs_for(r: redis.Redis, labels: dict[str, str]) -> list[str]:
+    """Active standing schedules (``--keep``) whose selector matches these node labels."""
+    out = []
+    for raw in r.smembers(keys.ACTIVE_JOBS):
+        job_id = _s(raw)
+        h = r.hmget(keys.job(job_id), "keep", "cancelled")
+        keep, cancelled = _s(h[0]), _s(h[1])
+        if not keep or cancelled == "1":
+            continue
+        selector = json.loads(keep)
+        if all(labels.get(k) == v for k, v in selector.items()):
+            out.append(job_id)
+    return sorted(out)
 
 
 def load_plan(r: redis.Redis, job_id: str) -> ImagePlan:
@@ -222,7 +250,9 @@ def job_status(r: redis.Redis, job_id: str) -> JobStatus:
     nodes = {_s(n): node_status(r, job_id, _s(n), plan, cancelled)
              for n in r.smembers(keys.job_nodes(job_id))}
     states = {n.state for n in nodes.values()}
-    if states == {"succeeded"}:
+    if not states:
+        state = "cancelled" if cancelled else "pending"
+    elif states == {"succeeded"}:
         state = "succeeded"
     elif states <= {"succeeded", "failed"}:
         state = "failed"

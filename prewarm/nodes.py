@@ -85,16 +85,19 @@ class Heartbeat(threading.Thread):
     """Background thread of a worker's main process: registers the node every few seconds."""
 
     def __init__(self, r: redis.Redis, name: str, labels: Mapping[str, str], root: Path,
-                 layers: Callable[[], frozenset[str]], interval: float = HEARTBEAT_INTERVAL) -> None:
+                 layers: Callable[[], frozenset[str]], interval: float = HEARTBEAT_INTERVAL,
+                 on_beat: Callable[[], object] | None = None) -> None:
         super().__init__(name="prewarm-heartbeat", daemon=True)
         self.r, self.node, self.labels, self.root = r, name, dict(labels), root
-        self.layers, self.interval = layers, interval
+        self.layers, self.interval, self.on_beat = layers, interval, on_beat
         self._stop = threading.Event()
 
     def run(self) -> None:
         while not self._stop.is_set():
             try:
                 heartbeat(self.r, self.node, labels=self.labels, root=self.root, layers=self.layers())
+                if self.on_beat is not None:
+                    self.on_beat()
             except redis.exceptions.RedisError:
                 pass  # Redis restarting: the next beat registers again
             self._stop.wait(self.interval)

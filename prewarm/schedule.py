@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import redis
 
-from prewarm import dispatch, jobs
+from prewarm import dispatch, jobs, keys
 from prewarm.config import BUILD_TOOL_IDENTIFIER, Settings
 from prewarm.errors import AuthenticationFailed, JobError, PrewarmError
 from prewarm.layout import Layout
@@ -141,9 +141,9 @@ def check_local_space(store: ContentStore, plan: ImagePlan) -> set[int]:
 
 
 def launch(r: redis.Redis, broker_url: str, plan: ImagePlan, image: str, nodes: Sequence[str], *,
-           window: int, present: dict[str, set[int]] | None = None) -> str:
+           window: int, present: dict[str, set[int]] | None = None, keep: dict[str, str] | None = None) -> str:
     """Record the job and release the first ``window`` tasks of every node."""
-    job_id = jobs.create_job(r, plan, nodes, window=window, image=image, present=present)
+    job_id = jobs.create_job(r, plan, nodes, window=window, image=image, present=present, keep=keep)
     app = dispatch.sender(broker_url)
     for node in nodes:
         dispatch.release(app, r, plan, job_id, node, window)
@@ -175,9 +175,55 @@ def wait_for_job(r: redis.Redis, job_id: str, *, on_update: Callable[[jobs.JobSt
 def require_nodes(r: redis.Redis, nodes: Sequence[str]) -> list[str]:
     if nodes:
         return list(nodes)
-    from prewarm import keys
-
     known = sorted(n.decode() if isinstance(n, bytes) else n for n in r.smembers(keys.NODES))
     if not known:
         raise PrewarmError("no node to pre-warm: start `prewarm worker` on the nodes, or name them with --node")
     return known
+
+
+#: Per-node throughput assumed by ``--dry-run`` estimates when nothing better is known (bytes/s).
+NOMINAL_NODE_RATE = 100_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class DryRunLine:
+    node: str
+    present_bytes: int
+    fetch_bytes: int
+    free_after: int | None
+    seconds: float
+
+
+def dry_run(plan: ImagePlan, nodes: Sequence[tuple[str, frozenset[str], int | None]],
+            budget_bytes_per_s: float | None = None) -> tuple[list[DryRunLine], int]:
+    """Per node: bytes already present, bytes to fetch, free disk afterwards, time; plus total egress.
+
+    ``nodes`` holds (name, ready layer digests, free bytes or None).  Time assumes every node
+    runs at :data:`NOMINAL_NODE_RATE` unless the registry budget, shared by the fleet, is lower.
+    """
+    lines, egress = [], 0
+    for name, held, free in nodes:
+        present = sum(l.size for l in plan.layers if l.digest in held)
+        fetch = plan.total_bytes - present
+        unpacked = sum(l.uncompressed_size or 4 * l.size for l in plan.layers if l.digest not in held)
+        egress += fetch
+        lines.append(DryRunLine(name, present, fetch, None if free is None else free - unpacked, 0.0))
+    fetching = sum(1 for line in lines if line.fetch_bytes)
+    rate = NOMINAL_NODE_RATE
+    if budget_bytes_per_s and fetching:
+        rate = min(rate, budget_bytes_per_s / fetching)
+    return [dataclasses.replace(line, seconds=line.fetch_bytes / rate) for line in lines], egress
+
+
+def join_standing_jobs(r: redis.Redis, app, node: str, labels: dict[str, str],  # type: ignore[no-untyped-def]
+                       is_ready: Callable[[str], bool]) -> list[str]:
+    """Called by a node's worker: join every standing schedule that matches it, release its window."""
+    joined = []
+    for job_id in jobs.standing_jobs_for(r, labels):
+        plan = jobs.load_plan(r, job_id)
+        ready = {i for i, layer in enumerate(plan.layers) if is_ready(layer.digest)}
+        if jobs.add_node(r, job_id, node, plan, ready):
+            window = int(r.hget(keys.job(job_id), "window") or DEFAULT_WINDOW)
+            dispatch.release(app, r, plan, job_id, node, window)
+            joined.append(job_id)
+    return joined

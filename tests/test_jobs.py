@@ -100,3 +100,23 @@ def test_unknown_job_is_a_clear_error(r: redis.Redis) -> None:
         jobs.job_status(r, "nope")
     with pytest.raises(JobError, match="no node"):
         jobs.create_job(r, _plan(), [], window=1, image="x")
+
+
+def test_a_node_joining_a_standing_schedule_gets_its_own_cursor(r: redis.Redis) -> None:
+    # Given a standing schedule for nodes labelled gpu=true, with no node yet
+    plan = _plan()
+    job = jobs.create_job(r, plan, [], window=2, image="x", keep={"gpu": "true"})
+    assert jobs.job_status(r, job).state == "pending"
+    # Then only matching nodes find it
+    assert jobs.standing_jobs_for(r, {"gpu": "true", "zone": "a"}) == [job]
+    assert jobs.standing_jobs_for(r, {"gpu": "false"}) == []
+    # When a node joins twice
+    assert jobs.add_node(r, job, "n1", plan, {0}) is True
+    assert jobs.add_node(r, job, "n1", plan, set()) is False
+    # Then it has one cursor and its present layer counts as ready
+    st = jobs.job_status(r, job).nodes["n1"]
+    assert st.layers[0] == jobs.LAYER_READY and st.bytes_done == plan.layers[0].size
+    assert jobs.claim_next(r, job, "n1") == 0
+    # And a cancelled standing schedule is found no more
+    jobs.cancel_job(r, job)
+    assert jobs.standing_jobs_for(r, {"gpu": "true"}) == []

@@ -49,9 +49,13 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
 
     env_labels = [p for p in os.environ.get("PREWARM_NODE_LABELS", "").split(",") if p.strip()]
     node_labels = parse_labels(env_labels + list(labels))
+    from prewarm.schedule import join_standing_jobs
+
     store = ContentStore(settings.root)
-    beat = Heartbeat(redis_client(settings.broker_url), settings.node_name, node_labels, settings.root,
-                     lambda: frozenset(d for d in store.list_layers() if store.is_ready(d)))
+    r = redis_client(settings.broker_url)
+    beat = Heartbeat(r, settings.node_name, node_labels, settings.root,
+                     lambda: frozenset(d for d in store.list_layers() if store.is_ready(d)),
+                     on_beat=lambda: join_standing_jobs(r, app, settings.node_name, node_labels, store.is_ready))
     beat.start()
 
     argv = ["worker", "-Q", keys.node_queue(settings.node_name),

@@ -88,6 +88,12 @@ def _schedule_embedded(settings, image: str, window: int, index: str, concurrenc
 @click.option("--platform", help="os/arch[/variant] to pre-warm (default: this host's).")
 @click.option("--wait", is_flag=True, help="Show progress until the job ends; exit non-zero if a layer failed.")
 @click.option("--node", "nodes", multiple=True, metavar="NAME", help="Node to pre-warm (repeatable).")
+@click.option("--all-nodes", is_flag=True, help="Every node whose worker is up.")
+@click.option("--selector", "selectors", multiple=True, metavar="KEY=VALUE",
+              help="Nodes whose labels match (repeatable: all must match).")
+@click.option("--keep", is_flag=True, help="Standing schedule: nodes that join later are warmed too.")
+@click.option("--dry-run", is_flag=True, help="Print per node what is present, what would be fetched, "
+              "registry egress, free disk afterwards and an estimated time; fetch nothing.")
 @click.option("--window", type=click.IntRange(1, 10000), default=None,
               help="Tasks in flight per node (default 32).")
 @click.option("--index", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
@@ -100,7 +106,8 @@ def _schedule_embedded(settings, image: str, window: int, index: str, concurrenc
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @registry_options
 @root_option
-def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str, ...], window: int | None,
+def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str, ...], all_nodes: bool,
+                 selectors: tuple[str, ...], keep: bool, dry_run: bool, window: int | None,
                  index: str, concurrency: int | None, broker_url: str | None, as_json: bool, quiet: bool,
                  insecure_registries: tuple[str, ...], ca_bundle: str | None, root: Path | None) -> None:
     """Pre-warm IMAGE: resolve it, split its layers into span tasks, and have the nodes fetch them.
@@ -116,19 +123,45 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
 
     settings = settings_from(insecure_registries=insecure_registries, ca_bundle=ca_bundle, root=root,
                              platform=platform, broker_url=broker_url)
+    from prewarm.errors import ConfigError
+    from prewarm.nodes import list_nodes, parse_labels, select_nodes
+
     window = window or schedule.DEFAULT_WINDOW
+    if sum(bool(x) for x in (nodes, all_nodes, selectors)) > 1:
+        raise ConfigError("give one of --node, --all-nodes and --selector")
     if not settings.broker_url:
+        if nodes or all_nodes or selectors or keep:
+            raise ConfigError("--node, --all-nodes, --selector and --keep need a fleet: set PREWARM_BROKER_URL")
+        if dry_run:
+            _dry_run_local(settings, image, as_json)
+            return
         _schedule_embedded(settings, image, window, index, concurrency, as_json, quiet)
         return
     ref = parse_reference(image)
     client = RegistryClient.from_settings(settings)
     resolved = client.resolve(ref, settings.platform)
     r = redis_client(settings.broker_url)
-    targets = schedule.require_nodes(r, nodes)
+    fleet = list_nodes(r)
+    if selectors or all_nodes:
+        chosen = select_nodes(fleet, parse_labels(list(selectors)))
+        if not chosen:
+            raise ConfigError(f"no node that is up matches {' '.join(selectors) or '--all-nodes'} "
+                              "(prewarm nodes lists them)")
+        targets = [n.name for n in chosen]
+    else:
+        targets = schedule.require_nodes(r, nodes)
+    if dry_run:
+        plan = schedule.make_plan(resolved, {})
+        info = {n.name: n for n in fleet}
+        rows = [(t, info[t].layers if t in info else frozenset(), info[t].free_bytes if t in info else None)
+                for t in targets]
+        _print_dry_run(plan, image, rows, as_json)
+        return
     span_layers, _ = schedule.find_ztocs(settings, client, resolved, build=index != "none", push=True,
                                          say=_say if not quiet else lambda m: None)
     plan = schedule.make_plan(resolved, span_layers)
-    job_id = schedule.launch(r, settings.broker_url, plan, image, targets, window=window)
+    job_id = schedule.launch(r, settings.broker_url, plan, image, targets, window=window,
+                             keep=dict(parse_labels(list(selectors))) if keep else None)
     if not wait:
         click.echo(job_id)
         _say(f"job {job_id}: {plan.task_count} task(s) for {len(targets)} node(s) via {redact(settings.broker_url)}")
@@ -138,6 +171,40 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
     if view:
         view.render(status, final=True)
     _finish(status, as_json)
+
+
+def _print_dry_run(plan, image: str, rows, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+    from prewarm import schedule
+    from prewarm.progress import human_bytes, human_seconds
+
+    lines, egress = schedule.dry_run(plan, rows)
+    if as_json:
+        click.echo(json.dumps({"image": image, "registry_egress": egress, "nodes": [
+            {"node": l.node, "present_bytes": l.present_bytes, "fetch_bytes": l.fetch_bytes,
+             "free_after": l.free_after, "seconds": round(l.seconds, 1)} for l in lines]}, indent=2))
+        return
+    click.echo(f"{'NODE':<24} {'PRESENT':>10} {'TO FETCH':>10} {'FREE AFTER':>11} {'EST. TIME':>9}")
+    for l in lines:
+        free = "unknown" if l.free_after is None else human_bytes(l.free_after)
+        click.echo(f"{l.node:<24} {human_bytes(l.present_bytes):>10} {human_bytes(l.fetch_bytes):>10} "
+                   f"{free:>11} {human_seconds(l.seconds):>9}")
+    click.echo(f"registry egress: {human_bytes(egress)} for {image}")
+
+
+def _dry_run_local(settings, image: str, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    from prewarm import schedule
+    from prewarm.reference import parse_reference
+    from prewarm.registry.client import RegistryClient
+    from prewarm.store import ContentStore
+
+    resolved = RegistryClient.from_settings(settings).resolve(parse_reference(image), settings.platform)
+    plan = schedule.make_plan(resolved, {})
+    store = ContentStore(settings.root)
+    held = frozenset(l.digest for l in plan.layers if store.is_ready(l.digest))
+    probe = settings.root if settings.root.exists() else settings.root.parent
+    _print_dry_run(plan, image, [(settings.node_name, held, shutil.disk_usage(probe).free)], as_json)
 
 
 @click.command()
