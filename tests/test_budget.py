@@ -1,0 +1,100 @@
+"""The registry budget's Lua scripts on a real Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+
+from prewarm import keys
+from prewarm.budget import RegistryBudget, get_budget, parse_size, set_budget
+from prewarm.errors import ConfigError
+
+
+@pytest.fixture()
+def r(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+def test_sizes_parse() -> None:
+    assert parse_size("100MB") == 100_000_000
+    assert parse_size("1.5GiB/s") == int(1.5 * (1 << 30))
+    assert parse_size("4096") == 4096
+    with pytest.raises(ConfigError, match="not a size"):
+        parse_size("fast")
+
+
+def test_no_budget_means_no_waiting(r: redis.Redis) -> None:
+    # Given no budget for the registry, and a sleep that records being called
+    slept: list[float] = []
+    budget = RegistryBudget(r, sleep=slept.append)
+    # When many large requests go through
+    for _ in range(50):
+        with budget.request("reg:5000", 10 << 20):
+            pass
+    # Then nobody ever waited and no lease is left behind
+    assert slept == []
+    assert get_budget(r, "reg:5000") is None
+    assert r.zcard(keys.BUDGET_INFLIGHT.format(registry="reg:5000")) == 0
+
+
+def test_byte_rate_is_shared_and_held(r: redis.Redis) -> None:
+    # Given 4 MB/s with a 1 MB burst, and four threads asking for 0.5 MB each, 24 times in all
+    set_budget(r, "reg:1", rate=4e6, burst=1e6, concurrency=0)
+    budget = RegistryBudget(r)
+    granted: list[float] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        for _ in range(6):
+            with budget.request("reg:1", 500_000):
+                with lock:
+                    granted.append(time.monotonic())
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - start
+    # Then 12 MB at 4 MB/s after a 1 MB burst takes about (12 - 1) / 4 = 2.75 s, not less
+    assert len(granted) == 24
+    assert elapsed >= 2.4
+
+
+def test_concurrency_limit_is_never_exceeded(r: redis.Redis) -> None:
+    set_budget(r, "reg:2", rate=0, burst=None, concurrency=2)
+    budget = RegistryBudget(r)
+    inflight, peak = 0, 0
+    lock = threading.Lock()
+
+    def client() -> None:
+        nonlocal inflight, peak
+        for _ in range(5):
+            with budget.request("reg:2", 1):
+                with lock:
+                    inflight += 1
+                    peak = max(peak, inflight)
+                time.sleep(0.01)
+                with lock:
+                    inflight -= 1
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak == 2
+
+
+def test_a_429_makes_everyone_wait(r: redis.Redis) -> None:
+    budget = RegistryBudget(r)
+    budget.backoff("reg:3", 0.5)
+    budget.backoff("reg:3", 0.1)  # a shorter back-off never shortens the longer one
+    start = time.monotonic()
+    with budget.request("reg:3", 1):
+        pass
+    assert time.monotonic() - start >= 0.4
