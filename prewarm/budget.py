@@ -132,6 +132,17 @@ class RegistryBudget:
                 return
             self._sleep(ttl / 1000)
 
+    def take(self, registry: str, nbytes: int) -> None:
+        """Wait until ``nbytes`` of the byte budget are available, and take them."""
+        if nbytes <= 0:
+            return
+        k_cfg = keys.BUDGET.format(registry=registry)
+        while True:
+            wait = float(self._take(keys=[k_cfg], args=[nbytes]))
+            if wait <= 0:
+                return
+            self._sleep(min(wait, 1.0))
+
     @contextlib.contextmanager
     def request(self, registry: str, nbytes: int) -> Iterator[None]:
         """Hold a concurrency lease and ``nbytes`` of byte budget for one request."""
@@ -142,11 +153,7 @@ class RegistryBudget:
         while not int(self._lease(keys=[k_cfg, k_inflight], args=[lease, LEASE_SECONDS])):
             self._sleep(self._poll)
         try:
-            while True:
-                wait = float(self._take(keys=[k_cfg], args=[nbytes]))
-                if wait <= 0:
-                    break
-                self._sleep(min(wait, 1.0))
+            self.take(registry, nbytes)
             yield
         finally:
             self.r.zrem(k_inflight, lease)

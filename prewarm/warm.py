@@ -18,12 +18,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
 
 import redis
 
 from prewarm import jobs
+from prewarm.budget import RegistryBudget
 from prewarm.config import Settings
 from prewarm.digest import verify
+from prewarm.errors import RateLimited
 from prewarm.images import record_prewarmed_image
 from prewarm.inflate import inflate_span
 from prewarm.layout import Layout
@@ -46,6 +49,7 @@ class NodeContext:
     store: ContentStore
     layout: Layout
     ztocs: ZtocCache
+    budget: RegistryBudget
     _plans: dict[str, ImagePlan] = dataclasses.field(default_factory=dict)
     _refs: dict[str, Reference] = dataclasses.field(default_factory=dict)
 
@@ -53,7 +57,7 @@ class NodeContext:
     def create(cls, settings: Settings, r: redis.Redis) -> "NodeContext":
         layout = Layout(settings.root)
         return cls(settings, r, RegistryClient.from_settings(settings), ContentStore(settings.root),
-                   layout, ZtocCache(layout))
+                   layout, ZtocCache(layout), RegistryBudget(r))
 
     def plan(self, job_id: str) -> ImagePlan:
         plan = self._plans.get(job_id)
@@ -112,7 +116,13 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
         ready = ctx.store.finish_if_complete(layer, z)
         return Outcome(nbytes, False, ready)
     s = z.span(span)
-    data = ctx.client.fetch_range(ref.registry, ref.repository, layer, s.compressed_start, s.compressed_end)
+    try:
+        with ctx.budget.request(ref.registry, s.compressed_end - s.compressed_start):
+            data = ctx.client.fetch_range(ref.registry, ref.repository, layer, s.compressed_start,
+                                          s.compressed_end)
+    except RateLimited as err:
+        ctx.budget.backoff(ref.registry, err.retry_after or 1.0)
+        raise
     verify(data, s.digest, what=f"span {span} of layer {layer} ({ref.registry}/{ref.repository})")
     next_window = z.checkpoint(span + 1).window if span + 1 < z.num_spans and s.checkpoint else None
     out = inflate_span(s, data, next_window=next_window, is_last=span == z.num_spans - 1)
@@ -129,9 +139,23 @@ def warm_layer(ctx: NodeContext, *, job: str, image: str, layer: str, layer_inde
     if ctx.store.is_ready(layer):
         return Outcome(lp.size, False, True)
     ref = ctx.reference(image)
-    with ctx.client.stream_blob(ref.registry, ref.repository, layer) as chunks:
-        ctx.store.ingest_stream(layer, chunks, media_type=lp.media_type, diff_id=lp.diff_id)
+    try:
+        with ctx.budget.request(ref.registry, 0):
+            with ctx.client.stream_blob(ref.registry, ref.repository, layer) as chunks:
+                ctx.store.ingest_stream(layer, _metered(ctx, ref.registry, chunks),
+                                        media_type=lp.media_type, diff_id=lp.diff_id)
+    except RateLimited as err:
+        ctx.budget.backoff(ref.registry, err.retry_after or 1.0)
+        raise
     return Outcome(lp.size, True, True)
+
+
+def _metered(ctx: NodeContext, registry: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Charge a streamed layer to the byte budget chunk by chunk (the lease is held outside)."""
+    take = ctx.budget.take
+    for chunk in chunks:
+        take(registry, len(chunk))
+        yield chunk
 
 
 def complete_image(ctx: NodeContext, job: str, name: str) -> bool:
