@@ -1,4 +1,4 @@
-"""``prewarm budget``: the fleet-wide limits for one registry host, held in Redis."""
+"""Fleet commands: ``prewarm nodes`` (membership) and ``prewarm budget`` (registry limits)."""
 
 from __future__ import annotations
 
@@ -37,5 +37,33 @@ def budget_cmd(registry: str, rate: str | None, burst: str | None, concurrency: 
         click.echo(f"{registry}: rate {rate_s}, burst {human_bytes(cfg.burst)}, concurrency {conc}")
 
 
+@click.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--broker-url", envvar="PREWARM_BROKER_URL", required=True, help="Redis (PREWARM_BROKER_URL).")
+def nodes_cmd(as_json: bool, broker_url: str) -> None:
+    """List the fleet's nodes: up or down, labels, free disk, and the layers they hold ready."""
+    import json
+    import time
+
+    from prewarm.broker import redis_client
+    from prewarm.nodes import list_nodes
+    from prewarm.progress import human_bytes, human_seconds
+
+    nodes = list_nodes(redis_client(broker_url))
+    if as_json:
+        click.echo(json.dumps([{"name": n.name, "up": n.up, "labels": n.labels, "free_bytes": n.free_bytes,
+                                "layers": sorted(n.layers), "heartbeat": n.heartbeat} for n in nodes], indent=2))
+        return
+    if not nodes:
+        click.echo("no node has registered; start `prewarm worker` on the nodes")
+        return
+    click.echo(f"{'NODE':<24} {'STATE':<5} {'SEEN':>6} {'FREE':>10} {'LAYERS':>6}  LABELS")
+    for n in nodes:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(n.labels.items()))
+        click.echo(f"{n.name:<24} {'up' if n.up else 'down':<5} {human_seconds(time.time() - n.heartbeat):>6} "
+                   f"{human_bytes(n.free_bytes):>10} {len(n.layers):>6}  {labels}")
+
+
 def register(main: click.Group) -> None:
     main.add_command(budget_cmd, "budget")
+    main.add_command(nodes_cmd, "nodes")
