@@ -30,6 +30,7 @@ from prewarm.errors import RateLimited
 from prewarm.images import record_prewarmed_image
 from prewarm.inflate import inflate_span
 from prewarm.layout import Layout
+from prewarm.metrics import BYTES_FETCHED, INFLATE_SECONDS, LAYERS, SPANS
 from prewarm.plan import ImagePlan
 from prewarm.reference import Reference, parse_reference
 from prewarm.registry.client import RegistryClient
@@ -123,11 +124,16 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
     except RateLimited as err:
         ctx.budget.backoff(ref.registry, err.retry_after or 1.0)
         raise
+    BYTES_FETCHED.labels(ref.registry, "span").inc(len(data))
     verify(data, s.digest, what=f"span {span} of layer {layer} ({ref.registry}/{ref.repository})")
     next_window = z.checkpoint(span + 1).window if span + 1 < z.num_spans and s.checkpoint else None
-    out = inflate_span(s, data, next_window=next_window, is_last=span == z.num_spans - 1)
-    ready = ctx.store.land_span(layer, z, span, data, out)
-    return Outcome(nbytes, True, bool(ready))
+    with INFLATE_SECONDS.time():
+        out = inflate_span(s, data, next_window=next_window, is_last=span == z.num_spans - 1)
+    ready = bool(ctx.store.land_span(layer, z, span, data, out))
+    SPANS.labels("fetched").inc()
+    if ready:
+        LAYERS.labels("ready").inc()
+    return Outcome(nbytes, True, ready)
 
 
 def warm_layer(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index: int) -> Outcome:
@@ -144,6 +150,7 @@ def warm_layer(ctx: NodeContext, *, job: str, image: str, layer: str, layer_inde
             with ctx.client.stream_blob(ref.registry, ref.repository, layer) as chunks:
                 ctx.store.ingest_stream(layer, _metered(ctx, ref.registry, chunks),
                                         media_type=lp.media_type, diff_id=lp.diff_id)
+        LAYERS.labels("ready").inc()
     except RateLimited as err:
         ctx.budget.backoff(ref.registry, err.retry_after or 1.0)
         raise
@@ -153,8 +160,10 @@ def warm_layer(ctx: NodeContext, *, job: str, image: str, layer: str, layer_inde
 def _metered(ctx: NodeContext, registry: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
     """Charge a streamed layer to the byte budget chunk by chunk (the lease is held outside)."""
     take = ctx.budget.take
+    counter = BYTES_FETCHED.labels(registry, "layer")
     for chunk in chunks:
         take(registry, len(chunk))
+        counter.inc(len(chunk))
         yield chunk
 
 

@@ -41,6 +41,12 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
                           "(redis://host:port/db, rediss://..., unix:///path)")
     settings.root.mkdir(parents=True, exist_ok=True)
     os.environ.update(settings.to_env())
+    metrics_port = os.environ.get("PREWARM_METRICS_PORT")
+    if metrics_port:
+        # prometheus_client picks its multiprocess mode at import: set the folder first.
+        import tempfile
+
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="prewarm-metrics-"))
     from workers.app import app  # reads the environment set just above
 
     from prewarm.broker import redis_client
@@ -57,6 +63,10 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
                      lambda: frozenset(d for d in store.list_layers() if store.is_ready(d)),
                      on_beat=lambda: join_standing_jobs(r, app, settings.node_name, node_labels, store.is_ready))
     beat.start()
+    if metrics_port:
+        from prewarm.metrics import serve
+
+        serve(int(metrics_port), multiprocess=True)
 
     argv = ["worker", "-Q", keys.node_queue(settings.node_name),
             "-c", str(concurrency or default_concurrency()),
