@@ -1,0 +1,72 @@
+"""Which file bytes an uncompressed stream range holds (pure).
+
+A span's inflated output is a slice ``[start, end)`` of the layer's tar stream; the
+store writes the parts of it that are file data straight into the pre-sized files.
+:class:`SpanMap` answers "which (file, file offset, length) pieces lie in this range"
+with one bisect per range, so landing a span costs one Python call per piece, never
+per byte or per file of the layer.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections.abc import Sequence
+
+from prewarm.errors import BadZtoc
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Piece:
+    """``length`` bytes at stream offset ``stream_offset`` belong at ``file_offset`` of extent ``extent``."""
+
+    extent: int
+    file_offset: int
+    stream_offset: int
+    length: int
+
+
+class SpanMap:
+    """Data extents of a tar stream, sorted by offset, queried by stream range.
+
+    ``extents[i] = (stream_offset, size)`` is where extent ``i``'s data lies in the
+    stream; empty extents are allowed and never yield pieces.
+    """
+
+    def __init__(self, extents: Sequence[tuple[int, int]]) -> None:
+        """Index the extents.
+
+        Raises:
+            BadZtoc: extents out of order, overlapping or with negative offset/size: a TOC
+                that says two files share bytes is lying.
+        """
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self._ids: list[int] = []
+        last_end = 0
+        for i, (start, size) in enumerate(extents):
+            if start < 0 or size < 0:
+                raise BadZtoc(f"data extent {i} has negative offset or size ({start}, {size})")
+            if size == 0:
+                continue
+            if start < last_end:
+                raise BadZtoc(f"data extent {i} at {start} overlaps or precedes the one ending at {last_end}")
+            self._starts.append(start)
+            self._ends.append(start + size)
+            self._ids.append(i)
+            last_end = start + size
+
+    def pieces(self, start: int, end: int) -> list[Piece]:
+        """The data pieces inside stream range ``[start, end)``, in stream order."""
+        out: list[Piece] = []
+        if end <= start:
+            return out
+        k = bisect.bisect_right(self._ends, start)
+        starts, ends, ids = self._starts, self._ends, self._ids
+        n = len(starts)
+        while k < n and starts[k] < end:
+            s = starts[k] if starts[k] > start else start
+            e = ends[k] if ends[k] < end else end
+            out.append(Piece(ids[k], s - starts[k], s, e - s))
+            k += 1
+        return out
