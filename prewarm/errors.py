@@ -28,6 +28,7 @@ ones are worth a retry::
           +-- SnapshotNotFound
           +-- SnapshotExists
           +-- FailedPrecondition
+          +-- InvalidSnapshotRequest  a malformed key, filter, label or field path
 
 ``Transient`` is a mixin: tasks retry exactly the exceptions that carry it, so corrupt
 data and auth errors fail loudly instead of being retried into a storm.
@@ -156,3 +157,11 @@ class SnapshotExists(SnapshotError):
 
 class FailedPrecondition(SnapshotError):
     pass
+
+
+class InvalidSnapshotRequest(SnapshotError):
+    """The request itself is wrong (bad filter, immutable field, parent not committed).
+
+    The shim answers it with gRPC INVALID_ARGUMENT, which containerd reads as
+    ``errdefs.ErrInvalidArgument``.
+    """
