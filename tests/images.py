@@ -152,7 +152,9 @@ ODD_EXPECT = OddExpect()
 
 def _odd_base() -> list[TarEntry]:
     """Layer 0 (gzip, small): most entry kinds, and the things later layers delete."""
-    d = lambda name, mode=0o755, **kw: TarEntry(name, "dir", mode=mode, **kw)  # noqa: E731
+    def d(name: str, mode: int = 0o755, **kw: object) -> TarEntry:
+        return TarEntry(name, "dir", mode=mode, **kw)  # type: ignore[arg-type]
+
     return [
         d("etc"), d("usr"), d("usr/bin"), d("var"), d("var/cache"), d("var/empty"),
         d("tmp", 0o1777), d("home"),

@@ -106,7 +106,7 @@ def umoci_unpack(layout_dir: Path, tag: str, dest: Path) -> Path:
         shadow = Path(tmp) / "layout"
         source = shadow if _shadow_layout(layout_dir, tag, shadow) else layout_dir
         proc = subprocess.run(["umoci", "unpack", "--image", f"{source}:{tag}", str(dest)],
-                              capture_output=True, text=True)
+                              check=False, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"umoci unpack {source}:{tag} failed: {proc.stderr.strip()}")
     return dest / "rootfs"
@@ -132,7 +132,7 @@ def overlay_mount(lowerdirs_newest_first: Sequence[Path | str], target: Path | s
     target.mkdir(parents=True, exist_ok=True)
     options = "ro,lowerdir=" + ":".join(lowers)
     proc = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(target)],
-                          capture_output=True, text=True)
+                          check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"mount -t overlay -o {options} {target} failed: {proc.stderr.strip()}")
     try:
