@@ -21,6 +21,7 @@ ones are worth a retry::
      |    +-- BadSpan
      |    +-- BadZtoc
      |    +-- UnsafeArchive          a tar entry that would write outside its layer
+     |    +-- BadTarHeader           a layer's tar stream is not a tar archive soci can index
      +-- StoreError                  the node's content store
      |    +-- InsufficientSpace
      +-- JobError                    a pre-warm job failed or was cancelled
@@ -129,6 +130,10 @@ class BadZtoc(CorruptContent):
 
 class UnsafeArchive(CorruptContent):
     pass
+
+
+class BadTarHeader(CorruptContent):
+    """A tar header (chain) that Go's archive/tar would reject, or an entry soci cannot index."""
 
 
 class StoreError(PrewarmError):

@@ -85,3 +85,567 @@ class Span:
     uncompressed_end: int
     digest: str
     checkpoint: Checkpoint | None  # None for uncompressed (TarZinfo) layers
+
+# ==== zTOC reading, validation and serialisation =========================================
+
+import bisect
+import hashlib
+import re
+import struct
+from collections.abc import Sequence
+
+from prewarm.errors import BadZtoc
+
+#: Bytes of one checkpoint record in the gzip zinfo blob: in, out, bits, window.
+CHECKPOINT_RECORD_SIZE = 8 + 8 + 1 + WINDOW_SIZE
+#: Bytes before the first checkpoint record: count (int32) and span size (int64).
+ZINFO_HEADER_SIZE = 12
+#: What soci writes in ``Ztoc.version``.
+ZTOC_VERSION = "0.9"
+#: Compression names as used in :attr:`Ztoc.compression`.
+COMPRESSIONS = ("gzip", "uncompressed")
+#: TarZinfo ``version`` written by soci for uncompressed layers.
+TAR_ZINFO_VERSION = 2
+
+_ALGO_GZIP = 1
+_ALGO_UNCOMPRESSED = 2
+_MAX_NAME_BYTES = 1 << 16
+_MAX_SHORT_STRING = 1 << 12
+_MAX_INT64 = (1 << 63) - 1
+_DIGEST_RE = re.compile(rb"sha256:[0-9a-f]{64}\Z")
+_CP_HEAD = struct.Struct("<qqB")
+_ZINFO_HEAD = struct.Struct("<iq")
+_LEGACY_FIRST = (10, 0, 0)
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _raw(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+class Ztoc:
+    """A parsed (or freshly built) zTOC.
+
+    The checkpoint windows stay in the buffer they came from (which may be an mmap of a
+    cached zTOC): a 10 GB layer has about 2,500 windows of 32 KiB and a worker needs
+    one or two of them per span, so they are sliced out only when asked for.  Only the
+    (in, out, bits) triple of every checkpoint is kept as Python integers.
+
+    Use :func:`parse_ztoc` for bytes from elsewhere; the constructor trusts its
+    arguments as far as the TOC goes but checks the checkpoint table.
+    """
+
+    __slots__ = ("version", "build_tool_identifier", "compressed_archive_size",
+                 "uncompressed_archive_size", "files", "compression", "span_size",
+                 "span_digests", "checkpoints_blob", "legacy_checkpoints", "_cp_in", "_cp_out",
+                 "_cp_bits", "_cp_base")
+
+    def __init__(self, *, version: str, build_tool_identifier: str, compressed_archive_size: int,
+                 uncompressed_archive_size: int, files: Sequence[FileEntry], compression: str,
+                 span_digests: Sequence[str], checkpoints_blob: bytes | bytearray | memoryview) -> None:
+        """Assemble a zTOC; ``checkpoints_blob`` is soci's zinfo blob (or TarZinfo).
+
+        Raises:
+            BadZtoc: the checkpoint blob does not agree with the rest.
+        """
+        if compression not in COMPRESSIONS:
+            raise BadZtoc(f"zTOC compression {compression!r} is not one of {COMPRESSIONS}")
+        self.version = version
+        self.build_tool_identifier = build_tool_identifier
+        self.compressed_archive_size = compressed_archive_size
+        self.uncompressed_archive_size = uncompressed_archive_size
+        self.files: tuple[FileEntry, ...] = tuple(files)
+        self.compression = compression
+        self.span_digests: tuple[str, ...] = tuple(span_digests)
+        self.checkpoints_blob = checkpoints_blob
+        self.legacy_checkpoints = False
+        self._cp_in: list[int] = []
+        self._cp_out: list[int] = []
+        self._cp_bits: list[int] = []
+        self._cp_base = ZINFO_HEADER_SIZE
+        if compression == "gzip":
+            self.span_size = self._read_zinfo(memoryview(checkpoints_blob))
+        else:
+            self.span_size = self._read_tar_zinfo(bytes(checkpoints_blob))
+
+    # ---- checkpoint table ----------------------------------------------------------
+
+    def _read_zinfo(self, blob: memoryview) -> int:
+        if len(blob) < ZINFO_HEADER_SIZE:
+            raise BadZtoc(f"zTOC checkpoint blob is {len(blob)} bytes, shorter than its "
+                          f"{ZINFO_HEADER_SIZE}-byte header")
+        count, span_size = _ZINFO_HEAD.unpack_from(blob, 0)
+        body = len(blob) - ZINFO_HEADER_SIZE
+        if count < 1 or count > body // CHECKPOINT_RECORD_SIZE + 1:
+            raise BadZtoc(f"zTOC says {count} checkpoints but its blob of {len(blob)} bytes "
+                          f"cannot hold them")
+        if body == count * CHECKPOINT_RECORD_SIZE:
+            stored = count
+        elif body == (count - 1) * CHECKPOINT_RECORD_SIZE:
+            stored = count - 1
+            self.legacy_checkpoints = True
+        else:
+            raise BadZtoc(f"zTOC checkpoint blob is {len(blob)} bytes; {count} checkpoints need "
+                          f"{ZINFO_HEADER_SIZE + count * CHECKPOINT_RECORD_SIZE}")
+        if span_size <= 0:
+            raise BadZtoc(f"zTOC span size {span_size} is not positive")
+        cin, cout, cbits = self._cp_in, self._cp_out, self._cp_bits
+        if self.legacy_checkpoints:
+            cin.append(_LEGACY_FIRST[0])
+            cout.append(_LEGACY_FIRST[1])
+            cbits.append(_LEGACY_FIRST[2])
+        for i in range(stored):
+            a, b, c = _CP_HEAD.unpack_from(blob, ZINFO_HEADER_SIZE + i * CHECKPOINT_RECORD_SIZE)
+            cin.append(a)
+            cout.append(b)
+            cbits.append(c)
+        self._check_checkpoints()
+        return span_size
+
+    def _check_checkpoints(self) -> None:
+        n = len(self._cp_in)
+        if n != len(self.span_digests):
+            raise BadZtoc(f"zTOC has {n} checkpoints but {len(self.span_digests)} span digests")
+        csize, usize = self.compressed_archive_size, self.uncompressed_archive_size
+        if self._cp_out[0] != 0:
+            raise BadZtoc(f"zTOC checkpoint 0 is at uncompressed offset {self._cp_out[0]}, not 0")
+        prev_end = 0
+        for i in range(n):
+            cin, cout, bits = self._cp_in[i], self._cp_out[i], self._cp_bits[i]
+            if bits > 7:
+                raise BadZtoc(f"zTOC checkpoint {i} has {bits} leftover bits (at most 7)")
+            start = cin - (1 if bits else 0)
+            if start < 0 or cin > csize:
+                raise BadZtoc(f"zTOC checkpoint {i} at compressed offset {cin} lies outside the "
+                              f"{csize}-byte layer")
+            if i and (cout <= self._cp_out[i - 1] or cin < self._cp_in[i - 1]):
+                raise BadZtoc(f"zTOC checkpoints are not in order at checkpoint {i} "
+                              f"(in {cin}, out {cout} after in {self._cp_in[i - 1]}, "
+                              f"out {self._cp_out[i - 1]})")
+            if cout > usize:
+                raise BadZtoc(f"zTOC checkpoint {i} at uncompressed offset {cout} lies past the "
+                              f"uncompressed size {usize}")
+            if i and start < prev_end - 1:
+                raise BadZtoc(f"zTOC span {i} overlaps span {i - 1} by more than one byte")
+            end = self._cp_in[i + 1] if i + 1 < n else csize
+            if end <= start:
+                raise BadZtoc(f"zTOC span {i} is empty or reversed ({start}..{end})")
+            prev_end = end
+
+    def _read_tar_zinfo(self, blob: bytes) -> int:
+        version, span_size, size = _parse_tar_zinfo(blob)
+        if version != TAR_ZINFO_VERSION:
+            raise BadZtoc(f"zTOC TarZinfo version {version} is not {TAR_ZINFO_VERSION}")
+        if span_size <= 0:
+            raise BadZtoc(f"zTOC span size {span_size} is not positive")
+        if size != self.compressed_archive_size:
+            raise BadZtoc(f"zTOC TarZinfo size {size} differs from the archive size "
+                          f"{self.compressed_archive_size}")
+        n = -(-size // span_size)
+        if n != len(self.span_digests):
+            raise BadZtoc(f"zTOC of a {size}-byte tar with span size {span_size} needs {n} span "
+                          f"digests, has {len(self.span_digests)}")
+        return span_size
+
+    # ---- spans -------------------------------------------------------------------
+
+    @property
+    def num_spans(self) -> int:
+        return len(self.span_digests)
+
+    @property
+    def max_span_id(self) -> int:
+        return self.num_spans - 1
+
+    def checkpoint(self, i: int) -> Checkpoint:
+        """Checkpoint ``i`` with its window (sliced from the underlying buffer now).
+
+        Raises:
+            IndexError: no such checkpoint (or the layer is uncompressed).
+        """
+        if self.compression != "gzip":
+            raise IndexError("an uncompressed layer's zTOC has no checkpoints")
+        if not 0 <= i < len(self._cp_in):
+            raise IndexError(f"checkpoint {i} out of range (0..{len(self._cp_in) - 1})")
+        if self.legacy_checkpoints:
+            if i == 0:
+                return Checkpoint(_LEGACY_FIRST[0], 0, 0, bytes(WINDOW_SIZE))
+            rec = i - 1
+        else:
+            rec = i
+        at = ZINFO_HEADER_SIZE + rec * CHECKPOINT_RECORD_SIZE + 17
+        window = bytes(self.checkpoints_blob[at:at + WINDOW_SIZE])
+        return Checkpoint(self._cp_in[i], self._cp_out[i], self._cp_bits[i], window)
+
+    def span(self, i: int) -> Span:
+        """Span ``i``: its compressed and uncompressed ranges, digest and checkpoint.
+
+        Raises:
+            IndexError: no such span.
+        """
+        n = self.num_spans
+        if not 0 <= i < n:
+            raise IndexError(f"span {i} out of range (0..{n - 1})")
+        last = i == n - 1
+        if self.compression != "gzip":
+            start = i * self.span_size
+            cend = self.compressed_archive_size if last else start + self.span_size
+            uend = self.uncompressed_archive_size if last else start + self.span_size
+            return Span(i, start, cend, start, uend, self.span_digests[i], None)
+        cp = self.checkpoint(i)
+        return Span(
+            index=i,
+            compressed_start=cp.compressed_offset - (1 if cp.bits else 0),
+            compressed_end=self.compressed_archive_size if last else self._cp_in[i + 1],
+            uncompressed_start=cp.uncompressed_offset,
+            uncompressed_end=self.uncompressed_archive_size if last else self._cp_out[i + 1],
+            digest=self.span_digests[i],
+            checkpoint=cp,
+        )
+
+    def spans(self) -> list[Span]:
+        """Every span (windows included: meant for small zTOCs and tools)."""
+        return [self.span(i) for i in range(self.num_spans)]
+
+    def span_for_offset(self, uoffset: int) -> int:
+        """Index of the span holding uncompressed offset ``uoffset``.
+
+        Raises:
+            IndexError: the offset is outside the uncompressed archive.
+        """
+        if not 0 <= uoffset < self.uncompressed_archive_size:
+            raise IndexError(f"uncompressed offset {uoffset} is outside the archive "
+                             f"(0..{self.uncompressed_archive_size})")
+        if self.compression != "gzip":
+            return min(uoffset // self.span_size, self.num_spans - 1)
+        return bisect.bisect_right(self._cp_out, uoffset) - 1
+
+    def checkpoint_offsets(self) -> list[tuple[int, int, int]]:
+        """(compressed offset, uncompressed offset, bits) of every checkpoint."""
+        return list(zip(self._cp_in, self._cp_out, self._cp_bits))
+
+
+def _parse_tar_zinfo(blob: bytes) -> tuple[int, int, int]:
+    """(version, span_size, size) from the TarZinfo FlatBuffer (or soci's older raw form)."""
+    if len(blob) == 20 and not _looks_like_flatbuffer(blob):
+        return struct.unpack("<iqq", blob)
+    r = _Reader(blob, "TarZinfo")
+    t = r.root()
+    return (r.scalar(t, 0, "<i", 0), r.scalar(t, 1, "<q", 0), r.scalar(t, 2, "<q", 0))
+
+
+def _looks_like_flatbuffer(blob: bytes) -> bool:
+    root = struct.unpack_from("<I", blob, 0)[0]
+    if not 4 <= root <= len(blob) - 4:
+        return False
+    vt = root - struct.unpack_from("<i", blob, root)[0]
+    return 0 <= vt <= len(blob) - 4
+
+
+def tar_zinfo_bytes(span_size: int, size: int) -> bytes:
+    """The TarZinfo FlatBuffer soci writes as the checkpoints of an uncompressed layer."""
+    import flatbuffers
+
+    b = flatbuffers.Builder(0)
+    b.StartObject(3)
+    b.PrependInt32Slot(0, TAR_ZINFO_VERSION, 0)
+    b.PrependInt64Slot(1, span_size, 0)
+    b.PrependInt64Slot(2, size, 0)
+    b.Finish(b.EndObject())
+    return bytes(b.Output())
+
+
+# ---- FlatBuffers reading with bounds checks ---------------------------------------------
+
+class _Reader:
+    """Just enough FlatBuffers to read a zTOC, every offset checked against the buffer."""
+
+    __slots__ = ("buf", "n", "what")
+
+    def __init__(self, buf: bytes | bytearray | memoryview, what: str) -> None:
+        self.buf = buf
+        self.n = len(buf)
+        self.what = what
+
+    def _u32(self, at: int) -> int:
+        if not 0 <= at <= self.n - 4:
+            raise BadZtoc(f"{self.what}: offset {at} points outside the {self.n}-byte buffer")
+        return int.from_bytes(self.buf[at:at + 4], "little")
+
+    def root(self) -> int:
+        return self.table_at(0)
+
+    def table_at(self, ref_at: int) -> int:
+        """Position of the table referenced by the uoffset stored at ``ref_at``."""
+        t = ref_at + self._u32(ref_at)
+        soff = self._u32(t)
+        if soff >= 1 << 31:
+            soff -= 1 << 32
+        vt = t - soff
+        if not 0 <= vt <= self.n - 4:
+            raise BadZtoc(f"{self.what}: table at {t} has its vtable outside the buffer")
+        return t
+
+    def _field(self, t: int, i: int) -> int:
+        soff = self._u32(t)
+        if soff >= 1 << 31:
+            soff -= 1 << 32
+        vt = t - soff
+        vsize = int.from_bytes(self.buf[vt:vt + 2], "little")
+        slot = 4 + 2 * i
+        if slot + 2 > vsize:
+            return 0
+        if vt + slot + 2 > self.n:
+            raise BadZtoc(f"{self.what}: vtable at {vt} runs past the buffer")
+        off = int.from_bytes(self.buf[vt + slot:vt + slot + 2], "little")
+        if off:
+            tsize = int.from_bytes(self.buf[vt + 2:vt + 4], "little")
+            if off >= tsize:
+                raise BadZtoc(f"{self.what}: field {i} lies outside its table")
+        return t + off if off else 0
+
+    def scalar(self, t: int, i: int, fmt: str, default: int) -> int:
+        at = self._field(t, i)
+        if not at:
+            return default
+        size = struct.calcsize(fmt)
+        if at + size > self.n:
+            raise BadZtoc(f"{self.what}: field {i} runs past the buffer")
+        return struct.unpack_from(fmt, self.buf, at)[0]
+
+    def vector(self, t: int, i: int, elem_size: int, max_len: int | None = None) -> tuple[int, int]:
+        """(position of element 0, length) of a vector field; (0, 0) when absent."""
+        at = self._field(t, i)
+        if not at:
+            return 0, 0
+        v = at + self._u32(at)
+        length = self._u32(v)
+        if length * elem_size > self.n - v - 4:
+            raise BadZtoc(f"{self.what}: vector of {length} elements at {v} runs past the buffer")
+        if max_len is not None and length > max_len:
+            raise BadZtoc(f"{self.what}: {length} elements is more than the {max_len} allowed")
+        return v + 4, length
+
+    def bytes_field(self, t: int, i: int, max_len: int | None = None) -> bytes:
+        start, length = self.vector(t, i, 1, max_len)
+        return bytes(self.buf[start:start + length])
+
+    def string_at(self, ref_at: int, max_len: int) -> bytes:
+        v = ref_at + self._u32(ref_at)
+        length = self._u32(v)
+        if length > self.n - v - 4:
+            raise BadZtoc(f"{self.what}: string at {v} runs past the buffer")
+        if length > max_len:
+            raise BadZtoc(f"{self.what}: string of {length} bytes is longer than {max_len}")
+        return bytes(self.buf[v + 4:v + 4 + length])
+
+    def string(self, t: int, i: int, max_len: int = _MAX_SHORT_STRING) -> bytes:
+        at = self._field(t, i)
+        return self.string_at(at, max_len) if at else b""
+
+
+def _check_name(raw: bytes, what: str) -> None:
+    if not raw:
+        raise BadZtoc(f"zTOC {what} has an empty name")
+    if b"\x00" in raw:
+        raise BadZtoc(f"zTOC {what} name {raw[:80]!r} contains a NUL byte")
+    if b".." in raw and b".." in raw.split(b"/"):
+        raise BadZtoc(f"zTOC {what} name {raw[:80]!r} has a '..' component (would escape the layer)")
+
+
+def _read_entry(r: _Reader, t: int, index: int) -> FileEntry:
+    what = f"entry {index}"
+    name = r.string(t, 0, _MAX_NAME_BYTES)
+    _check_name(name, what)
+    type_ = r.string(t, 1, 16).decode("ascii", "replace")
+    if type_ not in ENTRY_TYPES:
+        raise BadZtoc(f"zTOC {what} ({_text(name)!r}) has unknown type {type_!r}")
+    offset = r.scalar(t, 2, "<q", 0)
+    size = r.scalar(t, 3, "<q", 0)
+    linkname = r.string(t, 4, _MAX_NAME_BYTES)
+    if b"\x00" in linkname:
+        raise BadZtoc(f"zTOC {what} link name contains a NUL byte")
+    xstart, xlen = r.vector(t, 13, 4)
+    xattrs = []
+    for j in range(xlen):
+        xt = r.table_at(xstart + 4 * j)
+        key = r.string(xt, 0, _MAX_SHORT_STRING)
+        value = r.string(xt, 1, _MAX_NAME_BYTES)
+        xattrs.append((_text(key), _text(value)))
+    return FileEntry(
+        name=_text(name), type=type_, uncompressed_offset=offset, uncompressed_size=size,
+        linkname=_text(linkname), mode=r.scalar(t, 5, "<q", 0), uid=r.scalar(t, 6, "<I", 0),
+        gid=r.scalar(t, 7, "<I", 0), uname=_text(r.string(t, 8)), gname=_text(r.string(t, 9)),
+        mod_time=_text(r.string(t, 10, 64)), devmajor=r.scalar(t, 11, "<q", 0),
+        devminor=r.scalar(t, 12, "<q", 0), xattrs=tuple(xattrs),
+    )
+
+
+def _check_entries(files: Sequence[FileEntry], usize: int) -> None:
+    """Entries lie inside the archive, in stream order, each after the previous one's data.
+
+    soci sorts the TOC by offset and requires every entry's data to start at or after the
+    previous entry's data (rounded up to a tar block); we also require room for the
+    entry's own 512-byte header, as any real tar stream has.
+    """
+    order = sorted(range(len(files)), key=lambda k: files[k].uncompressed_offset)
+    next_header = 0
+    for k in order:
+        f = files[k]
+        off, size = f.uncompressed_offset, f.uncompressed_size
+        if size < 0 or off < 0 or off + size > usize:
+            raise BadZtoc(f"zTOC entry {k} ({f.name!r}) at {off}+{size} lies outside the "
+                          f"{usize}-byte uncompressed archive")
+        if off < next_header + 512:
+            raise BadZtoc(f"zTOC entry {k} ({f.name!r}) at offset {off} overlaps the entry before "
+                          f"it (next header at {next_header})")
+        next_header = off + size + (-size & 511)
+
+
+def parse_ztoc(buf: bytes | bytearray | memoryview) -> Ztoc:
+    """Parse and validate a zTOC written by soci (or by us).
+
+    Everything is checked before it is trusted: every offset against the buffer, every
+    count against the bytes that would have to hold it (before anything is allocated),
+    checkpoints in order and inside the layer, one digest per span, entries inside the
+    archive and not overlapping, entry types known and names without NUL or ``..``.
+
+    Raises:
+        BadZtoc: naming the first problem found.
+    """
+    mv = memoryview(buf)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    if len(mv) < 8:
+        raise BadZtoc(f"zTOC is {len(mv)} bytes: too short to be a zTOC")
+    r = _Reader(mv, "zTOC")
+    z = r.root()
+    version = r.string(z, 0, 64)
+    if not version:
+        raise BadZtoc("zTOC has no version string (not a zTOC?)")
+    tool = r.string(z, 1, _MAX_SHORT_STRING)
+    csize = r.scalar(z, 2, "<q", 0)
+    usize = r.scalar(z, 3, "<q", 0)
+    if csize < 0 or usize < 0:
+        raise BadZtoc(f"zTOC archive sizes are negative ({csize}, {usize})")
+    toc_at = r._field(z, 4)
+    files: list[FileEntry] = []
+    if toc_at:
+        toc = r.table_at(toc_at)
+        mstart, mlen = r.vector(toc, 0, 4)
+        for k in range(mlen):
+            files.append(_read_entry(r, r.table_at(mstart + 4 * k), k))
+    ci_at = r._field(z, 5)
+    if not ci_at:
+        raise BadZtoc("zTOC has no compression info")
+    ci = r.table_at(ci_at)
+    algo = r.scalar(ci, 0, "<b", _ALGO_GZIP)
+    if algo not in (_ALGO_GZIP, _ALGO_UNCOMPRESSED):
+        raise BadZtoc(f"zTOC compression algorithm {algo} is not gzip (1) or uncompressed (2)")
+    max_span_id = r.scalar(ci, 1, "<i", 0)
+    dstart, dlen = r.vector(ci, 2, 4)
+    if max_span_id + 1 != dlen:
+        raise BadZtoc(f"zTOC max_span_id {max_span_id} does not match its {dlen} span digests")
+    digests = []
+    for k in range(dlen):
+        d = r.string_at(dstart + 4 * k, 80)
+        if not _DIGEST_RE.match(d):
+            raise BadZtoc(f"zTOC span digest {k} {d[:80]!r} is not sha256:<64 hex digits>")
+        digests.append(d.decode("ascii"))
+    cstart, clen = r.vector(ci, 3, 1)
+    blob = mv[cstart:cstart + clen]
+    _check_entries(files, usize)
+    if algo == _ALGO_UNCOMPRESSED and csize != usize:
+        raise BadZtoc(f"zTOC of an uncompressed layer has different sizes ({csize} vs {usize})")
+    return Ztoc(
+        version=_text(version), build_tool_identifier=_text(tool), compressed_archive_size=csize,
+        uncompressed_archive_size=usize, files=files,
+        compression="gzip" if algo == _ALGO_GZIP else "uncompressed", span_digests=digests,
+        checkpoints_blob=blob,
+    )
+
+
+def serialize_ztoc(z: Ztoc) -> bytes:
+    """The zTOC as soci's Go writer lays it out, byte for byte.
+
+    FlatBuffers output depends on the order objects are created in, so this follows
+    soci's ``ztocToFlatbuffer``: version and build tool strings; the file tables from the
+    last to the first; the checkpoint bytes; the digest strings; the tables.
+    """
+    import flatbuffers
+
+    b = flatbuffers.Builder(0)
+    version = b.CreateString(_raw(z.version))
+    tool = b.CreateString(_raw(z.build_tool_identifier))
+    offsets = [0] * len(z.files)
+    for k in range(len(z.files) - 1, -1, -1):
+        offsets[k] = _write_entry(b, z.files[k])
+    b.StartVector(4, len(offsets), 4)
+    for k in range(len(offsets) - 1, -1, -1):
+        b.PrependUOffsetTRelative(offsets[k])
+    metadata = b.EndVector()
+    b.StartObject(1)
+    b.PrependUOffsetTRelativeSlot(0, metadata, 0)
+    toc = b.EndObject()
+    checkpoints = b.CreateByteVector(bytes(z.checkpoints_blob))
+    dig = [b.CreateString(d.encode("ascii")) for d in z.span_digests]
+    b.StartVector(4, len(dig), 4)
+    for k in range(len(dig) - 1, -1, -1):
+        b.PrependUOffsetTRelative(dig[k])
+    digests = b.EndVector()
+    b.StartObject(4)
+    b.PrependInt32Slot(1, z.max_span_id, 0)
+    b.PrependUOffsetTRelativeSlot(2, digests, 0)
+    b.PrependUOffsetTRelativeSlot(3, checkpoints, 0)
+    algo = _ALGO_GZIP if z.compression == "gzip" else _ALGO_UNCOMPRESSED
+    b.PrependInt8Slot(0, algo, _ALGO_GZIP)
+    info = b.EndObject()
+    b.StartObject(6)
+    b.PrependUOffsetTRelativeSlot(0, version, 0)
+    b.PrependUOffsetTRelativeSlot(1, tool, 0)
+    b.PrependUOffsetTRelativeSlot(4, toc, 0)
+    b.PrependInt64Slot(2, z.compressed_archive_size, 0)
+    b.PrependInt64Slot(3, z.uncompressed_archive_size, 0)
+    b.PrependUOffsetTRelativeSlot(5, info, 0)
+    b.Finish(b.EndObject())
+    return bytes(b.Output())
+
+
+def _write_entry(b: "flatbuffers.Builder", f: FileEntry) -> int:  # type: ignore[name-defined]  # noqa: F821
+    name = b.CreateString(_raw(f.name))
+    type_ = b.CreateString(_raw(f.type))
+    link = b.CreateString(_raw(f.linkname))
+    uname = b.CreateString(_raw(f.uname))
+    gname = b.CreateString(_raw(f.gname))
+    mtime = b.CreateString(_raw(f.mod_time))
+    xs = []
+    for k, v in sorted(f.xattrs):
+        ko = b.CreateString(_raw(k))
+        vo = b.CreateString(_raw(v))
+        b.StartObject(2)
+        b.PrependUOffsetTRelativeSlot(0, ko, 0)
+        b.PrependUOffsetTRelativeSlot(1, vo, 0)
+        xs.append(b.EndObject())
+    b.StartVector(4, len(xs), 4)
+    for k in range(len(xs) - 1, -1, -1):
+        b.PrependUOffsetTRelative(xs[k])
+    xattrs = b.EndVector()
+    b.StartObject(14)
+    b.PrependUOffsetTRelativeSlot(0, name, 0)
+    b.PrependUOffsetTRelativeSlot(1, type_, 0)
+    b.PrependInt64Slot(2, f.uncompressed_offset, 0)
+    b.PrependInt64Slot(3, f.uncompressed_size, 0)
+    b.PrependUOffsetTRelativeSlot(4, link, 0)
+    b.PrependInt64Slot(5, f.mode, 0)
+    b.PrependUint32Slot(6, f.uid & 0xFFFFFFFF, 0)
+    b.PrependUint32Slot(7, f.gid & 0xFFFFFFFF, 0)
+    b.PrependUOffsetTRelativeSlot(8, uname, 0)
+    b.PrependUOffsetTRelativeSlot(9, gname, 0)
+    b.PrependUOffsetTRelativeSlot(10, mtime, 0)
+    b.PrependInt64Slot(11, f.devmajor, 0)
+    b.PrependInt64Slot(12, f.devminor, 0)
+    b.PrependUOffsetTRelativeSlot(13, xattrs, 0)
+    return b.EndObject()
