@@ -54,12 +54,16 @@ Filter = tuple[Selector, ...]
 
 
 def field_of(info: Info, fieldpath: tuple[str, ...]) -> tuple[str, bool]:
-    """The value of a field path on ``info`` and whether it is present (containerd's adaptor)."""
+    """The value of a field path on ``info`` and whether it is present (containerd's adaptor).
+
+    ``name`` and ``parent`` are always present, even empty: containerd's unpacker finds a
+    base layer with ``parent==""``.
+    """
     head, rest = fieldpath[0], fieldpath[1:]
     if head == "name" and not rest:
-        return info.name, bool(info.name)
+        return info.name, True
     if head == "parent" and not rest:
-        return info.parent, bool(info.parent)
+        return info.parent, True
     if head == "kind" and not rest:
         return info.kind.label, True
     if head == "labels" and rest:
