@@ -134,6 +134,7 @@ class Registry:
     dir: Path
     log_path: Path
     htpasswd: tuple[str, str] | None = None
+    scheme: str = "http"
 
     @property
     def host(self) -> str:
@@ -141,7 +142,7 @@ class Registry:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{self.scheme}://{self.host}"
 
     def stop(self) -> None:
         stop_pid(self.proc)
@@ -176,10 +177,12 @@ class Registry:
 
 
 @contextlib.contextmanager
-def run_registry(data: Path, htpasswd: tuple[str, str] | None = None) -> Iterator[Registry]:
+def run_registry(data: Path, htpasswd: tuple[str, str] | None = None, *, auth_config: str | None = None,
+                 tls: tuple[Path, Path] | None = None) -> Iterator[Registry]:
     """Start ``docker-registry serve`` with a filesystem store under ``data``.
 
-    With ``htpasswd=(user, password)`` the registry requires basic auth.
+    With ``htpasswd=(user, password)`` the registry requires basic auth; ``auth_config``
+    is a whole ``auth:`` block of its own (token auth); ``tls=(cert, key)`` serves HTTPS.
     """
     data.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -190,6 +193,9 @@ def run_registry(data: Path, htpasswd: tuple[str, str] | None = None) -> Iterato
         subprocess.run([_require("htpasswd"), "-Bbc", str(pwfile), user, password],
                        check=True, capture_output=True)
         auth = f"auth:\n  htpasswd:\n    realm: prewarm-test\n    path: {pwfile}\n"
+    if auth_config:
+        auth = auth_config
+    tls_block = f"  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}\n" if tls else ""
     config = data / "config.yml"
     config.write_text(
         "version: 0.1\n"
@@ -197,20 +203,20 @@ def run_registry(data: Path, htpasswd: tuple[str, str] | None = None) -> Iterato
         f"storage:\n  filesystem:\n    rootdirectory: {data / 'store'}\n  delete:\n    enabled: true\n"
         "  maintenance:\n    uploadpurging:\n      enabled: false\n"
         f"http:\n  addr: 127.0.0.1:{port}\n  headers:\n    X-Content-Type-Options: [nosniff]\n"
-        + auth
+        + tls_block + auth
     )
     log_path = data / "registry.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen([_require("docker-registry"), "serve", str(config)],
                             stdout=log, stderr=subprocess.STDOUT)
     log.close()
-    reg = Registry(proc, port, data, log_path, htpasswd)
+    reg = Registry(proc, port, data, log_path, htpasswd, "https" if tls else "http")
 
     def up() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"docker-registry exited: {reg.log()[-2000:]}")
         try:
-            return requests.get(f"{reg.url}/v2/", timeout=1).status_code in (200, 401)
+            return requests.get(f"{reg.url}/v2/", timeout=1, verify=False).status_code in (200, 401)
         except requests.ConnectionError:
             return False
 

@@ -94,11 +94,12 @@ class RegistryAuth(AuthBase):
         session: the session used to reach the token realm.
         timeout: seconds for token requests.
         clock: monotonic clock (tests use the real one).
+        verify: TLS verification for the token realm (CA bundle path or True).
     """
 
     def __init__(self, registry: str, api_netloc: str, credential: Callable[[], Credential | None],
                  session: requests.Session, timeout: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, verify: str | bool = True) -> None:
         self.registry = registry
         self.api_netloc = api_netloc
         self._credential_source = credential
@@ -106,6 +107,7 @@ class RegistryAuth(AuthBase):
         self._credential_loaded = False
         self._session = session
         self._timeout = timeout
+        self._verify = verify
         self._clock = clock
         self._lock = threading.RLock()
         self._challenge: Challenge | None = None
@@ -200,10 +202,11 @@ class RegistryAuth(AuthBase):
         try:
             if cred is not None and cred.identity_token:
                 form.update(grant_type="refresh_token", refresh_token=cred.identity_token, client_id="prewarm")
-                resp = self._session.post(realm, data=form, timeout=self._timeout)
+                resp = self._session.post(realm, data=form, timeout=self._timeout, verify=self._verify)
             else:
                 auth = (cred.username, cred.password) if cred is not None and cred.password is not None else None
-                resp = self._session.get(realm, params=form, auth=auth, timeout=self._timeout)
+                resp = self._session.get(realm, params=form, auth=auth, timeout=self._timeout,
+                                         verify=self._verify)
         except requests.RequestException as err:
             raise error_for_exception(err, kind="token", registry=self.registry, repository=None,
                                       subject=scope) from None

@@ -46,7 +46,7 @@ from requests.adapters import HTTPAdapter
 from prewarm.digest import is_digest, new_hasher, parse_digest, sha256_digest, verify
 from prewarm.errors import (BlobNotFound, CorruptContent, DigestMismatch, ManifestNotFound, RangeNotHonored,
                             RegistryError, RegistryUnavailable, UnsupportedManifest)
-from prewarm.manifest import (IMAGE_INDEXES, IMAGE_MANIFESTS, MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, OCI_INDEX,
+from prewarm.manifest import (IMAGE_INDEXES, IMAGE_MANIFESTS, MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, OCI_INDEX, SCHEMA1,
                               Descriptor, ImageIndex, ImageManifest, Platform, choose_platform, host_platform,
                               index_json, media_type_of, parse_manifest, parse_platform)
 from prewarm.reference import Reference, registry_api_host
@@ -130,7 +130,9 @@ class RegistryClient:
         self._docker_config_dir = docker_config
         self._docker_config: DockerConfig | None = None
         self._session = requests.Session()
-        self._session.verify = ca_bundle if ca_bundle else True
+        # Passed on every request: requests lets $REQUESTS_CA_BUNDLE override ``session.verify``.
+        self._verify: str | bool = ca_bundle if ca_bundle else True
+        self._session.verify = self._verify
         self._session.headers["User-Agent"] = "prewarm/0.1 (+requests)"
         adapter = HTTPAdapter(pool_connections=8, pool_maxsize=pool_size, max_retries=0)
         self._session.mount("http://", adapter)
@@ -170,7 +172,7 @@ class RegistryClient:
             if auth is None:
                 netloc = urlsplit(self.base_url(registry)).netloc
                 auth = RegistryAuth(registry, netloc, lambda: self._credential(registry), self._session,
-                                    timeout=self.timeout)
+                                    timeout=self.timeout, verify=self._verify)
                 self._auths[registry] = auth
             return auth
 
@@ -193,7 +195,8 @@ class RegistryClient:
             try:
                 resp = self._session.request(method, url, headers=hdrs, data=data, params=params,
                                              auth=self.auth_for(registry) if same_host else None,
-                                             stream=stream, timeout=self.timeout, allow_redirects=False)
+                                             stream=stream, timeout=self.timeout, allow_redirects=False,
+                                             verify=self._verify)
             except requests.RequestException as err:
                 raise error_for_exception(err, kind=kind, registry=registry, repository=repository,
                                           subject=subject) from None
@@ -265,7 +268,8 @@ class RegistryClient:
                 body = self._read_limited(resp, MAX_MANIFEST_BYTES, f"manifest {where}")
                 ctype = resp.headers.get("Content-Type")
                 vouched = resp.headers.get("Docker-Content-Digest")
-            media_type = media_type_of(body, ctype, where)
+            if (ctype or "").split(";", 1)[0].strip() in SCHEMA1:
+                media_type_of(body, ctype, where)  # raises the schema-1 explanation
             if is_digest(reference):
                 verify(body, reference, what=f"manifest {where}")
                 digest = reference
@@ -273,7 +277,7 @@ class RegistryClient:
                 digest = sha256_digest(body)
                 if vouched and is_digest(vouched):
                     verify(body, vouched, what=f"manifest {where} (Docker-Content-Digest)")
-            return body, media_type, digest
+            return body, media_type_of(body, ctype, where), digest
 
         return self.retry.run(once, f"GET manifest {where}")
 
