@@ -69,7 +69,7 @@ class ResumableSha256:
             raise StoreError("SHA256_Init failed")
 
     @classmethod
-    def from_state(cls, state: bytes) -> "ResumableSha256":
+    def from_state(cls, state: bytes) -> ResumableSha256:
         """Resume from bytes made by :meth:`state`.
 
         Raises:

@@ -65,8 +65,8 @@ class SpanMap:
         starts, ends, ids = self._starts, self._ends, self._ids
         n = len(starts)
         while k < n and starts[k] < end:
-            s = starts[k] if starts[k] > start else start
-            e = ends[k] if ends[k] < end else end
+            s = max(start, starts[k])
+            e = min(end, ends[k])
             out.append(Piece(ids[k], s - starts[k], s, e - s))
             k += 1
         return out

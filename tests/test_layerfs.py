@@ -1,0 +1,133 @@
+"""layerfs: the archive simulation refuses escapes up front; the writer never follows a symlink."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from prewarm.errors import BadZtoc, UnsafeArchive
+from prewarm.layerfs import (OPAQUE_XATTR, LayerWriter, Planned, check_entries, parse_mod_time,
+                             split_name)
+from prewarm.ztoc import FileEntry
+
+
+def entry(name: str, type_: str = "reg", *, offset: int = 512, size: int = 0, linkname: str = "",
+          mode: int = 0o644) -> FileEntry:
+    return FileEntry(name=name, type=type_, uncompressed_offset=offset, uncompressed_size=size,
+                     linkname=linkname, mode=mode)
+
+
+def archive(*entries: FileEntry) -> list[FileEntry]:
+    """Entries with plausible distinct offsets (one header block each)."""
+    out = []
+    pos = 0
+    for e in entries:
+        pos += 512
+        out.append(FileEntry(e.name, e.type, pos, e.uncompressed_size, e.linkname, e.mode))
+        pos += -(-e.uncompressed_size // 512) * 512
+    return out
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/../../evil", "/etc/passwd", "a/\x00b", "x/" + "y" * 256])
+def test_names_that_escape_are_refused(name: str) -> None:
+    with pytest.raises(UnsafeArchive, match="tar entry"):
+        split_name(name)
+
+
+def test_names_are_normalised() -> None:
+    assert split_name("./usr//bin/./sh") == ["usr", "bin", "sh"]
+    assert split_name("./") == []
+
+
+@pytest.mark.parametrize("entries, match", [
+    ([entry("link", "symlink", linkname="/etc"), entry("link/passwd")], "through the symlink 'link'"),
+    ([entry("d/", "dir"), entry("d/l", "symlink", linkname=".."), entry("d/l/x", "dir")], "through the symlink"),
+    ([entry("f"), entry("f/x")], "non-directory 'f'"),
+    ([entry("h", "hardlink", linkname="../../outside")], "contains '..'"),
+    ([entry("h", "hardlink", linkname="missing")], "missing from the layer"),
+    ([entry("d/", "dir"), entry("h", "hardlink", linkname="d")], "a directory"),
+    ([entry("/abs")], "absolute path"),
+])
+def test_check_entries_refuses_hostile_archives(entries: list[FileEntry], match: str) -> None:
+    # Given an archive whose later entry escapes via an earlier one, Then nothing is planned
+    with pytest.raises(UnsafeArchive, match=match):
+        check_entries(archive(*entries), 1 << 20)
+
+
+def test_symlink_replaced_by_dir_is_safe_again() -> None:
+    plan = check_entries(archive(entry("x", "symlink", linkname="/"), entry("x/", "dir"), entry("x/f")), 1 << 20)
+    assert [p.kind for p in plan] == ["symlink", "dir", "reg"]
+    assert [p.final for p in plan] == [False, True, True]
+
+
+def test_sizes_and_counts_are_bounded_by_the_archive() -> None:
+    # A TOC claiming a 1 PB file in a 10 KB archive, or more entries than headers fit
+    with pytest.raises(BadZtoc, match="outside the 10240-byte archive"):
+        check_entries([entry("big", size=1 << 50)], 10240)
+    with pytest.raises(BadZtoc, match="cannot fit"):
+        check_entries([entry(f"f{i}") for i in range(30)], 10240)
+
+
+def test_whiteouts_and_opaque_markers_are_planned() -> None:
+    plan = check_entries(archive(entry("etc/.wh.passwd"), entry("var/.wh..wh..opq"), entry(".wh..wh.plnk"),
+                                 entry("./", "dir")), 1 << 20)
+    assert plan == [Planned("whiteout", "etc/passwd"), Planned("opaque", "var"), Planned("skip", ".wh..wh.plnk"),
+                    Planned("skip", "")]
+
+
+def test_mod_times() -> None:
+    assert parse_mod_time("1970-01-01T00:00:01.5Z") == 1_500_000_000
+    assert parse_mod_time("2023-11-14T22:13:20Z") == 1_700_000_000 * 10**9
+    assert parse_mod_time("2023-11-14T23:13:20+01:00") == 1_700_000_000 * 10**9
+    assert parse_mod_time("") == 0
+    with pytest.raises(BadZtoc, match="not an RFC 3339"):
+        parse_mod_time("yesterday")
+
+
+def test_writer_does_not_follow_a_planted_symlink(tmp_path: Path) -> None:
+    # Given a layer dir where something planted a symlink to outside (bypassing check_entries)
+    fs, outside = tmp_path / "fs", tmp_path / "outside"
+    fs.mkdir()
+    outside.mkdir()
+    (fs / "link").symlink_to(outside)
+    (fs / "file").symlink_to(outside / "target")
+    with LayerWriter(fs) as w:
+        # When entries are created or opened through it, Then the writer refuses
+        with pytest.raises(UnsafeArchive, match="symlink"):
+            w.create(entry("link/evil"), Planned("reg", "link/evil"))
+        with pytest.raises(UnsafeArchive):
+            w.open_data("file")
+        with pytest.raises(UnsafeArchive):
+            w.open_data("link/x")
+    # And nothing was created outside
+    assert list(outside.iterdir()) == []
+
+
+def test_writer_creates_every_kind(tmp_path: Path) -> None:
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    entries = archive(entry("d/", "dir", mode=0o1777), entry("d/f", size=5000, mode=0o4755),
+                      entry("d/h", "hardlink", linkname="d/f"), entry("d/s", "symlink", linkname="/nowhere"),
+                      entry("d/.wh.gone"), entry("o/.wh..wh..opq"), entry("p", "fifo", mode=0o600),
+                      entry("c", "char", mode=0o600))
+    plan = check_entries(entries, 1 << 20)
+    with LayerWriter(fs) as w:
+        for e, p in zip(entries, plan):
+            w.create(e, p)
+        fd = w.open_data("d/f")
+        os.pwrite(fd, b"hello", 4995)
+        os.close(fd)
+        w.apply_metadata(entries, plan)
+    st = os.lstat(fs / "d/f")
+    assert st.st_size == 5000 and stat.S_IMODE(st.st_mode) == 0o4755 and st.st_nlink == 2
+    assert (fs / "d/f").read_bytes()[-5:] == b"hello"
+    assert os.lstat(fs / "d/h").st_ino == st.st_ino
+    assert os.readlink(fs / "d/s") == "/nowhere"
+    gone = os.lstat(fs / "d/gone")
+    assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
+    assert os.getxattr(fs / "o", OPAQUE_XATTR) == b"y"
+    assert stat.S_ISFIFO(os.lstat(fs / "p").st_mode) and stat.S_ISCHR(os.lstat(fs / "c").st_mode)
+    assert stat.S_IMODE(os.lstat(fs / "d").st_mode) == 0o1777
