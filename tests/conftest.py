@@ -65,3 +65,26 @@ def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry
 def repo_name() -> str:
     """A repository name no other test uses."""
     return f"test/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def _token_registry_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator["TokenRegistry"]:
+    from tests.tokenserver import TokenRegistry, TokenServer
+
+    folder = tmp_path_factory.mktemp("token-registry")
+    with TokenServer(folder, users={"alice": "s3cret-pw"}, refresh_tokens={"rt-alice-1": "alice"}) as tokens:
+        with run_registry(folder / "registry", auth_config=tokens.auth_config()) as reg:
+            yield TokenRegistry(reg, tokens)
+
+
+@pytest.fixture()
+def token_registry(_token_registry_session: "TokenRegistry") -> Iterator["TokenRegistry"]:
+    """A docker-registry with bearer-token auth (token server in tests/tokenserver.py; alice / s3cret-pw,
+    identity token ``rt-alice-1``; anonymous pull allowed).  Token server settings reset per test."""
+    tokens = _token_registry_session.tokens
+    tokens.issued.clear()
+    tokens.refused = 0
+    yield _token_registry_session
+    tokens.registry_validity = None
+    tokens.reported_lifetime = 300
+    tokens.allow_anonymous = True

@@ -210,7 +210,7 @@ def shell_files() -> dict[str, bytes]:
 
 
 @dataclasses.dataclass(frozen=True)
-class TestLayer:
+class HandmadeLayer:
     """One layer: its spec (path -> bytes, or WHITEOUT), tar.gz blob and digests."""
 
     files: Mapping[str, bytes | None]
@@ -248,10 +248,10 @@ def _tar_layer(files: Mapping[str, bytes | None]) -> bytes:
     return out.getvalue()
 
 
-def make_layer(files: Mapping[str, bytes | None]) -> TestLayer:
+def make_layer(files: Mapping[str, bytes | None]) -> HandmadeLayer:
     tar = _tar_layer(files)
     blob = gzip.compress(tar, mtime=0)
-    return TestLayer(files=dict(files), blob=blob,
+    return HandmadeLayer(files=dict(files), blob=blob,
                      digest="sha256:" + hashlib.sha256(blob).hexdigest(),
                      diff_id="sha256:" + hashlib.sha256(tar).hexdigest())
 
@@ -274,7 +274,7 @@ def write_layer_fs(fs: Path, files: Mapping[str, bytes | None]) -> None:
     os.chmod(fs, 0o755)
 
 
-def install_prewarmed(store: Path, layers: list[TestLayer]) -> list[str]:
+def install_prewarmed(store: Path, layers: list[HandmadeLayer]) -> list[str]:
     """Put ``layers`` in the content store as the pipeline would: fs, ready, chain records.
 
     Returns the chain IDs, bottom first.
@@ -288,11 +288,11 @@ def install_prewarmed(store: Path, layers: list[TestLayer]) -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class TestImage:
+class HandmadeImage:
     """An image of hand-made layers: config and manifest blobs with their digests."""
 
     name: str
-    layers: list[TestLayer]
+    layers: list[HandmadeLayer]
     config: bytes
     manifest: bytes
 
@@ -305,7 +305,7 @@ class TestImage:
         return "sha256:" + hashlib.sha256(self.config).hexdigest()
 
 
-def make_image(name: str, layers: list[TestLayer]) -> TestImage:
+def make_image(name: str, layers: list[HandmadeLayer]) -> HandmadeImage:
     config = json.dumps({
         "architecture": "amd64", "os": "linux",
         "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
@@ -319,10 +319,10 @@ def make_image(name: str, layers: list[TestLayer]) -> TestImage:
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": l.digest,
                     "size": len(l.blob)} for l in layers],
     }, sort_keys=True).encode()
-    return TestImage(name=name, layers=layers, config=config, manifest=manifest)
+    return HandmadeImage(name=name, layers=layers, config=config, manifest=manifest)
 
 
-def oci_archive(image: TestImage, path: Path, *, with_layers: bool) -> Path:
+def oci_archive(image: HandmadeImage, path: Path, *, with_layers: bool) -> Path:
     """An OCI image-layout tar of ``image``; without layer blobs when ``with_layers`` is False."""
     index = json.dumps({
         "schemaVersion": 2,
@@ -342,3 +342,32 @@ def oci_archive(image: TestImage, path: Path, *, with_layers: bool) -> Path:
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+def push_image(registry_url: str, repository: str, tag: str, image: HandmadeImage) -> str:
+    """Upload ``image`` (blobs, then the manifest) to a registry; returns ``host:port/repo:tag``."""
+    import requests
+
+    blobs = [(l.digest, l.blob) for l in image.layers] + [(image.config_digest, image.config)]
+    for digest, data in blobs:
+        start = requests.post(f"{registry_url}/v2/{repository}/blobs/uploads/", timeout=30)
+        start.raise_for_status()
+        location = start.headers["Location"]
+        if location.startswith("/"):
+            location = registry_url + location
+        sep = "&" if "?" in location else "?"
+        put = requests.put(f"{location}{sep}digest={digest}", data=data, timeout=60,
+                           headers={"Content-Type": "application/octet-stream"})
+        put.raise_for_status()
+    resp = requests.put(f"{registry_url}/v2/{repository}/manifests/{tag}", data=image.manifest, timeout=30,
+                        headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+    resp.raise_for_status()
+    return f"{registry_url.split('://', 1)[1]}/{repository}:{tag}"
+
+
+def cri_images(ctrd: Containerd) -> "object":
+    """A CRI ``runtime.v1.ImageService`` stub on containerd's socket (the kubelet's view)."""
+    from prewarm.shim._proto.runtime.v1 import api_pb2_grpc
+
+    assert ctrd.cri, "start containerd with cri=True for CRI calls"
+    return api_pb2_grpc.ImageServiceStub(grpc.insecure_channel(f"unix:{ctrd.address}"))

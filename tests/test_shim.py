@@ -98,18 +98,35 @@ def test_usage_mounts_and_cleanup_over_grpc(shim: ShimServer, stub: pb_grpc.Snap
     assert not stray.exists() and upper.is_dir()
 
 
-def test_namespaces_from_metadata_keep_snapshots_apart(stub: pb_grpc.SnapshotsStub) -> None:
-    # Given the same key prepared in two namespaces and once with no namespace header
-    for ns in ("default", "k8s.io"):
-        stub.Prepare(pb.PrepareSnapshotRequest(key="same", labels={"ns": ns}),
-                     metadata=(("containerd-namespace", ns),))
-    stub.Prepare(pb.PrepareSnapshotRequest(key="same", labels={"ns": "none"}))
+def test_namespaces_kept_apart_when_isolated(tmp_path: Path) -> None:
+    # Given a shim that isolates namespaces, and the same key prepared in two of them and
+    # once with no namespace header
+    shim = serve(tmp_path / "iso.sock", tmp_path / "root", isolate_namespaces=True)
+    try:
+        with grpc.insecure_channel(f"unix:{shim.address}") as channel:
+            stub = pb_grpc.SnapshotsStub(channel)
+            for ns in ("default", "k8s.io"):
+                stub.Prepare(pb.PrepareSnapshotRequest(key="same", labels={"ns": ns}),
+                             metadata=(("containerd-namespace", ns),))
+            stub.Prepare(pb.PrepareSnapshotRequest(key="same", labels={"ns": "none"}))
 
-    # Then each sees its own
-    for ns in ("default", "k8s.io"):
-        info = stub.Stat(pb.StatSnapshotRequest(key="same"), metadata=(("containerd-namespace", ns),)).info
-        assert info.labels["ns"] == ns
-    assert stub.Stat(pb.StatSnapshotRequest(key="same")).info.labels["ns"] == "none"
+            # Then each sees its own
+            for ns in ("default", "k8s.io"):
+                info = stub.Stat(pb.StatSnapshotRequest(key="same"), metadata=(("containerd-namespace", ns),)).info
+                assert info.labels["ns"] == ns
+            assert stub.Stat(pb.StatSnapshotRequest(key="same")).info.labels["ns"] == "none"
+    finally:
+        shim.stop()
+
+
+def test_by_default_the_namespace_header_does_not_split_snapshots(stub: pb_grpc.SnapshotsStub) -> None:
+    # Given a snapshot prepared with a namespace header, as containerd's CRI unpacker sends it
+    stub.Prepare(pb.PrepareSnapshotRequest(key="k8s.io/1/key"), metadata=(("containerd-namespace", "k8s.io"),))
+
+    # Then containerd's header-less follow-up calls find it, and a second Prepare collides
+    assert stub.Stat(pb.StatSnapshotRequest(key="k8s.io/1/key")).info.kind == pb.ACTIVE
+    assert code_of(stub.Prepare, pb.PrepareSnapshotRequest(key="k8s.io/1/key"), metadata=NS) == \
+        grpc.StatusCode.ALREADY_EXISTS
 
 
 def test_handshake_answers_already_exists_and_list_finds_it(shim: ShimServer, stub: pb_grpc.SnapshotsStub) -> None:

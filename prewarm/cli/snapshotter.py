@@ -17,7 +17,10 @@ from prewarm.cli._common import root_option, settings_from
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]),
               help="Log level of the shim (stderr); info logs each layer answered from the store.")
-def snapshotter(address: Path, root: Path | None, log_level: str) -> None:
+@click.option("--isolate-namespaces", is_flag=True,
+              help="Keep snapshots apart by the containerd-namespace gRPC header. Off for containerd, "
+                   "which sends it on some calls only and already puts the namespace in every key.")
+def snapshotter(address: Path, root: Path | None, log_level: str, isolate_namespaces: bool) -> None:
     """Serve containerd's snapshot API over pre-warmed layers (a proxy snapshotter)."""
     from prewarm.shim.server import run
 
@@ -30,7 +33,7 @@ def snapshotter(address: Path, root: Path | None, log_level: str) -> None:
     for name in ("prewarm.shim", "prewarm.snapshot"):
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).propagate = False
-    run(address, settings.root)
+    run(address, settings.root, isolate_namespaces=isolate_namespaces)
 
 
 def register(main: click.Group) -> None:

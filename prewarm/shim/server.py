@@ -57,8 +57,12 @@ def _claim_socket_path(address: Path) -> None:
     address.unlink()
 
 
-def serve(address: Path, root: Path, *, workers: int = DEFAULT_WORKERS) -> ShimServer:
+def serve(address: Path, root: Path, *, workers: int = DEFAULT_WORKERS,
+          isolate_namespaces: bool = False) -> ShimServer:
     """Start serving ``containerd.services.snapshots.v1.Snapshots`` for ``root`` on ``address``.
+
+    ``isolate_namespaces``: see :class:`~prewarm.shim.service.SnapshotsService` (off for
+    containerd, whose backend keys already carry the namespace).
 
     Raises:
         ConfigError: the socket path is taken by something else or cannot be bound.
@@ -67,7 +71,7 @@ def serve(address: Path, root: Path, *, workers: int = DEFAULT_WORKERS) -> ShimS
     _claim_socket_path(address)
     snapshotter = OverlaySnapshotter(root)
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snapshots"))
-    pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
+    pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter, isolate_namespaces=isolate_namespaces), server)
     try:
         server.add_insecure_port(f"unix:{address}")
     except RuntimeError as err:
@@ -78,7 +82,7 @@ def serve(address: Path, root: Path, *, workers: int = DEFAULT_WORKERS) -> ShimS
     return ShimServer(address=address, server=server, snapshotter=snapshotter)
 
 
-def run(address: Path, root: Path) -> None:
+def run(address: Path, root: Path, *, isolate_namespaces: bool = False) -> None:
     """Serve until SIGTERM or SIGINT, then stop cleanly (the sqlite state is always durable).
 
     The signals are blocked before any gRPC thread exists and taken with ``sigwait`` in
@@ -88,7 +92,7 @@ def run(address: Path, root: Path) -> None:
     """
     signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    shim = serve(address, root)
+    shim = serve(address, root, isolate_namespaces=isolate_namespaces)
     signum = signal.sigwait(signals)
     log.info("signal %d: stopping", signum)
     shim.stop()

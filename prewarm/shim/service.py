@@ -32,16 +32,12 @@ LIST_BATCH = 100
 R = TypeVar("R")
 
 
-#: The namespace of calls that carry none.  containerd 1.6 does not forward the caller's
-#: namespace to proxy plugins: its metadata layer already scopes backend keys as
-#: ``<namespace>/<n>/<key>``, so such calls share this one space, exactly as containerd's
-#: built-in overlay snapshotter sees them.  Direct clients (the conformance suite's proxy
-#: client) do send the header, and then namespaces keep their snapshots apart.
+#: The one namespace of the shim unless namespaces are isolated.
 UNNAMESPACED = ""
 
 
 def namespace_of(context: grpc.ServicerContext) -> str:
-    """The containerd namespace of the call, or :data:`UNNAMESPACED` when it carries none."""
+    """The containerd namespace in the call's metadata, or :data:`UNNAMESPACED` without one."""
     for key, value in context.invocation_metadata():
         if key == NAMESPACE_KEY and value:
             return str(value)
@@ -74,51 +70,67 @@ def _rpc(method: Callable[..., R]) -> Callable[..., R]:
 
 
 class SnapshotsService(pb_grpc.SnapshotsServicer):
-    """The gRPC servicer; ``snapshotter`` does the work."""
+    """The gRPC servicer; ``snapshotter`` does the work.
 
-    def __init__(self, snapshotter: Snapshotter) -> None:
+    Namespaces: containerd 1.6 is inconsistent about the ``containerd-namespace`` header
+    towards proxy plugins.  Calls made from a request's context (CRI's unpacker Prepare)
+    carry it, calls from its own background contexts (the Stat right after, garbage
+    collection's Remove) do not, and a snapshot created under ``k8s.io`` must still be
+    found by a header-less Stat.  containerd's metadata layer already scopes every backend
+    key as ``<namespace>/<n>/<key>``, exactly as its built-in overlay snapshotter (which
+    knows no namespaces) sees them.  So by default the shim keeps one space and ignores
+    the header; ``isolate_namespaces=True`` keeps snapshots of different headers apart,
+    for clients that always send it (containerd's proxy client used directly, as in the
+    conformance suite).
+    """
+
+    def __init__(self, snapshotter: Snapshotter, *, isolate_namespaces: bool = False) -> None:
         self.snapshotter = snapshotter
+        self.isolate_namespaces = isolate_namespaces
+
+    def _namespace(self, context: grpc.ServicerContext) -> str:
+        return namespace_of(context) if self.isolate_namespaces else UNNAMESPACED
 
     @_rpc
     def Prepare(self, request: pb.PrepareSnapshotRequest, context: grpc.ServicerContext) -> pb.PrepareSnapshotResponse:
-        mounts = self.snapshotter.prepare(namespace_of(context), request.key, request.parent, dict(request.labels))
+        mounts = self.snapshotter.prepare(self._namespace(context), request.key, request.parent, dict(request.labels))
         return pb.PrepareSnapshotResponse(mounts=mounts_to_proto(mounts))
 
     @_rpc
     def View(self, request: pb.ViewSnapshotRequest, context: grpc.ServicerContext) -> pb.ViewSnapshotResponse:
-        mounts = self.snapshotter.view(namespace_of(context), request.key, request.parent, dict(request.labels))
+        mounts = self.snapshotter.view(self._namespace(context), request.key, request.parent, dict(request.labels))
         return pb.ViewSnapshotResponse(mounts=mounts_to_proto(mounts))
 
     @_rpc
     def Mounts(self, request: pb.MountsRequest, context: grpc.ServicerContext) -> pb.MountsResponse:
-        mounts = self.snapshotter.mounts(namespace_of(context), request.key)
+        mounts = self.snapshotter.mounts(self._namespace(context), request.key)
         return pb.MountsResponse(mounts=mounts_to_proto(mounts))
 
     @_rpc
     def Commit(self, request: pb.CommitSnapshotRequest, context: grpc.ServicerContext) -> Empty:
-        self.snapshotter.commit(namespace_of(context), request.name, request.key, dict(request.labels))
+        self.snapshotter.commit(self._namespace(context), request.name, request.key, dict(request.labels))
         return Empty()
 
     @_rpc
     def Remove(self, request: pb.RemoveSnapshotRequest, context: grpc.ServicerContext) -> Empty:
-        self.snapshotter.remove(namespace_of(context), request.key)
+        self.snapshotter.remove(self._namespace(context), request.key)
         return Empty()
 
     @_rpc
     def Stat(self, request: pb.StatSnapshotRequest, context: grpc.ServicerContext) -> pb.StatSnapshotResponse:
-        info = self.snapshotter.stat(namespace_of(context), request.key)
+        info = self.snapshotter.stat(self._namespace(context), request.key)
         return pb.StatSnapshotResponse(info=info_to_proto(info))
 
     @_rpc
     def Update(self, request: pb.UpdateSnapshotRequest, context: grpc.ServicerContext) -> pb.UpdateSnapshotResponse:
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
-        info = self.snapshotter.update(namespace_of(context), info_from_proto(request.info), paths)
+        info = self.snapshotter.update(self._namespace(context), info_from_proto(request.info), paths)
         return pb.UpdateSnapshotResponse(info=info_to_proto(info))
 
     def List(self, request: pb.ListSnapshotsRequest,
              context: grpc.ServicerContext) -> Iterator[pb.ListSnapshotsResponse]:
         try:
-            infos = list(self.snapshotter.walk(namespace_of(context), list(request.filters)))
+            infos = list(self.snapshotter.walk(self._namespace(context), list(request.filters)))
         except Exception as err:  # noqa: BLE001 - the same one conversion, for the streaming method
             _abort(context, "List", err)
             return
@@ -128,7 +140,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 
     @_rpc
     def Usage(self, request: pb.UsageRequest, context: grpc.ServicerContext) -> pb.UsageResponse:
-        usage = self.snapshotter.usage(namespace_of(context), request.key)
+        usage = self.snapshotter.usage(self._namespace(context), request.key)
         return pb.UsageResponse(size=usage.size, inodes=usage.inodes)
 
     @_rpc
