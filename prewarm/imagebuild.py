@@ -352,6 +352,8 @@ def _add_dir_layer(tar: tarfile.TarFile, layer: DirLayer) -> None:
         rel = path.relative_to(root).as_posix()
         arcname = f"{prefix}/{rel}" if prefix else rel
         info = tar.gettarinfo(str(path), arcname)  # hardlinks by inode are found here
+        if info is None:  # a socket: images cannot carry one
+            continue
         info.mtime = FIXED_MTIME
         if layer.owner is not None:
             info.uid, info.gid = layer.owner
