@@ -1,0 +1,208 @@
+"""Auth against real registries: htpasswd basic auth, and bearer tokens from our token server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from prewarm.config import Settings
+from prewarm.errors import AuthenticationFailed, ConfigError
+from prewarm.reference import parse_reference
+from prewarm.registry.auth import parse_challenge, scope_for
+from prewarm.registry.client import RegistryClient
+from prewarm.registry.dockerconfig import Credential, DockerConfig
+from prewarm.registry.retry import RetryPolicy
+from tests.registry_images import push_image
+from tests.services import Registry
+from tests.tokenserver import TokenRegistry
+
+FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
+PASSWORD = "s3cret-pw"
+
+
+def write_config(folder: Path, registry: str, **entry: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"auths": {registry: entry}}))
+    return folder
+
+
+def basic_entry(user: str, password: str) -> dict[str, str]:
+    return {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def client_for(reg: Registry, config_dir: Path) -> RegistryClient:
+    return RegistryClient(insecure_registries=frozenset({reg.host}), docker_config=config_dir, retry=FAST_RETRY)
+
+
+# === pure parts
+def test_parse_challenge_and_scope() -> None:
+    c = parse_challenge('Bearer realm="https://auth.example/token",service="reg.example",'
+                        'scope="repository:a/b:pull,push"')
+    assert c is not None and c.scheme == "bearer"
+    assert c.params == {"realm": "https://auth.example/token", "service": "reg.example",
+                        "scope": "repository:a/b:pull,push"}
+    assert parse_challenge('Basic realm="x"').scheme == "basic"  # type: ignore[union-attr]
+    assert parse_challenge("") is None
+    assert scope_for("GET", "http://h/v2/a/b/blobs/sha256:00") == "repository:a/b:pull"
+    assert scope_for("PATCH", "http://h/v2/a/b/blobs/uploads/uuid?x=1") == "repository:a/b:pull,push"
+    assert scope_for("GET", "http://h/v2/") is None
+
+
+def test_docker_config_forms(tmp_path: Path) -> None:
+    # Given auths keyed in Docker's different styles
+    (tmp_path / "config.json").write_text(json.dumps({"auths": {
+        "https://index.docker.io/v1/": basic_entry("hubuser", "hubpw"),
+        "https://reg.example:5000": {"username": "u", "password": "p"},
+        "tok.example": {"auth": base64.b64encode(b"<token>:").decode(), "identitytoken": "idt"},
+    }}))
+    cfg = DockerConfig.load(tmp_path)
+    # Then each registry finds its own, Docker Hub under all its names
+    assert cfg.credential_for("docker.io") == Credential("hubuser", "hubpw")
+    assert cfg.credential_for("reg.example:5000") == Credential("u", "p")
+    assert cfg.credential_for("tok.example") == Credential("<token>", identity_token="idt")
+    assert cfg.credential_for("other.example") is None
+    # And secrets never show in repr or str
+    assert "hubpw" not in repr(cfg.credential_for("docker.io")) and "hubpw" not in str(cfg.credential_for("docker.io"))
+    assert "idt" not in repr(cfg.credential_for("tok.example"))
+    # And a missing file means no credentials, a broken one a clear error
+    assert DockerConfig.load(tmp_path / "none").credential_for("docker.io") is None
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"auths": {"x": {"auth": "hubpw-not-json')
+    with pytest.raises(ConfigError, match="not valid JSON") as err:
+        DockerConfig.load(tmp_path / "bad")
+    assert "hubpw" not in str(err.value)
+
+
+def test_credential_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a credential helper program on PATH, named by credHelpers
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    helper = bin_dir / "docker-credential-prewarmtest"
+    helper.write_text('#!/bin/sh\nread host\nif [ "$host" = "reg.example" ]; then\n'
+                      '  echo \'{"ServerURL":"reg.example","Username":"helperuser","Secret":"helperpw"}\'\n'
+                      'else echo "credentials not found in native keychain"; exit 1; fi\n')
+    helper.chmod(helper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    (tmp_path / "config.json").write_text(json.dumps({"credHelpers": {"reg.example": "prewarmtest"},
+                                                      "credsStore": "prewarmtest"}))
+    cfg = DockerConfig.load(tmp_path)
+    # Then the helper's answer is the credential; "not found" means none
+    assert cfg.credential_for("reg.example") == Credential("helperuser", "helperpw")
+    assert cfg.credential_for("elsewhere.example") is None
+    # And a helper that is not installed is a clear error
+    (tmp_path / "config.json").write_text(json.dumps({"credsStore": "absent-helper"}))
+    with pytest.raises(ConfigError, match="docker-credential-absent-helper.*not on PATH"):
+        DockerConfig.load(tmp_path).credential_for("reg.example")
+
+
+# === htpasswd basic auth
+def test_basic_auth_with_docker_config(auth_registry: Registry, repo_name: str, tmp_path: Path,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    # Given alice's credentials in config.json
+    client = client_for(auth_registry, write_config(tmp_path / "ok", auth_registry.host,
+                                                    **basic_entry("alice", PASSWORD)))
+    # When an image is pushed and resolved
+    img = push_image(client, auth_registry.host, repo_name, "v1", [{"f": b"data"}])
+    resolved = client.resolve(parse_reference(f"{auth_registry.host}/{repo_name}:v1"))
+    # Then it works, and the password was never logged
+    assert resolved.manifest_digest == img.manifest_digest
+    assert PASSWORD not in caplog.text
+
+
+def test_basic_auth_wrong_or_missing_password(auth_registry: Registry, repo_name: str, tmp_path: Path) -> None:
+    ref = parse_reference(f"{auth_registry.host}/{repo_name}:v1")
+    wrong = client_for(auth_registry, write_config(tmp_path / "w", auth_registry.host,
+                                                   **basic_entry("alice", "not-the-password")))
+    with pytest.raises(AuthenticationFailed, match=f"authentication failed for registry {auth_registry.host}") as e:
+        wrong.resolve(ref)
+    assert "not-the-password" not in str(e.value)
+    anonymous = client_for(auth_registry, tmp_path / "empty")
+    with pytest.raises(AuthenticationFailed, match=auth_registry.host):
+        anonymous.resolve(ref)
+
+
+def test_docker_config_from_settings(auth_registry: Registry, repo_name: str, tmp_path: Path) -> None:
+    # Given DOCKER_CONFIG pointing at a config with alice's credentials (as a worker's environment would)
+    folder = write_config(tmp_path / "dc", auth_registry.host, username="alice", password=PASSWORD)
+    settings = Settings.from_env({"DOCKER_CONFIG": str(folder),
+                                  "PREWARM_INSECURE_REGISTRIES": auth_registry.host})
+    client = RegistryClient.from_settings(settings, retry=FAST_RETRY)
+    # Then the client authenticates with them
+    digest = client.push_blob(auth_registry.host, repo_name, b"via settings")
+    assert client.get_blob(auth_registry.host, repo_name, digest) == b"via settings"
+
+
+# === bearer tokens
+def test_bearer_anonymous_pull_and_refused_push(token_registry: TokenRegistry, repo_name: str,
+                                                tmp_path: Path) -> None:
+    reg, tokens = token_registry.registry, token_registry.tokens
+    alice = client_for(reg, write_config(tmp_path / "a", reg.host, **basic_entry("alice", PASSWORD)))
+    digest = alice.push_blob(reg.host, repo_name, b"public data")
+    # Given no credentials, When pulling, Then an anonymous token is enough
+    anonymous = client_for(reg, tmp_path / "none")
+    assert anonymous.get_blob(reg.host, repo_name, digest) == b"public data"
+    assert any(i.account == "" and i.scopes == [f"repository:{repo_name}:pull"] for i in tokens.issued)
+    # And pushing anonymously is refused with an auth error naming the registry
+    with pytest.raises(AuthenticationFailed, match=f"registry {reg.host}"):
+        anonymous.push_blob(reg.host, repo_name, b"not allowed")
+
+
+def test_bearer_with_credentials_and_token_cache(token_registry: TokenRegistry, repo_name: str,
+                                                 tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    reg, tokens = token_registry.registry, token_registry.tokens
+    client = client_for(reg, write_config(tmp_path / "a", reg.host, **basic_entry("alice", PASSWORD)))
+    # When alice pushes an image and reads it several times
+    img = push_image(client, reg.host, repo_name, "v1", [{"x": b"1"}, {"y": b"2"}])
+    for _ in range(3):
+        client.resolve(parse_reference(f"{reg.host}/{repo_name}:v1"))
+        client.fetch_range(reg.host, repo_name, img.layer_digests[0], 0, 10)
+    # Then tokens were issued to alice with basic credentials, once per scope (cached)
+    assert {i.account for i in tokens.issued} == {"alice"}
+    assert {i.grant for i in tokens.issued} == {"basic"}
+    scopes = [tuple(i.scopes) for i in tokens.issued]
+    assert len(scopes) == len(set(scopes)) <= 3
+    assert PASSWORD not in caplog.text
+
+
+def test_bearer_with_identity_token(token_registry: TokenRegistry, repo_name: str, tmp_path: Path) -> None:
+    reg, tokens = token_registry.registry, token_registry.tokens
+    client = client_for(reg, write_config(tmp_path / "t", reg.host, identitytoken="rt-alice-1"))
+    digest = client.push_blob(reg.host, repo_name, b"with identity token")
+    assert client.get_blob(reg.host, repo_name, digest) == b"with identity token"
+    assert tokens.issued and all(i.grant == "refresh_token" and i.account == "alice" for i in tokens.issued)
+
+
+def test_bearer_wrong_password(token_registry: TokenRegistry, repo_name: str, tmp_path: Path) -> None:
+    reg = token_registry.registry
+    client = client_for(reg, write_config(tmp_path / "w", reg.host, **basic_entry("alice", "wrong-pw-123")))
+    with pytest.raises(AuthenticationFailed, match=f"registry {reg.host}: its token service refused") as err:
+        client.resolve(parse_reference(f"{reg.host}/{repo_name}:v1"))
+    assert "wrong-pw-123" not in str(err.value)
+    assert token_registry.tokens.refused >= 1
+
+
+def test_bearer_refresh_on_401_mid_job(token_registry: TokenRegistry, repo_name: str, tmp_path: Path) -> None:
+    reg, tokens = token_registry.registry, token_registry.tokens
+    client = client_for(reg, write_config(tmp_path / "a", reg.host, **basic_entry("alice", PASSWORD)))
+    data = os.urandom(100_000)
+    # Given tokens the registry accepts for 2 s although the client is told they last 300 s
+    tokens.registry_validity = 2
+    digest = client.push_blob(reg.host, repo_name, data)
+    assert client.fetch_range(reg.host, repo_name, digest, 0, 100) == data[:100]
+    tokens.issued.clear()
+    # When the job goes on after the registry stopped accepting the cached token
+    time.sleep(3.5)
+    got = client.fetch_range(reg.host, repo_name, digest, 100, 5000)
+    # Then the 401 was answered with a fresh token and the same request succeeded
+    assert got == data[100:5000]
+    assert [i.scopes for i in tokens.issued] == [[f"repository:{repo_name}:pull"]]
+    assert len(reg.requests_logged("GET", f"/v2/{repo_name}/blobs/")) >= 2
