@@ -31,6 +31,7 @@ import io
 import json
 import os
 import platform as host_platform
+import shutil
 import struct
 import tarfile
 import tempfile
@@ -654,6 +655,53 @@ def tagged_descriptor(layout: Path, tag: str) -> dict[str, object]:
             return dict(desc)
     tags = sorted(d.get("annotations", {}).get(REF_NAME_ANNOTATION, "?") for d in manifests)
     raise ConfigError(f"layout {layout} has no tag {tag!r} (tags: {', '.join(tags) or 'none'})")
+
+
+def _referenced_blobs(layout: Path, desc: Mapping[str, object]) -> Iterator[str]:
+    """Every digest a descriptor reaches: itself, and for manifests their blobs, recursively."""
+    digest, media_type = str(desc["digest"]), str(desc["mediaType"])
+    yield digest
+    doc = json.loads(read_blob(layout, digest))
+    if media_type in (OCI_INDEX, DOCKER_LIST):
+        for child in doc["manifests"]:
+            yield from _referenced_blobs(layout, child)
+    elif media_type in (OCI_MANIFEST, DOCKER_MANIFEST):
+        yield str(doc["config"]["digest"])
+        for layer in doc["layers"]:
+            yield str(layer["digest"])
+
+
+def copy_image(src_layout: Path, src_tag: str, dst_layout: Path, dst_tag: str) -> dict[str, object]:
+    """Copy the image tagged ``src_tag`` into another layout as ``dst_tag``.
+
+    Blobs are hardlinked when both layouts are on one filesystem (copied otherwise), so
+    an expensive, deterministic image can be built once and handed out cheaply.
+
+    Returns:
+        The descriptor now tagged ``dst_tag`` in ``dst_layout``.
+
+    Raises:
+        ConfigError: no such tag in the source, a blob missing, or a bad ``dst_tag``.
+    """
+    _check_tag(dst_tag)
+    desc = tagged_descriptor(src_layout, src_tag)
+    init_layout(dst_layout)
+    for digest in dict.fromkeys(_referenced_blobs(src_layout, desc)):
+        src, dst = blob_path(src_layout, digest), blob_path(dst_layout, digest)
+        if dst.exists():
+            continue
+        if not src.is_file():
+            raise ConfigError(f"blob {digest} is not in the layout {src_layout}")
+        tmp = dst.with_name(dst.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    plain = {k: v for k, v in desc.items() if k != "annotations"}
+    _tag_in_layout(dst_layout, dst_tag, plain)
+    return {**plain, "annotations": {REF_NAME_ANNOTATION: dst_tag}}
 
 
 # === push ====================================================================

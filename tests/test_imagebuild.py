@@ -41,6 +41,7 @@ from prewarm.imagebuild import (
     blob_path,
     build_image,
     build_index,
+    copy_image,
     push_layout,
     read_blob,
     tagged_descriptor,
@@ -403,3 +404,74 @@ def test_unknown_tag_names_the_tags_there(tmp_path: Path, client: RegistryClient
         push_layout(client, tmp_path / "layout", registry.host, "test/unknown-tag", "two")
     with pytest.raises(ConfigError, match="not an OCI image layout"):
         tagged_descriptor(tmp_path / "nothing", "one")
+
+
+# === copies of built images ==================================================
+
+
+def test_odd_image_is_built_once_and_hardlinked_into_each_layout(odd: BuiltImage, tmp_path: Path) -> None:
+    # When a second layout asks for the odd image under another tag
+    again = odd_image(tmp_path / "again", tag="second")
+    # Then it is the same image, its blobs shared with the first copy, tagged as asked
+    assert again.manifest_digest == odd.manifest_digest
+    assert tagged_descriptor(again.layout, "second")["digest"] == odd.manifest_digest
+    for layer in odd.layers:
+        assert blob_path(again.layout, layer.digest).stat().st_ino == blob_path(odd.layout, layer.digest).stat().st_ino
+    # and umoci reads the copy
+    rootfs = umoci_unpack(again.layout, "second", tmp_path / "bundle")
+    assert (rootfs / "etc/hostname").read_bytes() == b"odd\n"
+
+
+def test_copy_image_copies_an_index_with_every_platform(tmp_path: Path) -> None:
+    per_platform = {p: [Layer([TarEntry("p", data=str(p).encode())])]
+                    for p in (Platform("linux", "amd64"), Platform("linux", "arm64"))}
+    built = build_index(tmp_path / "src", per_platform, tag="multi")
+    copy_image(built.layout, "multi", tmp_path / "dst", "copied")
+    for img in built.images:
+        for digest in (img.manifest_digest, img.config_digest, *(layer.digest for layer in img.layers)):
+            assert blob_path(tmp_path / "dst", digest).is_file()
+    with pytest.raises(ConfigError, match="no tag 'nope'"):
+        copy_image(built.layout, "nope", tmp_path / "dst2", "x")
+
+
+# === the bench images ========================================================
+
+
+def test_demo_layers_split_site_packages_in_two_disjoint_halves() -> None:
+    import sysconfig
+
+    from bench.demo import demo_layers
+
+    # Given the demo's layers, described but not built
+    stdlib, first, second = demo_layers()
+    site = Path(sysconfig.get_paths()["purelib"])
+    assert isinstance(first.content, DirLayer) and isinstance(second.content, DirLayer)
+    assert isinstance(stdlib.content, DirLayer) and (stdlib.content.root / "os.py").is_file()
+    # Then each package is in exactly one of the two package layers
+    names = {n for n in os.listdir(site) if not n.startswith("__editable__") and n != "__pycache__"}
+    in_first = names - set(first.content.exclude)
+    in_second = names - set(second.content.exclude)
+    assert in_first and in_second
+    assert in_first.isdisjoint(in_second) and in_first | in_second == names
+    assert first.content.root == second.content.root == site
+
+
+def test_cached_ai_image_is_reused_and_pushed(tmp_path: Path, registry: Registry) -> None:
+    from bench import images as bench_images
+
+    # Given a cache that already holds a complete layout (and a torch directory)
+    cache = tmp_path / "cache"
+    (cache / bench_images.TORCH_DIR_NAME).mkdir(parents=True)
+    assert bench_images.install_torch(cache) == cache / bench_images.TORCH_DIR_NAME
+    img = simple_image(cache / bench_images.LAYOUT_NAME, tag=bench_images.TAG)
+    (cache / bench_images.LAYOUT_NAME / "complete").write_text(img.manifest_digest)
+    # When the benchmark asks for its image, nothing is rebuilt
+    layout = bench_images.build_ai_image(cache)
+    assert layout == cache / bench_images.LAYOUT_NAME
+    # and pushing gives the reference and layers the benchmark runner reads
+    ref, layers = bench_images.push_ai_image(layout, registry)
+    assert ref == f"{registry.host}/bench/ai:latest"
+    assert layers == [(x.digest, x.size, x.media_type) for x in img.layers]
+    info = json.loads(subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{ref}"],
+                                     check=True, capture_output=True, text=True).stdout)
+    assert info["Digest"] == img.manifest_digest
