@@ -169,7 +169,7 @@ class EntryChecker:
             for k in range(1, len(parts) + (kind == "opaque")):
                 kinds.setdefault("/".join(parts[:k]), "dir")  # created implicitly
         if kind == "hardlink":
-            target = "/".join(split_name(e.linkname, "hard link target"))
+            target = "/".join(split_name(e.linkname, f"entry {e.name!r} has a hard link target"))
             tkind = kinds.get(target)
             if tkind is None or tkind == "dir" or not target:
                 why = "a directory" if tkind == "dir" or not target else "missing from the layer"
@@ -404,7 +404,7 @@ class LayerWriter:
                                 f"({err.strerror})") from None
 
     def _link(self, entry: FileEntry, pfd: int, base: str) -> None:
-        target = split_name(entry.linkname, "hard link target")
+        target = split_name(entry.linkname, f"entry {entry.name!r} has a hard link target")
         if not target:
             raise UnsafeArchive(f"tar entry {entry.name!r} is a hard link to the layer root")
         tparent = "/".join(target[:-1])

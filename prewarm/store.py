@@ -1,0 +1,802 @@
+"""The node's content store: layers unpacked in place, verified, committed atomically.
+
+Layers are keyed by their compressed (manifest) digest under ``PREWARM_ROOT`` (paths
+in :mod:`prewarm.layout`); each layer's ``fs/`` is an overlay lowerdir in diff format
+(:mod:`prewarm.layerfs`).  A layer reaches the store in one of two ways:
+
+**Spans** (a zTOC splits the layer; many workers, many processes, any order)::
+
+    prepare_layer   under the layer lock, once: validate the whole TOC (paths, sizes,
+                    span chain), create the tree skeleton with pre-sized files, write
+                    work/state.json last (boot id + zTOC fingerprint)
+    land_span       (per span, after inflate_span checked the next checkpoint's window)
+                    === the TOC against the real tar headers whose chains end in this
+                        span (checkpoint window + output cover chains that straddle)
+                    === the data pieces pwritten into their files (no lock: disjoint)
+                    === under the lock: the in-order sha256 of the compressed layer
+                        advanced (or the span spooled to work/spool at its offset until
+                        the spans before it are in), state saved with resumable_hash,
+                        then the span's byte in work/landed set
+                    === last span: digest compared, metadata applied, syncfs,
+                        ``ready`` written atomically, work/ removed
+
+**Whole** (no zTOC: small, zstd, uncompressed, no Range): :meth:`ContentStore.ingest_stream`
+decompresses the blob as it streams, hashes the compressed bytes against the layer
+digest and the tar stream against the diff_id, and writes entries with the same
+:class:`~prewarm.layerfs.LayerWriter`.
+
+Crash safety: ``ready`` is the only proof a layer is complete, and it is written after
+the digest matched and ``syncfs`` returned.  ``work/landed`` is the truth about which
+spans are in: a span's byte is set only after its data is written and its compressed
+bytes hashed or spooled, so a re-run fetches exactly the spans whose byte is 0.  Page
+cache survives a killed process but not a reboot, so a partial layer from an earlier
+boot (``/proc/sys/kernel/random/boot_id``) starts again from zero.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import os
+import shutil
+import struct
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from prewarm.digest import parse_digest
+from prewarm.errors import (
+    BadSpan,
+    BadZtoc,
+    CorruptContent,
+    DigestMismatch,
+    InsufficientSpace,
+    StoreError,
+)
+from prewarm.layerfs import (
+    EntryChecker,
+    LayerWriter,
+    Planned,
+    check_entries,
+    data_extents,
+    parse_mod_time,
+)
+from prewarm.layout import Layout
+from prewarm.resumable_hash import ResumableSha256
+from prewarm.spanmap import SpanMap
+from prewarm.tarindex import TarIndexer, parse_header_run
+from prewarm.ztoc import FileEntry, Span
+
+LayerState = Literal["absent", "partial", "ready"]
+
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+#: Bytes read from the decompressor at a time on the whole-layer path (memory bound).
+STREAM_READ = 1 << 20
+_HASH_HEADER = struct.Struct("<QQ")  # next span to hash, compressed bytes hashed so far
+_HEADER_ONLY = frozenset(("dir", "symlink", "hardlink", "char", "block", "fifo"))
+
+
+class ZtocView(Protocol):
+    """What the store reads from a zTOC (:class:`prewarm.ztoc.Ztoc` provides it)."""
+
+    files: Sequence[FileEntry]
+    num_spans: int
+    uncompressed_archive_size: int
+
+    def span(self, index: int) -> Span: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LandResult:
+    """What :meth:`ContentStore.land_span` did; truthy when the layer is now ready."""
+
+    ready: bool
+    landed_now: bool
+
+    def __bool__(self) -> bool:
+        return self.ready
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Range:
+    """A span's byte ranges without its window (2,500 windows would be 80 MB)."""
+
+    compressed_start: int
+    compressed_end: int
+    uncompressed_start: int
+    uncompressed_end: int
+
+
+def fetch_range(span: Span) -> tuple[int, int]:
+    """The compressed bytes to fetch for ``span`` and hand to :meth:`ContentStore.land_span`.
+
+    Span 0 of a gzip layer starts after the gzip header, which no span covers; the layer
+    digest needs those bytes too, so span 0 is fetched from offset 0.  Verify the span
+    digest and inflate over the last ``compressed_end - compressed_start`` bytes.
+    """
+    return (0 if span.index == 0 else span.compressed_start), span.compressed_end
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """Per-layer facts derived from its zTOC once per process (cheap repeated span calls)."""
+
+    ztoc: ZtocView
+    fingerprint: str
+    plan: list[Planned]
+    spanmap: SpanMap
+    data_starts: list[int]      # entry i's data offset (sorted)
+    header_starts: list[int]    # where entry i's header chain starts
+    archive_data_end: int       # padded end of the last entry: zeros from here on
+    spans: list[_Range]
+
+
+def current_boot_id() -> str:
+    try:
+        return BOOT_ID_PATH.read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _padded(n: int) -> int:
+    return n + (-n & 511)
+
+
+def _data_len(e: FileEntry) -> int:
+    return 0 if e.type in _HEADER_ONLY else e.uncompressed_size
+
+
+def _atomic_write(path: Path, data: bytes, *, durable: bool) -> None:
+    """Temp file + rename in the same directory; with ``durable``, fsync file and directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if durable:
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+class ContentStore:
+    """The layers of one node under ``root`` (PREWARM_ROOT)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.layout = Layout(self.root)
+        self._prepared: dict[str, _Prepared] = {}
+        self._boot_id = current_boot_id()
+
+    # === queries
+
+    def layer_state(self, digest: str) -> LayerState:
+        if self.layout.layer_ready(digest).is_file():
+            return "ready"
+        if self.layout.layer_fs(digest).exists() or self.layout.layer_work(digest).exists():
+            return "partial"
+        return "absent"
+
+    def is_ready(self, digest: str) -> bool:
+        return self.layout.layer_ready(digest).is_file()
+
+    def ready_info(self, digest: str) -> dict[str, Any]:
+        """The ``ready`` record of a layer.
+
+        Raises:
+            StoreError: the layer is not ready.
+        """
+        try:
+            return dict(json.loads(self.layout.layer_ready(digest).read_bytes()))
+        except FileNotFoundError:
+            raise StoreError(f"layer {digest} is not ready in {self.root}") from None
+
+    def list_layers(self) -> list[str]:
+        """Digests of every layer with anything in the store (ready or partial)."""
+        out = []
+        base = self.layout.layers_dir()
+        if base.is_dir():
+            for algo in sorted(base.iterdir()):
+                for d in sorted(algo.iterdir()):
+                    out.append(f"{algo.name}:{d.name}")
+        return out
+
+    def check_space(self, bytes_needed: int) -> None:
+        """Refuse early when the store's filesystem cannot take ``bytes_needed`` more bytes.
+
+        Raises:
+            InsufficientSpace: naming the root, the free and the needed bytes.
+        """
+        probe = self.root
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        st = os.statvfs(probe)
+        free = st.f_bavail * st.f_frsize
+        if free < bytes_needed:
+            raise InsufficientSpace(f"not enough space in {self.root}: {free} bytes free, {bytes_needed} "
+                                    "needed; free some space or point PREWARM_ROOT elsewhere")
+
+    def missing_spans(self, digest: str, ztoc: ZtocView) -> list[int]:
+        """Spans not landed yet (all of them for an unprepared layer, none for a ready one)."""
+        if self.is_ready(digest):
+            return []
+        try:
+            landed = self.layout.layer_work(digest).joinpath("landed").read_bytes()
+        except FileNotFoundError:
+            return list(range(ztoc.num_spans))
+        return [i for i in range(ztoc.num_spans) if i >= len(landed) or not landed[i]]
+
+    def span_landed(self, digest: str, index: int) -> bool:
+        if self.is_ready(digest):
+            return True
+        try:
+            with open(self.layout.layer_work(digest) / "landed", "rb") as f:
+                f.seek(index)
+                return f.read(1) == b"\x01"
+        except FileNotFoundError:
+            return False
+
+    # === lifecycle
+
+    @contextlib.contextmanager
+    def _locked(self, digest: str) -> Iterator[None]:
+        lock = self.layout.layer_lock(digest)
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def remove_layer(self, digest: str) -> None:
+        """Remove a layer (ready or partial); ``ready`` goes first so nobody trusts a half-removed tree."""
+        with self._locked(digest):
+            self.layout.layer_ready(digest).unlink(missing_ok=True)
+            self._wipe(digest)
+        shutil.rmtree(self.layout.layer(digest), ignore_errors=True)
+        self._prepared.pop(digest, None)
+
+    def _wipe(self, digest: str) -> None:
+        for d in (self.layout.layer_work(digest), self.layout.layer_fs(digest)):
+            if d.exists():
+                shutil.rmtree(d)
+
+    def _state(self, digest: str) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads((self.layout.layer_work(digest) / "state.json").read_bytes()))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def prepare_layer(self, digest: str, ztoc: ZtocView, *, diff_id: str | None = None) -> None:
+        """Validate the zTOC and create the layer's skeleton; idempotent and concurrent-safe.
+
+        A partial layer from an earlier boot, or from a different zTOC, starts again.
+
+        Raises:
+            BadZtoc: the span chain or the TOC cannot describe a layer.
+            UnsafeArchive: an entry would write outside the layer (nothing is created).
+            InsufficientSpace: the layer's files and spool cannot fit.
+        """
+        parse_digest(digest)
+        cached = self._prepared.get(digest)
+        if cached is not None and cached.ztoc is ztoc and self.layout.layer_work(digest).is_dir():
+            return
+        if self.is_ready(digest):
+            return
+        prep = self._derive(ztoc)
+        with self._locked(digest):
+            if self.is_ready(digest):
+                return
+            state = self._state(digest)
+            if state and state.get("boot_id") == self._boot_id and state.get("fingerprint") == prep.fingerprint:
+                self._prepared[digest] = prep
+                return
+            self._wipe(digest)
+            spans = prep.spans
+            compressed = spans[-1].compressed_end
+            self.check_space(sum(n for _, n in data_extents(ztoc.files, prep.plan)) + compressed)
+            work, fs = self.layout.layer_work(digest), self.layout.layer_fs(digest)
+            work.mkdir(parents=True)
+            fs.mkdir(mode=0o755)
+            with LayerWriter(fs) as writer:
+                for entry, planned in zip(ztoc.files, prep.plan):
+                    writer.create(entry, planned)
+            (work / "landed").write_bytes(bytes(ztoc.num_spans))
+            self._save_hash(digest, 0, 0, ResumableSha256())
+            state = {"digest": digest, "diff_id": diff_id, "boot_id": self._boot_id,
+                     "fingerprint": prep.fingerprint, "num_spans": ztoc.num_spans,
+                     "compressed_size": compressed, "uncompressed_size": ztoc.uncompressed_archive_size}
+            _atomic_write(work / "state.json", json.dumps(state).encode(), durable=False)
+            self._prepared[digest] = prep
+
+    def _derive(self, ztoc: ZtocView) -> _Prepared:
+        """Check the span chain and the TOC; index them for landing.
+
+        Raises:
+            BadZtoc, UnsafeArchive: as :meth:`prepare_layer`.
+        """
+        n = ztoc.num_spans
+        usize = ztoc.uncompressed_archive_size
+        if n < 1:
+            raise BadZtoc("zTOC has no spans")
+        if n * 1 > max(usize, 1) + 1:
+            raise BadZtoc(f"zTOC claims {n} spans for {usize} uncompressed bytes")
+        spans: list[_Range] = []
+        fp = hashlib.sha256(f"{n} {usize} {len(ztoc.files)}".encode())
+        for i in range(n):
+            full = ztoc.span(i)
+            s = _Range(full.compressed_start, full.compressed_end, full.uncompressed_start,
+                       full.uncompressed_end)
+            spans.append(s)
+            fp.update(full.digest.encode())
+            del full
+            fp.update(f"|{s.compressed_start},{s.compressed_end},{s.uncompressed_start},"
+                      f"{s.uncompressed_end}".encode())
+            prev_c = spans[i - 1].compressed_end if i else s.compressed_start
+            prev_u = spans[i - 1].uncompressed_end if i else 0
+            if s.uncompressed_start != prev_u or s.uncompressed_end < s.uncompressed_start:
+                raise BadZtoc(f"span {i} covers uncompressed [{s.uncompressed_start}, {s.uncompressed_end}) "
+                              f"but the previous span ends at {prev_u}")
+            if s.compressed_start not in (prev_c, prev_c - 1) or s.compressed_end <= s.compressed_start:
+                raise BadZtoc(f"span {i} covers compressed [{s.compressed_start}, {s.compressed_end}) "
+                              f"but the previous span ends at {prev_c}")
+        if spans[-1].uncompressed_end != usize:
+            raise BadZtoc(f"spans end at {spans[-1].uncompressed_end}, the archive at {usize}")
+        files = ztoc.files
+        plan = check_entries(files, usize)
+        smap = SpanMap(data_extents(files, plan))
+        data_starts, header_starts = [], []
+        pos = 0
+        for e in files:
+            if e.uncompressed_offset < pos + 512:
+                raise BadZtoc(f"tar entry {e.name!r} at {e.uncompressed_offset} leaves no room for its header "
+                              f"after the previous entry (ends at {pos})")
+            header_starts.append(pos)
+            data_starts.append(e.uncompressed_offset)
+            pos = e.uncompressed_offset + _padded(_data_len(e))
+        if pos > usize:
+            raise BadZtoc(f"the last tar entry ends at {pos}, past the {usize}-byte archive")
+        return _Prepared(ztoc, fp.hexdigest(), plan, smap, data_starts, header_starts, pos, spans)
+
+    # === landing a span
+
+    def land_span(self, digest: str, ztoc: ZtocView, index: int, compressed: bytes,
+                  uncompressed: bytes | bytearray | memoryview) -> LandResult:
+        """Write one verified span into the layer; commit the layer if it was the last one.
+
+        ``compressed`` must already match the span digest and ``uncompressed`` be its
+        inflated output (window chain checked by ``inflate_span``).  Landing the same span
+        twice (a redelivered task) changes nothing and counts once.
+
+        Raises:
+            BadZtoc: the TOC disagrees with the tar headers in this span.
+            BadSpan: the buffers do not have the span's sizes.
+            DigestMismatch: all spans are in but the compressed bytes do not hash to
+                ``digest``; the layer is wiped so a retry starts over.
+            StoreError: the layer is not prepared, or was restarted meanwhile.
+        """
+        if self.is_ready(digest):
+            return LandResult(True, False)
+        prep = self._prepared.get(digest)
+        if prep is None or prep.ztoc is not ztoc:
+            self.prepare_layer(digest, ztoc)
+            prep = self._prepared[digest]
+        if not 0 <= index < len(prep.spans):
+            raise BadSpan(f"span {index} does not exist in layer {digest} ({len(prep.spans)} spans)")
+        span = prep.spans[index]
+        if self.span_landed(digest, index):
+            return LandResult(self.finish_if_complete(digest, ztoc), False)
+        body = span.compressed_end - span.compressed_start
+        base = span.compressed_start
+        if index == 0 and len(compressed) == span.compressed_end:
+            base = 0  # the layer's first bytes (gzip header) come with span 0
+        elif index == 0 and span.compressed_start > 0 and len(compressed) == body:
+            raise BadSpan(f"span 0 of layer {digest} must come with the layer's first {span.compressed_start} "
+                          "bytes (the gzip header) so the layer digest can be verified: fetch "
+                          "store.fetch_range(span)")
+        elif len(compressed) != body:
+            raise BadSpan(f"span {index} of layer {digest}: {len(compressed)} compressed bytes, "
+                          f"{body} expected")
+        out = memoryview(uncompressed)
+        if len(out) != span.uncompressed_end - span.uncompressed_start:
+            raise BadSpan(f"span {index} of layer {digest}: {len(out)} bytes inflated, "
+                          f"{span.uncompressed_end - span.uncompressed_start} expected")
+        self._check_headers(digest, prep, ztoc.span(index), out)
+        self._write_pieces(digest, prep, span, out)
+        with self._locked(digest):
+            state = self._state(digest)
+            if state is None or state.get("fingerprint") != prep.fingerprint:
+                self._prepared.pop(digest, None)
+                raise StoreError(f"layer {digest} was removed or restarted while span {index} was landing; "
+                                 "retry the span")
+            work = self.layout.layer_work(digest)
+            landed_fd = os.open(work / "landed", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                landed = bytearray(os.pread(landed_fd, len(prep.spans), 0))
+                if landed[index]:
+                    return LandResult(self._finish_locked(digest, prep, landed), False)
+                self._hash_or_spool(digest, prep, index, compressed, base, landed)
+                os.pwrite(landed_fd, b"\x01", index)
+                landed[index] = 1
+            finally:
+                os.close(landed_fd)
+            return LandResult(self._finish_locked(digest, prep, landed), True)
+
+    def _check_headers(self, digest: str, prep: _Prepared, span: Span, out: memoryview) -> None:
+        """Every TOC entry whose header chain ends in this span must be what the headers say.
+
+        Raises:
+            BadZtoc: naming the entry and the difference.
+        """
+        ustart, uend = span.uncompressed_start, span.uncompressed_end
+        files = prep.ztoc.files
+        window: bytes | memoryview = span.checkpoint.window if span.checkpoint is not None else b""
+        lo = bisect.bisect_right(prep.data_starts, ustart)
+        hi = bisect.bisect_right(prep.data_starts, uend)
+        for k in range(lo, hi):
+            entry = files[k]
+            h = prep.header_starts[k]
+            d = entry.uncompressed_offset
+            if h >= ustart:
+                buf: bytes | memoryview = out[: d - ustart]
+                pos, base = h - ustart, ustart
+            else:
+                back = ustart - h
+                if back > len(window):
+                    raise BadZtoc(f"layer {digest}: the header of tar entry {entry.name!r} starts {back} bytes "
+                                  f"before span {span.index}, beyond its {len(window)}-byte window")
+                buf = bytes(window[len(window) - back:]) + bytes(out[: d - ustart])
+                pos, base = 0, h
+            try:
+                real, _ = parse_header_run(buf, pos, base)
+            except CorruptContent as err:
+                raise BadZtoc(f"layer {digest}: no tar header where the TOC puts entry {entry.name!r} "
+                              f"(stream offset {h}): {err}") from None
+            _compare_entry(digest, entry, real)
+        end = prep.archive_data_end
+        if end < uend:
+            tail = out[max(end - ustart, 0):]
+            if tail.nbytes and bytes(tail) != bytes(tail.nbytes):
+                raise BadZtoc(f"layer {digest}: the TOC ends at stream offset {end} but span {span.index} has "
+                              "non-zero bytes after it (entries missing from the TOC)")
+
+    def _write_pieces(self, digest: str, prep: _Prepared, span: _Range, out: memoryview) -> None:
+        ustart = span.uncompressed_start
+        pieces = prep.spanmap.pieces(ustart, span.uncompressed_end)
+        if not pieces:
+            return
+        files = prep.ztoc.files
+        with LayerWriter(self.layout.layer_fs(digest)) as writer:
+            for p in pieces:
+                fd = writer.open_data(prep.plan[p.extent].path)
+                try:
+                    off = p.stream_offset - ustart
+                    view = out[off:off + p.length]
+                    written = os.pwrite(fd, view, p.file_offset)
+                    while written < p.length:  # short writes are legal; finish them
+                        written += os.pwrite(fd, view[written:], p.file_offset + written)
+                except OSError as err:
+                    if err.errno == errno.ENOSPC:
+                        raise InsufficientSpace(f"no space left in {self.root} writing "
+                                                f"{files[p.extent].name!r} of layer {digest}") from None
+                    raise
+                finally:
+                    os.close(fd)
+
+    def _load_hash(self, digest: str) -> tuple[int, int, ResumableSha256]:
+        raw = (self.layout.layer_work(digest) / "hash").read_bytes()
+        nxt, upto = _HASH_HEADER.unpack_from(raw)
+        return nxt, upto, ResumableSha256.from_state(raw[_HASH_HEADER.size:])
+
+    def _save_hash(self, digest: str, nxt: int, upto: int, h: ResumableSha256) -> None:
+        _atomic_write(self.layout.layer_work(digest) / "hash", _HASH_HEADER.pack(nxt, upto) + h.state(),
+                      durable=False)
+
+    def _hash_or_spool(self, digest: str, prep: _Prepared, index: int, compressed: bytes, base: int,
+                       landed: bytearray) -> None:
+        """Advance the in-order layer hash with this span (and spooled followers), or spool it."""
+        nxt, upto, h = self._load_hash(digest)
+        if index < nxt:
+            return  # hashed before a crash that came before its landed byte was set
+        spool = self.layout.layer_work(digest) / "spool"
+        if index > nxt:
+            fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.pwrite(fd, compressed, base)
+            finally:
+                os.close(fd)
+            return
+        # Neighbouring spans share a byte when the checkpoint has bits: hash it once.
+        if base > upto:
+            raise BadZtoc(f"layer {digest}: span {index} starts at compressed offset {base}, but the bytes "
+                          f"before it end at {upto}; the layer digest cannot be verified")
+        h.update(compressed, upto - base)
+        upto = prep.spans[index].compressed_end
+        nxt = index + 1
+        if nxt < len(landed) and landed[nxt]:
+            fd = os.open(spool, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                while nxt < len(landed) and landed[nxt]:
+                    s = prep.spans[nxt]
+                    data = os.pread(fd, s.compressed_end - upto, upto)
+                    if len(data) != s.compressed_end - upto:
+                        raise StoreError(f"layer {digest}: spool is short for span {nxt}; remove the layer "
+                                         "and warm it again")
+                    h.update(data)
+                    upto, nxt = s.compressed_end, nxt + 1
+            finally:
+                os.close(fd)
+        self._save_hash(digest, nxt, upto, h)
+        if nxt < len(landed) and spool.exists():
+            _punch_hole(spool, upto)
+
+    def finish_if_complete(self, digest: str, ztoc: ZtocView) -> bool:
+        """Commit the layer if every span is in (e.g. after a crash just before ``ready``).
+
+        Raises:
+            DigestMismatch: as :meth:`land_span`.
+        """
+        if self.is_ready(digest):
+            return True
+        prep = self._prepared.get(digest)
+        if prep is None or prep.ztoc is not ztoc:
+            self.prepare_layer(digest, ztoc)
+            prep = self._prepared.get(digest)
+            if prep is None:
+                return self.is_ready(digest)
+        with self._locked(digest):
+            try:
+                landed = bytearray((self.layout.layer_work(digest) / "landed").read_bytes())
+            except FileNotFoundError:
+                return self.is_ready(digest)
+            return self._finish_locked(digest, prep, landed)
+
+    def _finish_locked(self, digest: str, prep: _Prepared, landed: bytearray) -> bool:
+        if self.is_ready(digest):
+            return True
+        if not all(landed):
+            return False
+        nxt, upto, h = self._load_hash(digest)
+        if nxt != len(prep.spans):
+            return False
+        actual = "sha256:" + h.hexdigest()
+        if actual != digest:
+            self._wipe(digest)
+            self._prepared.pop(digest, None)
+            raise DigestMismatch(f"layer {digest}: its {upto} compressed bytes hash to {actual}; the layer "
+                                 "was discarded and will be fetched again", expected=digest, actual=actual)
+        state = self._state(digest) or {}
+        fs = self.layout.layer_fs(digest)
+        with LayerWriter(fs) as writer:
+            writer.apply_metadata(prep.ztoc.files, prep.plan)
+            _syncfs(writer.root_fd)
+        self._commit(digest, {"digest": digest, "diff_id": state.get("diff_id"), "mode": "spans",
+                              "size": upto, "uncompressed_size": prep.ztoc.uncompressed_archive_size,
+                              "files": len(prep.ztoc.files), "spans": len(prep.spans)})
+        self._prepared.pop(digest, None)
+        return True
+
+    def _commit(self, digest: str, info: dict[str, Any]) -> None:
+        info = {**info, "boot_id": self._boot_id, "completed_at": time.time()}
+        _atomic_write(self.layout.layer_ready(digest), json.dumps(info, sort_keys=True).encode(), durable=True)
+        shutil.rmtree(self.layout.layer_work(digest), ignore_errors=True)
+
+    # === the whole-layer path
+
+    def ingest_stream(self, digest: str, chunks: Iterable[bytes], *, media_type: str,
+                      diff_id: str | None) -> None:
+        """Stream a whole layer blob into the store (no zTOC), verified twice.
+
+        The compressed bytes must hash to ``digest`` and the tar stream to ``diff_id``
+        (when given); memory stays bounded whatever the layer size.
+
+        Raises:
+            DigestMismatch: either hash differs (the layer is discarded).
+            BadTarHeader, UnsafeArchive: the tar stream is broken or hostile (discarded).
+            StoreError: unknown media type.
+        """
+        parse_digest(digest)
+        compression = _compression_of(media_type)
+        with self._locked(digest):
+            if self.is_ready(digest):
+                return
+            self._wipe(digest)
+            fs = self.layout.layer_fs(digest)
+            fs.mkdir(parents=True, mode=0o755)
+            try:
+                info = self._ingest_locked(digest, fs, chunks, compression, diff_id)
+                self._commit(digest, info)
+            except BaseException:
+                self._wipe(digest)
+                raise
+
+    def _ingest_locked(self, digest: str, fs: Path, chunks: Iterable[bytes], compression: str,
+                       diff_id: str | None) -> dict[str, Any]:
+        raw = _HashingReader(chunks, hashlib.new(parse_digest(digest)[0]))
+        reader: io.RawIOBase | io.BufferedIOBase
+        if compression == "gzip":
+            from isal import igzip
+
+            reader = igzip.IGzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
+        elif compression == "zstd":
+            import zstandard
+
+            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[assignment]
+        else:
+            reader = raw
+        tar_hash = hashlib.new(parse_digest(diff_id)[0]) if diff_id else None
+        indexer = TarIndexer()
+        entries: list[FileEntry] = []
+        checker = EntryChecker()
+        offset = 0
+        current: tuple[int, int, int] | None = None  # fd, data start, data end
+        with LayerWriter(fs) as writer:
+            try:
+                while True:
+                    chunk = reader.read(STREAM_READ)
+                    if not chunk:
+                        break
+                    if tar_hash is not None:
+                        tar_hash.update(chunk)
+                    new = indexer.feed(chunk)
+                    mv = memoryview(chunk)
+                    end = offset + len(chunk)
+                    current = _write_from(mv, offset, end, current)
+                    for e in new:
+                        planned = checker.check(e)
+                        writer.create(e, planned)
+                        entries.append(e)
+                        if planned.kind == "reg" and e.uncompressed_size:
+                            if current is not None:
+                                os.close(current[0])
+                            fd = writer.open_data(planned.path)
+                            current = _write_from(mv, offset, end, (fd, e.uncompressed_offset,
+                                                                      e.uncompressed_offset + e.uncompressed_size))
+                    offset = end
+                indexer.finish()
+                if current is not None:
+                    raise CorruptContent(f"layer {digest}: the tar stream ends inside a file's data")
+            finally:
+                if current is not None:
+                    os.close(current[0])
+            raw.drain()
+            actual = f"{raw.hash.name}:{raw.hash.hexdigest()}"
+            if actual != digest:
+                raise DigestMismatch(f"layer {digest}: the blob ({raw.size} bytes) hashes to {actual}",
+                                     expected=digest, actual=actual)
+            if tar_hash is not None and diff_id is not None:
+                got = f"{tar_hash.name}:{tar_hash.hexdigest()}"
+                if got != diff_id:
+                    raise DigestMismatch(f"layer {digest}: its tar stream hashes to {got}, the image config "
+                                         f"says diff_id {diff_id}", expected=diff_id, actual=got)
+            writer.apply_metadata(entries, checker.plan)
+            _syncfs(writer.root_fd)
+        return {"digest": digest, "diff_id": diff_id, "mode": "whole", "size": raw.size,
+                "uncompressed_size": offset, "files": len(entries)}
+
+
+def _write_from(mv: memoryview, start: int, end: int, current: tuple[int, int, int] | None
+                ) -> tuple[int, int, int] | None:
+    """pwrite the part of ``mv`` (stream [start, end)) that is the current file's data."""
+    if current is None:
+        return None
+    fd, dstart, dend = current
+    lo, hi = max(start, dstart), min(end, dend)
+    if lo < hi:
+        view = mv[lo - start:hi - start]
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], lo - dstart + done)
+    if dend <= end:
+        os.close(fd)
+        return None
+    return current
+
+
+class _HashingReader(io.RawIOBase):
+    """A file-like view of an iterable of chunks that hashes what passes through."""
+
+    def __init__(self, chunks: Iterable[bytes], h: hashlib._Hash) -> None:
+        self._it = iter(chunks)
+        self._buf = memoryview(b"")
+        self.hash = h
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            chunk = next(self._it, None)
+            if chunk is None:
+                return 0
+            self.hash.update(chunk)
+            self.size += len(chunk)
+            self._buf = memoryview(chunk).cast("B")
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def drain(self) -> None:
+        """Hash whatever the decompressor did not read (trailing bytes still count)."""
+        self._buf = memoryview(b"")
+        for chunk in self._it:
+            self.hash.update(chunk)
+            self.size += len(chunk)
+
+
+def _compression_of(media_type: str) -> str:
+    """gzip / zstd / none from an OCI or Docker layer media type.
+
+    Raises:
+        StoreError: a media type that is not a tar layer.
+    """
+    mt = media_type.lower()
+    if "zstd" in mt:
+        return "zstd"
+    if "gzip" in mt:
+        return "gzip"
+    if mt.endswith("tar") or "rootfs.diff.tar" in mt:
+        return "none"
+    raise StoreError(f"layer media type {media_type!r} is not a tar layer (gzip, zstd or plain tar)")
+
+
+def _compare_entry(digest: str, toc: FileEntry, real: FileEntry) -> None:
+    """The TOC entry must say what the tar header says (fields the tree depends on).
+
+    Raises:
+        BadZtoc: naming the entry and the first field that differs.
+    """
+    for field in ("name", "type", "uncompressed_offset", "uncompressed_size", "linkname", "mode", "uid",
+                  "gid", "devmajor", "devminor", "xattrs"):
+        a, b = getattr(toc, field), getattr(real, field)
+        if a != b:
+            raise BadZtoc(f"layer {digest}: the TOC says {field}={a!r} for tar entry {toc.name!r}, "
+                          f"the tar header says {b!r}")
+    if toc.mod_time != real.mod_time and parse_mod_time(toc.mod_time) != parse_mod_time(real.mod_time):
+        raise BadZtoc(f"layer {digest}: the TOC says mod_time={toc.mod_time!r} for tar entry {toc.name!r}, "
+                      f"the tar header says {real.mod_time!r}")
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(fd: int) -> None:
+    """syncfs(2) on the filesystem of ``fd`` (os.syncfs needs Python 3.12).
+
+    Raises:
+        StoreError: the filesystem reported a write-back error (the layer is not committed).
+    """
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise StoreError(f"syncfs failed: {os.strerror(err)}; the layer was not committed")
+
+
+def _punch_hole(path: Path, upto: int) -> None:
+    """Give back the spool's already-hashed prefix (best effort; the spool is removed at the end)."""
+    libc = _libc
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, ctypes.c_int64(0), ctypes.c_int64(upto))
+    finally:
+        os.close(fd)

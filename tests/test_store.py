@@ -1,0 +1,223 @@
+"""ContentStore: whole-layer streaming and span landing produce the same verified tree."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import random
+import stat
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from prewarm.errors import DigestMismatch, InsufficientSpace, StoreError, UnsafeArchive
+from prewarm.layerfs import OPAQUE_XATTR
+from prewarm.store import ContentStore
+
+GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+TAR = "application/vnd.oci.image.layer.v1.tar"
+MTIME = 1_700_000_000
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _add(tf: tarfile.TarFile, name: str, type_: bytes = tarfile.REGTYPE, data: bytes = b"", *,
+         mode: int = 0o644, uid: int = 0, gid: int = 0, linkname: str = "", dev: tuple[int, int] = (0, 0),
+         pax: dict[str, str] | None = None) -> None:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.mode, ti.uid, ti.gid, ti.mtime, ti.linkname = type_, mode, uid, gid, MTIME, linkname
+    ti.devmajor, ti.devminor = dev
+    ti.size = len(data) if type_ == tarfile.REGTYPE else 0
+    if pax:
+        ti.pax_headers = pax
+    tf.addfile(ti, io.BytesIO(data) if type_ == tarfile.REGTYPE else None)
+
+
+def big_data(n: int, seed: int) -> bytes:
+    """Half random, half text: compresses somewhat, so spans hold many checkpoints."""
+    rnd = random.Random(seed)
+    return bytes(rnd.getrandbits(8) for _ in range(n // 2)) + (b"layer data %d\n" % seed) * (n // 2 // 14 + 1)
+
+
+def every_kind_tar(big: int = 300_000) -> bytes:
+    """A tar with every entry type the store must handle, as an image layer would have them."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        _add(tf, "etc/", tarfile.DIRTYPE, mode=0o755)
+        _add(tf, "etc/hostname", data=b"prewarm\n")
+        _add(tf, "etc/.wh.removed")
+        _add(tf, "var/", tarfile.DIRTYPE, mode=0o755)
+        _add(tf, "var/.wh..wh..opq")
+        _add(tf, "var/big.bin", data=big_data(big, 1), uid=1000, gid=1001, mode=0o640)
+        _add(tf, "usr/bin/su", data=b"#!/bin/sh\nsu\n", mode=0o4755, uid=0, gid=0)
+        _add(tf, "usr/bin/sg", data=b"sg", mode=0o2755, uid=0, gid=50)
+        _add(tf, "usr/bin/su-again", tarfile.LNKTYPE, linkname="usr/bin/su", mode=0o4755)
+        _add(tf, "usr/bin/sh", tarfile.SYMTYPE, linkname="bash", mode=0o777)
+        _add(tf, "usr/lib/x", data=b"xattr", pax={"SCHILY.xattr.user.origin": "prewarm-test"})
+        _add(tf, "usr/lib/" + "long-name-" * 20, data=b"long")
+        _add(tf, "usr/lib/empty")
+        _add(tf, "tmp/", tarfile.DIRTYPE, mode=0o1777)
+        _add(tf, "dev/null", tarfile.CHRTYPE, dev=(1, 3), mode=0o666)
+        _add(tf, "dev/sda", tarfile.BLKTYPE, dev=(8, 0), mode=0o660, gid=6)
+        _add(tf, "run/fifo", tarfile.FIFOTYPE, mode=0o600)
+        _add(tf, "ro/", tarfile.DIRTYPE, mode=0o555)
+        _add(tf, "ro/inside", data=big_data(70_000, 2), mode=0o444)
+        _add(tf, "frac", data=b"t", pax={"mtime": f"{MTIME}.25"})
+        _add(tf, "replaced", data=b"first version")
+        _add(tf, "replaced", data=b"second")
+    return buf.getvalue()
+
+
+def assert_every_kind_tree(fs: Path, big: int = 300_000) -> None:
+    """What every_kind_tar must become in overlay's diff format."""
+    def st(p: str) -> os.stat_result:
+        return os.lstat(fs / p)
+
+    assert (fs / "etc/hostname").read_bytes() == b"prewarm\n"
+    wh = st("etc/removed")
+    assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0 and not (fs / "etc/.wh.removed").exists()
+    assert os.getxattr(fs / "var", OPAQUE_XATTR) == b"y"
+    assert not (fs / "var/.wh..wh..opq").exists()
+    assert (fs / "var/big.bin").read_bytes() == big_data(big, 1)
+    assert (st("var/big.bin").st_uid, st("var/big.bin").st_gid) == (1000, 1001)
+    assert stat.S_IMODE(st("var/big.bin").st_mode) == 0o640
+    assert stat.S_IMODE(st("usr/bin/su").st_mode) == 0o4755
+    assert stat.S_IMODE(st("usr/bin/sg").st_mode) == 0o2755 and st("usr/bin/sg").st_gid == 50
+    assert st("usr/bin/su-again").st_ino == st("usr/bin/su").st_ino
+    assert os.readlink(fs / "usr/bin/sh") == "bash"
+    assert os.getxattr(fs / "usr/lib/x", "user.origin") == b"prewarm-test"
+    assert (fs / ("usr/lib/" + "long-name-" * 20)).read_bytes() == b"long"
+    assert st("usr/lib/empty").st_size == 0
+    assert stat.S_IMODE(st("tmp").st_mode) == 0o1777
+    null, sda = st("dev/null"), st("dev/sda")
+    assert stat.S_ISCHR(null.st_mode) and (os.major(null.st_rdev), os.minor(null.st_rdev)) == (1, 3)
+    assert stat.S_ISBLK(sda.st_mode) and (os.major(sda.st_rdev), os.minor(sda.st_rdev)) == (8, 0)
+    assert sda.st_gid == 6 and stat.S_IMODE(sda.st_mode) == 0o660
+    assert stat.S_ISFIFO(st("run/fifo").st_mode)
+    assert stat.S_IMODE(st("ro").st_mode) == 0o555 and (fs / "ro/inside").read_bytes() == big_data(70_000, 2)
+    assert (fs / "replaced").read_bytes() == b"second"
+    # mtimes are set last, directories after their contents
+    for p in ("etc", "ro", "usr/bin/su", "var/big.bin", "dev/null", "tmp"):
+        assert st(p).st_mtime_ns == MTIME * 10**9, p
+    assert st("usr/bin/sh").st_mtime_ns == MTIME * 10**9
+    assert st("frac").st_mtime_ns == MTIME * 10**9 + 250_000_000
+
+
+def chunked(data: bytes, size: int = 65536) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+# === the whole-layer path
+
+@pytest.mark.parametrize("kind", ["gzip", "gzip-members", "zstd", "zstd-frames", "tar"])
+def test_ingest_stream_every_compression(tmp_path: Path, kind: str) -> None:
+    # Given a layer in one of the formats registries serve
+    tar = every_kind_tar()
+    half = len(tar) // 2
+    blob, media = {
+        "gzip": (gzip.compress(tar, mtime=0), GZIP),
+        "gzip-members": (gzip.compress(tar[:half], mtime=0) + gzip.compress(tar[half:], mtime=0), GZIP),
+        "zstd": (zstandard.ZstdCompressor().compress(tar), ZSTD),
+        "zstd-frames": (zstandard.ZstdCompressor().compress(tar[:half])
+                        + zstandard.ZstdCompressor().compress(tar[half:]), ZSTD),
+        "tar": (tar, TAR),
+    }[kind]
+    store = ContentStore(tmp_path / "root")
+    digest = sha(blob)
+    # When it is streamed in
+    store.ingest_stream(digest, chunked(blob, 7777), media_type=media, diff_id=sha(tar))
+    # Then the layer is ready with the right tree and a record
+    assert store.layer_state(digest) == "ready"
+    assert_every_kind_tree(store.layout.layer_fs(digest))
+    info = store.ready_info(digest)
+    assert info["diff_id"] == sha(tar) and info["size"] == len(blob) and info["mode"] == "whole"
+    assert not store.layout.layer_work(digest).exists()
+    assert store.list_layers() == [digest]
+    # And a second ingest of a ready layer does nothing (not even reading the stream)
+    store.ingest_stream(digest, iter(()), media_type=media, diff_id=sha(tar))
+
+
+@pytest.mark.parametrize("which", ["digest", "diff_id"])
+def test_ingest_stream_mismatch_leaves_nothing(tmp_path: Path, which: str) -> None:
+    tar = every_kind_tar(20_000)
+    blob = gzip.compress(tar, mtime=0)
+    store = ContentStore(tmp_path / "root")
+    digest = sha(blob) if which == "diff_id" else sha(blob + b"x")
+    diff_id = sha(tar + b"x") if which == "diff_id" else sha(tar)
+    with pytest.raises(DigestMismatch, match=digest):
+        store.ingest_stream(digest, chunked(blob), media_type=GZIP, diff_id=diff_id)
+    assert store.layer_state(digest) == "absent"
+    assert not store.is_ready(digest)
+
+
+def _hostile(kind: str) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        _add(tf, "ok", data=b"fine")
+        if kind == "dotdot":
+            _add(tf, "../../outside/evil", data=b"pwned")
+        elif kind == "absolute":
+            _add(tf, "/outside/evil", data=b"pwned")
+        elif kind == "hardlink-out":
+            _add(tf, "hl", tarfile.LNKTYPE, linkname="../../outside/target")
+        elif kind == "hardlink-missing":
+            _add(tf, "hl", tarfile.LNKTYPE, linkname="nope")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hardlink-out", "hardlink-missing"])
+def test_ingest_stream_refuses_escapes(tmp_path: Path, kind: str) -> None:
+    # Given a crafted layer that tries to write outside, next to a real file outside
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "target").write_bytes(b"keep")
+    tar = _symlink_escape(str(outside)) if kind == "symlink" else _hostile(kind)
+    blob = gzip.compress(tar, mtime=0)
+    store = ContentStore(tmp_path / "root")
+    # When it is ingested, Then UnsafeArchive names the entry
+    with pytest.raises(UnsafeArchive, match="tar entry"):
+        store.ingest_stream(sha(blob), chunked(blob), media_type=GZIP, diff_id=sha(tar))
+    # And nothing was written outside, and the layer is not there
+    assert sorted(p.name for p in outside.iterdir()) == ["target"]
+    assert (outside / "target").read_bytes() == b"keep" and os.lstat(outside / "target").st_nlink == 1
+    assert store.layer_state(sha(blob)) == "absent"
+
+
+def _symlink_escape(outside: str) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        _add(tf, "link", tarfile.SYMTYPE, linkname=outside)
+        _add(tf, "link/evil", data=b"pwned")
+    return buf.getvalue()
+
+
+def test_unknown_media_type_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="not a tar layer"):
+        ContentStore(tmp_path).ingest_stream(sha(b""), iter(()), media_type="application/json", diff_id=None)
+
+
+def test_check_space_names_root_and_bytes(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path / "root")
+    store.check_space(1)
+    with pytest.raises(InsufficientSpace, match=r"root: \d+ bytes free, 1000000000000000000 needed"):
+        store.check_space(10**18)
+
+
+def test_remove_layer(tmp_path: Path) -> None:
+    tar = every_kind_tar(1000)
+    blob = gzip.compress(tar, mtime=0)
+    store = ContentStore(tmp_path / "root")
+    store.ingest_stream(sha(blob), chunked(blob), media_type=GZIP, diff_id=None)
+    store.remove_layer(sha(blob))
+    assert store.layer_state(sha(blob)) == "absent" and store.list_layers() == []
+    with pytest.raises(StoreError, match="not ready"):
+        store.ready_info(sha(blob))
