@@ -117,7 +117,8 @@ def overlay_mount(lowerdirs_newest_first: Sequence[Path | str], target: Path | s
     """Mount the layer directories read-only as one overlay at ``target``; unmount on exit.
 
     Only lowerdirs, no upper: the merged view is exactly what the layers say (whiteout
-    devices and opaque xattrs applied by the kernel).  The first directory is the newest
+    devices and opaque xattrs applied by the kernel).  A single layer gets an empty
+    directory beneath it, since overlay needs two lowerdirs without an upper.  The first directory is the newest
     layer, as in ``lowerdir=`` and ``ctr snapshots mounts``.
     """
     lowers = [str(p) for p in lowerdirs_newest_first]
@@ -130,15 +131,19 @@ def overlay_mount(lowerdirs_newest_first: Sequence[Path | str], target: Path | s
             raise ValueError(f"layer directory {p!r} does not exist")
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    options = "ro,lowerdir=" + ":".join(lowers)
-    proc = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(target)],
-                          check=False, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"mount -t overlay -o {options} {target} failed: {proc.stderr.strip()}")
-    try:
-        yield target
-    finally:
-        subprocess.run(["umount", str(target)], check=True, capture_output=True)
+    with tempfile.TemporaryDirectory(prefix=".overlay-empty-", dir=target.parent) as empty:
+        if len(lowers) == 1:
+            # Overlay wants two lowerdirs when there is no upper; an empty one changes nothing.
+            lowers.append(empty)
+        options = "ro,lowerdir=" + ":".join(lowers)
+        proc = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(target)],
+                              check=False, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"mount -t overlay -o {options} {target} failed: {proc.stderr.strip()}")
+        try:
+            yield target
+        finally:
+            subprocess.run(["umount", str(target)], check=True, capture_output=True)
 
 
 def _decompressed(path: Path, media_type: str) -> Iterator[bytes]:

@@ -153,3 +153,34 @@ def test_hardlink_group_change_is_seen_from_both_members(twin: tuple[Path, Path]
     assert "dir/other: size 6 != 8" in diffs
     assert any(d.startswith("dir/file: hardlinked with") for d in diffs)
     assert any(d.startswith("dir/file-link: hardlinked with") for d in diffs)
+
+
+def test_overlay_mount_applies_whiteouts_and_unmounts_even_on_error(tmp_path: Path) -> None:
+    from tests.rootfs import overlay_mount
+
+    # Given a lower layer and an upper one in overlay's diff format
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    (lower / "keep").mkdir(parents=True)
+    (lower / "keep/a").write_text("a")
+    (lower / "gone").write_text("gone")
+    (lower / "opaque").mkdir()
+    (lower / "opaque/old").write_text("old")
+    upper.mkdir()
+    os.mknod(upper / "gone", 0o600 | stat.S_IFCHR, os.makedev(0, 0))
+    (upper / "opaque").mkdir()
+    os.setxattr(upper / "opaque", "trusted.overlay.opaque", b"y")
+    (upper / "opaque/new").write_text("new")
+    # When mounted newest first, the merged view has the whiteouts applied
+    with overlay_mount([upper, lower], tmp_path / "m") as merged:
+        assert sorted(os.listdir(merged)) == ["keep", "opaque"]
+        assert os.listdir(merged / "opaque") == ["new"]
+    assert not os.path.ismount(tmp_path / "m")
+    # and a single read-only layer mounts too, and is unmounted when the body raises
+    os.mknod(lower / "whiteout-alone", 0o600 | stat.S_IFCHR, os.makedev(0, 0))
+    with pytest.raises(RuntimeError, match="inside"), overlay_mount([lower], tmp_path / "single") as merged:
+        assert (merged / "gone").read_text() == "gone"
+        assert not os.path.lexists(merged / "whiteout-alone")
+        raise RuntimeError("inside")
+    assert not os.path.ismount(tmp_path / "single")
+    with pytest.raises(ValueError, match="does not exist"), overlay_mount([tmp_path / "missing"], tmp_path / "x"):
+        pass
