@@ -296,9 +296,17 @@ def _tarinfo(entry: TarEntry) -> tarfile.TarInfo:
     info.mtime = entry.mtime
     info.linkname = entry.linkname
     info.devmajor, info.devminor = entry.devmajor, entry.devminor
-    info.size = entry.size
+    try:
+        info.size = entry.size
+    except OSError as err:
+        raise ConfigError(f"tar entry {entry.name!r}: cannot read its data file {entry.data}: "
+                          f"{err.strerror}") from None
     if entry.xattrs:
-        info.pax_headers = {f"SCHILY.xattr.{k}": v.decode("utf-8") for k, v in entry.xattrs.items()}
+        try:
+            info.pax_headers = {f"SCHILY.xattr.{k}": v.decode("utf-8") for k, v in entry.xattrs.items()}
+        except UnicodeDecodeError:
+            raise ConfigError(f"tar entry {entry.name!r}: xattr values must be UTF-8 text "
+                              "(PAX records carry text)") from None
     return info
 
 

@@ -125,6 +125,7 @@ def test_odd_image_layers_have_the_promised_compression_and_media_types(odd: Bui
         assert len(blob) == layer["size"]
     # and the framing is what each layer claims
     assert len(gzip_members(blobs[1])) == 1                           # one gzip member
+    assert blobs[1][3] == 0 and blobs[1][4:8] == b"\0\0\0\0"        # no FNAME etc., mtime 0
     assert len(gzip_members(blobs[2])) == 25 * MiB // MiB             # pigz: 1 MiB members (tar ~24.02 MiB)
     assert blobs[3][:3] == b"\x1f\x8b\x08" and blobs[3][3] == 0x0C    # FLG = FEXTRA | FNAME
     xlen = int.from_bytes(blobs[3][10:12], "little")
@@ -391,6 +392,8 @@ def test_hostile_layers_carry_their_attacks_verbatim(tmp_path: Path) -> None:
     ({"layers": [Layer([TarEntry("l", "symlink")])]}, "a symlink needs a linkname"),
     ({"layers": [Layer([TarEntry("x", "socket")])]}, "unknown type 'socket'"),  # type: ignore[arg-type]
     ({"layers": [Layer(DirLayer(Path("/nonexistent/dir")))]}, "/nonexistent/dir does not exist"),
+    ({"layers": [Layer([TarEntry("f", data=Path("/nonexistent/file"))])]}, "cannot read its data file"),
+    ({"layers": [Layer([TarEntry("f", xattrs={"user.bin": b"\xff\xfe"})])]}, "xattr values must be UTF-8"),
 ])
 def test_bad_descriptions_are_config_errors(tmp_path: Path, kwargs: dict, message: str) -> None:
     args = {"layers": [Layer([TarEntry("f", data=b"x")])], **kwargs}
