@@ -1,0 +1,195 @@
+"""Retries, ranges and redirects through the fault-injecting proxy in front of the real registry."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from prewarm.errors import AuthenticationFailed, BlobNotFound, RateLimited, RegistryUnavailable
+from prewarm.reference import parse_reference
+from prewarm.registry.client import RegistryClient
+from prewarm.registry.retry import RetryPolicy
+from prewarm.registry.status import parse_retry_after
+from tests.faultproxy import Fault, FaultProxy
+from tests.registry_images import push_image
+from tests.services import Registry, free_port
+
+FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, max_retry_after=0.3)
+
+
+@pytest.fixture()
+def blob(registry: Registry, repo_name: str, tmp_path: Path) -> tuple[str, str, bytes]:
+    data = os.urandom(2 << 20)
+    c = RegistryClient(insecure_registries=frozenset({registry.host}), docker_config=tmp_path)
+    return repo_name, c.push_blob(registry.host, repo_name, data), data
+
+
+def proxy_client(proxy: FaultProxy, tmp_path: Path, retry: RetryPolicy = FAST_RETRY) -> RegistryClient:
+    return RegistryClient(insecure_registries=frozenset({proxy.host}), docker_config=tmp_path, retry=retry)
+
+
+def test_retry_policy_backoff_bounds() -> None:
+    policy = RetryPolicy(attempts=5, base_delay=1.0, max_delay=4.0, max_retry_after=10.0)
+    assert [policy.delay(n, rng=lambda: 1.0) for n in range(1, 6)] == [1.0, 2.0, 4.0, 4.0, 4.0]
+    assert policy.delay(3, rng=lambda: 0.25) == 1.0
+    assert policy.delay(1, retry_after=7.0, rng=lambda: 0.5) == 7.0
+    assert policy.delay(1, retry_after=99.0, rng=lambda: 0.5) == 10.0
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412475.0) == 5.0
+    assert parse_retry_after("soon") is None
+
+
+def test_5xx_then_success(registry: Registry, blob: tuple[str, str, bytes], tmp_path: Path) -> None:
+    repo, digest, data = blob
+    with FaultProxy(registry.host) as proxy:
+        # Given a registry that answers 503 to the first two blob requests
+        fault = proxy.add(Fault("status", path="/blobs/sha256", status=503, first=2))
+        # When a range is fetched, Then the retries get it
+        assert proxy_client(proxy, tmp_path).fetch_range(proxy.host, repo, digest, 10, 20) == data[10:20]
+        assert fault.applied == 2
+
+
+def test_persistent_5xx_gives_up_naming_everything(registry: Registry, blob: tuple[str, str, bytes],
+                                                    tmp_path: Path) -> None:
+    repo, digest, _ = blob
+    with FaultProxy(registry.host) as proxy:
+        fault = proxy.add(Fault("status", path="/blobs/", status=502))
+        with pytest.raises(RegistryUnavailable) as err:
+            proxy_client(proxy, tmp_path).fetch_range(proxy.host, repo, digest, 0, 10)
+        # Then the attempts are bounded and the error names registry, repository, digest and status
+        assert fault.applied == FAST_RETRY.attempts
+        assert proxy.host in str(err.value) and repo in str(err.value) and digest in str(err.value)
+        assert "HTTP 502" in str(err.value)
+        assert (err.value.registry, err.value.repository, err.value.digest, err.value.status) == \
+            (proxy.host, repo, digest, 502)
+
+
+def test_429_honours_retry_after(registry: Registry, blob: tuple[str, str, bytes], tmp_path: Path) -> None:
+    repo, digest, data = blob
+    waits: list[float] = []
+    policy = RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.001, max_retry_after=5)
+    with FaultProxy(registry.host) as proxy:
+        proxy.add(Fault("status", path="/blobs/", status=429, retry_after="2", first=1))
+        client = proxy_client(proxy, tmp_path, RetryPolicy(attempts=1))
+        # When rate limited once with Retry-After: 2, Then the wait before the retry is those 2 s
+        got = policy.run(lambda: client.fetch_range(proxy.host, repo, digest, 0, 100), sleep=waits.append)
+        assert got == data[:100]
+        assert waits and waits[0] == 2.0
+        # And a registry that keeps rate limiting ends in RateLimited carrying retry_after
+        proxy.add(Fault("status", path="/blobs/", status=429, retry_after="1"))
+        with pytest.raises(RateLimited) as err:
+            RetryPolicy(attempts=2, max_retry_after=0.01).run(
+                lambda: client.fetch_range(proxy.host, repo, digest, 0, 100))
+        assert err.value.retry_after == 1.0 and err.value.status == 429
+
+
+def test_connection_reset_retried(registry: Registry, blob: tuple[str, str, bytes], tmp_path: Path) -> None:
+    repo, digest, data = blob
+    with FaultProxy(registry.host) as proxy:
+        fault = proxy.add(Fault("reset", path="/blobs/", first=2))
+        assert proxy_client(proxy, tmp_path).get_blob(proxy.host, repo, digest) == data
+        assert fault.applied == 2
+
+
+def test_unreachable_registry_is_clear(tmp_path: Path) -> None:
+    host = f"127.0.0.1:{free_port()}"
+    client = RegistryClient(insecure_registries=frozenset({host}), docker_config=tmp_path, retry=FAST_RETRY)
+    with pytest.raises(RegistryUnavailable, match=f"registry {host} unreachable"):
+        client.resolve(parse_reference(f"{host}/some/image:1"))
+
+
+def test_ignored_range_still_works(registry: Registry, blob: tuple[str, str, bytes], tmp_path: Path) -> None:
+    repo, digest, data = blob
+    with FaultProxy(registry.host) as proxy:
+        # Given a server that ignores Range and answers 200 with the whole blob
+        proxy.add(Fault("ignore_range", path="/blobs/"))
+        client = proxy_client(proxy, tmp_path)
+        # When ranges are fetched, Then the right bytes come back
+        assert client.fetch_range(proxy.host, repo, digest, 1000, 1100) == data[1000:1100]
+        assert client.fetch_range(proxy.host, repo, digest, len(data) - 5) == data[-5:]
+        # And an early range of a big blob does not pull it all through (the connection is dropped
+        # once the range is read; what is relayed is bounded by socket buffers, not the blob)
+        big = os.urandom(32 << 20)
+        big_digest = RegistryClient(insecure_registries=frozenset({registry.host}),
+                                    docker_config=tmp_path).push_blob(registry.host, repo, big)
+        before = proxy.bytes_relayed
+        assert client.fetch_range(proxy.host, repo, big_digest, 0, 10) == big[:10]
+        assert proxy.bytes_relayed - before < len(big) // 2
+
+
+def test_stream_resumes_after_cut(registry: Registry, blob: tuple[str, str, bytes], tmp_path: Path) -> None:
+    repo, digest, data = blob
+    with FaultProxy(registry.host) as proxy:
+        # Given a connection cut in the middle of the first blob response
+        fault = proxy.add(Fault("truncate", path="/blobs/", first=1))
+        h = hashlib.sha256()
+        with proxy_client(proxy, tmp_path).stream_blob(proxy.host, repo, digest, chunk_size=65536) as chunks:
+            for chunk in chunks:
+                h.update(chunk)
+        # Then the stream resumed with a Range request and the digest verified
+        assert "sha256:" + h.hexdigest() == digest and fault.applied == 1
+        resumed = [r for r in proxy.requests if "/blobs/" in r.path and "Range" in r.headers]
+        assert resumed and resumed[0].headers["Range"].startswith("bytes=") and resumed[0].status == 206
+
+
+def test_stream_resume_when_range_ignored(registry: Registry, blob: tuple[str, str, bytes], tmp_path: Path) -> None:
+    repo, digest, data = blob
+    with FaultProxy(registry.host) as proxy:
+        proxy.add(Fault("truncate", path="/blobs/", first=1))
+        proxy.add(Fault("ignore_range", path="/blobs/"))
+        out = bytearray()
+        with proxy_client(proxy, tmp_path).stream_blob(proxy.host, repo, digest) as chunks:
+            for chunk in chunks:
+                out += chunk
+        assert bytes(out) == data
+
+
+def test_redirect_to_other_host_drops_authorization(auth_registry: Registry, repo_name: str,
+                                                    tmp_path: Path) -> None:
+    # Given alice's credentials and an image on the htpasswd registry
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    basic = base64.b64encode(b"alice:s3cret-pw").decode()
+    direct = RegistryClient(insecure_registries=frozenset({auth_registry.host}), docker_config=cfg)
+    (cfg / "config.json").write_text(json.dumps({"auths": {auth_registry.host: {"auth": basic}}}))
+    img = push_image(direct, auth_registry.host, repo_name, "v1", [{"big": os.urandom(200_000)}])
+    # And a proxy (whose name the config also knows) that sends blob GETs to a "CDN" on another port;
+    # the CDN reaches the registry with its own credentials, as a pre-signed URL would
+    with FaultProxy(auth_registry.host, cdn_upstream_headers={"Authorization": f"Basic {basic}"}) as proxy:
+        (cfg / "config.json").write_text(json.dumps({"auths": {auth_registry.host: {"auth": basic},
+                                                               proxy.host: {"auth": basic}}}))
+        proxy.add(Fault("redirect", path="/blobs/sha256", method="GET"))
+        client = proxy_client(proxy, cfg)
+        # When the image is resolved and a layer range and stream are read
+        resolved = client.resolve(parse_reference(f"{proxy.host}/{repo_name}:v1"))
+        layer = img.layers[0]
+        assert client.fetch_range(proxy.host, repo_name, img.layer_digests[0], 5, 500) == layer[5:500]
+        with client.stream_blob(proxy.host, repo_name, img.layer_digests[0]) as chunks:
+            assert b"".join(chunks) == layer
+        # Then the registry saw our credentials but the CDN never did
+        assert resolved.manifest_digest == img.manifest_digest
+        assert any("Authorization" in r.headers for r in proxy.requests)
+        assert len(proxy.cdn_requests) >= 3
+        assert all("Authorization" not in r.headers for r in proxy.cdn_requests)
+        assert all("sig=" in r.path for r in proxy.cdn_requests)
+
+
+def test_not_found_is_not_retried(registry: Registry, repo_name: str, tmp_path: Path) -> None:
+    with FaultProxy(registry.host) as proxy:
+        client = proxy_client(proxy, tmp_path)
+        with pytest.raises(BlobNotFound):
+            client.get_blob(proxy.host, repo_name, "sha256:" + "0" * 64)
+        assert len([r for r in proxy.requests if "/blobs/" in r.path]) == 1
+
+
+def test_auth_failure_is_not_retried(auth_registry: Registry, repo_name: str, tmp_path: Path) -> None:
+    with FaultProxy(auth_registry.host) as proxy:
+        client = proxy_client(proxy, tmp_path)
+        with pytest.raises(AuthenticationFailed):
+            client.get_blob(proxy.host, repo_name, "sha256:" + "0" * 64)
+        assert len(proxy.requests) == 1
