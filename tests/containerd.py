@@ -67,7 +67,7 @@ class Containerd:
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run ``ctr --address ... -n NAMESPACE ARGS``; raise with its stderr when it fails."""
         cmd = [_require("ctr"), "--address", str(self.address), "-n", namespace, *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}")
         return proc
@@ -163,7 +163,7 @@ def run_containerd(store: Path, *, cri: bool = False,
     shim_address = d / "prewarm.sock"
     config = d / "config.toml"
     config.write_text(_config(d, shim_address, cri, registry_hosts))
-    log = open(d / "containerd.log", "wb")
+    log = open(d / "containerd.log", "wb")  # noqa: SIM115 - open for containerd's whole life
     proc = subprocess.Popen([_require("containerd"), "--config", str(config)], stdout=log, stderr=log)
     ctrd = Containerd(dir=d, address=d / "containerd.sock", shim_address=shim_address, store=store,
                       proc=proc, cri=cri)
@@ -181,8 +181,8 @@ def run_containerd(store: Path, *, cri: bool = False,
         stop_pid(proc, timeout=20)
         ctrd.stop_shim()
         log.close()
-        subprocess.run(["umount", "-R", "-l", str(d / "state")], capture_output=True)
-        subprocess.run(["umount", "-R", "-l", str(d / "root")], capture_output=True)
+        subprocess.run(["umount", "-R", "-l", str(d / "state")], check=False, capture_output=True)
+        subprocess.run(["umount", "-R", "-l", str(d / "root")], check=False, capture_output=True)
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -365,7 +365,7 @@ def push_image(registry_url: str, repository: str, tag: str, image: HandmadeImag
     return f"{registry_url.split('://', 1)[1]}/{repository}:{tag}"
 
 
-def cri_images(ctrd: Containerd) -> "object":
+def cri_images(ctrd: Containerd) -> object:
     """A CRI ``runtime.v1.ImageService`` stub on containerd's socket (the kubelet's view)."""
     from prewarm.shim._proto.runtime.v1 import api_pb2_grpc
 

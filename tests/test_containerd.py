@@ -11,7 +11,6 @@ import grpc
 import pytest
 
 from prewarm.layout import chain_ids as compute_chain_ids
-
 from prewarm.shim._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from prewarm.shim._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from prewarm.snapshot.snapshotter import LABEL_GC_ROOT, LABEL_SNAPSHOT_REF
@@ -50,7 +49,7 @@ def shim_infos(ctrd: Containerd) -> dict[str, pb.Info]:
 
 def test_ctr_snapshot_commands_reach_the_shim(containerd: Containerd) -> None:
     # Given containerd with the prewarm proxy snapshotter
-    ctr = lambda *a: containerd.ctr("snapshots", "--snapshotter", "prewarm", *a)  # noqa: E731
+    ctr = lambda *a: containerd.ctr("snapshots", "--snapshotter", "prewarm", *a)
 
     # When ctr prepares, commits and prepares a child through containerd
     ctr("prepare", "base-active")

@@ -50,7 +50,7 @@ def nanoseconds(ts: Timestamp) -> int:
 
 
 def info_to_proto(info: Info) -> pb.Info:
-    return pb.Info(name=info.name, parent=info.parent, kind=int(info.kind),
+    return pb.Info(name=info.name, parent=info.parent, kind=info.kind.name,
                    created_at=timestamp(info.created_ns), updated_at=timestamp(info.updated_ns),
                    labels=dict(info.labels))
 

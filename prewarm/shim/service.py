@@ -62,7 +62,7 @@ def _rpc(method: Callable[..., R]) -> Callable[..., R]:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> R:
         try:
             return method(self, request, context)
-        except Exception as err:  # noqa: BLE001 - every error leaves as a gRPC status
+        except Exception as err:
             _abort(context, method.__name__, err)
             raise  # context.abort raises; this line is never reached
 

@@ -21,7 +21,12 @@ import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from prewarm.errors import FailedPrecondition, InvalidSnapshotRequest, SnapshotExists, SnapshotNotFound
+from prewarm.errors import (
+    FailedPrecondition,
+    InvalidSnapshotRequest,
+    SnapshotExists,
+    SnapshotNotFound,
+)
 from prewarm.snapshot.snapshotter import MAX_LABEL_SIZE, Info, Kind
 
 _SCHEMA = """
