@@ -298,7 +298,10 @@ class ContentStore:
             return
         if self.is_ready(digest):
             return
-        prep = self._derive(ztoc)
+        try:
+            prep = self._derive(ztoc)
+        except BadZtoc as err:
+            raise BadZtoc(f"layer {digest}: {err}") from None
         with self._locked(digest):
             if self.is_ready(digest):
                 return

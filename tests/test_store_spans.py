@@ -1,0 +1,229 @@
+"""ContentStore span path: out-of-order landing, header checks, in-order hash, lying zTOCs."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from prewarm.errors import BadSpan, BadZtoc, DigestMismatch, UnsafeArchive
+from prewarm.inflate import inflate_span
+from prewarm.store import ContentStore, fetch_range
+from prewarm.ztoc import CHECKPOINT_RECORD_SIZE, ZINFO_HEADER_SIZE, Ztoc, parse_ztoc
+from prewarm.ztoc_build import build_ztoc
+from tests.test_store import _add, assert_every_kind_tree, every_kind_tar, sha
+
+GOLDEN = ["basic-l0", "basic-l9", "empty", "hdr-name", "incompressible-l0-s16384", "many-l6-s4096", "meta",
+          "multi-basic", "single", "text-l6-s4096"]
+
+
+def make_layer(tar: bytes, *, span_size: int = 16384, members: int = 1, level: int = 6) -> tuple[bytes, Ztoc]:
+    """A gzip layer (optionally pigz-style members) and its zTOC from our builder."""
+    cut = [len(tar) * k // members for k in range(members + 1)]
+    blob = b"".join(gzip.compress(tar[a:b], compresslevel=level, mtime=0) for a, b in zip(cut, cut[1:]))
+    z = build_ztoc([blob[i:i + 65536] for i in range(0, len(blob), 65536)], span_size=span_size,
+                   build_tool_identifier="prewarm-test")
+    return blob, z
+
+
+def fetch_and_inflate(z: Ztoc, blob: bytes, i: int) -> tuple[bytes, bytes]:
+    """What a worker does before landing: fetch the span's range, inflate it with the window checks."""
+    s = z.span(i)
+    lo, hi = fetch_range(s)
+    data = blob[lo:hi]
+    body = data[len(data) - (s.compressed_end - s.compressed_start):]
+    assert sha(body) == s.digest
+    nxt = z.checkpoint(i + 1).window if i + 1 < z.num_spans and s.checkpoint else None
+    return data, inflate_span(s, body, next_window=nxt, is_last=i == z.num_spans - 1)
+
+
+def land(store: ContentStore, digest: str, z: Ztoc, blob: bytes, order: list[int]) -> list[bool]:
+    results = []
+    for i in order:
+        store.prepare_layer(digest, z, diff_id=None)
+        data, out = fetch_and_inflate(z, blob, i)
+        results.append(bool(store.land_span(digest, z, i, data, out)))
+    return results
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_spans_out_of_order_make_the_verified_tree(tmp_path: Path, members: int) -> None:
+    # Given a layer of every entry kind split into many spans (some checkpoints with bits != 0)
+    tar = every_kind_tar()
+    blob, z = make_layer(tar, members=members)
+    assert z.num_spans >= 5
+    assert any(bits for _, _, bits in z.checkpoint_offsets()), "no checkpoint with bits != 0 to test"
+    digest = sha(blob)
+    store = ContentStore(tmp_path / "root")
+    order = list(range(z.num_spans))
+    random.Random(members).shuffle(order)
+    # When the spans land in random order
+    ready = land(store, digest, z, blob, order)
+    # Then the layer becomes ready with the last span only, and the tree is right
+    assert ready == [False] * (len(order) - 1) + [True]
+    assert_every_kind_tree(store.layout.layer_fs(digest))
+    info = store.ready_info(digest)
+    assert info["size"] == len(blob) and info["spans"] == z.num_spans and info["mode"] == "spans"
+    assert not store.layout.layer_work(digest).exists()
+
+
+def test_duplicate_landing_changes_nothing(tmp_path: Path) -> None:
+    tar = every_kind_tar(100_000)
+    blob, z = make_layer(tar)
+    digest = sha(blob)
+    store = ContentStore(tmp_path / "root")
+    store.prepare_layer(digest, z)
+    store.prepare_layer(digest, z)  # idempotent
+    land(store, digest, z, blob, [2, 0, 2, 0])
+    assert store.missing_spans(digest, z) == [i for i in range(z.num_spans) if i not in (0, 2)]
+    assert store.span_landed(digest, 2) and not store.span_landed(digest, 1)
+    data, out = fetch_and_inflate(z, blob, 2)
+    assert store.land_span(digest, z, 2, data, out).landed_now is False
+    assert land(store, digest, z, blob, store.missing_spans(digest, z))[-1] is True
+    assert store.land_span(digest, z, 1, *fetch_and_inflate(z, blob, 1)).ready
+    assert_every_kind_tree(store.layout.layer_fs(digest), 100_000)
+
+
+def test_span_zero_must_bring_the_gzip_header(tmp_path: Path) -> None:
+    blob, z = make_layer(every_kind_tar(10_000))
+    store = ContentStore(tmp_path / "root")
+    store.prepare_layer(sha(blob), z)
+    data, out = fetch_and_inflate(z, blob, 0)
+    with pytest.raises(BadSpan, match="gzip header"):
+        store.land_span(sha(blob), z, 0, data[z.span(0).compressed_start:], out)
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+def test_golden_soci_ztocs_land(tmp_path: Path, shared_dir: Path, name: str) -> None:
+    # Given soci's own zTOC for a layer (its TOC is what our header check compares with)
+    fixtures = shared_dir / "fixtures/soci-ztoc"
+    entry = next(e for e in json.loads((fixtures / "manifest.json").read_text()) if e["name"] == name)
+    blob = (fixtures / entry["input"]).read_bytes()
+    z = parse_ztoc((fixtures / f"{name}.ztoc").read_bytes())
+    store = ContentStore(tmp_path / "root")
+    # When every span lands, last first
+    land(store, sha(blob), z, blob, list(reversed(range(z.num_spans))))
+    # Then the layer is ready and holds each regular file's bytes from the tar
+    assert store.is_ready(sha(blob))
+    tar = gzip.decompress(blob)
+    fs = store.layout.layer_fs(sha(blob))
+    for f in z.files:
+        if f.type == "reg" and not f.name.rsplit("/", 1)[-1].startswith(".wh."):
+            path = fs / f.name.lstrip("./")
+            want = tar[f.uncompressed_offset:f.uncompressed_offset + f.uncompressed_size]
+            assert path.read_bytes() == want, f.name
+
+
+def _patched_window(z: Ztoc, i: int) -> Ztoc:
+    blob = bytearray(z.checkpoints_blob)
+    at = ZINFO_HEADER_SIZE + i * CHECKPOINT_RECORD_SIZE + 17 + 32000
+    blob[at:at + 16] = bytes(b ^ 0x5A for b in blob[at:at + 16])
+    return Ztoc(version=z.version, build_tool_identifier=z.build_tool_identifier,
+                compressed_archive_size=z.compressed_archive_size,
+                uncompressed_archive_size=z.uncompressed_archive_size, files=z.files,
+                compression=z.compression, span_digests=z.span_digests, checkpoints_blob=bytes(blob))
+
+
+def _with_files(z: Ztoc, files: list) -> Ztoc:  # type: ignore[type-arg]
+    return Ztoc(version=z.version, build_tool_identifier=z.build_tool_identifier,
+                compressed_archive_size=z.compressed_archive_size,
+                uncompressed_archive_size=z.uncompressed_archive_size, files=files,
+                compression=z.compression, span_digests=z.span_digests, checkpoints_blob=z.checkpoints_blob)
+
+
+def test_lying_window_ends_in_error_not_a_tree(tmp_path: Path) -> None:
+    # Given a zTOC whose checkpoint 3 window is wrong (its span digests still match)
+    blob, good = make_layer(every_kind_tar())
+    z = _patched_window(good, 3)
+    digest = sha(blob)
+    store = ContentStore(tmp_path / "root")
+    # When span 3 (inflated with the bad window) lands first, it is accepted or refused...
+    try:
+        land(store, digest, z, blob, [3])
+    except (BadZtoc, BadSpan):
+        pass
+    # ...but span 2's window check catches the lie, and the layer never becomes ready
+    with pytest.raises(BadSpan, match="window"):
+        land(store, digest, z, blob, [2])
+    rest = [i for i in range(z.num_spans) if i not in (2, 3)]
+    for i in rest:
+        try:
+            land(store, digest, z, blob, [i])
+        except (BadZtoc, BadSpan):
+            pass
+    assert not store.is_ready(digest)
+
+
+@pytest.mark.parametrize("lie", ["offset", "size", "name", "mode", "dropped-last", "dropped-middle", "uid"])
+def test_lying_toc_ends_in_error(tmp_path: Path, lie: str) -> None:
+    # Given a zTOC whose TOC disagrees with the tar headers in one way
+    blob, z = make_layer(every_kind_tar(), span_size=65536)
+    files = list(z.files)
+    k = next(i for i, f in enumerate(files) if f.name == "usr/bin/sg")
+    f = files[k]
+    if lie == "offset":
+        files[k] = dataclasses.replace(f, uncompressed_offset=f.uncompressed_offset + 512)
+    elif lie == "size":
+        files[k] = dataclasses.replace(f, uncompressed_size=f.uncompressed_size + 1)
+    elif lie == "name":
+        files[k] = dataclasses.replace(f, name="usr/bin/sgx")
+    elif lie == "mode":
+        files[k] = dataclasses.replace(f, mode=0o755)
+    elif lie == "uid":
+        files[k] = dataclasses.replace(f, uid=1234)
+    elif lie == "dropped-last":
+        files.pop()
+    else:
+        files.pop(k)
+    liar = _with_files(z, files)
+    store = ContentStore(tmp_path / "root")
+    digest = sha(blob)
+    # When every span is landed, Then a BadZtoc names the problem and the layer is not ready
+    errors = []
+    for i in range(z.num_spans):
+        try:
+            land(store, digest, liar, blob, [i])
+        except BadZtoc as err:
+            errors.append(str(err))
+    assert errors and all(digest in e for e in errors)
+    assert not store.is_ready(digest)
+
+
+def test_wrong_layer_digest_is_never_ready(tmp_path: Path) -> None:
+    # Given spans that are fine but a layer digest they do not hash to
+    blob, z = make_layer(every_kind_tar(50_000))
+    wrong = sha(blob + b"\0")
+    store = ContentStore(tmp_path / "root")
+    # When the last span lands, Then DigestMismatch names the layer, and the layer is discarded
+    with pytest.raises(DigestMismatch, match=wrong):
+        land(store, wrong, z, blob, list(range(z.num_spans)))
+    assert store.layer_state(wrong) == "absent"
+
+
+def test_hostile_toc_is_refused_before_anything_is_created(tmp_path: Path) -> None:
+    # A TOC claiming a 1 PB file, and a layer writing through its own symlink to outside
+    blob, z = make_layer(every_kind_tar(10_000))
+    files = list(z.files)
+    files[1] = dataclasses.replace(files[1], uncompressed_size=1 << 50)
+    store = ContentStore(tmp_path / "root")
+    with pytest.raises(BadZtoc, match="outside the"):
+        store.prepare_layer(sha(blob), _with_files(z, files))
+    assert not store.layout.layer_fs(sha(blob)).exists()
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        _add(tf, "a", data=b"ok")
+        _add(tf, "link", tarfile.SYMTYPE, linkname=str(outside))
+        _add(tf, "link/evil", data=b"pwned")
+    blob2, z2 = make_layer(buf.getvalue())
+    with pytest.raises(UnsafeArchive, match="link/evil"):
+        store.prepare_layer(sha(blob2), z2)
+    assert list(outside.iterdir()) == [] and not store.layout.layer_fs(sha(blob2)).exists()
