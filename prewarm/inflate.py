@@ -29,7 +29,7 @@ import zlib as _stdlib_zlib
 from types import ModuleType
 
 from prewarm.errors import BadSpan
-from prewarm.ztoc import WINDOW_SIZE, Span
+from prewarm.ztoc import MAX_TAR_PADDING, WINDOW_SIZE, Span
 
 try:
     from isal import isal_zlib as _isal_zlib
@@ -38,8 +38,6 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib keeps us wo
 
 #: The inflater in use (ISA-L when available).
 INFLATER: ModuleType = _isal_zlib if _isal_zlib is not None else _stdlib_zlib
-#: Zero bytes tolerated after the tar end in the last span (tar record padding).
-MAX_TRAILING_ZEROS = 1 << 20
 
 _FTEXT, _FHCRC, _FEXTRA, _FNAME, _FCOMMENT = 1, 2, 4, 8, 16
 
@@ -195,7 +193,7 @@ def _inflate_unchecked(span: Span, orig: memoryview, window: bytes, bits: int, w
             raise BadSpan(f"span {span.index}: its first byte does not start a deflate block")
         base = 1
     stream: bytes | memoryview = orig[base:]
-    limit = want + (MAX_TRAILING_ZEROS if is_last else 0) + 1
+    limit = want + (MAX_TAR_PADDING if is_last else 0) + 1
     parts: list[bytes] = []
     produced = 0
     ended = False  # the stream ended (member end) exactly at the end of the span

@@ -104,6 +104,10 @@ ZINFO_HEADER_SIZE = 12
 ZTOC_VERSION = "0.9"
 #: Compression names as used in :attr:`Ztoc.compression`.
 COMPRESSIONS = ("gzip", "uncompressed")
+#: Zero padding tolerated after the tar end marker.  soci's uncompressed size stops at
+#: the end marker (where Go's tar reader stops), but tar writers may pad the stream to
+#: a record size (GNU tar: 10 KiB), and checkpoints can fall into that padding.
+MAX_TAR_PADDING = 1 << 20
 #: TarZinfo ``version`` written by soci for uncompressed layers.
 TAR_ZINFO_VERSION = 2
 
@@ -225,9 +229,9 @@ class Ztoc:
                 raise BadZtoc(f"zTOC checkpoints are not in order at checkpoint {i} "
                               f"(in {cin}, out {cout} after in {self._cp_in[i - 1]}, "
                               f"out {self._cp_out[i - 1]})")
-            if cout > usize:
+            if cout > usize + MAX_TAR_PADDING:
                 raise BadZtoc(f"zTOC checkpoint {i} at uncompressed offset {cout} lies past the "
-                              f"uncompressed size {usize}")
+                              f"uncompressed size {usize} (plus tar padding)")
             if i and start < prev_end - 1:
                 raise BadZtoc(f"zTOC span {i} overlaps span {i - 1} by more than one byte")
             end = self._cp_in[i + 1] if i + 1 < n else csize
@@ -301,7 +305,8 @@ class Ztoc:
             compressed_start=cp.compressed_offset - (1 if cp.bits else 0),
             compressed_end=self.compressed_archive_size if last else self._cp_in[i + 1],
             uncompressed_start=cp.uncompressed_offset,
-            uncompressed_end=self.uncompressed_archive_size if last else self._cp_out[i + 1],
+            uncompressed_end=(max(self.uncompressed_archive_size, cp.uncompressed_offset) if last
+                              else self._cp_out[i + 1]),
             digest=self.span_digests[i],
             checkpoint=cp,
         )
