@@ -104,7 +104,8 @@ class Containerd:
         return grpc.insecure_channel(f"unix:{self.address}")
 
 
-def _config(d: Path, shim_address: Path, cri: bool, registry_hosts: Mapping[str, str] | None) -> str:
+def _config(d: Path, shim_address: Path, cri: bool, registry_hosts: Mapping[str, str] | None,
+            cri_snapshotter: str = "prewarm") -> str:
     lines = [
         "version = 2",
         f'root = "{d / "root"}"',
@@ -139,7 +140,7 @@ def _config(d: Path, shim_address: Path, cri: bool, registry_hosts: Mapping[str,
         '  stream_server_port = "0"',
         '  sandbox_image = "registry.k8s.io/pause:3.6"',
         '  [plugins."io.containerd.grpc.v1.cri".containerd]',
-        '    snapshotter = "prewarm"',
+        f'    snapshotter = "{cri_snapshotter}"',
         "    disable_snapshot_annotations = false",
         '  [plugins."io.containerd.grpc.v1.cri".cni]',
         f'    bin_dir = "{d / "cni-bin"}"',
@@ -151,18 +152,19 @@ def _config(d: Path, shim_address: Path, cri: bool, registry_hosts: Mapping[str,
 
 
 @contextlib.contextmanager
-def run_containerd(store: Path, *, cri: bool = False,
-                   registry_hosts: Mapping[str, str] | None = None) -> Iterator[Containerd]:
+def run_containerd(store: Path, *, cri: bool = False, registry_hosts: Mapping[str, str] | None = None,
+                   cri_snapshotter: str = "prewarm") -> Iterator[Containerd]:
     """Start containerd with the shim on ``store``; stop both (and unmount leftovers) after.
 
     ``registry_hosts`` maps ``HOST:PORT`` to ``http://HOST:PORT`` for plain-HTTP
-    registries in CRI's hosts directory.  Unix socket paths must stay short, so the
+    registries in CRI's hosts directory; ``cri_snapshotter`` is CRI's snapshotter
+    (``overlayfs`` for a baseline without the shim).  Unix socket paths must stay short, so the
     private folder is a fresh directory directly under /tmp.
     """
     d = Path(tempfile.mkdtemp(prefix="ctrd-", dir="/tmp"))
     shim_address = d / "prewarm.sock"
     config = d / "config.toml"
-    config.write_text(_config(d, shim_address, cri, registry_hosts))
+    config.write_text(_config(d, shim_address, cri, registry_hosts, cri_snapshotter))
     log = open(d / "containerd.log", "wb")  # noqa: SIM115 - open for containerd's whole life
     proc = subprocess.Popen([_require("containerd"), "--config", str(config)], stdout=log, stderr=log)
     ctrd = Containerd(dir=d, address=d / "containerd.sock", shim_address=shim_address, store=store,

@@ -214,6 +214,9 @@ class Transaction:
         self._conn.execute("UPDATE snapshots SET updated_ns = ? WHERE id = ?", (now_ns, record.id))
         return self.by_id(record.id)
 
+    def set_usage(self, snapshot_id: int, size: int, inodes: int) -> None:
+        self._conn.execute("UPDATE snapshots SET size = ?, inodes = ? WHERE id = ?", (size, inodes, snapshot_id))
+
     def _set_labels(self, snapshot_id: int, labels: Mapping[str, str]) -> None:
         self._conn.executemany("INSERT INTO labels (snapshot_id, key, value) VALUES (?, ?, ?)",
                                [(snapshot_id, k, v) for k, v in labels.items()])
