@@ -82,13 +82,20 @@ def _verify(layout: Path, ref: str, store: Path, work: Path) -> str:
     return "identical to `umoci unpack` (content, modes, owners, links, xattrs)"
 
 
-def run(work: Path, verify: bool) -> int:
+def run(work: Path, verify: bool, layers: list[Layer] | None = None) -> int:
+    """Build, push, pre-warm and check; returns the exit status for the shell.
+
+    Args:
+        work: an empty directory for the layout, the registry and the content store.
+        verify: compare the overlay-mounted result with ``umoci unpack`` (root only).
+        layers: the image's layers; :func:`demo_layers` when None (tests pass small ones).
+    """
     from prewarm.registry.client import RegistryClient
     from tests.services import run_registry
 
     print("building the demo image from this machine's Python files ...", flush=True)
     t0 = time.monotonic()
-    image: BuiltImage = build_image(work / "layout", demo_layers(), tag=TAG)
+    image: BuiltImage = build_image(work / "layout", layers if layers is not None else demo_layers(), tag=TAG)
     t_build = time.monotonic() - t0
     usize = sum(layer.uncompressed_size for layer in image.layers)
     csize = sum(layer.size for layer in image.layers)

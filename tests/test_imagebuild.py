@@ -478,3 +478,17 @@ def test_cached_ai_image_is_reused_and_pushed(tmp_path: Path, registry: Registry
     info = json.loads(subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{ref}"],
                                      check=True, capture_output=True, text=True).stdout)
     assert info["Digest"] == img.manifest_digest
+
+
+def test_demo_runs_end_to_end_on_a_small_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.demo import run
+    from tests.images import simple_layers
+
+    # When the README demo runs (own registry, push, prewarm schedule, overlay-vs-umoci)
+    # on the small image instead of the few hundred MB of Python files
+    rc = run(tmp_path, verify=True, layers=simple_layers())
+    out = capsys.readouterr().out
+    # Then it succeeds, and says the pre-warmed tree is umoci's
+    assert rc == 0, out
+    assert "rootfs     identical to `umoci unpack`" in out
+    assert "lowerdir=" in out
