@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from prewarm.errors import BadZtoc, UnsafeArchive
+from prewarm.errors import BadZtoc, CorruptContent, UnsafeArchive
 from prewarm.ztoc import ENTRY_TYPES, FileEntry
 
 WHITEOUT_PREFIX = ".wh."
@@ -168,6 +168,8 @@ class EntryChecker:
             _check_parents(e.name, parts if kind != "opaque" else parts + ["x"], kinds)
             for k in range(1, len(parts) + (kind == "opaque")):
                 kinds.setdefault("/".join(parts[:k]), "dir")  # created implicitly
+        if kind == "symlink" and not e.linkname:
+            raise CorruptContent(f"tar entry {e.name!r} is a symlink with an empty target")
         if kind == "hardlink":
             target = "/".join(split_name(e.linkname, f"entry {e.name!r} has a hard link target"))
             tkind = kinds.get(target)

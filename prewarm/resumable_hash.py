@@ -102,7 +102,8 @@ class ResumableSha256:
         if n <= 0:
             return
         if isinstance(data, bytes):
-            ok = _lib.SHA256_Update(self._ctx, ctypes.cast(data, ctypes.c_void_p).value + offset, n)
+            base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+            ok = _lib.SHA256_Update(self._ctx, base + offset, n)
         elif isinstance(data, memoryview) and data.readonly:
             ok = _lib.SHA256_Update(self._ctx, data[offset:].tobytes(), n)
         else:

@@ -639,7 +639,7 @@ class ContentStore:
         elif compression == "zstd":
             import zstandard
 
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[assignment]
+            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[assignment,arg-type]
         else:
             reader = raw
         tar_hash = hashlib.new(parse_digest(diff_id)[0]) if diff_id else None

@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 
 from prewarm.errors import BadZtoc, UnsafeArchive
-from prewarm.layerfs import (OPAQUE_XATTR, LayerWriter, Planned, check_entries, parse_mod_time,
-                             split_name)
+from prewarm.layerfs import (
+    OPAQUE_XATTR,
+    LayerWriter,
+    Planned,
+    check_entries,
+    parse_mod_time,
+    split_name,
+)
 from prewarm.ztoc import FileEntry
 
 

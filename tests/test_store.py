@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from prewarm.errors import DigestMismatch, InsufficientSpace, StoreError, UnsafeArchive
+from prewarm.errors import CorruptContent, DigestMismatch, InsufficientSpace, StoreError, UnsafeArchive
 from prewarm.layerfs import OPAQUE_XATTR
 from prewarm.store import ContentStore
 
@@ -221,3 +221,55 @@ def test_remove_layer(tmp_path: Path) -> None:
     assert store.layer_state(sha(blob)) == "absent" and store.list_layers() == []
     with pytest.raises(StoreError, match="not ready"):
         store.ready_info(sha(blob))
+
+
+def _tar(*adds: tuple) -> bytes:  # type: ignore[type-arg]
+    """(name, type, data-or-linkname) tuples as a tar."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, type_, *rest in adds:
+            arg = rest[0] if rest else b""
+            if type_ in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+                _add(tf, name, type_, linkname=arg)
+            else:
+                _add(tf, name, type_, arg)
+    return buf.getvalue()
+
+
+def test_layers_overlay_mount_with_whiteouts_applied(tmp_path: Path) -> None:
+    # Given a base layer and a layer on top that deletes a file and replaces a directory
+    import subprocess
+
+    reg, dir_, sym = tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE
+    base = _tar(("etc/passwd", reg, b"root:x:0:0\n"), ("etc/group", reg, b"root:x:0:\n"),
+                ("var/cache/old", reg, b"stale"), ("bin/sh", reg, b"sh"))
+    top = _tar(("etc/.wh.passwd", reg), ("var/", dir_), ("var/.wh..wh..opq", reg), ("var/new", reg, b"fresh"),
+               ("bin/sh", sym, "busybox"))
+    store = ContentStore(tmp_path / "root")
+    digests = []
+    for tar in (base, top):
+        blob = gzip.compress(tar, mtime=0)
+        store.ingest_stream(sha(blob), chunked(blob), media_type=GZIP, diff_id=sha(tar))
+        digests.append(sha(blob))
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    lower = ":".join(str(store.layout.layer_fs(d)) for d in reversed(digests))  # newest first
+    # When they are overlay-mounted in order, as containerd would
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower}", str(merged)], check=True)
+    try:
+        # Then the whiteout hides the file, the opaque dir hides the old contents
+        assert sorted(os.listdir(merged / "etc")) == ["group"]
+        assert os.listdir(merged / "var") == ["new"]
+        assert (merged / "var/new").read_bytes() == b"fresh"
+        assert os.readlink(merged / "bin/sh") == "busybox"
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)
+
+
+def test_symlink_without_target_is_corrupt(tmp_path: Path) -> None:
+    tar = _tar(("a", tarfile.REGTYPE, b"x"), ("bin/sh", tarfile.SYMTYPE, ""))
+    blob = gzip.compress(tar, mtime=0)
+    store = ContentStore(tmp_path / "root")
+    with pytest.raises(CorruptContent, match="'bin/sh' is a symlink with an empty target"):
+        store.ingest_stream(sha(blob), chunked(blob), media_type=GZIP, diff_id=sha(tar))
+    assert store.layer_state(sha(blob)) == "absent"

@@ -116,7 +116,7 @@ def test_two_processes_land_concurrently(tmp_path: Path, layer) -> None:  # type
 
 
 def test_partial_layer_from_an_earlier_boot_restarts(tmp_path: Path, layer) -> None:  # type: ignore[no-untyped-def]
-    blob_path, ztoc_path, blob, n = layer
+    _, ztoc_path, blob, n = layer
     z = parse_ztoc(ztoc_path.read_bytes())
     digest = sha(blob)
     store = ContentStore(tmp_path / "root")
