@@ -326,6 +326,10 @@ def hostile_layers() -> dict[str, Layer]:
             TarEntry("up", "symlink", linkname="../../..", mode=0o777),
             TarEntry("up/outside-file", data=b"written through a relative symlink\n"),
         ],
+        "symlink-overwrite": [
+            TarEntry("victim", "symlink", linkname="/tmp/outside-victim", mode=0o777),
+            TarEntry("victim", data=b"a file that must replace the link, not write through it\n"),
+        ],
         "hardlink-escape": [
             TarEntry("ok.txt", data=b"fine\n"),
             TarEntry("hl", "hardlink", linkname="../../outside"),

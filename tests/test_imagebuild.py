@@ -364,7 +364,7 @@ def test_hostile_layers_carry_their_attacks_verbatim(tmp_path: Path) -> None:
     expected = {
         "dotdot": "../x", "dotdot-nested": "a/../../x", "absolute": "/etc/x",
         "symlink-escape": "link/file", "symlink-relative-escape": "up/outside-file",
-        "hardlink-escape": "hl", "hardlink-absolute": "hl-passwd",
+        "symlink-overwrite": "victim", "hardlink-escape": "hl", "hardlink-absolute": "hl-passwd",
     }
     assert set(HOSTILE_ATTACKS) == set(expected)
     for attack in HOSTILE_ATTACKS:
