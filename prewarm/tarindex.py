@@ -258,7 +258,8 @@ def _parse_chain(buf: bytes | bytearray | memoryview, pos: int, end: int
         if not fmt:
             raise BadTarHeader(f"no valid tar header at offset {pos} (bad checksum or magic)")
         flag = blk[156]
-        size = _parse_numeric(blk[124:136], "size")
+        nums = _header_numbers(blk, fmt)
+        size = nums[3]
         if size < 0:
             raise BadTarHeader(f"tar header at offset {pos} has a negative size")
         body = pos + BLOCK
@@ -281,24 +282,36 @@ def _parse_chain(buf: bytes | bytearray | memoryview, pos: int, end: int
             else:
                 long_link = _cstr(payload)
             continue
-        return _make_entry(blk, fmt, flag, size, pax, long_name, long_link, pos)
+        return _make_entry(blk, fmt, flag, nums, pax, long_name, long_link, pos)
 
 
-def _make_entry(blk: bytes, fmt: int, flag: int, size: int, pax: dict[str, str] | None,
-                long_name: bytes, long_link: bytes, pos: int) -> tuple[FileEntry, int, int]:
-    name = _cstr(blk[0:100])
-    linkname = _cstr(blk[157:257])
+def _header_numbers(blk: bytes, fmt: int) -> tuple[int, int, int, int, int, int, int]:
+    """(mode, uid, gid, size, mtime, devmajor, devminor): Go parses them for EVERY header."""
     mode = _parse_numeric(blk[100:108], "mode")
     uid = _parse_numeric(blk[108:116], "uid")
     gid = _parse_numeric(blk[116:124], "gid")
+    size = _parse_numeric(blk[124:136], "size")
     mtime = _parse_numeric(blk[136:148], "mtime")
-    uname = gname = b""
     devmajor = devminor = 0
+    if fmt != _FORMAT_V7:
+        devmajor = _parse_numeric(blk[329:337], "devmajor")
+        devminor = _parse_numeric(blk[337:345], "devminor")
+        if fmt == _FORMAT_STAR:
+            _parse_numeric(blk[476:488], "atime")
+            _parse_numeric(blk[488:500], "ctime")
+    return mode, uid, gid, size, mtime, devmajor, devminor
+
+
+def _make_entry(blk: bytes, fmt: int, flag: int, nums: tuple[int, int, int, int, int, int, int],
+                pax: dict[str, str] | None, long_name: bytes, long_link: bytes, pos: int
+                ) -> tuple[FileEntry, int, int]:
+    name = _cstr(blk[0:100])
+    linkname = _cstr(blk[157:257])
+    mode, uid, gid, size, mtime, devmajor, devminor = nums
+    uname = gname = b""
     if fmt != _FORMAT_V7:
         uname = _cstr(blk[265:297])
         gname = _cstr(blk[297:329])
-        devmajor = _parse_numeric(blk[329:337], "devmajor")
-        devminor = _parse_numeric(blk[337:345], "devminor")
         prefix = b""
         if fmt == _FORMAT_USTAR:
             prefix = _cstr(blk[345:500])

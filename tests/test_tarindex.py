@@ -1,0 +1,386 @@
+"""TarIndexer and friends against Go's archive/tar, the reader soci's TOC comes from.
+
+A small Go program (Go's standard library only) plays soci's ``metadataFromTarReader``:
+for every entry ``tar.Reader.Next()`` returns it prints the header fields and the
+stream position right after the header chain, and the position where reading stopped.
+Our TOC must match it entry for entry, for random archives in every format, for
+archives with corrupted header fields and for truncated ones.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prewarm.errors import BadTarHeader
+from prewarm.tarindex import (
+    BLOCK,
+    TarIndexer,
+    format_mod_time,
+    is_end_of_archive,
+    parse_header_run,
+)
+from prewarm.ztoc import FileEntry
+
+GO_ORACLE = r"""package main
+
+import (
+	"archive/tar"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+)
+
+type pos struct {
+	r io.Reader
+	n int64
+}
+
+func (p *pos) Read(b []byte) (int, error) { n, err := p.r.Read(b); p.n += int64(n); return n, err }
+
+func main() {
+	out := json.NewEncoder(os.Stdout)
+	for _, path := range os.Args[1:] {
+		f, err := os.Open(path)
+		if err != nil {
+			panic(err)
+		}
+		p := &pos{r: f}
+		tr := tar.NewReader(p)
+		var entries [][]interface{}
+		result := map[string]interface{}{"path": path}
+		for {
+			hdr, err := tr.Next()
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				result["error"] = err.Error()
+				break
+			}
+			var typ string
+			switch hdr.Typeflag {
+			case tar.TypeLink:
+				typ = "hardlink"
+			case tar.TypeSymlink:
+				typ = "symlink"
+			case tar.TypeDir:
+				typ = "dir"
+			case tar.TypeReg:
+				typ = "reg"
+			case tar.TypeChar:
+				typ = "char"
+			case tar.TypeBlock:
+				typ = "block"
+			case tar.TypeFifo:
+				typ = "fifo"
+			case tar.TypeXGlobalHeader:
+				continue
+			default:
+				result["error"] = fmt.Sprintf("unsupported %q", hdr.Typeflag)
+			}
+			if result["error"] != nil {
+				break
+			}
+			mt, _ := hdr.ModTime.UTC().MarshalText()
+			keys := make([]string, 0)
+			for k := range hdr.PAXRecords {
+				keys = append(keys, k)
+			}
+			sort.Strings(keys)
+			var recs [][]string
+			for _, k := range keys {
+				recs = append(recs, []string{k, hdr.PAXRecords[k]})
+			}
+			entries = append(entries, []interface{}{[]byte(hdr.Name), typ, p.n, hdr.Size, []byte(hdr.Linkname), hdr.Mode,
+				uint32(hdr.Uid), uint32(hdr.Gid), []byte(hdr.Uname), []byte(hdr.Gname), string(mt), hdr.Devmajor, hdr.Devminor, recs})
+		}
+		result["entries"] = entries
+		result["end"] = p.n
+		out.Encode(result)
+	}
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def go_toc(tmp_path_factory: pytest.TempPathFactory):
+    """A function: list of tar byte strings -> Go's view of each (entries, end, error)."""
+    work = tmp_path_factory.mktemp("go-tar-oracle")
+    (work / "main.go").write_text(GO_ORACLE)
+    env = {"GO111MODULE": "off", "GOCACHE": str(work / "cache"), "HOME": str(work),
+           "PATH": "/usr/bin:/bin:/usr/local/bin", "TZ": "UTC"}
+    subprocess.run(["go", "build", "-o", str(work / "oracle"), str(work / "main.go")],
+                   check=True, env=env, cwd=work, capture_output=True)
+
+    def run(archives: list[bytes]) -> list[dict]:
+        paths = []
+        for i, data in enumerate(archives):
+            p = work / f"a{i}.tar"
+            p.write_bytes(data)
+            paths.append(str(p))
+        out = subprocess.run([str(work / "oracle"), *paths], check=True, env=env,
+                             capture_output=True).stdout.decode()
+        return [json.loads(line) for line in out.splitlines()]
+
+    return run
+
+
+def _go_entry(e: list) -> FileEntry:
+    b = lambda s: base64.b64decode(s).decode("utf-8", "surrogateescape") if s else ""  # noqa: E731
+    return FileEntry(
+        name=b(e[0]), type=e[1], uncompressed_offset=e[2], uncompressed_size=e[3],
+        linkname=b(e[4]), mode=e[5], uid=e[6], gid=e[7], uname=b(e[8]), gname=b(e[9]),
+        mod_time=e[10], devmajor=e[11], devminor=e[12],
+        xattrs=tuple((k, v) for k, v in (e[13] or [])),
+    )
+
+
+def index_all(data: bytes, chunk: int) -> tuple[list[FileEntry], int]:
+    """Our TOC and where we stop (soci's uncompressed size), feeding ``chunk`` bytes at a time."""
+    ix = TarIndexer()
+    out: list[FileEntry] = []
+    for i in range(0, len(data), chunk):
+        out += ix.feed(data[i:i + chunk])
+    out += ix.finish()
+    return out, (ix.ended_at if ix.ended_at is not None else ix.offset)
+
+
+def random_tar(rng: random.Random) -> bytes:
+    fmt = rng.choice([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt, encoding="utf-8") as tf:
+        for i in range(rng.randrange(0, 9)):
+            long = fmt != tarfile.USTAR_FORMAT and rng.random() < 0.3
+            name = f"dir{i % 3}/" + ("n" * rng.choice([120, 300]) if long else f"f{i}")
+            if rng.random() < 0.2:
+                name = f"pre{'x' * 90}/{'y' * 60}/e{i}"  # ustar prefix split
+            if fmt == tarfile.PAX_FORMAT and rng.random() < 0.2:
+                name += "-ünï"
+            ti = tarfile.TarInfo(name)
+            kind = rng.choice("rrrdslcbf")
+            data = b""
+            ti.type = {"r": tarfile.REGTYPE, "d": tarfile.DIRTYPE, "s": tarfile.SYMTYPE,
+                       "l": tarfile.LNKTYPE, "c": tarfile.CHRTYPE, "b": tarfile.BLKTYPE,
+                       "f": tarfile.FIFOTYPE}[kind]
+            if kind == "r":
+                data = rng.randbytes(rng.choice([0, 1, 511, 512, 513, 3000]))
+                ti.size = len(data)
+            if kind in "sl":
+                ti.linkname = "t" * (rng.choice([10, 150]) if fmt != tarfile.USTAR_FORMAT else 10)
+            if kind in "cb":
+                ti.devmajor, ti.devminor = rng.randrange(300), rng.randrange(300)
+            ti.mode = rng.choice([0o644, 0o755, 0o4755, 0o1777])
+            ti.uid = rng.choice([0, 1000, 65534] + ([3_000_000] if fmt != tarfile.USTAR_FORMAT else []))
+            ti.gid = rng.choice([0, 100])
+            ti.uname, ti.gname = rng.choice([("", ""), ("alice", "staff")])
+            ti.mtime = rng.choice([0, 1_700_000_000, 1_234_567_890])
+            if fmt == tarfile.PAX_FORMAT:
+                if rng.random() < 0.5:
+                    ti.mtime += rng.choice([0.5, 0.123456789, 0.000001])
+                if rng.random() < 0.4:
+                    ti.pax_headers = {"SCHILY.xattr.user.k": "v" * rng.randrange(1, 40),
+                                      "SCHILY.xattr.security.selinux": "unconfined_u"}
+            tf.addfile(ti, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+
+    blk[148:156] = b" " * 8
+
+
+def corrupt(rng: random.Random, data: bytes) -> bytes:
+    """Change one header field of a random header (checksum fixed up) or cut the stream."""
+    raw = bytearray(data)
+    if rng.random() < 0.4:
+        return bytes(raw[:rng.randrange(0, len(raw) + 1)])
+    headers = [i for i in range(0, len(raw) - BLOCK + 1, BLOCK)
+               if raw[i + 257:i + 262] == b"ustar"]
+    if not headers:
+        return bytes(raw)
+    at = rng.choice(headers)
+    blk = raw[at:at + BLOCK]
+    field = rng.choice([(100, 108), (108, 116), (124, 136), (136, 148), (156, 157),
+                        (329, 337), (345, 500), (0, 100)])
+    pos = rng.randrange(*field)
+    blk[pos] = rng.choice([0, 0x20, ord("0"), ord("7"), ord("9"), 0x80, 0xFF, ord("x"),
+                           ord("g"), ord("S"), ord("L")])
+    blk[148:156] = b" " * 8
+    blk[148:156] = b"%06o\0 " % sum(blk)
+    raw[at:at + BLOCK] = blk
+    return bytes(raw)
+
+
+def compare(go: dict, data: bytes) -> None:
+    chunk = 1 + len(data) % 997
+    if "error" in go:
+        with pytest.raises(BadTarHeader):
+            index_all(data, chunk)
+        return
+    ours, end = index_all(data, chunk)
+    assert ours == [_go_entry(e) for e in go["entries"] or []]
+    assert end == go["end"]
+
+
+def test_random_archives_match_go(go_toc) -> None:
+    # Given random archives in ustar, GNU and PAX form (long names, xattrs, devices, ...)
+    rng = random.Random(20261128)
+    archives = [random_tar(rng) for _ in range(60)]
+    # When Go and we index them
+    results = go_toc(archives)
+    # Then the TOCs and end offsets are identical, whatever the chunk size
+    assert sum(len(r["entries"] or []) for r in results) > 150
+    assert sum("error" in r for r in results) < 10
+    for go, data in zip(results, archives):
+        compare(go, data)
+        if "error" not in go:
+            assert index_all(data, 1)[0] == index_all(data, 1 << 20)[0]
+
+
+def test_corrupted_and_truncated_archives_match_go(go_toc) -> None:
+    # Given archives with one header field changed (checksum fixed) or cut anywhere
+    rng = random.Random(7)
+    archives = [corrupt(rng, random_tar(rng)) for _ in range(150)]
+    # When Go and we index them
+    results = go_toc(archives)
+    # Then we reject exactly what Go rejects, and agree on everything Go accepts
+    assert any("error" in r for r in results) and any("error" not in r for r in results)
+    for go, data in zip(results, archives):
+        compare(go, data)
+
+
+def _header(name: bytes, typeflag: bytes, size: int = 0, *, magic: bytes = b"ustar\x0000",
+            extra: dict[int, bytes] | None = None) -> bytes:
+    blk = bytearray(BLOCK)
+    blk[0:len(name)] = name
+    blk[100:108] = b"0000644\0"
+    blk[108:116] = b"0000000\0"
+    blk[116:124] = b"0000000\0"
+    blk[124:136] = b"%011o\0" % size
+    blk[136:148] = b"14524770400\0"
+    blk[156:157] = typeflag
+    blk[257:265] = magic
+    for at, value in (extra or {}).items():
+        blk[at:at + len(value)] = value
+    blk[148:156] = b" " * 8
+    blk[148:156] = b"%06o\0 " % sum(blk)
+    return bytes(blk)
+
+
+def _pad(data: bytes) -> bytes:
+    return data + bytes(-len(data) % BLOCK)
+
+
+def test_handcrafted_headers_match_go(go_toc) -> None:
+    # Given headers Python's tarfile does not write: base-256 numbers, v7 headers,
+    # legacy '\0' types, a global PAX header, GNU long names, header-only types with a
+    # size, a zero block followed by garbage, EOF inside padding
+    big = bytes([0x80]) + (5_000_000_000).to_bytes(11, "big")
+    neg = bytes([0xFF] * 4) + (-5 & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big")
+    pax = b"30 mtime=1700000000.987654321\n"
+    glob = b"16 comment=hello\n"
+    cases = [
+        _header(b"base256", b"0", extra={108: big[4:], 136: neg}) + bytes(2 * BLOCK),
+        _header(b"v7file", b"0", 5, magic=bytes(8)) + _pad(b"hello") + bytes(2 * BLOCK),
+        _header(b"legacy-dir/", b"\0") + _header(b"legacy-file", b"\0", 3) + _pad(b"abc"),
+        _header(b"pax_global", b"g", len(glob)) + _pad(glob) + _header(b"after", b"0")
+        + bytes(BLOCK),
+        _header(b"././@LongLink", b"L", 301, magic=b"ustar  \0")
+        + _pad(b"L" * 300 + b"\0") + _header(b"short", b"0", magic=b"ustar  \0"),
+        _header(b"x", b"x", len(pax)) + _pad(pax) + _header(b"dir-with-size", b"5", 700)
+        + _header(b"next", b"0", 1) + _pad(b"z"),
+        _header(b"f", b"0", 1) + _pad(b"z") + bytes(BLOCK) + _header(b"g", b"0"),
+        _header(b"f", b"0", 1) + b"z" + bytes(100),
+        _header(b"f", b"0", 1),
+        _header(b"x", b"x", len(pax)) + _pad(pax),
+        _header(b"sparse", b"S", 0, magic=b"ustar  \0"),
+        _header(b"contiguous", b"7"),
+        b"\x01" * BLOCK,
+    ]
+    # When Go and we index them
+    results = go_toc(cases)
+    # Then we agree on every one
+    for go, data in zip(results, cases):
+        compare(go, data)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), cuts=st.lists(st.integers(1, 5000), max_size=30))
+def test_chunking_does_not_change_the_toc(seed: int, cuts: list[int]) -> None:
+    # Given a random archive and an arbitrary split into chunks
+    data = random_tar(random.Random(seed))
+    whole, end = index_all(data, len(data) or 1)
+    ix = TarIndexer()
+    got: list[FileEntry] = []
+    pos = 0
+    for c in cuts:
+        got += ix.feed(memoryview(data)[pos:pos + c])
+        pos += c
+    got += ix.feed(data[pos:])
+    got += ix.finish()
+    # Then the entries and the offset are the same as in one piece
+    assert got == whole
+    assert ix.offset == len(data)
+
+
+def test_parse_header_run_gives_entry_and_next_header() -> None:
+    # Given a PAX entry (x header + header + data) followed by a second entry
+    pax = b"18 path=long/name\n"
+    data = (_header(b"x", b"x", len(pax)) + _pad(pax) + _header(b"short", b"0", 700)
+            + _pad(b"d" * 700) + _header(b"second", b"0") + bytes(2 * BLOCK))
+    base = 10_000
+    # When the chain at 0 is parsed
+    entry, nxt = parse_header_run(data, 0, base)
+    # Then it is the PAX-named entry with absolute offsets, and the next header follows
+    assert entry.name == "long/name" and entry.xattrs == (("path", "long/name"),)
+    assert entry.uncompressed_offset == base + 3 * BLOCK and entry.uncompressed_size == 700
+    assert nxt == base + 5 * BLOCK
+    second, after = parse_header_run(data, nxt - base, base)
+    assert second.name == "second" and after == base + 6 * BLOCK
+    assert is_end_of_archive(data, after - base)
+    assert not is_end_of_archive(data, 0)
+    assert is_end_of_archive(bytes(BLOCK), 0)
+
+
+def test_parse_header_run_rejects_bad_input() -> None:
+    pax = b"18 path=long/name\n"
+    chain = _header(b"x", b"x", len(pax)) + _pad(pax) + _header(b"short", b"0")
+    # A chain cut short
+    with pytest.raises(BadTarHeader, match="runs past"):
+        parse_header_run(chain[:-1], 0, 0)
+    # Not a header (bad checksum)
+    with pytest.raises(BadTarHeader, match="no valid tar header"):
+        parse_header_run(b"\x01" * BLOCK, 0, 0)
+    # The end of the archive
+    with pytest.raises(BadTarHeader, match="end of the archive"):
+        parse_header_run(bytes(2 * BLOCK), 0, 0)
+
+
+def test_truncated_stream_is_reported_with_offset() -> None:
+    ix = TarIndexer()
+    ix.feed(_header(b"f", b"0", 1000) + b"x" * 10)
+    with pytest.raises(BadTarHeader, match="inside an entry's data"):
+        ix.finish()
+
+
+@pytest.mark.parametrize(("secs", "nsecs", "text"), [
+    (0, 0, "1970-01-01T00:00:00Z"),
+    (1_700_000_000, 987_654_321, "2023-11-14T22:13:20.987654321Z"),
+    (1_700_000_000, 500_000_000, "2023-11-14T22:13:20.5Z"),
+    (-1, -500_000_000, "1969-12-31T23:59:58.5Z"),
+    (253_402_300_800, 0, ""),  # year 10000: Go cannot marshal it, soci stores ""
+    (-62_135_596_800, 0, "0001-01-01T00:00:00Z"),
+])
+def test_mod_time_is_formatted_like_go(secs: int, nsecs: int, text: str) -> None:
+    assert format_mod_time(secs, nsecs) == text
