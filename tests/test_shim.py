@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import grpc
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 
+from prewarm.errors import ConfigError
 from prewarm.shim._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from prewarm.shim._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from prewarm.shim.server import ShimServer, serve
@@ -155,6 +157,20 @@ def test_cli_runs_stops_on_sigterm_and_refuses_a_non_socket(tmp_path: Path) -> N
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"prewarm: error: --address {taken} exists and is not a socket; choose another path"]
+
+    # Given a stale socket left by a killed shim, and a live one
+    stale = tmp_path / "stale.sock"
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(stale))
+    dead.close()
+    live = serve(tmp_path / "live.sock", tmp_path / "r2")
+    try:
+        # Then the stale one is taken over and the live one refused
+        serve(stale, tmp_path / "r3").stop()
+        with pytest.raises(ConfigError, match="another process is serving"):
+            serve(live.address, tmp_path / "r4")
+    finally:
+        live.stop()
 
     # Given a shim started from the command line with PREWARM_ROOT
     sock = tmp_path / "s.sock"

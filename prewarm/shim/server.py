@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
+import socket
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,10 +43,14 @@ class ShimServer:
 
 
 def _claim_socket_path(address: Path) -> None:
-    """Remove a stale socket at ``address``; refuse to remove anything that is not a socket.
+    """Remove a stale socket at ``address``; refuse anything else.
+
+    A socket nobody accepts on is what a killed shim leaves behind.  A socket that does
+    accept is another shim serving (two shims on one root would corrupt nothing, sqlite
+    serialises them, but containerd would talk to whichever bound last).
 
     Raises:
-        ConfigError: ``address`` is a regular file or a directory.
+        ConfigError: ``address`` is a regular file or a directory, or a live socket.
     """
     address.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -54,7 +59,13 @@ def _claim_socket_path(address: Path) -> None:
         return
     if not stat.S_ISSOCK(mode):
         raise ConfigError(f"--address {address} exists and is not a socket; choose another path")
-    address.unlink()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(address))
+        except OSError:
+            address.unlink()
+            return
+    raise ConfigError(f"--address {address}: another process is serving on it; stop it first")
 
 
 def serve(address: Path, root: Path, *, workers: int = DEFAULT_WORKERS,

@@ -28,7 +28,9 @@ Terms
 *Namespace*
     containerd's namespace (``default``, ``k8s.io`` for CRI).  Every method takes it as
     its first argument; snapshots of two namespaces never see each other, even with the
-    same key.
+    same key.  Facing containerd the shim passes one fixed namespace, because containerd
+    already puts the namespace into every key it sends and sends the namespace header on
+    some calls only (:class:`prewarm.shim.service.SnapshotsService` explains).
 
 *Labels*
     Free ``str -> str`` metadata.  containerd's garbage collector reads
