@@ -287,7 +287,9 @@ def _normal_variant(p: Platform) -> str | None:
 def choose_platform(index: ImageIndex, wanted: Platform, where: str = "image") -> Descriptor:
     """Pick the manifest of ``index`` for ``wanted``, as containerd's matcher does.
 
-    Same os and architecture are required; the variant must match when the index
+    Only image manifests without an ``artifactType`` qualify (a SOCI v2 index sits in
+    the image index with the image's platform).  Same os and architecture are
+    required; the variant must match when the index
     says one and we asked for one (``arm64`` and ``arm64/v8`` are the same).  When
     several entries qualify, an exact variant wins over a missing one.
 
@@ -298,8 +300,8 @@ def choose_platform(index: ImageIndex, wanted: Platform, where: str = "image") -
     loose: list[Descriptor] = []
     for desc in index.manifests:
         p = desc.platform
-        if p is None or desc.media_type not in IMAGE_MANIFESTS:
-            continue
+        if p is None or desc.media_type not in IMAGE_MANIFESTS or desc.artifact_type:
+            continue  # artifacts (a SOCI v2 index, attestations) are never the image
         if p.os != wanted.os or p.architecture != wanted.architecture:
             continue
         have, want = _normal_variant(p), _normal_variant(wanted)

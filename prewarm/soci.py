@@ -25,6 +25,7 @@ We push v1 only (:func:`push_soci_index`): it leaves the image and its digest al
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 from collections.abc import Mapping
@@ -51,6 +52,17 @@ EMPTY_CONFIG = b"{}"
 EMPTY_CONFIG_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
 #: zTOCs are about 33 KB per span; a 50 GB layer in 4 MiB spans is under 500 MB.
 MAX_ZTOC_BYTES = 1 << 30
+GZIP_LAYER_TYPES = frozenset({
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+})
+TAR_LAYER_TYPES = frozenset({
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.docker.image.rootfs.diff.tar",
+})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +184,71 @@ def push_soci_index(client: RegistryClient, resolved: ResolvedImage, ztocs: Mapp
                                   subject_digest=resolved.manifest_digest, descriptor=index.descriptor)
     log.info("pushed SOCI index %s for %s (%d zTOCs)", digest, ref, len(entries))
     return digest
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerZtocs:
+    """What :func:`build_layer_ztocs` made: zTOC bytes per layer, and why others got none."""
+
+    ztocs: dict[str, bytes]
+    skipped: dict[str, str]
+
+
+def layer_ztoc_kind(layer: Descriptor, min_layer_size: int) -> tuple[str | None, str]:
+    """How ``layer`` is indexed: ("gzip" | "tar", "") or (None, why it is not)."""
+    if layer.size < min_layer_size:
+        return None, f"{layer.size} bytes, under the minimum layer size {min_layer_size}"
+    if layer.media_type in GZIP_LAYER_TYPES:
+        return "gzip", ""
+    if layer.media_type in TAR_LAYER_TYPES:
+        return "tar", ""
+    if "zstd" in layer.media_type:
+        return None, "zstd layer (soci indexes no zstd layer; fetched whole)"
+    return None, f"media type {layer.media_type} is not a tar layer"
+
+
+def build_layer_ztocs(client: RegistryClient, resolved: ResolvedImage, *, span_size: int, min_layer_size: int,
+                      build_tool_identifier: str, workers: int = 4) -> LayerZtocs:
+    """Build the zTOC of every indexable layer, layers in parallel, each streamed once.
+
+    Each layer is streamed from the registry straight into the one-pass builder
+    (:func:`prewarm.ztoc_build.build_ztoc`), so memory does not grow with layer size,
+    and the layer's digest is checked when its stream ends.
+
+    Raises:
+        CorruptContent: a layer is not the gzip/tar stream its media type says, or
+            does not match its digest.
+        RegistryError: fetching a layer failed (after retries).
+    """
+    from prewarm.ztoc import serialize_ztoc
+    from prewarm.ztoc_build import build_tar_ztoc, build_ztoc
+
+    ref = resolved.reference
+    todo: dict[str, tuple[Descriptor, str]] = {}
+    skipped: dict[str, str] = {}
+    for layer in resolved.layers:
+        kind, why = layer_ztoc_kind(layer, min_layer_size)
+        if kind is None:
+            skipped[layer.digest] = why
+        else:
+            todo.setdefault(layer.digest, (layer, kind))
+
+    def one(layer: Descriptor, kind: str) -> bytes:
+        builder = build_ztoc if kind == "gzip" else build_tar_ztoc
+        with client.stream_blob(ref.registry, ref.repository, layer.digest) as chunks:
+            ztoc = builder(chunks, span_size=span_size, build_tool_identifier=build_tool_identifier)
+            for _ in chunks:  # drain: the digest is verified when the stream ends
+                pass
+        log.info("built zTOC for %s (%d spans)", layer.digest, ztoc.num_spans)
+        return serialize_ztoc(ztoc)
+
+    out: dict[str, bytes] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers),
+                                               thread_name_prefix="prewarm-index") as pool:
+        futures = {digest: pool.submit(one, layer, kind) for digest, (layer, kind) in todo.items()}
+        for digest, future in futures.items():
+            out[digest] = future.result()
+    return LayerZtocs(out, skipped)
 
 
 def _fetch_index(client: RegistryClient, resolved: ResolvedImage, digest: str) -> SociIndex | None:
