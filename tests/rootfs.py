@@ -5,11 +5,13 @@ first, equal what ``umoci unpack`` makes of the same image".  This module gives 
 sides; :mod:`tests.treecompare` compares them.  Both need root (umoci keeps owners and
 makes devices only as root; ``mount`` needs CAP_SYS_ADMIN).
 
-Debian's umoci (0.4.7) refuses zstd layers ("blob is not correct mediatype").  For an
-image that has some, :func:`umoci_unpack` unpacks a shadow layout in which each zstd
-blob is replaced by its decompressed tar: the tar stream, and so the config's diff_ids
-and the resulting tree, are the same bytes.  Likewise a tagged multi-platform index is
-narrowed to the host platform's manifest, which umoci 0.4.7 cannot choose itself.
+Debian's umoci (0.4.7) refuses zstd layers ("blob is not correct mediatype") and Docker
+schema-2 manifests.  For such an image :func:`umoci_unpack` unpacks a shadow layout in
+which each zstd blob is replaced by its decompressed tar (the tar stream, and so the
+config's diff_ids and the resulting tree, are the same bytes) and Docker media types are
+renamed to their OCI twins (same bytes).  Likewise a tagged multi-platform index or
+manifest list is narrowed to the host platform's manifest, which umoci 0.4.7 cannot
+choose itself.
 """
 
 from __future__ import annotations
@@ -27,16 +29,24 @@ from pathlib import Path
 import zstandard
 
 from prewarm.imagebuild import (
+    DOCKER_LAYER_GZIP,
+    DOCKER_LAYER_TAR,
     DOCKER_LIST,
+    DOCKER_MANIFEST,
+    OCI_CONFIG,
     OCI_INDEX,
+    OCI_LAYER_GZIP,
     OCI_LAYER_TAR,
     OCI_LAYER_ZSTD,
+    OCI_MANIFEST,
     REF_NAME_ANNOTATION,
     Platform,
     blob_path,
     read_blob,
     tagged_descriptor,
 )
+
+_DOCKER_TO_OCI = {DOCKER_LAYER_GZIP: OCI_LAYER_GZIP, DOCKER_LAYER_TAR: OCI_LAYER_TAR}
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -60,7 +70,8 @@ def _shadow_layout(layout: Path, tag: str, shadow: Path) -> bool:
         manifest_desc = matches[0]
     manifest = json.loads(read_blob(layout, str(manifest_desc["digest"])))
     zstd_layers = [layer for layer in manifest["layers"] if layer["mediaType"] == OCI_LAYER_ZSTD]
-    if manifest_desc is desc and not zstd_layers:
+    docker = manifest.get("mediaType") == DOCKER_MANIFEST
+    if manifest_desc is desc and not zstd_layers and not docker:
         return False
 
     (shadow / "blobs" / "sha256").mkdir(parents=True)
@@ -71,7 +82,8 @@ def _shadow_layout(layout: Path, tag: str, shadow: Path) -> bool:
     new_layers = []
     for blob in manifest["layers"]:
         if blob["mediaType"] != OCI_LAYER_ZSTD:
-            new_layers.append(blob)
+            # Docker's layer types name the same bytes as OCI's.
+            new_layers.append({**blob, "mediaType": _DOCKER_TO_OCI.get(blob["mediaType"], blob["mediaType"])})
             continue
         tmp = shadow / "blobs" / "sha256" / "tmp.tar"
         sha = hashlib.sha256()
@@ -85,12 +97,13 @@ def _shadow_layout(layout: Path, tag: str, shadow: Path) -> bool:
         digest = "sha256:" + sha.hexdigest()
         os.replace(tmp, blob_path(shadow, digest))
         new_layers.append({"mediaType": OCI_LAYER_TAR, "digest": digest, "size": size})
-    body = json.dumps({**manifest, "layers": new_layers}).encode()
+    config = {**manifest["config"], "mediaType": OCI_CONFIG}
+    body = json.dumps({**manifest, "mediaType": OCI_MANIFEST, "config": config, "layers": new_layers}).encode()
     digest = "sha256:" + hashlib.sha256(body).hexdigest()
     blob_path(shadow, digest).write_bytes(body)
     (shadow / "index.json").write_text(json.dumps({
         "schemaVersion": 2, "mediaType": OCI_INDEX,
-        "manifests": [{"mediaType": manifest["mediaType"], "digest": digest, "size": len(body),
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": digest, "size": len(body),
                        "annotations": {REF_NAME_ANNOTATION: tag}}],
     }))
     return True

@@ -492,3 +492,16 @@ def test_demo_runs_end_to_end_on_a_small_image(tmp_path: Path, capsys: pytest.Ca
     assert rc == 0, out
     assert "rootfs     identical to `umoci unpack`" in out
     assert "lowerdir=" in out
+
+
+def test_umoci_unpack_reads_docker_schema2_layouts_like_oci_ones(tmp_path: Path) -> None:
+    # Given the simple image in both media-type flavours
+    docker = simple_image(tmp_path / "docker", media_types="docker")
+    oci = simple_image(tmp_path / "oci")
+    assert docker.manifest_digest != oci.manifest_digest
+    # When both are unpacked (the Docker one through the renamed shadow layout)
+    a = umoci_unpack(docker.layout, "simple", tmp_path / "a")
+    b = umoci_unpack(oci.layout, "simple", tmp_path / "b")
+    # Then the trees are the same, with the top layer's whiteout applied
+    assert compare_trees(a, b) == []
+    assert not (a / "etc/old.conf").exists() and (a / "etc/new.conf").is_file()
