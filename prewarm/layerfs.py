@@ -26,6 +26,7 @@ import calendar
 import ctypes
 import dataclasses
 import errno
+import functools
 import os
 import re
 import shutil
@@ -84,6 +85,7 @@ def split_name(name: str, what: str = "entry") -> list[str]:
     return parts
 
 
+@functools.lru_cache(maxsize=4096)  # images share a handful of mtimes across thousands of files
 def parse_mod_time(value: str) -> int:
     """RFC 3339 (as soci and the tar indexer write it, e.g. ``2024-01-02T03:04:05.5Z``) to ns.
 

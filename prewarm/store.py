@@ -263,6 +263,17 @@ class ContentStore:
         finally:
             os.close(fd)
 
+    @contextlib.contextmanager
+    def _disk_errors(self, digest: str) -> Iterator[None]:
+        """A full disk (or quota) becomes InsufficientSpace naming the root and the layer."""
+        try:
+            yield
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientSpace(f"no space left in {self.root} while writing layer {digest}; free "
+                                        "some space (prewarm rm IMAGE) or point PREWARM_ROOT elsewhere") from None
+            raise
+
     def remove_layer(self, digest: str) -> None:
         """Remove a layer (ready or partial); ``ready`` goes first so nobody trusts a half-removed tree."""
         with self._locked(digest):
@@ -310,22 +321,31 @@ class ContentStore:
                 self._prepared[digest] = prep
                 return
             self._wipe(digest)
-            spans = prep.spans
-            compressed = spans[-1].compressed_end
-            self.check_space(sum(n for _, n in data_extents(ztoc.files, prep.plan)) + compressed)
-            work, fs = self.layout.layer_work(digest), self.layout.layer_fs(digest)
-            work.mkdir(parents=True)
-            fs.mkdir(mode=0o755)
-            with LayerWriter(fs) as writer:
-                for entry, planned in zip(ztoc.files, prep.plan):
-                    writer.create(entry, planned)
-            (work / "landed").write_bytes(bytes(ztoc.num_spans))
-            self._save_hash(digest, 0, 0, ResumableSha256())
-            state = {"digest": digest, "diff_id": diff_id, "boot_id": self._boot_id,
-                     "fingerprint": prep.fingerprint, "num_spans": ztoc.num_spans,
-                     "compressed_size": compressed, "uncompressed_size": ztoc.uncompressed_archive_size}
-            _atomic_write(work / "state.json", json.dumps(state).encode(), durable=False)
+            with self._disk_errors(digest):
+                try:
+                    self._create_skeleton(digest, ztoc, prep, diff_id)
+                except BaseException:
+                    self._wipe(digest)
+                    raise
             self._prepared[digest] = prep
+
+    def _create_skeleton(self, digest: str, ztoc: ZtocView, prep: _Prepared, diff_id: str | None) -> None:
+        """Create work/ and the tree; state.json last (its presence means prepared)."""
+        spans = prep.spans
+        compressed = spans[-1].compressed_end
+        self.check_space(sum(n for _, n in data_extents(ztoc.files, prep.plan)) + compressed)
+        work, fs = self.layout.layer_work(digest), self.layout.layer_fs(digest)
+        work.mkdir(parents=True)
+        fs.mkdir(mode=0o755)
+        with LayerWriter(fs) as writer:
+            for entry, planned in zip(ztoc.files, prep.plan):
+                writer.create(entry, planned)
+        (work / "landed").write_bytes(bytes(ztoc.num_spans))
+        self._save_hash(digest, 0, 0, ResumableSha256())
+        state = {"digest": digest, "diff_id": diff_id, "boot_id": self._boot_id,
+                 "fingerprint": prep.fingerprint, "num_spans": ztoc.num_spans,
+                 "compressed_size": compressed, "uncompressed_size": ztoc.uncompressed_archive_size}
+        _atomic_write(work / "state.json", json.dumps(state).encode(), durable=False)
 
     def _derive(self, ztoc: ZtocView) -> _Prepared:
         """Check the span chain and the TOC; index them for landing.
@@ -420,8 +440,9 @@ class ContentStore:
             raise BadSpan(f"span {index} of layer {digest}: {len(out)} bytes inflated, "
                           f"{span.uncompressed_end - span.uncompressed_start} expected")
         self._check_headers(digest, prep, ztoc.span(index), out)
-        self._write_pieces(digest, prep, span, out)
-        with self._locked(digest):
+        with self._disk_errors(digest):
+            self._write_pieces(digest, prep, span, out)
+        with self._locked(digest), self._disk_errors(digest):
             state = self._state(digest)
             if state is None or state.get("fingerprint") != prep.fingerprint:
                 self._prepared.pop(digest, None)
@@ -622,7 +643,8 @@ class ContentStore:
             fs = self.layout.layer_fs(digest)
             fs.mkdir(parents=True, mode=0o755)
             try:
-                info = self._ingest_locked(digest, fs, chunks, compression, diff_id)
+                with self._disk_errors(digest):
+                    info = self._ingest_locked(digest, fs, chunks, compression, diff_id)
                 self._commit(digest, info)
             except BaseException:
                 self._wipe(digest)

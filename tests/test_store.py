@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from prewarm.errors import CorruptContent, DigestMismatch, InsufficientSpace, StoreError, UnsafeArchive
+from prewarm.errors import (
+    CorruptContent,
+    DigestMismatch,
+    InsufficientSpace,
+    StoreError,
+    UnsafeArchive,
+)
 from prewarm.layerfs import OPAQUE_XATTR
 from prewarm.store import ContentStore
 
@@ -273,3 +279,29 @@ def test_symlink_without_target_is_corrupt(tmp_path: Path) -> None:
     with pytest.raises(CorruptContent, match="'bin/sh' is a symlink with an empty target"):
         store.ingest_stream(sha(blob), chunked(blob), media_type=GZIP, diff_id=sha(tar))
     assert store.layer_state(sha(blob)) == "absent"
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: a node whose disk is nearly full."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_disk_full_while_streaming_is_insufficient_space(small_fs: Path) -> None:
+    # Given a layer bigger than the disk, When it is streamed in
+    tar = every_kind_tar(3_000_000)
+    blob = gzip.compress(tar, mtime=0)
+    store = ContentStore(small_fs / "root")
+    # Then a clear InsufficientSpace names the root, and nothing of the layer is left
+    with pytest.raises(InsufficientSpace, match=f"no space left in {small_fs}/root"):
+        store.ingest_stream(sha(blob), chunked(blob), media_type=GZIP, diff_id=sha(tar))
+    assert store.layer_state(sha(blob)) == "absent"
+    assert os.statvfs(small_fs).f_bfree * os.statvfs(small_fs).f_frsize > 1_900_000

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from prewarm.errors import BadSpan, BadZtoc, DigestMismatch, UnsafeArchive
+from prewarm.errors import BadSpan, BadZtoc, DigestMismatch, InsufficientSpace, UnsafeArchive
 from prewarm.inflate import inflate_span
 from prewarm.store import ContentStore, fetch_range
 from prewarm.ztoc import CHECKPOINT_RECORD_SIZE, ZINFO_HEADER_SIZE, Ztoc, parse_ztoc
@@ -227,3 +227,19 @@ def test_hostile_toc_is_refused_before_anything_is_created(tmp_path: Path) -> No
     with pytest.raises(UnsafeArchive, match="link/evil"):
         store.prepare_layer(sha(blob2), z2)
     assert list(outside.iterdir()) == [] and not store.layout.layer_fs(sha(blob2)).exists()
+
+
+def test_layer_larger_than_the_disk_is_refused_before_creating_it(tmp_path: Path) -> None:
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        blob, z = make_layer(every_kind_tar(2_000_000))
+        store = ContentStore(mnt / "root")
+        with pytest.raises(InsufficientSpace, match="bytes free"):
+            store.prepare_layer(sha(blob), z)
+        assert store.layer_state(sha(blob)) == "absent"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
