@@ -149,6 +149,10 @@ class Transaction:
         rows = self._conn.execute(self._SELECT + " WHERE s.namespace = ? ORDER BY s.id", (namespace,))
         return [self._record(row) for row in rows.fetchall()]
 
+    def sources(self) -> set[str]:
+        """Store layer directories that snapshots of any namespace are served from."""
+        return {row[0] for row in self._conn.execute("SELECT DISTINCT source FROM snapshots WHERE source IS NOT NULL")}
+
     def ids(self) -> set[int]:
         return {row[0] for row in self._conn.execute("SELECT id FROM snapshots").fetchall()}
 
