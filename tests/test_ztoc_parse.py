@@ -1,0 +1,247 @@
+"""Reading zTOCs: span geometry, the legacy checkpoint layout, validation, hostile input."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import mmap
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from prewarm.errors import BadZtoc
+from prewarm.inflate import inflate_span
+from prewarm.ztoc import (
+    CHECKPOINT_RECORD_SIZE,
+    WINDOW_SIZE,
+    ZINFO_HEADER_SIZE,
+    Ztoc,
+    parse_ztoc,
+    serialize_ztoc,
+    tar_zinfo_bytes,
+)
+
+FIXTURES = "fixtures/soci-ztoc"
+
+
+def golden(shared_dir: Path, name: str) -> bytes:
+    return (shared_dir / FIXTURES / f"{name}.ztoc").read_bytes()
+
+
+def layer(shared_dir: Path, name: str) -> bytes:
+    return (shared_dir / FIXTURES / f"{name}.tar.gz").read_bytes()
+
+
+def tampered(z: Ztoc, **changes: object) -> bytes:
+    """Serialise ``z`` with some fields replaced, bypassing every check (as an attacker would)."""
+    copy = object.__new__(Ztoc)
+    for slot in Ztoc.__slots__:
+        object.__setattr__(copy, slot, getattr(z, slot))
+    for k, v in changes.items():
+        object.__setattr__(copy, k, v)
+    return serialize_ztoc(copy)
+
+
+def test_span_geometry_follows_the_checkpoints(shared_dir: Path) -> None:
+    # Given soci's zTOC of a layer whose second checkpoint has 5 leftover bits
+    z = parse_ztoc(golden(shared_dir, "basic-l9"))
+    assert z.checkpoint_offsets() == [(10, 0, 0), (186, 5120, 5)]
+    # Then span 0 ends at the next checkpoint's byte (shared byte included) ...
+    s0, s1 = z.spans()
+    assert (s0.compressed_start, s0.compressed_end) == (10, 186)
+    # ... and span 1 starts one byte earlier, at the byte holding the leftover bits
+    assert (s1.compressed_start, s1.compressed_end) == (185, 198)
+    assert (s0.uncompressed_start, s0.uncompressed_end, s1.uncompressed_end) == (0, 5120, 5120)
+    assert s0.checkpoint is not None and s0.checkpoint.window == bytes(WINDOW_SIZE)
+    comp = layer(shared_dir, "basic-l9")
+    assert s1.digest == "sha256:" + hashlib.sha256(comp[185:198]).hexdigest()
+    assert z.span_for_offset(0) == 0 and z.span_for_offset(5119) == 0
+    with pytest.raises(IndexError):
+        z.span_for_offset(5120)
+    with pytest.raises(IndexError):
+        z.span(2)
+
+
+def test_span_for_offset_picks_the_last_checkpoint_at_or_before(shared_dir: Path) -> None:
+    z = parse_ztoc(golden(shared_dir, "incompressible-l0-s16384"))
+    outs = [o for _, o, _ in z.checkpoint_offsets()]
+    assert outs == [0, 65535, 131070]
+    assert [z.span_for_offset(x) for x in (0, 65534, 65535, 131069, 131070, 132607)] == [
+        0, 0, 1, 1, 2, 2]
+
+
+def test_parse_reads_windows_lazily_from_an_mmap(shared_dir: Path, tmp_path: Path) -> None:
+    # Given a cached zTOC mapped into memory
+    path = tmp_path / "z"
+    path.write_bytes(golden(shared_dir, "incompressible-l0-s16384"))
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    # When it is parsed
+    z = parse_ztoc(buf)
+    # Then the checkpoint blob is a view of the mapping, not a copy
+    assert isinstance(z.checkpoints_blob, memoryview) and z.checkpoints_blob.obj is buf
+    comp = layer(shared_dir, "incompressible-l0")
+    s = z.span(1)
+    out = inflate_span(s, comp[s.compressed_start:s.compressed_end],
+                       next_window=z.checkpoint(2).window)
+    assert len(out) == 65535
+    del z, s, out
+
+
+def test_legacy_layout_without_checkpoint_0_is_read(shared_dir: Path) -> None:
+    # Given a zTOC in the pre-v0.1 layout: checkpoint 0 not stored, count still includes it
+    z = parse_ztoc(golden(shared_dir, "basic-l0"))
+    blob = bytes(z.checkpoints_blob)
+    legacy_blob = blob[:ZINFO_HEADER_SIZE] + blob[ZINFO_HEADER_SIZE + CHECKPOINT_RECORD_SIZE:]
+    raw = tampered(z, checkpoints_blob=legacy_blob)
+    # When it is parsed
+    legacy = parse_ztoc(raw)
+    # Then checkpoint 0 is the implied one and the spans are the same
+    assert legacy.legacy_checkpoints and legacy.num_spans == 2
+    assert legacy.checkpoint(0).window == bytes(WINDOW_SIZE)
+    assert legacy.checkpoint_offsets() == z.checkpoint_offsets()
+    assert legacy.spans() == z.spans()
+    assert serialize_ztoc(legacy) == raw
+    comp = layer(shared_dir, "basic-l0")
+    s = legacy.span(0)
+    assert len(inflate_span(s, comp[s.compressed_start:s.compressed_end],
+                            next_window=legacy.checkpoint(1).window)) == 5120
+
+
+def test_uncompressed_tar_ztoc_round_trips() -> None:
+    z = Ztoc(version="0.9", build_tool_identifier="t", compressed_archive_size=10_000,
+             uncompressed_archive_size=10_000, files=(), compression="uncompressed",
+             span_digests=["sha256:" + "0" * 64] * 3, checkpoints_blob=tar_zinfo_bytes(4096, 10_000))
+    back = parse_ztoc(serialize_ztoc(z))
+    assert back.compression == "uncompressed" and back.span_size == 4096
+    assert [(s.compressed_start, s.compressed_end) for s in back.spans()] == [
+        (0, 4096), (4096, 8192), (8192, 10_000)]
+    assert back.span(2).checkpoint is None and back.span_for_offset(9999) == 2
+    # soci's older raw 20-byte TarZinfo is read too
+    raw = tampered(z, checkpoints_blob=struct.pack("<iqq", 2, 4096, 10_000))
+    assert parse_ztoc(raw).span_size == 4096
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda z: {"files": (dataclasses.replace(z.files[1], uncompressed_size=10**9),)
+                + z.files[2:]}, "outside"),
+    (lambda z: {"files": (z.files[1], dataclasses.replace(z.files[2],
+                                                          uncompressed_offset=1100))},
+     "overlaps"),
+    (lambda z: {"files": (dataclasses.replace(z.files[1], name="../../etc/passwd"),)},
+     "'..'"),
+    (lambda z: {"files": (dataclasses.replace(z.files[1], name="a\x00b"),)}, "NUL"),
+    (lambda z: {"files": (dataclasses.replace(z.files[1], type="socket"),)}, "unknown type"),
+    (lambda z: {"files": (dataclasses.replace(z.files[1], uncompressed_offset=-5),)},
+     "outside"),
+    (lambda z: {"span_digests": z.span_digests + z.span_digests[:1]}, "span digests"),
+    (lambda z: {"span_digests": ("md5:abc", z.span_digests[1])}, "not sha256"),
+    (lambda z: {"uncompressed_archive_size": -1}, "negative"),
+    (lambda z: {"checkpoints_blob": bytes(z.checkpoints_blob)[:-1]}, "checkpoint blob"),
+    (lambda z: {"checkpoints_blob": struct.pack("<iq", 1 << 30, 4096)}, "cannot hold"),
+    (lambda z: {"checkpoints_blob": struct.pack("<iq", 2, 0)
+                + bytes(z.checkpoints_blob)[12:]}, "span size"),
+    (lambda z: {"checkpoints_blob": _patch_checkpoint(z, 1, cin=5)}, "reversed|not in order"),
+    (lambda z: {"checkpoints_blob": _patch_checkpoint(z, 1, cin=10**9)}, "outside"),
+    (lambda z: {"checkpoints_blob": _patch_checkpoint(z, 1, bits=9)}, "leftover bits"),
+    (lambda z: {"checkpoints_blob": _patch_checkpoint(z, 0, cout=7)}, "not 0"),
+    (lambda z: {"checkpoints_blob": _patch_checkpoint(z, 1, cout=10**12)}, "past the"),
+    (lambda z: {"compression": "uncompressed"}, "uncompressed layer"),
+])
+def test_malformed_ztocs_are_rejected_with_a_clear_message(shared_dir: Path, change, message) -> None:
+    # Given soci's zTOC with one thing changed as an attacker might
+    z = parse_ztoc(golden(shared_dir, "meta"))
+    raw = tampered(z, **change(z))
+    # Then parsing refuses it, saying what is wrong
+    with pytest.raises(BadZtoc, match=message):
+        parse_ztoc(raw)
+
+
+def _patch_checkpoint(z: Ztoc, i: int, *, cin: int | None = None, cout: int | None = None,
+                      bits: int | None = None) -> bytes:
+    blob = bytearray(z.checkpoints_blob)
+    at = ZINFO_HEADER_SIZE + i * CHECKPOINT_RECORD_SIZE
+    a, b, c = struct.unpack_from("<qqB", blob, at)
+    struct.pack_into("<qqB", blob, at, a if cin is None else cin, b if cout is None else cout,
+                     c if bits is None else bits)
+    return bytes(blob)
+
+
+def test_huge_counts_are_rejected_before_allocating(shared_dir: Path) -> None:
+    # Given a zTOC whose TOC vector claims two billion entries
+    raw = bytearray(golden(shared_dir, "single"))
+    z = parse_ztoc(bytes(raw))
+    assert len(z.files) == 1
+    needle = struct.pack("<I", 1)
+    # the metadata vector length is the u32 just before the first entry's uoffset
+    root = struct.unpack_from("<I", raw, 0)[0]
+    vt = root - struct.unpack_from("<i", raw, root)[0]
+    toc_field = struct.unpack_from("<H", raw, vt + 4 + 2 * 4)[0]
+    toc = root + toc_field + struct.unpack_from("<I", raw, root + toc_field)[0]
+    tvt = toc - struct.unpack_from("<i", raw, toc)[0]
+    mfield = struct.unpack_from("<H", raw, tvt + 4)[0]
+    vec = toc + mfield + struct.unpack_from("<I", raw, toc + mfield)[0]
+    assert raw[vec:vec + 4] == needle
+    raw[vec:vec + 4] = struct.pack("<I", 2_000_000_000)
+    # Then it is refused as not fitting the buffer
+    with pytest.raises(BadZtoc, match="runs past the buffer"):
+        parse_ztoc(bytes(raw))
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x00" * 7, b"\x00" * 64, b"\xff" * 64,
+                                 b"not a ztoc at all, just some text..."])
+def test_garbage_is_rejected(raw: bytes) -> None:
+    with pytest.raises(BadZtoc):
+        parse_ztoc(raw)
+
+
+def _exercise(z: Ztoc) -> None:
+    """Use a zTOC that parsed: every accessor must work without surprises."""
+    for i in range(z.num_spans):
+        s = z.span(i)
+        assert s.compressed_start <= s.compressed_end <= z.compressed_archive_size
+        assert s.uncompressed_start <= s.uncompressed_end
+    if z.uncompressed_archive_size:
+        z.span_for_offset(z.uncompressed_archive_size - 1)
+    for f in z.files:
+        assert 0 <= f.uncompressed_offset <= f.uncompressed_offset + f.uncompressed_size \
+            <= z.uncompressed_archive_size
+    serialize_ztoc(z)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=3000))
+def test_arbitrary_bytes_raise_only_bad_ztoc(raw: bytes) -> None:
+    try:
+        z = parse_ztoc(raw)
+    except BadZtoc:
+        return
+    _exercise(z)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.data_too_large])
+@given(name=st.sampled_from(["meta", "single", "empty", "multi-basic", "text-l6-s4096"]),
+       edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), min_size=1,
+                      max_size=8),
+       cut=st.none() | st.integers(0, 1 << 20))
+def test_mutated_golden_vectors_raise_only_bad_ztoc(shared_dir: Path, name: str,
+                                                    edits: list[tuple[int, int]],
+                                                    cut: int | None) -> None:
+    # Given soci's zTOC with some bytes changed (mostly in the FlatBuffers tables, which
+    # sit after the big checkpoint blob) and maybe cut short
+    raw = bytearray(golden(shared_dir, name))
+    n = len(raw)
+    for pos, value in edits:
+        raw[n - 1 - pos % min(n, 4096) if pos % 3 else pos % n] = value
+    if cut is not None:
+        raw = raw[:cut % (n + 1)]
+    # Then it either parses into something usable or is refused with BadZtoc
+    try:
+        z = parse_ztoc(bytes(raw))
+    except BadZtoc:
+        return
+    _exercise(z)
