@@ -193,3 +193,13 @@ def test_auth_failure_is_not_retried(auth_registry: Registry, repo_name: str, tm
         with pytest.raises(AuthenticationFailed):
             client.get_blob(proxy.host, repo_name, "sha256:" + "0" * 64)
         assert len(proxy.requests) == 1
+
+
+def test_range_cut_short_is_retried(registry: Registry, blob: tuple[str, str, bytes], tmp_path: Path) -> None:
+    repo, digest, data = blob
+    with FaultProxy(registry.host) as proxy:
+        # Given a 206 whose body is cut in the middle, once
+        fault = proxy.add(Fault("truncate", path="/blobs/", first=1))
+        # Then the short read is transient: the retry gets the whole range
+        assert proxy_client(proxy, tmp_path).fetch_range(proxy.host, repo, digest, 100, 900_100) == data[100:900_100]
+        assert fault.applied == 1

@@ -470,6 +470,15 @@ class RegistryClient:
             RangeNotHonored: a whole-blob answer ends before the range does.
             RegistryUnavailable: the connection broke (or a 206 came short).
         """
+        if not skip and length is not None and not whole_blob:
+            # A 206 of known length: one read, no intermediate copies.
+            try:
+                data = resp.raw.read(length, decode_content=False)
+            except _READ_ERRORS as err:
+                raise RegistryUnavailable(f"{what}: connection broke ({err.__class__.__name__})") from None
+            if len(data) != length:
+                raise RegistryUnavailable(f"{what}: got {len(data)} of {length} bytes")
+            return data
         out = bytearray()
         seen = 0
         try:
