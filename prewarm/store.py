@@ -137,6 +137,7 @@ class _Prepared:
     header_starts: list[int]    # where entry i's header chain starts
     archive_data_end: int       # padded end of the last entry: zeros from here on
     spans: list[_Range]
+    windowed: bool              # spans carry checkpoint windows (gzip)
 
 
 def current_boot_id() -> str:
@@ -360,12 +361,14 @@ class ContentStore:
         if n * 1 > max(usize, 1) + 1:
             raise BadZtoc(f"zTOC claims {n} spans for {usize} uncompressed bytes")
         spans: list[_Range] = []
+        windowed = True
         fp = hashlib.sha256(f"{n} {usize} {len(ztoc.files)}".encode())
         for i in range(n):
             full = ztoc.span(i)
             s = _Range(full.compressed_start, full.compressed_end, full.uncompressed_start,
                        full.uncompressed_end)
             spans.append(s)
+            windowed = windowed and full.checkpoint is not None
             fp.update(full.digest.encode())
             del full
             fp.update(f"|{s.compressed_start},{s.compressed_end},{s.uncompressed_start},"
@@ -394,7 +397,7 @@ class ContentStore:
             pos = e.uncompressed_offset + _padded(_data_len(e))
         if pos > usize:
             raise BadZtoc(f"the last tar entry ends at {pos}, past the {usize}-byte archive")
-        return _Prepared(ztoc, fp.hexdigest(), plan, smap, data_starts, header_starts, pos, spans)
+        return _Prepared(ztoc, fp.hexdigest(), plan, smap, data_starts, header_starts, pos, spans, windowed)
 
     # === landing a span
 
@@ -454,6 +457,7 @@ class ContentStore:
                 landed = bytearray(os.pread(landed_fd, len(prep.spans), 0))
                 if landed[index]:
                     return LandResult(self._finish_locked(digest, prep, landed), False)
+                self._check_straddlers(digest, prep, index, out)
                 self._hash_or_spool(digest, prep, index, compressed, base, landed)
                 os.pwrite(landed_fd, b"\x01", index)
                 landed[index] = 1
@@ -482,22 +486,54 @@ class ContentStore:
             else:
                 back = ustart - h
                 if back > len(window):
-                    raise BadZtoc(f"layer {digest}: the header of tar entry {entry.name!r} starts {back} bytes "
-                                  f"before span {span.index}, beyond its {len(window)}-byte window")
+                    continue  # checked with the previous span's tail: _check_straddlers
                 buf = bytes(window[len(window) - back:]) + bytes(out[: d - ustart])
                 pos, base = 0, h
-            try:
-                real, _ = parse_header_run(buf, pos, base)
-            except CorruptContent as err:
-                raise BadZtoc(f"layer {digest}: no tar header where the TOC puts entry {entry.name!r} "
-                              f"(stream offset {h}): {err}") from None
-            _compare_entry(digest, entry, real)
+            _check_chain(digest, entry, h, buf, pos, base)
         end = prep.archive_data_end
         if end < uend:
             tail = out[max(end - ustart, 0):]
             if tail.nbytes and bytes(tail) != bytes(tail.nbytes):
                 raise BadZtoc(f"layer {digest}: the TOC ends at stream offset {end} but span {span.index} has "
                               "non-zero bytes after it (entries missing from the TOC)")
+
+    def _check_straddlers(self, digest: str, prep: _Prepared, index: int, out: memoryview) -> None:
+        """Header chains across a span boundary that no checkpoint window covers.
+
+        (Uncompressed layers have no windows; a PAX chain may be longer than 32 KiB.)
+        Whichever of the two spans lands second checks the chain: the first leaves its
+        part in work/ (``tail-<i>`` or ``head-<i+1>``).  Called under the layer lock.
+
+        Raises:
+            BadZtoc: the chain does not match the TOC, or is longer than a span.
+        """
+        work = self.layout.layer_work(digest)
+        r = prep.spans[index]
+        if index > 0:
+            k = _straddler(prep, r.uncompressed_start)
+            if k is not None and not _window_covers(prep, r.uncompressed_start, k):
+                head = bytes(out[: prep.data_starts[k] - r.uncompressed_start])
+                tail_path = work / f"tail-{index - 1}"
+                if tail_path.exists():
+                    buf = tail_path.read_bytes() + head
+                    _check_chain(digest, prep.ztoc.files[k], prep.header_starts[k], buf, 0,
+                                 prep.header_starts[k])
+                else:
+                    _atomic_write(work / f"head-{index}", head, durable=False)
+        if index + 1 < len(prep.spans):
+            b = r.uncompressed_end
+            k = _straddler(prep, b)
+            if k is not None and not _window_covers(prep, b, k):
+                h = prep.header_starts[k]
+                if h < r.uncompressed_start:
+                    raise BadZtoc(f"layer {digest}: the header chain of tar entry {prep.ztoc.files[k].name!r} is "
+                                  f"longer than span {index}; use a larger span size")
+                tail = bytes(out[h - r.uncompressed_start:])
+                head_path = work / f"head-{index + 1}"
+                if head_path.exists():
+                    _check_chain(digest, prep.ztoc.files[k], h, tail + head_path.read_bytes(), 0, h)
+                else:
+                    _atomic_write(work / f"tail-{index}", tail, durable=False)
 
     def _write_pieces(self, digest: str, prep: _Prepared, span: _Range, out: memoryview) -> None:
         ustart = span.uncompressed_start
@@ -780,6 +816,33 @@ def _compression_of(media_type: str) -> str:
     if mt.endswith("tar") or "rootfs.diff.tar" in mt:
         return "none"
     raise StoreError(f"layer media type {media_type!r} is not a tar layer (gzip, zstd or plain tar)")
+
+
+def _straddler(prep: _Prepared, boundary: int) -> int | None:
+    """The entry whose header chain crosses stream offset ``boundary``, if any."""
+    k = bisect.bisect_right(prep.data_starts, boundary)
+    if k < len(prep.data_starts) and prep.header_starts[k] < boundary:
+        return k
+    return None
+
+
+def _window_covers(prep: _Prepared, boundary: int, k: int) -> bool:
+    """Whether the checkpoint window at ``boundary`` holds the start of entry k's header chain."""
+    return prep.windowed and boundary - prep.header_starts[k] <= WINDOW_SIZE
+
+
+def _check_chain(digest: str, entry: FileEntry, h: int, buf: bytes | memoryview, pos: int, base: int) -> None:
+    """Parse the real header chain at ``buf[pos:]`` (stream offset ``h``) and compare it with the TOC.
+
+    Raises:
+        BadZtoc: no valid chain there, or it says something else than the TOC.
+    """
+    try:
+        real, _ = parse_header_run(buf, pos, base)
+    except CorruptContent as err:
+        raise BadZtoc(f"layer {digest}: no tar header where the TOC puts entry {entry.name!r} "
+                      f"(stream offset {h}): {err}") from None
+    _compare_entry(digest, entry, real)
 
 
 def _compare_entry(digest: str, toc: FileEntry, real: FileEntry) -> None:

@@ -243,3 +243,60 @@ def test_layer_larger_than_the_disk_is_refused_before_creating_it(tmp_path: Path
         assert store.layer_state(sha(blob)) == "absent"
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def pax_heavy_tar() -> bytes:
+    """Entries whose header chains are 3+ blocks (PAX path + xattr), so many cross span boundaries."""
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for i in range(40):
+            _add(tf, f"dir-{i:02d}/" + "n" * (120 + i), data=bytes([i]) * (700 + 37 * i),
+                 pax={"SCHILY.xattr.user.k": "v" * (300 + 20 * i)})
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_uncompressed_layer_checks_chains_across_span_boundaries(tmp_path: Path, seed: int) -> None:
+    # Given an uncompressed layer (no windows) whose PAX header chains straddle span boundaries
+    from prewarm.ztoc_build import build_tar_ztoc
+    tar = pax_heavy_tar()
+    z = build_tar_ztoc([tar], span_size=3000, build_tool_identifier="prewarm-test")
+    straddling = [k for k in range(z.num_spans - 1)
+                  if any(_chain_crosses(z, f_prev, f, z.span(k).uncompressed_end)
+                         for f_prev, f in zip(z.files, z.files[1:]))]
+    assert straddling, "no header chain crosses a span boundary"
+    store = ContentStore(tmp_path / "root")
+    order = list(range(z.num_spans))
+    random.Random(seed).shuffle(order)
+    # When the spans land in any order, Then the layer is ready with the right files
+    assert land(store, sha(tar), z, tar, order)[-1] is True
+    fs = store.layout.layer_fs(sha(tar))
+    for i in range(40):
+        assert (fs / (f"dir-{i:02d}/" + "n" * (120 + i))).read_bytes() == bytes([i]) * (700 + 37 * i)
+
+
+def _chain_crosses(z: Ztoc, prev, f, boundary: int) -> bool:  # type: ignore[no-untyped-def]
+    start = prev.uncompressed_offset + -(-prev.uncompressed_size // 512) * 512
+    return start < boundary < f.uncompressed_offset
+
+
+@pytest.mark.parametrize("first", ["tail", "head"])
+def test_lie_in_a_straddling_chain_is_caught_whichever_span_lands_first(tmp_path: Path, first: str) -> None:
+    from prewarm.ztoc_build import build_tar_ztoc
+    tar = pax_heavy_tar()
+    z = build_tar_ztoc([tar], span_size=3000, build_tool_identifier="prewarm-test")
+    files = list(z.files)
+    # Given a lie about an entry whose chain crosses the boundary after span b
+    b, k = next((b, k) for b in range(z.num_spans - 1) for k in range(1, len(files))
+                if _chain_crosses(z, files[k - 1], files[k], z.span(b).uncompressed_end))
+    files[k] = dataclasses.replace(files[k], uid=4242)
+    liar = _with_files(z, files)
+    store = ContentStore(tmp_path / "root")
+    order = [b, b + 1] if first == "tail" else [b + 1, b]
+    land(store, sha(tar), liar, tar, [order[0]])
+    # When the second of the two spans lands, Then the lie is found and the span is not landed
+    with pytest.raises(BadZtoc, match="uid=4242"):
+        land(store, sha(tar), liar, tar, [order[1]])
+    assert order[1] in store.missing_spans(sha(tar), liar)
