@@ -1,0 +1,154 @@
+"""The one-pass zTOC builder: checkpoints, digests and TOC checked against the layer itself."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import random
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from prewarm.errors import BadTarHeader, ConfigError, CorruptContent
+from prewarm.tarindex import TarIndexer
+from prewarm.ztoc import WINDOW_SIZE, parse_ztoc, serialize_ztoc
+from prewarm.ztoc_build import (
+    build_tar_ztoc,
+    build_ztoc,
+    build_ztoc_from_file,
+    detect_compression,
+    read_chunks,
+)
+
+
+def make_tar(seed: int, files: int = 30) -> bytes:
+    rng = random.Random(seed)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for i in range(files):
+            kind = rng.random()
+            if kind < 0.3:
+                data = rng.randbytes(rng.randrange(0, 40_000))
+            else:
+                words = [bytes(rng.choices(b"etaoinshr", k=rng.randrange(1, 8))) for _ in range(50)]
+                data = b" ".join(rng.choice(words) for _ in range(rng.randrange(0, 20_000)))
+            ti = tarfile.TarInfo(f"dir{i % 4}/file-{i}")
+            ti.size = len(data)
+            ti.mtime = 1_700_000_000 + i
+            tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def check_against_layer(comp: bytes, span_size: int) -> None:
+    """Every claim of the built zTOC, checked against the layer and gzip -d."""
+    z = build_ztoc([comp[i:i + 65_536] for i in range(0, len(comp), 65_536)],
+                   span_size=span_size, build_tool_identifier="test")
+    full = subprocess.run(["gzip", "-dc"], input=comp, check=True, capture_output=True).stdout
+    assert z.compressed_archive_size == len(comp)
+    cps = z.checkpoint_offsets()
+    for i, (cin, cout, bits) in enumerate(cps):
+        window = z.checkpoint(i).window
+        # the window is the 32 KiB of output before the checkpoint, zero-filled at the start
+        expect = full[max(0, cout - WINDOW_SIZE):cout]
+        assert window == bytes(WINDOW_SIZE - len(expect)) + expect
+        assert 0 <= bits <= 7
+        if i:
+            # every span holds more than span_size uncompressed bytes
+            assert cout - cps[i - 1][1] > span_size
+    for s in z.spans():
+        assert s.digest == "sha256:" + hashlib.sha256(comp[s.compressed_start:s.compressed_end]).hexdigest()
+    # the TOC is the tar's, from the same stream
+    ix = TarIndexer()
+    assert list(z.files) == ix.feed(full) + ix.finish()
+    assert z.uncompressed_archive_size == ix.ended_at
+    # and it survives the trip through soci's format
+    assert parse_ztoc(serialize_ztoc(z)).checkpoint_offsets() == cps
+
+
+@pytest.mark.parametrize("level", [0, 1, 6, 9])
+def test_checkpoints_digests_and_toc_match_the_layer(level: int) -> None:
+    comp = gzip.compress(make_tar(level), compresslevel=level, mtime=0)
+    check_against_layer(comp, span_size=64 * 1024)
+
+
+def test_pigz_and_concatenated_members(tmp_path: Path) -> None:
+    # Given a layer compressed by pigz, and one made of three concatenated gzip members
+    tar = make_tar(11, files=60)
+    (tmp_path / "l.tar").write_bytes(tar)
+    pigz = subprocess.run(["pigz", "-6", "-b", "32", "-c", str(tmp_path / "l.tar")], check=True,
+                          capture_output=True).stdout
+    third = len(tar) // 3
+    multi = b"".join(gzip.compress(tar[a:b], compresslevel=6, mtime=0)
+                     for a, b in ((0, third), (third, 2 * third), (2 * third, len(tar))))
+    # Then checkpoints continue across members and everything matches the layer
+    check_against_layer(pigz, span_size=32 * 1024)
+    check_against_layer(multi, span_size=32 * 1024)
+
+
+def test_gzip_header_with_file_name(tmp_path: Path) -> None:
+    # `gzip file` stores the name (FNAME): checkpoint 0 moves past it
+    (tmp_path / "layer.tar").write_bytes(make_tar(3, files=5))
+    subprocess.run(["gzip", "-6", str(tmp_path / "layer.tar")], check=True)
+    comp = (tmp_path / "layer.tar.gz").read_bytes()
+    z = build_ztoc_from_file(tmp_path / "layer.tar.gz", span_size=4096,
+                             build_tool_identifier="t")
+    assert z.checkpoint_offsets()[0] == (10 + len(b"layer.tar\0"), 0, 0)
+    check_against_layer(comp, span_size=4096)
+
+
+def test_chunk_boundaries_do_not_change_the_result() -> None:
+    comp = gzip.compress(make_tar(5, files=6), compresslevel=6, mtime=0)
+    want = serialize_ztoc(build_ztoc([comp], span_size=16_384, build_tool_identifier="t"))
+    assert parse_ztoc(want).num_spans > 3
+    for size in (1, 2, 3, 511, 4096, 100_003):
+        chunks = [comp[i:i + size] for i in range(0, len(comp), size)]
+        assert serialize_ztoc(build_ztoc(chunks, span_size=16_384, build_tool_identifier="t")) == want
+
+
+def test_uncompressed_tar_gets_the_tarzinfo_form(tmp_path: Path) -> None:
+    tar = make_tar(8, files=10)
+    path = tmp_path / "layer.tar"
+    path.write_bytes(tar)
+    z = build_ztoc_from_file(path, span_size=10_000, build_tool_identifier="t")
+    assert z.compression == "uncompressed" and z.span_size == 10_000
+    assert z.num_spans == -(-len(tar) // 10_000)
+    for s in z.spans():
+        assert s.digest == "sha256:" + hashlib.sha256(tar[s.compressed_start:s.compressed_end]).hexdigest()
+    back = parse_ztoc(serialize_ztoc(z))
+    assert back.files == z.files and back.span_digests == z.span_digests
+    gz = build_ztoc([gzip.compress(tar, mtime=0)], span_size=10_000, build_tool_identifier="t")
+    assert gz.files == z.files
+    assert build_tar_ztoc(read_chunks(path, 777), span_size=10_000,
+                          build_tool_identifier="t").span_digests == z.span_digests
+
+
+def test_detect_compression() -> None:
+    assert detect_compression(b"\x1f\x8b\x08\x00") == "gzip"
+    assert detect_compression(b"\x28\xb5\x2f\xfd") == "zstd"
+    assert detect_compression(b"usr/") == "uncompressed"
+    assert detect_compression(b"") == "uncompressed"
+
+
+def test_bad_layers_are_refused_clearly(tmp_path: Path) -> None:
+    comp = gzip.compress(make_tar(2, files=3), mtime=0)
+    with pytest.raises(CorruptContent, match="ends early"):
+        build_ztoc([comp[:-20]], span_size=4096, build_tool_identifier="t")
+    with pytest.raises(CorruptContent, match="not valid gzip"):
+        build_ztoc([comp[:30] + bytes(100) + comp[130:]], span_size=4096,
+                   build_tool_identifier="t")
+    with pytest.raises(CorruptContent, match="not valid gzip"):
+        build_ztoc([comp + b"trailing garbage"], span_size=4096, build_tool_identifier="t")
+    with pytest.raises(BadTarHeader):
+        build_ztoc([gzip.compress(b"\x01" * 2048, mtime=0)], span_size=4096,
+                   build_tool_identifier="t")
+    with pytest.raises(ConfigError, match="span size"):
+        build_ztoc([comp], span_size=0, build_tool_identifier="t")
+    (tmp_path / "z.zst").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(20))
+    with pytest.raises(ConfigError, match="zstd"):
+        build_ztoc_from_file(tmp_path / "z.zst", span_size=4096, build_tool_identifier="t")
+    with pytest.raises(ConfigError, match="cannot read"):
+        build_ztoc_from_file(tmp_path / "missing.tar.gz", span_size=4096,
+                             build_tool_identifier="t")
