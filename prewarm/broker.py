@@ -51,7 +51,8 @@ def redis_url(url: str) -> str:
 
 def redis_client(url: str, **kwargs: object) -> redis.Redis:
     """A redis-py client for the broker URL (TLS, ACL user and password come from the URL)."""
+    url = redis_url(url)
     kwargs.setdefault("health_check_interval", 30)
-    kwargs.setdefault("socket_keepalive", True)
-    kwargs.setdefault("retry_on_timeout", True)
-    return redis.Redis.from_url(redis_url(url), **kwargs)  # type: ignore[arg-type]
+    if not url.startswith("unix://"):
+        kwargs.setdefault("socket_keepalive", True)  # TCP only: unix sockets take no such option
+    return redis.Redis.from_url(url, **kwargs)  # type: ignore[arg-type]

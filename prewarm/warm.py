@@ -34,7 +34,7 @@ from prewarm.metrics import BYTES_FETCHED, INFLATE_SECONDS, LAYERS, SPANS
 from prewarm.plan import ImagePlan
 from prewarm.reference import Reference, parse_reference
 from prewarm.registry.client import RegistryClient
-from prewarm.store import ContentStore
+from prewarm.store import ContentStore, fetch_range
 from prewarm.ztoc_cache import ZtocCache
 
 log = logging.getLogger(__name__)
@@ -117,19 +117,20 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
         ready = ctx.store.finish_if_complete(layer, z)
         return Outcome(nbytes, False, ready)
     s = z.span(span)
+    start, end = fetch_range(s)  # span 0 also brings the gzip header, which the layer digest needs
     try:
-        with ctx.budget.request(ref.registry, s.compressed_end - s.compressed_start):
-            data = ctx.client.fetch_range(ref.registry, ref.repository, layer, s.compressed_start,
-                                          s.compressed_end)
+        with ctx.budget.request(ref.registry, end - start):
+            data = ctx.client.fetch_range(ref.registry, ref.repository, layer, start, end)
     except RateLimited as err:
         ctx.budget.backoff(ref.registry, err.retry_after or 1.0)
         raise
     BYTES_FETCHED.labels(ref.registry, "span").inc(len(data))
-    verify(data, s.digest, what=f"span {span} of layer {layer} ({ref.registry}/{ref.repository})")
+    body = memoryview(data)[s.compressed_start - start:]
+    verify(body, s.digest, what=f"span {span} of layer {layer} ({ref.registry}/{ref.repository})")
     next_window = z.checkpoint(span + 1).window if span + 1 < z.num_spans and s.checkpoint else None
     with INFLATE_SECONDS.time():
-        out = inflate_span(s, data, next_window=next_window, is_last=span == z.num_spans - 1)
-    ready = bool(ctx.store.land_span(layer, z, span, data, out))
+        out = inflate_span(s, body, next_window=next_window, is_last=span == z.num_spans - 1)
+    ready = ctx.store.land_span(layer, z, span, data, out).ready
     SPANS.labels("fetched").inc()
     if ready:
         LAYERS.labels("ready").inc()

@@ -1,0 +1,76 @@
+"""The span pipeline end to end: real registry, Redis, Celery worker processes, overlay.
+
+Every test pushes real images (tests.images) with the project's own client and runs the
+``prewarm`` command as a user would; the acceptance check is that the pre-warmed layers,
+overlay-mounted newest first, equal the rootfs ``umoci unpack`` makes of the same image.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.images import odd_image, simple_image
+from tests.pipeline_helpers import assert_matches_umoci, clean_env, prewarm, push
+from tests.services import Registry
+
+# Small spans and a low zTOC threshold so that even test-sized layers go through many spans.
+SPANS = {"PREWARM_SPAN_SIZE": str(256 * 1024), "PREWARM_MIN_LAYER_SIZE": str(1 << 20)}
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory: pytest.TempPathFactory, registry: Registry):  # type: ignore[no-untyped-def]
+    image = odd_image(tmp_path_factory.mktemp("odd-oci"))
+    return image, push(image, registry, "pipeline/odd")
+
+
+def test_embedded_schedule_prewarms_every_odd_layer_like_umoci(tmp_path: Path, registry: Registry, odd) -> None:
+    # Given the odd image (pigz members, FNAME/FEXTRA, plain tar, zstd, whiteouts, devices...)
+    image, ref = odd
+    env = clean_env(tmp_path / "store", **SPANS)
+    # When it is scheduled with no broker configured (embedded Redis and workers)
+    proc = prewarm("schedule", ref, "--wait", "--insecure-registry", registry.host, "--json", env=env)
+    # Then the job succeeded and says so
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["state"] == "succeeded"
+    assert summary["bytes_done"] == summary["bytes_total"] == sum(layer.size for layer in image.layers)
+    # And the layers, overlay-mounted, are exactly umoci's rootfs
+    assert_matches_umoci(image, ref, env, tmp_path)
+    # And `prewarm images` lists it as ready
+    listed = json.loads(prewarm("images", "--json", env=env, check=True).stdout)
+    assert [(i["name"], i["state"], i["layers"]) for i in listed] == [(ref, "ready", len(image.layers))]
+
+
+def test_a_second_schedule_fetches_no_layer_byte(tmp_path: Path, registry: Registry) -> None:
+    # Given a pre-warmed image
+    image = simple_image(tmp_path / "oci")
+    ref = push(image, registry, "pipeline/again")
+    env = clean_env(tmp_path / "store")
+    prewarm("schedule", ref, "--wait", "--insecure-registry", registry.host, env=env, check=True)
+    layer_bytes = lambda: sum(registry.bytes_served(f"/blobs/{l.digest}") for l in image.layers)  # noqa: E731
+    served = layer_bytes()
+    assert served >= sum(layer.size for layer in image.layers)
+    # When it is scheduled again
+    proc = prewarm("schedule", ref, "--wait", "--insecure-registry", registry.host, env=env, check=True)
+    # Then no layer byte left the registry and the user is told nothing was fetched
+    assert layer_bytes() == served
+    assert "nothing fetched" in proc.stdout
+
+
+def test_an_unknown_image_is_a_clear_error_and_the_store_is_untouched(tmp_path: Path, registry: Registry) -> None:
+    env = clean_env(tmp_path / "store")
+    proc = prewarm("schedule", f"{registry.host}/pipeline/nope:missing", "--wait",
+                   "--insecure-registry", registry.host, env=env)
+    assert proc.returncode == 1
+    assert "not found" in proc.stderr.lower()
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "store" / "layers").exists()
+
+
+def test_a_malformed_reference_is_a_clear_error(tmp_path: Path) -> None:
+    proc = prewarm("schedule", "UPPER/Case::bad", env=clean_env(tmp_path / "store"))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "UPPER/Case::bad" in proc.stderr
