@@ -40,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="prewarm-bench-range-") as tmp:
         blob = Path(tmp) / "blob"
         with open(blob, "wb") as f:
-            for _ in range(args.blob_mib):
-                f.write(os.urandom(1 << 20))
+            f.writelines(os.urandom(1 << 20) for _ in range(args.blob_mib))
         data = blob.read_bytes()
         with run_registry(Path(tmp) / "registry") as reg:
             client = RegistryClient(insecure_registries=frozenset({reg.host}), docker_config=Path(tmp))

@@ -74,7 +74,7 @@ class Platform:
         return out
 
     @classmethod
-    def from_json(cls, raw: Any, where: str) -> "Platform":
+    def from_json(cls, raw: Any, where: str) -> Platform:
         if not isinstance(raw, Mapping) or not isinstance(raw.get("os"), str) \
                 or not isinstance(raw.get("architecture"), str):
             raise UnsupportedManifest(f"{where}: platform must have string 'os' and 'architecture'")
@@ -110,7 +110,7 @@ class Descriptor:
         return out
 
     @classmethod
-    def from_json(cls, raw: Any, where: str) -> "Descriptor":
+    def from_json(cls, raw: Any, where: str) -> Descriptor:
         """Parse one descriptor.
 
         Raises:

@@ -81,7 +81,7 @@ class Reference:
         """What goes after ``/manifests/``: the digest when pinned, else the tag."""
         return self.digest or self.tag or DEFAULT_TAG
 
-    def with_digest(self, digest: str) -> "Reference":
+    def with_digest(self, digest: str) -> Reference:
         """The same image pinned to ``digest`` (the tag is kept for display)."""
         return dataclasses.replace(self, digest=digest)
 

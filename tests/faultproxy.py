@@ -28,7 +28,7 @@ import socket
 import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade", "trailer"}
 
@@ -117,7 +117,7 @@ class FaultProxy:
         with self._lock:
             self.faults.clear()
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> Self:
         for t in self._threads:
             t.start()
         return self

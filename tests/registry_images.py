@@ -14,8 +14,20 @@ import json
 import tarfile
 
 from prewarm.digest import sha256_digest
-from prewarm.manifest import (DOCKER_CONFIG, DOCKER_LAYER_GZIP, DOCKER_MANIFEST, OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP,
-                              OCI_MANIFEST, Descriptor, Platform, canonical_json, index_json, manifest_json)
+from prewarm.manifest import (
+    DOCKER_CONFIG,
+    DOCKER_LAYER_GZIP,
+    DOCKER_MANIFEST,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER_GZIP,
+    OCI_MANIFEST,
+    Descriptor,
+    Platform,
+    canonical_json,
+    index_json,
+    manifest_json,
+)
 from prewarm.registry.client import RegistryClient
 
 

@@ -7,9 +7,23 @@ import json
 import pytest
 
 from prewarm.errors import UnsupportedManifest
-from prewarm.manifest import (DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST, Descriptor, ImageIndex, ImageManifest,
-                              Platform, canonical_json, choose_platform, host_platform, index_json, manifest_json,
-                              media_type_of, parse_manifest, parse_platform)
+from prewarm.manifest import (
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Descriptor,
+    ImageIndex,
+    ImageManifest,
+    Platform,
+    canonical_json,
+    choose_platform,
+    host_platform,
+    index_json,
+    manifest_json,
+    media_type_of,
+    parse_manifest,
+    parse_platform,
+)
 
 D1, D2, D3, D4 = ("sha256:" + c * 64 for c in "1234")
 

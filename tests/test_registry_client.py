@@ -10,8 +10,15 @@ from pathlib import Path
 import pytest
 
 from prewarm.digest import sha256_digest
-from prewarm.errors import (BlobNotFound, CorruptContent, DigestMismatch, ManifestNotFound, RangeNotHonored, RegistryError,
-                            UnsupportedManifest)
+from prewarm.errors import (
+    BlobNotFound,
+    CorruptContent,
+    DigestMismatch,
+    ManifestNotFound,
+    RangeNotHonored,
+    RegistryError,
+    UnsupportedManifest,
+)
 from prewarm.manifest import OCI_INDEX, OCI_MANIFEST, Descriptor, Platform
 from prewarm.reference import parse_reference
 from prewarm.registry.client import RegistryClient, referrers_tag
@@ -229,15 +236,14 @@ def test_corrupt_manifest_and_blob_detected(client: RegistryClient, registry: Re
             c.get_manifest(proxy.host, repo_name, "c")
         with pytest.raises(DigestMismatch):
             c.get_blob(proxy.host, repo_name, img.layer_digests[0])
-        with pytest.raises(DigestMismatch):
-            with c.stream_blob(proxy.host, repo_name, img.layer_digests[0]) as chunks:
-                for _ in chunks:
-                    pass
+        with pytest.raises(DigestMismatch), c.stream_blob(proxy.host, repo_name, img.layer_digests[0]) as chunks:
+            for _ in chunks:
+                pass
 
 
 def test_tls_registry_with_ca_bundle(tmp_path: Path, repo_name: str) -> None:
-    from tests.tokenserver import make_cert
     from tests.services import run_registry
+    from tests.tokenserver import make_cert
 
     cert, key = make_cert(tmp_path / "tls", "127.0.0.1")
     with run_registry(tmp_path / "reg", tls=(cert, key)) as reg:

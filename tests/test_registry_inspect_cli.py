@@ -21,7 +21,7 @@ def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PREWARM_") and k != "DOCKER_CONFIG"}
     full_env.update(env)
     return subprocess.run([sys.executable, "-m", "prewarm", *args], env=full_env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
 
 
 def test_inspect_prints_image(registry: Registry, repo_name: str, tmp_path: Path) -> None:

@@ -16,13 +16,32 @@ from click.testing import CliRunner
 from prewarm.cli import main
 from prewarm.digest import sha256_digest, verify
 from prewarm.errors import BadZtoc
-from prewarm.manifest import (OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD, OCI_MANIFEST,
-                              Descriptor, Platform, index_json, manifest_json)
+from prewarm.manifest import (
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_TAR,
+    OCI_LAYER_ZSTD,
+    OCI_MANIFEST,
+    Descriptor,
+    Platform,
+    index_json,
+    manifest_json,
+)
 from prewarm.reference import parse_reference
 from prewarm.registry.client import RegistryClient, referrers_tag
-from prewarm.soci import (ANN_IMAGE_MANIFEST_DIGEST, ANN_INDEX_DIGEST, EMPTY_CONFIG, EMPTY_CONFIG_DIGEST,
-                          SOCI_INDEX_V1, SOCI_INDEX_V2, find_soci_index, parse_soci_index, push_soci_index,
-                          soci_index_manifest)
+from prewarm.soci import (
+    ANN_IMAGE_MANIFEST_DIGEST,
+    ANN_INDEX_DIGEST,
+    EMPTY_CONFIG,
+    EMPTY_CONFIG_DIGEST,
+    SOCI_INDEX_V1,
+    SOCI_INDEX_V2,
+    find_soci_index,
+    parse_soci_index,
+    push_soci_index,
+    soci_index_manifest,
+)
 from prewarm.ztoc import parse_ztoc, serialize_ztoc
 from prewarm.ztoc_build import build_ztoc
 from tests.registry_images import push_image

@@ -26,7 +26,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 import jwt
@@ -46,7 +46,7 @@ def make_cert(folder: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     try:
         san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
@@ -110,7 +110,7 @@ class TokenServer:
                 f"    realm: {self.realm}\n    service: {self.service}\n    issuer: {self.issuer}\n"
                 f"    rootcertbundle: {self.cert_path}\n")
 
-    def __enter__(self) -> "TokenServer":
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -140,7 +140,7 @@ class TokenServer:
         token = jwt.encode(claims, self._key, algorithm="ES256", headers={"kid": self._kid})
         self.issued.append(Issued(account, scopes, grant))
         return {"token": token, "access_token": token, "expires_in": self.reported_lifetime,
-                "issued_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+                "issued_at": datetime.datetime.now(datetime.UTC).isoformat()}
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self

@@ -68,12 +68,12 @@ def index_cmd(image: str, span_size: int | None, min_layer_size: int | None, pus
         }, indent=2))
     else:
         click.echo(f"{ref} ({resolved.manifest_digest}, {resolved.platform})")
-        for layer in resolved.layers:
-            if layer.digest in built.ztocs:
-                data = built.ztocs[layer.digest]
-                click.echo(f"  {layer.digest}  zTOC {sha256_digest(data)} ({len(data)} bytes)")
+        for desc in resolved.layers:
+            if desc.digest in built.ztocs:
+                data = built.ztocs[desc.digest]
+                click.echo(f"  {desc.digest}  zTOC {sha256_digest(data)} ({len(data)} bytes)")
             else:
-                click.echo(f"  {layer.digest}  no zTOC: {built.skipped.get(layer.digest, 'duplicate layer')}")
+                click.echo(f"  {desc.digest}  no zTOC: {built.skipped.get(desc.digest, 'duplicate layer')}")
         if index_digest:
             click.echo(f"pushed SOCI index {index_digest}")
         elif push:

@@ -146,7 +146,7 @@ class RegistryAuth(AuthBase):
         retry._prewarm_auth_retried = True  # type: ignore[attr-defined]
         if getattr(request, "_body_position", None) is not None:
             rewind_body(retry)
-        response.content  # drain so the connection can be reused
+        _ = response.content  # drain so the connection can be reused
         response.close()
         assert response.connection is not None
         new = response.connection.send(retry, **kwargs)
@@ -204,7 +204,8 @@ class RegistryAuth(AuthBase):
                 form.update(grant_type="refresh_token", refresh_token=cred.identity_token, client_id="prewarm")
                 resp = self._session.post(realm, data=form, timeout=self._timeout, verify=self._verify)
             else:
-                auth = (cred.username, cred.password) if cred is not None and cred.password is not None else None
+                auth = ((cred.username or "", cred.password)
+                        if cred is not None and cred.password is not None else None)
                 resp = self._session.get(realm, params=form, auth=auth, timeout=self._timeout,
                                          verify=self._verify)
         except requests.RequestException as err:
@@ -212,16 +213,16 @@ class RegistryAuth(AuthBase):
                                       subject=scope) from None
         with resp:
             if resp.status_code != 200:
-                err = error_for_status(resp, kind="token", registry=self.registry, repository=None,
-                                       subject=None, scope=scope)
-                if isinstance(err, AuthenticationFailed):
+                failure = error_for_status(resp, kind="token", registry=self.registry, repository=None,
+                                           subject=None, scope=scope)
+                if isinstance(failure, AuthenticationFailed):
                     who = "the credentials from your Docker config" if cred is not None else "anonymous access"
                     raise AuthenticationFailed(
                         f"authentication failed for registry {self.registry}: its token service refused "
                         f"{who} for scope {scope or '(none)'} (HTTP {resp.status_code}); "
                         f"run docker login {self.registry} or fix DOCKER_CONFIG",
                         registry=self.registry, status=resp.status_code) from None
-                raise err
+                raise failure
             try:
                 body = resp.json()
             except ValueError:

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
@@ -44,11 +45,34 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from prewarm.digest import is_digest, new_hasher, parse_digest, sha256_digest, verify
-from prewarm.errors import (BlobNotFound, CorruptContent, DigestMismatch, ManifestNotFound, RangeNotHonored,
-                            RegistryError, RegistryUnavailable, UnsupportedManifest)
-from prewarm.manifest import (IMAGE_INDEXES, IMAGE_MANIFESTS, MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, OCI_INDEX, SCHEMA1,
-                              Descriptor, ImageIndex, ImageManifest, Platform, choose_platform, host_platform,
-                              index_json, media_type_of, parse_manifest, parse_platform)
+from prewarm.errors import (
+    BlobNotFound,
+    CorruptContent,
+    DigestMismatch,
+    ManifestNotFound,
+    RangeNotHonored,
+    RegistryError,
+    RegistryUnavailable,
+    UnsupportedManifest,
+)
+from prewarm.manifest import (
+    IMAGE_INDEXES,
+    IMAGE_MANIFESTS,
+    MANIFEST_ACCEPT,
+    MAX_MANIFEST_BYTES,
+    OCI_INDEX,
+    SCHEMA1,
+    Descriptor,
+    ImageIndex,
+    ImageManifest,
+    Platform,
+    choose_platform,
+    host_platform,
+    index_json,
+    media_type_of,
+    parse_manifest,
+    parse_platform,
+)
 from prewarm.reference import Reference, registry_api_host
 from prewarm.registry.auth import RegistryAuth
 from prewarm.registry.dockerconfig import Credential, DockerConfig
@@ -141,10 +165,10 @@ class RegistryClient:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Any, **overrides: Any) -> "RegistryClient":
+    def from_settings(cls, settings: Any, **overrides: Any) -> RegistryClient:
         """A client configured from :class:`prewarm.config.Settings` (insecure registries, CA, config)."""
-        kw: dict[str, Any] = dict(insecure_registries=settings.insecure_registries,
-                                  ca_bundle=settings.ca_bundle, docker_config=settings.docker_config)
+        kw: dict[str, Any] = {"insecure_registries": settings.insecure_registries,
+                              "ca_bundle": settings.ca_bundle, "docker_config": settings.docker_config}
         kw.update(overrides)
         return cls(**kw)
 
@@ -431,7 +455,7 @@ class RegistryClient:
                               headers={"Range": spec, "Accept-Encoding": "identity"})
             with resp:
                 if resp.status_code == 206:
-                    first, total = self._check_content_range(resp, start, end, what, registry, repository,
+                    _, total = self._check_content_range(resp, start, end, what, registry, repository,
                                                              digest)
                     want = (end - start) if end is not None else None
                     if want is None and total is not None:
@@ -535,12 +559,12 @@ class RegistryClient:
                     raise
             return resp
 
-        def chunks() -> Iterator[bytes]:
+        def chunks() -> Generator[bytes, None, None]:
             hasher = new_hasher(digest)
             received = 0
             breaks = 0
             while True:
-                resp = self.retry.run(lambda: open_at(received), f"GET {what}")
+                resp = self.retry.run(functools.partial(open_at, received), f"GET {what}")
                 holder["resp"] = resp
                 skip = received if resp.status_code == 200 else 0
                 try:

@@ -67,7 +67,7 @@ class DockerConfig:
         self._store = str(store) if store else None
 
     @classmethod
-    def load(cls, config_dir: Path | None) -> "DockerConfig":
+    def load(cls, config_dir: Path | None) -> DockerConfig:
         """Read ``config_dir/config.json``; a missing file means no credentials.
 
         Raises:

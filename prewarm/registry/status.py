@@ -20,12 +20,19 @@ from __future__ import annotations
 import email.utils
 import json
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import requests
 
-from prewarm.errors import (AuthenticationFailed, BlobNotFound, ManifestNotFound, RangeNotHonored,
-                            RateLimited, RegistryError, RegistryUnavailable)
+from prewarm.errors import (
+    AuthenticationFailed,
+    BlobNotFound,
+    ManifestNotFound,
+    RangeNotHonored,
+    RateLimited,
+    RegistryError,
+    RegistryUnavailable,
+)
 
 Kind = Literal["manifest", "blob", "upload", "referrers", "token", "ping"]
 #: The longest Retry-After we honour; a server asking for more gets this much.
@@ -81,7 +88,7 @@ def error_for_status(response: requests.Response, *, kind: Kind, registry: str, 
     status = response.status_code
     what = f"{registry}/{repository}" if repository else registry
     target = f"{kind} {subject} in {what}" if subject else f"{kind} request to {what}"
-    kw = dict(registry=registry, repository=repository, digest=subject, status=status)
+    kw: dict[str, Any] = {"registry": registry, "repository": repository, "digest": subject, "status": status}
     detail = _registry_message(response)
     if status in (401, 403):
         verb = "was refused access" if status == 403 else "needs credentials that were not accepted"
@@ -113,7 +120,7 @@ def error_for_exception(err: requests.RequestException, *, kind: Kind, registry:
     """The error a failed connection means: TLS problems are final, the rest transient."""
     what = f"{registry}/{repository}" if repository else registry
     target = f"{kind} {subject} in {what}" if subject else f"{kind} request to {what}"
-    kw = dict(registry=registry, repository=repository, digest=subject, status=None)
+    kw: dict[str, Any] = {"registry": registry, "repository": repository, "digest": subject, "status": None}
     if isinstance(err, requests.exceptions.SSLError):
         return RegistryError(f"TLS to registry {registry} failed for {target}: certificate not trusted or "
                              "not HTTPS; pass --ca-bundle FILE, or --insecure-registry "
