@@ -73,7 +73,7 @@ from prewarm.layout import Layout
 from prewarm.resumable_hash import ResumableSha256
 from prewarm.spanmap import SpanMap
 from prewarm.tarindex import TarIndexer, parse_header_run
-from prewarm.ztoc import FileEntry, Span
+from prewarm.ztoc import WINDOW_SIZE, FileEntry, Span
 
 LayerState = Literal["absent", "partial", "ready"]
 

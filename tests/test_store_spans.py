@@ -300,3 +300,39 @@ def test_lie_in_a_straddling_chain_is_caught_whichever_span_lands_first(tmp_path
     with pytest.raises(BadZtoc, match="uid=4242"):
         land(store, sha(tar), liar, tar, [order[1]])
     assert order[1] in store.missing_spans(sha(tar), liar)
+
+
+def header_dense_tar(n: int = 600) -> bytes:
+    """Many small entries with random names and PAX xattrs: deflate blocks end inside header chains."""
+    import io
+    import tarfile
+    rnd = random.Random(3)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for i in range(n):
+            _add(tf, f"d{i % 7}/" + rnd.randbytes(60).hex(), data=rnd.randbytes(rnd.randrange(0, 300)),
+                 pax={"SCHILY.xattr.user.a": rnd.randbytes(100).hex()})
+    return buf.getvalue()
+
+
+def test_gzip_chains_across_boundaries_are_checked_from_the_window(tmp_path: Path) -> None:
+    # Given a gzip layer where header chains straddle span boundaries (within the 32 KiB window)
+    tar = header_dense_tar()
+    blob, z = make_layer(tar, span_size=16384)
+    crossing = [(b, k) for b in range(z.num_spans - 1) for k in range(1, len(z.files))
+                if _chain_crosses(z, z.files[k - 1], z.files[k], z.span(b).uncompressed_end)]
+    assert len(crossing) >= 3
+    store = ContentStore(tmp_path / "root")
+    order = list(range(z.num_spans))
+    random.Random(5).shuffle(order)
+    # When all spans land, Then the layer is ready
+    assert land(store, sha(blob), z, blob, order)[-1] is True
+    # And a lie about a straddling entry is caught by the span its chain ends in
+    b, k = crossing[1]
+    files = list(z.files)
+    files[k] = dataclasses.replace(files[k], name=files[k].name[:-1] + "X")
+    liar = _with_files(z, files)
+    other = ContentStore(tmp_path / "other")
+    land(other, sha(blob), liar, blob, [b])
+    with pytest.raises(BadZtoc, match="name="):
+        land(other, sha(blob), liar, blob, [b + 1])
