@@ -384,6 +384,10 @@ class ContentStore:
         if spans[-1].uncompressed_end != usize:
             raise BadZtoc(f"spans end at {spans[-1].uncompressed_end}, the archive at {usize}")
         files = ztoc.files
+        for e in files:  # a skeleton made from another TOC must not be reused
+            fp.update(f"{e.name}\0{e.type}\0{e.uncompressed_offset}\0{e.uncompressed_size}\0{e.linkname}\0"
+                      f"{e.mode}\0{e.uid}\0{e.gid}\0{e.mod_time}\0{e.devmajor}\0{e.devminor}\0{e.xattrs}\n"
+                      .encode("utf-8", "surrogateescape"))
         plan = check_entries(files, usize)
         smap = SpanMap(data_extents(files, plan))
         data_starts, header_starts = [], []

@@ -336,3 +336,21 @@ def test_gzip_chains_across_boundaries_are_checked_from_the_window(tmp_path: Pat
     land(other, sha(blob), liar, blob, [b])
     with pytest.raises(BadZtoc, match="name="):
         land(other, sha(blob), liar, blob, [b + 1])
+
+
+def test_a_different_toc_restarts_the_partial_layer(tmp_path: Path) -> None:
+    # Given a layer partly landed under a lying TOC (one mode changed)
+    blob, z = make_layer(every_kind_tar(), span_size=65536)
+    files = list(z.files)
+    k = next(i for i, f in enumerate(files) if f.name == "usr/bin/sg")
+    files[k] = dataclasses.replace(files[k], mode=0o777)
+    liar = _with_files(z, files)
+    store = ContentStore(tmp_path / "root")
+    land(store, sha(blob), liar, blob, [z.num_spans - 1])
+    assert len(store.missing_spans(sha(blob), liar)) == z.num_spans - 1
+    # When the honest zTOC arrives (another process), Then the layer starts over with it and completes
+    honest = ContentStore(tmp_path / "root")
+    honest.prepare_layer(sha(blob), z)
+    assert honest.missing_spans(sha(blob), z) == list(range(z.num_spans))
+    assert land(honest, sha(blob), z, blob, list(range(z.num_spans)))[-1] is True
+    assert_every_kind_tree(honest.layout.layer_fs(sha(blob)))
