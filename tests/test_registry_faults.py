@@ -205,3 +205,18 @@ def test_range_cut_short_is_retried(registry: Registry, blob: tuple[str, str, by
         # Then the short read is transient: the retry gets the whole range
         assert proxy_client(proxy, tmp_path).fetch_range(proxy.host, repo, digest, 100, 900_100) == data[100:900_100]
         assert fault.applied == 1
+
+
+def test_fault_fraction_schedule_and_byte_count(registry: Registry, blob: tuple[str, str, bytes],
+                                                tmp_path: Path) -> None:
+    repo, digest, data = blob
+    with FaultProxy(registry.host, seed=3) as proxy:
+        # Given 5xx on a seeded 30% of range requests
+        fault = proxy.add(Fault("status", path="/blobs/", method="GET", status=500, fraction=0.3))
+        client = proxy_client(proxy, tmp_path, RetryPolicy(attempts=8, base_delay=0.001, max_delay=0.002))
+        # When 20 ranges are fetched, Then all arrive; some requests failed and were retried
+        for i in range(20):
+            assert client.fetch_range(proxy.host, repo, digest, i * 1000, i * 1000 + 500) == data[i * 1000:i * 1000 + 500]
+        assert 0 < fault.applied < fault.matched and fault.matched == 20 + fault.applied
+        # And the proxy counted exactly the range bytes it relayed
+        assert proxy.bytes_relayed == 20 * 500

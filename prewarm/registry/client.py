@@ -44,6 +44,7 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
+from prewarm.config import Settings
 from prewarm.digest import is_digest, new_hasher, parse_digest, sha256_digest, verify
 from prewarm.errors import (
     BlobNotFound,
