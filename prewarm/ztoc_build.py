@@ -266,3 +266,71 @@ def build_ztoc_from_file(path: str | Path, *, span_size: int,
                           f"(they are pulled whole)")
     build = build_ztoc if kind == "gzip" else build_tar_ztoc
     return build(read_chunks(p), span_size=span_size, build_tool_identifier=build_tool_identifier)
+
+
+# ==== checking a zTOC against a layer =====================================================
+
+def verify_ztoc(z: Ztoc, path: str | Path) -> int:
+    """Check a zTOC (ours or soci's) against a local layer file, span by span.
+
+    Each span's compressed bytes must match its digest and inflate, from its checkpoint
+    alone, to exactly its uncompressed size, ending in the next checkpoint's window; the
+    last must end the gzip stream.  The inflated stream, indexed again, must give the
+    zTOC's TOC entry for entry.  Memory stays at about one span.
+
+    Returns:
+        The number of spans checked.
+
+    Raises:
+        ConfigError: the layer cannot be read.
+        DigestMismatch: a span's bytes do not match its digest (names the span).
+        BadSpan: a span does not inflate as the zTOC says.
+        BadZtoc: sizes or the TOC do not match the layer (names the first difference).
+    """
+    from prewarm.digest import verify
+    from prewarm.errors import BadZtoc as _BadZtoc
+    from prewarm.inflate import inflate_span
+
+    p = Path(path)
+    try:
+        f = open(p, "rb")
+    except OSError as err:
+        raise ConfigError(f"cannot read layer {p}: {err.strerror or err}") from err
+    with f:
+        size = f.seek(0, 2)
+        if size != z.compressed_archive_size:
+            raise _BadZtoc(f"layer {p} is {size} bytes but the zTOC is for "
+                           f"{z.compressed_archive_size} bytes")
+        indexer = TarIndexer()
+        files: list[FileEntry] = []
+        for i in range(z.num_spans):
+            s = z.span(i)
+            f.seek(s.compressed_start)
+            data = f.read(s.compressed_end - s.compressed_start)
+            verify(data, s.digest, what=f"span {i} of {p}")
+            last = i == z.num_spans - 1
+            nxt = z.checkpoint(i + 1).window if not last and z.compression == "gzip" else None
+            out = inflate_span(s, data, next_window=nxt, is_last=last)
+            files.extend(indexer.feed(out))
+        files.extend(indexer.finish())
+    usize = indexer.ended_at if indexer.ended_at is not None else indexer.offset
+    for k, (want, got) in enumerate(zip(z.files, files)):
+        if want != got:
+            raise _BadZtoc(f"TOC entry {k} ({want.name!r}) differs from the layer's tar header "
+                           f"({got.name!r}): {_first_difference(want, got)}")
+    if len(files) != len(z.files):
+        raise _BadZtoc(f"the zTOC lists {len(z.files)} files, the layer has {len(files)}")
+    if usize != z.uncompressed_archive_size:
+        raise _BadZtoc(f"the tar stream ends at {usize}, the zTOC says "
+                       f"{z.uncompressed_archive_size}")
+    return z.num_spans
+
+
+def _first_difference(a: FileEntry, b: FileEntry) -> str:
+    import dataclasses
+
+    for field in dataclasses.fields(FileEntry):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if x != y:
+            return f"{field.name} is {x!r} in the zTOC, {y!r} in the layer"
+    return "no difference"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import hashlib
 import io
 import random
@@ -152,3 +153,96 @@ def test_bad_layers_are_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         build_ztoc_from_file(tmp_path / "missing.tar.gz", span_size=4096,
                              build_tool_identifier="t")
+
+
+# ==== the `prewarm ztoc` commands ========================================================
+
+FIXTURES = "fixtures/soci-ztoc"
+
+
+def run_cli(*args: str):  # type: ignore[no-untyped-def]
+    from click.testing import CliRunner
+
+    from prewarm.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def test_cli_build_writes_soci_bytes_and_verify_accepts_them(shared_dir: Path, tmp_path: Path) -> None:
+    d = shared_dir / FIXTURES
+    out = tmp_path / "meta.ztoc"
+    # When `prewarm ztoc build` indexes the golden input with soci's parameters
+    result = run_cli("ztoc", "build", str(d / "meta.tar.gz"), "--span-size", "4096",
+                     "--build-tool-identifier", "soci-oracle", "-o", str(out))
+    # Then it writes soci's zTOC and says what it wrote
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() == (d / "meta.ztoc").read_bytes()
+    assert "2 spans, 11 files" in result.output
+    # And verify accepts soci's own zTOC for that layer
+    result = run_cli("ztoc", "verify", str(d / "meta.ztoc"), str(d / "meta.tar.gz"))
+    assert result.exit_code == 0 and "OK" in result.output
+
+
+def test_cli_info_shows_spans_checkpoints_and_files(shared_dir: Path) -> None:
+    d = shared_dir / FIXTURES
+    result = run_cli("ztoc", "info", str(d / "basic-l9.ztoc"), "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["num_spans"] == 2 and info["span_size"] == 4096
+    assert info["build_tool"] == "soci-oracle" and info["compression"] == "gzip"
+    assert info["spans"][1]["checkpoint"] == {"compressed_offset": 186,
+                                              "uncompressed_offset": 5120, "bits": 5}
+    assert info["spans"][1]["compressed_start"] == 185
+    assert [f["filename"] for f in info["files"]][:2] == ["etc/", "etc/hostname"]
+    text = run_cli("ztoc", "info", str(d / "basic-l9.ztoc"))
+    assert text.exit_code == 0 and "usr/bin/true" in text.output and "num_spans: 2" in text.output
+
+
+def test_cli_verify_names_the_first_mismatch(shared_dir: Path, tmp_path: Path) -> None:
+    d = shared_dir / FIXTURES
+    z = parse_ztoc((d / "text-l6-s4096.ztoc").read_bytes())
+    # a span digest that does not match the layer
+    forged = tmp_path / "digest.ztoc"
+    copy = build_ztoc([(d / "text-l6.tar.gz").read_bytes()], span_size=4096,
+                      build_tool_identifier="soci-oracle")
+    object.__setattr__(copy, "span_digests", (z.span_digests[0], "sha256:" + "ab" * 32))
+    forged.write_bytes(serialize_ztoc(copy))
+    result = run_cli("ztoc", "verify", str(forged), str(d / "text-l6.tar.gz"))
+    assert result.exit_code == 6 and "span 1" in result.output
+    assert "Traceback" not in result.output
+    # a TOC entry that the layer does not have
+    import dataclasses
+    copy = build_ztoc([(d / "text-l6.tar.gz").read_bytes()], span_size=4096,
+                      build_tool_identifier="soci-oracle")
+    entry = dataclasses.replace(copy.files[0], mode=0o777)
+    object.__setattr__(copy, "files", (entry,) + copy.files[1:])
+    forged.write_bytes(serialize_ztoc(copy))
+    result = run_cli("ztoc", "verify", str(forged), str(d / "text-l6.tar.gz"))
+    assert result.exit_code == 6 and "TOC entry 0" in result.output and "mode" in result.output
+    # the zTOC of another layer
+    result = run_cli("ztoc", "verify", str(d / "meta.ztoc"), str(d / "text-l6.tar.gz"))
+    assert result.exit_code == 6 and "bytes but the zTOC is for" in result.output
+
+
+def test_cli_bad_input_gives_one_clear_line(shared_dir: Path, tmp_path: Path) -> None:
+    d = shared_dir / FIXTURES
+    garbage = tmp_path / "garbage.ztoc"
+    garbage.write_bytes(b"this is not a ztoc" * 10)
+    (tmp_path / "l.zst").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(16))
+    cases = [
+        (("ztoc", "info", str(tmp_path / "missing.ztoc")), 2, "cannot read zTOC"),
+        (("ztoc", "info", str(garbage)), 6, "is not a valid zTOC"),
+        (("ztoc", "verify", str(garbage), str(d / "meta.tar.gz")), 6, "is not a valid zTOC"),
+        (("ztoc", "verify", str(d / "meta.ztoc"), str(tmp_path / "nope.tar.gz")), 2,
+         "cannot read layer"),
+        (("ztoc", "build", str(tmp_path / "nope.tar.gz"), "-o", str(tmp_path / "o")), 2,
+         "cannot read layer"),
+        (("ztoc", "build", str(tmp_path / "l.zst"), "-o", str(tmp_path / "o")), 2, "zstd"),
+        (("ztoc", "build", str(d / "meta.tar.gz"), "-o", str(tmp_path / "no" / "dir" / "o")), 2,
+         "cannot write"),
+    ]
+    for args, code, message in cases:
+        result = run_cli(*args)
+        assert result.exit_code == code, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output, result.output
+        assert result.output.startswith("prewarm: error:")
