@@ -166,7 +166,7 @@ class RegistryClient:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Any, **overrides: Any) -> RegistryClient:
+    def from_settings(cls, settings: Settings, **overrides: Any) -> RegistryClient:
         """A client configured from :class:`prewarm.config.Settings` (insecure registries, CA, config)."""
         kw: dict[str, Any] = {"insecure_registries": settings.insecure_registries,
                               "ca_bundle": settings.ca_bundle, "docker_config": settings.docker_config}
