@@ -34,6 +34,7 @@ import stat
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Self
 
 from prewarm.errors import BadZtoc, CorruptContent, UnsafeArchive
 from prewarm.ztoc import ENTRY_TYPES, FileEntry
@@ -285,7 +286,7 @@ class LayerWriter:
             raise
         self._parent: tuple[str, int] | None = None
 
-    def __enter__(self) -> LayerWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
