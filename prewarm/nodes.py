@@ -90,17 +90,17 @@ class Heartbeat(threading.Thread):
         super().__init__(name="prewarm-heartbeat", daemon=True)
         self.r, self.node, self.labels, self.root = r, name, dict(labels), root
         self.layers, self.interval, self.on_beat = layers, interval, on_beat
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 heartbeat(self.r, self.node, labels=self.labels, root=self.root, layers=self.layers())
                 if self.on_beat is not None:
                     self.on_beat()
             except redis.exceptions.RedisError:
                 pass  # Redis restarting: the next beat registers again
-            self._stop.wait(self.interval)
+            self._halt.wait(self.interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()

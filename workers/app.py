@@ -38,7 +38,14 @@ def make_app(settings: Settings | None = None) -> Celery:
         broker_url=celery_url(broker),
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
-        broker_transport_options={"visibility_timeout": visibility},
+        broker_transport_options={
+            "visibility_timeout": visibility,
+            # kombu scans for unacknowledged messages every interval x throttle seconds
+            # (100 s by default): scan at a quarter of the visibility timeout instead, so a
+            # killed worker's spans go to another worker soon after the timeout.
+            "unacked_restore_interval": max(1, min(30, visibility // 4)),
+            "unacked_restore_throttle": 1,
+        },
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
