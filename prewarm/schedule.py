@@ -27,10 +27,8 @@ from prewarm.layout import Layout
 from prewarm.plan import ImagePlan, plan_image
 from prewarm.reference import Reference
 from prewarm.registry.client import RegistryClient, ResolvedImage
-from prewarm.soci import find_soci_index, push_soci_index
+from prewarm.soci import build_layer_ztocs, find_soci_index, layer_ztoc_kind, push_soci_index
 from prewarm.store import ContentStore
-from prewarm.ztoc import serialize_ztoc
-from prewarm.ztoc_build import build_ztoc
 from prewarm.ztoc_cache import ZtocCache
 
 log = logging.getLogger(__name__)
@@ -58,59 +56,88 @@ def is_gzip(media_type: str) -> bool:
     return media_type in GZIP_TYPES
 
 
-def _build_one(client: RegistryClient, ref: Reference, digest: str, span_size: int) -> bytes:
-    with client.stream_blob(ref.registry, ref.repository, digest) as chunks:
-        z = build_ztoc(chunks, span_size=span_size, build_tool_identifier=BUILD_TOOL_IDENTIFIER)
-    return serialize_ztoc(z)
-
-
 def find_ztocs(settings: Settings, client: RegistryClient, resolved: ResolvedImage, *,
                build: bool, push: bool, say: Callable[[str], None]) -> tuple[dict[str, tuple[str, int, int]], IndexChoice]:
     """zTOC digest, span count and uncompressed size for every layer that will go by spans.
 
-    Layers below the minimum size, zstd and uncompressed layers are left to whole-layer tasks
-    (as soci leaves them un-indexed).  Built zTOCs go into this node's cache; with ``push``
-    (a fleet: the nodes fetch zTOCs from the registry) they are pushed as a SOCI index.
+    The registry's SOCI index is used when there is one.  Otherwise, with ``build``, the
+    zTOCs are built here (one streaming pass over each layer, layers in parallel) and,
+    with ``push``, pushed as a SOCI index so every node of a fleet fetches them by digest:
+    one extra download of the image for the whole fleet, after which each node fetches
+    spans in parallel.  Layers without a zTOC (small, zstd, or not built) go whole.
     """
     ref = resolved.reference
     cache = ZtocCache(Layout(settings.root))
     index = find_soci_index(client, resolved)
     out: dict[str, tuple[str, int, int]] = {}
-    from_registry, to_build, whole = [], [], []
+    from_registry: list[str] = []
     for layer in resolved.layers:
-        if layer.digest in out or layer.digest in to_build:
-            continue
         desc = index.ztoc_for_layer(layer.digest) if index is not None else None
-        if desc is not None:
+        if desc is not None and layer.digest not in out:
             z = cache.get(desc.digest, client, ref.registry, ref.repository)
             out[layer.digest] = (desc.digest, z.num_spans, z.uncompressed_archive_size)
             from_registry.append(layer.digest)
-        elif build and is_gzip(layer.media_type) and layer.size >= settings.min_layer_size:
-            to_build.append(layer.digest)
-        else:
-            whole.append(layer.digest)
     built: dict[str, bytes] = {}
-    if to_build:
-        say(f"building zTOCs for {len(to_build)} layer(s) (no SOCI index in the registry)")
-        workers = max(1, min(len(to_build), os.cpu_count() or 1))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            futures = {d: pool.submit(_build_one, client, ref, d, settings.span_size) for d in to_build}
-            for digest, fut in futures.items():
-                built[digest] = fut.result()
+    if build and len(out) < len({l.digest for l in resolved.layers}):
+        missing = [l for l in resolved.layers if l.digest not in out]
+        if any(layer_ztoc_kind(l, settings.min_layer_size)[0] for l in missing):
+            say("building zTOCs (the registry has no SOCI index for these layers)")
+            made = build_layer_ztocs(client, resolved, span_size=settings.span_size,
+                                     min_layer_size=settings.min_layer_size,
+                                     build_tool_identifier=BUILD_TOOL_IDENTIFIER,
+                                     workers=max(1, os.cpu_count() or 1))
+            built = {d: data for d, data in made.ztocs.items() if d not in out}
+        if built and push:
+            try:
+                push_soci_index(client, resolved, built, settings.span_size, BUILD_TOOL_IDENTIFIER)
+                say("pushed a SOCI index with them, so the nodes fetch the zTOCs by digest")
+            except AuthenticationFailed as err:
+                say(f"cannot push the SOCI index ({err}); those layers go whole to the fleet")
+                built = {}
         for digest, data in built.items():
             zdigest = cache.put(data)
             z = cache.get(zdigest)
             out[digest] = (zdigest, z.num_spans, z.uncompressed_archive_size)
-        if push:
-            try:
-                push_soci_index(client, resolved, built, settings.span_size, BUILD_TOOL_IDENTIFIER)
-            except AuthenticationFailed as err:
-                say(f"cannot push the SOCI index ({err}); those layers go whole to the fleet")
-                for digest in built:
-                    out.pop(digest, None)
-                whole.extend(built)
-                built = {}
-    return out, IndexChoice(tuple(from_registry), tuple(built), tuple(whole))
+    whole = tuple(l.digest for l in resolved.layers if l.digest not in out)
+    return out, IndexChoice(tuple(from_registry), tuple(built), whole)
+
+
+def estimate_unpacked_size(client: RegistryClient, ref: Reference, digest: str, size: int, media_type: str) -> int:
+    """Uncompressed bytes of a layer without downloading it, for the space check.
+
+    gzip: the ISIZE trailer (last 4 bytes, size mod 2**32 of the last member), lifted to the
+    smallest value not below the compressed size; pigz-style layers have several members,
+    so that can be low, and is never taken below 2x the compressed size.  zstd: 4x.
+    Uncompressed tar: its size.
+    """
+    if is_gzip(media_type) and size >= 18:
+        tail = client.fetch_range(ref.registry, ref.repository, digest, size - 4, size)
+        isize = int.from_bytes(tail, "little")
+        while isize < size:
+            isize += 1 << 32
+        return max(isize, 2 * size)
+    if media_type.endswith(("tar", "diff.tar")):
+        return size
+    return 4 * size
+
+
+def check_space_before_download(store: ContentStore, client: RegistryClient, resolved: ResolvedImage,
+                                known: dict[str, int] | None = None) -> None:
+    """Refuse a job that cannot fit on this node before any layer byte is fetched.
+
+    Raises:
+        InsufficientSpace: naming the store, what is free and what is needed.
+    """
+    known = known or {}
+    needed, seen = 0, set()
+    for layer in resolved.layers:
+        if layer.digest in seen or store.is_ready(layer.digest):
+            continue
+        seen.add(layer.digest)
+        needed += known.get(layer.digest) or estimate_unpacked_size(
+            client, resolved.reference, layer.digest, layer.size, layer.media_type)
+    if needed:
+        store.check_space(needed)
 
 
 def make_plan(resolved: ResolvedImage, span_layers: dict[str, tuple[str, int, int]]) -> ImagePlan:
@@ -123,21 +150,6 @@ def make_plan(resolved: ResolvedImage, span_layers: dict[str, tuple[str, int, in
         span_layers=span_layers,
         platform=resolved.platform or "",
     )
-
-
-def estimate_unpacked(plan: ImagePlan) -> int:
-    """Bytes the layers will take on disk: the zTOC's size where known, else 4x compressed."""
-    return sum(layer.uncompressed_size or 4 * layer.size for layer in plan.layers)
-
-
-def check_local_space(store: ContentStore, plan: ImagePlan) -> set[int]:
-    """Layers already ready on this node; raise InsufficientSpace before fetching anything."""
-    present = {i for i, layer in enumerate(plan.layers) if store.is_ready(layer.digest)}
-    needed = sum(layer.uncompressed_size or 4 * layer.size
-                 for i, layer in enumerate(plan.layers) if i not in present)
-    if needed:
-        store.check_space(needed)
-    return present
 
 
 def launch(r: redis.Redis, broker_url: str, plan: ImagePlan, image: str, nodes: Sequence[str], *,

@@ -30,8 +30,9 @@ def test_embedded_schedule_prewarms_every_odd_layer_like_umoci(tmp_path: Path, r
     # Given the odd image (pigz members, FNAME/FEXTRA, plain tar, zstd, whiteouts, devices...)
     image, ref = odd
     env = clean_env(tmp_path / "store", **SPANS)
-    # When it is scheduled with no broker configured (embedded Redis and workers)
-    proc = prewarm("schedule", ref, "--wait", "--insecure-registry", registry.host, "--json", env=env)
+    # When it is scheduled with no broker configured (embedded Redis and workers), zTOCs built
+    proc = prewarm("schedule", ref, "--wait", "--index", "build", "--insecure-registry", registry.host,
+                   "--json", env=env)
     # Then the job succeeded and says so
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
@@ -74,3 +75,26 @@ def test_a_malformed_reference_is_a_clear_error(tmp_path: Path) -> None:
     proc = prewarm("schedule", "UPPER/Case::bad", env=clean_env(tmp_path / "store"))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "UPPER/Case::bad" in proc.stderr
+
+
+def test_a_disk_too_small_is_refused_before_any_download(tmp_path: Path, registry: Registry, odd) -> None:
+    import subprocess
+
+    # Given a store on a 4 MiB tmpfs and an image of about 50 MB
+    image, ref = odd
+    store = tmp_path / "store"
+    store.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(store)], check=True)
+    try:
+        served = sum(registry.bytes_served(f"/blobs/{l.digest}") for l in image.layers)
+        # When it is scheduled
+        proc = prewarm("schedule", ref, "--wait", "--insecure-registry", registry.host, env=clean_env(store))
+        # Then a clear space error, no traceback, no layer byte fetched, nothing in the store
+        assert proc.returncode == 7, proc.stderr
+        assert "space" in proc.stderr.lower() and str(store) in proc.stderr
+        assert "Traceback" not in proc.stderr
+        after = sum(registry.bytes_served(f"/blobs/{l.digest}") for l in image.layers)
+        assert after - served <= 4 * len(image.layers)  # only the 4-byte gzip trailers for the estimate
+        assert not (store / "layers").exists() or not any((store / "layers").rglob("ready"))
+    finally:
+        subprocess.run(["umount", str(store)], check=True)

@@ -65,11 +65,15 @@ def _schedule_embedded(settings, image: str, window: int, index: str, concurrenc
         else:
             click.echo(f"{image}: already pre-warmed on this node ({resolved.manifest_digest}); nothing fetched")
         return
+    schedule.check_space_before_download(store, client, resolved)
     with embedded_cluster(settings, concurrency=concurrency) as cluster:
-        span_layers, choice = schedule.find_ztocs(settings, client, resolved, build=index != "none",
-                                                  push=False, say=_say if not quiet else lambda m: None)
+        # One node: building zTOCs here would download every layer twice, so without a
+        # SOCI index in the registry the layers go whole unless --index build says otherwise.
+        span_layers = {} if index == "none" else schedule.find_ztocs(
+            settings, client, resolved, build=index == "build", push=False,
+            say=_say if not quiet else lambda m: None)[0]
         plan = schedule.make_plan(resolved, span_layers)
-        present = schedule.check_local_space(store, plan)
+        present = {i for i, layer in enumerate(plan.layers) if store.is_ready(layer.digest)}
         cluster.wait_redis()
         r = redis_client(cluster.broker_url)
         job_id = schedule.launch(r, cluster.broker_url, plan, image, [settings.node_name], window=window,
@@ -96,8 +100,10 @@ def _schedule_embedded(settings, image: str, window: int, index: str, concurrenc
               "registry egress, free disk afterwards and an estimated time; fetch nothing.")
 @click.option("--window", type=click.IntRange(1, 10000), default=None,
               help="Tasks in flight per node (default 32).")
-@click.option("--index", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
-              help="auto: the registry's SOCI index, else build zTOCs; none: fetch every layer whole.")
+@click.option("--index", type=click.Choice(["auto", "build", "none"]), default="auto", show_default=True,
+              help="auto: the registry's SOCI index; without one, a fleet builds the zTOCs once and pushes "
+                   "them as a SOCI index, one machine fetches layers whole. build: always build missing "
+                   "zTOCs. none: fetch every layer whole.")
 @click.option("--concurrency", type=click.IntRange(1, 256), default=None,
               help="Embedded mode: local worker processes (default: cores + 1).")
 @click.option("--broker-url", envvar="PREWARM_BROKER_URL", help="Redis of the fleet (PREWARM_BROKER_URL). "
@@ -157,8 +163,11 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
                 for t in targets]
         _print_dry_run(plan, image, rows, as_json)
         return
-    span_layers, _ = schedule.find_ztocs(settings, client, resolved, build=index != "none", push=True,
-                                         say=_say if not quiet else lambda m: None)
+    if index == "none":
+        span_layers: dict = {}
+    else:
+        span_layers, _ = schedule.find_ztocs(settings, client, resolved, build=True, push=True,
+                                             say=_say if not quiet else lambda m: None)
     plan = schedule.make_plan(resolved, span_layers)
     job_id = schedule.launch(r, settings.broker_url, plan, image, targets, window=window,
                              keep=dict(parse_labels(list(selectors))) if keep else None)
