@@ -80,10 +80,21 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+_NUM_CACHE: dict[bytes, int] = {}
+_NUM_CACHE_MAX = 8192
+
+
 def _parse_octal(field: bytes, what: str) -> int:
     field = field.strip(b" \x00")
     if not field:
         return 0
+    if field.isdigit():  # ASCII digits only: no sign, space or underscore for int()
+        try:
+            value = int(field, 8)
+        except ValueError:
+            raise BadTarHeader(f"tar header field {what} is not an octal number: {field!r}") from None
+        if value <= _MAX_INT64:
+            return value
     digits = _cstr(field)
     try:
         value = int(digits, 8) if digits else None
@@ -96,6 +107,16 @@ def _parse_octal(field: bytes, what: str) -> int:
 
 
 def _parse_numeric(field: bytes, what: str) -> int:
+    """A numeric header field as Go's ``parseNumeric``: base-256 or octal (memoised)."""
+    value = _NUM_CACHE.get(field)
+    if value is None:
+        value = _parse_numeric_uncached(field, what)
+        if len(_NUM_CACHE) < _NUM_CACHE_MAX:
+            _NUM_CACHE[field] = value
+    return value
+
+
+def _parse_numeric_uncached(field: bytes, what: str) -> int:
     if field and field[0] & 0x80:
         inv = 0xFF if field[0] & 0x40 else 0
         x = 0
@@ -216,28 +237,36 @@ def format_mod_time(secs: int, nsecs: int = 0) -> str:
 
     Go fails to marshal years outside 0..9999 and soci then stores an empty string.
     """
-    total = secs * 1_000_000_000 + nsecs
-    secs, nsecs = divmod(total, 1_000_000_000)
+    if nsecs < 0 or nsecs >= 1_000_000_000:
+        secs, nsecs = divmod(secs * 1_000_000_000 + nsecs, 1_000_000_000)
     days, rem = divmod(secs, 86400)
-    y, m, d = _days_to_civil(days)
-    if not 0 <= y <= 9999:
+    date = _DATES.get(days)
+    if date is None:
+        y, m, d = _days_to_civil(days)
+        date = f"{y:04d}-{m:02d}-{d:02d}T" if 0 <= y <= 9999 else ""
+        if len(_DATES) < 65536:
+            _DATES[days] = date
+    if not date:
         return ""
     hh, rem = divmod(rem, 3600)
     mm, ss = divmod(rem, 60)
     frac = f".{nsecs:09d}".rstrip("0") if nsecs else ""
-    return f"{y:04d}-{m:02d}-{d:02d}T{hh:02d}:{mm:02d}:{ss:02d}{frac}Z"
+    return f"{date}{hh:02d}:{mm:02d}:{ss:02d}{frac}Z"
+
+
+_DATES: dict[int, str] = {}
 
 
 def _block_padding(n: int) -> int:
     return -n & (BLOCK - 1)
 
 
-def _parse_chain(buf: bytes | bytearray | memoryview, pos: int, end: int
+def _parse_chain(buf: bytes | bytearray | memoryview, pos: int, end: int, base: int = 0
                  ) -> tuple[FileEntry | None, int, int]:
     """Parse one header chain at ``buf[pos:end]``.
 
-    Returns (entry, data_pos, data_len): ``entry`` has ``uncompressed_offset`` relative
-    to ``buf``; ``data_len`` is what the stream holds after the header (0 for
+    Returns (entry, data_pos, data_len): ``entry`` has ``uncompressed_offset``
+    ``base + data_pos``; ``data_len`` is what the stream holds after the header (0 for
     header-only types).  At a zero block, returns (None, position of that block, 0).
 
     Raises:
@@ -282,7 +311,7 @@ def _parse_chain(buf: bytes | bytearray | memoryview, pos: int, end: int
             else:
                 long_link = _cstr(payload)
             continue
-        return _make_entry(blk, fmt, flag, nums, pax, long_name, long_link, pos)
+        return _make_entry(blk, fmt, flag, nums, pax, long_name, long_link, pos, base)
 
 
 def _header_numbers(blk: bytes, fmt: int) -> tuple[int, int, int, int, int, int, int]:
@@ -303,8 +332,8 @@ def _header_numbers(blk: bytes, fmt: int) -> tuple[int, int, int, int, int, int,
 
 
 def _make_entry(blk: bytes, fmt: int, flag: int, nums: tuple[int, int, int, int, int, int, int],
-                pax: dict[str, str] | None, long_name: bytes, long_link: bytes, pos: int
-                ) -> tuple[FileEntry, int, int]:
+                pax: dict[str, str] | None, long_name: bytes, long_link: bytes, pos: int,
+                base: int) -> tuple[FileEntry, int, int]:
     name = _cstr(blk[0:100])
     linkname = _cstr(blk[157:257])
     mode, uid, gid, size, mtime, devmajor, devminor = nums
@@ -372,19 +401,12 @@ def _make_entry(blk: bytes, fmt: int, flag: int, nums: tuple[int, int, int, int,
         raise BadTarHeader(f"tar entry {name_s!r} has a negative size")
     data_pos = pos + BLOCK
     entry = FileEntry(
-        name=name_s, type=type_name, uncompressed_offset=data_pos, uncompressed_size=size,
+        name=name_s, type=type_name, uncompressed_offset=base + data_pos, uncompressed_size=size,
         linkname=link_s, mode=mode, uid=uid & 0xFFFFFFFF, gid=gid & 0xFFFFFFFF,
         uname=uname_s, gname=gname_s, mod_time=format_mod_time(mtime, nsecs),
         devmajor=devmajor, devminor=devminor, xattrs=records,
     )
     return entry, data_pos, (0 if flag in _HEADER_ONLY else size)
-
-
-def _rebase(entry: FileEntry, delta: int) -> FileEntry:
-    return FileEntry(entry.name, entry.type, entry.uncompressed_offset + delta,
-                     entry.uncompressed_size, entry.linkname, entry.mode, entry.uid, entry.gid,
-                     entry.uname, entry.gname, entry.mod_time, entry.devmajor, entry.devminor,
-                     entry.xattrs)
 
 
 def is_end_of_archive(buf: bytes | bytearray | memoryview, pos: int) -> bool:
@@ -415,7 +437,7 @@ def parse_header_run(buf: bytes | bytearray | memoryview, pos: int,
             runs past the end of ``buf``.
     """
     try:
-        entry, data_pos, data_len = _parse_chain(buf, pos, len(buf))
+        entry, data_pos, data_len = _parse_chain(buf, pos, len(buf), stream_offset_of_buf)
     except _NeedMore as more:
         raise BadTarHeader(f"tar header chain at stream offset {stream_offset_of_buf + pos} runs "
                            f"past the {len(buf)} bytes given (needs {more.end - pos})") from None
@@ -423,7 +445,7 @@ def parse_header_run(buf: bytes | bytearray | memoryview, pos: int,
         raise BadTarHeader(f"stream offset {stream_offset_of_buf + data_pos} is the end of the "
                            f"archive (zero block), not a tar header")
     nxt = stream_offset_of_buf + data_pos + data_len + _block_padding(data_len)
-    return _rebase(entry, stream_offset_of_buf), nxt
+    return entry, nxt
 
 
 class TarIndexer:
@@ -511,7 +533,7 @@ class TarIndexer:
             self.ended_at = base + pos + BLOCK
             return pos + BLOCK
         try:
-            entry, data_pos, data_len = _parse_chain(buf, pos, end)
+            entry, data_pos, data_len = _parse_chain(buf, pos, end, base)
         except _NeedMore as more:
             self._need = more.end - pos if buf is not self._carry else more.end
             self._clean_from = None if more.clean_from is None else more.clean_from - pos
@@ -519,7 +541,7 @@ class TarIndexer:
         if entry is None:
             self._zero_blocks = 1
             return data_pos + BLOCK
-        out.append(_rebase(entry, base))
+        out.append(entry)
         self._skip = data_len
         self._pad = _block_padding(data_len)
         return data_pos

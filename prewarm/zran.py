@@ -16,6 +16,7 @@ import ctypes.util
 
 from prewarm.errors import CorruptContent
 
+Z_NO_FLUSH = 0
 Z_OK = 0
 Z_STREAM_END = 1
 Z_NEED_DICT = 2
@@ -119,6 +120,10 @@ class BlockInflater:
     def inflate_block(self) -> int:
         """Run inflate with ``Z_BLOCK``: returns at a block end, or out of input/output."""
         return _libz.inflate(self._ref, Z_BLOCK)
+
+    def inflate(self) -> int:
+        """Run inflate with ``Z_NO_FLUSH``: returns only when out of input or output."""
+        return _libz.inflate(self._ref, Z_NO_FLUSH)
 
     def reset(self) -> None:
         """Start over for a new gzip member (keeps the header detection mode)."""

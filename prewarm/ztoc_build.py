@@ -13,14 +13,21 @@ if the stream is at a block boundary (``data_type & 128``), not after the last b
 ``span_size`` bytes came out since the previous checkpoint, record one.  Concatenated
 gzip members (pigz) continue the counts across members.
 
-Memory is bounded by the output buffer plus the zTOC itself (33 KB per span).
+Between checkpoints no block boundary can qualify (fewer than ``span_size`` bytes came
+out since the last one), so libz runs with ``Z_NO_FLUSH`` over megabytes at a time and
+switches to ``Z_BLOCK`` only once a checkpoint is due.  The tar headers are parsed on a
+second thread while libz (which runs without the GIL) inflates the next megabytes.
+
+Memory is bounded by the output buffers plus the zTOC itself (33 KB per span).
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import queue
 import struct
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -44,7 +51,9 @@ from prewarm.ztoc import (
 )
 
 #: Uncompressed bytes inflated between two slides of the output buffer.
-OUTPUT_CHUNK = 1 << 20
+OUTPUT_CHUNK = 2 << 20
+#: Output buffers queued for the tar header thread at most.
+INDEX_QUEUE = 6
 #: Bytes read from a file per chunk.
 READ_CHUNK = 1 << 20
 
@@ -103,6 +112,43 @@ class _SpanHasher:
             self._h = None
 
 
+class _BackgroundIndexer:
+    """A :class:`TarIndexer` on its own thread, fed copies of the inflated output."""
+
+    def __init__(self) -> None:
+        self.indexer = TarIndexer()
+        self.files: list[FileEntry] = []
+        self.error: BaseException | None = None
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=INDEX_QUEUE)
+        self._thread = threading.Thread(target=self._run, name="ztoc-tar-headers", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._q.get()) is not None:
+            if self.error is None:
+                try:
+                    self.files.extend(self.indexer.feed(item))
+                except BaseException as err:  # handed to the building thread
+                    self.error = err
+
+    def feed(self, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self._q.put(data)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+
+    def finish(self) -> list[FileEntry]:
+        self.stop()
+        if self.error is not None:
+            raise self.error
+        self.files.extend(self.indexer.finish())
+        return self.files
+
+
 def build_ztoc(chunks: Iterable[bytes], *, span_size: int, build_tool_identifier: str) -> Ztoc:
     """Build the zTOC of a gzip tar layer from its compressed bytes, read once.
 
@@ -123,8 +169,7 @@ def build_ztoc(chunks: Iterable[bytes], *, span_size: int, build_tool_identifier
     out_addr = ctypes.addressof(out)
     out_mv = memoryview(out).cast("B")
     wpos = fed = hist
-    indexer = TarIndexer()
-    files: list[FileEntry] = []
+    headers = _BackgroundIndexer()
     hasher = _SpanHasher()
     blob = bytearray(ZINFO_HEADER_SIZE)
     count = 0
@@ -148,13 +193,17 @@ def build_ztoc(chunks: Iterable[bytes], *, span_size: int, build_tool_identifier
                     inf.reset()
                     member_done = False
                 if wpos == len(out_mv):
-                    files.extend(indexer.feed(out_mv[fed:wpos]))
+                    headers.feed(bytes(out_mv[fed:wpos]))
                     ctypes.memmove(out_addr, out_addr + wpos - hist, hist)
                     wpos = fed = hist
                 room = len(out_mv) - wpos
+                # a boundary can only qualify once more than span_size bytes came out
+                due = count == 0 or totout - last >= span_size
+                if not due:
+                    room = min(room, last + span_size - totout)
                 before_in = inf.avail_in
                 inf.set_output(out_addr + wpos, room)
-                ret = inf.inflate_block()
+                ret = inf.inflate_block() if due else inf.inflate()
                 totin += before_in - inf.avail_in
                 produced = room - inf.avail_out
                 totout += produced
@@ -166,7 +215,7 @@ def build_ztoc(chunks: Iterable[bytes], *, span_size: int, build_tool_identifier
                     raise CorruptContent(f"layer is not valid gzip at compressed offset {totin}: "
                                          f"{inf.message()} (zlib code {ret})")
                 dt = inf.data_type
-                if dt & DT_END_OF_BLOCK and not dt & DT_LAST_BLOCK and (
+                if due and dt & DT_END_OF_BLOCK and not dt & DT_LAST_BLOCK and (
                         totout == 0 or totout - last > span_size):
                     bits = dt & 7
                     hasher.checkpoint(chunk, chunk_start, totin, bits)
@@ -182,14 +231,16 @@ def build_ztoc(chunks: Iterable[bytes], *, span_size: int, build_tool_identifier
         if not member_done:
             raise CorruptContent(f"gzip stream ends early: {chunk_start} compressed bytes, "
                                  f"no gzip trailer (truncated layer?)")
-        files.extend(indexer.feed(out_mv[fed:wpos]))
-        files.extend(indexer.finish())
+        headers.feed(bytes(out_mv[fed:wpos]))
+        files = headers.finish()
     finally:
+        headers.stop()
         inf.close()
     hasher.finish()
     if count == 0:
         raise CorruptContent("gzip stream has no deflate data to index")
     blob[0:ZINFO_HEADER_SIZE] = struct.pack("<iq", count, span_size)
+    indexer = headers.indexer
     usize = indexer.ended_at if indexer.ended_at is not None else indexer.offset
     try:
         return Ztoc(version=ZTOC_VERSION, build_tool_identifier=build_tool_identifier,

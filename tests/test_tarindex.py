@@ -320,18 +320,26 @@ def test_handcrafted_headers_match_go(go_toc) -> None:
 def test_chunking_does_not_change_the_toc(seed: int, cuts: list[int]) -> None:
     # Given a random archive and an arbitrary split into chunks
     data = random_tar(random.Random(seed))
-    whole, end = index_all(data, len(data) or 1)
-    ix = TarIndexer()
-    got: list[FileEntry] = []
-    pos = 0
-    for c in cuts:
-        got += ix.feed(memoryview(data)[pos:pos + c])
-        pos += c
-    got += ix.feed(data[pos:])
-    got += ix.finish()
-    # Then the entries and the offset are the same as in one piece
-    assert got == whole
-    assert ix.offset == len(data)
+
+    def chunked() -> list[FileEntry]:
+        ix = TarIndexer()
+        got: list[FileEntry] = []
+        pos = 0
+        for c in cuts:
+            got += ix.feed(memoryview(data)[pos:pos + c])
+            pos += c
+        got += ix.feed(data[pos:])
+        assert ix.offset == len(data)
+        return got + ix.finish()
+
+    try:
+        whole, _ = index_all(data, len(data) or 1)
+    except BadTarHeader:  # e.g. tarfile's "mtime=1e-06", which Go refuses too
+        with pytest.raises(BadTarHeader):
+            chunked()
+        return
+    # Then the entries are the same as in one piece
+    assert chunked() == whole
 
 
 def test_parse_header_run_gives_entry_and_next_header() -> None:

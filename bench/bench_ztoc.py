@@ -1,0 +1,150 @@
+"""zTOC build throughput next to plain single-core zlib inflate of the same layer (issue 3).
+
+Run by hand from the repository root (not a test)::
+
+    .venv/bin/python -m bench.bench_ztoc [--cache DIR] [--size-mb 320] [--runs 3]
+
+It makes (once, cached) a realistic gzip -6 layer of 100+ MB compressed: a tar of the
+virtualenv's site-packages and ``/usr/lib`` (tens of thousands of small files and some
+big shared libraries, as in AI images).  Then, in the same run, each measurement in a fresh child
+process so that its peak RSS is its own:
+
+  zlib   ``zlib.decompressobj(31)`` over the file in 1 MiB chunks (the baseline)
+  isal   the same with ISA-L (what workers use for spans; for reference)
+  build  ``build_ztoc`` (4 MiB spans): checkpoints + span digests + TOC, one pass
+
+and prints MB/s of compressed input, the ratio build/zlib (target >= 0.8) and peak RSS.
+The build is also run on a layer half the size: peak RSS should not depend on the
+layer's size (only the zTOC itself grows, 33 KB per 4 MiB span plus the file list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+CHUNK = 1 << 20
+SOURCES = (str(Path(sys.prefix) / "lib"), "/usr/lib")
+
+
+def make_layer(cache: Path, size_mb: int) -> Path:
+    """A gzip -6 tar of real files, about ``size_mb`` MB uncompressed (cached)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    out = cache / f"layer-{size_mb}mb.tar.gz"
+    if out.exists():
+        return out
+    tar_path = cache / f"layer-{size_mb}mb.tar"
+    budget = size_mb << 20
+    total = 0
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for root in SOURCES:
+            for dirpath, dirnames, filenames in os.walk(root):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    p = os.path.join(dirpath, name)
+                    try:
+                        st = os.lstat(p)
+                        tf.add(p, recursive=False)
+                    except OSError:
+                        continue
+                    total += st.st_size + 512
+                    if total >= budget:
+                        break
+                if total >= budget:
+                    break
+            if total >= budget:
+                break
+    with open(out.with_suffix(".tmp"), "wb") as f:
+        subprocess.run(["gzip", "-6", "-n", "-c", str(tar_path)], stdout=f, check=True)
+    out.with_suffix(".tmp").rename(out)
+    tar_path.unlink()
+    return out
+
+
+def _chunks(paths: list[str]):  # type: ignore[no-untyped-def]
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(CHUNK):
+                yield chunk
+
+
+def measure(kind: str, paths: list[str]) -> dict[str, float]:
+    """Run one measurement in this process; returns seconds and peak RSS."""
+    t0 = time.perf_counter()
+    if kind in ("zlib", "isal"):
+        if kind == "zlib":
+            import zlib as mod
+        else:
+            from isal import isal_zlib as mod  # type: ignore[no-redef]
+        d = mod.decompressobj(31)
+        out = 0
+        for chunk in _chunks(paths):
+            while chunk:
+                out += len(d.decompress(chunk))
+                chunk = d.unused_data
+                if d.eof and chunk:
+                    d = mod.decompressobj(31)
+        result: dict[str, float] = {"uncompressed": out}
+    else:
+        from prewarm.ztoc import serialize_ztoc
+        from prewarm.ztoc_build import build_ztoc
+
+        z = build_ztoc(_chunks(paths), span_size=4 << 20, build_tool_identifier="bench")
+        t1 = time.perf_counter()
+        size = len(serialize_ztoc(z))
+        result = {"spans": z.num_spans, "files": len(z.files), "ztoc_bytes": size,
+                  "serialize_seconds": time.perf_counter() - t1}
+        t0 += time.perf_counter() - t1  # report the build alone
+    result["seconds"] = time.perf_counter() - t0
+    result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def in_child(kind: str, paths: list[str]) -> dict[str, float]:
+    out = subprocess.run([sys.executable, "-m", "bench.bench_ztoc", "--measure", kind, *paths],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/prewarm-bench-ztoc"))
+    ap.add_argument("--size-mb", type=int, default=320, help="uncompressed size of the layer")
+    ap.add_argument("--runs", type=int, default=3, help="best of N for each measurement")
+    ap.add_argument("--measure", help=argparse.SUPPRESS)
+    ap.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.paths)))
+        return
+    layer = make_layer(args.cache, args.size_mb)
+    csize = layer.stat().st_size
+    print(f"layer: {layer} ({csize / 1e6:.1f} MB compressed)")
+    best: dict[str, dict[str, float]] = {}
+    for _ in range(args.runs):
+        for kind in ("zlib", "isal", "build"):
+            r = in_child(kind, [str(layer)])
+            if kind not in best or r["seconds"] < best[kind]["seconds"]:
+                best[kind] = r
+    for kind, r in best.items():
+        print(f"{kind:6} {csize / 1e6 / r['seconds']:8.1f} MB/s compressed  "
+              f"({r['seconds']:.2f} s, peak RSS {r['maxrss_mb']:.0f} MB)")
+    b = best["build"]
+    print(f"build: {b['spans']:.0f} spans, {b['files']:.0f} files, zTOC {b['ztoc_bytes'] / 1e6:.1f} MB "
+          f"(serialised in {b['serialize_seconds']:.2f} s, not counted)")
+    print(f"ratio build / zlib inflate: {best['zlib']['seconds'] / b['seconds']:.2f}  (target >= 0.8)")
+    half = make_layer(args.cache, args.size_mb // 2)
+    small = in_child("build", [str(half)])
+    print(f"build of a layer half the size ({half.stat().st_size / 1e6:.0f} MB): peak RSS "
+          f"{small['maxrss_mb']:.0f} MB (full size: {b['maxrss_mb']:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()
