@@ -299,7 +299,7 @@ def _tarinfo(entry: TarEntry) -> tarfile.TarInfo:
     try:
         info.size = entry.size
     except OSError as err:
-        raise ConfigError(f"tar entry {entry.name!r}: cannot read its data file {entry.data}: "
+        raise ConfigError(f"tar entry {entry.name!r}: cannot read its data file {entry.data!s}: "
                           f"{err.strerror}") from None
     if entry.xattrs:
         try:
