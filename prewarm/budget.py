@@ -20,6 +20,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Iterator
+from typing import cast
 
 import redis
 
@@ -121,14 +122,14 @@ class RegistryBudget:
         ms = max(1, int(seconds * 1000))
         key = keys.BUDGET_BACKOFF.format(registry=registry)
         # Only ever extend a back-off, never shorten one another worker set.
-        current = self.r.pttl(key)
-        if current is None or current < ms:
+        current = cast(int, self.r.pttl(key))
+        if current < ms:
             self.r.set(key, "1", px=ms)
 
     def _wait_backoff(self, registry: str) -> None:
         while True:
-            ttl = self.r.pttl(keys.BUDGET_BACKOFF.format(registry=registry))
-            if ttl is None or ttl <= 0:
+            ttl = cast(int, self.r.pttl(keys.BUDGET_BACKOFF.format(registry=registry)))
+            if ttl <= 0:
                 return
             self._sleep(ttl / 1000)
 

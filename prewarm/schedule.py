@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import redis
 
@@ -187,7 +188,8 @@ def wait_for_job(r: redis.Redis, job_id: str, *, on_update: Callable[[jobs.JobSt
 def require_nodes(r: redis.Redis, nodes: Sequence[str]) -> list[str]:
     if nodes:
         return list(nodes)
-    known = sorted(n.decode() if isinstance(n, bytes) else n for n in r.smembers(keys.NODES))
+    members = cast(set[bytes], r.smembers(keys.NODES))
+    known = sorted(n.decode() if isinstance(n, bytes) else n for n in members)
     if not known:
         raise PrewarmError("no node to pre-warm: start `prewarm worker` on the nodes, or name them with --node")
     return known
@@ -221,7 +223,7 @@ def dry_run(plan: ImagePlan, nodes: Sequence[tuple[str, frozenset[str], int | No
         egress += fetch
         lines.append(DryRunLine(name, present, fetch, None if free is None else free - unpacked, 0.0))
     fetching = sum(1 for line in lines if line.fetch_bytes)
-    rate = NOMINAL_NODE_RATE
+    rate = float(NOMINAL_NODE_RATE)
     if budget_bytes_per_s and fetching:
         rate = min(rate, budget_bytes_per_s / fetching)
     return [dataclasses.replace(line, seconds=line.fetch_bytes / rate) for line in lines], egress
@@ -235,7 +237,8 @@ def join_standing_jobs(r: redis.Redis, app, node: str, labels: dict[str, str],  
         plan = jobs.load_plan(r, job_id)
         ready = {i for i, layer in enumerate(plan.layers) if is_ready(layer.digest)}
         if jobs.add_node(r, job_id, node, plan, ready):
-            window = int(r.hget(keys.job(job_id), "window") or DEFAULT_WINDOW)
+            raw = r.hget(keys.job(job_id), "window")
+            window = int(raw) if isinstance(raw, (bytes, str)) and raw else DEFAULT_WINDOW
             dispatch.release(app, r, plan, job_id, node, window)
             joined.append(job_id)
     return joined

@@ -87,9 +87,14 @@ _HEADER_ONLY = frozenset(("dir", "symlink", "hardlink", "char", "block", "fifo")
 class ZtocView(Protocol):
     """What the store reads from a zTOC (:class:`prewarm.ztoc.Ztoc` provides it)."""
 
-    files: Sequence[FileEntry]
-    num_spans: int
-    uncompressed_archive_size: int
+    @property
+    def files(self) -> Sequence[FileEntry]: ...
+
+    @property
+    def num_spans(self) -> int: ...
+
+    @property
+    def uncompressed_archive_size(self) -> int: ...
 
     def span(self, index: int) -> Span: ...
 

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Iterator
 
-import redis
+from redis import Redis
 
 from prewarm import jobs
 from prewarm.budget import RegistryBudget
@@ -45,7 +45,7 @@ class NodeContext:
     """What one worker process keeps between tasks: clients, store, caches."""
 
     settings: Settings
-    redis: redis.Redis
+    redis: Redis
     client: RegistryClient
     store: ContentStore
     layout: Layout
@@ -55,7 +55,7 @@ class NodeContext:
     _refs: dict[str, Reference] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def create(cls, settings: Settings, r: redis.Redis) -> "NodeContext":
+    def create(cls, settings: Settings, r: Redis) -> "NodeContext":
         layout = Layout(settings.root)
         return cls(settings, r, RegistryClient.from_settings(settings), ContentStore(settings.root),
                    layout, ZtocCache(layout), RegistryBudget(r))

@@ -77,10 +77,10 @@ def _run(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: ignore[no
         except Exception as err:  # noqa: BLE001 - every failure ends in a retry or a recorded reason
             retries = task.request.retries
             if isinstance(err, Transient) and retries < MAX_TRANSIENT_RETRIES:
-                raise task.retry(exc=err, countdown=_retry_delay(retries, err), max_retries=None)
+                raise task.retry(exc=err, countdown=_retry_delay(retries, err), max_retries=None) from err
             if isinstance(err, DigestMismatch) and "span" in kw and retries < MAX_CORRUPT_SPAN_RETRIES:
                 log.warning("span %s of %s corrupted in transit, fetching again: %s", span, kw["layer"], err)
-                raise task.retry(exc=err, countdown=0.2, max_retries=None)
+                raise task.retry(exc=err, countdown=0.2, max_retries=None) from err
             if not isinstance(err, PrewarmError) and not isinstance(err, OSError):
                 log.exception("unexpected error in %s", task.name)
             error = _describe(err)
