@@ -176,8 +176,8 @@ def main() -> None:
 
         def g() -> None:
             from tests.containerd import run_containerd
-            with run_containerd(tmp / "containerd", registry_hosts=[reg.host]) as ctrd:
-                ctrd.ctr("images", "pull", "--plain-http", "--snapshotter", "overlayfs", ref)
+            with run_containerd(tmp / "g-shim-store") as ctrd:
+                ctrd.ctr("images", "pull", "--plain-http", "--snapshotter", "overlayfs", ref, timeout=600)
 
         root = tmp / "store"
 
