@@ -31,6 +31,7 @@ from types import ModuleType
 from prewarm.errors import BadSpan
 from prewarm.ztoc import MAX_TAR_PADDING, WINDOW_SIZE, Span
 
+_isal_zlib: ModuleType | None
 try:
     from isal import isal_zlib as _isal_zlib
 except ImportError:  # pragma: no cover - isal is a dependency; zlib keeps us working without
@@ -38,6 +39,8 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib keeps us wo
 
 #: The inflater in use (ISA-L when available).
 INFLATER: ModuleType = _isal_zlib if _isal_zlib is not None else _stdlib_zlib
+_INFLATE_ERRORS: tuple[type[BaseException], ...] = (
+    (_stdlib_zlib.error, _isal_zlib.error) if _isal_zlib is not None else (_stdlib_zlib.error,))
 
 _FTEXT, _FHCRC, _FEXTRA, _FNAME, _FCOMMENT = 1, 2, 4, 8, 16
 
@@ -176,7 +179,7 @@ def _inflate(span: Span, orig: memoryview, window: bytes, bits: int, want: int,
              is_last: bool) -> bytes:
     try:
         return _inflate_unchecked(span, orig, window, bits, want, is_last)
-    except (_stdlib_zlib.error, *((_isal_zlib.error,) if _isal_zlib is not None else ())) as err:
+    except _INFLATE_ERRORS as err:
         raise BadSpan(f"span {span.index}: corrupt deflate data ({err})") from None
 
 

@@ -98,14 +98,16 @@ def _parse_octal(field: bytes, what: str) -> int:
         if value <= _MAX_INT64:
             return value
     digits = _cstr(field)
-    try:
-        value = int(digits, 8) if digits else None
-    except ValueError:
-        value = None
-    if value is None or not digits.isdigit() or value >= 1 << 64:
+    if not digits.isdigit():
         raise BadTarHeader(f"tar header field {what} is not an octal number: {field!r}")
+    try:
+        parsed = int(digits, 8)
+    except ValueError:
+        raise BadTarHeader(f"tar header field {what} is not an octal number: {field!r}") from None
+    if parsed >= 1 << 64:
+        raise BadTarHeader(f"tar header field {what} overflows 64 bits: {field!r}")
     # Go converts the uint64 to int64.
-    return value - (1 << 64) if value > _MAX_INT64 else value
+    return parsed - (1 << 64) if parsed > _MAX_INT64 else parsed
 
 
 def _parse_numeric(field: bytes, what: str) -> int:
@@ -351,7 +353,8 @@ def _header_numbers(blk: bytes, fmt: int) -> tuple[int, int, int, int, int, int,
     f = blk[136:148]
     if (mtime := get(f)) is None:
         mtime = _parse_numeric(f, "mtime")
-    devmajor = devminor = 0
+    devmajor: int | None = 0
+    devminor: int | None = 0
     if fmt != _FORMAT_V7:
         f = blk[329:337]
         if (devmajor := get(f)) is None:
@@ -362,6 +365,7 @@ def _header_numbers(blk: bytes, fmt: int) -> tuple[int, int, int, int, int, int,
         if fmt == _FORMAT_STAR:
             _parse_numeric(blk[476:488], "atime")
             _parse_numeric(blk[488:500], "ctime")
+    assert devmajor is not None and devminor is not None
     return mode, uid, gid, size, mtime, devmajor, devminor
 
 

@@ -134,7 +134,7 @@ class BlockInflater:
             _libz.inflateEnd(self._ref)
             self._open = False
 
-    def __enter__(self) -> "BlockInflater":
+    def __enter__(self) -> BlockInflater:
         return self
 
     def __exit__(self, *exc: object) -> None:

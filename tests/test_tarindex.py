@@ -15,7 +15,6 @@ import json
 import random
 import subprocess
 import tarfile
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -138,7 +137,7 @@ def go_toc(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _go_entry(e: list) -> FileEntry:
-    b = lambda s: base64.b64decode(s).decode("utf-8", "surrogateescape") if s else ""  # noqa: E731
+    b = lambda s: base64.b64decode(s).decode("utf-8", "surrogateescape") if s else ""
     return FileEntry(
         name=b(e[0]), type=e[1], uncompressed_offset=e[2], uncompressed_size=e[3],
         linkname=b(e[4]), mode=e[5], uid=e[6], gid=e[7], uname=b(e[8]), gname=b(e[9]),
@@ -194,10 +193,6 @@ def random_tar(rng: random.Random) -> bytes:
                                       "SCHILY.xattr.security.selinux": "unconfined_u"}
             tf.addfile(ti, io.BytesIO(data) if data else None)
     return buf.getvalue()
-
-
-
-    blk[148:156] = b" " * 8
 
 
 def corrupt(rng: random.Random, data: bytes) -> bytes:

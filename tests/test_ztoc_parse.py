@@ -254,7 +254,7 @@ def reference_serialize(z: Ztoc) -> bytes:
     Go's), as an independent reference for our faster writer."""
     import flatbuffers
 
-    raw = lambda s: s.encode("utf-8", "surrogateescape")  # noqa: E731
+    raw = lambda s: s.encode("utf-8", "surrogateescape")
     b = flatbuffers.Builder(0)
     version, tool = b.CreateString(raw(z.version)), b.CreateString(raw(z.build_tool_identifier))
     offs = [0] * len(z.files)
