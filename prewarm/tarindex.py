@@ -266,6 +266,7 @@ def format_mod_time(secs: int, nsecs: int = 0) -> str:
 
 
 _DATES: dict[int, str] = {}
+_MOD_TIMES: dict[tuple[int, int], str] = {}
 
 
 def _block_padding(n: int) -> int:
@@ -440,12 +441,15 @@ def _make_entry(blk: bytes, fmt: int, flag: int, nums: tuple[int, int, int, int,
     if size < 0:
         raise BadTarHeader(f"tar entry {name_s!r} has a negative size")
     data_pos = pos + BLOCK
-    entry = FileEntry(
-        name=name_s, type=type_name, uncompressed_offset=base + data_pos, uncompressed_size=size,
-        linkname=link_s, mode=mode, uid=uid & 0xFFFFFFFF, gid=gid & 0xFFFFFFFF,
-        uname=uname_s, gname=gname_s, mod_time=format_mod_time(mtime, nsecs),
-        devmajor=devmajor, devminor=devminor, xattrs=records,
-    )
+    mod_time = _MOD_TIMES.get((mtime, nsecs))
+    if mod_time is None:
+        mod_time = format_mod_time(mtime, nsecs)
+        if len(_MOD_TIMES) < 65536:
+            _MOD_TIMES[(mtime, nsecs)] = mod_time
+    # positional: FileEntry(name, type, offset, size, linkname, mode, uid, gid, uname, gname,
+    # mod_time, devmajor, devminor, xattrs) -- this runs once per file of a layer
+    entry = FileEntry(name_s, type_name, base + data_pos, size, link_s, mode, uid & 0xFFFFFFFF,
+                      gid & 0xFFFFFFFF, uname_s, gname_s, mod_time, devmajor, devminor, records)
     return entry, data_pos, (0 if flag in _HEADER_ONLY else size)
 
 

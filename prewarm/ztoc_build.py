@@ -81,7 +81,7 @@ class _SpanHasher:
 
     def __init__(self) -> None:
         self.digests: list[str] = []
-        self._h: "hashlib._Hash | None" = None
+        self._h: hashlib._Hash | None = None
         self._upto = 0  # stream offset hashed so far (valid once a span is open)
         self._last_byte = b""  # the byte just before the current chunk
 
@@ -339,7 +339,6 @@ def verify_ztoc(z: Ztoc, path: str | Path) -> int:
         BadZtoc: sizes or the TOC do not match the layer (names the first difference).
     """
     from prewarm.digest import verify
-    from prewarm.errors import BadZtoc as _BadZtoc
     from prewarm.inflate import inflate_span
 
     p = Path(path)
@@ -350,7 +349,7 @@ def verify_ztoc(z: Ztoc, path: str | Path) -> int:
     with f:
         size = f.seek(0, 2)
         if size != z.compressed_archive_size:
-            raise _BadZtoc(f"layer {p} is {size} bytes but the zTOC is for "
+            raise BadZtoc(f"layer {p} is {size} bytes but the zTOC is for "
                            f"{z.compressed_archive_size} bytes")
         indexer = TarIndexer()
         files: list[FileEntry] = []
@@ -367,12 +366,12 @@ def verify_ztoc(z: Ztoc, path: str | Path) -> int:
     usize = indexer.ended_at if indexer.ended_at is not None else indexer.offset
     for k, (want, got) in enumerate(zip(z.files, files)):
         if want != got:
-            raise _BadZtoc(f"TOC entry {k} ({want.name!r}) differs from the layer's tar header "
+            raise BadZtoc(f"TOC entry {k} ({want.name!r}) differs from the layer's tar header "
                            f"({got.name!r}): {_first_difference(want, got)}")
     if len(files) != len(z.files):
-        raise _BadZtoc(f"the zTOC lists {len(z.files)} files, the layer has {len(files)}")
+        raise BadZtoc(f"the zTOC lists {len(z.files)} files, the layer has {len(files)}")
     if usize != z.uncompressed_archive_size:
-        raise _BadZtoc(f"the tar stream ends at {usize}, the zTOC says "
+        raise BadZtoc(f"the tar stream ends at {usize}, the zTOC says "
                        f"{z.uncompressed_archive_size}")
     return z.num_spans
 
