@@ -193,7 +193,8 @@ def account(ctx: NodeContext, *, job: str, node: str, layer_index: int, span: in
                 log.info("image %s complete on %s", image, node)
     else:
         jobs.record_span(r, job, node, layer_index, span, 0)
-        if jobs.layer_state(r, job, node, layer_index) != jobs.LAYER_READY:
+        # The first failure of a layer keeps its reason; later spans of it only count.
+        if jobs.layer_state(r, job, node, layer_index) == jobs.LAYER_PENDING:
             jobs.record_layer(r, job, node, layer_index, jobs.LAYER_FAILED, error)
 
 
