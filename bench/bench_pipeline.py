@@ -61,10 +61,10 @@ class RssSampler(threading.Thread):
 
     def __init__(self, needle: str) -> None:
         super().__init__(daemon=True)
-        self.needle, self.peak, self._stop = needle, 0, threading.Event()
+        self.needle, self.peak, self._halt = needle, 0, threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             for pid in os.listdir("/proc"):
                 if not pid.isdigit():
                     continue
@@ -77,10 +77,10 @@ class RssSampler(threading.Thread):
                             self.peak = max(self.peak, int(line.split()[1]) * 1024)
                 except OSError:
                     continue
-            self._stop.wait(0.05)
+            self._halt.wait(0.05)
 
     def stop(self) -> int:
-        self._stop.set()
+        self._halt.set()
         self.join()
         return self.peak
 
@@ -126,6 +126,11 @@ def main() -> None:
                 shutil.copyfileobj(resp.raw, f, 1 << 20)
         inflated = tmp / "inflated"
         inflated.mkdir()
+        from isal import igzip
+
+        for d_, _, _ in layers:  # the input of (c), made outside any timing
+            with igzip.open(local / d_) as src, open(inflated / d_, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
 
         def a() -> None:
             def fetch(d: str) -> int:
@@ -138,11 +143,13 @@ def main() -> None:
                 assert sum(pool.map(fetch, [d for d, _, _ in layers])) == total
 
         def b() -> dict:
-            from isal import igzip
+            from isal import isal_zlib
             t0 = time.process_time()
             for d, _, _ in layers:
-                with igzip.open(local / d) as src, open(inflated / d, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
+                with open(local / d, "rb") as src:
+                    inflater = isal_zlib.decompressobj(16 + isal_zlib.MAX_WBITS)
+                    while chunk := src.read(1 << 20):
+                        inflater.decompress(chunk)
             return {"cpu": time.process_time() - t0}
 
         def c() -> None:
@@ -193,13 +200,16 @@ def main() -> None:
             out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
             return {"worker_peak_rss_mb": sampler.stop() / 1e6, "summary": json.loads(out.stdout)["state"]}
 
+        def layer_bytes() -> int:
+            return sum(reg.bytes_served(f"/blobs/{dg}") for dg, _, _ in layers)
+
         def h2() -> dict:
-            before = reg.bytes_served("/blobs/")
+            before = layer_bytes()
             env = {**os.environ, "PREWARM_ROOT": str(root)}
             env.pop("PREWARM_BROKER_URL", None)
             subprocess.run([sys.executable, "-m", "prewarm", "schedule", ref, "--wait", "--quiet",
                             "--insecure-registry", reg.host], env=env, check=True, capture_output=True)
-            return {"layer_bytes_fetched": reg.bytes_served("/blobs/") - before}
+            return {"layer_bytes_fetched": layer_bytes() - before}
 
         if args.index == "pushed":
             print("pushing a SOCI index for the image (once per image, as soci users do) ...", flush=True)
