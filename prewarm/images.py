@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
+from prewarm.atomic import atomic_write
 from prewarm.layout import Layout, chain_ids
 from prewarm.plan import ImagePlan
 
@@ -37,21 +36,6 @@ class ImageRecord:
     @property
     def size(self) -> int:
         return sum(self.sizes)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_record(layout: Layout, record: ImageRecord) -> None:

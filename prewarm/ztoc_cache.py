@@ -11,10 +11,10 @@ from __future__ import annotations
 import collections
 import mmap
 import os
-import tempfile
 from pathlib import Path
 from typing import Protocol
 
+from prewarm.atomic import atomic_write
 from prewarm.digest import sha256_digest, verify
 from prewarm.errors import BadZtoc
 from prewarm.layout import Layout
@@ -51,17 +51,7 @@ class ZtocCache:
         path = self.path(digest)
         if path.is_file():
             return digest
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, data)
         return digest
 
     def get(self, digest: str, source: BlobSource | None = None, registry: str = "",

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import time
 from pathlib import Path
 
 import click
@@ -33,7 +31,7 @@ def _finish(status, as_json: bool) -> None:  # type: ignore[no-untyped-def]
 
 
 def _save_summary(root: Path, status) -> None:  # type: ignore[no-untyped-def]
-    from prewarm.images import atomic_write
+    from prewarm.atomic import atomic_write
     from prewarm.jobs import job_summary_json
 
     atomic_write(root / "jobs" / f"{status.job_id}.json", job_summary_json(status).encode())
@@ -41,7 +39,7 @@ def _save_summary(root: Path, status) -> None:  # type: ignore[no-untyped-def]
 
 def _schedule_embedded(settings, image: str, window: int, index: str, concurrency: int | None,
                        as_json: bool, quiet: bool) -> None:  # type: ignore[no-untyped-def]
-    from prewarm import jobs, schedule
+    from prewarm import schedule
     from prewarm.broker import redis_client
     from prewarm.embedded import embedded_cluster
     from prewarm.images import record_prewarmed_image

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from prewarm.digest import is_digest
 from prewarm.errors import StoreError
+from prewarm.atomic import atomic_write
 from prewarm.layout import Layout, chain_ids
 
 
@@ -97,19 +96,5 @@ def register_chains(layout: Layout, layer_digests: Sequence[str], diff_ids: Sequ
             "diff_id": diff_id,
             "layer_digest": layer_digest,
         }
-        _write_atomically(layout.chain(chain_id), json.dumps(record, sort_keys=True).encode())
+        atomic_write(layout.chain(chain_id), json.dumps(record, sort_keys=True).encode())
     return ids
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
