@@ -164,10 +164,16 @@ def inflate_span(span: Span, data: bytes | memoryview, *,
         raise BadSpan(f"span {span.index}: got {len(data)} compressed bytes, expected {clen}")
     cp = span.checkpoint
     if cp is None:
-        if want != clen:
+        # an uncompressed layer: the span is its own bytes; only the last may end in tar
+        # record padding past the archive's end, which must be zeros
+        if want > clen or (want < clen and not is_last):
             raise BadSpan(f"span {span.index} of an uncompressed layer: {clen} bytes in, "
                           f"{want} expected out")
-        out = bytes(data)
+        tail = memoryview(data)[want:]
+        if bytes(tail).count(0) != len(tail):
+            raise BadSpan(f"span {span.index}: data continues past the end of the archive "
+                          f"({len(tail)} bytes that are not tar padding)")
+        out = bytes(memoryview(data)[:want])
     else:
         out = _inflate(span, memoryview(data), cp.window, cp.bits, want, is_last)
     if next_window is not None:

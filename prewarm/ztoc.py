@@ -89,7 +89,6 @@ class Span:
 # ==== zTOC reading, validation and serialisation =========================================
 
 import bisect
-import hashlib
 import re
 import struct
 from collections.abc import Sequence
@@ -143,10 +142,22 @@ class Ztoc:
     arguments as far as the TOC goes but checks the checkpoint table.
     """
 
-    __slots__ = ("version", "build_tool_identifier", "compressed_archive_size",
-                 "uncompressed_archive_size", "files", "compression", "span_size",
-                 "span_digests", "checkpoints_blob", "legacy_checkpoints", "_cp_in", "_cp_out",
-                 "_cp_bits", "_cp_base")
+    __slots__ = (
+        "_cp_base",
+        "_cp_bits",
+        "_cp_in",
+        "_cp_out",
+        "build_tool_identifier",
+        "checkpoints_blob",
+        "compressed_archive_size",
+        "compression",
+        "files",
+        "legacy_checkpoints",
+        "span_digests",
+        "span_size",
+        "uncompressed_archive_size",
+        "version",
+    )
 
     def __init__(self, *, version: str, build_tool_identifier: str, compressed_archive_size: int,
                  uncompressed_archive_size: int, files: Sequence[FileEntry], compression: str,
@@ -296,9 +307,11 @@ class Ztoc:
             raise IndexError(f"span {i} out of range (0..{n - 1})")
         last = i == n - 1
         if self.compression != "gzip":
+            # the layer's own bytes; soci's uncompressed size stops at the tar end marker,
+            # so the last span yields only up to there (the rest is record padding)
             start = i * self.span_size
             cend = self.compressed_archive_size if last else start + self.span_size
-            uend = self.uncompressed_archive_size if last else start + self.span_size
+            uend = max(self.uncompressed_archive_size, start) if last else cend
             return Span(i, start, cend, start, uend, self.span_digests[i], None)
         cp = self.checkpoint(i)
         return Span(
@@ -637,8 +650,9 @@ def parse_ztoc(buf: bytes | bytearray | memoryview) -> Ztoc:
     cstart, clen = r.vector(ci, 3, 1)
     blob = mv[cstart:cstart + clen]
     _check_entries(files, usize)
-    if algo == _ALGO_UNCOMPRESSED and csize != usize:
-        raise BadZtoc(f"zTOC of an uncompressed layer has different sizes ({csize} vs {usize})")
+    if algo == _ALGO_UNCOMPRESSED and not usize <= csize <= usize + MAX_TAR_PADDING:
+        raise BadZtoc(f"zTOC of an uncompressed layer: the tar ends at {usize} but the layer "
+                      f"is {csize} bytes (more than tar padding apart)")
     return Ztoc(
         version=_text(version), build_tool_identifier=_text(tool), compressed_archive_size=csize,
         uncompressed_archive_size=usize, files=files,
@@ -658,7 +672,7 @@ class _GoFlatBuilder:
     100,000 entries serialises in about a second.  Method names follow the builders.
     """
 
-    __slots__ = ("rev", "minalign", "vtable", "object_end", "vtables", "vt_list")
+    __slots__ = ("minalign", "object_end", "rev", "vt_list", "vtable", "vtables")
 
     def __init__(self) -> None:
         self.rev = bytearray()
@@ -669,8 +683,7 @@ class _GoFlatBuilder:
         self.vt_list: list[tuple[int, tuple[int, ...]]] = []
 
     def prep(self, size: int, additional: int) -> None:
-        if size > self.minalign:
-            self.minalign = size
+        self.minalign = max(self.minalign, size)
         pad = -(len(self.rev) + additional) & (size - 1)
         if pad:
             self.rev += bytes(pad)

@@ -284,8 +284,10 @@ def build_tar_ztoc(chunks: Iterable[bytes], *, span_size: int,
     files.extend(indexer.finish())
     if in_span:
         digests.append("sha256:" + h.hexdigest())
+    # as soci: the layer's size for the spans, the tar end marker's for the archive
+    usize = indexer.ended_at if indexer.ended_at is not None else indexer.offset
     return Ztoc(version=ZTOC_VERSION, build_tool_identifier=build_tool_identifier,
-                compressed_archive_size=total, uncompressed_archive_size=total, files=files,
+                compressed_archive_size=total, uncompressed_archive_size=usize, files=files,
                 compression="uncompressed", span_digests=digests,
                 checkpoints_blob=tar_zinfo_bytes(span_size, total))
 

@@ -181,10 +181,20 @@ def test_uncompressed_layer_spans_are_their_own_bytes() -> None:
         tf.addfile(ti, io.BytesIO(b"q" * 5000))
     tar = buf.getvalue()
     z = build_tar_ztoc([tar], span_size=4096, build_tool_identifier="t")
-    parts = [inflate_span(s, tar[s.compressed_start:s.compressed_end]) for s in z.spans()]
-    assert b"".join(parts) == tar
+    # tarfile pads to 10 KiB records: soci's size stops at the end marker
+    assert z.uncompressed_archive_size == 512 + 5120 + 1024 < len(tar) == z.compressed_archive_size
+    parts = [inflate_span(s, tar[s.compressed_start:s.compressed_end],
+                          is_last=s.index == z.num_spans - 1) for s in z.spans()]
+    joined = b"".join(parts)
+    assert joined == tar[:len(joined)] and len(joined) >= z.uncompressed_archive_size
+    assert tar[len(joined):] == bytes(len(tar) - len(joined))
     with pytest.raises(BadSpan):
         inflate_span(z.span(0), tar[:4095])
+    # non-zero bytes after the tar end are refused
+    last = z.span(z.num_spans - 1)
+    forged = tar[last.compressed_start:last.compressed_end - 1] + b"x"
+    with pytest.raises(BadSpan, match="not tar padding"):
+        inflate_span(last, forged, is_last=True)
 
 
 def test_gzip_header_length_reads_every_flag() -> None:

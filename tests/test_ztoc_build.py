@@ -246,3 +246,23 @@ def test_cli_bad_input_gives_one_clear_line(shared_dir: Path, tmp_path: Path) ->
         assert result.exit_code == code, (args, result.output)
         assert message in result.output and "Traceback" not in result.output, result.output
         assert result.output.startswith("prewarm: error:")
+
+
+def test_cli_builds_and_verifies_an_uncompressed_gnu_tar(tmp_path: Path) -> None:
+    # Given a layer written by GNU tar (10 KiB records: zero padding after the end marker)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"f{i}").write_bytes(bytes([i]) * (i * 997))
+    subprocess.run(["tar", "-cf", str(tmp_path / "layer.tar"), "-C", str(src), "."], check=True)
+    out = tmp_path / "layer.ztoc"
+    # When it is indexed and verified
+    result = run_cli("ztoc", "build", str(tmp_path / "layer.tar"), "--span-size", "8192",
+                     "-o", str(out))
+    assert result.exit_code == 0, result.output
+    result = run_cli("ztoc", "verify", str(out), str(tmp_path / "layer.tar"))
+    # Then the TarZinfo zTOC checks out, its archive size stopping at the end marker
+    assert result.exit_code == 0, result.output
+    z = parse_ztoc(out.read_bytes())
+    assert z.compression == "uncompressed" and len(z.files) == 21
+    assert z.uncompressed_archive_size < z.compressed_archive_size == (tmp_path / "layer.tar").stat().st_size
