@@ -387,3 +387,18 @@ def test_truncated_stream_is_reported_with_offset() -> None:
 ])
 def test_mod_time_is_formatted_like_go(secs: int, nsecs: int, text: str) -> None:
     assert format_mod_time(secs, nsecs) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=4096), pos=st.integers(0, 4096))
+def test_arbitrary_bytes_raise_only_bad_tar_header(raw: bytes, pos: int) -> None:
+    # Given bytes that are mostly not a tar stream (sometimes a valid header in front)
+    data = (_header(b"f", b"0", len(raw) // 2) + raw) if pos % 2 else raw
+    try:
+        index_all(data, 1 + pos)
+    except BadTarHeader:
+        pass
+    try:
+        parse_header_run(data, pos % (len(data) + 1), 0)
+    except BadTarHeader:
+        pass
