@@ -164,9 +164,11 @@ def inflate_span(span: Span, data: bytes | memoryview, *,
         raise BadSpan(f"span {span.index}: got {len(data)} compressed bytes, expected {clen}")
     cp = span.checkpoint
     if cp is None:
-        # an uncompressed layer: the span is its own bytes; only the last may end in tar
-        # record padding past the archive's end, which must be zeros
-        if want > clen or (want < clen and not is_last):
+        # An uncompressed layer: the span is its own bytes, up to the tar end marker where
+        # its uncompressed range is clamped; what follows must be zero record padding.
+        clamped = span.uncompressed_end != span.compressed_end
+        if want > clen or (want < clen and not clamped) or (
+                span.uncompressed_start != span.compressed_start and want):
             raise BadSpan(f"span {span.index} of an uncompressed layer: {clen} bytes in, "
                           f"{want} expected out")
         tail = memoryview(data)[want:]

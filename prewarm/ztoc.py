@@ -307,12 +307,14 @@ class Ztoc:
             raise IndexError(f"span {i} out of range (0..{n - 1})")
         last = i == n - 1
         if self.compression != "gzip":
-            # the layer's own bytes; soci's uncompressed size stops at the tar end marker,
-            # so the last span yields only up to there (the rest is record padding)
+            # The layer's own bytes.  soci's uncompressed size stops at the tar end marker,
+            # so the uncompressed ranges are clamped there: what lies after is record
+            # padding (zeros), and spans wholly inside it yield nothing.
             start = i * self.span_size
             cend = self.compressed_archive_size if last else start + self.span_size
-            uend = max(self.uncompressed_archive_size, start) if last else cend
-            return Span(i, start, cend, start, uend, self.span_digests[i], None)
+            usize = self.uncompressed_archive_size
+            return Span(i, start, cend, min(start, usize), min(cend, usize),
+                        self.span_digests[i], None)
         cp = self.checkpoint(i)
         return Span(
             index=i,

@@ -186,8 +186,11 @@ def test_uncompressed_layer_spans_are_their_own_bytes() -> None:
     parts = [inflate_span(s, tar[s.compressed_start:s.compressed_end],
                           is_last=s.index == z.num_spans - 1) for s in z.spans()]
     joined = b"".join(parts)
-    assert joined == tar[:len(joined)] and len(joined) >= z.uncompressed_archive_size
+    assert joined == tar[:z.uncompressed_archive_size]
     assert tar[len(joined):] == bytes(len(tar) - len(joined))
+    # the spans tile [0, end marker): the last ones lie in the padding and yield nothing
+    assert z.span(z.num_spans - 1).uncompressed_end == z.uncompressed_archive_size
+    assert [s.uncompressed_end - s.uncompressed_start for s in z.spans()][-1] == 0
     with pytest.raises(BadSpan):
         inflate_span(z.span(0), tar[:4095])
     # non-zero bytes after the tar end are refused
