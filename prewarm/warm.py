@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Iterator
 
 from redis import Redis
@@ -196,11 +195,9 @@ def account(ctx: NodeContext, *, job: str, node: str, layer_index: int, span: in
         # The first failure of a layer keeps its reason; later spans of it only count.
         if jobs.layer_state(r, job, node, layer_index) == jobs.LAYER_PENDING:
             jobs.record_layer(r, job, node, layer_index, jobs.LAYER_FAILED, error)
+            LAYERS.labels("failed").inc()
 
 
 def layer_failed(ctx: NodeContext, job: str, node: str, layer_index: int) -> bool:
     return jobs.layer_state(ctx.redis, job, node, layer_index) == jobs.LAYER_FAILED
 
-
-def now() -> float:
-    return time.monotonic()

@@ -21,7 +21,7 @@ from celery.signals import worker_process_init
 from prewarm import dispatch
 from prewarm.broker import redis_client
 from prewarm.errors import DigestMismatch, PrewarmError, RateLimited, Transient
-from prewarm.metrics import ERRORS, LAYERS, SPANS
+from prewarm.metrics import ERRORS, SPANS
 from prewarm.warm import NodeContext, Outcome, account, layer_failed, warm_layer, warm_span
 from workers.app import app
 
@@ -86,7 +86,6 @@ def _run(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: ignore[no
             error = _describe(err)
             ERRORS.labels(type(err).__name__).inc()
             SPANS.labels("failed").inc()
-            LAYERS.labels("failed").inc()
             log.error("%s %s failed: %s", task.name, kw, error)
     account(ctx, job=job, node=node, layer_index=layer_index, span=span, outcome=outcome, error=error)
     plan = ctx.plan(job)
