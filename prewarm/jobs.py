@@ -228,10 +228,16 @@ def node_status(r: redis.Redis, job_id: str, node: str, plan: ImagePlan, cancell
         state = "pending"
     else:
         state = "running"
+    bytes_total, tasks_total = int(h.get("bytes_total", 0)), int(h.get("tasks_total", 0))
+    bytes_done = int(h.get("bytes_done", 0))
+    if state == "succeeded":
+        # Every layer is ready in the store.  Spans landed by a worker killed before it
+        # reported are counted only when redelivered, which may come after the layer is ready.
+        bytes_done, tasks_finished = bytes_total, tasks_total
     return NodeStatus(
-        node=node, state=state, bytes_done=int(h.get("bytes_done", 0)),
-        bytes_total=int(h.get("bytes_total", 0)), tasks_finished=tasks_finished,
-        tasks_total=int(h.get("tasks_total", 0)), layers=layers, errors=errors,
+        node=node, state=state, bytes_done=bytes_done,
+        bytes_total=bytes_total, tasks_finished=tasks_finished,
+        tasks_total=tasks_total, layers=layers, errors=errors,
         started=float(h.get("started", 0)), updated=float(h.get("updated", 0)),
     )
 
