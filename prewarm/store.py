@@ -44,6 +44,7 @@ import fcntl
 import hashlib
 import io
 import json
+import marshal
 import os
 import shutil
 import struct
@@ -82,6 +83,8 @@ BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 STREAM_READ = 1 << 20
 _HASH_HEADER = struct.Struct("<QQ")  # next span to hash, compressed bytes hashed so far
 _HEADER_ONLY = frozenset(("dir", "symlink", "hardlink", "char", "block", "fifo"))
+#: Version of the saved plan (work/plan); another version is ignored and re-derived.
+_PLAN_FORMAT = 1
 
 
 class ZtocView(Protocol):
@@ -150,6 +153,20 @@ def current_boot_id() -> str:
         return BOOT_ID_PATH.read_text().strip()
     except OSError:
         return "unknown"
+
+
+def _fingerprint_of(ztoc: ZtocView) -> str | None:
+    """A cheap identity of a zTOC that came verified from the node's cache (its digest).
+
+    Why: naming the TOC by hashing its 70,000 entries costs as much as checking them;
+    the cache verified the zTOC's bytes against its digest, which names them all.
+    None for a zTOC without a digest (built or parsed in-process): hash the entries.
+    """
+    ident = getattr(ztoc, "digest", None)
+    if not ident:
+        return None
+    return hashlib.sha256(f"ztoc {ident} {ztoc.num_spans} {ztoc.uncompressed_archive_size} "
+                          f"{len(ztoc.files)}".encode()).hexdigest()
 
 
 def _padded(n: int) -> int:
@@ -315,6 +332,14 @@ class ContentStore:
             return
         if self.is_ready(digest):
             return
+        known = _fingerprint_of(ztoc)
+        if known is not None:
+            # Another process validated this very zTOC for this layer: load its plan.
+            with self._locked(digest):
+                loaded = self._load_plan(digest, ztoc, known)
+            if loaded is not None:
+                self._prepared[digest] = loaded
+                return
         try:
             prep = self._derive(ztoc)
         except BadZtoc as err:
@@ -324,6 +349,7 @@ class ContentStore:
                 return
             state = self._state(digest)
             if state and state.get("boot_id") == self._boot_id and state.get("fingerprint") == prep.fingerprint:
+                self._save_plan(digest, prep)  # missing or unusable: the next process loads this one
                 self._prepared[digest] = prep
                 return
             self._wipe(digest)
@@ -348,10 +374,54 @@ class ContentStore:
                 writer.create(entry, planned)
         (work / "landed").write_bytes(bytes(ztoc.num_spans))
         self._save_hash(digest, 0, 0, ResumableSha256())
+        self._save_plan(digest, prep)
         state = {"digest": digest, "diff_id": diff_id, "boot_id": self._boot_id,
                  "fingerprint": prep.fingerprint, "num_spans": ztoc.num_spans,
                  "compressed_size": compressed, "uncompressed_size": ztoc.uncompressed_archive_size}
         _atomic_write(work / "state.json", json.dumps(state).encode(), durable=False)
+
+    def _save_plan(self, digest: str, prep: _Prepared) -> None:
+        """Persist what :meth:`_derive` found, so the node's other processes skip it.
+
+        Written before state.json (or under the lock when state.json is already there);
+        it is as trusted as the rest of work/, which only this store writes.
+        """
+        plan = prep.plan
+        data = marshal.dumps((
+            _PLAN_FORMAT, prep.fingerprint,
+            [p.kind for p in plan], [p.path for p in plan], [p.final for p in plan],
+            *prep.spanmap.arrays(), prep.data_starts, prep.header_starts, prep.archive_data_end,
+            [r.compressed_start for r in prep.spans], [r.compressed_end for r in prep.spans],
+            [r.uncompressed_start for r in prep.spans], [r.uncompressed_end for r in prep.spans],
+            prep.windowed,
+        ))
+        _atomic_write(self.layout.layer_work(digest) / "plan", data, durable=False)
+
+    def _load_plan(self, digest: str, ztoc: ZtocView, fingerprint: str) -> _Prepared | None:
+        """The saved plan of this layer for this zTOC in this boot, or None (then derive it).
+
+        Called under the layer lock.  A plan that does not fit the zTOC (other counts,
+        another format, unreadable) is ignored, never trusted.
+        """
+        state = self._state(digest)
+        if not state or state.get("boot_id") != self._boot_id or state.get("fingerprint") != fingerprint:
+            return None
+        try:
+            raw = (self.layout.layer_work(digest) / "plan").read_bytes()
+            (fmt, fp, kinds, paths, finals, m_starts, m_ends, m_ids, data_starts, header_starts, data_end,
+             cs, ce, us, ue, windowed) = marshal.loads(raw)
+            n, nspans = len(ztoc.files), ztoc.num_spans
+            if (fmt != _PLAN_FORMAT or fp != fingerprint
+                    or not len(kinds) == len(paths) == len(finals) == len(data_starts) == len(header_starts) == n
+                    or not len(cs) == len(ce) == len(us) == len(ue) == nspans):
+                return None
+            smap = SpanMap.from_arrays(m_starts, m_ends, m_ids)
+        except (OSError, ValueError, EOFError, TypeError, BadZtoc):
+            return None
+        plan = list(map(Planned, kinds, paths, finals))
+        spans = list(map(_Range, cs, ce, us, ue))
+        return _Prepared(ztoc, fingerprint, plan, smap, data_starts, header_starts, data_end, spans,
+                         bool(windowed))
 
     def _derive(self, ztoc: ZtocView) -> _Prepared:
         """Check the span chain and the TOC; index them for landing.
@@ -367,6 +437,7 @@ class ContentStore:
             raise BadZtoc(f"zTOC claims {n} spans for {usize} uncompressed bytes")
         spans: list[_Range] = []
         windowed = True
+        known = _fingerprint_of(ztoc)
         fp = hashlib.sha256(f"{n} {usize} {len(ztoc.files)}".encode())
         for i in range(n):
             full = ztoc.span(i)
@@ -389,7 +460,7 @@ class ContentStore:
         if spans[-1].uncompressed_end != usize:
             raise BadZtoc(f"spans end at {spans[-1].uncompressed_end}, the archive at {usize}")
         files = ztoc.files
-        for e in files:  # a skeleton made from another TOC must not be reused
+        for e in files if known is None else ():  # a skeleton made from another TOC must not be reused
             fp.update(f"{e.name}\0{e.type}\0{e.uncompressed_offset}\0{e.uncompressed_size}\0{e.linkname}\0"
                       f"{e.mode}\0{e.uid}\0{e.gid}\0{e.mod_time}\0{e.devmajor}\0{e.devminor}\0{e.xattrs}\n"
                       .encode("utf-8", "surrogateescape"))
@@ -406,7 +477,8 @@ class ContentStore:
             pos = e.uncompressed_offset + _padded(_data_len(e))
         if pos > usize:
             raise BadZtoc(f"the last tar entry ends at {pos}, past the {usize}-byte archive")
-        return _Prepared(ztoc, fp.hexdigest(), plan, smap, data_starts, header_starts, pos, spans, windowed)
+        return _Prepared(ztoc, known or fp.hexdigest(), plan, smap, data_starts, header_starts, pos, spans,
+                         windowed)
 
     # === landing a span
 

@@ -91,7 +91,7 @@ class Span:
 import bisect
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from prewarm.errors import BadZtoc
@@ -151,6 +151,7 @@ class Ztoc:
         "checkpoints_blob",
         "compressed_archive_size",
         "compression",
+        "digest",
         "files",
         "legacy_checkpoints",
         "span_digests",
@@ -173,7 +174,10 @@ class Ztoc:
         self.build_tool_identifier = build_tool_identifier
         self.compressed_archive_size = compressed_archive_size
         self.uncompressed_archive_size = uncompressed_archive_size
-        self.files: tuple[FileEntry, ...] = tuple(files)
+        self.files: Sequence[FileEntry] = files if isinstance(files, LazyFiles) else tuple(files)
+        #: The zTOC's content digest when it came from a verified cache (``ZtocCache``):
+        #: an identity that names this exact TOC without hashing its entries.
+        self.digest: str | None = None
         self.compression = compression
         self.span_digests: tuple[str, ...] = tuple(span_digests)
         self.checkpoints_blob = checkpoints_blob
@@ -598,13 +602,88 @@ def _check_entries(files: Sequence[FileEntry], usize: int) -> None:
         next_header = off + size + (-size & 511)
 
 
-def parse_ztoc(buf: bytes | bytearray | memoryview) -> Ztoc:
+class LazyFiles(Sequence[FileEntry]):
+    """The TOC of a parsed zTOC, each entry decoded (and checked) when first asked for.
+
+    Why: a worker process that lands a few spans of a 70,000-entry layer needs only the
+    entries inside those spans; decoding all of them cost about a second per process
+    and layer.  An entry is checked as :func:`parse_ztoc` checks it when it is decoded;
+    iterating (or :meth:`materialize`) decodes every entry and then checks their order
+    and bounds (``_check_entries``) once, raising BadZtoc as an eager parse would.
+    """
+
+    __slots__ = ("_all", "_cache", "_n", "_reader", "_start", "_usize")
+
+    def __init__(self, reader: _Reader, start: int, n: int, usize: int) -> None:
+        self._reader = reader
+        self._start = start
+        self._n = n
+        self._usize = usize
+        self._cache: list[FileEntry | None] = [None] * n
+        self._all: tuple[FileEntry, ...] | None = None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, k: Any) -> Any:
+        """Entry ``k`` (decoded once); a slice gives a tuple of the checked entries.
+
+        Raises:
+            BadZtoc: the entry is malformed.
+            IndexError: ``k`` is out of range.
+        """
+        if isinstance(k, slice):
+            return self.materialize()[k]
+        if self._all is not None:
+            return self._all[k]
+        n = self._n
+        if k < 0:
+            k += n
+        if not 0 <= k < n:
+            raise IndexError(f"zTOC entry {k} out of range ({n} entries)")
+        e = self._cache[k]
+        if e is None:
+            r = self._reader
+            at = self._start + 4 * k
+            e = self._cache[k] = _read_entry(r, at + _U32(r.buf, at)[0], k)
+        return e
+
+    def materialize(self) -> tuple[FileEntry, ...]:
+        """Every entry, decoded and checked as a whole (order, bounds); cached.
+
+        Raises:
+            BadZtoc: as :func:`parse_ztoc`.
+        """
+        if self._all is None:
+            get = self.__getitem__
+            entries = tuple(get(k) for k in range(self._n))
+            _check_entries(entries, self._usize)
+            self._all = entries
+            self._cache = []  # the tuple holds them now
+        return self._all
+
+    def __iter__(self) -> Iterator[FileEntry]:
+        return iter(self.materialize())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (LazyFiles, tuple, list)):
+            return self.materialize() == tuple(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def parse_ztoc(buf: bytes | bytearray | memoryview, *, lazy_files: bool = False) -> Ztoc:
     """Parse and validate a zTOC written by soci (or by us).
 
     Everything is checked before it is trusted: every offset against the buffer, every
     count against the bytes that would have to hold it (before anything is allocated),
     checkpoints in order and inside the layer, one digest per span, entries inside the
     archive and not overlapping, entry types known and names without NUL or ``..``.
+
+    With ``lazy_files`` the TOC entries are checked when they are decoded instead
+    (:class:`LazyFiles`): the header, checkpoints and span digests are still checked
+    here, and iterating the files checks them all as an eager parse does.
 
     Raises:
         BadZtoc: naming the first problem found.
@@ -625,13 +704,17 @@ def parse_ztoc(buf: bytes | bytearray | memoryview) -> Ztoc:
     if csize < 0 or usize < 0:
         raise BadZtoc(f"zTOC archive sizes are negative ({csize}, {usize})")
     toc_at = r._field(z, 4)
-    files: list[FileEntry] = []
+    files: list[FileEntry] | LazyFiles = []
     if toc_at:
         toc = r.table_at(toc_at)
         mstart, mlen = r.vector(toc, 0, 4)
+        if lazy_files:
+            files = LazyFiles(r, mstart, mlen, usize)
+            mlen = 0
+        eager: list[FileEntry] = files if isinstance(files, list) else []
         for k in range(mlen):
             at = mstart + 4 * k
-            files.append(_read_entry(r, at + _U32(r.buf, at)[0], k))
+            eager.append(_read_entry(r, at + _U32(r.buf, at)[0], k))
     ci_at = r._field(z, 5)
     if not ci_at:
         raise BadZtoc("zTOC has no compression info")
@@ -651,7 +734,8 @@ def parse_ztoc(buf: bytes | bytearray | memoryview) -> Ztoc:
         digests.append(d.decode("ascii"))
     cstart, clen = r.vector(ci, 3, 1)
     blob = mv[cstart:cstart + clen]
-    _check_entries(files, usize)
+    if not isinstance(files, LazyFiles):
+        _check_entries(files, usize)
     if algo == _ALGO_UNCOMPRESSED and not usize <= csize <= usize + MAX_TAR_PADDING:
         raise BadZtoc(f"zTOC of an uncompressed layer: the tar ends at {usize} but the layer "
                       f"is {csize} bytes (more than tar padding apart)")

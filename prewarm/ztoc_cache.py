@@ -76,7 +76,10 @@ class ZtocCache:
             if size == 0:
                 raise BadZtoc(f"zTOC {digest} in {path} is empty; delete it and retry")
             buf = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-        z = parse_ztoc(buf)
+        # Lazy TOC: a process landing a few spans decodes only the entries in them; the
+        # digest (verified when the file was cached) names this TOC for the store's plan.
+        z = parse_ztoc(memoryview(buf), lazy_files=True)
+        z.digest = digest
         self._parsed[digest] = z
         while len(self._parsed) > self._capacity:
             self._parsed.popitem(last=False)

@@ -1,0 +1,184 @@
+"""Prepare once per layer: a lazy TOC, and the plan saved by the first process, loaded by the others.
+
+Every "process" here is its own ContentStore + ZtocCache over the same PREWARM_ROOT, as the
+worker processes of a node are; the zTOCs come through the node cache by digest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from prewarm.errors import BadZtoc
+from prewarm.layout import Layout
+from prewarm.spanmap import SpanMap
+from prewarm.store import ContentStore
+from prewarm.ztoc import LazyFiles, Ztoc, parse_ztoc, serialize_ztoc
+from prewarm.ztoc_cache import ZtocCache
+from tests.test_store import assert_every_kind_tree, every_kind_tar, sha
+from tests.test_store_spans import _with_files, header_dense_tar, land, make_layer
+from tests.test_ztoc_parse import golden, tampered
+
+
+def _process(root: Path, zdigest: str) -> tuple[ContentStore, Ztoc]:
+    """What one worker process holds: its own store object and its own parsed zTOC."""
+    return ContentStore(root), ZtocCache(Layout(root)).get(zdigest)
+
+
+def _cached(root: Path, z: Ztoc) -> str:
+    return ZtocCache(Layout(root)).put(serialize_ztoc(z))
+
+
+def _decoded(z: Ztoc) -> int:
+    files = z.files
+    assert isinstance(files, LazyFiles)
+    return sum(e is not None for e in files._cache) if files._all is None else len(files)
+
+
+@pytest.mark.parametrize("name", ["meta", "multi-basic", "many-l6-s4096", "empty"])
+def test_lazy_files_are_the_eager_ones(shared_dir: Path, name: str) -> None:
+    raw = golden(shared_dir, name)
+    eager, lazy = parse_ztoc(raw), parse_ztoc(raw, lazy_files=True)
+    assert isinstance(lazy.files, LazyFiles)
+    assert len(lazy.files) == len(eager.files)
+    if len(eager.files):
+        assert lazy.files[-1] == eager.files[-1] and lazy.files[0] == eager.files[0]
+        assert lazy.files._all is None  # indexing decoded two entries only
+    assert lazy.files == eager.files and tuple(lazy.files) == eager.files
+    assert lazy.files[1:] == eager.files[1:]
+    with pytest.raises(IndexError):
+        lazy.files[len(eager.files)]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda z: {"files": (dataclasses.replace(z.files[1], uncompressed_size=10**9),) + z.files[2:]}, "outside"),
+    (lambda z: {"files": (z.files[1], dataclasses.replace(z.files[2], uncompressed_offset=1100))}, "overlaps"),
+    (lambda z: {"files": (dataclasses.replace(z.files[1], name="../../etc/passwd"),)}, "'..'"),
+    (lambda z: {"files": (dataclasses.replace(z.files[1], type="socket"),)}, "unknown type"),
+])
+def test_lazy_files_check_what_an_eager_parse_checks(shared_dir: Path, change, message) -> None:  # type: ignore[no-untyped-def]
+    # Given a zTOC with a bad TOC, parsed lazily (the header and spans are fine)
+    z = parse_ztoc(golden(shared_dir, "meta"))
+    lazy = parse_ztoc(tampered(z, **change(z)), lazy_files=True)
+    # Then walking its files raises the same BadZtoc an eager parse raises
+    with pytest.raises(BadZtoc, match=message):
+        list(lazy.files)
+
+
+def test_other_processes_load_the_plan_and_decode_only_their_entries(tmp_path: Path) -> None:
+    # Given a layer of 600 small files in many spans, whose zTOC is in the node cache
+    tar = header_dense_tar()
+    blob, built = make_layer(tar, span_size=16384)
+    digest, root = sha(blob), tmp_path / "root"
+    zdigest = _cached(root, built)
+    first, z1 = _process(root, zdigest)
+    # When the first process prepares the layer (validating the whole TOC)...
+    first.prepare_layer(digest, z1)
+    assert (first.layout.layer_work(digest) / "plan").is_file()
+    assert _decoded(z1) == len(z1.files) == 600
+    # ...and another process lands one span
+    second, z2 = _process(root, zdigest)
+    span = z2.num_spans // 2
+    assert land(second, digest, z2, blob, [span]) == [False]
+    # Then the second process loaded the plan: it decoded only the entries of that span
+    assert 0 < _decoded(z2) < 100
+    assert second._prepared[digest].plan == first._prepared[digest].plan
+    assert second._prepared[digest].spanmap.arrays() == first._prepared[digest].spanmap.arrays()
+    # And the layer completes across processes with every file's bytes and xattrs
+    third, z3 = _process(root, zdigest)
+    rest = [i for i in range(z3.num_spans) if i != span]
+    assert land(third, digest, z3, blob, rest)[-1] is True
+    fs = third.layout.layer_fs(digest)
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        members = [m for m in tf.getmembers() if m.isfile()]
+        assert len(members) == 600
+        for m in members[::37]:
+            f = tf.extractfile(m)
+            assert f is not None and (fs / m.name).read_bytes() == f.read()
+            assert os.getxattr(fs / m.name, "user.a").decode() == m.pax_headers["SCHILY.xattr.user.a"]
+
+
+@pytest.mark.parametrize("damage", [b"", b"garbage", "other-counts"])
+def test_an_unusable_plan_is_derived_again(tmp_path: Path, damage: object) -> None:
+    # Given a prepared layer whose saved plan is damaged (or belongs to other counts)
+    blob, built = make_layer(every_kind_tar(), span_size=16384)
+    digest, root = sha(blob), tmp_path / "root"
+    zdigest = _cached(root, built)
+    first, z1 = _process(root, zdigest)
+    first.prepare_layer(digest, z1)
+    plan_path = first.layout.layer_work(digest) / "plan"
+    if damage == "other-counts":
+        other, _ = make_layer(every_kind_tar(50_000), span_size=16384)
+        scratch = tmp_path / "scratch"
+        oz = _cached(scratch, make_layer(every_kind_tar(50_000), span_size=16384)[1])
+        s, z = _process(scratch, oz)
+        s.prepare_layer(sha(other), z)
+        plan_path.write_bytes((s.layout.layer_work(sha(other)) / "plan").read_bytes())
+    else:
+        assert isinstance(damage, bytes)
+        plan_path.write_bytes(damage)
+    # When another process prepares it, Then it validates the TOC itself and saves a good plan
+    second, z2 = _process(root, zdigest)
+    second.prepare_layer(digest, z2)
+    assert _decoded(z2) == len(z2.files)
+    third, z3 = _process(root, zdigest)
+    assert land(third, digest, z3, blob, list(range(z3.num_spans)))[-1] is True
+    assert _decoded(z3) == len(z3.files)  # the last span applies every entry's metadata
+    assert_every_kind_tree(third.layout.layer_fs(digest))
+
+
+def test_a_lying_toc_is_caught_in_processes_that_loaded_the_plan(tmp_path: Path) -> None:
+    # Given a cached zTOC whose TOC lies about one file's mode, and a layer prepared from it
+    blob, built = make_layer(every_kind_tar(), span_size=65536)
+    files = list(built.files)
+    k = next(i for i, f in enumerate(files) if f.name == "usr/bin/sg")
+    files[k] = dataclasses.replace(files[k], mode=0o755)
+    digest, root = sha(blob), tmp_path / "root"
+    zdigest = _cached(root, _with_files(built, files))
+    first, z1 = _process(root, zdigest)
+    first.prepare_layer(digest, z1)
+    # When other processes land every span with the saved plan
+    errors = []
+    for i in range(z1.num_spans):
+        store, z = _process(root, zdigest)
+        try:
+            land(store, digest, z, blob, [i])
+        except BadZtoc as err:
+            errors.append(str(err))
+    # Then the real tar header still exposes the lie, and the layer is never ready
+    assert any("mode" in e and "usr/bin/sg" in e for e in errors)
+    assert not first.is_ready(digest)
+
+
+def test_another_ztoc_does_not_use_the_saved_plan(tmp_path: Path) -> None:
+    # Given a layer prepared and partly landed from a lying zTOC in the cache
+    blob, honest = make_layer(every_kind_tar(), span_size=65536)
+    files = list(honest.files)
+    k = next(i for i, f in enumerate(files) if f.name == "usr/bin/sg")
+    files[k] = dataclasses.replace(files[k], mode=0o777)
+    digest, root = sha(blob), tmp_path / "root"
+    liar_store, liar = _process(root, _cached(root, _with_files(honest, files)))
+    land(liar_store, digest, liar, blob, [honest.num_spans - 1])
+    # When a process prepares it with the honest zTOC (another digest)
+    store, z = _process(root, _cached(root, honest))
+    store.prepare_layer(digest, z)
+    # Then the layer starts over, validated from that zTOC, and completes
+    assert store.missing_spans(digest, z) == list(range(z.num_spans))
+    assert _decoded(z) == len(z.files)
+    assert land(store, digest, z, blob, list(range(z.num_spans)))[-1] is True
+    assert_every_kind_tree(store.layout.layer_fs(digest))
+
+
+def test_spanmap_arrays_round_trip_and_are_checked() -> None:
+    smap = SpanMap([(512, 10), (1024, 0), (1536, 700)])
+    again = SpanMap.from_arrays(*smap.arrays())
+    assert again.pieces(0, 3000) == smap.pieces(0, 3000) and len(again.pieces(0, 3000)) == 2
+    with pytest.raises(BadZtoc, match="after one ending"):
+        SpanMap.from_arrays([512, 515], [600, 700], [0, 1])
+    with pytest.raises(BadZtoc, match="different lengths"):
+        SpanMap.from_arrays([512], [600, 700], [0])
