@@ -163,17 +163,35 @@ def launch(r: redis.Redis, broker_url: str, plan: ImagePlan, image: str, nodes: 
     return job_id
 
 
+#: How long a waiting scheduler rides out an unreachable Redis (a restart takes seconds).
+REDIS_OUTAGE_LIMIT = 120.0
+
+
 def wait_for_job(r: redis.Redis, job_id: str, *, on_update: Callable[[jobs.JobStatus], None] | None = None,
                  interval: float = 0.2, alive: Callable[[], None] | None = None,
                  timeout: float | None = None) -> jobs.JobStatus:
     """Poll until the job is finished; ``alive`` may raise if local workers died.
 
+    Redis restarting (connection refused, or loading its data back) is a pause, not the end
+    of the job: workers reconnect and resume, so the waiting scheduler keeps polling too.
+
     Raises:
-        JobError: the timeout passed first.
+        JobError: the timeout passed first, or Redis stayed unreachable for REDIS_OUTAGE_LIMIT seconds.
     """
     start = time.monotonic()
+    unreachable_since: float | None = None
     while True:
-        status = jobs.job_status(r, job_id)
+        try:
+            status = jobs.job_status(r, job_id)
+        except redis.exceptions.ConnectionError as err:  # BusyLoadingError is one too
+            now = time.monotonic()
+            unreachable_since = unreachable_since or now
+            if now - unreachable_since > REDIS_OUTAGE_LIMIT:
+                raise JobError(f"Redis unreachable for {REDIS_OUTAGE_LIMIT:.0f}s while waiting for job {job_id} "
+                               f"({err}); the job goes on: follow it with `prewarm status {job_id}`") from err
+            time.sleep(interval)
+            continue
+        unreachable_since = None
         if on_update:
             on_update(status)
         if status.finished:
