@@ -13,7 +13,9 @@ from __future__ import annotations
 import errno
 import logging
 import random
+import time
 
+import redis
 from celery import Task
 from celery.exceptions import Retry
 from celery.signals import worker_process_init
@@ -62,7 +64,30 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+#: How long a task waits for Redis to come back (a restart) before it gives up and is redelivered.
+REDIS_OUTAGE_LIMIT = 120.0
+
+
 def _run(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: ignore[no-untyped-def]
+    """Run the task; while Redis is unreachable, wait and run it again (it is idempotent).
+
+    A Redis restart must not fail a layer, nor lose the task's place in the node's window:
+    a task that raised would be acked and never release its successor, so the window
+    shrinks until the job stalls.  Landed spans are not fetched again and span counting
+    is bitmap-idempotent, so running the whole task again once Redis is back is safe.
+    """
+    deadline = time.monotonic() + REDIS_OUTAGE_LIMIT
+    while True:
+        try:
+            return _run_once(task, fn, ctx, kw)
+        except redis.exceptions.ConnectionError as err:  # BusyLoadingError too: Redis restarting
+            if time.monotonic() > deadline:
+                raise
+            log.warning("Redis unreachable during %s (%s); waiting for it to come back", task.name, err)
+            time.sleep(1.0)
+
+
+def _run_once(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: ignore[no-untyped-def]
     job, node, layer_index = kw["job"], kw["node"], kw["layer_index"]
     span = kw.get("span", 0)
     outcome: Outcome | None = None
@@ -72,7 +97,7 @@ def _run(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: ignore[no
     else:
         try:
             outcome = fn(ctx, **{k: v for k, v in kw.items() if k != "node"})
-        except Retry:
+        except (Retry, redis.exceptions.ConnectionError):
             raise
         except Exception as err:  # noqa: BLE001 - every failure ends in a retry or a recorded reason
             retries = task.request.retries
