@@ -1,0 +1,194 @@
+"""Faults a fleet survives (issue 6 item 5), each against real Redis, registry and worker processes.
+
+Workers talk to the registry through a FaultProxy (tests/faultproxy.py), which relays to the
+real docker-registry, injects the fault and records every request, so a test can count the
+Range GETs per (blob, range) and the bytes relayed.  The image's SOCI index is built and
+pushed once beforehand (``prewarm index --push`` straight at the registry), so what the
+proxy relays during a job is the workers' span traffic plus small manifests and zTOCs.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from prewarm.imagebuild import BuiltImage
+from prewarm.jobs import list_jobs
+from tests.faultproxy import Fault, FaultProxy
+from tests.images import odd_image
+from tests.pipeline_helpers import REPO_ROOT, Worker, assert_matches_umoci, clean_env, prewarm, push, \
+    start_worker, wait_job
+from tests.services import Registry, RedisServer
+
+SPANS = {"PREWARM_SPAN_SIZE": str(256 * 1024), "PREWARM_MIN_LAYER_SIZE": str(1 << 20)}
+REPO = "fleet/faults"
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> BuiltImage:
+    """The odd image pushed with its SOCI index, so the jobs below fetch spans only."""
+    image = odd_image(tmp_path_factory.mktemp("odd-faults-oci"))
+    ref = push(image, registry, REPO)
+    env = clean_env(tmp_path_factory.mktemp("indexer"), PREWARM_INSECURE_REGISTRIES=registry.host, **SPANS)
+    prewarm("index", ref, "--push", env=env, check=True)
+    return image
+
+
+def image_layer_bytes(image: BuiltImage) -> int:
+    manifest = json.loads(_blob(image, json.loads((image.layout / "index.json").read_text())["manifests"][0]))
+    return sum(layer["size"] for layer in manifest["layers"])
+
+
+def _blob(image: BuiltImage, desc: dict) -> bytes:
+    algo, hexd = desc["digest"].split(":")
+    return (image.layout / "blobs" / algo / hexd).read_bytes()
+
+
+def node_env(tmp: Path, node: str, redis_url: str, proxy: FaultProxy, registry: Registry) -> dict[str, str]:
+    return clean_env(tmp / f"store-{node}", PREWARM_BROKER_URL=redis_url, PREWARM_VISIBILITY_TIMEOUT="4",
+                     PREWARM_INSECURE_REGISTRIES=f"{proxy.host},{registry.host}", PREWARM_NODE_NAME=node, **SPANS)
+
+
+def status_of(job: str, env: dict[str, str]) -> dict:
+    return json.loads(prewarm("status", job, "--json", env=env, check=True).stdout)
+
+
+def wait_mid_job(job: str, env: dict[str, str], timeout: float = 60) -> dict:
+    """Wait until some spans have landed but not all: the moment to inject a crash."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = status_of(job, env)
+        if status["bytes_done"] > 0:
+            assert status["bytes_done"] < status["bytes_total"], "the fault must land mid-job"
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"job {job} made no progress in {timeout}s")
+
+
+def range_gets(proxy: FaultProxy) -> collections.Counter[tuple[str, str]]:
+    """Range GETs of blobs the proxy received, per (path, range)."""
+    return collections.Counter((s.path, s.headers.get("Range", "")) for s in list(proxy.requests)
+                               if s.method == "GET" and "/blobs/" in s.path and s.headers.get("Range"))
+
+
+def stop_all(workers: list[Worker]) -> None:
+    for w in workers:
+        w.stop()
+
+
+def test_workers_sigkilled_mid_span_no_span_fetched_more_than_twice(tmp_path: Path, registry: Registry,
+                                                                     redis_url: str, odd: BuiltImage) -> None:
+    with FaultProxy(registry.host) as proxy:
+        env = node_env(tmp_path, "n1", redis_url, proxy, registry)
+        ref = f"{proxy.host}/{REPO}:{odd.tag}"
+        # Given a budget slow enough that the job takes a few seconds, and two workers on the node
+        prewarm("budget", proxy.host, "--rate", "10MB", "--burst", "1MB", env=env, check=True)
+        workers = [start_worker(env, tmp_path / f"w{i}.log", "-c", "2", "--hostname", f"w{i}@n1") for i in range(3)]
+        try:
+            job = prewarm("schedule", ref, "--node", "n1", env=env, check=True).stdout.strip()
+            # When two of the three workers are SIGKILLed while spans are in flight
+            wait_mid_job(job, env)
+            workers[0].kill()
+            time.sleep(0.5)
+            workers[1].kill()
+            final = wait_job(job, env, timeout=120)
+        finally:
+            stop_all(workers)
+        # Then the job completes, and truly
+        assert final["state"] == "succeeded", (final, workers[2].log.read_text()[-3000:])
+        assert final["bytes_done"] == final["bytes_total"]
+        # And no span was fetched more than twice (once before the kill, once after redelivery)
+        counts = range_gets(proxy)
+        assert counts, "the job fetched spans through the proxy"
+        assert max(counts.values()) <= 2, [k for k, v in counts.items() if v > 2]
+    assert_matches_umoci(odd, ref, env, tmp_path)
+
+
+def test_redis_restarted_mid_job_resumes_and_the_waiting_scheduler_survives(
+        tmp_path: Path, registry: Registry, redis_server: RedisServer, redis_url: str, odd: BuiltImage) -> None:
+    with FaultProxy(registry.host) as proxy:
+        env = node_env(tmp_path, "n1", redis_url, proxy, registry)
+        ref = f"{proxy.host}/{REPO}:{odd.tag}"
+        prewarm("budget", proxy.host, "--rate", "10MB", "--burst", "1MB", env=env, check=True)
+        worker = start_worker(env, tmp_path / "w.log", "-c", "2", "--hostname", "w@n1")
+        waiting = subprocess.Popen([sys.executable, "-m", "prewarm", "schedule", ref, "--node", "n1", "--wait",
+                                    "--json", "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, cwd=REPO_ROOT)
+        try:
+            deadline = time.monotonic() + 60
+            job = None
+            while job is None and time.monotonic() < deadline:
+                listed = list_jobs(redis.Redis.from_url(redis_url))
+                job = listed[0] if listed else None
+                time.sleep(0.1)
+            assert job, "the scheduler recorded its job"
+            # When Redis is restarted mid-job (the test Redis persists with appendonly)
+            wait_mid_job(job, env)
+            redis_server.restart()
+            # Then the scheduler's --wait survives and reports success, and the job completes
+            out, err = waiting.communicate(timeout=180)
+            assert waiting.returncode == 0, (out, err, worker.log.read_text()[-3000:])
+            final = status_of(job, env)
+        finally:
+            if waiting.poll() is None:
+                waiting.kill()
+                waiting.wait()
+            worker.stop()
+        assert final["state"] == "succeeded", final
+        assert final["bytes_done"] == final["bytes_total"]
+    assert_matches_umoci(odd, ref, env, tmp_path)
+
+
+def test_a_fifth_of_registry_requests_failing_costs_at_most_thirty_percent_more_egress(
+        tmp_path: Path, registry: Registry, redis_url: str, odd: BuiltImage) -> None:
+    with FaultProxy(registry.host, seed=6) as proxy:
+        env = node_env(tmp_path, "n1", redis_url, proxy, registry)
+        ref = f"{proxy.host}/{REPO}:{odd.tag}"
+        # Given 20% of blob requests failing: half 503s, half connection resets
+        proxy.add(Fault("status", path="/blobs/", fraction=0.10, status=503))
+        proxy.add(Fault("reset", path="/blobs/", fraction=0.11))
+        worker = start_worker(env, tmp_path / "w.log", "-c", "2", "--hostname", "w@n1")
+        try:
+            job = prewarm("schedule", ref, "--node", "n1", env=env, check=True).stdout.strip()
+            final = wait_job(job, env, timeout=150)
+        finally:
+            worker.stop()
+        faults = sum(f.applied for f in proxy.faults)
+        blob_requests = sum(f.matched for f in proxy.faults[:1])
+        relayed = proxy.bytes_relayed
+    # Then the job completes, and truly
+    assert final["state"] == "succeeded", (final, worker.log.read_text()[-3000:])
+    assert final["bytes_done"] == final["bytes_total"]
+    assert faults >= blob_requests * 0.1, (faults, blob_requests)
+    # And the registry egress stays within 1.3x of the image (failed requests cost nothing or little)
+    assert relayed <= 1.3 * image_layer_bytes(odd), (relayed, image_layer_bytes(odd))
+    assert_matches_umoci(odd, ref, env, tmp_path)
+
+
+def test_a_span_corrupted_in_transit_is_refetched_never_committed(tmp_path: Path, registry: Registry,
+                                                                  redis_url: str, odd: BuiltImage) -> None:
+    with FaultProxy(registry.host) as proxy:
+        env = node_env(tmp_path, "n1", redis_url, proxy, registry)
+        ref = f"{proxy.host}/{REPO}:{odd.tag}"
+        # Given the first three span responses corrupted in transit (one byte flipped)
+        corrupt = proxy.add(Fault("corrupt", path="/blobs/", method="GET", first=3))
+        worker = start_worker(env, tmp_path / "w.log", "-c", "1", "--hostname", "w@n1")
+        try:
+            job = prewarm("schedule", ref, "--node", "n1", env=env, check=True).stdout.strip()
+            final = wait_job(job, env, timeout=120)
+        finally:
+            worker.stop()
+    assert corrupt.applied == 3
+    # Then each was detected by the span digest and fetched again; the job completes
+    log = worker.log.read_text()
+    assert log.count("corrupted in transit") >= 3, log[-3000:]
+    assert final["state"] == "succeeded", (final, log[-3000:])
+    # And nothing corrupted was committed: the tree equals umoci's
+    assert_matches_umoci(odd, ref, env, tmp_path)
