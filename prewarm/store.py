@@ -333,20 +333,21 @@ class ContentStore:
         if self.is_ready(digest):
             return
         known = _fingerprint_of(ztoc)
-        if known is not None:
-            # Another process validated this very zTOC for this layer: load its plan.
-            with self._locked(digest):
-                loaded = self._load_plan(digest, ztoc, known)
-            if loaded is not None:
-                self._prepared[digest] = loaded
-                return
-        try:
-            prep = self._derive(ztoc)
-        except BadZtoc as err:
-            raise BadZtoc(f"layer {digest}: {err}") from None
         with self._locked(digest):
             if self.is_ready(digest):
                 return
+            if known is not None:
+                # Another process validated this very zTOC for this layer: load its plan.
+                loaded = self._load_plan(digest, ztoc, known)
+                if loaded is not None:
+                    self._prepared[digest] = loaded
+                    return
+            # Validated under the lock: the node's other processes wait for this one and
+            # load its plan, instead of all checking the same 70,000 entries at once.
+            try:
+                prep = self._derive(ztoc)
+            except BadZtoc as err:
+                raise BadZtoc(f"layer {digest}: {err}") from None
             state = self._state(digest)
             if state and state.get("boot_id") == self._boot_id and state.get("fingerprint") == prep.fingerprint:
                 self._save_plan(digest, prep)  # missing or unusable: the next process loads this one

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -182,3 +184,36 @@ def test_spanmap_arrays_round_trip_and_are_checked() -> None:
         SpanMap.from_arrays([512, 515], [600, 700], [0, 1])
     with pytest.raises(BadZtoc, match="different lengths"):
         SpanMap.from_arrays([512], [600, 700], [0])
+
+
+_PREPARE_CHILD = """
+import sys
+from pathlib import Path
+from prewarm.layout import Layout
+from prewarm.store import ContentStore
+from prewarm.ztoc_cache import ZtocCache
+root, digest, zdigest = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+z = ZtocCache(Layout(root)).get(zdigest)
+sys.stdin.readline()  # start together
+ContentStore(root).prepare_layer(digest, z)
+files = z.files
+print(len(files) if files._all is not None else sum(e is not None for e in files._cache), flush=True)
+"""
+
+
+def test_processes_preparing_at_once_validate_the_toc_once(tmp_path: Path) -> None:
+    # Given three worker processes that get a span of the same cold layer at the same moment
+    blob, built = make_layer(header_dense_tar(), span_size=16384)
+    digest, root = sha(blob), tmp_path / "root"
+    zdigest = _cached(root, built)
+    repo = Path(__file__).resolve().parent.parent
+    procs = [subprocess.Popen([sys.executable, "-c", _PREPARE_CHILD, str(root), digest, zdigest], cwd=repo,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.close()
+    outs = [p.communicate()[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    # Then exactly one of them decoded and checked the whole TOC; the others loaded its plan
+    assert sorted(int(o) for o in outs) == [0, 0, 600]
