@@ -213,7 +213,9 @@ def test_processes_preparing_at_once_validate_the_toc_once(tmp_path: Path) -> No
         assert p.stdin is not None
         p.stdin.write("go\n")
         p.stdin.close()
-    outs = [p.communicate()[0] for p in procs]
+    outs = [p.stdout.read() if p.stdout is not None else "" for p in procs]
+    for p in procs:
+        p.wait()
     assert [p.returncode for p in procs] == [0, 0, 0]
     # Then exactly one of them decoded and checked the whole TOC; the others loaded its plan
     assert sorted(int(o) for o in outs) == [0, 0, 600]
