@@ -41,9 +41,12 @@ def odd(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> BuiltIm
     return image
 
 
+def image_manifest(image: BuiltImage) -> dict:
+    return json.loads(_blob(image, json.loads((image.layout / "index.json").read_text())["manifests"][0]))
+
+
 def image_layer_bytes(image: BuiltImage) -> int:
-    manifest = json.loads(_blob(image, json.loads((image.layout / "index.json").read_text())["manifests"][0]))
-    return sum(layer["size"] for layer in manifest["layers"])
+    return sum(layer["size"] for layer in image_manifest(image)["layers"])
 
 
 def _blob(image: BuiltImage, desc: dict) -> bytes:
@@ -177,11 +180,12 @@ def test_a_span_corrupted_in_transit_is_refetched_never_committed(tmp_path: Path
     with FaultProxy(registry.host) as proxy:
         env = node_env(tmp_path, "n1", redis_url, proxy, registry)
         ref = f"{proxy.host}/{REPO}:{odd.tag}"
-        # Given the first three span responses corrupted in transit (one byte flipped)
-        corrupt = proxy.add(Fault("corrupt", path="/blobs/", method="GET", first=3))
+        job = prewarm("schedule", ref, "--node", "n1", env=env, check=True).stdout.strip()
+        # Given the first three span responses to the node corrupted in transit (one byte flipped)
+        layers = "|".join(layer["digest"] for layer in image_manifest(odd)["layers"] if layer["size"] >= 1 << 20)
+        corrupt = proxy.add(Fault("corrupt", path=f"/blobs/({layers})", method="GET", first=3))
         worker = start_worker(env, tmp_path / "w.log", "-c", "1", "--hostname", "w@n1")
         try:
-            job = prewarm("schedule", ref, "--node", "n1", env=env, check=True).stdout.strip()
             final = wait_job(job, env, timeout=120)
         finally:
             worker.stop()
