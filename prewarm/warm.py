@@ -111,10 +111,10 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
     nbytes = span_accounting_bytes(z, span)
     if ctx.store.is_ready(layer):
         return Outcome(nbytes, False, True)
-    ctx.store.prepare_layer(layer, z, diff_id=lp.diff_id)
-    if ctx.store.span_landed(layer, span):
-        ready = ctx.store.finish_if_complete(layer, z)
-        return Outcome(nbytes, False, ready)
+    if ctx.store.span_landed(layer, span):  # a redelivered task (landed bytes of a valid state only)
+        ctx.store.prepare_layer(layer, z, diff_id=lp.diff_id)
+        if ctx.store.span_landed(layer, span):
+            return Outcome(nbytes, False, ctx.store.finish_if_complete(layer, z))
     s = z.span(span)
     start, end = fetch_range(s)  # span 0 also brings the gzip header, which the layer digest needs
     try:
@@ -129,6 +129,9 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
     next_window = z.checkpoint(span + 1).window if span + 1 < z.num_spans and s.checkpoint else None
     with INFLATE_SECONDS.time():
         out = inflate_span(s, body, next_window=next_window, is_last=span == z.num_spans - 1)
+    # Prepared after fetching and inflating: while one process of the node validates a cold
+    # layer's TOC (under the layer lock), the others fetch and inflate instead of waiting.
+    ctx.store.prepare_layer(layer, z, diff_id=lp.diff_id)
     ready = ctx.store.land_span(layer, z, span, data, out).ready
     SPANS.labels("fetched").inc()
     if ready:
