@@ -78,10 +78,11 @@ def split_name(name: str, what: str = "entry") -> list[str]:
     if name.startswith("/"):
         raise UnsafeArchive(f"tar {what} {name!r} is an absolute path: it would write outside the layer")
     parts = [p for p in name.split("/") if p and p != "."]
+    if ".." in parts:
+        raise UnsafeArchive(f"tar {what} {name!r} contains '..': it would write outside the layer")
     for p in parts:
-        if p == "..":
-            raise UnsafeArchive(f"tar {what} {name!r} contains '..': it would write outside the layer")
-        if len(os.fsencode(p)) > 255:
+        # A str of n characters encodes to at most 4n bytes: encode only the long ones.
+        if len(p) > 63 and len(os.fsencode(p)) > 255:
             raise UnsafeArchive(f"tar {what} {name!r} has a path component longer than 255 bytes")
     return parts
 
@@ -168,9 +169,15 @@ class EntryChecker:
             kind = e.type
         path = "/".join(parts)
         if kind != "skip":
-            _check_parents(e.name, parts if kind != "opaque" else parts + ["x"], kinds)
-            for k in range(1, len(parts) + (kind == "opaque")):
-                kinds.setdefault("/".join(parts[:k]), "dir")  # created implicitly
+            # The parents: every proper prefix (for an opaque marker, the directory too).
+            prefixes = []
+            prefix = ""
+            for part in parts if kind == "opaque" else parts[:-1]:
+                prefix = f"{prefix}/{part}" if prefix else part
+                prefixes.append(prefix)
+            _check_parents(e.name, prefixes, kinds)
+            for prefix in prefixes:
+                kinds.setdefault(prefix, "dir")  # created implicitly
         if kind == "symlink" and not e.linkname:
             raise CorruptContent(f"tar entry {e.name!r} is a symlink with an empty target")
         if kind == "hardlink":
@@ -201,9 +208,13 @@ class EntryChecker:
         return planned
 
 
-def _check_parents(name: str, parts: list[str], kinds: dict[str, str]) -> None:
-    for k in range(1, len(parts)):
-        prefix = "/".join(parts[:k])
+def _check_parents(name: str, prefixes: list[str], kinds: dict[str, str]) -> None:
+    """Every parent path of an entry must be a directory created earlier (or implicitly).
+
+    Raises:
+        UnsafeArchive: a parent is a symlink or a non-directory.
+    """
+    for prefix in prefixes:
         kind = kinds.get(prefix)
         if kind == "symlink":
             raise UnsafeArchive(f"tar entry {name!r} would write through the symlink {prefix!r} "
