@@ -170,3 +170,11 @@ class InvalidSnapshotRequest(SnapshotError):
     The shim answers it with gRPC INVALID_ARGUMENT, which containerd reads as
     ``errdefs.ErrInvalidArgument``.
     """
+
+
+class ContainerdError(PrewarmError):
+    """containerd refused or could not be asked to register a pre-warmed image."""
+
+
+class ContainerdUnavailable(Transient, ContainerdError):
+    """containerd's socket does not answer (not running, wrong path, no permission)."""

@@ -37,8 +37,29 @@ def _save_summary(root: Path, status) -> None:  # type: ignore[no-untyped-def]
     atomic_write(root / "jobs" / f"{status.job_id}.json", job_summary_json(status).encode())
 
 
+def _register_in_containerd(settings, image: str, resolved, containerd: tuple[Path, str] | None,
+                            quiet: bool) -> None:  # type: ignore[no-untyped-def]
+    """--containerd: register the now complete image in this node's containerd (no layer fetched)."""
+    if containerd is None:
+        return
+    from prewarm.containerd import ContainerdClient, register_image
+    from prewarm.errors import StoreError
+    from prewarm.images import find_record
+    from prewarm.layout import Layout
+
+    layout = Layout(settings.root)
+    record = find_record(layout, image)
+    if record is None:
+        raise StoreError(f"{image}: no image record in {settings.root} after the job; pre-warm it again")
+    client = ContainerdClient(containerd[0], containerd[1])
+    done = register_image(client, layout, record, resolved.manifest_bytes, resolved.config_bytes)
+    if not quiet:
+        _say(f"registered {done.name} in containerd {containerd[0]} (namespace {done.namespace})")
+
+
 def _schedule_embedded(settings, image: str, window: int, index: str, concurrency: int | None,
-                       as_json: bool, quiet: bool) -> None:  # type: ignore[no-untyped-def]
+                       as_json: bool, quiet: bool,
+                       containerd: tuple[Path, str] | None = None) -> None:  # type: ignore[no-untyped-def]
     from prewarm import schedule
     from prewarm.broker import redis_client
     from prewarm.embedded import embedded_cluster
@@ -57,6 +78,7 @@ def _schedule_embedded(settings, image: str, window: int, index: str, concurrenc
     if all(store.is_ready(layer.digest) for layer in resolved.layers):
         plan = schedule.make_plan(resolved, {})
         record_prewarmed_image(layout, image, plan)
+        _register_in_containerd(settings, image, resolved, containerd, quiet)
         if as_json:
             click.echo(json.dumps({"image": image, "state": "succeeded", "fetched_bytes": 0,
                                    "manifest_digest": resolved.manifest_digest}))
@@ -83,6 +105,7 @@ def _schedule_embedded(settings, image: str, window: int, index: str, concurrenc
             view.render(status, final=True)
         _save_summary(settings.root, status)
     _finish(status, as_json)
+    _register_in_containerd(settings, image, resolved, containerd, quiet)
 
 
 @click.command()
@@ -108,12 +131,16 @@ def _schedule_embedded(settings, image: str, window: int, index: str, concurrenc
               "Without it the whole job runs on this machine.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final job summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+@click.option("--containerd", "containerd_socket", type=click.Path(path_type=Path), default=None, metavar="SOCKET",
+              help="Embedded mode: also register the pre-warmed image in this containerd (its gRPC socket), "
+                   "so CRI sees it present. Fleet: give it to `prewarm worker` instead.")
+@click.option("--namespace", default="k8s.io", show_default=True, help="containerd namespace (CRI uses k8s.io).")
 @registry_options
 @root_option
 def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str, ...], all_nodes: bool,
                  selectors: tuple[str, ...], keep: bool, dry_run: bool, window: int | None,
                  index: str, concurrency: int | None, broker_url: str | None, as_json: bool, quiet: bool,
-                 insecure_registries: tuple[str, ...], ca_bundle: str | None, root: Path | None) -> None:
+                 containerd_socket: Path | None, namespace: str, insecure_registries: tuple[str, ...], ca_bundle: str | None, root: Path | None) -> None:
     """Pre-warm IMAGE: resolve it, split its layers into span tasks, and have the nodes fetch them.
 
     With no broker (PREWARM_BROKER_URL) the whole job runs on this machine: a private Redis
@@ -139,8 +166,12 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
         if dry_run:
             _dry_run_local(settings, image, as_json)
             return
-        _schedule_embedded(settings, image, window, index, concurrency, as_json, quiet)
+        _schedule_embedded(settings, image, window, index, concurrency, as_json, quiet,
+                           (containerd_socket, namespace) if containerd_socket else None)
         return
+    if containerd_socket:
+        raise ConfigError("--containerd registers on this machine: with a fleet give --containerd to each "
+                          "`prewarm worker` (or PREWARM_CONTAINERD_ADDRESS)")
     ref = parse_reference(image)
     client = RegistryClient.from_settings(settings)
     resolved = client.resolve(ref, settings.platform)
