@@ -32,12 +32,15 @@ class RetryPolicy:
         base_delay: the first backoff ceiling in seconds; doubles each attempt.
         max_delay: the largest backoff ceiling.
         max_retry_after: the longest Retry-After we are willing to wait.
+        retry_rate_limited: retry a 429 here; fleet workers say False so the 429 reaches
+            the fleet-wide budget at once (every worker backs off, not just this request).
     """
 
     attempts: int = 5
     base_delay: float = 0.5
     max_delay: float = 20.0
     max_retry_after: float = 60.0
+    retry_rate_limited: bool = True
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -65,6 +68,8 @@ class RetryPolicy:
                 return operation()
             except Exception as err:
                 if not isinstance(err, Transient) or attempt >= self.attempts:
+                    raise
+                if isinstance(err, RateLimited) and not self.retry_rate_limited:
                     raise
                 retry_after = err.retry_after if isinstance(err, RateLimited) else None
                 wait = self.delay(attempt, retry_after)
