@@ -155,6 +155,8 @@ class RegistryBudget:
             self._sleep(self._poll)
         try:
             self.take(registry, nbytes)
+            # A 429 seen by another worker while this one waited for its lease or bytes.
+            self._wait_backoff(registry)
             yield
         finally:
             self.r.zrem(k_inflight, lease)
