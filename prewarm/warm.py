@@ -15,6 +15,7 @@ Per span (the hot path)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from prewarm.metrics import BYTES_FETCHED, INFLATE_SECONDS, LAYERS, SPANS
 from prewarm.plan import ImagePlan
 from prewarm.reference import Reference, parse_reference
 from prewarm.registry.client import RegistryClient
+from prewarm.registry.retry import RetryPolicy
 from prewarm.store import ContentStore, fetch_range
 from prewarm.ztoc_cache import ZtocCache
 
@@ -56,7 +58,10 @@ class NodeContext:
     @classmethod
     def create(cls, settings: Settings, r: Redis) -> "NodeContext":
         layout = Layout(settings.root)
-        return cls(settings, r, RegistryClient.from_settings(settings), ContentStore(settings.root),
+        # A 429 must reach the fleet budget (warm_span's back-off) at once, not be waited out
+        # inside the client while the rest of the fleet keeps asking.
+        client = RegistryClient.from_settings(settings, retry=RetryPolicy(retry_rate_limited=False))
+        return cls(settings, r, client, ContentStore(settings.root),
                    layout, ZtocCache(layout), RegistryBudget(r))
 
     def plan(self, job_id: str) -> ImagePlan:
@@ -107,7 +112,16 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
     if lp.digest != layer:
         raise ValueError(f"task names layer {layer} but the job's plan has {lp.digest} at {layer_index}")
     ref = ctx.reference(image)
-    z = ctx.ztocs.get(ztoc, ctx.client, ref.registry, ref.repository)
+    if ctx.ztocs.has(ztoc):
+        z = ctx.ztocs.get(ztoc)
+    else:
+        # zTOCs are registry egress too (a 32 KiB window per span, megabytes per layer): their
+        # size (a HEAD) is charged to the byte budget before they are fetched.
+        with _fleet_backoff_on_429(ctx, ref.registry):
+            with ctx.budget.request(ref.registry, 0):
+                size = ctx.client.blob_exists(ref.registry, ref.repository, ztoc) or 0
+            with ctx.budget.request(ref.registry, size):
+                z = ctx.ztocs.get(ztoc, ctx.client, ref.registry, ref.repository)
     nbytes = span_accounting_bytes(z, span)
     if ctx.store.is_ready(layer):
         return Outcome(nbytes, False, True)
@@ -117,12 +131,8 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
             return Outcome(nbytes, False, ctx.store.finish_if_complete(layer, z))
     s = z.span(span)
     start, end = fetch_range(s)  # span 0 also brings the gzip header, which the layer digest needs
-    try:
-        with ctx.budget.request(ref.registry, end - start):
-            data = ctx.client.fetch_range(ref.registry, ref.repository, layer, start, end)
-    except RateLimited as err:
-        ctx.budget.backoff(ref.registry, err.retry_after or 1.0)
-        raise
+    with _fleet_backoff_on_429(ctx, ref.registry), ctx.budget.request(ref.registry, end - start):
+        data = ctx.client.fetch_range(ref.registry, ref.repository, layer, start, end)
     BYTES_FETCHED.labels(ref.registry, "span").inc(len(data))
     body = memoryview(data)[s.compressed_start - start:]
     verify(body, s.digest, what=f"span {span} of layer {layer} ({ref.registry}/{ref.repository})")
@@ -137,6 +147,20 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
     if ready:
         LAYERS.labels("ready").inc()
     return Outcome(nbytes, True, ready)
+
+
+@contextlib.contextmanager
+def _fleet_backoff_on_429(ctx: NodeContext, registry: str) -> Iterator[None]:
+    """Any 429 from ``registry`` (span, zTOC or layer) makes the whole fleet wait its Retry-After.
+
+    Raises:
+        RateLimited: re-raised after the back-off is set, so the task is retried later.
+    """
+    try:
+        yield
+    except RateLimited as err:
+        ctx.budget.backoff(registry, err.retry_after or 1.0)
+        raise
 
 
 def warm_layer(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index: int) -> Outcome:
