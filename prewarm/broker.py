@@ -50,9 +50,24 @@ def redis_url(url: str) -> str:
 
 
 def redis_client(url: str, **kwargs: object) -> redis.Redis:
-    """A redis-py client for the broker URL (TLS, ACL user and password come from the URL)."""
+    """A redis-py client for the broker URL (TLS, ACL user and password come from the URL).
+
+    A ping checks the credentials at once, so a wrong password is one clear message rather
+    than a traceback from whichever command happens to run first.
+
+    Raises:
+        ConfigError: the URL is not a Redis URL, or Redis refused its user or password.
+    """
     url = redis_url(url)
     kwargs.setdefault("health_check_interval", 30)
     if not url.startswith("unix://"):
         kwargs.setdefault("socket_keepalive", True)  # TCP only: unix sockets take no such option
-    return redis.Redis.from_url(url, **kwargs)  # type: ignore[arg-type]
+    client = redis.Redis.from_url(url, **kwargs)  # type: ignore[arg-type]
+    try:
+        client.ping()
+    except redis.exceptions.AuthenticationError as err:
+        raise ConfigError(f"Redis at {redact(url)} refused the credentials in the broker URL ({err}); "
+                          "fix the user and password in PREWARM_BROKER_URL") from None
+    except redis.exceptions.ConnectionError:
+        pass  # not up yet (or restarting): callers retry or report it when they use the client
+    return client
