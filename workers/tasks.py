@@ -56,11 +56,12 @@ def _retry_delay(retries: int, err: BaseException) -> float:
     return min(60.0, 0.5 * 2**retries) * random.uniform(0.5, 1.0)
 
 
-def _describe(err: BaseException) -> str:
+def _describe(err: BaseException, root: object = "PREWARM_ROOT") -> str:
+    """The reason ``prewarm status`` shows; a full disk names the node's store, which the operator must free."""
     if isinstance(err, PrewarmError):
         return str(err)
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return f"disk full on this node's store ({err.filename or 'PREWARM_ROOT'}): free space and re-run"
+        return f"disk full on this node's store {err.filename or root}: free space and re-run"
     return f"{type(err).__name__}: {err}"
 
 
@@ -108,7 +109,7 @@ def _run_once(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: igno
                 raise task.retry(exc=err, countdown=0.2, max_retries=None) from err
             if not isinstance(err, PrewarmError) and not isinstance(err, OSError):
                 log.exception("unexpected error in %s", task.name)
-            error = _describe(err)
+            error = _describe(err, ctx.settings.root)
             ERRORS.labels(type(err).__name__).inc()
             SPANS.labels("failed").inc()
             log.error("%s %s failed: %s", task.name, kw, error)
