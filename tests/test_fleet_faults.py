@@ -10,10 +10,12 @@ proxy relays during a job is the workers' span traffic plus small manifests and 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ import redis
 
 from prewarm.imagebuild import BuiltImage
 from prewarm.jobs import list_jobs
+from prewarm.store import ContentStore
 from tests.faultproxy import Fault, FaultProxy
 from tests.images import odd_image
 from tests.pipeline_helpers import REPO_ROOT, Worker, assert_matches_umoci, clean_env, prewarm, push, \
@@ -196,3 +199,51 @@ def test_a_span_corrupted_in_transit_is_refetched_never_committed(tmp_path: Path
     assert final["state"] == "succeeded", (final, log[-3000:])
     # And nothing corrupted was committed: the tree equals umoci's
     assert_matches_umoci(odd, ref, env, tmp_path)
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (root), unmounted afterwards."""
+    path.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_disk_fails_that_node_clearly_and_leaves_the_others_complete(
+        tmp_path: Path, registry: Registry, redis_url: str, odd: BuiltImage) -> None:
+    with FaultProxy(registry.host) as proxy, small_tmpfs(tmp_path / "small", "6m") as small:
+        ok_env = node_env(tmp_path, "roomy", redis_url, proxy, registry)
+        full_env = {**node_env(tmp_path, "full", redis_url, proxy, registry), "PREWARM_ROOT": str(small / "store")}
+        ref = f"{proxy.host}/{REPO}:{odd.tag}"
+        workers = [start_worker(e, tmp_path / f"{e['PREWARM_NODE_NAME']}.log", "-c", "2", "--hostname",
+                                f"w@{e['PREWARM_NODE_NAME']}") for e in (ok_env, full_env)]
+        try:
+            # When the image is scheduled on both nodes and waited for
+            out = prewarm("schedule", ref, "--node", "roomy", "--node", "full", "--wait", "--quiet",
+                          env=ok_env, timeout=150)
+            job = list_jobs(redis.Redis.from_url(redis_url))[0]
+            final = status_of(job, ok_env)
+            text = prewarm("status", job, env=ok_env, check=True).stdout
+        finally:
+            stop_all(workers)
+        # Then the job is failed, not success, and the scheduler says which layers failed
+        assert out.returncode != 0, (out.stdout, out.stderr)
+        assert "Traceback" not in out.stderr, out.stderr
+        assert final["state"] == "failed", final
+        assert final["nodes"]["full"]["state"] == "failed"
+        errors = final["nodes"]["full"]["errors"]
+        assert errors, final["nodes"]["full"]
+        # (the worker's space check before a layer, or ENOSPC while writing: both name the store)
+        assert all(("disk full" in reason or "not enough space" in reason) and str(small / "store") in reason
+                   for reason in errors.values()), errors
+        assert str(small / "store") in text, text
+        assert any(digest in out.stderr + out.stdout for digest in errors), (out.stdout, out.stderr)
+        # And the full node's store is consistent: no failed layer is marked ready there
+        store = ContentStore(small / "store")
+        assert not any(store.is_ready(digest) for digest in errors)
+        # And the other node is unaffected and complete
+        assert final["nodes"]["roomy"]["state"] == "succeeded", final["nodes"]["roomy"]
+    assert_matches_umoci(odd, ref, ok_env, tmp_path)
