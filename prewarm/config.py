@@ -62,6 +62,9 @@ class Settings:
     span_size: int = DEFAULT_SPAN_SIZE
     min_layer_size: int = DEFAULT_MIN_LAYER_SIZE
     platform: str | None = None
+    #: containerd socket a worker registers completed images in (None: do not register).
+    containerd_address: Path | None = None
+    containerd_namespace: str = "k8s.io"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> "Settings":
@@ -78,6 +81,9 @@ class Settings:
             "span_size": _int_env(env, "PREWARM_SPAN_SIZE", DEFAULT_SPAN_SIZE),
             "min_layer_size": _int_env(env, "PREWARM_MIN_LAYER_SIZE", DEFAULT_MIN_LAYER_SIZE),
             "platform": env.get("PREWARM_PLATFORM") or None,
+            "containerd_address": Path(env["PREWARM_CONTAINERD_ADDRESS"])
+            if env.get("PREWARM_CONTAINERD_ADDRESS") else None,
+            "containerd_namespace": env.get("PREWARM_CONTAINERD_NAMESPACE") or "k8s.io",
         }
         for key, value in overrides.items():
             if key not in values:
@@ -106,4 +112,7 @@ class Settings:
             env["DOCKER_CONFIG"] = str(self.docker_config)
         if self.platform:
             env["PREWARM_PLATFORM"] = self.platform
+        if self.containerd_address:
+            env["PREWARM_CONTAINERD_ADDRESS"] = str(self.containerd_address)
+            env["PREWARM_CONTAINERD_NAMESPACE"] = self.containerd_namespace
         return env

@@ -42,6 +42,7 @@ from prewarm.errors import ConfigError, ContainerdError, ContainerdUnavailable, 
 from prewarm.images import ImageRecord
 from prewarm.layout import Layout
 from prewarm.reference import parse_reference
+from prewarm.registry.client import RegistryClient
 from prewarm.shim._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from prewarm.shim._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 
@@ -236,3 +237,20 @@ def register_image(client: ContainerdClient, layout: Layout, record: ImageRecord
     name = containerd_image_name(record.name)
     client.import_image(name, manifest, config, chains[-1])
     return Registration(name, client.namespace, record.manifest_digest, tuple(chains))
+
+
+def register_from_registry(client: ContainerdClient, layout: Layout, record: ImageRecord,
+                           registry: RegistryClient) -> Registration:
+    """:func:`register_image` for a worker, which has the record but not the blobs: fetch them.
+
+    Only the manifest (by digest) and the config come from the registry, both small and
+    verified; they are what CRI would fetch too.
+
+    Raises:
+        RegistryError: the manifest or config cannot be fetched.
+        StoreError, ContainerdError: as :func:`register_image`.
+    """
+    ref = parse_reference(record.reference)
+    manifest, _, _ = registry.get_manifest(ref.registry, ref.repository, record.manifest_digest)
+    config = registry.get_blob(ref.registry, ref.repository, record.config_digest)
+    return register_image(client, layout, record, manifest, config)

@@ -27,7 +27,7 @@ from prewarm.budget import RegistryBudget
 from prewarm.config import Settings
 from prewarm.digest import verify
 from prewarm.errors import RateLimited
-from prewarm.images import record_prewarmed_image
+from prewarm.images import ImageRecord, record_prewarmed_image
 from prewarm.inflate import inflate_span
 from prewarm.layout import Layout
 from prewarm.metrics import BYTES_FETCHED, INFLATE_SECONDS, LAYERS, SPANS
@@ -202,8 +202,32 @@ def complete_image(ctx: NodeContext, job: str, name: str) -> bool:
     plan = ctx.plan(job)
     if not all(ctx.store.is_ready(layer.digest) for layer in plan.layers):
         return False
-    record_prewarmed_image(ctx.layout, name, plan)
+    record = record_prewarmed_image(ctx.layout, name, plan)
+    if ctx.settings.containerd_address is not None:
+        register_in_containerd(ctx, record)
     return True
+
+
+def register_in_containerd(ctx: NodeContext, record: ImageRecord) -> None:
+    """Register a completed image in the node's containerd (worker --containerd).
+
+    A failure is logged, not raised: the layers are ready and stay so; the task must not be
+    retried for it. `prewarm schedule IMAGE --wait --containerd SOCKET` without a broker, on the
+    node, registers it again and fetches nothing once the layers are ready.
+    """
+    from prewarm.containerd import ContainerdClient, register_from_registry
+    from prewarm.errors import PrewarmError
+
+    assert ctx.settings.containerd_address is not None
+    try:
+        done = register_from_registry(ContainerdClient(ctx.settings.containerd_address,
+                                                       ctx.settings.containerd_namespace),
+                                      ctx.layout, record, ctx.client)
+    except PrewarmError as err:
+        log.error("image %s is pre-warmed but could not be registered in containerd: %s", record.name, err)
+        return
+    log.info("image %s registered in containerd %s (namespace %s)", done.name, ctx.settings.containerd_address,
+             done.namespace)
 
 
 def account(ctx: NodeContext, *, job: str, node: str, layer_index: int, span: int, outcome: Outcome | None,

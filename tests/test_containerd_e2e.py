@@ -9,7 +9,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 from prewarm.containerd import ContainerdClient, register_image
@@ -31,9 +30,9 @@ from tests.containerd import (
     shell_files,
 )
 from tests.images import odd_image, simple_image
-from tests.pipeline_helpers import clean_env, prewarm, push
+from tests.pipeline_helpers import clean_env, prewarm, push, start_worker
 from tests.rootfs import overlay_mount, umoci_unpack
-from tests.services import Registry
+from tests.services import Registry, wait_until
 from tests.treecompare import compare_trees
 
 SCRIPT = ("while read l; do echo $l; done < /etc/hello; while read l; do echo $l; done < /etc/top; "
@@ -171,11 +170,14 @@ def test_merged_rootfs_of_registered_image_equals_umoci(node: Containerd, regist
     schedule(ref, node, registry)
     record = find_record(Layout(node.store), ref)
     assert record is not None
+    served = registry.bytes_served("/blobs/")
     # When containerd's view of the top chain is mounted
     diffs = merged_rootfs_matches_umoci(node, record.chain_ids[-1], image.layout, image.tag, tmp_path)
-    # Then it is exactly umoci's rootfs, and containerd applied nothing (no layer blob fetched twice)
+    # Then it is exactly umoci's rootfs; containerd applied nothing: the shim answered every layer
+    # from the store and no blob left the registry after the pre-warm
     assert diffs == [], "\n".join(diffs[:40])
-    assert all(len(registry.requests_logged("GET", f"/blobs/{l.digest}")) == 1 for l in image.layers)
+    assert node.shim_log.read_text().count("answering ALREADY_EXISTS") == len(record.chain_ids)
+    assert registry.bytes_served("/blobs/") == served
 
 
 def test_unreachable_containerd_is_a_clear_error(tmp_path: Path, registry: Registry, repo_name: str) -> None:
@@ -208,4 +210,27 @@ def _blobs(image) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]
     return manifest, (image.layout / "blobs" / "sha256" / config_digest.split(":")[1]).read_bytes()
 
 
-_ = grpc  # grpc errors surface through the stubs above
+def test_fleet_worker_registers_the_image_it_completes(node: Containerd, registry: Registry, redis_url: str,
+                                                       repo_name: str, tmp_path: Path) -> None:
+    # Given a worker of node n1 on the shim's store, told to register in the node's containerd
+    image = shell_image(repo_name)
+    ref = push_image(registry.url, repo_name, "v1", image)
+    env = clean_env(node.store, PREWARM_BROKER_URL=redis_url, PREWARM_INSECURE_REGISTRIES=registry.host,
+                    PREWARM_NODE_NAME="n1")
+    worker = start_worker({**env, "PREWARM_CONTAINERD_ADDRESS": str(node.address)}, tmp_path / "w.log", "-c", "2")
+    try:
+        # When the fleet schedules the image on n1 and waits
+        prewarm("schedule", ref, "--node", "n1", "--wait", "--quiet", "--index", "none", env=env, check=True)
+        # Then the worker registered it in containerd's k8s.io namespace
+        wait_until(lambda: ref in node.ctr("images", "ls", "-q", namespace="k8s.io").stdout.split(),
+                   timeout=60, what=f"{ref} in containerd ({worker.log})")
+    finally:
+        worker.stop()
+    warmed = layer_bytes(registry, image)
+    # And CRI pulls it with no layer byte and it runs on the pre-warmed layers
+    cri_images(node).PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref)), timeout=120)
+    assert layer_bytes(registry, image) == warmed
+    assert run(node, ref, "e2e-5")[-1] == "gone-absent"
+    # And schedule --containerd with a fleet says where the option belongs instead
+    proc = prewarm("schedule", ref, "--node", "n1", "--containerd", str(node.address), env=env)
+    assert proc.returncode == 2 and "prewarm worker" in proc.stderr and "Traceback" not in proc.stderr

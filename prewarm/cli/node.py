@@ -20,11 +20,17 @@ from prewarm.cli._common import registry_options, root_option, settings_from
 @click.option("--quiet", is_flag=True, help="Warnings and errors only.")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
               help="Node label for --selector (repeatable; also PREWARM_NODE_LABELS, comma-separated).")
+@click.option("--containerd", "containerd_socket", type=click.Path(path_type=Path), default=None,
+              metavar="SOCKET", help="Register each image completed on this node in this containerd "
+              "(PREWARM_CONTAINERD_ADDRESS), so CRI sees it present.")
+@click.option("--namespace", "containerd_namespace", default=None,
+              help="containerd namespace for --containerd (PREWARM_CONTAINERD_NAMESPACE, default k8s.io).")
 @registry_options
 @root_option
 @click.pass_context
 def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, hostname: str | None,
-               broker_url: str | None, quiet: bool, labels: tuple[str, ...], insecure_registries: tuple[str, ...],
+               broker_url: str | None, quiet: bool, labels: tuple[str, ...], containerd_socket: Path | None,
+               containerd_namespace: str | None, insecure_registries: tuple[str, ...],
                ca_bundle: str | None, root: Path | None) -> None:
     """Start this node's worker: it consumes the node's queue and fills the node's store.
 
@@ -35,7 +41,8 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
     from prewarm.errors import ConfigError
 
     settings = settings_from(insecure_registries=insecure_registries, ca_bundle=ca_bundle, root=root,
-                             broker_url=broker_url, node_name=node)
+                             broker_url=broker_url, node_name=node, containerd_address=containerd_socket,
+                             containerd_namespace=containerd_namespace)
     if not settings.broker_url:
         raise ConfigError("prewarm worker needs a broker: set PREWARM_BROKER_URL or --broker-url "
                           "(redis://host:port/db, rediss://..., unix:///path)")
