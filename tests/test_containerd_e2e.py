@@ -5,6 +5,7 @@ merged rootfs against ``umoci unpack``."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,12 +202,10 @@ def test_unreachable_containerd_is_a_clear_error(tmp_path: Path, registry: Regis
 
 
 def _blobs(image) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]
-    import json as _json
-
-    index = _json.loads((image.layout / "index.json").read_text())
+    index = json.loads((image.layout / "index.json").read_text())
     manifest_digest = index["manifests"][0]["digest"]
     manifest = (image.layout / "blobs" / "sha256" / manifest_digest.split(":")[1]).read_bytes()
-    config_digest = _json.loads(manifest)["config"]["digest"]
+    config_digest = json.loads(manifest)["config"]["digest"]
     return manifest, (image.layout / "blobs" / "sha256" / config_digest.split(":")[1]).read_bytes()
 
 
@@ -234,3 +233,39 @@ def test_fleet_worker_registers_the_image_it_completes(node: Containerd, registr
     # And schedule --containerd with a fleet says where the option belongs instead
     proc = prewarm("schedule", ref, "--node", "n1", "--containerd", str(node.address), env=env)
     assert proc.returncode == 2 and "prewarm worker" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_rm_and_gc_keep_layers_a_snapshot_uses_and_remove_the_rest(node: Containerd, registry: Registry,
+                                                                   repo_name: str) -> None:
+    # Given image A (base + top) and image B (A's base only), both pre-warmed and registered
+    image = shell_image(repo_name)
+    ref_a = push_image(registry.url, repo_name, "v1", image)
+    ref_b = push_image(registry.url, repo_name + "-base", "v1", make_image(repo_name + "-base", image.layers[:1]))
+    schedule(ref_a, node, registry)
+    schedule(ref_b, node, registry)
+    env = clean_env(node.store)
+    layout = Layout(node.store)
+    base, top = image.layers
+    record_a = find_record(layout, ref_a)
+    assert record_a is not None
+
+    # When A is removed from prewarm's records
+    prewarm("rm", ref_a, env=env, check=True)
+    # Then `prewarm images` lists B only, and A's top layer stays: containerd's snapshot still uses it
+    listed = json.loads(prewarm("images", "--json", env=env, check=True).stdout)
+    assert [i["name"] for i in listed] == [ref_b]
+    assert layout.layer_ready(top.digest).is_file() and layout.layer_ready(base.digest).is_file()
+    assert "nothing to remove" in prewarm("gc", env=env, check=True).stdout
+    assert run(node, ref_a, "e2e-6")[-1] == "gone-absent"
+
+    # When containerd drops A and its top snapshot (the shim loses it in containerd's gc pass)
+    node.ctr("images", "rm", ref_a, namespace="k8s.io")
+    node.ctr("snapshots", "--snapshotter", "prewarm", "rm", record_a.chain_ids[-1], namespace="k8s.io")
+    wait_until(lambda: top.digest in prewarm("gc", "--dry-run", env=env, check=True).stdout, timeout=60,
+               what="containerd's gc to remove the top snapshot from the shim")
+    # Then gc removes the top layer, which nothing uses any more, and keeps the base B needs
+    assert prewarm("gc", env=env, check=True).stdout.split() == ["removed", top.digest]
+    assert not layout.layer(top.digest).exists() and layout.layer_ready(base.digest).is_file()
+    out = node.ctr("run", "--rm", "--snapshotter", "prewarm", ref_b, "e2e-7", "/bin/sh", "-c",
+                   "while read l; do echo $l; done < /etc/hello", namespace="k8s.io").stdout
+    assert out.split() == ["hello", "from", "the", "store"]
