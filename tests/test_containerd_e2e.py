@@ -269,3 +269,18 @@ def test_rm_and_gc_keep_layers_a_snapshot_uses_and_remove_the_rest(node: Contain
     out = node.ctr("run", "--rm", "--snapshotter", "prewarm", ref_b, "e2e-7", "/bin/sh", "-c",
                    "while read l; do echo $l; done < /etc/hello", namespace="k8s.io").stdout
     assert out.split() == ["hello", "from", "the", "store"]
+
+
+def test_bad_namespace_is_a_clear_error(tmp_path: Path, registry: Registry, repo_name: str) -> None:
+    # Given a pre-warmed image and a containerd (no CRI needed)
+    image = simple_image(tmp_path / "oci")
+    ref = push(image, registry, repo_name)
+    with run_containerd(tmp_path / "store") as ctrd:
+        env = clean_env(ctrd.store)
+        # When schedule registers it under a namespace containerd refuses
+        proc = prewarm("schedule", ref, "--wait", "--quiet", "--insecure-registry", registry.host,
+                       "--containerd", str(ctrd.address), "--namespace", "Bad NS!", env=env)
+        # Then one line names the namespace and what to use, and containerd got no image
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert "namespace 'Bad NS!'" in proc.stderr and "--namespace k8s.io" in proc.stderr
+        assert ctrd.ctr("images", "ls", "-q", namespace="k8s.io").stdout.split() == []
