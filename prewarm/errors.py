@@ -26,10 +26,12 @@ ones are worth a retry::
      |    +-- InsufficientSpace
      +-- JobError                    a pre-warm job failed or was cancelled
      +-- SnapshotError
-          +-- SnapshotNotFound
-          +-- SnapshotExists
-          +-- FailedPrecondition
-          +-- InvalidSnapshotRequest  a malformed key, filter, label or field path
+     |    +-- SnapshotNotFound
+     |    +-- SnapshotExists
+     |    +-- FailedPrecondition
+     |    +-- InvalidSnapshotRequest  a malformed key, filter, label or field path
+     +-- ContainerdError             registering a pre-warmed image in containerd failed
+          +-- ContainerdUnavailable  (Transient) containerd's socket does not answer
 
 ``Transient`` is a mixin: tasks retry exactly the exceptions that carry it, so corrupt
 data and auth errors fail loudly instead of being retried into a storm.
