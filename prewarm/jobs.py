@@ -205,6 +205,59 @@ def record_layer(r: redis.Redis, job_id: str, node: str, layer: int, state: str,
     pipe.execute()
 
 
+def unfinished_tasks(r: redis.Redis, job_id: str, node: str, plan: ImagePlan) -> list[int]:
+    """Task indexes of the plan not finished on the node: spans whose bit is unset, whole
+    layers not ready, in layers that are neither ready nor failed."""
+    layers = {int(_s(k)): _s(v) for k, v in r.hgetall(keys.job_node_layers(job_id, node)).items()}
+    bitmaps: dict[int, bytes] = {}
+    out = []
+    for k in range(plan.task_count):
+        li, span = plan.task_at(k)
+        if layers.get(li) in (LAYER_READY, LAYER_FAILED):
+            continue
+        if plan.layers[li].mode == "spans":
+            bits = bitmaps.get(li)
+            if bits is None:
+                bits = bitmaps[li] = r.get(keys.job_node_spans(job_id, node, li)) or b""
+            byte = span >> 3
+            if byte < len(bits) and bits[byte] >> (7 - (span & 7)) & 1:
+                continue
+        out.append(k)
+    return out
+
+
+def stalled_jobs(r: redis.Redis, node: str, stall_seconds: float) -> list[str]:
+    """Active jobs in which every task was released to ``node``, some are unfinished, and
+    nothing finished for ``stall_seconds``: a task message was lost (a worker killed
+    between taking a message and recording it as unacknowledged loses it in kombu)."""
+    out = []
+    now = time.time()
+    for raw in r.smembers(keys.ACTIVE_JOBS):
+        job_id = _s(raw)
+        if not r.sismember(keys.job_nodes(job_id), node) or _s(r.hget(keys.job(job_id), "cancelled")) == "1":
+            continue
+        h = {_s(k): _s(v) for k, v in r.hgetall(keys.job_node(job_id, node)).items()}
+        if not h or int(h.get("cursor", 0)) < int(h.get("tasks_total", 0)):
+            continue
+        if now - float(h.get("updated", now)) < stall_seconds:
+            continue
+        states = [_s(v) for v in r.hvals(keys.job_node_layers(job_id, node))]
+        if states and all(st in (LAYER_READY, LAYER_FAILED) for st in states):
+            continue
+        out.append(job_id)
+    return sorted(out)
+
+
+def touch(r: redis.Redis, job_id: str, node: str) -> None:
+    r.hset(keys.job_node(job_id, node), "updated", time.time())
+
+
+def finish_job(r: redis.Redis, job_id: str) -> None:
+    """A job that ended (and is not a standing schedule) hands out no more work."""
+    if not _s(r.hget(keys.job(job_id), "keep")):
+        r.srem(keys.ACTIVE_JOBS, job_id)
+
+
 def cancel_job(r: redis.Redis, job_id: str) -> None:
     if not r.exists(keys.job(job_id)):
         raise JobError(f"job {job_id} does not exist (prewarm status lists the jobs)")

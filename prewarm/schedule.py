@@ -195,6 +195,7 @@ def wait_for_job(r: redis.Redis, job_id: str, *, on_update: Callable[[jobs.JobSt
         if on_update:
             on_update(status)
         if status.finished:
+            jobs.finish_job(r, job_id)
             return status
         if alive:
             alive()
@@ -260,3 +261,23 @@ def join_standing_jobs(r: redis.Redis, app, node: str, labels: dict[str, str],  
             dispatch.release(app, r, plan, job_id, node, window)
             joined.append(job_id)
     return joined
+
+
+def resend_stalled(r: redis.Redis, app, node: str, stall_seconds: float) -> list[str]:  # type: ignore[no-untyped-def]
+    """Called by a node's worker: send again the unfinished tasks of jobs stalled on this node.
+
+    Tasks are idempotent, so a task that was only slow and is now sent twice lands once.
+    """
+    resent = []
+    for job_id in jobs.stalled_jobs(r, node, stall_seconds):
+        plan = jobs.load_plan(r, job_id)
+        raw = r.hget(keys.job(job_id), "window")
+        window = int(raw) if isinstance(raw, (bytes, str)) and raw else DEFAULT_WINDOW
+        todo = jobs.unfinished_tasks(r, job_id, node, plan)[:window]
+        for k in todo:
+            dispatch.send_task(app, plan, job_id, node, k)
+        jobs.touch(r, job_id, node)
+        if todo:
+            log.warning("job %s stalled on %s: sent %d unfinished task(s) again", job_id, node, len(todo))
+            resent.append(job_id)
+    return resent

@@ -120,3 +120,27 @@ def test_a_node_joining_a_standing_schedule_gets_its_own_cursor(r: redis.Redis) 
     # And a cancelled standing schedule is found no more
     jobs.cancel_job(r, job)
     assert jobs.standing_jobs_for(r, {"gpu": "true"}) == []
+
+
+def test_a_lost_task_is_found_after_a_stall_and_only_then(r: redis.Redis) -> None:
+    # Given every task released to node a, all finished but span 2 of layer 0 (its message lost)
+    plan = _plan()
+    job = jobs.create_job(r, plan, ["a"], window=8, image="x")
+    while jobs.claim_next(r, job, "a") is not None:
+        pass
+    jobs.record_layer(r, job, "a", 1, jobs.LAYER_READY)
+    for s in (0, 1):
+        jobs.record_span(r, job, "a", 0, s, 10)
+    # Then while tasks finished recently, nothing is stalled
+    assert jobs.stalled_jobs(r, "a", stall_seconds=60) == []
+    # But once nothing finished for the stall time, the job is stalled on a, and only span 2 is missing
+    r.hset(keys.job_node(job, "a"), "updated", 0)
+    assert jobs.stalled_jobs(r, "a", stall_seconds=60) == [job]
+    assert [plan.task_at(k) for k in jobs.unfinished_tasks(r, job, "a", plan)] == [(0, 2)]
+    # And when it lands the job is not stalled any more, and a finished job leaves the active set
+    jobs.record_span(r, job, "a", 0, 2, 10)
+    jobs.record_layer(r, job, "a", 0, jobs.LAYER_READY)
+    r.hset(keys.job_node(job, "a"), "updated", 0)
+    assert jobs.stalled_jobs(r, "a", stall_seconds=60) == []
+    jobs.finish_job(r, job)
+    assert not r.sismember(keys.ACTIVE_JOBS, job)

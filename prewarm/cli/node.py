@@ -62,13 +62,21 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
 
     env_labels = [p for p in os.environ.get("PREWARM_NODE_LABELS", "").split(",") if p.strip()]
     node_labels = parse_labels(env_labels + list(labels))
-    from prewarm.schedule import join_standing_jobs
+    from prewarm.schedule import join_standing_jobs, resend_stalled
+
+    # A lost task message (see prewarm.jobs.stalled_jobs) is sent again once nothing has
+    # finished for two visibility timeouts: redelivery of unacknowledged ones comes first.
+    stall_seconds = 2 * float(os.environ.get("PREWARM_VISIBILITY_TIMEOUT", "900"))
+
+    def on_beat() -> None:
+        join_standing_jobs(r, app, settings.node_name, node_labels, store.is_ready)
+        resend_stalled(r, app, settings.node_name, stall_seconds)
 
     store = ContentStore(settings.root)
     r = redis_client(settings.broker_url)
     beat = Heartbeat(r, settings.node_name, node_labels, settings.root,
                      lambda: frozenset(d for d in store.list_layers() if store.is_ready(d)),
-                     on_beat=lambda: join_standing_jobs(r, app, settings.node_name, node_labels, store.is_ready))
+                     on_beat=on_beat)
     beat.start()
     if metrics_port:
         from prewarm.metrics import serve
