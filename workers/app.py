@@ -45,6 +45,9 @@ def make_app(settings: Settings | None = None) -> Celery:
             # killed worker's spans go to another worker soon after the timeout.
             "unacked_restore_interval": max(1, min(30, visibility // 4)),
             "unacked_restore_throttle": 1,
+            # the scan holds a Redis mutex; one held by a worker killed mid-scan would block
+            # every restore for kombu's default 300 s
+            "unacked_mutex_expire": max(10, min(300, visibility)),
         },
         task_serializer="json",
         accept_content=["json"],
