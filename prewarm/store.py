@@ -279,13 +279,18 @@ class ContentStore:
     # === lifecycle
 
     @contextlib.contextmanager
-    def _locked(self, digest: str) -> Iterator[None]:
+    def _locked(self, digest: str, *, wait: bool = True) -> Iterator[bool]:
+        """The layer's lock; with ``wait=False`` it yields False at once if another holds it."""
         lock = self.layout.layer_lock(digest)
         lock.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
         finally:
             os.close(fd)
 
@@ -319,10 +324,13 @@ class ContentStore:
         except (FileNotFoundError, ValueError):
             return None
 
-    def prepare_layer(self, digest: str, ztoc: ZtocView, *, diff_id: str | None = None) -> None:
+    def prepare_layer(self, digest: str, ztoc: ZtocView, *, diff_id: str | None = None,
+                      wait: bool = True) -> bool:
         """Validate the zTOC and create the layer's skeleton; idempotent and concurrent-safe.
 
         A partial layer from an earlier boot, or from a different zTOC, starts again.
+        With ``wait=False`` (preparing ahead) it returns False at once when another
+        process holds the layer's lock; otherwise True once the layer is prepared or ready.
 
         Raises:
             BadZtoc: the span chain or the TOC cannot describe a layer.
@@ -332,19 +340,21 @@ class ContentStore:
         parse_digest(digest)
         cached = self._prepared.get(digest)
         if cached is not None and cached.ztoc is ztoc and self.layout.layer_work(digest).is_dir():
-            return
+            return True
         if self.is_ready(digest):
-            return
+            return True
         known = _fingerprint_of(ztoc)
-        with self._locked(digest):
+        with self._locked(digest, wait=wait) as locked:
+            if not locked:
+                return False
             if self.is_ready(digest):
-                return
+                return True
             if known is not None:
                 # Another process validated this very zTOC for this layer: load its plan.
                 loaded = self._load_plan(digest, ztoc, known)
                 if loaded is not None:
                     self._prepared[digest] = loaded
-                    return
+                    return True
             # Validated under the lock: the node's other processes wait for this one and
             # load its plan, instead of all checking the same 70,000 entries at once.
             try:
@@ -355,7 +365,7 @@ class ContentStore:
             if state and state.get("boot_id") == self._boot_id and state.get("fingerprint") == prep.fingerprint:
                 self._save_plan(digest, prep)  # missing or unusable: the next process loads this one
                 self._prepared[digest] = prep
-                return
+                return True
             self._wipe(digest)
             with self._disk_errors(digest):
                 try:
@@ -364,6 +374,7 @@ class ContentStore:
                     self._wipe(digest)
                     raise
             self._prepared[digest] = prep
+            return True
 
     def _create_skeleton(self, digest: str, ztoc: ZtocView, prep: _Prepared, diff_id: str | None) -> None:
         """Create work/ and the tree; state.json last (its presence means prepared)."""

@@ -26,7 +26,7 @@ from prewarm import jobs
 from prewarm.budget import RegistryBudget
 from prewarm.config import Settings
 from prewarm.digest import verify
-from prewarm.errors import RateLimited
+from prewarm.errors import PrewarmError, RateLimited
 from prewarm.images import ImageRecord, record_prewarmed_image
 from prewarm.inflate import inflate_span
 from prewarm.layout import Layout
@@ -54,6 +54,7 @@ class NodeContext:
     budget: RegistryBudget
     _plans: dict[str, ImagePlan] = dataclasses.field(default_factory=dict)
     _refs: dict[str, Reference] = dataclasses.field(default_factory=dict)
+    _ahead: set[str] = dataclasses.field(default_factory=set)
 
     @classmethod
     def create(cls, settings: Settings, r: Redis) -> "NodeContext":
@@ -143,6 +144,7 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
     # layer's TOC (under the layer lock), the others fetch and inflate instead of waiting.
     ctx.store.prepare_layer(layer, z, diff_id=lp.diff_id)
     ready = ctx.store.land_span(layer, z, span, data, out).ready
+    prepare_ahead(ctx, plan, layer_index, ref)
     SPANS.labels("fetched").inc()
     if ready:
         LAYERS.labels("ready").inc()
@@ -161,6 +163,29 @@ def _fleet_backoff_on_429(ctx: NodeContext, registry: str) -> Iterator[None]:
     except RateLimited as err:
         ctx.budget.backoff(registry, err.retry_after or 1.0)
         raise
+
+
+def prepare_ahead(ctx: NodeContext, plan: ImagePlan, layer_index: int, ref: Reference) -> None:
+    """Prepare the job's next span layer while this one is still landing (once per process).
+
+    Why: preparing a layer (checking its TOC, creating its tree) takes seconds for 70,000
+    files, and every span of it waits for that; done ahead by one process, it overlaps the
+    others' work on this layer.  Never waits for the layer's lock (someone else is on it),
+    and a failure is left to that layer's own tasks, which report it.
+    """
+    nxt = next((lp for lp in plan.layers[layer_index + 1:] if lp.mode == "spans" and lp.ztoc_digest), None)
+    if nxt is None or nxt.digest in ctx._ahead or nxt.ztoc_digest is None:
+        return
+    ctx._ahead.add(nxt.digest)
+    if len(ctx._ahead) > 256:
+        ctx._ahead.clear()
+    if ctx.store.layer_state(nxt.digest) != "absent":
+        return
+    try:
+        z = ctx.ztocs.get(nxt.ztoc_digest, ctx.client, ref.registry, ref.repository)
+        ctx.store.prepare_layer(nxt.digest, z, diff_id=nxt.diff_id, wait=False)
+    except PrewarmError as err:
+        log.info("preparing layer %s ahead failed (its own tasks will report it): %s", nxt.digest, err)
 
 
 def warm_layer(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index: int) -> Outcome:

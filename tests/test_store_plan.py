@@ -220,3 +220,27 @@ def test_processes_preparing_at_once_validate_the_toc_once(tmp_path: Path) -> No
     assert [p.returncode for p in procs] == [0, 0, 0]
     # Then exactly one of them decoded and checked the whole TOC; the others loaded its plan
     assert sorted(int(o) for o in outs) == [0, 0, 600]
+
+
+def test_preparing_ahead_never_waits_for_the_lock(tmp_path: Path) -> None:
+    # Given a cold layer whose lock another process holds
+    import fcntl
+
+    blob, built = make_layer(every_kind_tar(), span_size=65536)
+    digest, root = sha(blob), tmp_path / "root"
+    store, z = _process(root, _cached(root, built))
+    lock = store.layout.layer_lock(digest)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        # When a process prepares it ahead, Then it gives up at once and creates nothing
+        assert store.prepare_layer(digest, z, wait=False) is False
+        assert store.layer_state(digest) == "absent"
+    finally:
+        os.close(fd)
+    # And once the lock is free it prepares the layer, which then completes
+    assert store.prepare_layer(digest, z, wait=False) is True
+    assert store.layer_state(digest) == "partial"
+    assert land(store, digest, z, blob, list(range(z.num_spans)))[-1] is True
+    assert_every_kind_tree(store.layout.layer_fs(digest))
