@@ -48,7 +48,10 @@ def node(tmp_path: Path, registry: Registry) -> Iterator[Containerd]:
 
 
 def shell_image(repo_name: str) -> HandmadeImage:
-    base = make_layer({**shell_files(), "etc/hello": b"hello from the store\n", "etc/gone": b"x\n"})
+    # The base names the repository too: the registry's log is shared by the session, so a layer
+    # digest must be this test's own for its byte counts to mean anything.
+    base = make_layer({**shell_files(), "etc/hello": b"hello from the store\n", "etc/gone": b"x\n",
+                       "etc/image": repo_name.encode()})
     top = make_layer({"etc/gone": WHITEOUT, "etc/top": f"top of {repo_name}\n".encode()})
     return make_image(repo_name, [base, top])
 
