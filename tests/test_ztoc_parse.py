@@ -319,8 +319,9 @@ def reference_serialize(z: Ztoc) -> bytes:
     return bytes(b.Output())
 
 
+# "." and ".." are refused as names by the parser (a ".." component could escape a layer)
 _names = st.text(st.characters(min_codepoint=33, max_codepoint=0x2FF, exclude_characters="/\x00"),
-                 min_size=1, max_size=40)
+                 min_size=1, max_size=40).filter(lambda name: name not in (".", ".."))
 
 
 @st.composite
