@@ -248,6 +248,23 @@ def stalled_jobs(r: redis.Redis, node: str, stall_seconds: float) -> list[str]:
     return sorted(out)
 
 
+def mark_started(r: redis.Redis, job_id: str, node: str) -> bool:
+    """Claim the release of a node's first window; True for exactly one caller."""
+    return bool(r.hsetnx(keys.job_node(job_id, node), "started_release", 1))
+
+
+def unstarted_jobs(r: redis.Redis, node: str) -> list[str]:
+    """Active, not cancelled jobs of ``node`` whose first window nobody released yet."""
+    out = []
+    for raw in r.smembers(keys.ACTIVE_JOBS):
+        job_id = _s(raw)
+        if not r.sismember(keys.job_nodes(job_id), node) or _s(r.hget(keys.job(job_id), "cancelled")) == "1":
+            continue
+        if not r.hexists(keys.job_node(job_id, node), "started_release"):
+            out.append(job_id)
+    return sorted(out)
+
+
 def touch(r: redis.Redis, job_id: str, node: str) -> None:
     r.hset(keys.job_node(job_id, node), "updated", time.time())
 

@@ -153,14 +153,35 @@ def make_plan(resolved: ResolvedImage, span_layers: dict[str, tuple[str, int, in
     )
 
 
+#: Up to this many first-window messages the scheduler sends them itself (a job starts at
+#: once); above it, each node's worker releases its own window at its next heartbeat, so
+#: launching on a thousand nodes costs one Redis write per node, not a message per task.
+EAGER_RELEASE_LIMIT = 2048
+
+
 def launch(r: redis.Redis, broker_url: str, plan: ImagePlan, image: str, nodes: Sequence[str], *,
            window: int, present: dict[str, set[int]] | None = None, keep: dict[str, str] | None = None) -> str:
-    """Record the job and release the first ``window`` tasks of every node."""
+    """Record the job; release the first ``window`` tasks of every node, or leave that to the nodes."""
     job_id = jobs.create_job(r, plan, nodes, window=window, image=image, present=present, keep=keep)
-    app = dispatch.sender(broker_url)
-    for node in nodes:
-        dispatch.release(app, r, plan, job_id, node, window)
+    if len(nodes) * window <= EAGER_RELEASE_LIMIT:
+        app = dispatch.sender(broker_url)
+        for node in nodes:
+            if jobs.mark_started(r, job_id, node):
+                dispatch.release(app, r, plan, job_id, node, window)
     return job_id
+
+
+def start_own_windows(r: redis.Redis, app, node: str) -> list[str]:  # type: ignore[no-untyped-def]
+    """Called by a node's worker: release the first window of every job not yet started on it."""
+    started = []
+    for job_id in jobs.unstarted_jobs(r, node):
+        if jobs.mark_started(r, job_id, node):
+            plan = jobs.load_plan(r, job_id)
+            raw = r.hget(keys.job(job_id), "window")
+            window = int(raw) if isinstance(raw, (bytes, str)) and raw else DEFAULT_WINDOW
+            dispatch.release(app, r, plan, job_id, node, window)
+            started.append(job_id)
+    return started
 
 
 #: How long a waiting scheduler rides out an unreachable Redis (a restart takes seconds).
@@ -255,7 +276,7 @@ def join_standing_jobs(r: redis.Redis, app, node: str, labels: dict[str, str],  
     for job_id in jobs.standing_jobs_for(r, labels):
         plan = jobs.load_plan(r, job_id)
         ready = {i for i, layer in enumerate(plan.layers) if is_ready(layer.digest)}
-        if jobs.add_node(r, job_id, node, plan, ready):
+        if jobs.add_node(r, job_id, node, plan, ready) and jobs.mark_started(r, job_id, node):
             raw = r.hget(keys.job(job_id), "window")
             window = int(raw) if isinstance(raw, (bytes, str)) and raw else DEFAULT_WINDOW
             dispatch.release(app, r, plan, job_id, node, window)

@@ -144,3 +144,17 @@ def test_a_lost_task_is_found_after_a_stall_and_only_then(r: redis.Redis) -> Non
     assert jobs.stalled_jobs(r, "a", stall_seconds=60) == []
     jobs.finish_job(r, job)
     assert not r.sismember(keys.ACTIVE_JOBS, job)
+
+
+def test_exactly_one_caller_releases_a_nodes_first_window(r: redis.Redis) -> None:
+    # Given a job on two nodes whose windows nobody released yet
+    job = jobs.create_job(r, _plan(), ["a", "b"], window=2, image="x")
+    assert jobs.unstarted_jobs(r, "a") == [job]
+    # When the scheduler and node a's worker both try to release a's window
+    assert jobs.mark_started(r, job, "a") is True
+    assert jobs.mark_started(r, job, "a") is False
+    # Then only b still waits for its own worker; a cancelled job waits for nobody
+    assert jobs.unstarted_jobs(r, "a") == []
+    assert jobs.unstarted_jobs(r, "b") == [job]
+    jobs.cancel_job(r, job)
+    assert jobs.unstarted_jobs(r, "b") == []

@@ -62,13 +62,14 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
 
     env_labels = [p for p in os.environ.get("PREWARM_NODE_LABELS", "").split(",") if p.strip()]
     node_labels = parse_labels(env_labels + list(labels))
-    from prewarm.schedule import join_standing_jobs, resend_stalled
+    from prewarm.schedule import join_standing_jobs, resend_stalled, start_own_windows
 
     # A lost task message (see prewarm.jobs.stalled_jobs) is sent again once nothing has
     # finished for two visibility timeouts: redelivery of unacknowledged ones comes first.
     stall_seconds = 2 * float(os.environ.get("PREWARM_VISIBILITY_TIMEOUT", "900"))
 
     def on_beat() -> None:
+        start_own_windows(r, app, settings.node_name)
         join_standing_jobs(r, app, settings.node_name, node_labels, store.is_ready)
         resend_stalled(r, app, settings.node_name, stall_seconds)
 
