@@ -60,6 +60,7 @@ from prewarm.errors import (
     CorruptContent,
     DigestMismatch,
     InsufficientSpace,
+    PrewarmError,
     StoreError,
 )
 from prewarm.layerfs import (
@@ -828,6 +829,10 @@ class ContentStore:
                 indexer.finish()
                 if current is not None:
                     raise CorruptContent(f"layer {digest}: the tar stream ends inside a file's data")
+            except Exception as err:
+                if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise _blame(digest, raw, err) from err
             finally:
                 if current is not None:
                     os.close(current[0])
@@ -845,6 +850,26 @@ class ContentStore:
             _syncfs(writer.root_fd)
         return {"digest": digest, "diff_id": diff_id, "mode": "whole", "size": raw.size,
                 "uncompressed_size": offset, "files": len(entries)}
+
+
+def _blame(digest: str, raw: "_HashingReader", err: Exception) -> Exception:
+    """What a failure in the middle of a streamed layer means.
+
+    A decompressor or tar error is most often the blob corrupted in transit: drain the rest
+    and hash it.  If the blob does not match its digest, that is the error (DigestMismatch,
+    which the worker retries); if it does, the layer itself is broken (never retried).
+    """
+    try:
+        raw.drain()
+    except DigestMismatch as mismatch:  # the registry client's own end-of-stream check
+        return mismatch
+    except Exception:  # noqa: BLE001 - the stream itself failed; the first error is the story
+        return err if isinstance(err, PrewarmError) else CorruptContent(f"layer {digest}: {err}")
+    actual = f"{raw.hash.name}:{raw.hash.hexdigest()}"
+    if actual != digest:
+        return DigestMismatch(f"layer {digest}: the blob ({raw.size} bytes) hashes to {actual} "
+                              f"({type(err).__name__}: {err})", expected=digest, actual=actual)
+    return err if isinstance(err, PrewarmError) else CorruptContent(f"layer {digest}: {err}")
 
 
 def _write_from(mv: memoryview, start: int, end: int, current: tuple[int, int, int] | None

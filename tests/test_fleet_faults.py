@@ -247,3 +247,27 @@ def test_a_full_disk_fails_that_node_clearly_and_leaves_the_others_complete(
         # And the other node is unaffected and complete
         assert final["nodes"]["roomy"]["state"] == "succeeded", final["nodes"]["roomy"]
     assert_matches_umoci(odd, ref, ok_env, tmp_path)
+
+
+def test_a_whole_layer_corrupted_in_transit_is_fetched_again(tmp_path: Path, registry: Registry,
+                                                             redis_url: str, odd: BuiltImage) -> None:
+    with FaultProxy(registry.host) as proxy:
+        env = node_env(tmp_path, "n1", redis_url, proxy, registry)
+        ref = f"{proxy.host}/{REPO}:{odd.tag}"
+        # Given every layer fetched whole (no zTOC) and, once scheduled, the first two layer
+        # downloads corrupted in transit (one byte flipped mid-body)
+        job = prewarm("schedule", ref, "--node", "n1", "--index", "none", env=env, check=True).stdout.strip()
+        layers = "|".join(layer["digest"] for layer in image_manifest(odd)["layers"])
+        corrupt = proxy.add(Fault("corrupt", path=f"/blobs/({layers})", method="GET", first=2))
+        worker = start_worker(env, tmp_path / "w.log", "-c", "2", "--hostname", "w@n1")
+        try:
+            final = wait_job(job, env, timeout=120)
+        finally:
+            worker.stop()
+    # Then both were caught by the layer digest and fetched again, and the job succeeded
+    assert corrupt.applied == 2
+    log = worker.log.read_text()
+    assert log.count("whole layer of") >= 2, log[-3000:]
+    assert final["state"] == "succeeded", (final, log[-3000:])
+    # And nothing corrupted was committed: the tree equals umoci's
+    assert_matches_umoci(odd, ref, env, tmp_path)

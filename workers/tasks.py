@@ -104,8 +104,8 @@ def _run_once(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: igno
             retries = task.request.retries
             if isinstance(err, Transient) and retries < MAX_TRANSIENT_RETRIES:
                 raise task.retry(exc=err, countdown=_retry_delay(retries, err), max_retries=None) from err
-            if isinstance(err, DigestMismatch) and "span" in kw and retries < MAX_CORRUPT_SPAN_RETRIES:
-                log.warning("span %s of %s corrupted in transit, fetching again: %s", span, kw["layer"], err)
+            if isinstance(err, DigestMismatch) and retries < MAX_CORRUPT_SPAN_RETRIES:
+                log.warning("%s of %s corrupted in transit, fetching again: %s", f"span {span}" if "span" in kw else "whole layer", kw["layer"], err)
                 raise task.retry(exc=err, countdown=0.2, max_retries=None) from err
             if not isinstance(err, PrewarmError) and not isinstance(err, OSError):
                 log.exception("unexpected error in %s", task.name)
