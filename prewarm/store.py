@@ -545,6 +545,9 @@ class ContentStore:
         with self._disk_errors(digest):
             self._write_pieces(digest, prep, span, out)
         with self._locked(digest), self._disk_errors(digest):
+            if self.is_ready(digest):
+                # another process landed the last span meanwhile and committed the layer
+                return LandResult(True, False)
             state = self._state(digest)
             if state is None or state.get("fingerprint") != prep.fingerprint:
                 self._prepared.pop(digest, None)

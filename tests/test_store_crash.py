@@ -131,3 +131,31 @@ def test_partial_layer_from_an_earlier_boot_restarts(tmp_path: Path, layer) -> N
     fresh.prepare_layer(digest, z)
     assert fresh.missing_spans(digest, z) == list(range(n))
     assert land(fresh, digest, z, blob, list(range(n)))[-1] is True
+
+
+def test_a_span_landing_while_another_process_commits_the_layer(tmp_path: Path, layer) -> None:  # type: ignore[no-untyped-def]
+    # Given two stores (two worker processes) on one root, both having prepared the layer
+    _, ztoc_path, blob, n = layer
+    z = parse_ztoc(ztoc_path.read_bytes())
+    digest = sha(blob)
+    first = ContentStore(tmp_path / "root")
+
+    class Interleaved(ContentStore):
+        """Lets the first process land everything and commit while this one writes its span."""
+
+        committed = False
+
+        def _write_pieces(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            super()._write_pieces(*args, **kwargs)
+            if not Interleaved.committed:
+                Interleaved.committed = True
+                assert land(first, digest, z, blob, list(range(n)))[-1] is True
+
+    late = Interleaved(tmp_path / "root")
+    first.prepare_layer(digest, z)
+    late.prepare_layer(digest, z)
+    # When the late process lands a (duplicate) span and the layer is committed meanwhile
+    result = land(late, digest, z, blob, [1])[-1]
+    # Then it is told the layer is ready, not that the layer vanished
+    assert Interleaved.committed and result is True
+    assert_every_kind_tree(first.layout.layer_fs(digest), BIG)
