@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from prewarm.digest import parse_digest
+from prewarm.atomic import atomic_write
 from prewarm.errors import (
     BadSpan,
     BadZtoc,
@@ -179,25 +180,6 @@ def _padded(n: int) -> int:
 
 def _data_len(e: FileEntry) -> int:
     return 0 if e.type in _HEADER_ONLY else e.uncompressed_size
-
-
-def _atomic_write(path: Path, data: bytes, *, durable: bool) -> None:
-    """Temp file + rename in the same directory; with ``durable``, fsync file and directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, data)
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    if durable:
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 class ContentStore:
@@ -394,7 +376,7 @@ class ContentStore:
         state = {"digest": digest, "diff_id": diff_id, "boot_id": self._boot_id,
                  "fingerprint": prep.fingerprint, "num_spans": ztoc.num_spans,
                  "compressed_size": compressed, "uncompressed_size": ztoc.uncompressed_archive_size}
-        _atomic_write(work / "state.json", json.dumps(state).encode(), durable=False)
+        atomic_write(work / "state.json", json.dumps(state).encode(), durable=False)
 
     def _save_plan(self, digest: str, prep: _Prepared) -> None:
         """Persist what :meth:`_derive` found, so the node's other processes skip it.
@@ -411,7 +393,7 @@ class ContentStore:
             [r.uncompressed_start for r in prep.spans], [r.uncompressed_end for r in prep.spans],
             prep.windowed, prep.keys,
         ))
-        _atomic_write(self.layout.layer_work(digest) / "plan", data, durable=False)
+        atomic_write(self.layout.layer_work(digest) / "plan", data, durable=False)
 
     def _load_plan(self, digest: str, ztoc: ZtocView, fingerprint: str) -> _Prepared | None:
         """The saved plan of this layer for this zTOC in this boot, or None (then derive it).
@@ -619,7 +601,7 @@ class ContentStore:
                     _check_chain(digest, prep.ztoc.files[k], prep.header_starts[k], buf, 0,
                                  prep.header_starts[k])
                 else:
-                    _atomic_write(work / f"head-{index}", head, durable=False)
+                    atomic_write(work / f"head-{index}", head, durable=False)
         if index + 1 < len(prep.spans):
             b = r.uncompressed_end
             k = _straddler(prep, b)
@@ -633,7 +615,7 @@ class ContentStore:
                 if head_path.exists():
                     _check_chain(digest, prep.ztoc.files[k], h, tail + head_path.read_bytes(), 0, h)
                 else:
-                    _atomic_write(work / f"tail-{index}", tail, durable=False)
+                    atomic_write(work / f"tail-{index}", tail, durable=False)
 
     def _write_pieces(self, digest: str, prep: _Prepared, span: _Range, out: memoryview) -> None:
         ustart = span.uncompressed_start
@@ -664,7 +646,7 @@ class ContentStore:
         return nxt, upto, ResumableSha256.from_state(raw[_HASH_HEADER.size:])
 
     def _save_hash(self, digest: str, nxt: int, upto: int, h: ResumableSha256) -> None:
-        _atomic_write(self.layout.layer_work(digest) / "hash", _HASH_HEADER.pack(nxt, upto) + h.state(),
+        atomic_write(self.layout.layer_work(digest) / "hash", _HASH_HEADER.pack(nxt, upto) + h.state(),
                       durable=False)
 
     def _hash_or_spool(self, digest: str, prep: _Prepared, index: int, compressed: bytes, base: int,
@@ -753,7 +735,7 @@ class ContentStore:
 
     def _commit(self, digest: str, info: dict[str, Any]) -> None:
         info = {**info, "boot_id": self._boot_id, "completed_at": time.time()}
-        _atomic_write(self.layout.layer_ready(digest), json.dumps(info, sort_keys=True).encode(), durable=True)
+        atomic_write(self.layout.layer_ready(digest), json.dumps(info, sort_keys=True).encode(), durable=True)
         shutil.rmtree(self.layout.layer_work(digest), ignore_errors=True)
 
     # === the whole-layer path
