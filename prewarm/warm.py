@@ -36,6 +36,7 @@ from prewarm.reference import Reference, parse_reference
 from prewarm.registry.client import RegistryClient
 from prewarm.registry.retry import RetryPolicy
 from prewarm.store import ContentStore, fetch_range
+from prewarm.ztoc import Ztoc
 from prewarm.ztoc_cache import ZtocCache
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class NodeContext:
     _ahead: set[str] = dataclasses.field(default_factory=set)
 
     @classmethod
-    def create(cls, settings: Settings, r: Redis) -> "NodeContext":
+    def create(cls, settings: Settings, r: Redis) -> NodeContext:
         layout = Layout(settings.root)
         # A 429 must reach the fleet budget (warm_span's back-off) at once, not be waited out
         # inside the client while the rest of the fleet keeps asking.
@@ -113,16 +114,7 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
     if lp.digest != layer:
         raise ValueError(f"task names layer {layer} but the job's plan has {lp.digest} at {layer_index}")
     ref = ctx.reference(image)
-    if ctx.ztocs.has(ztoc):
-        z = ctx.ztocs.get(ztoc)
-    else:
-        # zTOCs are registry egress too (a 32 KiB window per span, megabytes per layer): their
-        # size (a HEAD) is charged to the byte budget before they are fetched.
-        with _fleet_backoff_on_429(ctx, ref.registry):
-            with ctx.budget.request(ref.registry, 0):
-                size = ctx.client.blob_exists(ref.registry, ref.repository, ztoc) or 0
-            with ctx.budget.request(ref.registry, size):
-                z = ctx.ztocs.get(ztoc, ctx.client, ref.registry, ref.repository)
+    z = _ztoc(ctx, ref, ztoc)
     nbytes = span_accounting_bytes(z, span)
     if ctx.store.is_ready(layer):
         return Outcome(nbytes, False, True)
@@ -149,6 +141,22 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
     if ready:
         LAYERS.labels("ready").inc()
     return Outcome(nbytes, True, ready)
+
+
+def _ztoc(ctx: NodeContext, ref: Reference, digest: str) -> Ztoc:
+    """The zTOC ``digest``, from the node's cache or fetched within the fleet's registry budget.
+
+    Why: zTOCs are registry egress too (a 32 KiB window per span, megabytes per layer), so
+    their size (a HEAD) is charged to the byte budget before they are fetched, and a 429 on
+    them backs the whole fleet off like one on a span.
+    """
+    if ctx.ztocs.has(digest):
+        return ctx.ztocs.get(digest)
+    with _fleet_backoff_on_429(ctx, ref.registry):
+        with ctx.budget.request(ref.registry, 0):
+            size = ctx.client.blob_exists(ref.registry, ref.repository, digest) or 0
+        with ctx.budget.request(ref.registry, size):
+            return ctx.ztocs.get(digest, ctx.client, ref.registry, ref.repository)
 
 
 @contextlib.contextmanager
@@ -182,7 +190,7 @@ def prepare_ahead(ctx: NodeContext, plan: ImagePlan, layer_index: int, ref: Refe
     if ctx.store.layer_state(nxt.digest) != "absent":
         return
     try:
-        z = ctx.ztocs.get(nxt.ztoc_digest, ctx.client, ref.registry, ref.repository)
+        z = _ztoc(ctx, ref, nxt.ztoc_digest)
         ctx.store.prepare_layer(nxt.digest, z, diff_id=nxt.diff_id, wait=False)
     except PrewarmError as err:
         log.info("preparing layer %s ahead failed (its own tasks will report it): %s", nxt.digest, err)
@@ -198,10 +206,10 @@ def warm_layer(ctx: NodeContext, *, job: str, image: str, layer: str, layer_inde
         return Outcome(lp.size, False, True)
     ref = ctx.reference(image)
     try:
-        with ctx.budget.request(ref.registry, 0):
-            with ctx.client.stream_blob(ref.registry, ref.repository, layer) as chunks:
-                ctx.store.ingest_stream(layer, _metered(ctx, ref.registry, chunks),
-                                        media_type=lp.media_type, diff_id=lp.diff_id)
+        with ctx.budget.request(ref.registry, 0), \
+                ctx.client.stream_blob(ref.registry, ref.repository, layer) as chunks:
+            ctx.store.ingest_stream(layer, _metered(ctx, ref.registry, chunks),
+                                    media_type=lp.media_type, diff_id=lp.diff_id)
         LAYERS.labels("ready").inc()
     except RateLimited as err:
         ctx.budget.backoff(ref.registry, err.retry_after or 1.0)
