@@ -844,6 +844,11 @@ def _blame(digest: str, raw: "_HashingReader", err: Exception) -> Exception:
     and hash it.  If the blob does not match its digest, that is the error (DigestMismatch,
     which the worker retries); if it does, the layer itself is broken (never retried).
     """
+    if raw.source_error is not None:
+        # The registry stream itself failed (429, unavailable, ...): that is the error, with
+        # its own retry policy; the bytes that did arrive prove nothing.
+        failed = raw.source_error
+        return failed if isinstance(failed, PrewarmError) else CorruptContent(f"layer {digest}: {failed}")
     try:
         raw.drain()
     except DigestMismatch as mismatch:  # the registry client's own end-of-stream check
@@ -883,13 +888,19 @@ class _HashingReader(io.RawIOBase):
         self._buf = memoryview(b"")
         self.hash = h
         self.size = 0
+        #: What the chunk source raised, if it failed (not the decompressor or tar parser).
+        self.source_error: Exception | None = None
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b: Any) -> int:
         while not self._buf:
-            chunk = next(self._it, None)
+            try:
+                chunk = next(self._it, None)
+            except Exception as err:
+                self.source_error = err
+                raise
             if chunk is None:
                 return 0
             self.hash.update(chunk)

@@ -19,6 +19,7 @@ from prewarm.errors import (
     CorruptContent,
     DigestMismatch,
     InsufficientSpace,
+    RateLimited,
     StoreError,
     UnsafeArchive,
 )
@@ -163,6 +164,28 @@ def test_ingest_stream_mismatch_leaves_nothing(tmp_path: Path, which: str) -> No
         store.ingest_stream(digest, chunked(blob), media_type=GZIP, diff_id=diff_id)
     assert store.layer_state(digest) == "absent"
     assert not store.is_ready(digest)
+
+
+def test_ingest_stream_registry_failure_mid_stream_is_that_failure_not_corruption(tmp_path: Path) -> None:
+    # Given a layer whose stream the registry cuts with a 429 after some chunks
+    tar = every_kind_tar(200_000)
+    blob = gzip.compress(tar, mtime=0)
+    store = ContentStore(tmp_path / "root")
+    digest = sha(blob)
+
+    def cut() -> Iterator[bytes]:
+        yield blob[:1000]
+        raise RateLimited("rate limited by r.example: blob (HTTP 429)", retry_after=3.0)
+
+    # When it is streamed in
+    # Then the 429 surfaces as it is (the fleet backs off on it), not as a corrupt blob
+    with pytest.raises(RateLimited) as info:
+        store.ingest_stream(digest, cut(), media_type=GZIP, diff_id=sha(tar))
+    assert info.value.retry_after == 3.0
+    assert store.layer_state(digest) == "absent"
+    # And the same layer streams in completely afterwards
+    store.ingest_stream(digest, chunked(blob), media_type=GZIP, diff_id=sha(tar))
+    assert store.is_ready(digest)
 
 
 def _hostile(kind: str) -> bytes:
