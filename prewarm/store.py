@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from prewarm.digest import parse_digest
+from prewarm.directio import DirectWriter
 from prewarm.atomic import atomic_write
 from prewarm.errors import (
     BadSpan,
@@ -68,7 +69,8 @@ from prewarm.layerfs import (
     EntryChecker,
     LayerWriter,
     Planned,
-    check_entries,
+    check_archive,
+    split_name,
     data_extents,
     parse_mod_time,
 )
@@ -86,7 +88,8 @@ STREAM_READ = 1 << 20
 _HASH_HEADER = struct.Struct("<QQ")  # next span to hash, compressed bytes hashed so far
 _HEADER_ONLY = frozenset(("dir", "symlink", "hardlink", "char", "block", "fifo"))
 #: Version of the saved plan (work/plan); another version is ignored and re-derived.
-_PLAN_FORMAT = 2
+_PLAN_FORMAT = 3
+_NO_META = (0, 0, 0, 0, ())
 #: Bytes of an entry key (see :func:`_entry_key`).
 _KEY_SIZE = 16
 
@@ -151,6 +154,8 @@ class _Prepared:
     spans: list[_Range]
     windowed: bool              # spans carry checkpoint windows (gzip)
     keys: bytes                 # entry i's _entry_key at [16 i, 16 i + 16)
+    born: bytes                 # born[i]: file i is created whole when its span lands
+    born_meta: list[tuple[Any, ...]]  # (uid, gid, mode, mtime ns, xattr pairs) of born files
 
 
 def current_boot_id() -> str:
@@ -190,6 +195,7 @@ class ContentStore:
         self.layout = Layout(self.root)
         self._prepared: dict[str, _Prepared] = {}
         self._boot_id = current_boot_id()
+        self._writer = DirectWriter()
 
     # === queries
 
@@ -367,9 +373,13 @@ class ContentStore:
         work, fs = self.layout.layer_work(digest), self.layout.layer_fs(digest)
         work.mkdir(parents=True)
         fs.mkdir(mode=0o755)
+        born = prep.born
         with LayerWriter(fs) as writer:
-            for entry, planned in zip(ztoc.files, prep.plan):
-                writer.create(entry, planned)
+            for i, (entry, planned) in enumerate(zip(ztoc.files, prep.plan)):
+                if born[i]:
+                    writer.make_parent(planned.path, entry.name)  # the file comes with its span
+                else:
+                    writer.create(entry, planned)
         (work / "landed").write_bytes(bytes(ztoc.num_spans))
         self._save_hash(digest, 0, 0, ResumableSha256())
         self._save_plan(digest, prep)
@@ -391,7 +401,7 @@ class ContentStore:
             *prep.spanmap.arrays(), prep.data_starts, prep.header_starts, prep.archive_data_end,
             [r.compressed_start for r in prep.spans], [r.compressed_end for r in prep.spans],
             [r.uncompressed_start for r in prep.spans], [r.uncompressed_end for r in prep.spans],
-            prep.windowed, prep.keys,
+            prep.windowed, prep.keys, prep.born, prep.born_meta,
         ))
         atomic_write(self.layout.layer_work(digest) / "plan", data, durable=False)
 
@@ -407,12 +417,14 @@ class ContentStore:
         try:
             raw = (self.layout.layer_work(digest) / "plan").read_bytes()
             (fmt, fp, kinds, paths, finals, m_starts, m_ends, m_ids, data_starts, header_starts, data_end,
-             cs, ce, us, ue, windowed, keys) = marshal.loads(raw)
+             cs, ce, us, ue, windowed, keys, born, born_meta) = marshal.loads(raw)
             n, nspans = len(ztoc.files), ztoc.num_spans
             if (fmt != _PLAN_FORMAT or fp != fingerprint
                     or not len(kinds) == len(paths) == len(finals) == len(data_starts) == len(header_starts) == n
                     or not len(cs) == len(ce) == len(us) == len(ue) == nspans
-                    or not isinstance(keys, bytes) or len(keys) != _KEY_SIZE * n):
+                    or not isinstance(keys, bytes) or len(keys) != _KEY_SIZE * n
+                    or not isinstance(born, bytes) or len(born) != n
+                    or not isinstance(born_meta, list) or len(born_meta) != n):
                 return None
             smap = SpanMap.from_arrays(m_starts, m_ends, m_ids)
         except (OSError, ValueError, EOFError, TypeError, BadZtoc):
@@ -420,7 +432,7 @@ class ContentStore:
         plan = list(map(Planned, kinds, paths, finals))
         spans = list(map(_Range, cs, ce, us, ue))
         return _Prepared(ztoc, fingerprint, plan, smap, data_starts, header_starts, data_end, spans,
-                         bool(windowed), keys)
+                         bool(windowed), keys, born, born_meta)
 
     def _derive(self, ztoc: ZtocView) -> _Prepared:
         """Check the span chain and the TOC; index them for landing.
@@ -463,7 +475,8 @@ class ContentStore:
             fp.update(f"{e.name}\0{e.type}\0{e.uncompressed_offset}\0{e.uncompressed_size}\0{e.linkname}\0"
                       f"{e.mode}\0{e.uid}\0{e.gid}\0{e.mod_time}\0{e.devmajor}\0{e.devminor}\0{e.xattrs}\n"
                       .encode("utf-8", "surrogateescape"))
-        plan = check_entries(files, usize)
+        checker = check_archive(files, usize)
+        plan = checker.plan
         smap = SpanMap(data_extents(files, plan))
         data_starts, header_starts = [], []
         pos = 0
@@ -477,8 +490,9 @@ class ContentStore:
         if pos > usize:
             raise BadZtoc(f"the last tar entry ends at {pos}, past the {usize}-byte archive")
         keys = b"".join(map(_entry_key, files))
+        born, born_meta = _born_at_landing(files, plan, checker.fresh, spans)
         return _Prepared(ztoc, known or fp.hexdigest(), plan, smap, data_starts, header_starts, pos, spans,
-                         windowed, keys)
+                         windowed, keys, born, born_meta)
 
     # === landing a span
 
@@ -623,22 +637,26 @@ class ContentStore:
         if not pieces:
             return
         files = prep.ztoc.files
+        born = prep.born
         with LayerWriter(self.layout.layer_fs(digest)) as writer:
             for p in pieces:
-                fd = writer.open_data(prep.plan[p.extent].path)
+                off = p.stream_offset - ustart
                 try:
-                    off = p.stream_offset - ustart
-                    view = out[off:off + p.length]
-                    written = os.pwrite(fd, view, p.file_offset)
-                    while written < p.length:  # short writes are legal; finish them
-                        written += os.pwrite(fd, view[written:], p.file_offset + written)
+                    if born[p.extent]:
+                        uid, gid, mode, mtime, xattrs = prep.born_meta[p.extent]
+                        writer.create_whole(prep.plan[p.extent].path, out[off:off + p.length], self._writer,
+                                            uid=uid, gid=gid, mode=mode, mtime_ns=mtime, xattrs=xattrs)
+                        continue
+                    fd = writer.open_data(prep.plan[p.extent].path)
+                    try:
+                        self._writer.pwrite(fd, out[off:off + p.length], p.file_offset)
+                    finally:
+                        os.close(fd)
                 except OSError as err:
                     if err.errno == errno.ENOSPC:
                         raise InsufficientSpace(f"no space left in {self.root} writing "
                                                 f"{files[p.extent].name!r} of layer {digest}") from None
                     raise
-                finally:
-                    os.close(fd)
 
     def _load_hash(self, digest: str) -> tuple[int, int, ResumableSha256]:
         raw = (self.layout.layer_work(digest) / "hash").read_bytes()
@@ -725,7 +743,7 @@ class ContentStore:
         state = self._state(digest) or {}
         fs = self.layout.layer_fs(digest)
         with LayerWriter(fs) as writer:
-            writer.apply_metadata(prep.ztoc.files, prep.plan)
+            writer.apply_metadata(prep.ztoc.files, prep.plan, done=prep.born)
             _syncfs(writer.root_fd)
         self._commit(digest, {"digest": digest, "diff_id": state.get("diff_id"), "mode": "spans",
                               "size": upto, "uncompressed_size": prep.ztoc.uncompressed_archive_size,
@@ -799,7 +817,7 @@ class ContentStore:
                     new = indexer.feed(chunk)
                     mv = memoryview(chunk)
                     end = offset + len(chunk)
-                    current = _write_from(mv, offset, end, current)
+                    current = _write_from(self._writer, mv, offset, end, current)
                     for e in new:
                         planned = checker.check(e)
                         writer.create(e, planned)
@@ -808,7 +826,7 @@ class ContentStore:
                             if current is not None:
                                 os.close(current[0])
                             fd = writer.open_data(planned.path)
-                            current = _write_from(mv, offset, end, (fd, e.uncompressed_offset,
+                            current = _write_from(self._writer, mv, offset, end, (fd, e.uncompressed_offset,
                                                                       e.uncompressed_offset + e.uncompressed_size))
                     offset = end
                 indexer.finish()
@@ -862,18 +880,15 @@ def _blame(digest: str, raw: "_HashingReader", err: Exception) -> Exception:
     return err if isinstance(err, PrewarmError) else CorruptContent(f"layer {digest}: {err}")
 
 
-def _write_from(mv: memoryview, start: int, end: int, current: tuple[int, int, int] | None
-                ) -> tuple[int, int, int] | None:
+def _write_from(writer: DirectWriter, mv: memoryview, start: int, end: int,
+                current: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
     """pwrite the part of ``mv`` (stream [start, end)) that is the current file's data."""
     if current is None:
         return None
     fd, dstart, dend = current
     lo, hi = max(start, dstart), min(end, dend)
     if lo < hi:
-        view = mv[lo - start:hi - start]
-        done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], lo - dstart + done)
+        writer.pwrite(fd, mv[lo - start:hi - start], lo - dstart)
     if dend <= end:
         os.close(fd)
         return None
@@ -933,6 +948,29 @@ def _compression_of(media_type: str) -> str:
     if mt.endswith("tar") or "rootfs.diff.tar" in mt:
         return "none"
     raise StoreError(f"layer media type {media_type!r} is not a tar layer (gzip, zstd or plain tar)")
+
+
+def _born_at_landing(files: Sequence[FileEntry], plan: Sequence[Planned], fresh: Sequence[bool],
+                     spans: Sequence[_Range]) -> tuple[bytes, list[tuple[Any, ...]]]:
+    """Which regular files are created whole by the span that holds all their data, and
+    their metadata, so the landing process needs no TOC entry decoded.
+
+    Only files that replace nothing, are no hard link's target (the link is made in the
+    skeleton, before any span lands) and lie inside one span; the rest are pre-sized in
+    the skeleton and written piece by piece.
+    """
+    targets = {"/".join(split_name(e.linkname)) for e, p in zip(files, plan) if p.kind == "hardlink"}
+    starts = [s.uncompressed_start for s in spans]
+    born = bytearray(len(files))
+    meta: list[tuple[Any, ...]] = [_NO_META] * len(files)
+    for i, (e, p) in enumerate(zip(files, plan)):
+        size = e.uncompressed_size
+        if p.kind == "reg" and p.final and size > 0 and fresh[i] and p.path not in targets:
+            d = e.uncompressed_offset
+            if bisect.bisect_right(starts, d) == bisect.bisect_right(starts, d + size - 1):
+                born[i] = 1
+                meta[i] = (e.uid, e.gid, e.mode, parse_mod_time(e.mod_time), tuple(e.real_xattrs.items()))
+    return bytes(born), meta
 
 
 def _straddler(prep: _Prepared, boundary: int) -> int | None:

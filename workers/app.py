@@ -12,7 +12,8 @@ Why these options:
 * ``visibility_timeout``: longer than the slowest task (a whole-layer task on a large
   layer), shorter than "the job waits an hour" after a worker dies.
 * events on (``worker_send_task_events``, ``task_send_sent_event``) so Flower shows the
-  span tasks with their names and arguments.
+  span tasks with their names and arguments; off with ``PREWARM_TASK_EVENTS=0`` (what
+  ``prewarm worker --no-task-events`` sets), for workers nobody watches.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def make_app(settings: Settings | None = None) -> Celery:
     app = Celery("prewarm", include=["workers.tasks"])
     broker = settings.broker_url or "redis://127.0.0.1:6379/0"
     visibility = int(os.environ.get("PREWARM_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT))
+    # `prewarm worker --no-task-events` (the embedded workers: no Flower to watch them)
+    events = os.environ.get("PREWARM_TASK_EVENTS", "1") != "0"
     app.conf.update(
         broker_url=celery_url(broker),
         broker_connection_retry_on_startup=True,
@@ -55,8 +58,8 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        worker_send_task_events=events,
+        task_send_sent_event=events,
         task_default_queue="prewarm.default",
         worker_hijack_root_logger=False,
         worker_max_memory_per_child=400_000,  # KiB; a leak cannot grow a worker without bound

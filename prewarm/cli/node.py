@@ -18,6 +18,8 @@ from prewarm.cli._common import registry_options, root_option, settings_from
 @click.option("--hostname", "-n", default=None, help="Celery worker name (default prewarm@NODE).")
 @click.option("--broker-url", envvar="PREWARM_BROKER_URL", help="Redis URL (PREWARM_BROKER_URL).")
 @click.option("--quiet", is_flag=True, help="Warnings and errors only.")
+@click.option("--task-events/--no-task-events", default=True, show_default=True,
+              help="Send task events (what Flower shows); a worker nobody monitors saves their cost.")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
               help="Node label for --selector (repeatable; also PREWARM_NODE_LABELS, comma-separated).")
 @click.option("--containerd", "containerd_socket", type=click.Path(path_type=Path), default=None,
@@ -29,7 +31,8 @@ from prewarm.cli._common import registry_options, root_option, settings_from
 @root_option
 @click.pass_context
 def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, hostname: str | None,
-               broker_url: str | None, quiet: bool, labels: tuple[str, ...], containerd_socket: Path | None,
+               broker_url: str | None, quiet: bool, task_events: bool, labels: tuple[str, ...],
+               containerd_socket: Path | None,
                containerd_namespace: str | None, insecure_registries: tuple[str, ...],
                ca_bundle: str | None, root: Path | None) -> None:
     """Start this node's worker: it consumes the node's queue and fills the node's store.
@@ -48,6 +51,7 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
                           "(redis://host:port/db, rediss://..., unix:///path)")
     settings.root.mkdir(parents=True, exist_ok=True)
     os.environ.update(settings.to_env())
+    os.environ["PREWARM_TASK_EVENTS"] = "1" if task_events else "0"
     metrics_port = os.environ.get("PREWARM_METRICS_PORT")
     if metrics_port:
         # prometheus_client picks its multiprocess mode at import: set the folder first.
@@ -87,7 +91,7 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
     argv = ["worker", "-Q", keys.node_queue(settings.node_name),
             "-c", str(concurrency or default_concurrency()),
             "-n", hostname or f"prewarm@{settings.node_name}",
-            "--loglevel", "WARNING" if quiet else "INFO", "-E"]
+            "--loglevel", "WARNING" if quiet else "INFO", *(["-E"] if task_events else [])]
     app.worker_main(argv + list(ctx.args))
 
 

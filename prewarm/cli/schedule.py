@@ -101,6 +101,10 @@ def _schedule_embedded(settings, image: str, window: int, index: str, concurrenc
         view = ProgressView() if not quiet else None
         status = schedule.wait_for_job(r, job_id, on_update=view.render if view else None,
                                        alive=cluster.check_workers)
+        if status.state == "succeeded":
+            # A worker records it too, but may be killed before it has: the record is ours.
+            record_prewarmed_image(layout, image, plan)
+        cluster.job_over = True
         if view:
             view.render(status, final=True)
         _save_summary(settings.root, status)
