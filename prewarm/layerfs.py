@@ -470,28 +470,26 @@ class LayerWriter:
             raise UnsafeArchive(f"file {path!r} of the layer is not a regular file")
         return fd
 
-    def apply_metadata(self, entries: Sequence[FileEntry], plan: Sequence[Planned],
-                       done: bytes | None = None) -> None:
+    def apply_metadata(self, plan: Sequence[Planned], meta: Sequence[Meta], done: bytes | None = None) -> None:
         """Owners, modes, xattrs and mtimes of every final entry; directories last.
 
-        Hard links share their target's inode (the target's metadata wins); whiteouts
-        keep 0/0 and get the entry's owner, as containerd's overlay applier does.
-        Entries whose byte in ``done`` is set already have theirs (files born whole
-        when their span landed, see :meth:`create_whole`).
+        ``meta[i]`` is entry i's :func:`entry_meta`.  Hard links share their target's
+        inode (the target's metadata wins); whiteouts keep 0/0 and get the entry's owner,
+        as containerd's overlay applier does.  Entries whose byte in ``done`` is set
+        already have theirs (files born whole when their span landed, see :meth:`create_whole`).
         """
-        dirs: list[tuple[FileEntry, Planned]] = []
-        for i, (entry, planned) in enumerate(zip(entries, plan)):
+        dirs: list[tuple[Planned, Meta]] = []
+        for i, planned in enumerate(plan):
             if not planned.final or planned.kind in ("skip", "opaque", "hardlink") or (done and done[i]):
                 continue
             if planned.kind == "dir":
-                dirs.append((entry, planned))
+                dirs.append((planned, meta[i]))
             else:
-                self._apply_one(entry, planned)
-        for entry, planned in sorted(dirs, key=lambda d: d[1].path.count("/"), reverse=True):
-            self._apply_one(entry, planned)
+                self._apply_one(planned, meta[i])
+        for planned, m in sorted(dirs, key=lambda d: d[0].path.count("/"), reverse=True):
+            self._apply_one(planned, m)
 
-    def create_whole(self, path: str, data: memoryview, writer: DirectWriter, *, uid: int, gid: int,
-                     mode: int, mtime_ns: int, xattrs: Iterable[tuple[str, str]]) -> None:
+    def create_whole(self, path: str, data: memoryview, writer: DirectWriter, meta: Meta) -> None:
         """Create a regular file with all its data and its metadata, in one open.
 
         Why: most files of a layer lie inside one span; creating each when its span lands
@@ -517,6 +515,7 @@ class LayerWriter:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 os.close(fd)
                 raise UnsafeArchive(f"file {path!r} of the layer is not a regular file")
+        uid, gid, mode, mtime_ns, xattrs = meta
         try:
             writer.pwrite(fd, data, 0)
             os.fchown(fd, uid, gid)
@@ -527,27 +526,39 @@ class LayerWriter:
         finally:
             os.close(fd)
 
-    def _apply_one(self, entry: FileEntry, planned: Planned) -> None:
+    def _apply_one(self, planned: Planned, meta: Meta) -> None:
+        uid, gid, mode, mtime_ns, xattrs = meta
         parent, _, base = planned.path.rpartition("/")
-        pfd = self._parent_fd(parent, entry.name, create=False)
-        os.chown(base, entry.uid, entry.gid, dir_fd=pfd, follow_symlinks=False)
+        pfd = self._parent_fd(parent, planned.path, create=False)
+        os.chown(base, uid, gid, dir_fd=pfd, follow_symlinks=False)
         if planned.kind == "whiteout":
             return
         is_link = planned.kind == "symlink"
         if not is_link:
-            os.chmod(base, entry.mode & 0o7777, dir_fd=pfd)
-        xattrs = entry.real_xattrs
+            os.chmod(base, mode & 0o7777, dir_fd=pfd)
         if xattrs:
             where = f"/proc/self/fd/{pfd}/{base}"
-            for key, value in xattrs.items():
+            for key, value in xattrs:
                 try:
                     os.setxattr(where, key, os.fsencode(value), follow_symlinks=False)
                 except OSError as err:
                     if is_link and err.errno in (errno.EPERM, errno.ENOTSUP):
                         continue  # user.* xattrs are not allowed on symlinks
                     raise
-        ns = parse_mod_time(entry.mod_time)
-        os.utime(base, ns=(ns, ns), dir_fd=pfd, follow_symlinks=False)
+        os.utime(base, ns=(mtime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
+
+
+#: What metadata an entry gets: (uid, gid, mode, mtime in ns, xattr (key, value) pairs).
+Meta = tuple[int, int, int, int, tuple[tuple[str, str], ...]]
+
+
+def entry_meta(e: FileEntry) -> Meta:
+    """The metadata :meth:`LayerWriter.apply_metadata` applies for entry ``e``.
+
+    Raises:
+        BadZtoc: the modification time is not RFC 3339.
+    """
+    return e.uid, e.gid, e.mode, parse_mod_time(e.mod_time), tuple(e.real_xattrs.items())
 
 
 def data_extents(entries: Iterable[FileEntry], plan: Sequence[Planned]) -> list[tuple[int, int]]:

@@ -68,10 +68,12 @@ from prewarm.errors import (
 from prewarm.layerfs import (
     EntryChecker,
     LayerWriter,
+    Meta,
     Planned,
     check_archive,
     split_name,
     data_extents,
+    entry_meta,
     parse_mod_time,
 )
 from prewarm.layout import Layout
@@ -89,7 +91,6 @@ _HASH_HEADER = struct.Struct("<QQ")  # next span to hash, compressed bytes hashe
 _HEADER_ONLY = frozenset(("dir", "symlink", "hardlink", "char", "block", "fifo"))
 #: Version of the saved plan (work/plan); another version is ignored and re-derived.
 _PLAN_FORMAT = 3
-_NO_META = (0, 0, 0, 0, ())
 #: Bytes of an entry key (see :func:`_entry_key`).
 _KEY_SIZE = 16
 
@@ -155,7 +156,7 @@ class _Prepared:
     windowed: bool              # spans carry checkpoint windows (gzip)
     keys: bytes                 # entry i's _entry_key at [16 i, 16 i + 16)
     born: bytes                 # born[i]: file i is created whole when its span lands
-    born_meta: list[tuple[Any, ...]]  # (uid, gid, mode, mtime ns, xattr pairs) of born files
+    meta: list[Meta]            # entry i's metadata (layerfs.entry_meta): no entry decoded to apply it
 
 
 def current_boot_id() -> str:
@@ -401,7 +402,7 @@ class ContentStore:
             *prep.spanmap.arrays(), prep.data_starts, prep.header_starts, prep.archive_data_end,
             [r.compressed_start for r in prep.spans], [r.compressed_end for r in prep.spans],
             [r.uncompressed_start for r in prep.spans], [r.uncompressed_end for r in prep.spans],
-            prep.windowed, prep.keys, prep.born, prep.born_meta,
+            prep.windowed, prep.keys, prep.born, prep.meta,
         ))
         atomic_write(self.layout.layer_work(digest) / "plan", data, durable=False)
 
@@ -417,14 +418,14 @@ class ContentStore:
         try:
             raw = (self.layout.layer_work(digest) / "plan").read_bytes()
             (fmt, fp, kinds, paths, finals, m_starts, m_ends, m_ids, data_starts, header_starts, data_end,
-             cs, ce, us, ue, windowed, keys, born, born_meta) = marshal.loads(raw)
+             cs, ce, us, ue, windowed, keys, born, meta) = marshal.loads(raw)
             n, nspans = len(ztoc.files), ztoc.num_spans
             if (fmt != _PLAN_FORMAT or fp != fingerprint
                     or not len(kinds) == len(paths) == len(finals) == len(data_starts) == len(header_starts) == n
                     or not len(cs) == len(ce) == len(us) == len(ue) == nspans
                     or not isinstance(keys, bytes) or len(keys) != _KEY_SIZE * n
                     or not isinstance(born, bytes) or len(born) != n
-                    or not isinstance(born_meta, list) or len(born_meta) != n):
+                    or not isinstance(meta, list) or len(meta) != n):
                 return None
             smap = SpanMap.from_arrays(m_starts, m_ends, m_ids)
         except (OSError, ValueError, EOFError, TypeError, BadZtoc):
@@ -432,7 +433,7 @@ class ContentStore:
         plan = list(map(Planned, kinds, paths, finals))
         spans = list(map(_Range, cs, ce, us, ue))
         return _Prepared(ztoc, fingerprint, plan, smap, data_starts, header_starts, data_end, spans,
-                         bool(windowed), keys, born, born_meta)
+                         bool(windowed), keys, born, meta)
 
     def _derive(self, ztoc: ZtocView) -> _Prepared:
         """Check the span chain and the TOC; index them for landing.
@@ -490,9 +491,10 @@ class ContentStore:
         if pos > usize:
             raise BadZtoc(f"the last tar entry ends at {pos}, past the {usize}-byte archive")
         keys = b"".join(map(_entry_key, files))
-        born, born_meta = _born_at_landing(files, plan, checker.fresh, spans)
+        born = _born_at_landing(files, plan, checker.fresh, spans)
+        meta = list(map(entry_meta, files))
         return _Prepared(ztoc, known or fp.hexdigest(), plan, smap, data_starts, header_starts, pos, spans,
-                         windowed, keys, born, born_meta)
+                         windowed, keys, born, meta)
 
     # === landing a span
 
@@ -643,9 +645,8 @@ class ContentStore:
                 off = p.stream_offset - ustart
                 try:
                     if born[p.extent]:
-                        uid, gid, mode, mtime, xattrs = prep.born_meta[p.extent]
                         writer.create_whole(prep.plan[p.extent].path, out[off:off + p.length], self._writer,
-                                            uid=uid, gid=gid, mode=mode, mtime_ns=mtime, xattrs=xattrs)
+                                            prep.meta[p.extent])
                         continue
                     fd = writer.open_data(prep.plan[p.extent].path)
                     try:
@@ -743,7 +744,7 @@ class ContentStore:
         state = self._state(digest) or {}
         fs = self.layout.layer_fs(digest)
         with LayerWriter(fs) as writer:
-            writer.apply_metadata(prep.ztoc.files, prep.plan, done=prep.born)
+            writer.apply_metadata(prep.plan, prep.meta, done=prep.born)
             _syncfs(writer.root_fd)
         self._commit(digest, {"digest": digest, "diff_id": state.get("diff_id"), "mode": "spans",
                               "size": upto, "uncompressed_size": prep.ztoc.uncompressed_archive_size,
@@ -849,7 +850,7 @@ class ContentStore:
                 if got != diff_id:
                     raise DigestMismatch(f"layer {digest}: its tar stream hashes to {got}, the image config "
                                          f"says diff_id {diff_id}", expected=diff_id, actual=got)
-            writer.apply_metadata(entries, checker.plan)
+            writer.apply_metadata(checker.plan, list(map(entry_meta, entries)))
             _syncfs(writer.root_fd)
         return {"digest": digest, "diff_id": diff_id, "mode": "whole", "size": raw.size,
                 "uncompressed_size": offset, "files": len(entries)}
@@ -951,9 +952,8 @@ def _compression_of(media_type: str) -> str:
 
 
 def _born_at_landing(files: Sequence[FileEntry], plan: Sequence[Planned], fresh: Sequence[bool],
-                     spans: Sequence[_Range]) -> tuple[bytes, list[tuple[Any, ...]]]:
-    """Which regular files are created whole by the span that holds all their data, and
-    their metadata, so the landing process needs no TOC entry decoded.
+                     spans: Sequence[_Range]) -> bytes:
+    """Which regular files are created whole by the span that holds all their data.
 
     Only files that replace nothing, are no hard link's target (the link is made in the
     skeleton, before any span lands) and lie inside one span; the rest are pre-sized in
@@ -962,15 +962,13 @@ def _born_at_landing(files: Sequence[FileEntry], plan: Sequence[Planned], fresh:
     targets = {"/".join(split_name(e.linkname)) for e, p in zip(files, plan) if p.kind == "hardlink"}
     starts = [s.uncompressed_start for s in spans]
     born = bytearray(len(files))
-    meta: list[tuple[Any, ...]] = [_NO_META] * len(files)
     for i, (e, p) in enumerate(zip(files, plan)):
         size = e.uncompressed_size
         if p.kind == "reg" and p.final and size > 0 and fresh[i] and p.path not in targets:
             d = e.uncompressed_offset
             if bisect.bisect_right(starts, d) == bisect.bisect_right(starts, d + size - 1):
                 born[i] = 1
-                meta[i] = (e.uid, e.gid, e.mode, parse_mod_time(e.mod_time), tuple(e.real_xattrs.items()))
-    return bytes(born), meta
+    return bytes(born)
 
 
 def _straddler(prep: _Prepared, boundary: int) -> int | None:

@@ -14,6 +14,7 @@ from prewarm.layerfs import (
     LayerWriter,
     Planned,
     check_entries,
+    entry_meta,
     parse_mod_time,
     split_name,
 )
@@ -126,7 +127,7 @@ def test_writer_creates_every_kind(tmp_path: Path) -> None:
         fd = w.open_data("d/f")
         os.pwrite(fd, b"hello", 4995)
         os.close(fd)
-        w.apply_metadata(entries, plan)
+        w.apply_metadata(plan, [entry_meta(e) for e in entries])
     st = os.lstat(fs / "d/f")
     assert st.st_size == 5000 and stat.S_IMODE(st.st_mode) == 0o4755 and st.st_nlink == 2
     assert (fs / "d/f").read_bytes()[-5:] == b"hello"
