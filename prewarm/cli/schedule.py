@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import click
@@ -94,6 +95,9 @@ def _schedule_embedded(settings, image: str, window: int, index: str, concurrenc
             say=_say if not quiet else lambda m: None)[0]
         plan = schedule.make_plan(resolved, span_layers)
         present = {i for i, layer in enumerate(plan.layers) if store.is_ready(layer.digest)}
+        preparer = threading.Thread(target=schedule.prepare_layers, args=(store, plan), daemon=True,
+                                    name="prepare-layers")
+        preparer.start()
         cluster.wait_redis()
         r = redis_client(cluster.broker_url)
         job_id = schedule.launch(r, cluster.broker_url, plan, image, [settings.node_name], window=window,
@@ -105,6 +109,7 @@ def _schedule_embedded(settings, image: str, window: int, index: str, concurrenc
             # A worker records it too, but may be killed before it has: the record is ours.
             record_prewarmed_image(layout, image, plan)
         cluster.job_over = True
+        preparer.join(timeout=30)
         if view:
             view.render(status, final=True)
         _save_summary(settings.root, status)
