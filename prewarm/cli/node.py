@@ -14,7 +14,7 @@ from prewarm.cli._common import registry_options, root_option, settings_from
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--node", help="This node's name (PREWARM_NODE_NAME, NODE_NAME, else the hostname).")
 @click.option("--concurrency", "-c", type=click.IntRange(1, 256), default=None,
-              help="Worker processes (default: cores + 1).")
+              help="Worker processes (default: cores + 2).")
 @click.option("--hostname", "-n", default=None, help="Celery worker name (default prewarm@NODE).")
 @click.option("--broker-url", envvar="PREWARM_BROKER_URL", help="Redis URL (PREWARM_BROKER_URL).")
 @click.option("--quiet", is_flag=True, help="Warnings and errors only.")

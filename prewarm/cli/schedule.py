@@ -135,7 +135,7 @@ def _schedule_embedded(settings, image: str, window: int, index: str, concurrenc
                    "them as a SOCI index, one machine fetches layers whole. build: always build missing "
                    "zTOCs. none: fetch every layer whole.")
 @click.option("--concurrency", type=click.IntRange(1, 256), default=None,
-              help="Embedded mode: local worker processes (default: cores + 1).")
+              help="Embedded mode: local worker processes (default: cores + 2).")
 @click.option("--broker-url", envvar="PREWARM_BROKER_URL", help="Redis of the fleet (PREWARM_BROKER_URL). "
               "Without it the whole job runs on this machine.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final job summary as JSON.")
