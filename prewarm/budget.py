@@ -152,7 +152,7 @@ class RegistryBudget:
         # case, and most registries): a span costs one Redis call here, not five.
         pipe = self.r.pipeline(transaction=False)
         pipe.pttl(keys.BUDGET_BACKOFF.format(registry=registry))
-        pipe.hmget(k_cfg, "rate", "concurrency")
+        pipe.hmget(k_cfg, ["rate", "concurrency"])
         ttl, (rate, concurrency) = pipe.execute()
         if int(ttl) <= 0 and not _positive(rate) and not _positive(concurrency):
             yield

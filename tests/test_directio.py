@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import multiprocessing
 import os
 import random
@@ -30,7 +31,7 @@ def _supports_direct(d: Path) -> bool:
 
 def _pieces(size: int, rng: random.Random) -> list[tuple[int, int]]:
     cuts = sorted({0, size, *(rng.randrange(size) for _ in range(rng.randrange(1, 8)))})
-    return list(zip(cuts, cuts[1:]))
+    return list(itertools.pairwise(cuts))
 
 
 @settings(max_examples=60, deadline=None)
@@ -107,7 +108,7 @@ def test_processes_writing_neighbouring_pieces_of_one_file_at_once(tmp_path: Pat
     with open(path, "wb") as f:
         f.truncate(size)
     cuts = sorted({0, size, *(rng.randrange(size) for _ in range(200))})
-    pieces = list(zip(cuts, cuts[1:]))
+    pieces = list(itertools.pairwise(cuts))
     rng.shuffle(pieces)
     # When four processes write every other piece concurrently (direct middles, buffered edges)
     ctx = multiprocessing.get_context("fork")

@@ -18,7 +18,7 @@ from prewarm.cli._common import registry_options, root_option, settings_from
 @click.option("--hostname", "-n", default=None, help="Celery worker name (default prewarm@NODE).")
 @click.option("--broker-url", envvar="PREWARM_BROKER_URL", help="Redis URL (PREWARM_BROKER_URL).")
 @click.option("--quiet", is_flag=True, help="Warnings and errors only.")
-@click.option("--task-events/--no-task-events", default=True, show_default=True,
+@click.option("--task-events/--no-task-events", default=True, show_default=True, envvar="PREWARM_TASK_EVENTS",
               help="Send task events (what Flower shows); a worker nobody monitors saves their cost.")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
               help="Node label for --selector (repeatable; also PREWARM_NODE_LABELS, comma-separated).")
@@ -58,11 +58,10 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
         import tempfile
 
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="prewarm-metrics-"))
-    from workers.app import app  # reads the environment set just above
-
     from prewarm.broker import redis_client
     from prewarm.nodes import Heartbeat, parse_labels
     from prewarm.store import ContentStore
+    from workers.app import app  # reads the environment set just above
 
     env_labels = [p for p in os.environ.get("PREWARM_NODE_LABELS", "").split(",") if p.strip()]
     node_labels = parse_labels(env_labels + list(labels))
