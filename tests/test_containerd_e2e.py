@@ -146,13 +146,18 @@ def test_partly_prewarmed_image_pulls_the_missing_layer_through_containerd(
 
 
 def merged_rootfs_matches_umoci(node: Containerd, chain: str, layout_dir: Path, tag: str, tmp: Path) -> list[str]:
-    """View the top chain through containerd, mount what containerd says, compare with umoci's unpack."""
-    with node.snapshots_channel() as channel:
+    """View the top chain through containerd, mount what containerd says, compare with umoci's unpack.
+
+    The view is made under a lease, as containerd's clients make theirs: without one,
+    containerd's garbage collector may remove it at any moment.
+    """
+    with node.lease() as lease, node.snapshots_channel() as channel:
         stub = pb_grpc.SnapshotsStub(channel)
-        md = (("containerd-namespace", "k8s.io"),)
+        md = (("containerd-namespace", "k8s.io"), ("containerd-lease", lease))
         view = stub.View(pb.ViewSnapshotRequest(snapshotter="prewarm", key=f"e2e-view-{tag}", parent=chain),
                          metadata=md)
         try:
+            node.collect_garbage()  # the lease keeps the view (and the snapshots under it)
             [mount] = view.mounts
             options = list(mount.options)
             if mount.type == "overlay":
