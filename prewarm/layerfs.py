@@ -506,15 +506,8 @@ class LayerWriter:
         try:
             fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                          dir_fd=pfd)
-        except FileExistsError:
-            try:
-                fd = os.open(base, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-            except OSError as err:
-                raise UnsafeArchive(f"file {path!r} of the layer cannot be opened for its data "
-                                    f"({err.strerror}); the layer tree is not what its TOC says") from None
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                raise UnsafeArchive(f"file {path!r} of the layer is not a regular file")
+        except FileExistsError:  # left by an interrupted landing of this span
+            fd = self.open_data(path)
         uid, gid, mode, mtime_ns, xattrs = meta
         try:
             writer.pwrite(fd, data, 0)

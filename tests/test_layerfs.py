@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from prewarm.directio import DirectWriter
 from prewarm.errors import BadZtoc, UnsafeArchive
 from prewarm.layerfs import (
     OPAQUE_XATTR,
@@ -138,3 +139,25 @@ def test_writer_creates_every_kind(tmp_path: Path) -> None:
     assert os.getxattr(fs / "o", OPAQUE_XATTR) == b"y"
     assert stat.S_ISFIFO(os.lstat(fs / "p").st_mode) and stat.S_ISCHR(os.lstat(fs / "c").st_mode)
     assert stat.S_IMODE(os.lstat(fs / "d").st_mode) == 0o1777
+
+
+def test_create_whole_writes_again_over_an_interrupted_landing_and_refuses_non_files(tmp_path: Path) -> None:
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    (fs / "d").mkdir()
+    meta = (1000, 1001, 0o4755, 1_700_000_000_123_456_789, (("user.k", "v"),))
+    with LayerWriter(fs) as w:
+        # Given a file left half-written by a landing that was killed
+        (fs / "d/f").write_bytes(b"half")
+        # When the span lands again, Then the file is whole, with its metadata
+        w.create_whole("d/f", memoryview(b"the whole file"), DirectWriter(), meta)
+        st = os.lstat(fs / "d/f")
+        assert (fs / "d/f").read_bytes() == b"the whole file"
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_mtime_ns) == meta[:4]
+        assert os.getxattr(fs / "d/f", "user.k") == b"v"
+        # And a symlink or a directory where the file belongs is refused, never followed
+        os.symlink("/etc/passwd", fs / "d/l")
+        with pytest.raises(UnsafeArchive):
+            w.create_whole("d/l", memoryview(b"x"), DirectWriter(), meta)
+        with pytest.raises(UnsafeArchive):
+            w.create_whole("d", memoryview(b"x"), DirectWriter(), meta)
