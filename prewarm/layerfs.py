@@ -17,7 +17,8 @@ refused before anything is created; the fd discipline is the second line of defe
 
 Metadata is applied last (:meth:`LayerWriter.apply_metadata`): owner before mode (chown
 clears setuid/setgid), then xattrs, then mtimes, directories after everything else
-because creating a child changes its parent's mtime.
+because creating a child changes its parent's mtime.  A file created whole with its data
+(:meth:`LayerWriter.create_whole`) gets its metadata then, in the same order.
 """
 
 from __future__ import annotations

@@ -7,17 +7,21 @@ in :mod:`prewarm.layout`); each layer's ``fs/`` is an overlay lowerdir in diff f
 **Spans** (a zTOC splits the layer; many workers, many processes, any order)::
 
     prepare_layer   under the layer lock, once: validate the whole TOC (paths, sizes,
-                    span chain), create the tree skeleton with pre-sized files, write
-                    work/state.json last (boot id + zTOC fingerprint)
+                    span chain), create the tree skeleton (directories, links, nodes and
+                    pre-sized files that cross a span boundary), save the plan (what was
+                    derived, with every entry's metadata), write work/state.json last
+                    (boot id + zTOC fingerprint)
     land_span       (per span, after inflate_span checked the next checkpoint's window)
                     === the TOC against the real tar headers whose chains end in this
                         span (checkpoint window + output cover chains that straddle)
-                    === the data pieces pwritten into their files (no lock: disjoint)
+                    === files that lie inside the span created whole (data, owner, mode,
+                        xattrs, mtime); pieces of the others pwritten into them (no lock:
+                        disjoint); page-aligned data goes O_DIRECT (prewarm.directio)
                     === under the lock: the in-order sha256 of the compressed layer
                         advanced (or the span spooled to work/spool at its offset until
                         the spans before it are in), state saved with resumable_hash,
                         then the span's byte in work/landed set
-                    === last span: digest compared, metadata applied, syncfs,
+                    === last span: digest compared, the rest's metadata applied, syncfs,
                         ``ready`` written atomically, work/ removed
 
 **Whole** (no zTOC: small, zstd, uncompressed, no Range): :meth:`ContentStore.ingest_stream`
