@@ -119,7 +119,7 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
                      "--concurrency", str(concurrency or default_concurrency()),
                      "--hostname", f"embedded{i}-{os.getpid()}@{settings.node_name}", "--quiet",
                      # a private broker has no other workers to sync with or gossip to, and
-                     # no Flower to send task events to (their cost is a tenth of a cold run)
+                     # no Flower to send task events to (~6% of a cold run's profile samples)
                      "--no-task-events", "--without-mingle", "--without-gossip"],
                     env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True,
@@ -129,7 +129,7 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
         for proc in procs:
             if proc.poll() is None:
                 if cluster.job_over:
-                    # Why: Celery's shutdown takes ~2 s, a tenth of a cold pre-warm.  Once the
+                    # Why: Celery's shutdown takes ~2 s of a ~14 s cold pre-warm.  Once the
                     # job is over nothing is left to finish: every task's writes are safe
                     # against kill -9 (the store's contract) and the private broker is
                     # thrown away with its messages.

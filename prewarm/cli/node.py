@@ -90,7 +90,7 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
     argv = ["worker", "-Q", keys.node_queue(settings.node_name),
             "-c", str(concurrency or default_concurrency()),
             "-n", hostname or f"prewarm@{settings.node_name}",
-            "--loglevel", "WARNING" if quiet else "INFO", *(["-E"] if task_events else [])]
+            "--loglevel", "WARNING" if quiet else "INFO"]  # events: PREWARM_TASK_EVENTS, set above
     app.worker_main(argv + list(ctx.args))
 
 
