@@ -227,9 +227,13 @@ def unfinished_tasks(r: redis.Redis, job_id: str, node: str, plan: ImagePlan) ->
 
 
 def stalled_jobs(r: redis.Redis, node: str, stall_seconds: float) -> list[str]:
-    """Active jobs in which every task was released to ``node``, some are unfinished, and
-    nothing finished for ``stall_seconds``: a task message was lost (a worker killed
-    between taking a message and recording it as unacknowledged loses it in kombu)."""
+    """Active jobs started on ``node`` with work left and nothing finished for ``stall_seconds``.
+
+    Task messages can be lost: a worker killed between taking a message and recording it as
+    unacknowledged loses it in kombu, and a Redis restart can fail the send of a task's
+    successor after its index was claimed.  Each loss shrinks the node's window by one, so a
+    job stalls whether or not every task was released yet.
+    """
     out = []
     now = time.time()
     for raw in r.smembers(keys.ACTIVE_JOBS):
@@ -237,8 +241,8 @@ def stalled_jobs(r: redis.Redis, node: str, stall_seconds: float) -> list[str]:
         if not r.sismember(keys.job_nodes(job_id), node) or _s(r.hget(keys.job(job_id), "cancelled")) == "1":
             continue
         h = {_s(k): _s(v) for k, v in r.hgetall(keys.job_node(job_id, node)).items()}
-        if not h or int(h.get("cursor", 0)) < int(h.get("tasks_total", 0)):
-            continue
+        if not h or int(h.get("cursor", 0)) == 0:
+            continue  # nothing released yet: the node's first window is start_own_windows' work
         if now - float(h.get("updated", now)) < stall_seconds:
             continue
         states = [_s(v) for v in r.hvals(keys.job_node_layers(job_id, node))]
@@ -246,6 +250,11 @@ def stalled_jobs(r: redis.Redis, node: str, stall_seconds: float) -> list[str]:
             continue
         out.append(job_id)
     return sorted(out)
+
+
+def released(r: redis.Redis, job_id: str, node: str) -> int:
+    """How many of the plan's tasks were handed out to ``node`` (its cursor)."""
+    return int(_s(r.hget(keys.job_node(job_id, node), "cursor")) or 0)
 
 
 def mark_started(r: redis.Redis, job_id: str, node: str) -> bool:

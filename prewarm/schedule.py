@@ -309,20 +309,26 @@ def join_standing_jobs(r: redis.Redis, app, node: str, labels: dict[str, str],  
 
 
 def resend_stalled(r: redis.Redis, app, node: str, stall_seconds: float) -> list[str]:  # type: ignore[no-untyped-def]
-    """Called by a node's worker: send again the unfinished tasks of jobs stalled on this node.
+    """Called by a node's worker: refill the window of jobs stalled on this node.
 
-    Tasks are idempotent, so a task that was only slow and is now sent twice lands once.
+    The unfinished tasks already released are sent again first (their messages may be lost);
+    if they are fewer than the window, the next ones are released, since a lost successor
+    leaves no unfinished task behind to resend.  Tasks are idempotent, so a task that was only
+    slow and is now sent twice lands once.
     """
     resent = []
     for job_id in jobs.stalled_jobs(r, node, stall_seconds):
         plan = jobs.load_plan(r, job_id)
         raw = r.hget(keys.job(job_id), "window")
         window = int(raw) if isinstance(raw, (bytes, str)) and raw else DEFAULT_WINDOW
-        todo = jobs.unfinished_tasks(r, job_id, node, plan)[:window]
+        cursor = jobs.released(r, job_id, node)
+        todo = [k for k in jobs.unfinished_tasks(r, job_id, node, plan) if k < cursor][:window]
         for k in todo:
             dispatch.send_task(app, plan, job_id, node, k)
+        more = dispatch.release(app, r, plan, job_id, node, window - len(todo))
         jobs.touch(r, job_id, node)
-        if todo:
-            log.warning("job %s stalled on %s: sent %d unfinished task(s) again", job_id, node, len(todo))
+        if todo or more:
+            log.warning("job %s stalled on %s: sent %d unfinished task(s) again, released %d more",
+                        job_id, node, len(todo), more)
             resent.append(job_id)
     return resent

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import redis
 
@@ -144,6 +146,44 @@ def test_a_lost_task_is_found_after_a_stall_and_only_then(r: redis.Redis) -> Non
     assert jobs.stalled_jobs(r, "a", stall_seconds=60) == []
     jobs.finish_job(r, job)
     assert not r.sismember(keys.ACTIVE_JOBS, job)
+
+
+def test_a_stall_before_every_task_was_released_refills_the_window(r: redis.Redis, redis_url: str) -> None:
+    # Given a window of 2 on node a: task 0 finished but its successor's send was lost, and
+    # task 1's message was lost too (a Redis restart), so nothing is queued any more
+    from prewarm import dispatch
+    from prewarm.schedule import resend_stalled
+
+    plan = _plan(spans=(4,))
+    assert [plan.task_at(k) for k in range(4)] == [(0, s) for s in range(4)]
+    job = jobs.create_job(r, plan, ["a"], window=2, image="x")
+    queue = keys.node_queue("a")
+    assert [jobs.claim_next(r, job, "a") for _ in range(3)] == [0, 1, 2]
+    jobs.record_span(r, job, "a", 0, 0, 10)
+    app = dispatch.sender(redis_url)
+    # Then while a task finished recently, nothing is sent
+    assert resend_stalled(r, app, "a", stall_seconds=60) == []
+    assert r.llen(queue) == 0
+    # But after the stall time the lost ones are sent again, in order, without exceeding the window
+    r.hset(keys.job_node(job, "a"), "updated", 0)
+    assert jobs.stalled_jobs(r, "a", stall_seconds=60) == [job]
+    assert resend_stalled(r, app, "a", stall_seconds=60) == [job]
+    sent = [json.loads(m)["headers"]["kwargsrepr"] for m in reversed(r.lrange(queue, 0, -1))]
+    assert len(sent) == 2 and "'span': 1" in sent[0] and "'span': 2" in sent[1]
+    assert jobs.released(r, job, "a") == 3
+    # And the resend counts as activity: the next beat sends nothing
+    assert resend_stalled(r, app, "a", stall_seconds=60) == []
+    # And when every released task finished but their successors were lost, the rest is released
+    r.delete(queue)
+    for s in (1, 2):
+        jobs.record_span(r, job, "a", 0, s, 10)
+    r.hset(keys.job_node(job, "a"), "updated", 0)
+    assert resend_stalled(r, app, "a", stall_seconds=60) == [job]
+    assert jobs.released(r, job, "a") == 4
+    assert [json.loads(m)["headers"]["kwargsrepr"] for m in r.lrange(queue, 0, -1)] == [
+        "{'job': '%s', 'node': 'a', 'image': '%s', 'layer': '%s', 'layer_index': 0, 'ztoc': '%s', 'span': 3}"
+        % (job, plan.reference, plan.layers[0].digest, plan.layers[0].ztoc_digest)]
+    r.delete(queue)
 
 
 def test_exactly_one_caller_releases_a_nodes_first_window(r: redis.Redis) -> None:

@@ -15,6 +15,7 @@ import logging
 import random
 import time
 
+import kombu.exceptions
 import redis
 from celery import Task
 from celery.exceptions import Retry
@@ -65,6 +66,10 @@ def _describe(err: BaseException, root: object = "PREWARM_ROOT") -> str:
     return f"{type(err).__name__}: {err}"
 
 
+#: Redis restarting, seen through redis-py (BusyLoadingError too) or through kombu's producer
+#: (the send of the successor task, after its retries).
+_BROKER_DOWN = (redis.exceptions.ConnectionError, kombu.exceptions.OperationalError)
+
 #: How long a task waits for Redis to come back (a restart) before it gives up and is redelivered.
 REDIS_OUTAGE_LIMIT = 120.0
 
@@ -81,7 +86,7 @@ def _run(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: ignore[no
     while True:
         try:
             return _run_once(task, fn, ctx, kw)
-        except redis.exceptions.ConnectionError as err:  # BusyLoadingError too: Redis restarting
+        except _BROKER_DOWN as err:
             if time.monotonic() > deadline:
                 raise
             log.warning("Redis unreachable during %s (%s); waiting for it to come back", task.name, err)
@@ -98,7 +103,7 @@ def _run_once(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: igno
     else:
         try:
             outcome = fn(ctx, **{k: v for k, v in kw.items() if k != "node"})
-        except (Retry, redis.exceptions.ConnectionError):
+        except (Retry, *_BROKER_DOWN):
             raise
         except Exception as err:  # noqa: BLE001 - every failure ends in a retry or a recorded reason
             retries = task.request.retries

@@ -90,7 +90,11 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
     argv = ["worker", "-Q", keys.node_queue(settings.node_name),
             "-c", str(concurrency or default_concurrency()),
             "-n", hostname or f"prewarm@{settings.node_name}",
-            "--loglevel", "WARNING" if quiet else "INFO"]  # events: PREWARM_TASK_EVENTS, set above
+            "--loglevel", "WARNING" if quiet else "INFO",  # events: PREWARM_TASK_EVENTS, set above
+            # Gossip and mingle are Celery's own membership, which prewarm.nodes replaces; and
+            # kombu 5.7 closes the gossip channel's transport on a broker restart, under the
+            # consumer's feet: the worker died ("Unrecoverable error: AttributeError").
+            "--without-gossip", "--without-mingle"]
     app.worker_main(argv + list(ctx.args))
 
 
