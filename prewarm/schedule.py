@@ -11,7 +11,6 @@ Nothing here waits for the work; :func:`wait_for_job` does, for ``--wait``.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import os

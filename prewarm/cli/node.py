@@ -91,11 +91,49 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
             "-c", str(concurrency or default_concurrency()),
             "-n", hostname or f"prewarm@{settings.node_name}",
             "--loglevel", "WARNING" if quiet else "INFO",  # events: PREWARM_TASK_EVENTS, set above
-            # Gossip and mingle are Celery's own membership, which prewarm.nodes replaces; and
-            # kombu 5.7 closes the gossip channel's transport on a broker restart, under the
-            # consumer's feet: the worker died ("Unrecoverable error: AttributeError").
+            # Gossip and mingle are Celery's own membership, which prewarm.nodes replaces:
+            # two fewer consumers on the broker connection for a Redis restart to break.
             "--without-gossip", "--without-mingle"]
-    app.worker_main(argv + list(ctx.args))
+    _run_celery_worker(app, argv + list(ctx.args), settings.node_name)
+
+
+def _run_celery_worker(app, argv: list[str], node: str) -> None:  # type: ignore[no-untyped-def]
+    """Run Celery's worker; if it fails without being asked to stop, start it again in place
+    (:mod:`prewarm.restart`), so that its node's jobs do not stall."""
+    import logging
+    import sys
+    import time
+
+    from celery.signals import worker_shutting_down
+
+    from prewarm.errors import PrewarmError
+    from prewarm.restart import (
+        CRASH_WINDOW,
+        CRASHES_ENV,
+        MAX_CRASHES,
+        judge_crash,
+        restart_in_place,
+    )
+
+    log = logging.getLogger("prewarm.worker")
+    told_to_stop: list[object] = []
+    worker_shutting_down.connect(lambda **kw: told_to_stop.append(kw.get("sig")), weak=False)
+    try:
+        code = app.start(argv=argv)
+    except Exception:
+        log.exception("the Celery worker of node %s failed", node)
+        code = 1
+    if code and not told_to_stop:
+        verdict = judge_crash(os.environ.get(CRASHES_ENV, ""), time.time())
+        if verdict.restart:
+            log.error("the Celery worker of node %s stopped (exit code %s) without being asked to; "
+                      "starting it again in %.0f s (crash %d; %d in %.0f s is a crash loop)",
+                      node, code, verdict.delay, verdict.crashes, MAX_CRASHES, CRASH_WINDOW)
+            restart_in_place(verdict)
+        raise PrewarmError(f"the Celery worker of node {node} crashed {verdict.crashes} times in "
+                           f"{CRASH_WINDOW:.0f} s (last exit code {code}); its log above says why: "
+                           f"fix that and start `prewarm worker` again")
+    sys.exit(code or 0)
 
 
 @click.command()

@@ -1,0 +1,61 @@
+"""Start a crashed Celery worker again in place, and give up on a crash loop.
+
+A node's worker must outlive what goes wrong under it.  Celery stops its worker for good
+on an "Unrecoverable error", and some of those come from the broker client itself: kombu
+5.7 was seen to die of an ``AttributeError`` while closing the connection that a Redis
+restart broke.  A Kubernetes DaemonSet would restart the container, but a worker run by
+hand or by systemd without ``Restart=`` would not, and the jobs of its node would stall.
+
+So ``prewarm worker`` replaces itself (``execv``: same PID, same arguments and
+environment) when Celery returns a failure without having been asked to stop.  Crashes
+are counted in the environment the new image inherits; :data:`MAX_CRASHES` within
+:data:`CRASH_WINDOW` seconds is a crash loop (a bad option, an unreadable file), which ends
+the process with an error instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+#: Environment variable carrying the times of recent crashes into the replacement process.
+CRASHES_ENV = "PREWARM_WORKER_CRASHES"
+MAX_CRASHES = 5
+CRASH_WINDOW = 300.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    restart: bool
+    delay: float            # seconds to wait before starting again
+    history: str            # the new value of CRASHES_ENV
+    crashes: int            # crashes within the window, this one included
+
+
+def judge_crash(history: str, now: float) -> Verdict:
+    """Record a crash at ``now`` in ``history`` (CRASHES_ENV's value); restart or give up?"""
+    times = []
+    for part in history.split(","):
+        try:
+            t = float(part)
+        except ValueError:
+            continue  # a value we did not write: ignore it rather than refuse to restart
+        if now - CRASH_WINDOW < t <= now:
+            times.append(t)
+    times.append(now)
+    history = ",".join(f"{t:.3f}" for t in times)
+    return Verdict(restart=len(times) < MAX_CRASHES, delay=float(min(len(times), 5)), history=history,
+                   crashes=len(times))
+
+
+def restart_in_place(verdict: Verdict) -> None:
+    """Replace this process with a fresh ``python -m prewarm`` with the same arguments."""
+    os.environ[CRASHES_ENV] = verdict.history
+    time.sleep(verdict.delay)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # ``-m prewarm``, not sys.argv[0]: run as a file, prewarm/__main__.py would put the
+    # package folder first on sys.path, where prewarm/gc.py hides the standard gc module.
+    os.execv(sys.executable, [sys.executable, "-m", "prewarm", *sys.argv[1:]])

@@ -1,0 +1,86 @@
+"""A node's worker whose Celery worker fails is started again in place; a crash loop ends it.
+
+The failure is made real and under the test's control: ``--statedb`` (passed through to
+Celery) names a file in a folder that does not exist yet, so Celery fails to start until
+the test creates the folder.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from prewarm.restart import CRASH_WINDOW, MAX_CRASHES, judge_crash
+from tests.images import simple_image
+from tests.pipeline_helpers import clean_env, prewarm, push, start_worker, wait_job
+from tests.services import Registry
+
+
+def test_crashes_are_counted_within_the_window_only() -> None:
+    # Given no history, a crash restarts after a short delay
+    v = judge_crash("", now=1000.0)
+    assert v.restart and v.crashes == 1 and v.delay == 1.0 and v.history == "1000.000"
+    # And old crashes and values we did not write do not count
+    v = judge_crash(f"{1000 - CRASH_WINDOW - 1},garbage,,999.5", now=1000.0)
+    assert v.restart and v.crashes == 2 and v.history == "999.500,1000.000"
+    # But the MAX_CRASHES-th crash within the window is a crash loop
+    history = ""
+    for i in range(MAX_CRASHES):
+        v = judge_crash(history, now=2000.0 + i)
+        history = v.history
+    assert not v.restart and v.crashes == MAX_CRASHES
+
+
+def _wait_for(log: Path, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"{text!r} not in {log}:\n{log.read_text(errors='replace')[-3000:]}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def simple_ref(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> str:
+    return push(simple_image(tmp_path_factory.mktemp("restart-oci")), registry, "fleet/restart")
+
+
+def test_a_worker_that_crashed_is_started_again_in_place_and_warms(
+        tmp_path: Path, registry: Registry, redis_url: str, simple_ref: str) -> None:
+    env = clean_env(tmp_path / "store", PREWARM_BROKER_URL=redis_url, PREWARM_INSECURE_REGISTRIES=registry.host,
+                    PREWARM_NODE_NAME="phoenix")
+    state_dir = tmp_path / "state"
+    # Given a worker whose Celery worker cannot start (its state folder is missing)
+    worker = start_worker(env, tmp_path / "w.log", "-c", "1", "--statedb", str(state_dir / "worker.db"))
+    try:
+        _wait_for(worker.log, "starting it again")
+        # When the cause is fixed while it waits to start again
+        state_dir.mkdir()
+        # Then the same process (same PID, not a new child) serves the node and warms an image
+        job = prewarm("schedule", simple_ref, "--node", "phoenix", env=env, check=True).stdout.strip()
+        final = wait_job(job, env, timeout=120)
+        assert final["state"] == "succeeded", (final, worker.log.read_text()[-3000:])
+        assert worker.proc.poll() is None
+        assert any(state_dir.iterdir()), "the Celery worker started again uses its state folder"
+    finally:
+        worker.stop()
+    assert worker.log.read_text().count("starting it again") == 1
+
+
+def test_a_crash_loop_ends_the_worker_with_a_clear_error(tmp_path: Path, redis_url: str) -> None:
+    # Given a worker that already crashed MAX_CRASHES - 2 times in the window (its history)
+    recent = ",".join(f"{time.time() - i:.3f}" for i in range(MAX_CRASHES - 2))
+    env = clean_env(tmp_path / "store", PREWARM_BROKER_URL=redis_url, PREWARM_NODE_NAME="doomed",
+                    PREWARM_WORKER_CRASHES=recent)
+    # When its Celery worker can never start
+    worker = start_worker(env, tmp_path / "w.log", "-c", "1", "--statedb", str(tmp_path / "missing" / "w.db"))
+    try:
+        code = worker.proc.wait(60)
+    finally:
+        worker.stop()
+    # Then it is started again once, and then gives up with an error that says what to do
+    log = worker.log.read_text()
+    assert code == 1, log[-3000:]
+    assert log.count("starting it again") == 1
+    assert f"crashed {MAX_CRASHES} times in {CRASH_WINDOW:.0f} s" in log
+    assert "prewarm: error:" in log and "start `prewarm worker` again" in log
