@@ -65,7 +65,8 @@ class EmbeddedCluster:
                 raise PrewarmError(f"a local worker exited with status {proc.returncode}:\n{log}")
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Stop a process we started, by its PID: SIGTERM, and SIGKILL if it outlives ``timeout``."""
     if proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
@@ -138,6 +139,6 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
                 else:
                     proc.send_signal(signal.SIGTERM)
         for proc in procs:
-            _stop(proc, 10)
-        _stop(redis_proc, 5)
+            stop_process(proc, 10)
+        stop_process(redis_proc, 5)
         shutil.rmtree(run_dir, ignore_errors=True)

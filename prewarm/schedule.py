@@ -194,14 +194,18 @@ def launch(r: redis.Redis, broker_url: str, plan: ImagePlan, image: str, nodes: 
     return job_id
 
 
+def _window_of(r: redis.Redis, job_id: str) -> int:
+    raw = r.hget(keys.job(job_id), "window")
+    return int(raw) if isinstance(raw, (bytes, str)) and raw else DEFAULT_WINDOW
+
+
 def start_own_windows(r: redis.Redis, app, node: str) -> list[str]:  # type: ignore[no-untyped-def]
     """Called by a node's worker: release the first window of every job not yet started on it."""
     started = []
     for job_id in jobs.unstarted_jobs(r, node):
         if jobs.mark_started(r, job_id, node):
             plan = jobs.load_plan(r, job_id)
-            raw = r.hget(keys.job(job_id), "window")
-            window = int(raw) if isinstance(raw, (bytes, str)) and raw else DEFAULT_WINDOW
+            window = _window_of(r, job_id)
             dispatch.release(app, r, plan, job_id, node, window)
             started.append(job_id)
     return started
@@ -300,8 +304,7 @@ def join_standing_jobs(r: redis.Redis, app, node: str, labels: dict[str, str],  
         plan = jobs.load_plan(r, job_id)
         ready = {i for i, layer in enumerate(plan.layers) if is_ready(layer.digest)}
         if jobs.add_node(r, job_id, node, plan, ready) and jobs.mark_started(r, job_id, node):
-            raw = r.hget(keys.job(job_id), "window")
-            window = int(raw) if isinstance(raw, (bytes, str)) and raw else DEFAULT_WINDOW
+            window = _window_of(r, job_id)
             dispatch.release(app, r, plan, job_id, node, window)
             joined.append(job_id)
     return joined
@@ -318,8 +321,7 @@ def resend_stalled(r: redis.Redis, app, node: str, stall_seconds: float) -> list
     resent = []
     for job_id in jobs.stalled_jobs(r, node, stall_seconds):
         plan = jobs.load_plan(r, job_id)
-        raw = r.hget(keys.job(job_id), "window")
-        window = int(raw) if isinstance(raw, (bytes, str)) and raw else DEFAULT_WINDOW
+        window = _window_of(r, job_id)
         cursor = jobs.released(r, job_id, node)
         todo = [k for k in jobs.unfinished_tasks(r, job_id, node, plan) if k < cursor][:window]
         for k in todo:

@@ -12,7 +12,6 @@ import dataclasses
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -20,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import requests
+
+from prewarm.embedded import stop_process as stop_pid  # the tests stop what they start by PID
 
 
 def free_port() -> int:
@@ -33,17 +34,6 @@ def _require(binary: str) -> str:
     if path is None:
         raise RuntimeError(f"{binary} is not installed; run the README's test command, which installs it")
     return path
-
-
-def stop_pid(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout)
 
 
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition") -> None:

@@ -92,6 +92,7 @@ def test_four_nodes_together_stay_within_ten_percent_of_the_budget(
     in_window = [n for t, n, _ in responses if t0 < t <= t0 + WINDOW]
     assert len(in_window) > 20, responses
     rate = sum(in_window) / WINDOW
+    print(f"4 nodes under a {RATE / 1e6:.2f} MB/s budget: {rate / 1e6:.2f} MB/s served over {WINDOW} s")  # -s shows it
     assert abs(rate - RATE) <= 0.10 * RATE, f"measured {rate / 1e6:.2f} MB/s for a budget of {RATE / 1e6:.2f} MB/s"
 
 
