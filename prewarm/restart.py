@@ -7,7 +7,11 @@ restart broke.  A Kubernetes DaemonSet would restart the container, but a worker
 hand or by systemd without ``Restart=`` would not, and the jobs of its node would stall.
 
 So ``prewarm worker`` replaces itself (``execv``: same PID, same arguments and
-environment) when Celery returns a failure without having been asked to stop.  Crashes
+environment) when Celery returns a failure without having been asked to stop, and at
+once when Celery logs its "Unrecoverable error": its own shutdown after such an error was
+seen to hang for minutes ("Error on stopping Hub"), so nothing is waited for.  The pool
+processes are SIGKILLed first (their unacknowledged tasks are redelivered, as after any
+``kill -9``), so no orphan outlives the process image that knew it.  Crashes
 are counted in the environment the new image inherits; :data:`MAX_CRASHES` within
 :data:`CRASH_WINDOW` seconds is a crash loop (a bad option, an unreadable file), which ends
 the process with an error instead.
@@ -16,7 +20,9 @@ the process with an error instead.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import signal
 import sys
 import time
 
@@ -50,12 +56,48 @@ def judge_crash(history: str, now: float) -> Verdict:
                    crashes=len(times))
 
 
+def is_unrecoverable(record: logging.LogRecord) -> bool:
+    """Is this Celery's log line of a worker that is about to stop for good?"""
+    return record.levelno >= logging.CRITICAL and record.getMessage().startswith("Unrecoverable error")
+
+
+def kill_children() -> int:
+    """SIGKILL and reap this process's children (the Celery pool); how many there were.
+
+    Reaped here because the next image would not know to: they would stay zombies.
+    """
+    me, killed = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+            ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+            if ppid == me:
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    for pid in killed:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass  # reaped by Celery's pool meanwhile
+    return len(killed)
+
+
 def restart_in_place(verdict: Verdict) -> None:
     """Replace this process with a fresh ``python -m prewarm`` with the same arguments."""
     os.environ[CRASHES_ENV] = verdict.history
     time.sleep(verdict.delay)
     sys.stdout.flush()
     sys.stderr.flush()
+    # Last, right before exec: Celery's pool supervisor (a thread) replaces killed pool
+    # processes, and a child forked after the kill would outlive the image that knew it.
+    for _ in range(10):
+        if not kill_children():
+            break
     # ``-m prewarm``, not sys.argv[0]: run as a file, prewarm/__main__.py would put the
     # package folder first on sys.path, where prewarm/gc.py hides the standard gc module.
     os.execv(sys.executable, [sys.executable, "-m", "prewarm", *sys.argv[1:]])

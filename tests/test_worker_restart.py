@@ -1,8 +1,12 @@
 """A node's worker whose Celery worker fails is started again in place; a crash loop ends it.
 
-The failure is made real and under the test's control: ``--statedb`` (passed through to
-Celery) names a file in a folder that does not exist yet, so Celery fails to start until
-the test creates the folder.
+Two ways Celery fails, each under the test's control:
+
+* at start-up: ``--statedb`` (passed through to Celery) names a file in a folder that does
+  not exist yet, so Celery fails to start until the test creates the folder;
+* while running: Celery logs "Unrecoverable error" (what kombu's crash on a Redis restart
+  produces, and after which Celery's own shutdown was seen to hang).  A module loaded with
+  ``--include`` writes that line once, from the running worker, in place of the crash.
 """
 
 from __future__ import annotations
@@ -84,3 +88,53 @@ def test_a_crash_loop_ends_the_worker_with_a_clear_error(tmp_path: Path, redis_u
     assert log.count("starting it again") == 1
     assert f"crashed {MAX_CRASHES} times in {CRASH_WINDOW:.0f} s" in log
     assert "prewarm: error:" in log and "start `prewarm worker` again" in log
+
+
+_CRASH_ONCE = """
+import logging, os
+from celery.signals import worker_ready
+
+@worker_ready.connect
+def _crash_once(**_):
+    marker = os.environ["CRASH_MARKER"]
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        logging.getLogger("celery.worker").critical("Unrecoverable error: %r", RuntimeError("stand-in"))
+"""
+
+
+def test_a_worker_whose_celery_logs_an_unrecoverable_error_is_started_again_at_once(
+        tmp_path: Path, registry: Registry, redis_url: str, simple_ref: str) -> None:
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "crash_once.py").write_text(_CRASH_ONCE)
+    env = clean_env(tmp_path / "store", PREWARM_BROKER_URL=redis_url, PREWARM_INSECURE_REGISTRIES=registry.host,
+                    PREWARM_NODE_NAME="lazarus", CRASH_MARKER=str(tmp_path / "crashed"),
+                    PYTHONPATH=str(tmp_path / "mods"))
+    # Given a running worker (with its pool) whose Celery reports an unrecoverable error once
+    worker = start_worker(env, tmp_path / "w.log", "-c", "2", "--include", "crash_once")
+    try:
+        _wait_for(worker.log, "starting it again")
+        # Then the same process serves the node again and warms an image
+        job = prewarm("schedule", simple_ref, "--node", "lazarus", env=env, check=True).stdout.strip()
+        final = wait_job(job, env, timeout=120)
+        assert final["state"] == "succeeded", (final, worker.log.read_text()[-3000:])
+        assert worker.proc.poll() is None
+        # And the first image's pool processes did not outlive it: the pool is 2, not 4
+        assert len(_children(worker.proc.pid)) == 2, _children(worker.proc.pid)
+    finally:
+        worker.stop()
+    log = worker.log.read_text()
+    assert log.count("starting it again") == 1 and "(unrecoverable error)" in log
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_bytes()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out

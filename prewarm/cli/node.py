@@ -111,28 +111,46 @@ def _run_celery_worker(app, argv: list[str], node: str) -> None:  # type: ignore
         CRASH_WINDOW,
         CRASHES_ENV,
         MAX_CRASHES,
+        is_unrecoverable,
         judge_crash,
+        kill_children,
         restart_in_place,
     )
 
     log = logging.getLogger("prewarm.worker")
     told_to_stop: list[object] = []
     worker_shutting_down.connect(lambda **kw: told_to_stop.append(kw.get("sig")), weak=False)
+
+    def crashed(what: str) -> str:
+        """Start again in place (does not return), or say it is a crash loop."""
+        verdict = judge_crash(os.environ.get(CRASHES_ENV, ""), time.time())
+        if verdict.restart:
+            log.error("the Celery worker of node %s stopped (%s) without being asked to; "
+                      "starting it again in %.0f s (crash %d; %d in %.0f s is a crash loop)",
+                      node, what, verdict.delay, verdict.crashes, MAX_CRASHES, CRASH_WINDOW)
+            restart_in_place(verdict)  # the pool processes are killed just before
+        return (f"the Celery worker of node {node} crashed {verdict.crashes} times in "
+                f"{CRASH_WINDOW:.0f} s (last: {what}); its log above says why: "
+                f"fix that and start `prewarm worker` again")
+
+    class _OnUnrecoverable(logging.Handler):
+        """Celery's own shutdown after an unrecoverable error can hang: act on its log line."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if is_unrecoverable(record) and not told_to_stop:
+                message = crashed("unrecoverable error")
+                kill_children()
+                print(f"prewarm: error: {message}", file=sys.stderr, flush=True)
+                os._exit(PrewarmError.exit_code)
+
+    logging.getLogger("celery.worker").addHandler(_OnUnrecoverable(logging.CRITICAL))
     try:
         code = app.start(argv=argv)
-    except Exception:
+    except Exception:  # Celery failed to start: logged, then started again below
         log.exception("the Celery worker of node %s failed", node)
         code = 1
     if code and not told_to_stop:
-        verdict = judge_crash(os.environ.get(CRASHES_ENV, ""), time.time())
-        if verdict.restart:
-            log.error("the Celery worker of node %s stopped (exit code %s) without being asked to; "
-                      "starting it again in %.0f s (crash %d; %d in %.0f s is a crash loop)",
-                      node, code, verdict.delay, verdict.crashes, MAX_CRASHES, CRASH_WINDOW)
-            restart_in_place(verdict)
-        raise PrewarmError(f"the Celery worker of node {node} crashed {verdict.crashes} times in "
-                           f"{CRASH_WINDOW:.0f} s (last exit code {code}); its log above says why: "
-                           f"fix that and start `prewarm worker` again")
+        raise PrewarmError(crashed(f"exit code {code}"))
     sys.exit(code or 0)
 
 
