@@ -168,7 +168,24 @@ class RegistryBudget:
             self._wait_backoff(registry)
             yield
         finally:
-            self.r.zrem(k_inflight, lease)
+            self._release(k_inflight, lease)
+
+    def _release(self, k_inflight: str, lease: str) -> None:
+        """Return a lease, waiting out a Redis restart to do so.
+
+        Why: a lease left behind holds one of the fleet's concurrency slots until it
+        expires (LEASE_SECONDS); after a Redis restart every in-flight request's lease
+        would be left so, and the whole fleet would wait minutes for slots nobody holds.
+        """
+        deadline = time.monotonic() + LEASE_SECONDS
+        while True:
+            try:
+                self.r.zrem(k_inflight, lease)
+                return
+            except redis.exceptions.ConnectionError:  # BusyLoadingError too: Redis restarting
+                if time.monotonic() > deadline:
+                    raise
+                self._sleep(0.2)
 
 
 def _positive(value: bytes | None) -> bool:

@@ -73,6 +73,10 @@ class RedisServer:
     def restart(self) -> None:
         """Stop (SIGTERM, which saves the RDB) and start again on the same port and data."""
         self.stop()
+        self.start()
+
+    def start(self) -> None:
+        """Start again after :meth:`stop`, on the same port and data."""
         self.proc = _spawn_redis(self.dir, self.port, self.password)
         _wait_redis(self)
 

@@ -11,6 +11,7 @@ import redis
 from prewarm import keys
 from prewarm.budget import RegistryBudget, get_budget, parse_size, set_budget
 from prewarm.errors import ConfigError
+from tests.services import RedisServer
 
 
 @pytest.fixture()
@@ -98,3 +99,27 @@ def test_a_429_makes_everyone_wait(r: redis.Redis) -> None:
     with budget.request("reg:3", 1):
         pass
     assert time.monotonic() - start >= 0.4
+
+
+def test_a_lease_is_returned_across_a_redis_restart(redis_server: RedisServer, redis_url: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    set_budget(r, "reg:9", rate=0, burst=None, concurrency=1)
+    inflight = keys.BUDGET_INFLIGHT.format(registry="reg:9")
+    # Given a request holding the registry's only concurrency slot
+    request = RegistryBudget(r).request("reg:9", 1000)
+    request.__enter__()
+    assert r.zcard(inflight) == 1
+    # When Redis goes down before the request ends (its data persisted) and comes back later
+    ending = threading.Thread(target=request.__exit__, args=(None, None, None))
+    redis_server.stop()
+    try:
+        ending.start()
+        time.sleep(1.0)
+        waited = ending.is_alive()
+    finally:
+        redis_server.start()
+    assert waited, "the lease must be returned once Redis is back, not left to expire"
+    ending.join(30)
+    # Then the lease was returned: the slot is free at once, not after LEASE_SECONDS
+    assert not ending.is_alive()
+    assert r.zcard(inflight) == 0
