@@ -19,6 +19,7 @@ the process with an error instead.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -61,30 +62,42 @@ def is_unrecoverable(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.CRITICAL and record.getMessage().startswith("Unrecoverable error")
 
 
-def kill_children() -> int:
-    """SIGKILL and reap this process's children (the Celery pool); how many there were.
-
-    Reaped here because the next image would not know to: they would stay zombies.
-    """
-    me, killed = os.getpid(), []
+def children_of(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (zombies included), from /proc."""
+    out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as f:
                 stat = f.read()
-            ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-            if ppid == me:
-                os.kill(int(entry), signal.SIGKILL)
-                killed.append(int(entry))
+            if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
+                out.append(int(entry))
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile
-    for pid in killed:
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass  # reaped by Celery's pool meanwhile
-    return len(killed)
+    return out
+
+
+def kill_children() -> int:
+    """SIGKILL and reap this process's children (the Celery pool) until none is left;
+    how many there were.
+
+    Repeated because Celery's pool supervisor (a thread) replaces killed pool processes,
+    and reaped because the next image would not know to: they would stay zombies.
+    """
+    killed = 0
+    for _ in range(10):
+        pids = children_of(os.getpid())
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError):  # reaped by Celery's pool meanwhile
+                os.waitpid(pid, 0)
+        killed += len(pids)
+    return killed
 
 
 def restart_in_place(verdict: Verdict) -> None:
@@ -93,11 +106,9 @@ def restart_in_place(verdict: Verdict) -> None:
     time.sleep(verdict.delay)
     sys.stdout.flush()
     sys.stderr.flush()
-    # Last, right before exec: Celery's pool supervisor (a thread) replaces killed pool
-    # processes, and a child forked after the kill would outlive the image that knew it.
-    for _ in range(10):
-        if not kill_children():
-            break
+    # Last, right before exec: a pool process forked after the kill would outlive the
+    # image that knew it.
+    kill_children()
     # ``-m prewarm``, not sys.argv[0]: run as a file, prewarm/__main__.py would put the
     # package folder first on sys.path, where prewarm/gc.py hides the standard gc module.
     os.execv(sys.executable, [sys.executable, "-m", "prewarm", *sys.argv[1:]])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from prewarm.restart import CRASH_WINDOW, MAX_CRASHES, judge_crash
+from prewarm.restart import CRASH_WINDOW, MAX_CRASHES, children_of, judge_crash
 from tests.images import simple_image
 from tests.pipeline_helpers import clean_env, prewarm, push, start_worker, wait_job
 from tests.services import Registry
@@ -120,21 +120,8 @@ def test_a_worker_whose_celery_logs_an_unrecoverable_error_is_started_again_at_o
         assert final["state"] == "succeeded", (final, worker.log.read_text()[-3000:])
         assert worker.proc.poll() is None
         # And the first image's pool processes did not outlive it: the pool is 2, not 4
-        assert len(_children(worker.proc.pid)) == 2, _children(worker.proc.pid)
+        assert len(children_of(worker.proc.pid)) == 2, children_of(worker.proc.pid)
     finally:
         worker.stop()
     log = worker.log.read_text()
     assert log.count("starting it again") == 1 and "(unrecoverable error)" in log
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_bytes()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
