@@ -2,7 +2,8 @@
 
 The scheduler never imports ``workers``: it names tasks (``prewarm.warm_span``,
 ``prewarm.warm_layer``) and routes each to the queue of the node whose store it fills.
-Messages stay small and carry no credential: job, image reference, layer digest, span.
+Messages stay small and carry no credential: job, image reference, layer digest, first
+span and span count.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def send_task(app: celery.Celery, plan: ImagePlan, job_id: str, node: str, k: in
     common = {"job": job_id, "node": node, "image": plan.reference, "layer": layer.digest,
               "layer_index": layer_index}
     if layer.mode == "spans":
-        app.send_task(TASK_WARM_SPAN, kwargs={**common, "ztoc": layer.ztoc_digest, "span": span},
+        app.send_task(TASK_WARM_SPAN, kwargs={**common, "ztoc": layer.ztoc_digest, "span": span,
+                                              "count": layer.task_spans(span)},
                       queue=keys.node_queue(node))
     else:
         app.send_task(TASK_WARM_LAYER, kwargs=common, queue=keys.node_queue(node))

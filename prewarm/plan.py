@@ -36,12 +36,25 @@ class LayerPlan:
     num_spans: int
     ztoc_digest: str | None = None
     uncompressed_size: int | None = None
+    #: Adjacent spans one task fetches (one Range request) and lands; the last task of a
+    #: layer may have fewer.
+    spans_per_task: int = 1
 
     def __post_init__(self) -> None:
         if self.mode == "whole" and self.num_spans != 1:
             raise ValueError(f"layer {self.digest}: a whole-layer plan has exactly one task")
         if self.mode == "spans" and (self.num_spans < 1 or not self.ztoc_digest):
             raise ValueError(f"layer {self.digest}: a span plan needs a zTOC and at least one span")
+        if self.spans_per_task < 1:
+            raise ValueError(f"layer {self.digest}: spans_per_task must be at least 1")
+
+    @property
+    def task_count(self) -> int:
+        return -(-self.num_spans // self.spans_per_task)
+
+    def task_spans(self, first: int) -> int:
+        """How many spans the task starting at span ``first`` covers."""
+        return min(self.spans_per_task, self.num_spans - first)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,20 +85,22 @@ class ImagePlan:
         starts, total = [], 0
         for i in work:
             starts.append(total)
-            total += self.layers[i].num_spans
+            total += self.layers[i].task_count
         object.__setattr__(self, "_work", work)
         object.__setattr__(self, "_starts", tuple(starts))
 
     @property
     def task_count(self) -> int:
-        return sum(layer.num_spans for layer in self.layers)
+        return sum(layer.task_count for layer in self.layers)
 
     @property
     def total_bytes(self) -> int:
         return sum(layer.size for layer in self.layers)
 
     def task_at(self, k: int) -> tuple[int, int]:
-        """The k-th unit of work as (layer index, span index); whole layers have span 0.
+        """The k-th unit of work as (layer index, its first span); whole layers have span 0.
+
+        A task is named by its first span everywhere (messages, the job's span bitmaps).
 
         Raises:
             IndexError: k is outside the plan.
@@ -93,7 +108,8 @@ class ImagePlan:
         if not 0 <= k < self.task_count:
             raise IndexError(f"task {k} is outside the plan of {self.task_count} tasks")
         pos = bisect.bisect_right(self._starts, k) - 1
-        return self._work[pos], k - self._starts[pos]
+        li = self._work[pos]
+        return li, (k - self._starts[pos]) * self.layers[li].spans_per_task
 
     def to_json(self) -> str:
         return json.dumps({
@@ -129,6 +145,7 @@ def plan_image(
     diff_ids: Sequence[str],
     span_layers: dict[str, tuple[str, int, int]],
     platform: str = "",
+    spans_per_task: int = 1,
 ) -> ImagePlan:
     """Build the plan.
 
@@ -137,6 +154,7 @@ def plan_image(
         diff_ids: the config's rootfs.diff_ids, same order.
         span_layers: for layers that have a usable zTOC, digest -> (zTOC digest, number of
             spans, uncompressed size); every other layer is planned whole.
+        spans_per_task: adjacent spans one task covers (a layer's last task may have fewer).
 
     Raises:
         ValueError: the manifest and config disagree on the number of layers.
@@ -155,7 +173,7 @@ def plan_image(
             if digest in span_layers:
                 ztoc_digest, num_spans, usize = span_layers[digest]
                 plans.append(LayerPlan(digest, size, media_type, diff_id, "spans", num_spans,
-                                       ztoc_digest, usize))
+                                       ztoc_digest, usize, spans_per_task))
             else:
                 plans.append(LayerPlan(digest, size, media_type, diff_id, "whole", 1))
         order.append(index_of[digest])

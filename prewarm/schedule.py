@@ -164,7 +164,8 @@ def check_space_before_download(store: ContentStore, client: RegistryClient, res
         store.check_space(needed)
 
 
-def make_plan(resolved: ResolvedImage, span_layers: dict[str, tuple[str, int, int]]) -> ImagePlan:
+def make_plan(resolved: ResolvedImage, span_layers: dict[str, tuple[str, int, int]], *,
+              spans_per_task: int = 1) -> ImagePlan:
     return plan_image(
         reference=f"{resolved.reference.registry}/{resolved.reference.repository}@{resolved.manifest_digest}",
         manifest_digest=resolved.manifest_digest,
@@ -173,6 +174,7 @@ def make_plan(resolved: ResolvedImage, span_layers: dict[str, tuple[str, int, in
         diff_ids=list(resolved.diff_ids),
         span_layers=span_layers,
         platform=resolved.platform or "",
+        spans_per_task=spans_per_task,
     )
 
 

@@ -502,7 +502,7 @@ class ContentStore:
 
     # === landing a span
 
-    def land_span(self, digest: str, ztoc: ZtocView, index: int, compressed: bytes,
+    def land_span(self, digest: str, ztoc: ZtocView, index: int, compressed: bytes | memoryview,
                   uncompressed: bytes | bytearray | memoryview) -> LandResult:
         """Write one verified span into the layer; commit the layer if it was the last one.
 
@@ -672,7 +672,7 @@ class ContentStore:
         atomic_write(self.layout.layer_work(digest) / "hash", _HASH_HEADER.pack(nxt, upto) + h.state(),
                       durable=False)
 
-    def _hash_or_spool(self, digest: str, prep: _Prepared, index: int, compressed: bytes, base: int,
+    def _hash_or_spool(self, digest: str, prep: _Prepared, index: int, compressed: bytes | memoryview, base: int,
                        landed: bytearray) -> None:
         """Advance the in-order layer hash with this span (and spooled followers), or spool it."""
         nxt, upto, h = self._load_hash(digest)

@@ -4,9 +4,10 @@ The Celery tasks in ``workers.tasks`` are thin wrappers around :func:`warm_span`
 :func:`warm_layer`; everything here is plain Python that takes a :class:`NodeContext`,
 so it can be read, tested and profiled without Celery.
 
-Per span (the hot path)::
+Per span task (the hot path)::
 
-    Range GET of the span's compressed bytes      (registry, through the node's budget)
+    one Range GET of its adjacent spans' bytes     (registry, through the node's budget)
+    then for each span:
     === verify the span digest                     (transport check; the layer digest is the real one)
     === inflate from the checkpoint, check the next checkpoint's window against our tail
     === land: TOC checked against the real tar headers, pwrite into pre-sized files,
@@ -101,12 +102,16 @@ def span_accounting_bytes(ztoc, index: int) -> int:  # type: ignore[no-untyped-d
 
 
 def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index: int,
-              ztoc: str, span: int) -> Outcome:
-    """Fetch, verify, inflate and land one span; a span already in the store is not fetched again.
+              ztoc: str, span: int, count: int = 1) -> Outcome:
+    """Fetch, verify, inflate and land spans ``span .. span + count - 1`` of one layer.
+
+    The spans not yet in the store are fetched in one Range request (from the first of them
+    to the last), then each is verified, inflated and landed in turn; a redelivered task
+    fetches only what is still missing.
 
     Raises:
         RegistryError: fetching failed (``Transient`` ones are retried by the task).
-        CorruptContent: the span, its zTOC or the layer do not match what vouches for them.
+        CorruptContent: a span, its zTOC or the layer do not match what vouches for them.
         StoreError: the store cannot take the span (disk full, ...).
     """
     plan = ctx.plan(job)
@@ -115,29 +120,41 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
         raise ValueError(f"task names layer {layer} but the job's plan has {lp.digest} at {layer_index}")
     ref = ctx.reference(image)
     z = _ztoc(ctx, ref, ztoc)
-    nbytes = span_accounting_bytes(z, span)
+    if count < 1 or not 0 <= span <= span + count - 1 < z.num_spans:
+        raise ValueError(f"task names spans {span}..{span + count - 1} of layer {layer}, which has "
+                         f"{z.num_spans}")
+    nbytes = sum(span_accounting_bytes(z, i) for i in range(span, span + count))
     if ctx.store.is_ready(layer):
         return Outcome(nbytes, False, True)
-    if ctx.store.span_landed(layer, span):  # a redelivered task (landed bytes of a valid state only)
-        ctx.store.prepare_layer(layer, z, diff_id=lp.diff_id)
-        if ctx.store.span_landed(layer, span):
-            return Outcome(nbytes, False, ctx.store.finish_if_complete(layer, z))
-    s = z.span(span)
-    start, end = fetch_range(s)  # span 0 also brings the gzip header, which the layer digest needs
+    store = ctx.store
+    todo = [i for i in range(span, span + count) if not store.span_landed(layer, i)]
+    if len(todo) < count:  # a redelivered task (landed bytes of a valid state only)
+        store.prepare_layer(layer, z, diff_id=lp.diff_id)
+        todo = [i for i in range(span, span + count) if not store.span_landed(layer, i)]
+        if not todo:
+            return Outcome(nbytes, False, store.finish_if_complete(layer, z))
+    start = fetch_range(z.span(todo[0]))[0]  # span 0 also brings the gzip header (layer digest)
+    end = z.span(todo[-1]).compressed_end
     with _fleet_backoff_on_429(ctx, ref.registry), ctx.budget.request(ref.registry, end - start):
         data = ctx.client.fetch_range(ref.registry, ref.repository, layer, start, end)
     BYTES_FETCHED.labels(ref.registry, "span").inc(len(data))
-    body = memoryview(data)[s.compressed_start - start:]
-    verify(body, s.digest, what=f"span {span} of layer {layer} ({ref.registry}/{ref.repository})")
-    next_window = z.checkpoint(span + 1).window if span + 1 < z.num_spans and s.checkpoint else None
-    with INFLATE_SECONDS.time():
-        out = inflate_span(s, body, next_window=next_window, is_last=span == z.num_spans - 1)
-    # Prepared after fetching and inflating: while one process of the node validates a cold
-    # layer's TOC (under the layer lock), the others fetch and inflate instead of waiting.
-    ctx.store.prepare_layer(layer, z, diff_id=lp.diff_id)
-    ready = ctx.store.land_span(layer, z, span, data, out).ready
+    whole = memoryview(data)
+    ready = False
+    for i in todo:
+        s = z.span(i)
+        lo, hi = fetch_range(s)
+        compressed = whole[lo - start:hi - start]
+        body = compressed[s.compressed_start - lo:]
+        verify(body, s.digest, what=f"span {i} of layer {layer} ({ref.registry}/{ref.repository})")
+        next_window = z.checkpoint(i + 1).window if i + 1 < z.num_spans and s.checkpoint else None
+        with INFLATE_SECONDS.time():
+            out = inflate_span(s, body, next_window=next_window, is_last=i == z.num_spans - 1)
+        # Prepared after fetching and inflating: while one process of the node validates a cold
+        # layer's TOC (under the layer lock), the others fetch and inflate instead of waiting.
+        store.prepare_layer(layer, z, diff_id=lp.diff_id)
+        ready = store.land_span(layer, z, i, compressed, out).ready
+        SPANS.labels("fetched").inc()
     prepare_ahead(ctx, plan, layer_index, ref)
-    SPANS.labels("fetched").inc()
     if ready:
         LAYERS.labels("ready").inc()
     return Outcome(nbytes, True, ready)

@@ -182,7 +182,7 @@ def test_a_stall_before_every_task_was_released_refills_the_window(r: redis.Redi
     assert jobs.released(r, job, "a") == 4
     assert [json.loads(m)["headers"]["kwargsrepr"] for m in r.lrange(queue, 0, -1)] == [
         (f"{{'job': '{job}', 'node': 'a', 'image': '{plan.reference}', 'layer': '{plan.layers[0].digest}', "
-         f"'layer_index': 0, 'ztoc': '{plan.layers[0].ztoc_digest}', 'span': 3}}")]
+         f"'layer_index': 0, 'ztoc': '{plan.layers[0].ztoc_digest}', 'span': 3, 'count': 1}}")]
     r.delete(queue)
 
 

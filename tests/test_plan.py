@@ -19,7 +19,7 @@ layer_specs = st.lists(
 )
 
 
-def _build(specs):
+def _build(specs, spans_per_task: int = 1):
     layers, diff_ids, span_layers = [], [], {}
     for ident, size, spans in specs:
         d = _digest(ident)
@@ -28,19 +28,31 @@ def _build(specs):
         if spans is not None and d not in span_layers:
             span_layers[d] = (_digest(2000 + ident), spans, spans * 4 << 20)
     return plan_image(reference="r/x@sha256:" + "a" * 64, manifest_digest=_digest(9), config_digest=_digest(8),
-                      layers=layers, diff_ids=diff_ids, span_layers=span_layers)
+                      layers=layers, diff_ids=diff_ids, span_layers=span_layers,
+                      spans_per_task=spans_per_task)
 
 
-@given(layer_specs)
-def test_every_task_appears_exactly_once(specs) -> None:
-    # Given any mix of indexed and whole layers, repeated digests included
-    plan = _build(specs)
-    # When every task index is mapped to (layer, span)
+#: One span per task, a few, more than any layer has.
+task_spans = st.sampled_from([1, 2, 3, 4, 7, 1000])
+
+
+@given(layer_specs, task_spans)
+def test_every_task_appears_exactly_once(specs, per: int) -> None:
+    # Given any mix of indexed and whole layers, repeated digests included, and a task size
+    plan = _build(specs, per)
+    # When every task index is mapped to (layer, first span) and widened to its spans
     seen = [plan.task_at(k) for k in range(plan.task_count)]
-    # Then each span of each distinct layer appears exactly once
+    covered = [(i, s + j) for i, s in seen for j in range(plan.layers[i].task_spans(s))]
+    # Then each span of each distinct layer is covered exactly once
     expected = {(i, s) for i, layer in enumerate(plan.layers) for s in range(layer.num_spans)}
-    assert sorted(seen) == sorted(expected)
-    assert len(seen) == len(expected)
+    assert sorted(covered) == sorted(expected)
+    assert len(covered) == len(expected)
+    # And every task is full but a layer's last
+    for i, s in seen:
+        layer = plan.layers[i]
+        if layer.mode == "spans":
+            assert layer.spans_per_task == per
+            assert layer.task_spans(s) == per or s + layer.task_spans(s) == layer.num_spans
     # And whole layers come first, largest first
     kinds = [plan.layers[i].mode for i, _ in seen]
     assert kinds == sorted(kinds, key=lambda m: m != "whole")
@@ -48,13 +60,13 @@ def test_every_task_appears_exactly_once(specs) -> None:
     assert whole_sizes == sorted(whole_sizes, reverse=True)
     # And span layers are walked in stream order
     for i, layer in enumerate(plan.layers):
-        spans = [s for li, s in seen if li == i]
+        spans = [s for li, s in covered if li == i]
         assert spans == list(range(layer.num_spans))
 
 
-@given(layer_specs)
-def test_plan_round_trips_through_json(specs) -> None:
-    plan = _build(specs)
+@given(layer_specs, task_spans)
+def test_plan_round_trips_through_json(specs, per: int) -> None:
+    plan = _build(specs, per)
     again = ImagePlan.from_json(plan.to_json())
     assert again == plan
     assert [again.task_at(k) for k in range(again.task_count)] == [plan.task_at(k) for k in range(plan.task_count)]

@@ -125,10 +125,10 @@ def _run_once(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: igno
 
 @app.task(name=dispatch.TASK_WARM_SPAN, bind=True, acks_late=True)
 def warm_span_task(self: Task, *, job: str, node: str, image: str, layer: str, layer_index: int,
-                   ztoc: str, span: int) -> None:
-    """Fetch, verify, inflate and store one span of one layer on this node."""
+                   ztoc: str, span: int, count: int = 1) -> None:
+    """Fetch, verify, inflate and store ``count`` adjacent spans of one layer on this node."""
     _run(self, warm_span, context(), dict(job=job, node=node, image=image, layer=layer,
-                                          layer_index=layer_index, ztoc=ztoc, span=span))
+                                          layer_index=layer_index, ztoc=ztoc, span=span, count=count))
 
 
 @app.task(name=dispatch.TASK_WARM_LAYER, bind=True, acks_late=True)

@@ -93,7 +93,7 @@ def _schedule_embedded(settings, image: str, window: int, index: str, concurrenc
         span_layers = {} if index == "none" else schedule.find_ztocs(
             settings, client, resolved, build=index == "build", push=False,
             say=_say if not quiet else lambda m: None)[0]
-        plan = schedule.make_plan(resolved, span_layers)
+        plan = schedule.make_plan(resolved, span_layers, spans_per_task=settings.spans_per_task)
         present = {i for i, layer in enumerate(plan.layers) if store.is_ready(layer.digest)}
         preparer = threading.Thread(target=schedule.prepare_layers, args=(store, plan), daemon=True,
                                     name="prepare-layers")
@@ -206,7 +206,7 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
     else:
         span_layers, _ = schedule.find_ztocs(settings, client, resolved, build=True, push=True,
                                              say=_say if not quiet else lambda m: None)
-    plan = schedule.make_plan(resolved, span_layers)
+    plan = schedule.make_plan(resolved, span_layers, spans_per_task=settings.spans_per_task)
     job_id = schedule.launch(r, settings.broker_url, plan, image, targets, window=window,
                              keep=dict(parse_labels(list(selectors))) if keep else None)
     if not wait:
