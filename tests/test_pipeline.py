@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from prewarm.ztoc import parse_ztoc
 from tests.images import odd_image, simple_image
 from tests.pipeline_helpers import assert_matches_umoci, clean_env, prewarm, push
 from tests.services import Registry
@@ -98,3 +99,34 @@ def test_a_disk_too_small_is_refused_before_any_download(tmp_path: Path, registr
         assert not (store / "layers").exists() or not any((store / "layers").rglob("ready"))
     finally:
         subprocess.run(["umount", str(store)], check=True)
+
+
+def test_a_task_lands_several_adjacent_spans_from_one_request(tmp_path: Path, registry: Registry, odd) -> None:
+    # Given the odd image, 3 spans per task (so most layers end with a shorter task)
+    image, ref = odd
+    env = clean_env(tmp_path / "store", PREWARM_SPANS_PER_TASK="3", **SPANS)
+    before = {layer.digest: len(registry.requests_logged("GET", f"/blobs/{layer.digest}"))
+              for layer in image.layers}
+    # When it is scheduled with zTOCs built on the way
+    proc = prewarm("schedule", ref, "--wait", "--index", "build", "--insecure-registry", registry.host,
+                   "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    (node,) = summary["nodes"].values()
+    # Then there is one task per 3 spans of each indexed layer, plus one per whole layer
+    ztocs = [parse_ztoc(p.read_bytes()) for p in (tmp_path / "store" / "ztoc" / "sha256").iterdir()]
+    indexed = {z.compressed_archive_size for z in ztocs}
+    spans = [z.num_spans for z in ztocs]
+    assert max(spans) > 3 and any(n % 3 for n in spans)
+    whole = [layer for layer in image.layers if layer.size not in indexed]
+    assert node["tasks_finished"] == node["tasks_total"] == sum(-(-n // 3) for n in spans) + len(whole)
+    # And each indexed layer's spans came in that many Range requests (after the one GET
+    # that built its zTOC and the tail read of the space check)
+    for layer in image.layers:
+        z = next((z for z in ztocs if z.compressed_archive_size == layer.size), None)
+        if z is not None:
+            gets = len(registry.requests_logged("GET", f"/blobs/{layer.digest}")) - before[layer.digest]
+            assert gets == -(-z.num_spans // 3) + 2, layer.digest
+    # And the result is still exactly umoci's rootfs
+    assert summary["state"] == "succeeded"
+    assert_matches_umoci(image, ref, env, tmp_path)
