@@ -72,7 +72,7 @@ class Settings:
     containerd_namespace: str = "k8s.io"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Build settings from the environment; keyword arguments that are not None win."""
         env = os.environ if env is None else env
         docker_config = env.get("DOCKER_CONFIG")

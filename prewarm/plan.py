@@ -123,7 +123,7 @@ class ImagePlan:
         }, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "ImagePlan":
+    def from_json(cls, text: str | bytes) -> ImagePlan:
         raw = json.loads(text)
         return cls(
             reference=raw["reference"],

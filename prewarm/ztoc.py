@@ -539,6 +539,116 @@ def _int_field(r: _Reader, at: int, unpack: Any, size: int) -> int:
 
 
 def _read_entry(r: _Reader, t: int, index: int) -> FileEntry:
+    """Decode and check TOC entry ``index`` (the table at ``t``).
+
+    Why this shape: a TOC has up to ~100,000 entries and a node decodes all of them
+    before the layer's first span lands, so the common entry (no xattrs) is read with
+    as few Python calls as the checks allow; anything else goes through
+    :func:`_read_entry_fully`, which checks the same things one field at a time.
+    """
+    buf, n = r.buf, r.n
+    if not 0 <= t <= n - 4:
+        return _read_entry_fully(r, t, index)
+    vt = t - _I32(buf, t)[0]
+    if not 0 <= vt <= n - 4:
+        return _read_entry_fully(r, t, index)
+    vsize, tsize = _U16X2(buf, vt)
+    k = min(14, (vsize - 4) // 2)
+    if k < 2 or vt + vsize > n or t + tsize > n - 4 or tsize < 4:
+        return _read_entry_fully(r, t, index)
+    o = _ENTRY_VTABLES[k](buf, vt + 4)  # fields past the vtable's end are absent (0)
+    if max(o) >= tsize:
+        return _read_entry_fully(r, t, index)
+    xattrs: tuple[tuple[str, str], ...] | None = _quick_xattrs(buf, n, t + o[13]) if o[13] else ()
+    if xattrs is None:
+        return _read_entry_fully(r, t, index)
+    # every string: reference, then length, then bytes, all inside the buffer and short enough
+    strings = []
+    for i, limit in _ENTRY_STRINGS:
+        if not o[i]:
+            strings.append(b"")
+            continue
+        at = t + o[i]
+        v = at + _U32(buf, at)[0]
+        if v > n - 4:
+            return _read_entry_fully(r, t, index)
+        length = _U32(buf, v)[0]
+        if length > limit or length > n - v - 4:
+            return _read_entry_fully(r, t, index)
+        strings.append(bytes(buf[v + 4:v + 4 + length]))
+    name, type_raw, linkname, uname, gname, mod_time = strings
+    type_ = _TYPE_BY_RAW.get(type_raw)
+    if (type_ is None or not name or b"\x00" in name or b".." in name or b"\x00" in linkname):
+        return _read_entry_fully(r, t, index)  # names the problem (or accepts a harmless "..")
+    i64 = _I64
+    return FileEntry(
+        name.decode("utf-8", "surrogateescape"), type_,
+        i64(buf, t + o[2])[0] if o[2] else 0, i64(buf, t + o[3])[0] if o[3] else 0,
+        linkname.decode("utf-8", "surrogateescape"), i64(buf, t + o[5])[0] if o[5] else 0,
+        _U32(buf, t + o[6])[0] if o[6] else 0, _U32(buf, t + o[7])[0] if o[7] else 0,
+        uname.decode("utf-8", "surrogateescape"), gname.decode("utf-8", "surrogateescape"),
+        mod_time.decode("utf-8", "surrogateescape"),
+        i64(buf, t + o[11])[0] if o[11] else 0, i64(buf, t + o[12])[0] if o[12] else 0, xattrs,
+    )
+
+
+def _quick_xattrs(buf: bytes | bytearray | memoryview, n: int, at: int) -> tuple[tuple[str, str], ...] | None:
+    """An entry's xattr (key, value) pairs, or None for anything :func:`_read_entry_fully` must judge."""
+    if at > n - 4:
+        return None
+    v = at + _U32(buf, at)[0]
+    if v > n - 4:
+        return None
+    count = _U32(buf, v)[0]
+    if count * 4 > n - v - 4:
+        return None
+    pairs = []
+    for j in range(count):
+        ref = v + 4 + 4 * j
+        t = ref + _U32(buf, ref)[0]
+        if t > n - 4:
+            return None
+        vt = t - _I32(buf, t)[0]
+        if not 0 <= vt <= n - 8:
+            return None
+        vsize, tsize = _U16X2(buf, vt)
+        if vsize < 8 or vt + vsize > n or t + tsize > n - 4 or tsize < 4:
+            return None
+        ko, vo = _U16X2(buf, vt + 4)
+        if ko >= tsize or vo >= tsize:
+            return None
+        kv = []
+        for off, limit in ((ko, _MAX_SHORT_STRING), (vo, _MAX_NAME_BYTES)):
+            if not off:
+                kv.append("")
+                continue
+            sat = t + off
+            sv = sat + _U32(buf, sat)[0]
+            if sv > n - 4:
+                return None
+            length = _U32(buf, sv)[0]
+            if length > limit or length > n - sv - 4:
+                return None
+            kv.append(str(buf[sv + 4:sv + 4 + length], "utf-8", "surrogateescape"))
+        pairs.append((kv[0], kv[1]))
+    return tuple(pairs)
+
+
+def _vtable_reader(k: int) -> Any:
+    unpack, pad = struct.Struct(f"<{k}H").unpack_from, (0,) * (14 - k)
+    return lambda b, at: unpack(b, at) + pad
+
+
+#: Readers of an entry's first k vtable offsets, padded with absent (0) fields to 14.
+_ENTRY_VTABLES = [_vtable_reader(k) for k in range(15)]
+
+#: (field index, longest allowed) of an entry's strings: name, type, linkname, uname,
+#: gname, mod_time, as :func:`_read_entry_fully` reads them.
+_ENTRY_STRINGS = ((0, _MAX_NAME_BYTES), (1, 16), (4, _MAX_NAME_BYTES), (8, _MAX_SHORT_STRING),
+                  (9, _MAX_SHORT_STRING), (10, 64))
+
+
+def _read_entry_fully(r: _Reader, t: int, index: int) -> FileEntry:
     f = _table_fields(r, t, 14)
     name = _string_field(r, f[0], _MAX_NAME_BYTES)
     _check_name(name, f"entry {index}")

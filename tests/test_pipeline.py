@@ -52,7 +52,7 @@ def test_a_second_schedule_fetches_no_layer_byte(tmp_path: Path, registry: Regis
     ref = push(image, registry, "pipeline/again")
     env = clean_env(tmp_path / "store")
     prewarm("schedule", ref, "--wait", "--insecure-registry", registry.host, env=env, check=True)
-    layer_bytes = lambda: sum(registry.bytes_served(f"/blobs/{l.digest}") for l in image.layers)  # noqa: E731
+    layer_bytes = lambda: sum(registry.bytes_served(f"/blobs/{l.digest}") for l in image.layers)
     served = layer_bytes()
     assert served >= sum(layer.size for layer in image.layers)
     # When it is scheduled again

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from prewarm import ztoc as ztoc_module
 from prewarm.errors import BadZtoc
 from prewarm.inflate import inflate_span
 from prewarm.ztoc import (
@@ -368,3 +369,36 @@ def test_serialiser_matches_the_flatbuffers_builder(shared_dir: Path, data: st.D
     assert ours == reference_serialize(z)
     back = parse_ztoc(ours)
     assert back.files == z.files and back.build_tool_identifier == z.build_tool_identifier
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.data_too_large])
+@given(name=st.sampled_from(["meta", "single", "multi-basic", "hdr-name"]),
+       edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), max_size=6))
+def test_the_quick_entry_decoder_agrees_with_the_field_by_field_one(shared_dir: Path, name: str,
+                                                                     edits: list[tuple[int, int]]) -> None:
+    # Given soci's zTOC (entries with xattrs, long names, every type), maybe with bytes
+    # changed in its FlatBuffers tables
+    raw = bytearray(golden(shared_dir, name))
+    n = len(raw)
+    for pos, value in edits:
+        raw[n - 1 - pos % min(n, 4096)] = value
+    try:
+        z = parse_ztoc(bytes(raw), lazy_files=True)
+    except BadZtoc:
+        return
+    files = z.files
+    r = files._reader  # type: ignore[attr-defined]
+    # When every entry is decoded by both decoders
+    for k in range(len(files)):
+        at = files._start + 4 * k  # type: ignore[attr-defined]
+        outcomes = []
+        for decode in (ztoc_module._read_entry, ztoc_module._read_entry_fully):
+            try:
+                outcomes.append(decode(r, at + struct.unpack_from("<I", r.buf, at)[0], k))
+            except BadZtoc as err:
+                outcomes.append(type(err))
+            except struct.error:
+                outcomes.append(struct.error)
+        # Then they decode the same entry or both refuse it
+        assert outcomes[0] == outcomes[1], (name, k)
