@@ -24,7 +24,7 @@ from prewarm import dispatch, jobs, keys
 from prewarm.config import BUILD_TOOL_IDENTIFIER, Settings
 from prewarm.errors import AuthenticationFailed, JobError, PrewarmError
 from prewarm.layout import Layout
-from prewarm.plan import ImagePlan, plan_image
+from prewarm.plan import ImagePlan, SpanLayer, plan_image
 from prewarm.reference import Reference
 from prewarm.registry.client import RegistryClient, ResolvedImage
 from prewarm.soci import build_layer_ztocs, find_soci_index, layer_ztoc_kind, push_soci_index
@@ -57,8 +57,8 @@ def is_gzip(media_type: str) -> bool:
 
 
 def find_ztocs(settings: Settings, client: RegistryClient, resolved: ResolvedImage, *,
-               build: bool, push: bool, say: Callable[[str], None]) -> tuple[dict[str, tuple[str, int, int]], IndexChoice]:
-    """zTOC digest, span count and uncompressed size for every layer that will go by spans.
+               build: bool, push: bool, say: Callable[[str], None]) -> tuple[dict[str, SpanLayer], IndexChoice]:
+    """zTOC digest, span count, uncompressed size and TOC length of every layer that will go by spans.
 
     The registry's SOCI index is used when there is one.  Otherwise, with ``build``, the
     zTOCs are built here (one streaming pass over each layer, layers in parallel) and,
@@ -69,13 +69,13 @@ def find_ztocs(settings: Settings, client: RegistryClient, resolved: ResolvedIma
     ref = resolved.reference
     cache = ZtocCache(Layout(settings.root))
     index = find_soci_index(client, resolved)
-    out: dict[str, tuple[str, int, int]] = {}
+    out: dict[str, SpanLayer] = {}
     from_registry: list[str] = []
     for layer in resolved.layers:
         desc = index.ztoc_for_layer(layer.digest) if index is not None else None
         if desc is not None and layer.digest not in out:
             z = cache.get(desc.digest, client, ref.registry, ref.repository)
-            out[layer.digest] = (desc.digest, z.num_spans, z.uncompressed_archive_size)
+            out[layer.digest] = SpanLayer(desc.digest, z.num_spans, z.uncompressed_archive_size, len(z.files))
             from_registry.append(layer.digest)
     built: dict[str, bytes] = {}
     if build and len(out) < len({l.digest for l in resolved.layers}):
@@ -97,7 +97,7 @@ def find_ztocs(settings: Settings, client: RegistryClient, resolved: ResolvedIma
         for digest, data in built.items():
             zdigest = cache.put(data)
             z = cache.get(zdigest)
-            out[digest] = (zdigest, z.num_spans, z.uncompressed_archive_size)
+            out[digest] = SpanLayer(zdigest, z.num_spans, z.uncompressed_archive_size, len(z.files))
     whole = tuple(l.digest for l in resolved.layers if l.digest not in out)
     return out, IndexChoice(tuple(from_registry), tuple(built), whole)
 
@@ -164,7 +164,7 @@ def check_space_before_download(store: ContentStore, client: RegistryClient, res
         store.check_space(needed)
 
 
-def make_plan(resolved: ResolvedImage, span_layers: dict[str, tuple[str, int, int]], *,
+def make_plan(resolved: ResolvedImage, span_layers: dict[str, SpanLayer], *,
               spans_per_task: int = 1) -> ImagePlan:
     return plan_image(
         reference=f"{resolved.reference.registry}/{resolved.reference.repository}@{resolved.manifest_digest}",

@@ -191,14 +191,14 @@ def _fleet_backoff_on_429(ctx: NodeContext, registry: str) -> Iterator[None]:
 
 
 def prepare_ahead(ctx: NodeContext, plan: ImagePlan, layer_index: int, ref: Reference) -> None:
-    """Prepare the job's next span layer while this one is still landing (once per process).
+    """Prepare the job's next span layer (in work order) while this one is still landing (once per process).
 
     Why: preparing a layer (checking its TOC, creating its tree) takes seconds for 70,000
     files, and every span of it waits for that; done ahead by one process, it overlaps the
     others' work on this layer.  Never waits for the layer's lock (someone else is on it),
     and a failure is left to that layer's own tasks, which report it.
     """
-    nxt = next((lp for lp in plan.layers[layer_index + 1:] if lp.mode == "spans" and lp.ztoc_digest), None)
+    nxt = plan.next_span_layer(layer_index)
     if nxt is None or nxt.digest in ctx._ahead or nxt.ztoc_digest is None:
         return
     ctx._ahead.add(nxt.digest)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from prewarm.plan import ImagePlan, plan_image
+from prewarm.plan import ImagePlan, SpanLayer, plan_image
 
 
 def _digest(i: int) -> str:
@@ -26,7 +26,7 @@ def _build(specs, spans_per_task: int = 1):
         layers.append((d, size + ident, "application/vnd.oci.image.layer.v1.tar+gzip"))
         diff_ids.append(_digest(1000 + ident))
         if spans is not None and d not in span_layers:
-            span_layers[d] = (_digest(2000 + ident), spans, spans * 4 << 20)
+            span_layers[d] = SpanLayer(_digest(2000 + ident), spans, spans * 4 << 20, ident * 7919 % 5)
     return plan_image(reference="r/x@sha256:" + "a" * 64, manifest_digest=_digest(9), config_digest=_digest(8),
                       layers=layers, diff_ids=diff_ids, span_layers=span_layers,
                       spans_per_task=spans_per_task)
@@ -58,7 +58,12 @@ def test_every_task_appears_exactly_once(specs, per: int) -> None:
     assert kinds == sorted(kinds, key=lambda m: m != "whole")
     whole_sizes = [plan.layers[i].size for i, _ in seen if plan.layers[i].mode == "whole"]
     assert whole_sizes == sorted(whole_sizes, reverse=True)
-    # And span layers are walked in stream order
+    # And span layers come fewest TOC entries first (quickest to prepare), image order among equals
+    order = list(dict.fromkeys(i for i, _ in seen if plan.layers[i].mode == "spans"))
+    assert order == sorted(order, key=lambda i: (plan.layers[i].num_files, i))
+    # And the layer to prepare ahead of each is the next one in that order
+    assert [plan.next_span_layer(i) for i in order] == [plan.layers[i] for i in order[1:]] + [None] * bool(order)
+    # And each span layer is walked in stream order
     for i, layer in enumerate(plan.layers):
         spans = [s for li, s in covered if li == i]
         assert spans == list(range(layer.num_spans))
