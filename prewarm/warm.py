@@ -120,7 +120,7 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
         raise ValueError(f"task names layer {layer} but the job's plan has {lp.digest} at {layer_index}")
     ref = ctx.reference(image)
     z = _ztoc(ctx, ref, ztoc)
-    if count < 1 or not 0 <= span <= span + count - 1 < z.num_spans:
+    if not (count >= 1 and 0 <= span and span + count <= z.num_spans):
         raise ValueError(f"task names spans {span}..{span + count - 1} of layer {layer}, which has "
                          f"{z.num_spans}")
     nbytes = sum(span_accounting_bytes(z, i) for i in range(span, span + count))
