@@ -24,7 +24,7 @@ from prewarm import dispatch, jobs, keys
 from prewarm.config import BUILD_TOOL_IDENTIFIER, Settings
 from prewarm.errors import AuthenticationFailed, JobError, PrewarmError
 from prewarm.layout import Layout
-from prewarm.plan import ImagePlan, SpanLayer, plan_image
+from prewarm.plan import ImagePlan, SpanLayer
 from prewarm.reference import Reference
 from prewarm.registry.client import RegistryClient, ResolvedImage
 from prewarm.soci import build_layer_ztocs, find_soci_index, layer_ztoc_kind, push_soci_index
@@ -162,20 +162,6 @@ def check_space_before_download(store: ContentStore, client: RegistryClient, res
             client, resolved.reference, layer.digest, layer.size, layer.media_type)
     if needed:
         store.check_space(needed)
-
-
-def make_plan(resolved: ResolvedImage, span_layers: dict[str, SpanLayer], *,
-              spans_per_task: int = 1) -> ImagePlan:
-    return plan_image(
-        reference=f"{resolved.reference.registry}/{resolved.reference.repository}@{resolved.manifest_digest}",
-        manifest_digest=resolved.manifest_digest,
-        config_digest=resolved.config_digest,
-        layers=[(l.digest, l.size, l.media_type) for l in resolved.layers],
-        diff_ids=list(resolved.diff_ids),
-        span_layers=span_layers,
-        platform=resolved.platform or "",
-        spans_per_task=spans_per_task,
-    )
 
 
 #: Up to this many first-window messages the scheduler sends them itself (a job starts at

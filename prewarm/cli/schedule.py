@@ -61,12 +61,9 @@ def _register_in_containerd(settings, image: str, resolved, containerd: tuple[Pa
 def _schedule_embedded(settings, image: str, window: int, index: str, concurrency: int | None,
                        as_json: bool, quiet: bool,
                        containerd: tuple[Path, str] | None = None) -> None:  # type: ignore[no-untyped-def]
-    from prewarm import schedule
-    from prewarm.broker import redis_client
-    from prewarm.embedded import embedded_cluster
     from prewarm.images import record_prewarmed_image
     from prewarm.layout import Layout
-    from prewarm.progress import ProgressView
+    from prewarm.plan import plan_resolved
     from prewarm.reference import parse_reference
     from prewarm.registry.client import RegistryClient
     from prewarm.store import ContentStore
@@ -77,7 +74,7 @@ def _schedule_embedded(settings, image: str, window: int, index: str, concurrenc
     store = ContentStore(settings.root)
     layout = Layout(settings.root)
     if all(store.is_ready(layer.digest) for layer in resolved.layers):
-        plan = schedule.make_plan(resolved, {})
+        plan = plan_resolved(resolved, {})
         record_prewarmed_image(layout, image, plan)
         _register_in_containerd(settings, image, resolved, containerd, quiet)
         if as_json:
@@ -86,6 +83,11 @@ def _schedule_embedded(settings, image: str, window: int, index: str, concurrenc
         else:
             click.echo(f"{image}: already pre-warmed on this node ({resolved.manifest_digest}); nothing fetched")
         return
+    from prewarm import schedule  # Celery and Redis: not needed when nothing is to be fetched
+    from prewarm.broker import redis_client
+    from prewarm.embedded import embedded_cluster
+    from prewarm.progress import ProgressView
+
     schedule.check_space_before_download(store, client, resolved)
     with embedded_cluster(settings, concurrency=concurrency) as cluster:
         # One node: building zTOCs here would download every layer twice, so without a
@@ -93,7 +95,7 @@ def _schedule_embedded(settings, image: str, window: int, index: str, concurrenc
         span_layers = {} if index == "none" else schedule.find_ztocs(
             settings, client, resolved, build=index == "build", push=False,
             say=_say if not quiet else lambda m: None)[0]
-        plan = schedule.make_plan(resolved, span_layers, spans_per_task=settings.spans_per_task)
+        plan = plan_resolved(resolved, span_layers, spans_per_task=settings.spans_per_task)
         present = {i for i, layer in enumerate(plan.layers) if store.is_ready(layer.digest)}
         preparer = threading.Thread(target=schedule.prepare_layers, args=(store, plan), daemon=True,
                                     name="prepare-layers")
@@ -157,6 +159,7 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
     """
     from prewarm import schedule
     from prewarm.broker import redact, redis_client
+    from prewarm.plan import plan_resolved
     from prewarm.progress import ProgressView
     from prewarm.reference import parse_reference
     from prewarm.registry.client import RegistryClient
@@ -195,7 +198,7 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
     else:
         targets = schedule.require_nodes(r, nodes)
     if dry_run:
-        plan = schedule.make_plan(resolved, {})
+        plan = plan_resolved(resolved, {})
         info = {n.name: n for n in fleet}
         rows = [(t, info[t].layers if t in info else frozenset(), info[t].free_bytes if t in info else None)
                 for t in targets]
@@ -206,7 +209,7 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
     else:
         span_layers, _ = schedule.find_ztocs(settings, client, resolved, build=True, push=True,
                                              say=_say if not quiet else lambda m: None)
-    plan = schedule.make_plan(resolved, span_layers, spans_per_task=settings.spans_per_task)
+    plan = plan_resolved(resolved, span_layers, spans_per_task=settings.spans_per_task)
     job_id = schedule.launch(r, settings.broker_url, plan, image, targets, window=window,
                              keep=dict(parse_labels(list(selectors))) if keep else None)
     if not wait:
@@ -241,13 +244,13 @@ def _print_dry_run(plan, image: str, rows, as_json: bool) -> None:  # type: igno
 def _dry_run_local(settings, image: str, as_json: bool) -> None:  # type: ignore[no-untyped-def]
     import shutil
 
-    from prewarm import schedule
+    from prewarm.plan import plan_resolved
     from prewarm.reference import parse_reference
     from prewarm.registry.client import RegistryClient
     from prewarm.store import ContentStore
 
     resolved = RegistryClient.from_settings(settings).resolve(parse_reference(image), settings.platform)
-    plan = schedule.make_plan(resolved, {})
+    plan = plan_resolved(resolved, {})
     store = ContentStore(settings.root)
     held = frozenset(l.digest for l in plan.layers if store.is_ready(l.digest))
     probe = settings.root if settings.root.exists() else settings.root.parent
