@@ -58,7 +58,7 @@ def _register_in_containerd(settings, image: str, resolved, containerd: tuple[Pa
         _say(f"registered {done.name} in containerd {containerd[0]} (namespace {done.namespace})")
 
 
-def _schedule_embedded(settings, image: str, window: int, index: str, concurrency: int | None,
+def _schedule_embedded(settings, image: str, window: int | None, index: str, concurrency: int | None,
                        as_json: bool, quiet: bool,
                        containerd: tuple[Path, str] | None = None) -> None:  # type: ignore[no-untyped-def]
     from prewarm.images import record_prewarmed_image
@@ -88,6 +88,7 @@ def _schedule_embedded(settings, image: str, window: int, index: str, concurrenc
     from prewarm.embedded import embedded_cluster
     from prewarm.progress import ProgressView
 
+    window = window or schedule.DEFAULT_WINDOW
     schedule.check_space_before_download(store, client, resolved)
     with embedded_cluster(settings, concurrency=concurrency) as cluster:
         # One node: building zTOCs here would download every layer twice, so without a
@@ -157,19 +158,10 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
     With no broker (PREWARM_BROKER_URL) the whole job runs on this machine: a private Redis
     and local workers are started and stopped again.
     """
-    from prewarm import schedule
-    from prewarm.broker import redact, redis_client
-    from prewarm.plan import plan_resolved
-    from prewarm.progress import ProgressView
-    from prewarm.reference import parse_reference
-    from prewarm.registry.client import RegistryClient
+    from prewarm.errors import ConfigError
 
     settings = settings_from(insecure_registries=insecure_registries, ca_bundle=ca_bundle, root=root,
                              platform=platform, broker_url=broker_url)
-    from prewarm.errors import ConfigError
-    from prewarm.nodes import list_nodes, parse_labels, select_nodes
-
-    window = window or schedule.DEFAULT_WINDOW
     if sum(bool(x) for x in (nodes, all_nodes, selectors)) > 1:
         raise ConfigError("give one of --node, --all-nodes and --selector")
     if not settings.broker_url:
@@ -181,6 +173,16 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
         _schedule_embedded(settings, image, window, index, concurrency, as_json, quiet,
                            (containerd_socket, namespace) if containerd_socket else None)
         return
+    # Imported past the embedded branch: an image already pre-warmed needs none of them.
+    from prewarm import schedule
+    from prewarm.broker import redact, redis_client
+    from prewarm.nodes import list_nodes, parse_labels, select_nodes
+    from prewarm.plan import plan_resolved
+    from prewarm.progress import ProgressView
+    from prewarm.reference import parse_reference
+    from prewarm.registry.client import RegistryClient
+
+    window = window or schedule.DEFAULT_WINDOW
     if containerd_socket:
         raise ConfigError("--containerd registers on this machine: with a fleet give --containerd to each "
                           "`prewarm worker` (or PREWARM_CONTAINERD_ADDRESS)")
