@@ -171,8 +171,11 @@ EAGER_RELEASE_LIMIT = 2048
 
 
 def launch(r: redis.Redis, broker_url: str, plan: ImagePlan, image: str, nodes: Sequence[str], *,
-           window: int, present: dict[str, set[int]] | None = None, keep: dict[str, str] | None = None) -> str:
-    """Record the job; release the first ``window`` tasks of every node, or leave that to the nodes."""
+           window: int | None = None, present: dict[str, set[int]] | None = None,
+           keep: dict[str, str] | None = None) -> str:
+    """Record the job; release the first ``window`` tasks of every node (default
+    :data:`DEFAULT_WINDOW`), or leave that to the nodes."""
+    window = window or DEFAULT_WINDOW
     job_id = jobs.create_job(r, plan, nodes, window=window, image=image, present=present, keep=keep)
     if len(nodes) * window <= EAGER_RELEASE_LIMIT:
         app = dispatch.sender(broker_url)

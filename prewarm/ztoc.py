@@ -92,7 +92,7 @@ import bisect
 import re
 import struct
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 from prewarm.errors import BadZtoc
 
@@ -542,9 +542,10 @@ def _read_entry(r: _Reader, t: int, index: int) -> FileEntry:
     """Decode and check TOC entry ``index`` (the table at ``t``).
 
     Why this shape: a TOC has up to ~100,000 entries and a node decodes all of them
-    before the layer's first span lands, so the common entry (no xattrs) is read with
-    as few Python calls as the checks allow; anything else goes through
-    :func:`_read_entry_fully`, which checks the same things one field at a time.
+    before the layer's first span lands, so a well-formed entry is read with as few
+    Python calls as the checks allow; anything else goes through
+    :func:`_read_entry_fully`, which checks the same things one field at a time and
+    names the problem.
     """
     buf, n = r.buf, r.n
     if not 0 <= t <= n - 4:
@@ -562,21 +563,10 @@ def _read_entry(r: _Reader, t: int, index: int) -> FileEntry:
     xattrs: tuple[tuple[str, str], ...] | None = _quick_xattrs(buf, n, t + o[13]) if o[13] else ()
     if xattrs is None:
         return _read_entry_fully(r, t, index)
-    # every string: reference, then length, then bytes, all inside the buffer and short enough
-    strings = []
-    for i, limit in _ENTRY_STRINGS:
-        if not o[i]:
-            strings.append(b"")
-            continue
-        at = t + o[i]
-        v = at + _U32(buf, at)[0]
-        if v > n - 4:
-            return _read_entry_fully(r, t, index)
-        length = _U32(buf, v)[0]
-        if length > limit or length > n - v - 4:
-            return _read_entry_fully(r, t, index)
-        strings.append(bytes(buf[v + 4:v + 4 + length]))
-    name, type_raw, linkname, uname, gname, mod_time = strings
+    strings = [_quick_string(buf, n, t + o[i], limit) if o[i] else b"" for i, limit in _ENTRY_STRINGS]
+    if None in strings:
+        return _read_entry_fully(r, t, index)
+    name, type_raw, linkname, uname, gname, mod_time = cast(list[bytes], strings)
     type_ = _TYPE_BY_RAW.get(type_raw)
     if (type_ is None or not name or b"\x00" in name or b".." in name or b"\x00" in linkname):
         return _read_entry_fully(r, t, index)  # names the problem (or accepts a harmless "..")
@@ -617,21 +607,24 @@ def _quick_xattrs(buf: bytes | bytearray | memoryview, n: int, at: int) -> tuple
         ko, vo = _U16X2(buf, vt + 4)
         if ko >= tsize or vo >= tsize:
             return None
-        kv = []
-        for off, limit in ((ko, _MAX_SHORT_STRING), (vo, _MAX_NAME_BYTES)):
-            if not off:
-                kv.append("")
-                continue
-            sat = t + off
-            sv = sat + _U32(buf, sat)[0]
-            if sv > n - 4:
-                return None
-            length = _U32(buf, sv)[0]
-            if length > limit or length > n - sv - 4:
-                return None
-            kv.append(str(buf[sv + 4:sv + 4 + length], "utf-8", "surrogateescape"))
-        pairs.append((kv[0], kv[1]))
+        key = _quick_string(buf, n, t + ko, _MAX_SHORT_STRING) if ko else b""
+        value = _quick_string(buf, n, t + vo, _MAX_NAME_BYTES) if vo else b""
+        if key is None or value is None:
+            return None
+        pairs.append((key.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
     return tuple(pairs)
+
+
+def _quick_string(buf: bytes | bytearray | memoryview, n: int, at: int, limit: int) -> bytes | None:
+    """The string referenced at ``at`` if it lies inside the buffer and is at most ``limit``
+    bytes, else None (:func:`_string_field` then says what is wrong)."""
+    v = at + _U32(buf, at)[0]
+    if v > n - 4:
+        return None
+    length = _U32(buf, v)[0]
+    if length > limit or length > n - v - 4:
+        return None
+    return bytes(buf[v + 4:v + 4 + length])
 
 
 def _vtable_reader(k: int) -> Any:

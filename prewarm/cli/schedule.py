@@ -88,7 +88,6 @@ def _schedule_embedded(settings, image: str, window: int | None, index: str, con
     from prewarm.embedded import embedded_cluster
     from prewarm.progress import ProgressView
 
-    window = window or schedule.DEFAULT_WINDOW
     schedule.check_space_before_download(store, client, resolved)
     with embedded_cluster(settings, concurrency=concurrency) as cluster:
         # One node: building zTOCs here would download every layer twice, so without a
@@ -182,7 +181,6 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
     from prewarm.reference import parse_reference
     from prewarm.registry.client import RegistryClient
 
-    window = window or schedule.DEFAULT_WINDOW
     if containerd_socket:
         raise ConfigError("--containerd registers on this machine: with a fleet give --containerd to each "
                           "`prewarm worker` (or PREWARM_CONTAINERD_ADDRESS)")
