@@ -245,6 +245,26 @@ def _forget_below(kinds: dict[str, str], path: str) -> None:
             del kinds[p]
 
 
+# === what a tree that is not what its TOC says is called (here and in prewarm.landing)
+
+
+def missing_parent(name: str, parent: str) -> UnsafeArchive:
+    return UnsafeArchive(f"tar entry {name!r}: directory {parent!r} is missing from the layer")
+
+
+def unsafe_parent(name: str, parent: str) -> UnsafeArchive:
+    return UnsafeArchive(f"tar entry {name!r} would write through a symlink or non-directory in {parent!r}")
+
+
+def unopenable_data(path: str, reason: str) -> UnsafeArchive:
+    return UnsafeArchive(f"file {path!r} of the layer cannot be opened for its data ({reason}); the layer "
+                         "tree is not what its TOC says")
+
+
+def not_regular(path: str) -> UnsafeArchive:
+    return UnsafeArchive(f"file {path!r} of the layer is not a regular file")
+
+
 # === openat2: resolve a path beneath a dir fd in one syscall, refusing every symlink
 
 _RESOLVE_NO_MAGICLINKS = 0x02
@@ -339,12 +359,11 @@ class LayerWriter:
             fd = open_beneath(self._root_fd, parent, _DIR_FLAGS)
         except FileNotFoundError:
             if not create:
-                raise UnsafeArchive(f"tar entry {name!r}: directory {parent!r} is missing from the layer") from None
+                raise missing_parent(name, parent) from None
             fd = self._make_dirs(parent, name)
         except OSError as err:
             if err.errno in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
-                raise UnsafeArchive(f"tar entry {name!r} would write through a symlink or non-directory "
-                                    f"in {parent!r}") from None
+                raise unsafe_parent(name, parent) from None
             raise
         if self._parent is not None:
             os.close(self._parent[1])
@@ -464,11 +483,10 @@ class LayerWriter:
         try:
             fd = open_beneath(self._root_fd, path, os.O_WRONLY | os.O_NOFOLLOW)
         except OSError as err:
-            raise UnsafeArchive(f"file {path!r} of the layer cannot be opened for its data "
-                                f"({err.strerror}); the layer tree is not what its TOC says") from None
+            raise unopenable_data(path, err.strerror or str(err)) from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            raise UnsafeArchive(f"file {path!r} of the layer is not a regular file")
+            raise not_regular(path)
         return fd
 
     def apply_metadata(self, plan: Sequence[Planned], meta: Sequence[Meta], done: bytes | None = None) -> None:

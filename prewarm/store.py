@@ -58,6 +58,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from prewarm import landing
 from prewarm.atomic import atomic_write
 from prewarm.digest import parse_digest
 from prewarm.directio import DirectWriter
@@ -95,7 +96,7 @@ STREAM_READ = 1 << 20
 _HASH_HEADER = struct.Struct("<QQ")  # next span to hash, compressed bytes hashed so far
 _HEADER_ONLY = frozenset(("dir", "symlink", "hardlink", "char", "block", "fifo"))
 #: Version of the saved plan (work/plan); another version is ignored and re-derived.
-_PLAN_FORMAT = 3
+_PLAN_FORMAT = 4
 #: Bytes of an entry key (see :func:`_entry_key`).
 _KEY_SIZE = 16
 
@@ -162,6 +163,8 @@ class _Prepared:
     keys: bytes                 # entry i's _entry_key at [16 i, 16 i + 16)
     born: bytes                 # born[i]: file i is created whole when its span lands
     meta: list[Meta]            # entry i's metadata (layerfs.entry_meta): no entry decoded to apply it
+    table: bytes                # the landing table (prewarm.landing): b"" with the Python reference
+    heap: bytes
 
 
 def current_boot_id() -> str:
@@ -409,7 +412,7 @@ class ContentStore:
             *prep.spanmap.arrays(), prep.data_starts, prep.header_starts, prep.archive_data_end,
             [r.compressed_start for r in prep.spans], [r.compressed_end for r in prep.spans],
             [r.uncompressed_start for r in prep.spans], [r.uncompressed_end for r in prep.spans],
-            prep.windowed, prep.keys, prep.born, prep.meta,
+            prep.windowed, prep.keys, prep.born, prep.meta, prep.table, prep.heap,
         ))
         atomic_write(self.layout.layer_work(digest) / "plan", data, durable=False)
 
@@ -425,14 +428,16 @@ class ContentStore:
         try:
             raw = (self.layout.layer_work(digest) / "plan").read_bytes()
             (fmt, fp, kinds, paths, finals, m_starts, m_ends, m_ids, data_starts, header_starts, data_end,
-             cs, ce, us, ue, windowed, keys, born, meta) = marshal.loads(raw)
+             cs, ce, us, ue, windowed, keys, born, meta, table, heap) = marshal.loads(raw)
             n, nspans = len(ztoc.files), ztoc.num_spans
             if (fmt != _PLAN_FORMAT or fp != fingerprint
                     or not len(kinds) == len(paths) == len(finals) == len(data_starts) == len(header_starts) == n
                     or not len(cs) == len(ce) == len(us) == len(ue) == nspans
                     or not isinstance(keys, bytes) or len(keys) != _KEY_SIZE * n
                     or not isinstance(born, bytes) or len(born) != n
-                    or not isinstance(meta, list) or len(meta) != n):
+                    or not isinstance(meta, list) or len(meta) != n
+                    or not isinstance(table, bytes) or len(table) not in (0, landing.RECORD.size * n)
+                    or not isinstance(heap, bytes) or bool(table) != (landing.backend() is not None)):
                 return None
             smap = SpanMap.from_arrays(m_starts, m_ends, m_ids)
         except (OSError, ValueError, EOFError, TypeError, BadZtoc):
@@ -440,7 +445,7 @@ class ContentStore:
         plan = list(map(Planned, kinds, paths, finals))
         spans = list(map(_Range, cs, ce, us, ue))
         return _Prepared(ztoc, fingerprint, plan, smap, data_starts, header_starts, data_end, spans,
-                         bool(windowed), keys, born, meta)
+                         bool(windowed), keys, born, meta, table, heap)
 
     def _derive(self, ztoc: ZtocView) -> _Prepared:
         """Check the span chain and the TOC; index them for landing.
@@ -500,8 +505,11 @@ class ContentStore:
         keys = b"".join(map(_entry_key, files))
         born = _born_at_landing(files, plan, checker.fresh, spans)
         meta = list(map(entry_meta, files))
+        table, heap = b"", b""
+        if landing.backend() is not None:
+            table, heap = landing.build_table(files, plan, born, meta, header_starts)
         return _Prepared(ztoc, known or fp.hexdigest(), plan, smap, data_starts, header_starts, pos, spans,
-                         windowed, keys, born, meta)
+                         windowed, keys, born, meta, table, heap)
 
     # === landing a span
 
@@ -580,9 +588,13 @@ class ContentStore:
         """
         ustart, uend = span.uncompressed_start, span.uncompressed_end
         window: bytes | memoryview = span.checkpoint.window if span.checkpoint is not None else b""
-        lo = bisect.bisect_right(prep.data_starts, ustart)
-        hi = bisect.bisect_right(prep.data_starts, uend)
-        for k in range(lo, hi):
+        c = landing.backend()
+        todo: Iterable[int]
+        if c is not None and prep.table:
+            todo = landing.check_headers(c, prep.table, prep.heap, out, ustart)
+        else:
+            todo = range(bisect.bisect_right(prep.data_starts, ustart), bisect.bisect_right(prep.data_starts, uend))
+        for k in todo:
             h = prep.header_starts[k]
             d = prep.data_starts[k]
             if h >= ustart:
@@ -642,29 +654,38 @@ class ContentStore:
 
     def _write_pieces(self, digest: str, prep: _Prepared, span: _Range, out: memoryview) -> None:
         ustart = span.uncompressed_start
-        pieces = prep.spanmap.pieces(ustart, span.uncompressed_end)
-        if not pieces:
-            return
         files = prep.ztoc.files
         born = prep.born
+        c = landing.backend()
         with LayerWriter(self.layout.layer_fs(digest)) as writer:
-            for p in pieces:
-                off = p.stream_offset - ustart
+
+            def write(extent: int, file_offset: int, stream_offset: int, length: int) -> None:
+                off = stream_offset - ustart
+                if born[extent]:
+                    writer.create_whole(prep.plan[extent].path, out[off:off + length], self._writer,
+                                        prep.meta[extent])
+                    return
+                fd = writer.open_data(prep.plan[extent].path)
                 try:
-                    if born[p.extent]:
-                        writer.create_whole(prep.plan[p.extent].path, out[off:off + p.length], self._writer,
-                                            prep.meta[p.extent])
-                        continue
-                    fd = writer.open_data(prep.plan[p.extent].path)
-                    try:
-                        self._writer.pwrite(fd, out[off:off + p.length], p.file_offset)
-                    finally:
-                        os.close(fd)
-                except OSError as err:
-                    if err.errno == errno.ENOSPC:
-                        raise InsufficientSpace(f"no space left in {self.root} writing "
-                                                f"{files[p.extent].name!r} of layer {digest}") from None
-                    raise
+                    self._writer.pwrite(fd, out[off:off + length], file_offset)
+                finally:
+                    os.close(fd)
+
+            extent = -1
+            try:
+                if c is not None and prep.table:
+                    landing.write_pieces(c, prep.table, prep.heap, writer.root_fd, out, ustart, self._writer,
+                                         prep.plan, write)
+                else:
+                    for p in prep.spanmap.pieces(ustart, span.uncompressed_end):
+                        extent = p.extent
+                        write(p.extent, p.file_offset, p.stream_offset, p.length)
+            except OSError as err:
+                if err.errno == errno.ENOSPC:
+                    name = files[extent].name if extent >= 0 else err.filename
+                    raise InsufficientSpace(f"no space left in {self.root} writing {name!r} of layer "
+                                            f"{digest}") from None
+                raise
 
     def _load_hash(self, digest: str) -> tuple[int, int, ResumableSha256]:
         raw = (self.layout.layer_work(digest) / "hash").read_bytes()

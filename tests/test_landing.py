@@ -1,0 +1,172 @@
+"""The C landing path (prewarm._landing): never vouches for a header the TOC misdescribes,
+does the common case itself, and lands the same tree as the Python reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import random
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from prewarm import landing
+from prewarm.errors import ConfigError
+from prewarm.layerfs import entry_meta
+from prewarm.store import ContentStore
+from tests.test_store import assert_every_kind_tree, every_kind_tar, sha
+from tests.test_store_spans import land, make_layer
+from tests.treecompare import compare_trees
+
+_C = landing.backend()
+
+_NAME = st.text("abcdefgh", min_size=1, max_size=8)
+
+
+@st.composite
+def tars(draw: st.DrawFn, fmt: int) -> bytes:
+    """A tar in one format: files, directories, symlinks, fifos, long names, odd numbers."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        for i in range(draw(st.integers(1, 12))):
+            depth = draw(st.integers(0, 3))
+            long = draw(st.booleans())
+            # a long name: more than ustar's 100 bytes (a prefix field, a GNU L header or a PAX path)
+            name = "/".join(["d" + "x" * 80] * long + [draw(_NAME) for _ in range(depth)] + [f"{draw(_NAME)}{i}"])
+            info = tarfile.TarInfo(name)
+            info.type = draw(st.sampled_from([tarfile.REGTYPE, tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE,
+                                              tarfile.FIFOTYPE]))
+            info.mode = draw(st.integers(0, 0o7777))
+            big = fmt != tarfile.USTAR_FORMAT  # GNU writes base-256, PAX a record; ustar cannot
+            info.uid = draw(st.one_of(st.integers(0, 70000), st.integers(0, (1 << 32) - 1 if big else 70000)))
+            info.gid = draw(st.integers(0, 70000))
+            info.mtime = draw(st.one_of(st.integers(0, 8**11 - 1), st.integers(1, 1 << 31).map(lambda s: s + 0.25)))
+            data = b""
+            if info.type == tarfile.SYMTYPE:
+                info.linkname = draw(_NAME)
+            elif info.type == tarfile.REGTYPE:
+                data = random.Random(i).randbytes(draw(st.integers(0, 3000)))
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _table_checks(tmp_path: Path, tar: bytes, mutate: tuple[int, str] | None = None) -> tuple[list[int], list]:
+    """C's unverified entries over the whole stream, with entry ``mutate[0]``'s field changed in the TOC."""
+    _, z = make_layer(tar, span_size=1 << 20)
+    prep = ContentStore(tmp_path / "root")._derive(z)
+    files = list(z.files)
+    if mutate is not None:
+        k, field = mutate
+        e = files[k]
+        value = getattr(e, field)
+        if field == "mod_time":
+            changed = "2001-02-03T04:05:06Z" if value != "2001-02-03T04:05:06Z" else "2001-02-03T04:05:07Z"
+        elif field == "type":
+            changed = "reg" if value != "reg" else "fifo"
+        else:
+            changed = value + ("z" if isinstance(value, str) else 1)
+        files[k] = dataclasses.replace(e, **{field: changed})
+    table, heap = landing.build_table(files, prep.plan, prep.born, list(map(entry_meta, files)), prep.header_starts)
+    out = memoryview(tar[:z.uncompressed_archive_size])
+    return landing.check_headers(_C, table, heap, out, 0), files
+
+
+needs_c = pytest.mark.skipif(_C is None, reason="PREWARM_LANDING=python")
+
+
+@needs_c
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tar=st.one_of(tars(tarfile.GNU_FORMAT), tars(tarfile.USTAR_FORMAT), tars(tarfile.PAX_FORMAT)))
+def test_c_verifies_exactly_the_one_block_headers_that_match(tmp_path: Path, tar: bytes) -> None:
+    # Given a tar in any format and its TOC as soci records it
+    todo, files = _table_checks(tmp_path, tar)
+    for k, e in enumerate(files):
+        one_block = e.uncompressed_offset - 512 == (0 if k == 0 else _end(files[k - 1]))
+        # Then C leaves to Python exactly the entries with PAX records, long names (GNU L or
+        # base-256 numbers make chains or fields it does not parse), or sub-second times
+        plain = one_block and not e.xattrs and e.uid < 1 << 21
+        assert (k in todo) == (not plain or _fraction(e.mod_time)), (k, e)
+
+
+@needs_c
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tar=st.one_of(tars(tarfile.GNU_FORMAT), tars(tarfile.USTAR_FORMAT)), data=st.data())
+def test_c_never_vouches_for_a_changed_field(tmp_path: Path, tar: bytes, data: st.DataObject) -> None:
+    # Given a TOC entry with one field the tar header does not say
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        n = len(tf.getmembers())
+    k = data.draw(st.integers(0, n - 1))
+    field = data.draw(st.sampled_from(["name", "linkname", "mode", "uid", "gid", "uncompressed_size", "mod_time",
+                                       "devmajor", "devminor", "type"]))
+    todo, _ = _table_checks(tmp_path, tar, (k, field))
+    # Then C does not verify it: the Python checker gets it (and names the field)
+    assert k in todo
+
+
+def _end(e) -> int:  # type: ignore[no-untyped-def]
+    size = e.uncompressed_size if e.type == "reg" else 0
+    return e.uncompressed_offset + size + (-size % 512)
+
+
+def _fraction(mod_time: str) -> bool:
+    return "." in mod_time
+
+
+@pytest.fixture
+def reference_landing(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("PREWARM_LANDING", "python")
+    landing.backend.cache_clear()
+    yield
+    monkeypatch.delenv("PREWARM_LANDING")
+    landing.backend.cache_clear()
+
+
+@needs_c
+@pytest.mark.parametrize("members", [1, 3])
+def test_c_and_python_landing_make_the_same_tree(tmp_path: Path, members: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a layer of every entry kind (xattrs, hard links, whiteouts, big and empty files)
+    tar = every_kind_tar()
+    blob, z = make_layer(tar, members=members)
+    digest = sha(blob)
+    order = list(range(z.num_spans))
+    random.Random(members).shuffle(order)
+    # When it lands once through C and once through the Python reference
+    c_store = ContentStore(tmp_path / "c")
+    land(c_store, digest, z, blob, order)
+    monkeypatch.setenv("PREWARM_LANDING", "python")
+    landing.backend.cache_clear()
+    try:
+        py_store = ContentStore(tmp_path / "py")
+        land(py_store, digest, z, blob, order)
+    finally:
+        monkeypatch.delenv("PREWARM_LANDING")
+        landing.backend.cache_clear()
+    # Then both trees are right and equal, mtimes included
+    assert_every_kind_tree(c_store.layout.layer_fs(digest))
+    assert compare_trees(c_store.layout.layer_fs(digest), py_store.layout.layer_fs(digest), mtimes=True) == []
+
+
+def test_the_python_reference_lands_alone(tmp_path: Path, reference_landing: None) -> None:
+    tar = every_kind_tar(50_000)
+    blob, z = make_layer(tar)
+    store = ContentStore(tmp_path / "root")
+    assert land(store, sha(blob), z, blob, list(range(z.num_spans)))[-1]
+    assert landing.backend() is None
+    assert_every_kind_tree(store.layout.layer_fs(sha(blob)), 50_000)
+
+
+def test_an_unknown_landing_backend_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREWARM_LANDING", "fortran")
+    landing.backend.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="PREWARM_LANDING='fortran' is not one of c, python"):
+            landing.backend()
+    finally:
+        monkeypatch.delenv("PREWARM_LANDING")
+        landing.backend.cache_clear()
