@@ -10,7 +10,8 @@
  * plus a heap of the names, link names and paths the records point into.  Neither
  * function decides anything the Python reference does not: ``check_headers`` only
  * ever says "verified" for a header chain that is one plain ustar or GNU block whose
- * every field equals the TOC entry's, and hands everything else back to the Python
+ * every field equals the TOC entry's (possibly behind a PAX header holding only the
+ * entry's path, as Go writes long names), and hands everything else back to the Python
  * checker (which also words the errors); ``write_pieces`` hands back the pieces it
  * does not take (files with xattrs) and reports failures as codes that the Python
  * side turns into the same exceptions as its own writer.
@@ -58,6 +59,7 @@ enum {
     F_BORN = 2,      /* created whole by the span that holds its data */
     F_CHECKABLE = 4, /* a one-block header chain can be compared with it here */
     F_CREATABLE = 8, /* born, and its metadata is plain (no xattrs): created here */
+    F_PAX_PATH = 16, /* checkable, behind a PAX header whose one record is path=<name> */
 };
 
 enum {
@@ -99,14 +101,21 @@ static size_t cstrlen(const uint8_t *p, size_t n) {
     return z ? (size_t)(z - p) : n;
 }
 
-/* 1 when the block is one plain header whose fields all equal the record's. */
-static int header_matches(const uint8_t *blk, const record_t *r, const char *heap) {
-    int64_t chk, mode, uid, gid, size, mtime, dmaj, dmin;
+/* The block's checksum is its unsigned sum (the signed one is rare: Python takes it). */
+static int checksum_ok(const uint8_t *blk) {
+    int64_t chk;
     if (!plain_octal(blk + 148, 8, &chk)) return 0;
     int64_t sum = 8 * ' ';
     for (int i = 0; i < BLOCK; i++)
         if (i < 148 || i >= 156) sum += blk[i];
-    if (chk != sum) return 0; /* (or the signed sum: rare, the Python side takes it) */
+    return chk == sum;
+}
+
+/* 1 when the block is one plain header whose fields all equal the record's (its name
+ * too, unless `named` says a PAX path record already matched the TOC name). */
+static int header_matches(const uint8_t *blk, const record_t *r, const char *heap, int named) {
+    int64_t mode, uid, gid, size, mtime, dmaj, dmin;
+    if (!checksum_ok(blk)) return 0;
     int ustar;
     if (memcmp(blk + 257, "ustar\0", 6) == 0) {
         if (memcmp(blk + 508, "tar\0", 4) == 0) return 0; /* STAR */
@@ -127,6 +136,7 @@ static int header_matches(const uint8_t *blk, const record_t *r, const char *hea
         dmaj != r->devmajor || dmin != r->devminor)
         return 0;
     if (mtime < MIN_SECS || mtime >= MAX_SECS || mtime * 1000000000LL != r->mtime_ns) return 0;
+    if (named) goto link;
     size_t nlen = cstrlen(blk, 100);
     size_t plen = ustar ? cstrlen(blk + 345, 155) : 0;
     const char *name = heap + r->name_off;
@@ -137,8 +147,36 @@ static int header_matches(const uint8_t *blk, const record_t *r, const char *hea
     } else if ((size_t)r->name_len != nlen || memcmp(name, blk, nlen) != 0) {
         return 0;
     }
+link:;
     size_t llen = cstrlen(blk + 157, 100);
     return (size_t)r->link_len == llen && memcmp(heap + r->link_off, blk + 157, llen) == 0;
+}
+
+/* The chain at blk is a PAX 'x' header holding exactly "LEN path=<the record's name>\n",
+ * then one plain header equal to the record (what Go writes for a long name). */
+static int pax_path_matches(const uint8_t *blk, int64_t avail, const record_t *r, const char *heap) {
+    int64_t size, v;
+    if (blk[156] != 'x' || memcmp(blk + 257, "ustar\0", 6) != 0 || memcmp(blk + 508, "tar\0", 4) == 0 ||
+        !checksum_ok(blk) || !plain_octal(blk + 124, 12, &size) || size < 7 || size > 1 << 20)
+        return 0;
+    /* Go parses every numeric field of every header: they must be valid here too. */
+    if (!plain_octal(blk + 100, 8, &v) || !plain_octal(blk + 108, 8, &v) || !plain_octal(blk + 116, 8, &v) ||
+        !plain_octal(blk + 136, 12, &v) || !plain_octal(blk + 329, 8, &v) || !plain_octal(blk + 337, 8, &v))
+        return 0;
+    int64_t padded = (size + BLOCK - 1) / BLOCK * BLOCK;
+    if (avail != BLOCK + padded + BLOCK) return 0;
+    const uint8_t *p = blk + BLOCK;
+    int64_t n = 0, i = 0;
+    while (i < size && p[i] >= '0' && p[i] <= '9' && i < 8) n = n * 10 + (p[i++] - '0');
+    if (i == 0 || p[0] == '0' || i >= size || p[i] != ' ' || n != size) return 0;
+    i++;
+    if (size - i < 6 || memcmp(p + i, "path=", 5) != 0 || p[size - 1] != '\n') return 0;
+    i += 5;
+    int64_t vlen = size - 1 - i;
+    if (vlen <= 0 || vlen != (int64_t)r->name_len || memchr(p + i, 0, (size_t)vlen) ||
+        memcmp(p + i, heap + r->name_off, (size_t)vlen) != 0)
+        return 0;
+    return header_matches(blk + BLOCK + padded, r, heap, 1);
 }
 
 typedef struct {
@@ -216,8 +254,10 @@ static PyObject *check_headers(PyObject *self, PyObject *args) {
     for (Py_ssize_t k = lo; todo && k < hi; k++) {
         const record_t *r = &L.rec[k];
         int64_t h = r->header_start;
-        int ok = (r->flags & F_CHECKABLE) && h >= ustart && h + BLOCK == r->data_start &&
-                 header_matches(buf + (h - ustart), r, heapbuf);
+        int ok;
+        if (!(r->flags & F_CHECKABLE) || h < ustart) ok = 0;
+        else if (r->flags & F_PAX_PATH) ok = pax_path_matches(buf + (h - ustart), r->data_start - h, r, heapbuf);
+        else ok = h + BLOCK == r->data_start && header_matches(buf + (h - ustart), r, heapbuf, 0);
         if (!ok) {
             PyObject *i = PyLong_FromSsize_t(k);
             if (!i || PyList_Append(todo, i) < 0) Py_CLEAR(todo);
@@ -561,7 +601,8 @@ PyMODINIT_FUNC PyInit__landing(void) {
               PyModule_AddIntConstant(m, "F_WRITE", F_WRITE) < 0 ||
               PyModule_AddIntConstant(m, "F_BORN", F_BORN) < 0 ||
               PyModule_AddIntConstant(m, "F_CHECKABLE", F_CHECKABLE) < 0 ||
-              PyModule_AddIntConstant(m, "F_CREATABLE", F_CREATABLE) < 0)) {
+              PyModule_AddIntConstant(m, "F_CREATABLE", F_CREATABLE) < 0 ||
+              PyModule_AddIntConstant(m, "F_PAX_PATH", F_PAX_PATH) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

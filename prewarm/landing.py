@@ -7,8 +7,9 @@ worker samples).  The C functions do the common case with the GIL released; ever
 else stays with the Python reference in :mod:`prewarm.store` and :mod:`prewarm.layerfs`:
 
 * :func:`check_headers` verifies only a header chain that is one plain ustar or GNU
-  block whose every field equals the TOC entry's; it returns the other entries, which
-  the caller checks (and words the error for) exactly as before.
+  block whose every field equals the TOC entry's, optionally behind a PAX header whose
+  one record is the entry's ``path`` (how Go's writer stores a long name); it returns
+  the other entries, which the caller checks (and words the error for) exactly as before.
 * :func:`write_pieces` creates files born with the span and pwrites pieces of the
   others; files with xattrs are handed back to the caller's writer.
 
@@ -43,7 +44,7 @@ from prewarm.ztoc import FileEntry
 #: One entry's record; keep in step with ``record_t`` in ``_landing.c``.
 RECORD = struct.Struct("<7q10I2B6x")
 
-F_WRITE, F_BORN, F_CHECKABLE, F_CREATABLE = 1, 2, 4, 8
+F_WRITE, F_BORN, F_CHECKABLE, F_CREATABLE, F_PAX_PATH = 1, 2, 4, 8, 16
 
 _TYPE_FLAGS = {"reg": b"0", "hardlink": b"1", "symlink": b"2", "char": b"3", "block": b"4", "dir": b"5",
                "fifo": b"6"}
@@ -115,8 +116,11 @@ def build_table(files: Sequence[FileEntry], plan: Sequence[Planned], born: bytes
             flags |= F_BORN
             if plain and not xattrs:
                 flags |= F_CREATABLE
-        if plain and not e.xattrs and e.type in _TYPE_FLAGS:
-            flags |= F_CHECKABLE
+        if plain and e.type in _TYPE_FLAGS:
+            if not e.xattrs:
+                flags |= F_CHECKABLE
+            elif len(e.xattrs) == 1 and e.xattrs[0] == ("path", e.name):  # Go's long names
+                flags |= F_CHECKABLE | F_PAX_PATH
         if not plain:
             uid = gid = mode = mtime_ns = 0
         pack(table, RECORD.size * i, e.uncompressed_offset, header_starts[i],
@@ -126,6 +130,12 @@ def build_table(files: Sequence[FileEntry], plan: Sequence[Planned], born: bytes
     if len(heap) >= 1 << 32:
         raise BadZtoc(f"the TOC's names take {len(heap)} bytes, more than a landing table holds")
     return bytes(table), bytes(heap)
+
+
+def unchecked_entries(table: bytes) -> list[int]:
+    """Entries whose headers C never verifies (the caller keeps what it needs to check them)."""
+    at = RECORD.size - 7  # the flags byte of record 0
+    return [k for k in range(len(table) // RECORD.size) if not table[at + RECORD.size * k] & F_CHECKABLE]
 
 
 def check_headers(c: ModuleType, table: bytes, heap: bytes, out: memoryview, ustart: int) -> list[int]:

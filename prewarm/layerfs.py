@@ -151,6 +151,10 @@ class EntryChecker:
         self.fresh: list[bool] = []
         self._kinds: dict[str, str] = {"": "dir"}  # path -> "dir" | "symlink" | "reg" | "other"
         self._last: dict[str, int] = {}
+        #: The last parent whose every prefix was found a directory; entries that add new
+        #: paths cannot change that, so the next entry in the same directory skips the walk
+        #: (archives list a directory's entries together).  Anything else forgets it.
+        self._checked_parent: str | None = None
 
     def check(self, e: FileEntry) -> Planned:
         """Validate one entry (in archive order) and return what it becomes.
@@ -181,17 +185,24 @@ class EntryChecker:
         else:
             kind = e.type
         path = "/".join(parts)
-        self.fresh.append(path not in kinds)
+        fresh = path not in kinds
+        self.fresh.append(fresh)
         if kind != "skip":
             # The parents: every proper prefix (for an opaque marker, the directory too).
-            prefixes = []
-            prefix = ""
-            for part in parts if kind == "opaque" else parts[:-1]:
-                prefix = f"{prefix}/{part}" if prefix else part
-                prefixes.append(prefix)
-            _check_parents(e.name, prefixes, kinds)
-            for prefix in prefixes:
-                kinds.setdefault(prefix, "dir")  # created implicitly
+            parent_parts = parts if kind == "opaque" else parts[:-1]
+            parent = "/".join(parent_parts)
+            if parent != self._checked_parent:
+                prefixes = []
+                prefix = ""
+                for part in parent_parts:
+                    prefix = f"{prefix}/{part}" if prefix else part
+                    prefixes.append(prefix)
+                _check_parents(e.name, prefixes, kinds)
+                for prefix in prefixes:
+                    kinds.setdefault(prefix, "dir")  # created implicitly
+                self._checked_parent = parent
+        if not fresh or kind == "whiteout":
+            self._checked_parent = None  # a path replaced or hidden: walk again next time
         if kind == "symlink" and not e.linkname:
             raise CorruptContent(f"tar entry {e.name!r} is a symlink with an empty target")
         if kind == "hardlink":

@@ -99,6 +99,8 @@ _HEADER_ONLY = frozenset(("dir", "symlink", "hardlink", "char", "block", "fifo")
 _PLAN_FORMAT = 4
 #: Bytes of an entry key (see :func:`_entry_key`).
 _KEY_SIZE = 16
+#: The key of an entry whose header C checks (never a BLAKE2b digest in practice).
+_NO_KEY = bytes(_KEY_SIZE)
 
 
 class ZtocView(Protocol):
@@ -160,7 +162,7 @@ class _Prepared:
     archive_data_end: int       # padded end of the last entry: zeros from here on
     spans: list[_Range]
     windowed: bool              # spans carry checkpoint windows (gzip)
-    keys: bytes                 # entry i's _entry_key at [16 i, 16 i + 16)
+    keys: bytes                 # entry i's _entry_key at [16 i, 16 i + 16) (zeros: C checks it)
     born: bytes                 # born[i]: file i is created whole when its span lands
     meta: list[Meta]            # entry i's metadata (layerfs.entry_meta): no entry decoded to apply it
     table: bytes                # the landing table (prewarm.landing): b"" with the Python reference
@@ -502,12 +504,20 @@ class ContentStore:
             pos = e.uncompressed_offset + _padded(_data_len(e))
         if pos > usize:
             raise BadZtoc(f"the last tar entry ends at {pos}, past the {usize}-byte archive")
-        keys = b"".join(map(_entry_key, files))
         born = _born_at_landing(files, plan, checker.fresh, spans)
         meta = list(map(entry_meta, files))
         table, heap = b"", b""
-        if landing.backend() is not None:
+        if landing.backend() is None:
+            keys = b"".join(map(_entry_key, files))
+        else:
+            # C checks the headers of the rest; a zero key only means "decode it if asked"
             table, heap = landing.build_table(files, plan, born, meta, header_starts)
+            need = set(landing.unchecked_entries(table))
+            for boundary in (r.uncompressed_start for r in spans[1:]):  # chains across one: Python
+                k = bisect.bisect_right(data_starts, boundary)
+                if k < len(files) and header_starts[k] < boundary:
+                    need.add(k)
+            keys = b"".join(_entry_key(e) if i in need else _NO_KEY for i, e in enumerate(files))
         return _Prepared(ztoc, known or fp.hexdigest(), plan, smap, data_starts, header_starts, pos, spans,
                          windowed, keys, born, meta, table, heap)
 

@@ -58,9 +58,18 @@ def test_every_task_appears_exactly_once(specs, per: int) -> None:
     assert kinds == sorted(kinds, key=lambda m: m != "whole")
     whole_sizes = [plan.layers[i].size for i, _ in seen if plan.layers[i].mode == "whole"]
     assert whole_sizes == sorted(whole_sizes, reverse=True)
-    # And span layers come fewest TOC entries first (quickest to prepare), image order among equals
+    # And span layers start fewest TOC entries first (quickest to prepare), image order among equals
     order = list(dict.fromkeys(i for i, _ in seen if plan.layers[i].mode == "spans"))
     assert order == sorted(order, key=lambda i: (plan.layers[i].num_files, i))
+    # And the first span layer goes whole, then the others interleave: each task in order of
+    # how far into its layer it is
+    spans_seen = [(i, s) for i, s in seen if plan.layers[i].mode == "spans"]
+    if order:
+        first = plan.layers[order[0]].task_count
+        assert {i for i, _ in spans_seen[:first]} == {order[0]}
+        progress = [(s / plan.layers[i].spans_per_task / plan.layers[i].task_count, order.index(i))
+                    for i, s in spans_seen[first:]]
+        assert progress == sorted(progress)
     # And the layer to prepare ahead of each is the next one in that order
     assert [plan.next_span_layer(i) for i in order] == [plan.layers[i] for i in order[1:]] + [None] * bool(order)
     # And each span layer is walked in stream order
