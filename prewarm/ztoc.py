@@ -683,6 +683,26 @@ def _read_entry_fully(r: _Reader, t: int, index: int) -> FileEntry:
 
 _TYPE_BY_RAW = {t.encode(): t for t in ENTRY_TYPES}
 
+try:
+    from prewarm._ztoc import decode_entries as _decode_entries  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - built by setup.py; the Python decoder does it all then
+    _decode_entries = None
+
+
+def _read_entries(r: _Reader, start: int, count: int) -> list[FileEntry]:
+    """The ``count`` entries of the TOC vector at ``start``, each checked as :func:`_read_entry` does.
+
+    The C decoder (``prewarm._ztoc``) takes the well-formed ones; it leaves None for
+    anything else, which :func:`_read_entry` decodes (or refuses, naming the problem).
+    """
+    out: list[FileEntry | None] = (_decode_entries(r.buf, start, count, FileEntry, _TYPE_BY_RAW)
+                                   if _decode_entries is not None else [None] * count)
+    for k, e in enumerate(out):
+        if e is None:
+            at = start + 4 * k
+            out[k] = _read_entry(r, at + _U32(r.buf, at)[0], k)
+    return cast(list[FileEntry], out)
+
 
 def _check_entries(files: Sequence[FileEntry], usize: int) -> None:
     """Entries lie inside the archive, in stream order, each after the previous one's data.
@@ -758,8 +778,7 @@ class LazyFiles(Sequence[FileEntry]):
             BadZtoc: as :func:`parse_ztoc`.
         """
         if self._all is None:
-            get = self.__getitem__
-            entries = tuple(get(k) for k in range(self._n))
+            entries = tuple(_read_entries(self._reader, self._start, self._n))
             _check_entries(entries, self._usize)
             self._all = entries
             self._cache = []  # the tuple holds them now
@@ -814,10 +833,8 @@ def parse_ztoc(buf: bytes | bytearray | memoryview, *, lazy_files: bool = False)
         if lazy_files:
             files = LazyFiles(r, mstart, mlen, usize)
             mlen = 0
-        eager: list[FileEntry] = files if isinstance(files, list) else []
-        for k in range(mlen):
-            at = mstart + 4 * k
-            eager.append(_read_entry(r, at + _U32(r.buf, at)[0], k))
+        if mlen:
+            files = _read_entries(r, mstart, mlen)
     ci_at = r._field(z, 5)
     if not ci_at:
         raise BadZtoc("zTOC has no compression info")
