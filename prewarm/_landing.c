@@ -255,7 +255,7 @@ static PyObject *check_headers(PyObject *self, PyObject *args) {
         const record_t *r = &L.rec[k];
         int64_t h = r->header_start;
         int ok;
-        if (!(r->flags & F_CHECKABLE) || h < ustart) ok = 0;
+        if (!(r->flags & F_CHECKABLE) || h < ustart || r->data_start - h < BLOCK) ok = 0;
         else if (r->flags & F_PAX_PATH) ok = pax_path_matches(buf + (h - ustart), r->data_start - h, r, heapbuf);
         else ok = h + BLOCK == r->data_start && header_matches(buf + (h - ustart), r, heapbuf, 0);
         if (!ok) {
