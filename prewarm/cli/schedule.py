@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from pathlib import Path
@@ -70,53 +71,84 @@ def _schedule_embedded(settings, image: str, window: int | None, index: str, con
 
     ref = parse_reference(image)
     client = RegistryClient.from_settings(settings)
-    resolved = client.resolve(ref, settings.platform)
     store = ContentStore(settings.root)
-    layout = Layout(settings.root)
-    if all(store.is_ready(layer.digest) for layer in resolved.layers):
-        plan = plan_resolved(resolved, {})
-        record_prewarmed_image(layout, image, plan)
-        _register_in_containerd(settings, image, resolved, containerd, quiet)
-        if as_json:
-            click.echo(json.dumps({"image": image, "state": "succeeded", "fetched_bytes": 0,
-                                   "manifest_digest": resolved.manifest_digest}))
-        else:
-            click.echo(f"{image}: already pre-warmed on this node ({resolved.manifest_digest}); nothing fetched")
-        return
-    from prewarm import schedule  # Celery and Redis: not needed when nothing is to be fetched
+    with contextlib.ExitStack() as stack:
+        cluster = None
+        if not store.list_layers():
+            # Nothing can be pre-warmed yet: start the private Redis and workers first, so
+            # their start-up (~2 s) overlaps with resolving the image and getting its zTOCs.
+            cluster = stack.enter_context(_embedded_cluster(settings, concurrency))
+            # A failure (unknown image, no space, ^C) stops them outright: nothing of theirs
+            # needs to finish, every write of a task is safe against kill -9.
+            stack.callback(_stop_outright, cluster)
+        resolved = client.resolve(ref, settings.platform)
+        if cluster is None:
+            if all(store.is_ready(layer.digest) for layer in resolved.layers):
+                record_prewarmed_image(Layout(settings.root), image, plan_resolved(resolved, {}))
+                _register_in_containerd(settings, image, resolved, containerd, quiet)
+                if as_json:
+                    click.echo(json.dumps({"image": image, "state": "succeeded", "fetched_bytes": 0,
+                                           "manifest_digest": resolved.manifest_digest}))
+                else:
+                    click.echo(f"{image}: already pre-warmed on this node ({resolved.manifest_digest}); "
+                               "nothing fetched")
+                return
+            cluster = stack.enter_context(_embedded_cluster(settings, concurrency))
+            stack.callback(_stop_outright, cluster)
+        status = _run_embedded_job(settings, image, window, index, quiet, client, store, resolved, cluster)
+    _finish(status, as_json)
+    _register_in_containerd(settings, image, resolved, containerd, quiet)
+
+
+def _stop_outright(cluster) -> None:  # type: ignore[no-untyped-def]
+    cluster.job_over = True
+
+
+def _embedded_cluster(settings, concurrency: int | None):  # type: ignore[no-untyped-def]
+    from prewarm.embedded import (
+        embedded_cluster,  # Celery and Redis: not when nothing is to be fetched
+    )
+
+    return embedded_cluster(settings, concurrency=concurrency)
+
+
+def _run_embedded_job(settings, image: str, window: int | None, index: str, quiet: bool, client, store,  # type: ignore[no-untyped-def]
+                      resolved, cluster):
+    """The job on this node's private cluster: space check, zTOCs, plan, launch, wait; its final status."""
+    from prewarm import schedule
     from prewarm.broker import redis_client
-    from prewarm.embedded import embedded_cluster
+    from prewarm.images import record_prewarmed_image
+    from prewarm.layout import Layout
+    from prewarm.plan import plan_resolved
     from prewarm.progress import ProgressView
 
     schedule.check_space_before_download(store, client, resolved)
-    with embedded_cluster(settings, concurrency=concurrency) as cluster:
-        # One node: building zTOCs here would download every layer twice, so without a
-        # SOCI index in the registry the layers go whole unless --index build says otherwise.
-        span_layers = {} if index == "none" else schedule.find_ztocs(
-            settings, client, resolved, build=index == "build", push=False,
-            say=_say if not quiet else lambda m: None)[0]
-        plan = plan_resolved(resolved, span_layers, spans_per_task=settings.spans_per_task)
-        present = {i for i, layer in enumerate(plan.layers) if store.is_ready(layer.digest)}
-        preparer = threading.Thread(target=schedule.prepare_layers, args=(store, plan), daemon=True,
-                                    name="prepare-layers")
-        preparer.start()
-        cluster.wait_redis()
-        r = redis_client(cluster.broker_url)
-        job_id = schedule.launch(r, cluster.broker_url, plan, image, [settings.node_name], window=window,
-                                 present={settings.node_name: present})
-        view = ProgressView() if not quiet else None
-        status = schedule.wait_for_job(r, job_id, on_update=view.render if view else None,
-                                       alive=cluster.check_workers)
-        if status.state == "succeeded":
-            # A worker records it too, but may be killed before it has: the record is ours.
-            record_prewarmed_image(layout, image, plan)
-        cluster.job_over = True
-        preparer.join(timeout=30)
-        if view:
-            view.render(status, final=True)
-        _save_summary(settings.root, status)
-    _finish(status, as_json)
-    _register_in_containerd(settings, image, resolved, containerd, quiet)
+    # One node: building zTOCs here would download every layer twice, so without a
+    # SOCI index in the registry the layers go whole unless --index build says otherwise.
+    span_layers = {} if index == "none" else schedule.find_ztocs(
+        settings, client, resolved, build=index == "build", push=False,
+        say=_say if not quiet else lambda m: None)[0]
+    plan = plan_resolved(resolved, span_layers, spans_per_task=settings.spans_per_task)
+    present = {i for i, layer in enumerate(plan.layers) if store.is_ready(layer.digest)}
+    preparer = threading.Thread(target=schedule.prepare_layers, args=(store, plan), daemon=True,
+                                name="prepare-layers")
+    preparer.start()
+    cluster.wait_redis()
+    r = redis_client(cluster.broker_url)
+    job_id = schedule.launch(r, cluster.broker_url, plan, image, [settings.node_name], window=window,
+                             present={settings.node_name: present})
+    view = ProgressView() if not quiet else None
+    status = schedule.wait_for_job(r, job_id, on_update=view.render if view else None,
+                                   alive=cluster.check_workers)
+    if status.state == "succeeded":
+        # A worker records it too, but may be killed before it has: the record is ours.
+        record_prewarmed_image(Layout(settings.root), image, plan)
+    cluster.job_over = True
+    preparer.join(timeout=30)
+    if view:
+        view.render(status, final=True)
+    _save_summary(settings.root, status)
+    return status
 
 
 @click.command()
