@@ -19,6 +19,8 @@ cache dropped and an empty target:
   g  ``ctr images pull`` with containerd's overlayfs snapshotter
   h  ``prewarm schedule --wait`` (embedded: private Redis and workers started and stopped)
   h2 a second ``prewarm schedule`` of the same image (registry layer bytes counted)
+  hp h again, into a new store, with ``PREWARM_LANDING=python`` (the Python reference of the
+     C landing path), to show what the extension buys in the same run (``--skip p`` skips it)
 
 The physical bound is max(a, (b + c) / cores); ratios are what to read, since machines are
 noisy.  Also reported: worker peak RSS, and whether the overlay-mounted result equals (f).
@@ -220,13 +222,20 @@ def main() -> None:
                             "--insecure-registry", reg.host], env=env, check=True, capture_output=True)
             return {"layer_bytes_fetched": layer_bytes() - before}
 
+        def hp() -> None:
+            env = {**os.environ, "PREWARM_ROOT": str(tmp / "store-python"), "PREWARM_LANDING": "python"}
+            env.pop("PREWARM_BROKER_URL", None)
+            subprocess.run([sys.executable, "-m", "prewarm", "schedule", ref, "--wait", "--quiet",
+                            "--insecure-registry", reg.host], env=env, check=True, capture_output=True)
+
         if args.index == "pushed":
             print("pushing a SOCI index for the image (once per image, as soci users do) ...", flush=True)
             subprocess.run([sys.executable, "-m", "prewarm", "index", ref, "--push", "--insecure-registry", reg.host],
                            check=True)
-        steps = [("a", a), ("b", b), ("c", c), ("cs", cs), ("d", d), ("e", e), ("f", f), ("g", g), ("h", h), ("h2", h2)]
+        steps = [("a", a), ("b", b), ("c", c), ("cs", cs), ("d", d), ("e", e), ("f", f), ("g", g), ("h", h), ("h2", h2),
+                 ("hp", hp)]
         for label, fn in steps:
-            if label[0] in args.skip and label != "h2":
+            if label[0] in args.skip and label != "h2" or label == "hp" and "p" in args.skip:
                 continue
             timed(label, fn, results)
         bound = max(results["a"]["wall"], (results["b"]["cpu"] + results["c"]["cpu_children"]) / cores) \
@@ -239,7 +248,7 @@ def main() -> None:
             print(f"  bound max(a, (b+c)/{cores}) = {bound:.2f}")
             if hh:
                 print(f"  h / bound = {hh / bound:.2f}   (target <= 1.5)")
-                for base in ("d", "e", "f", "g"):
+                for base in ("d", "e", "f", "g", "hp"):
                     if base in results:
                         print(f"  {base} / h = {results[base]['wall'] / hh:.2f}")
         if "f" in results and "h" in results:
