@@ -72,7 +72,6 @@ enum {
 
 #define BLOCK 512
 #define ALIGN 4096
-#define MIN_DIRECT (64 * 1024)
 /* mtimes whose nanoseconds fit an int64 (years 1678..2262); the Python side takes the rest. */
 #define MIN_SECS (-9223372035LL)
 #define MAX_SECS (9223372036LL)
@@ -274,6 +273,7 @@ static PyObject *check_headers(PyObject *self, PyObject *args) {
 typedef struct {
     int root_fd;
     int direct;            /* O_DIRECT still worth trying on this filesystem */
+    long long min_direct;  /* fewer aligned bytes than this go buffered (DirectWriter.min_direct) */
     long long direct_bytes;
     char parent[4096];     /* the cached parent directory (relative path) */
     int parent_fd;
@@ -379,7 +379,7 @@ static int pwrite_all(int fd, const uint8_t *data, size_t len, int64_t offset) {
 static int write_data(writer_t *w, int fd, const uint8_t *data, size_t len, int64_t offset) {
     int64_t end = offset + (int64_t)len;
     int64_t lo = (offset + ALIGN - 1) / ALIGN * ALIGN, hi = end / ALIGN * ALIGN;
-    if (!w->direct || hi - lo < MIN_DIRECT) return pwrite_all(fd, data, len, offset);
+    if (!w->direct || hi - lo < w->min_direct) return pwrite_all(fd, data, len, offset);
     size_t mid = (size_t)(hi - lo);
     int done = 0;
     int flags = fcntl(fd, F_GETFL);
@@ -469,7 +469,7 @@ static int create_whole(writer_t *w, const record_t *r, const char *path, const 
 }
 
 PyDoc_STRVAR(write_pieces_doc,
-"write_pieces(table, heap, root_fd, out, ustart, direct) -> (skipped, error, direct, direct_bytes)\n\n"
+"write_pieces(table, heap, root_fd, out, ustart, direct, min_direct) -> (skipped, error, direct, direct_bytes)\n\n"
 "Write the file data that lies in the span [ustart, ustart + len(out)): files born\n"
 "with this span are created whole, with their metadata; pieces of the others are\n"
 "pwritten into them.  ``skipped`` lists (entry, file offset, stream offset, length) of\n"
@@ -480,8 +480,9 @@ static PyObject *write_pieces(PyObject *self, PyObject *args) {
     PyObject *table, *heap;
     Py_buffer out;
     int root_fd, direct;
-    long long ustart;
-    if (!PyArg_ParseTuple(args, "OOiy*Lp", &table, &heap, &root_fd, &out, &ustart, &direct)) return NULL;
+    long long ustart, min_direct;
+    if (!PyArg_ParseTuple(args, "OOiy*LpL", &table, &heap, &root_fd, &out, &ustart, &direct, &min_direct))
+        return NULL;
     layer_t L;
     if (layer_open(&L, table, heap) < 0) {
         PyBuffer_Release(&out);
@@ -499,6 +500,7 @@ static PyObject *write_pieces(PyObject *self, PyObject *args) {
     Py_ssize_t nskipped = 0, cap = 64;
     w->root_fd = root_fd;
     w->direct = direct;
+    w->min_direct = min_direct > ALIGN ? min_direct : ALIGN;
     w->parent_fd = -1;
     const uint8_t *buf = out.buf;
     int64_t uend = ustart + out.len;

@@ -156,7 +156,7 @@ def write_pieces(c: ModuleType, table: bytes, heap: bytes, root_fd: int, out: me
         OSError: as the system calls (ENOSPC, EIO, ...), naming the file.
     """
     skipped, error, direct.enabled, nbytes = c.write_pieces(table, heap, root_fd, out, ustart,
-                                                            direct.enabled)
+                                                            direct.enabled, direct.min_direct)
     direct.direct_bytes += nbytes
     for piece in skipped:
         fallback(*piece)

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prewarm import landing
+from prewarm.directio import ALIGN, DirectWriter
 from prewarm.errors import ConfigError
 from prewarm.layerfs import entry_meta
 from prewarm.store import ContentStore
@@ -178,3 +179,21 @@ def test_an_unknown_landing_backend_is_refused_by_name(monkeypatch: pytest.Monke
     finally:
         monkeypatch.delenv("PREWARM_LANDING")
         landing.backend.cache_clear()
+
+
+@needs_c
+@pytest.mark.parametrize("min_direct", [ALIGN, 1 << 30])
+def test_c_writes_take_the_stores_direct_io_threshold(tmp_path: Path, min_direct: int) -> None:
+    # Given a store whose direct writer sends every aligned page direct, or none
+    tar = every_kind_tar()
+    blob, z = make_layer(tar)
+    store = ContentStore(tmp_path / "root")
+    store._writer = DirectWriter(min_direct=min_direct)
+    # When the layer lands through C
+    assert land(store, sha(blob), z, blob, list(range(z.num_spans)))[-1]
+    # Then the big file's aligned middles went direct only under the low threshold, and the tree is right
+    assert_every_kind_tree(store.layout.layer_fs(sha(blob)))
+    if min_direct == ALIGN and store._writer.enabled:
+        assert store._writer.direct_bytes > 0
+    else:
+        assert store._writer.direct_bytes == 0
