@@ -6,7 +6,7 @@
  * the system calls alone, with the GIL released so a node's other threads go on.
  *
  * Both functions read a layer's *landing table*, built once per layer by
- * ``prewarm.landing.build_table``: one fixed 104-byte record per TOC entry (below)
+ * ``prewarm.landing.build_table``: one fixed 96-byte record per TOC entry (below)
  * plus a heap of the names, link names and paths the records point into.  Neither
  * function decides anything the Python reference does not: ``check_headers`` only
  * ever says "verified" for a header chain that is one plain ustar or GNU block whose
@@ -33,7 +33,7 @@
 #define SYS_openat2 437
 #endif
 
-/* Keep in step with landing.RECORD (struct "<7q10I2B6x"). */
+/* Keep in step with landing.RECORD (struct "<7q8I2B6x"). */
 typedef struct {
     int64_t data_start;   /* where the entry's data starts in the tar stream */
     int64_t header_start; /* where its header chain starts (end of the previous entry) */
@@ -46,13 +46,12 @@ typedef struct {
     uint32_t name_off, name_len;
     uint32_t link_off, link_len;
     uint32_t path_off, path_len; /* the planned path in the layer (write target) */
-    uint32_t spare_off, spare_len;
     uint8_t type;         /* tar type flag of the TOC type: '0'..'6' */
     uint8_t flags;
     uint8_t pad[6];
 } record_t;
 
-_Static_assert(sizeof(record_t) == 104, "landing record is 104 bytes");
+_Static_assert(sizeof(record_t) == 96, "landing record is 96 bytes");
 
 enum {
     F_WRITE = 1,     /* final regular file with data: its bytes are written */
@@ -421,8 +420,7 @@ static int write_data(writer_t *w, int fd, const uint8_t *data, size_t len, int6
 }
 
 /* An O_WRONLY fd on the regular file at the record's path (as LayerWriter.open_data). */
-static int open_data(writer_t *w, const record_t *r, const char *path, Py_ssize_t k) {
-    (void)r;
+static int open_data(writer_t *w, const char *path, Py_ssize_t k) {
     int fd = open_beneath(w->root_fd, path, O_WRONLY | O_NOFOLLOW);
     if (fd < 0) return fail(w, E_OPEN_DATA, k);
     struct stat st;
@@ -449,7 +447,7 @@ static int create_whole(writer_t *w, const record_t *r, const char *path, const 
     int fd = openat(pfd, base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0) {
         if (errno != EEXIST) return fail(w, E_IO, k);
-        fd = open_data(w, r, path, k); /* left by an interrupted landing of this span */
+        fd = open_data(w, path, k); /* left by an interrupted landing of this span */
         if (fd < 0) return -1;
     }
     struct timespec times[2];
@@ -545,7 +543,7 @@ static PyObject *write_pieces(PyObject *self, PyObject *args) {
             if ((rc = create_whole(w, r, path, buf + (d - ustart), k)) < 0) break;
             continue;
         }
-        int fd = open_data(w, r, path, k);
+        int fd = open_data(w, path, k);
         if (fd < 0) { rc = -1; break; }
         if (write_data(w, fd, buf + (lo - ustart), (size_t)(hi - lo), lo - d) < 0) {
             int saved = errno;

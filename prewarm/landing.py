@@ -42,7 +42,7 @@ from prewarm.layerfs import (
 from prewarm.ztoc import FileEntry
 
 #: One entry's record; keep in step with ``record_t`` in ``_landing.c``.
-RECORD = struct.Struct("<7q10I2B6x")
+RECORD = struct.Struct("<7q8I2B6x")
 
 F_WRITE, F_BORN, F_CHECKABLE, F_CREATABLE, F_PAX_PATH = 1, 2, 4, 8, 16
 
@@ -125,7 +125,7 @@ def build_table(files: Sequence[FileEntry], plan: Sequence[Planned], born: bytes
             uid = gid = mode = mtime_ns = 0
         pack(table, RECORD.size * i, e.uncompressed_offset, header_starts[i],
              e.uncompressed_size if plain else 0, mode, e.devmajor if plain else 0, e.devminor if plain else 0,
-             mtime_ns, uid, gid, place(name), len(name), place(link), len(link), place(path), len(path), 0, 0,
+             mtime_ns, uid, gid, place(name), len(name), place(link), len(link), place(path), len(path),
              _TYPE_FLAGS.get(e.type, b"?")[0], flags)
     if len(heap) >= 1 << 32:
         raise BadZtoc(f"the TOC's names take {len(heap)} bytes, more than a landing table holds")

@@ -513,9 +513,9 @@ class ContentStore:
             # C checks the headers of the rest; a zero key only means "decode it if asked"
             table, heap = landing.build_table(files, plan, born, meta, header_starts)
             need = set(landing.unchecked_entries(table))
-            for boundary in (r.uncompressed_start for r in spans[1:]):  # chains across one: Python
-                k = bisect.bisect_right(data_starts, boundary)
-                if k < len(files) and header_starts[k] < boundary:
+            for r in spans[1:]:  # header chains across a span boundary are checked in Python
+                k = _straddler(data_starts, header_starts, r.uncompressed_start)
+                if k is not None:
                     need.add(k)
             keys = b"".join(_entry_key(e) if i in need else _NO_KEY for i, e in enumerate(files))
         return _Prepared(ztoc, known or fp.hexdigest(), plan, smap, data_starts, header_starts, pos, spans,
@@ -637,7 +637,7 @@ class ContentStore:
         work = self.layout.layer_work(digest)
         r = prep.spans[index]
         if index > 0:
-            k = _straddler(prep, r.uncompressed_start)
+            k = _straddler(prep.data_starts, prep.header_starts, r.uncompressed_start)
             if k is not None and not _window_covers(prep, r.uncompressed_start, k):
                 head = bytes(out[: prep.data_starts[k] - r.uncompressed_start])
                 tail_path = work / f"tail-{index - 1}"
@@ -649,7 +649,7 @@ class ContentStore:
                     atomic_write(work / f"head-{index}", head, durable=False)
         if index + 1 < len(prep.spans):
             b = r.uncompressed_end
-            k = _straddler(prep, b)
+            k = _straddler(prep.data_starts, prep.header_starts, b)
             if k is not None and not _window_covers(prep, b, k):
                 h = prep.header_starts[k]
                 if h < r.uncompressed_start:
@@ -1009,10 +1009,10 @@ def _born_at_landing(files: Sequence[FileEntry], plan: Sequence[Planned], fresh:
     return bytes(born)
 
 
-def _straddler(prep: _Prepared, boundary: int) -> int | None:
+def _straddler(data_starts: Sequence[int], header_starts: Sequence[int], boundary: int) -> int | None:
     """The entry whose header chain crosses stream offset ``boundary``, if any."""
-    k = bisect.bisect_right(prep.data_starts, boundary)
-    if k < len(prep.data_starts) and prep.header_starts[k] < boundary:
+    k = bisect.bisect_right(data_starts, boundary)
+    if k < len(data_starts) and header_starts[k] < boundary:
         return k
     return None
 

@@ -830,11 +830,7 @@ def parse_ztoc(buf: bytes | bytearray | memoryview, *, lazy_files: bool = False)
     if toc_at:
         toc = r.table_at(toc_at)
         mstart, mlen = r.vector(toc, 0, 4)
-        if lazy_files:
-            files = LazyFiles(r, mstart, mlen, usize)
-            mlen = 0
-        if mlen:
-            files = _read_entries(r, mstart, mlen)
+        files = LazyFiles(r, mstart, mlen, usize) if lazy_files else _read_entries(r, mstart, mlen)
     ci_at = r._field(z, 5)
     if not ci_at:
         raise BadZtoc("zTOC has no compression info")

@@ -77,10 +77,7 @@ def _schedule_embedded(settings, image: str, window: int | None, index: str, con
         if not store.list_layers():
             # Nothing can be pre-warmed yet: start the private Redis and workers first, so
             # their start-up (~2 s) overlaps with resolving the image and getting its zTOCs.
-            cluster = stack.enter_context(_embedded_cluster(settings, concurrency))
-            # A failure (unknown image, no space, ^C) stops them outright: nothing of theirs
-            # needs to finish, every write of a task is safe against kill -9.
-            stack.callback(_stop_outright, cluster)
+            cluster = _start_cluster(stack, settings, concurrency)
         resolved = client.resolve(ref, settings.platform)
         if cluster is None:
             if all(store.is_ready(layer.digest) for layer in resolved.layers):
@@ -93,23 +90,24 @@ def _schedule_embedded(settings, image: str, window: int | None, index: str, con
                     click.echo(f"{image}: already pre-warmed on this node ({resolved.manifest_digest}); "
                                "nothing fetched")
                 return
-            cluster = stack.enter_context(_embedded_cluster(settings, concurrency))
-            stack.callback(_stop_outright, cluster)
+            cluster = _start_cluster(stack, settings, concurrency)
         status = _run_embedded_job(settings, image, window, index, quiet, client, store, resolved, cluster)
     _finish(status, as_json)
     _register_in_containerd(settings, image, resolved, containerd, quiet)
 
 
-def _stop_outright(cluster) -> None:  # type: ignore[no-untyped-def]
-    cluster.job_over = True
+def _start_cluster(stack: contextlib.ExitStack, settings, concurrency: int | None):  # type: ignore[no-untyped-def]
+    """This node's private Redis and workers, stopped when ``stack`` closes.
 
+    They are stopped outright, whether the job ended or failed (unknown image, no space,
+    ^C): nothing of theirs needs to finish, every write of a task is safe against kill -9.
+    """
+    # Celery and Redis: imported only when something is to be fetched
+    from prewarm.embedded import embedded_cluster
 
-def _embedded_cluster(settings, concurrency: int | None):  # type: ignore[no-untyped-def]
-    from prewarm.embedded import (
-        embedded_cluster,  # Celery and Redis: not when nothing is to be fetched
-    )
-
-    return embedded_cluster(settings, concurrency=concurrency)
+    cluster = stack.enter_context(embedded_cluster(settings, concurrency=concurrency))
+    stack.callback(setattr, cluster, "job_over", True)
+    return cluster
 
 
 def _run_embedded_job(settings, image: str, window: int | None, index: str, quiet: bool, client, store,  # type: ignore[no-untyped-def]
@@ -143,7 +141,6 @@ def _run_embedded_job(settings, image: str, window: int | None, index: str, quie
     if status.state == "succeeded":
         # A worker records it too, but may be killed before it has: the record is ours.
         record_prewarmed_image(Layout(settings.root), image, plan)
-    cluster.job_over = True
     preparer.join(timeout=30)
     if view:
         view.render(status, final=True)
