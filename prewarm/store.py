@@ -703,8 +703,18 @@ class ContentStore:
         return nxt, upto, ResumableSha256.from_state(raw[_HASH_HEADER.size:])
 
     def _save_hash(self, digest: str, nxt: int, upto: int, h: ResumableSha256) -> None:
-        atomic_write(self.layout.layer_work(digest) / "hash", _HASH_HEADER.pack(nxt, upto) + h.state(),
-                      durable=False)
+        """Overwrite work/hash in place (once per span, under the layer lock).
+
+        Why not a temp file and a rename: the record has a fixed size and lies in the file's
+        first page, so one ``pwrite`` replaces it whole or not at all for a killed process
+        (a fatal signal stops a write only between pages); a power loss restarts the layer
+        anyway (boot id).  A rename per span cost a file creation and a journal entry.
+        """
+        fd = os.open(self.layout.layer_work(digest) / "hash", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.pwrite(fd, _HASH_HEADER.pack(nxt, upto) + h.state(), 0)
+        finally:
+            os.close(fd)
 
     def _hash_or_spool(self, digest: str, prep: _Prepared, index: int, compressed: bytes | memoryview, base: int,
                        landed: bytearray) -> None:

@@ -61,13 +61,14 @@ def _reset_context(**_: object) -> None:
 
 
 def _keep_freed_buffers() -> None:
-    """Let malloc reuse the span buffers (16 MiB fetched, 4 MiB inflated per span) it freed.
+    """Let malloc reuse the span buffers it freed (a task's fetched bytes, 4 MiB inflated per span).
 
     Why: by default glibc maps buffers this large fresh and unmaps them when freed, or
     trims them off the heap, so every span's buffers were faulted in (and zeroed by the
     kernel) again: ~4% of a cold pre-warm's CPU in page faults (perf).  Buffers up to
-    32 MiB now come from the heap, and up to 64 MiB of freed heap is kept for the next
-    span; the worker's memory stays bounded by its largest task, as before.
+    32 MiB (glibc's largest threshold) now come from the heap, and up to 64 MiB of freed
+    heap is kept for the next span; the worker's memory stays bounded by its largest
+    task, as before.
     """
     try:
         libc = ctypes.CDLL(None)
