@@ -259,8 +259,8 @@ def main() -> None:
         # (perf: recently_deleted / find_inode_bit in every create), which cost whatever ran
         # next ~4 s.  No step deletes anything before h now, and f and g follow only steps that
         # do not delete either.
-        steps = [("a", a), ("b", b), ("c", c), ("cs", cs), ("w", w), ("d", d), ("e", e), ("h", h), ("h2", h2), ("hp", hp),
-                 ("f", f), ("g", g)]
+        steps = [("a", a), ("b", b), ("c", c), ("cs", cs), ("w", w), ("d", d), ("e", e), ("h", h), ("h2", h2),
+                 ("hp", hp), ("f", f), ("g", g)]
         for label, fn in steps:
             if label[0] in args.skip and label != "h2" or label == "hp" and "p" in args.skip:
                 continue

@@ -25,8 +25,9 @@ DEFAULT_MIN_LAYER_SIZE = 10 << 20
 #: 4 MiB spans.  Why: every task costs a Celery message, a registry request and Redis
 #: accounting whatever its size (the CNCF registry alone spends ~12 ms of CPU per request);
 #: a cold pre-warm of the bench image took ~0.5 s and ~1 CPU-s less with 8 than with 4 (four
-#: alternating pairs, each won by 8; 16 and 32 were no better).  A task holds its compressed bytes in memory: at most ~32 MiB for data that
-#: does not compress, well inside a worker's 300 MB.
+#: alternating pairs, each won by 8; 16 and 32 were no better).  A task holds its compressed
+#: bytes in memory: at most ~32 MiB for data that does not compress, well inside a worker's
+#: 300 MB.
 DEFAULT_SPANS_PER_TASK = 8
 #: Build-tool identifier written into the zTOCs we build.
 BUILD_TOOL_IDENTIFIER = "prewarm"

@@ -82,8 +82,9 @@ def build_table(files: Sequence[FileEntry], plan: Sequence[Planned], born: bytes
     """The landing table (records, heap) of a layer whose TOC was validated.
 
     Built in C (0.10 s instead of 0.26 s for 51,402 entries); whatever C does not take
-    as plainly, the Python builder below does, byte for byte the same.  An entry that cannot be expressed in a record (numbers beyond 64 bits, an mtime
-    beyond 2262) is simply not flagged checkable or creatable: the Python side takes it.
+    as plainly, the Python builder below does, byte for byte the same.  An entry that
+    cannot be expressed in a record (numbers beyond 64 bits, an mtime beyond 2262) is
+    simply not flagged checkable or creatable: the Python side takes it.
 
     Raises:
         BadZtoc: a path or name that cannot be encoded for the filesystem.
