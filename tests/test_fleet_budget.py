@@ -38,8 +38,11 @@ def odd(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> tuple[B
 
 
 def node_env(tmp: Path, node: str, redis_url: str, insecure: str) -> dict[str, str]:
+    # 4 spans per task, as this test was written for: more, smaller responses in the window to
+    # measure the served rate from (with the default 8 a window once held only 20)
     return clean_env(tmp / f"store-{node}", PREWARM_BROKER_URL=redis_url, PREWARM_VISIBILITY_TIMEOUT="4",
-                     PREWARM_INSECURE_REGISTRIES=insecure, PREWARM_NODE_NAME=node, **SPANS)
+                     PREWARM_INSECURE_REGISTRIES=insecure, PREWARM_NODE_NAME=node, PREWARM_SPANS_PER_TASK="4",
+                     **SPANS)
 
 
 _LINE = re.compile(r'time="([^"]+)".*http\.request\.method=GET.*http\.request\.uri="?(\S+?)"? .*'
