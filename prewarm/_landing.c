@@ -676,7 +676,7 @@ static PyObject *build_table(PyObject *self, PyObject *args) {
         if (!s_name || !s_linkname || !s_path || !s_kind || !s_final || !s_type || !s_size || !s_offset ||
             !s_xattrs || !s_devmajor || !s_devminor) goto done;
     }
-    int fallback = 0;
+    int fallback = 0, failed = 0;
     for (Py_ssize_t i = 0; i < n && !fallback; i++) {
         PyObject *e = PySequence_Fast_GET_ITEM(fs, i), *p = PySequence_Fast_GET_ITEM(ps, i);
         PyObject *m = PySequence_Fast_GET_ITEM(ms, i);
@@ -738,7 +738,7 @@ static PyObject *build_table(PyObject *self, PyObject *args) {
         if (!plain) uid = gid = mode = mtime = 0;
         Py_ssize_t name_off = place(strings, heap, bname), link_off = name_off < 0 ? -1 : place(strings, heap, blink);
         Py_ssize_t path_off = link_off < 0 ? -1 : place(strings, heap, bpath);
-        if (path_off < 0) goto fail_inner;
+        if (path_off < 0) { failed = 1; goto next; }
         r->size = plain ? size : 0;
         r->mode = mode;
         r->devmajor = plain ? dmaj : 0;
@@ -756,16 +756,11 @@ static PyObject *build_table(PyObject *self, PyObject *args) {
         r->flags = flags;
         if (PyByteArray_GET_SIZE(heap) >= ((Py_ssize_t)1 << 32)) fallback = 1;
     next:
-        PyErr_Clear();
+        if (!failed) PyErr_Clear(); /* a fallback's error: the Python builder raises it */
         Py_XDECREF(bname); Py_XDECREF(blink); Py_XDECREF(bpath);
         Py_XDECREF(name); Py_XDECREF(link); Py_XDECREF(type); Py_XDECREF(xattrs);
         Py_XDECREF(kind); Py_XDECREF(path); Py_XDECREF(final);
-        continue;
-    fail_inner:
-        Py_XDECREF(bname); Py_XDECREF(blink); Py_XDECREF(bpath);
-        Py_XDECREF(name); Py_XDECREF(link); Py_XDECREF(type); Py_XDECREF(xattrs);
-        Py_XDECREF(kind); Py_XDECREF(path); Py_XDECREF(final);
-        goto done;
+        if (failed) goto done; /* out of memory: raised */
     }
     if (fallback) {
         result = Py_NewRef(Py_None);
