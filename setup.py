@@ -5,6 +5,6 @@ from setuptools import Extension, setup
 _FLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 
 setup(ext_modules=[
-    Extension("prewarm._landing", ["prewarm/_landing.c"], extra_compile_args=_FLAGS),  # prewarm.landing
-    Extension("prewarm._ztoc", ["prewarm/_ztoc.c"], extra_compile_args=_FLAGS),  # prewarm.ztoc
+    Extension("prewarm.store._landing", ["prewarm/store/_landing.c"], extra_compile_args=_FLAGS),  # prewarm.store.landing
+    Extension("prewarm.index._ztoc", ["prewarm/index/_ztoc.c"], extra_compile_args=_FLAGS),  # prewarm.index.ztoc
 ])

@@ -43,7 +43,7 @@ def layer_bytes(registry, image) -> int:  # type: ignore[no-untyped-def]
 
 
 def cri_pull(ctrd, ref: str) -> float:  # type: ignore[no-untyped-def]
-    from prewarm.shim._proto.runtime.v1 import api_pb2 as cri
+    from prewarm.runtime.shim._proto.runtime.v1 import api_pb2 as cri
     from tests.containerd import cri_images
 
     started = time.perf_counter()

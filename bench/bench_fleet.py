@@ -4,9 +4,9 @@ Run by hand from the repository root::
 
     .venv/bin/python -m bench.bench_fleet [--nodes 1000] [--layers 10] [--image-gb 20] [--span-mib 4]
 
-Nothing is downloaded: the plan is synthesised with :func:`prewarm.plan.plan_image`
+Nothing is downloaded: the plan is synthesised with :func:`prewarm.fleet.plan.plan_image`
 (``--layers`` layers of 4 MiB spans, about 5,000 span tasks for 20 GB) and launched with
-:func:`prewarm.schedule.launch` against a private real ``redis-server``, exactly as
+:func:`prewarm.fleet.schedule.launch` against a private real ``redis-server``, exactly as
 ``prewarm schedule --all-nodes`` does once it has planned.  No worker consumes, so what
 Redis holds afterwards is the bounded queue: nodes x window messages, whatever the
 image size.  Reported: launch wall time (target < 5 s), Redis ``used_memory`` before and
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import redis
 
-from prewarm import dispatch, keys, schedule
-from prewarm.plan import ImagePlan, plan_image
+from prewarm.fleet import dispatch, keys, schedule
+from prewarm.fleet.plan import ImagePlan, plan_image
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from prewarm.registry.client import RegistryClient
+    from prewarm.resolve.registry.client import RegistryClient
     from tests.services import run_registry
 
     size = args.blob_mib << 20

@@ -112,9 +112,9 @@ def measure(kind: str, paths: list[str]) -> dict[str, Any]:
                     d = mod.decompressobj(31)
         result: dict[str, Any] = {"uncompressed": out}
     else:
-        from prewarm.zran import backend
-        from prewarm.ztoc import serialize_ztoc
-        from prewarm.ztoc_build import build_ztoc
+        from prewarm.index.zran import backend
+        from prewarm.index.ztoc import serialize_ztoc
+        from prewarm.index.ztoc_build import build_ztoc
 
         z = build_ztoc(_chunks(paths), span_size=4 << 20, build_tool_identifier="bench")
         t1, c1 = time.perf_counter(), time.process_time()

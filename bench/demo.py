@@ -90,7 +90,7 @@ def run(work: Path, verify: bool, layers: list[Layer] | None = None) -> int:
         verify: compare the overlay-mounted result with ``umoci unpack`` (root only).
         layers: the image's layers; :func:`demo_layers` when None (tests pass small ones).
     """
-    from prewarm.registry.client import RegistryClient
+    from prewarm.resolve.registry.client import RegistryClient
     from tests.services import run_registry
 
     print("building the demo image from this machine's Python files ...", flush=True)

@@ -132,7 +132,7 @@ def push_ai_image(layout: Path, registry: object) -> tuple[str, list[tuple[str, 
     Returns:
         (reference ``host:port/bench/ai:latest``, the layers as in :func:`layer_list`).
     """
-    from prewarm.registry.client import RegistryClient
+    from prewarm.resolve.registry.client import RegistryClient
 
     host = str(getattr(registry, "host", registry))
     client = RegistryClient(insecure_registries=frozenset({host}))

@@ -18,7 +18,7 @@ Layers are streamed: the tar goes to a temporary file while its sha256 (the conf
 computed.  A 1.6 GB layer never sits in memory.
 
 ``push_layout`` pushes a built layout to a registry with the project's own registry
-client (:class:`prewarm.registry.client.RegistryClient`): blobs first, then the
+client (:class:`prewarm.resolve.registry.client.RegistryClient`): blobs first, then the
 manifests of an index by digest, then the tagged top-level manifest.
 """
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import grpc
 
-from prewarm.layout import Layout
-from prewarm.snapshot.prewarmed import register_chains
+from prewarm.store.layout import Layout
+from prewarm.runtime.snapshot.prewarmed import register_chains
 from tests.services import _require, stop_pid, wait_until
 
 #: containerd's gRPC metadata key for the namespace.
@@ -393,7 +393,7 @@ def push_image(registry_url: str, repository: str, tag: str, image: HandmadeImag
 
 def cri_images(ctrd: Containerd) -> object:
     """A CRI ``runtime.v1.ImageService`` stub on containerd's socket (the kubelet's view)."""
-    from prewarm.shim._proto.runtime.v1 import api_pb2_grpc
+    from prewarm.runtime.shim._proto.runtime.v1 import api_pb2_grpc
 
     assert ctrd.cri, "start containerd with cri=True for CRI calls"
     return api_pb2_grpc.ImageServiceStub(grpc.insecure_channel(f"unix:{ctrd.address}"))

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from prewarm.imagebuild import BuiltImage, push_layout
-from prewarm.registry.client import RegistryClient
+from prewarm.resolve.registry.client import RegistryClient
 from tests.rootfs import overlay_mount, umoci_unpack
 from tests.services import Registry
 from tests.treecompare import compare_trees

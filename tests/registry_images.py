@@ -2,7 +2,7 @@
 
 Layers are real gzip tarballs; configs carry the diff_ids of the layers; manifests are
 OCI or Docker schema 2.  Nothing here talks to the registry except through
-:class:`prewarm.registry.client.RegistryClient`.
+:class:`prewarm.resolve.registry.client.RegistryClient`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import io
 import json
 import tarfile
 
-from prewarm.digest import sha256_digest
-from prewarm.manifest import (
+from prewarm.resolve.digest import sha256_digest
+from prewarm.resolve.manifest import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
     DOCKER_MANIFEST,
@@ -28,7 +28,7 @@ from prewarm.manifest import (
     index_json,
     manifest_json,
 )
-from prewarm.registry.client import RegistryClient
+from prewarm.resolve.registry.client import RegistryClient
 
 
 def make_layer(files: dict[str, bytes]) -> tuple[bytes, str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import requests
 
-from prewarm.embedded import stop_process as stop_pid  # the tests stop what they start by PID
+from prewarm.node.embedded import stop_process as stop_pid  # the tests stop what they start by PID
 
 
 def free_port() -> int:

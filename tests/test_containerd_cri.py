@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from prewarm.shim._proto.runtime.v1 import api_pb2 as cri
+from prewarm.runtime.shim._proto.runtime.v1 import api_pb2 as cri
 from tests.containerd import (
     WHITEOUT,
     Containerd,

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prewarm.directio import ALIGN, DirectWriter
+from prewarm.store.directio import ALIGN, DirectWriter
 
 
 def _supports_direct(d: Path) -> bool:

@@ -22,8 +22,8 @@ import pytest
 import redis
 
 from prewarm.imagebuild import BuiltImage
-from prewarm.jobs import list_jobs
-from prewarm.store import ContentStore
+from prewarm.fleet.jobs import list_jobs
+from prewarm.store.content import ContentStore
 from tests.faultproxy import Fault, FaultProxy
 from tests.images import odd_image
 from tests.pipeline_helpers import REPO_ROOT, Worker, assert_matches_umoci, clean_env, prewarm, push, \

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from prewarm.imagebuild import BuiltImage
-from prewarm.store import ContentStore
+from prewarm.store.content import ContentStore
 from tests.images import odd_image, simple_image
 from tests.pipeline_helpers import Worker, assert_matches_umoci, clean_env, prewarm, push, start_worker, wait_job
 from tests.services import Registry, RedisServer

@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from prewarm.imagebuild import BuiltImage, push_layout
-from prewarm.registry.client import RegistryClient
+from prewarm.resolve.registry.client import RegistryClient
 from tests.images import hostile_image, simple_image
 from tests.pipeline_helpers import assert_matches_umoci, clean_env, prewarm, push, start_worker, wait_job
 from tests.services import Registry, free_port, stop_pid, wait_until

@@ -46,7 +46,7 @@ from prewarm.imagebuild import (
     read_blob,
     tagged_descriptor,
 )
-from prewarm.registry.client import RegistryClient
+from prewarm.resolve.registry.client import RegistryClient
 from tests.images import (
     BIG_FILE,
     BIG_SIZE,

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prewarm.errors import BadSpan
-from prewarm.inflate import INFLATER, gzip_header_length, inflate_span
-from prewarm.ztoc import Span, Ztoc
-from prewarm.ztoc_build import build_tar_ztoc, build_ztoc
+from prewarm.index.inflate import INFLATER, gzip_header_length, inflate_span
+from prewarm.index.ztoc import Span, Ztoc
+from prewarm.index.ztoc_build import build_tar_ztoc, build_ztoc
 
 _contents = st.one_of(
     st.binary(max_size=3000),                                            # incompressible

@@ -7,9 +7,9 @@ import json
 import pytest
 import redis
 
-from prewarm import jobs, keys
+from prewarm.fleet import jobs, keys
 from prewarm.errors import JobError
-from prewarm.plan import plan_image
+from prewarm.fleet.plan import plan_image
 
 
 def _digest(i: int) -> str:
@@ -151,8 +151,8 @@ def test_a_lost_task_is_found_after_a_stall_and_only_then(r: redis.Redis) -> Non
 def test_a_stall_before_every_task_was_released_refills_the_window(r: redis.Redis, redis_url: str) -> None:
     # Given a window of 2 on node a: task 0 finished but its successor's send was lost, and
     # task 1's message was lost too (a Redis restart), so nothing is queued any more
-    from prewarm import dispatch
-    from prewarm.schedule import resend_stalled
+    from prewarm.fleet import dispatch
+    from prewarm.fleet.schedule import resend_stalled
 
     plan = _plan(spans=(4,))
     assert [plan.task_at(k) for k in range(4)] == [(0, s) for s in range(4)]

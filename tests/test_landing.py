@@ -1,4 +1,4 @@
-"""The C landing path (prewarm._landing): never vouches for a header the TOC misdescribes,
+"""The C landing path (prewarm.store._landing): never vouches for a header the TOC misdescribes,
 does the common case itself, and lands the same tree as the Python reference."""
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prewarm import landing
-from prewarm.directio import ALIGN, DirectWriter
+from prewarm.store import landing
+from prewarm.store.directio import ALIGN, DirectWriter
 from prewarm.errors import BadZtoc, ConfigError
-from prewarm.layerfs import entry_meta
-from prewarm.store import ContentStore
+from prewarm.store.layerfs import entry_meta
+from prewarm.store.content import ContentStore
 from tests.test_store import assert_every_kind_tree, every_kind_tar, sha
 from tests.test_store_spans import land, make_layer
 from tests.treecompare import compare_trees

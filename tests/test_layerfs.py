@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from prewarm.directio import DirectWriter
+from prewarm.store.directio import DirectWriter
 from prewarm.errors import BadZtoc, UnsafeArchive
-from prewarm.layerfs import (
+from prewarm.store.layerfs import (
     OPAQUE_XATTR,
     LayerWriter,
     Planned,
@@ -19,7 +19,7 @@ from prewarm.layerfs import (
     parse_mod_time,
     split_name,
 )
-from prewarm.ztoc import FileEntry
+from prewarm.index.ztoc import FileEntry
 
 
 def entry(name: str, type_: str = "reg", *, offset: int = 512, size: int = 0, linkname: str = "",

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from prewarm.errors import UnsupportedManifest
-from prewarm.manifest import (
+from prewarm.resolve.manifest import (
     DOCKER_MANIFEST_LIST,
     OCI_INDEX,
     OCI_MANIFEST,

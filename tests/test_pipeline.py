@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from prewarm.ztoc import parse_ztoc
+from prewarm.index.ztoc import parse_ztoc
 from tests.images import odd_image, simple_image
 from tests.pipeline_helpers import assert_matches_umoci, clean_env, prewarm, push
 from tests.services import Registry

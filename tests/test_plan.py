@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from prewarm.plan import ImagePlan, SpanLayer, plan_image
+from prewarm.fleet.plan import ImagePlan, SpanLayer, plan_image
 
 
 def _digest(i: int) -> str:

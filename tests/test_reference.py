@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from prewarm.errors import InvalidReference
-from prewarm.reference import Reference, parse_reference
+from prewarm.resolve.reference import Reference, parse_reference
 
 D = "sha256:" + "ab" * 32
 

@@ -14,11 +14,11 @@ import pytest
 
 from prewarm.config import Settings
 from prewarm.errors import AuthenticationFailed, ConfigError
-from prewarm.reference import parse_reference
-from prewarm.registry.auth import parse_challenge, scope_for
-from prewarm.registry.client import RegistryClient
-from prewarm.registry.dockerconfig import Credential, DockerConfig
-from prewarm.registry.retry import RetryPolicy
+from prewarm.resolve.reference import parse_reference
+from prewarm.resolve.registry.auth import parse_challenge, scope_for
+from prewarm.resolve.registry.client import RegistryClient
+from prewarm.resolve.registry.dockerconfig import Credential, DockerConfig
+from prewarm.resolve.registry.retry import RetryPolicy
 from tests.registry_images import push_image
 from tests.services import Registry
 from tests.tokenserver import TokenRegistry

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from prewarm.digest import sha256_digest
+from prewarm.resolve.digest import sha256_digest
 from prewarm.errors import (
     BlobNotFound,
     CorruptContent,
@@ -19,10 +19,10 @@ from prewarm.errors import (
     RegistryError,
     UnsupportedManifest,
 )
-from prewarm.manifest import OCI_INDEX, OCI_MANIFEST, Descriptor, Platform
-from prewarm.reference import parse_reference
-from prewarm.registry.client import RegistryClient, referrers_tag
-from prewarm.registry.retry import RetryPolicy
+from prewarm.resolve.manifest import OCI_INDEX, OCI_MANIFEST, Descriptor, Platform
+from prewarm.resolve.reference import parse_reference
+from prewarm.resolve.registry.client import RegistryClient, referrers_tag
+from prewarm.resolve.registry.retry import RetryPolicy
 from tests.faultproxy import Fault, FaultProxy
 from tests.registry_images import push_image, push_index
 from tests.services import Registry
@@ -190,7 +190,7 @@ def test_referrers_fallback_tag(client: RegistryClient, registry: Registry, repo
     config = client.push_blob(registry.host, repo_name, b"{}")
     pushed = []
     for kind in ("application/vnd.example.a", "application/vnd.example.b"):
-        from prewarm.manifest import manifest_json
+        from prewarm.resolve.manifest import manifest_json
         body = manifest_json(Descriptor(kind, config, 2), [], subject=subject, annotations={"k": kind})
         desc = Descriptor(OCI_MANIFEST, sha256_digest(body), len(body), annotations={"k": kind},
                           artifact_type=kind)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from prewarm.errors import AuthenticationFailed, BlobNotFound, RateLimited, RegistryUnavailable
-from prewarm.reference import parse_reference
-from prewarm.registry.client import RegistryClient
-from prewarm.registry.retry import RetryPolicy
-from prewarm.registry.status import parse_retry_after
+from prewarm.resolve.reference import parse_reference
+from prewarm.resolve.registry.client import RegistryClient
+from prewarm.resolve.registry.retry import RetryPolicy
+from prewarm.resolve.registry.status import parse_retry_after
 from tests.faultproxy import Fault, FaultProxy
 from tests.registry_images import push_image
 from tests.services import Registry, free_port

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from prewarm.registry.client import RegistryClient
+from prewarm.resolve.registry.client import RegistryClient
 from tests.registry_images import push_image
 from tests.services import Registry, free_port
 

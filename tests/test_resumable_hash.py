@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prewarm.errors import StoreError
-from prewarm.resumable_hash import ResumableSha256
+from prewarm.store.resumable_hash import ResumableSha256
 
 
 @settings(max_examples=60, deadline=None)
@@ -50,7 +50,7 @@ def test_state_resumes_in_another_process(tmp_path) -> None:  # type: ignore[no-
     (tmp_path / "state").write_bytes(h.state())
     (tmp_path / "second").write_bytes(second)
     # When another interpreter resumes it and hashes the rest
-    code = ("import sys, pathlib; from prewarm.resumable_hash import ResumableSha256 as R; "
+    code = ("import sys, pathlib; from prewarm.store.resumable_hash import ResumableSha256 as R; "
             "p = pathlib.Path(sys.argv[1]); h = R.from_state((p / 'state').read_bytes()); "
             "h.update((p / 'second').read_bytes()); print(h.hexdigest())")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, capture_output=True,

@@ -19,11 +19,11 @@ from prewarm.errors import (
     SnapshotNotFound,
     StoreError,
 )
-from prewarm.layout import Layout
-from prewarm.snapshot.filters import matches_any, parse_filter, parse_filters
-from prewarm.snapshot.overlay import OverlaySnapshotter
-from prewarm.snapshot.prewarmed import lookup_chain, register_chains
-from prewarm.snapshot.snapshotter import (
+from prewarm.store.layout import Layout
+from prewarm.runtime.snapshot.filters import matches_any, parse_filter, parse_filters
+from prewarm.runtime.snapshot.overlay import OverlaySnapshotter
+from prewarm.runtime.snapshot.prewarmed import lookup_chain, register_chains
+from prewarm.runtime.snapshot.snapshotter import (
     LABEL_PREWARMED_LAYER,
     LABEL_SNAPSHOT_REF,
     Info,

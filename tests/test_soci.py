@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from prewarm.cli import main
-from prewarm.digest import sha256_digest, verify
+from prewarm.resolve.digest import sha256_digest, verify
 from prewarm.errors import BadZtoc
-from prewarm.manifest import (
+from prewarm.resolve.manifest import (
     OCI_CONFIG,
     OCI_INDEX,
     OCI_LAYER_GZIP,
@@ -28,9 +28,9 @@ from prewarm.manifest import (
     index_json,
     manifest_json,
 )
-from prewarm.reference import parse_reference
-from prewarm.registry.client import RegistryClient, referrers_tag
-from prewarm.soci import (
+from prewarm.resolve.reference import parse_reference
+from prewarm.resolve.registry.client import RegistryClient, referrers_tag
+from prewarm.index.soci import (
     ANN_IMAGE_MANIFEST_DIGEST,
     ANN_INDEX_DIGEST,
     EMPTY_CONFIG,
@@ -42,9 +42,9 @@ from prewarm.soci import (
     push_soci_index,
     soci_index_manifest,
 )
-from prewarm.tarindex import TarIndexer
-from prewarm.ztoc import parse_ztoc, serialize_ztoc
-from prewarm.ztoc_build import build_ztoc
+from prewarm.index.tarindex import TarIndexer
+from prewarm.index.ztoc import parse_ztoc, serialize_ztoc
+from prewarm.index.ztoc_build import build_ztoc
 from tests.registry_images import push_image
 from tests.services import Registry
 

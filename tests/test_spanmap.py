@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prewarm.errors import BadZtoc
-from prewarm.spanmap import SpanMap
+from prewarm.store.spanmap import SpanMap
 
 
 @st.composite

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from prewarm.store import ContentStore
-from prewarm.ztoc import parse_ztoc, serialize_ztoc
+from prewarm.store.content import ContentStore
+from prewarm.index.ztoc import parse_ztoc, serialize_ztoc
 from tests.test_store import assert_every_kind_tree, every_kind_tar, sha
 from tests.test_store_spans import land, make_layer
 
@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import os, signal, sys
 from pathlib import Path
-from prewarm.store import ContentStore
-from prewarm.ztoc import parse_ztoc
+from prewarm.store.content import ContentStore
+from prewarm.index.ztoc import parse_ztoc
 from tests.test_store_spans import land
 
 root, blob_path, ztoc_path, die, die_at, *order = sys.argv[1:]

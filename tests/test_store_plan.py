@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from prewarm.errors import BadZtoc
-from prewarm.layout import Layout
-from prewarm.spanmap import SpanMap
-from prewarm.store import ContentStore
-from prewarm.ztoc import LazyFiles, Ztoc, parse_ztoc, serialize_ztoc
-from prewarm.ztoc_cache import ZtocCache
+from prewarm.store.layout import Layout
+from prewarm.store.spanmap import SpanMap
+from prewarm.store.content import ContentStore
+from prewarm.index.ztoc import LazyFiles, Ztoc, parse_ztoc, serialize_ztoc
+from prewarm.store.ztoc_cache import ZtocCache
 from tests.test_store import assert_every_kind_tree, every_kind_tar, sha
 from tests.test_store_spans import _with_files, header_dense_tar, land, make_layer
 from tests.test_ztoc_parse import golden, tampered
@@ -193,9 +193,9 @@ def test_spanmap_arrays_round_trip_and_are_checked() -> None:
 _PREPARE_CHILD = """
 import sys
 from pathlib import Path
-from prewarm.layout import Layout
-from prewarm.store import ContentStore
-from prewarm.ztoc_cache import ZtocCache
+from prewarm.store.layout import Layout
+from prewarm.store.content import ContentStore
+from prewarm.store.ztoc_cache import ZtocCache
 root, digest, zdigest = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 z = ZtocCache(Layout(root)).get(zdigest)
 sys.stdin.readline()  # start together

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from prewarm.errors import BadSpan, BadZtoc, DigestMismatch, InsufficientSpace, UnsafeArchive
-from prewarm.inflate import inflate_span
-from prewarm.store import ContentStore, fetch_range
-from prewarm.ztoc import CHECKPOINT_RECORD_SIZE, ZINFO_HEADER_SIZE, Ztoc, parse_ztoc
-from prewarm.ztoc_build import build_ztoc
+from prewarm.index.inflate import inflate_span
+from prewarm.store.content import ContentStore, fetch_range
+from prewarm.index.ztoc import CHECKPOINT_RECORD_SIZE, ZINFO_HEADER_SIZE, Ztoc, parse_ztoc
+from prewarm.index.ztoc_build import build_ztoc
 from tests.test_store import _add, assert_every_kind_tree, every_kind_tar, sha
 
 GOLDEN = ["basic-l0", "basic-l9", "empty", "hdr-name", "incompressible-l0-s16384", "many-l6-s4096", "meta",
@@ -260,7 +260,7 @@ def pax_heavy_tar() -> bytes:
 @pytest.mark.parametrize("seed", [1, 2])
 def test_uncompressed_layer_checks_chains_across_span_boundaries(tmp_path: Path, seed: int) -> None:
     # Given an uncompressed layer (no windows) whose PAX header chains straddle span boundaries
-    from prewarm.ztoc_build import build_tar_ztoc
+    from prewarm.index.ztoc_build import build_tar_ztoc
     tar = pax_heavy_tar()
     z = build_tar_ztoc([tar], span_size=3000, build_tool_identifier="prewarm-test")
     straddling = [k for k in range(z.num_spans - 1)
@@ -284,7 +284,7 @@ def _chain_crosses(z: Ztoc, prev, f, boundary: int) -> bool:  # type: ignore[no-
 
 @pytest.mark.parametrize("first", ["tail", "head"])
 def test_lie_in_a_straddling_chain_is_caught_whichever_span_lands_first(tmp_path: Path, first: str) -> None:
-    from prewarm.ztoc_build import build_tar_ztoc
+    from prewarm.index.ztoc_build import build_tar_ztoc
     tar = pax_heavy_tar()
     z = build_tar_ztoc([tar], span_size=3000, build_tool_identifier="prewarm-test")
     files = list(z.files)

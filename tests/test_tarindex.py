@@ -21,14 +21,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prewarm.errors import BadTarHeader
-from prewarm.tarindex import (
+from prewarm.index.tarindex import (
     BLOCK,
     TarIndexer,
     format_mod_time,
     is_end_of_archive,
     parse_header_run,
 )
-from prewarm.ztoc import FileEntry
+from prewarm.index.ztoc import FileEntry
 
 GO_ORACLE = r"""package main
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from prewarm.restart import CRASH_WINDOW, MAX_CRASHES, children_of, judge_crash
+from prewarm.node.restart import CRASH_WINDOW, MAX_CRASHES, children_of, judge_crash
 from tests.images import simple_image
 from tests.pipeline_helpers import clean_env, prewarm, push, start_worker, wait_job
 from tests.services import Registry

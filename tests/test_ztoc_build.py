@@ -16,11 +16,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prewarm import zran
+from prewarm.index import zran
 from prewarm.errors import BadTarHeader, ConfigError, CorruptContent
-from prewarm.tarindex import TarIndexer
-from prewarm.ztoc import WINDOW_SIZE, parse_ztoc, serialize_ztoc
-from prewarm.ztoc_build import (
+from prewarm.index.tarindex import TarIndexer
+from prewarm.index.ztoc import WINDOW_SIZE, parse_ztoc, serialize_ztoc
+from prewarm.index.ztoc_build import (
     build_tar_ztoc,
     build_ztoc,
     build_ztoc_from_file,

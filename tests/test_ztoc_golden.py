@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from prewarm import zran
+from prewarm.index import zran
 from prewarm.errors import ConfigError
-from prewarm.inflate import inflate_span
-from prewarm.ztoc import parse_ztoc, serialize_ztoc
-from prewarm.ztoc_build import build_ztoc, build_ztoc_from_file, read_chunks
+from prewarm.index.inflate import inflate_span
+from prewarm.index.ztoc import parse_ztoc, serialize_ztoc
+from prewarm.index.ztoc_build import build_ztoc, build_ztoc_from_file, read_chunks
 
 FIXTURES = "fixtures/soci-ztoc"
 

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prewarm import ztoc as ztoc_module
+from prewarm.index import ztoc as ztoc_module
 from prewarm.errors import BadZtoc
-from prewarm.inflate import inflate_span
-from prewarm.ztoc import (
+from prewarm.index.inflate import inflate_span
+from prewarm.index.ztoc import (
     CHECKPOINT_RECORD_SIZE,
     WINDOW_SIZE,
     ZINFO_HEADER_SIZE,

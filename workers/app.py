@@ -22,7 +22,7 @@ import os
 
 from celery import Celery
 
-from prewarm.broker import celery_url
+from prewarm.fleet.broker import celery_url
 from prewarm.config import Settings
 from prewarm.errors import ConfigError
 

@@ -1,4 +1,4 @@
-"""Thin tasks: deserialise, call :mod:`prewarm.warm`, map errors to retry or failure, account.
+"""Thin tasks: deserialise, call :mod:`prewarm.node.warm`, map errors to retry or failure, account.
 
 Retry policy lives here and only here: ``Transient`` errors (registry unavailable, rate
 limited) are retried with capped exponential backoff and jitter; a span whose bytes do
@@ -23,11 +23,11 @@ from celery import Task
 from celery.exceptions import Retry
 from celery.signals import worker_init, worker_process_init
 
-from prewarm import dispatch
-from prewarm.broker import redis_client
+from prewarm.fleet import dispatch
+from prewarm.fleet.broker import redis_client
 from prewarm.errors import DigestMismatch, PrewarmError, RateLimited, Transient
-from prewarm.metrics import ERRORS, SPANS
-from prewarm.warm import NodeContext, Outcome, account, layer_failed, warm_layer, warm_span
+from prewarm.node.metrics import ERRORS, SPANS
+from prewarm.node.warm import NodeContext, Outcome, account, layer_failed, warm_layer, warm_span
 from workers.app import app
 
 log = logging.getLogger("prewarm.worker")

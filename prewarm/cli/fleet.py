@@ -15,9 +15,9 @@ import click
 def budget_cmd(registry: str, rate: str | None, burst: str | None, concurrency: int | None, clear: bool,
                broker_url: str) -> None:
     """Show or set the registry budget every worker of the fleet obeys."""
-    from prewarm.broker import redis_client
-    from prewarm.budget import clear_budget, get_budget, parse_size, set_budget
-    from prewarm.progress import human_bytes
+    from prewarm.fleet.broker import redis_client
+    from prewarm.fleet.budget import clear_budget, get_budget, parse_size, set_budget
+    from prewarm.fleet.progress import human_bytes
 
     r = redis_client(broker_url)
     if clear:
@@ -45,9 +45,9 @@ def nodes_cmd(as_json: bool, broker_url: str) -> None:
     import json
     import time
 
-    from prewarm.broker import redis_client
-    from prewarm.nodes import list_nodes
-    from prewarm.progress import human_bytes, human_seconds
+    from prewarm.fleet.broker import redis_client
+    from prewarm.fleet.nodes import list_nodes
+    from prewarm.fleet.progress import human_bytes, human_seconds
 
     nodes = list_nodes(redis_client(broker_url))
     if as_json:

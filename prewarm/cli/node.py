@@ -39,8 +39,8 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
 
     Extra arguments are passed to ``celery worker`` as they are (e.g. ``--pool threads``).
     """
-    from prewarm import keys
-    from prewarm.embedded import default_concurrency
+    from prewarm.fleet import keys
+    from prewarm.node.embedded import default_concurrency
     from prewarm.errors import ConfigError
 
     settings = settings_from(insecure_registries=insecure_registries, ca_bundle=ca_bundle, root=root,
@@ -58,16 +58,16 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
         import tempfile
 
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="prewarm-metrics-"))
-    from prewarm.broker import redis_client
-    from prewarm.nodes import Heartbeat, parse_labels
-    from prewarm.store import ContentStore
+    from prewarm.fleet.broker import redis_client
+    from prewarm.fleet.nodes import Heartbeat, parse_labels
+    from prewarm.store.content import ContentStore
     from workers.app import app  # reads the environment set just above
 
     env_labels = [p for p in os.environ.get("PREWARM_NODE_LABELS", "").split(",") if p.strip()]
     node_labels = parse_labels(env_labels + list(labels))
-    from prewarm.schedule import join_standing_jobs, resend_stalled, start_own_windows
+    from prewarm.fleet.schedule import join_standing_jobs, resend_stalled, start_own_windows
 
-    # A lost task message (see prewarm.jobs.stalled_jobs) is sent again once nothing has
+    # A lost task message (see prewarm.fleet.jobs.stalled_jobs) is sent again once nothing has
     # finished for two visibility timeouts: redelivery of unacknowledged ones comes first.
     stall_seconds = 2 * float(os.environ.get("PREWARM_VISIBILITY_TIMEOUT", "900"))
 
@@ -83,7 +83,7 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
                      on_beat=on_beat)
     beat.start()
     if metrics_port:
-        from prewarm.metrics import serve
+        from prewarm.node.metrics import serve
 
         serve(int(metrics_port), multiprocess=True)
 
@@ -91,7 +91,7 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
             "-c", str(concurrency or default_concurrency()),
             "-n", hostname or f"prewarm@{settings.node_name}",
             "--loglevel", "WARNING" if quiet else "INFO",  # events: PREWARM_TASK_EVENTS, set above
-            # Gossip and mingle are Celery's own membership, which prewarm.nodes replaces:
+            # Gossip and mingle are Celery's own membership, which prewarm.fleet.nodes replaces:
             # two fewer consumers on the broker connection for a Redis restart to break.
             "--without-gossip", "--without-mingle"]
     _run_celery_worker(app, argv + list(ctx.args), settings.node_name)
@@ -99,7 +99,7 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
 
 def _run_celery_worker(app, argv: list[str], node: str) -> None:  # type: ignore[no-untyped-def]
     """Run Celery's worker; if it fails without being asked to stop, start it again in place
-    (:mod:`prewarm.restart`), so that its node's jobs do not stall."""
+    (:mod:`prewarm.node.restart`), so that its node's jobs do not stall."""
     import logging
     import sys
     import time
@@ -107,7 +107,7 @@ def _run_celery_worker(app, argv: list[str], node: str) -> None:  # type: ignore
     from celery.signals import worker_shutting_down
 
     from prewarm.errors import PrewarmError
-    from prewarm.restart import (
+    from prewarm.node.restart import (
         CRASH_WINDOW,
         CRASHES_ENV,
         MAX_CRASHES,
@@ -161,9 +161,9 @@ def _run_celery_worker(app, argv: list[str], node: str) -> None:  # type: ignore
 def mounts_cmd(image: str, target: str, root: Path | None) -> None:
     """Print the overlay mount of IMAGE's pre-warmed rootfs, as `ctr snapshots mounts` does."""
     from prewarm.errors import PrewarmError
-    from prewarm.images import find_record
-    from prewarm.layout import Layout
-    from prewarm.store import ContentStore
+    from prewarm.runtime.images import find_record
+    from prewarm.store.layout import Layout
+    from prewarm.store.content import ContentStore
 
     settings = settings_from(root=root)
     layout = Layout(settings.root)
@@ -191,10 +191,10 @@ def _image_state(store, record) -> str:  # type: ignore[no-untyped-def]
 @root_option
 def images_cmd(as_json: bool, root: Path | None) -> None:
     """List the images pre-warmed on this node, with size and state."""
-    from prewarm.images import list_records
-    from prewarm.layout import Layout
-    from prewarm.progress import human_bytes
-    from prewarm.store import ContentStore
+    from prewarm.runtime.images import list_records
+    from prewarm.store.layout import Layout
+    from prewarm.fleet.progress import human_bytes
+    from prewarm.store.content import ContentStore
 
     settings = settings_from(root=root)
     store = ContentStore(settings.root)
@@ -219,9 +219,9 @@ def images_cmd(as_json: bool, root: Path | None) -> None:
 def rm_cmd(image: str, root: Path | None) -> None:
     """Forget IMAGE on this node and remove its layers that nothing else uses."""
     from prewarm.errors import PrewarmError
-    from prewarm.gc import collect
-    from prewarm.images import find_record, remove_record
-    from prewarm.layout import Layout
+    from prewarm.runtime.gc import collect
+    from prewarm.runtime.images import find_record, remove_record
+    from prewarm.store.layout import Layout
 
     settings = settings_from(root=root)
     layout = Layout(settings.root)
@@ -238,8 +238,8 @@ def rm_cmd(image: str, root: Path | None) -> None:
 @root_option
 def gc_cmd(dry_run: bool, root: Path | None) -> None:
     """Remove layers that no pre-warmed image and no snapshot uses."""
-    from prewarm.gc import collect
-    from prewarm.layout import Layout
+    from prewarm.runtime.gc import collect
+    from prewarm.store.layout import Layout
 
     settings = settings_from(root=root)
     removed = collect(Layout(settings.root), dry_run=dry_run)

@@ -18,8 +18,8 @@ def _say(msg: str) -> None:
 
 def _finish(status, as_json: bool) -> None:  # type: ignore[no-untyped-def]
     from prewarm.errors import JobError
-    from prewarm.jobs import job_summary_json
-    from prewarm.progress import human_bytes
+    from prewarm.fleet.jobs import job_summary_json
+    from prewarm.fleet.progress import human_bytes
 
     if as_json:
         click.echo(job_summary_json(status))
@@ -33,8 +33,8 @@ def _finish(status, as_json: bool) -> None:  # type: ignore[no-untyped-def]
 
 
 def _save_summary(root: Path, status) -> None:  # type: ignore[no-untyped-def]
-    from prewarm.atomic import atomic_write
-    from prewarm.jobs import job_summary_json
+    from prewarm.store.atomic import atomic_write
+    from prewarm.fleet.jobs import job_summary_json
 
     atomic_write(root / "jobs" / f"{status.job_id}.json", job_summary_json(status).encode())
 
@@ -44,10 +44,10 @@ def _register_in_containerd(settings, image: str, resolved, containerd: tuple[Pa
     """--containerd: register the now complete image in this node's containerd (no layer fetched)."""
     if containerd is None:
         return
-    from prewarm.containerd import ContainerdClient, register_image
+    from prewarm.runtime.containerd import ContainerdClient, register_image
     from prewarm.errors import StoreError
-    from prewarm.images import find_record
-    from prewarm.layout import Layout
+    from prewarm.runtime.images import find_record
+    from prewarm.store.layout import Layout
 
     layout = Layout(settings.root)
     record = find_record(layout, image)
@@ -62,12 +62,12 @@ def _register_in_containerd(settings, image: str, resolved, containerd: tuple[Pa
 def _schedule_embedded(settings, image: str, window: int | None, index: str, concurrency: int | None,
                        as_json: bool, quiet: bool,
                        containerd: tuple[Path, str] | None = None) -> None:  # type: ignore[no-untyped-def]
-    from prewarm.images import record_prewarmed_image
-    from prewarm.layout import Layout
-    from prewarm.plan import plan_resolved
-    from prewarm.reference import parse_reference
-    from prewarm.registry.client import RegistryClient
-    from prewarm.store import ContentStore
+    from prewarm.runtime.images import record_prewarmed_image
+    from prewarm.store.layout import Layout
+    from prewarm.fleet.plan import plan_resolved
+    from prewarm.resolve.reference import parse_reference
+    from prewarm.resolve.registry.client import RegistryClient
+    from prewarm.store.content import ContentStore
 
     ref = parse_reference(image)
     client = RegistryClient.from_settings(settings)
@@ -103,7 +103,7 @@ def _start_cluster(stack: contextlib.ExitStack, settings, concurrency: int | Non
     ^C): nothing of theirs needs to finish, every write of a task is safe against kill -9.
     """
     # Celery and Redis: imported only when something is to be fetched
-    from prewarm.embedded import embedded_cluster
+    from prewarm.node.embedded import embedded_cluster
 
     cluster = stack.enter_context(embedded_cluster(settings, concurrency=concurrency))
     stack.callback(setattr, cluster, "job_over", True)
@@ -113,12 +113,12 @@ def _start_cluster(stack: contextlib.ExitStack, settings, concurrency: int | Non
 def _run_embedded_job(settings, image: str, window: int | None, index: str, quiet: bool, client, store,  # type: ignore[no-untyped-def]
                       resolved, cluster):
     """The job on this node's private cluster: space check, zTOCs, plan, launch, wait; its final status."""
-    from prewarm import schedule
-    from prewarm.broker import redis_client
-    from prewarm.images import record_prewarmed_image
-    from prewarm.layout import Layout
-    from prewarm.plan import plan_resolved
-    from prewarm.progress import ProgressView
+    from prewarm.fleet import schedule
+    from prewarm.fleet.broker import redis_client
+    from prewarm.runtime.images import record_prewarmed_image
+    from prewarm.store.layout import Layout
+    from prewarm.fleet.plan import plan_resolved
+    from prewarm.fleet.progress import ProgressView
 
     schedule.check_space_before_download(store, client, resolved)
     # One node: building zTOCs here would download every layer twice, so without a
@@ -202,13 +202,13 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
                            (containerd_socket, namespace) if containerd_socket else None)
         return
     # Imported past the embedded branch: an image already pre-warmed needs none of them.
-    from prewarm import schedule
-    from prewarm.broker import redact, redis_client
-    from prewarm.nodes import list_nodes, parse_labels, select_nodes
-    from prewarm.plan import plan_resolved
-    from prewarm.progress import ProgressView
-    from prewarm.reference import parse_reference
-    from prewarm.registry.client import RegistryClient
+    from prewarm.fleet import schedule
+    from prewarm.fleet.broker import redact, redis_client
+    from prewarm.fleet.nodes import list_nodes, parse_labels, select_nodes
+    from prewarm.fleet.plan import plan_resolved
+    from prewarm.fleet.progress import ProgressView
+    from prewarm.resolve.reference import parse_reference
+    from prewarm.resolve.registry.client import RegistryClient
 
     if containerd_socket:
         raise ConfigError("--containerd registers on this machine: with a fleet give --containerd to each "
@@ -253,8 +253,8 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
 
 
 def _print_dry_run(plan, image: str, rows, as_json: bool) -> None:  # type: ignore[no-untyped-def]
-    from prewarm import schedule
-    from prewarm.progress import human_bytes, human_seconds
+    from prewarm.fleet import schedule
+    from prewarm.fleet.progress import human_bytes, human_seconds
 
     lines, egress = schedule.dry_run(plan, rows)
     if as_json:
@@ -273,10 +273,10 @@ def _print_dry_run(plan, image: str, rows, as_json: bool) -> None:  # type: igno
 def _dry_run_local(settings, image: str, as_json: bool) -> None:  # type: ignore[no-untyped-def]
     import shutil
 
-    from prewarm.plan import plan_resolved
-    from prewarm.reference import parse_reference
-    from prewarm.registry.client import RegistryClient
-    from prewarm.store import ContentStore
+    from prewarm.fleet.plan import plan_resolved
+    from prewarm.resolve.reference import parse_reference
+    from prewarm.resolve.registry.client import RegistryClient
+    from prewarm.store.content import ContentStore
 
     resolved = RegistryClient.from_settings(settings).resolve(parse_reference(image), settings.platform)
     plan = plan_resolved(resolved, {})
@@ -293,9 +293,9 @@ def _dry_run_local(settings, image: str, as_json: bool) -> None:  # type: ignore
 @root_option
 def status_cmd(job: str | None, as_json: bool, broker_url: str | None, root: Path | None) -> None:
     """Show a job (or list recent jobs): per node and layer state, bytes, and why a layer failed."""
-    from prewarm import jobs
-    from prewarm.broker import redis_client
-    from prewarm.progress import human_bytes
+    from prewarm.fleet import jobs
+    from prewarm.fleet.broker import redis_client
+    from prewarm.fleet.progress import human_bytes
 
     settings = settings_from(root=root, broker_url=broker_url)
     if not settings.broker_url:
@@ -337,8 +337,8 @@ def status_cmd(job: str | None, as_json: bool, broker_url: str | None, root: Pat
 @click.option("--broker-url", envvar="PREWARM_BROKER_URL", required=True)
 def cancel_cmd(job: str, broker_url: str) -> None:
     """Stop handing out work for JOB; tasks in flight finish, stores stay consistent."""
-    from prewarm import jobs
-    from prewarm.broker import redis_client
+    from prewarm.fleet import jobs
+    from prewarm.fleet.broker import redis_client
 
     jobs.cancel_job(redis_client(broker_url), job)
     click.echo(f"job {job} cancelled")

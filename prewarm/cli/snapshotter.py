@@ -22,15 +22,15 @@ from prewarm.cli._common import root_option, settings_from
                    "which sends it on some calls only and already puts the namespace in every key.")
 def snapshotter(address: Path, root: Path | None, log_level: str, isolate_namespaces: bool) -> None:
     """Serve containerd's snapshot API over pre-warmed layers (a proxy snapshotter)."""
-    from prewarm.shim.server import run
+    from prewarm.runtime.shim.server import run
 
     settings = settings_from(root=root)
     level = getattr(logging, log_level.upper())
-    for name in ("prewarm.shim", "prewarm.snapshot"):
+    for name in ("prewarm.runtime.shim", "prewarm.runtime.snapshot"):
         logging.getLogger(name).setLevel(level)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("prewarm.shim", "prewarm.snapshot"):
+    for name in ("prewarm.runtime.shim", "prewarm.runtime.snapshot"):
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).propagate = False
     run(address, settings.root, isolate_namespaces=isolate_namespaces)

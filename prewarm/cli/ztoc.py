@@ -33,7 +33,7 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def _load(path: Path) -> Any:
-    from prewarm.ztoc import parse_ztoc
+    from prewarm.index.ztoc import parse_ztoc
 
     data = _read(path, "zTOC")
     try:
@@ -54,9 +54,9 @@ def build_cmd(layer: Path, span_size: int | None, build_tool_identifier: str | N
     """Build the zTOC of LAYER (a .tar.gz or .tar file), reading it once."""
     from prewarm.cli._common import settings_from
     from prewarm.config import BUILD_TOOL_IDENTIFIER
-    from prewarm.digest import sha256_digest
-    from prewarm.ztoc import serialize_ztoc
-    from prewarm.ztoc_build import build_ztoc_from_file
+    from prewarm.resolve.digest import sha256_digest
+    from prewarm.index.ztoc import serialize_ztoc
+    from prewarm.index.ztoc_build import build_ztoc_from_file
 
     size = span_size or settings_from().span_size
     z = build_ztoc_from_file(layer, span_size=size,
@@ -144,7 +144,7 @@ def info_cmd(ztoc: Path, as_json: bool) -> None:
 @click.argument("layer", type=click.Path(path_type=Path))
 def verify_cmd(ztoc: Path, layer: Path) -> None:
     """Check ZTOC against LAYER: span digests, inflation from each checkpoint, the TOC."""
-    from prewarm.ztoc_build import verify_ztoc
+    from prewarm.index.ztoc_build import verify_ztoc
 
     z, _ = _load(ztoc)
     spans = verify_ztoc(z, layer)

@@ -1,0 +1,195 @@
+"""The fleet's registry budget, held in Redis so every worker of every node shares it.
+
+Per registry host an operator may set (``prewarm budget HOST ...``):
+
+* a byte rate: a token bucket refilled at ``rate`` bytes/s up to ``burst`` bytes.  A
+  request takes its bytes from the bucket; a large one may drive it negative, which
+  makes the next requests wait, so the long-run rate is the budget whatever the span size;
+* a concurrency limit: leases in a sorted set, scored by expiry, so a worker killed while
+  holding one does not leak it beyond the lease time;
+* a fleet-wide back-off: when the registry answers 429, the worker that got it sets a key
+  that expires after ``Retry-After``, and every worker waits it out before its next request.
+
+All three are Lua scripts: atomic, one round trip, with Redis's own clock (``TIME``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+import uuid
+from collections.abc import Iterator
+from typing import cast
+
+import redis
+
+from prewarm.fleet import keys
+from prewarm.errors import ConfigError
+
+#: How long a concurrency lease lasts if its holder never returns it (seconds).
+LEASE_SECONDS = 120.0
+
+_TAKE = """
+local cfg = redis.call('HMGET', KEYS[1], 'rate', 'burst')
+local rate = tonumber(cfg[1])
+if not rate or rate <= 0 then return '0' end
+local burst = tonumber(cfg[2]) or rate
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens') or burst)
+local ts = tonumber(redis.call('HGET', KEYS[1], 'ts') or now)
+tokens = math.min(burst, tokens + (now - ts) * rate)
+local want = tonumber(ARGV[1])
+local need = math.min(want, burst)
+if tokens >= need then
+  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - want), 'ts', tostring(now))
+  return '0'
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+return tostring((need - tokens) / rate)
+"""
+
+_LEASE = """
+local limit = tonumber(redis.call('HGET', KEYS[1], 'concurrency') or '0')
+if limit <= 0 then return 1 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('ZCARD', KEYS[2]) < limit then
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetConfig:
+    rate: float  # bytes per second, 0 = unlimited
+    burst: float
+    concurrency: int  # 0 = unlimited
+
+
+def parse_size(text: str) -> int:
+    """``100MB``, ``1.5GiB``, ``4096`` -> bytes."""
+    units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 10**6, "mb": 10**6, "mib": 1 << 20,
+             "g": 10**9, "gb": 10**9, "gib": 1 << 30}
+    raw = text.strip().lower().removesuffix("/s")
+    num = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(num):].strip()
+    try:
+        value = float(num)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a size (e.g. 100MB, 1GiB, 4096)") from None
+    if unit not in units or value < 0:
+        raise ConfigError(f"{text!r} is not a size (e.g. 100MB, 1GiB, 4096)")
+    return int(value * units[unit])
+
+
+def set_budget(r: redis.Redis, registry: str, *, rate: float, burst: float | None, concurrency: int) -> None:
+    burst = burst if burst else max(rate, 8 << 20)
+    r.hset(keys.BUDGET.format(registry=registry),
+           mapping={"rate": rate, "burst": burst, "concurrency": concurrency})
+    r.hdel(keys.BUDGET.format(registry=registry), "tokens", "ts")
+
+
+def clear_budget(r: redis.Redis, registry: str) -> None:
+    r.delete(keys.BUDGET.format(registry=registry), keys.BUDGET_INFLIGHT.format(registry=registry),
+             keys.BUDGET_BACKOFF.format(registry=registry))
+
+
+def get_budget(r: redis.Redis, registry: str) -> BudgetConfig | None:
+    h = r.hgetall(keys.BUDGET.format(registry=registry))
+    if not h:
+        return None
+    h = {k.decode(): v.decode() for k, v in h.items()}
+    return BudgetConfig(float(h.get("rate", 0)), float(h.get("burst", 0)), int(float(h.get("concurrency", 0))))
+
+
+class RegistryBudget:
+    """Client side of the budget, used by workers around every registry request."""
+
+    def __init__(self, r: redis.Redis, *, sleep=time.sleep, poll: float = 0.02) -> None:  # type: ignore[no-untyped-def]
+        self.r = r
+        self._take = r.register_script(_TAKE)
+        self._lease = r.register_script(_LEASE)
+        self._sleep = sleep
+        self._poll = poll
+
+    def backoff(self, registry: str, seconds: float) -> None:
+        """The registry said 429: make the whole fleet wait ``seconds`` before asking it again."""
+        ms = max(1, int(seconds * 1000))
+        key = keys.BUDGET_BACKOFF.format(registry=registry)
+        # Only ever extend a back-off, never shorten one another worker set.
+        current = cast(int, self.r.pttl(key))
+        if current < ms:
+            self.r.set(key, "1", px=ms)
+
+    def _wait_backoff(self, registry: str) -> None:
+        while True:
+            ttl = cast(int, self.r.pttl(keys.BUDGET_BACKOFF.format(registry=registry)))
+            if ttl <= 0:
+                return
+            self._sleep(ttl / 1000)
+
+    def take(self, registry: str, nbytes: int) -> None:
+        """Wait until ``nbytes`` of the byte budget are available, and take them."""
+        if nbytes <= 0:
+            return
+        k_cfg = keys.BUDGET.format(registry=registry)
+        while True:
+            wait = float(self._take(keys=[k_cfg], args=[nbytes]))
+            if wait <= 0:
+                return
+            self._sleep(min(wait, 1.0))
+
+    @contextlib.contextmanager
+    def request(self, registry: str, nbytes: int) -> Iterator[None]:
+        """Hold a concurrency lease and ``nbytes`` of byte budget for one request."""
+        k_cfg = keys.BUDGET.format(registry=registry)
+        # One round trip when the registry has no budget and no back-off (the embedded
+        # case, and most registries): a span costs one Redis call here, not five.
+        pipe = self.r.pipeline(transaction=False)
+        pipe.pttl(keys.BUDGET_BACKOFF.format(registry=registry))
+        pipe.hmget(k_cfg, ["rate", "concurrency"])
+        ttl, (rate, concurrency) = pipe.execute()
+        if int(ttl) <= 0 and not _positive(rate) and not _positive(concurrency):
+            yield
+            return
+        self._wait_backoff(registry)
+        lease = uuid.uuid4().hex
+        k_inflight = keys.BUDGET_INFLIGHT.format(registry=registry)
+        while not int(self._lease(keys=[k_cfg, k_inflight], args=[lease, LEASE_SECONDS])):
+            self._sleep(self._poll)
+        try:
+            self.take(registry, nbytes)
+            # A 429 seen by another worker while this one waited for its lease or bytes.
+            self._wait_backoff(registry)
+            yield
+        finally:
+            self._release(k_inflight, lease)
+
+    def _release(self, k_inflight: str, lease: str) -> None:
+        """Return a lease, waiting out a Redis restart to do so.
+
+        Why: a lease left behind holds one of the fleet's concurrency slots until it
+        expires (LEASE_SECONDS); after a Redis restart every in-flight request's lease
+        would be left so, and the whole fleet would wait minutes for slots nobody holds.
+        """
+        deadline = time.monotonic() + LEASE_SECONDS
+        while True:
+            try:
+                self.r.zrem(k_inflight, lease)
+                return
+            except redis.exceptions.ConnectionError:  # BusyLoadingError too: Redis restarting
+                if time.monotonic() > deadline:
+                    raise
+                self._sleep(0.2)
+
+
+def _positive(value: bytes | None) -> bool:
+    try:
+        return value is not None and float(value) > 0
+    except ValueError:
+        return True  # unreadable: take the full path, which reads it as the scripts do

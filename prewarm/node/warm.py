@@ -1,0 +1,304 @@
+"""What a node's worker does for one task: fetch, verify, inflate, land, and account.
+
+The Celery tasks in ``workers.tasks`` are thin wrappers around :func:`warm_span` and
+:func:`warm_layer`; everything here is plain Python that takes a :class:`NodeContext`,
+so it can be read, tested and profiled without Celery.
+
+Per span task (the hot path)::
+
+    one Range GET of its adjacent spans' bytes     (registry, through the node's budget)
+    then for each span:
+    === verify the span digest                     (transport check; the layer digest is the real one)
+    === inflate from the checkpoint, check the next checkpoint's window against our tail
+    === land: TOC checked against the real tar headers, pwrite into pre-sized files,
+        in-order hash of the compressed layer advanced, layer committed when complete
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterator
+
+from redis import Redis
+
+from prewarm.fleet import jobs
+from prewarm.fleet.budget import RegistryBudget
+from prewarm.config import Settings
+from prewarm.resolve.digest import verify
+from prewarm.errors import PrewarmError, RateLimited
+from prewarm.runtime.images import ImageRecord, record_prewarmed_image
+from prewarm.index.inflate import inflate_span
+from prewarm.store.layout import Layout
+from prewarm.node.metrics import BYTES_FETCHED, INFLATE_SECONDS, LAYERS, SPANS
+from prewarm.fleet.plan import ImagePlan
+from prewarm.resolve.reference import Reference, parse_reference
+from prewarm.resolve.registry.client import RegistryClient
+from prewarm.resolve.registry.retry import RetryPolicy
+from prewarm.store.content import ContentStore, fetch_range
+from prewarm.index.ztoc import Ztoc
+from prewarm.store.ztoc_cache import ZtocCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class NodeContext:
+    """What one worker process keeps between tasks: clients, store, caches."""
+
+    settings: Settings
+    redis: Redis
+    client: RegistryClient
+    store: ContentStore
+    layout: Layout
+    ztocs: ZtocCache
+    budget: RegistryBudget
+    _plans: dict[str, ImagePlan] = dataclasses.field(default_factory=dict)
+    _refs: dict[str, Reference] = dataclasses.field(default_factory=dict)
+    _ahead: set[str] = dataclasses.field(default_factory=set)
+
+    @classmethod
+    def create(cls, settings: Settings, r: Redis) -> NodeContext:
+        layout = Layout(settings.root)
+        # A 429 must reach the fleet budget (warm_span's back-off) at once, not be waited out
+        # inside the client while the rest of the fleet keeps asking.
+        client = RegistryClient.from_settings(settings, retry=RetryPolicy(retry_rate_limited=False))
+        return cls(settings, r, client, ContentStore(settings.root),
+                   layout, ZtocCache(layout), RegistryBudget(r))
+
+    def plan(self, job_id: str) -> ImagePlan:
+        plan = self._plans.get(job_id)
+        if plan is None:
+            plan = self._plans[job_id] = jobs.load_plan(self.redis, job_id)
+            if len(self._plans) > 64:
+                self._plans.pop(next(iter(self._plans)))
+        return plan
+
+    def reference(self, image: str) -> Reference:
+        ref = self._refs.get(image)
+        if ref is None:
+            ref = self._refs[image] = parse_reference(image)
+        return ref
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What a task did: bytes it accounts for, whether it fetched, whether the layer is now ready."""
+
+    nbytes: int
+    fetched: bool
+    layer_ready: bool
+
+
+def span_accounting_bytes(ztoc, index: int) -> int:  # type: ignore[no-untyped-def]
+    """Compressed bytes a span accounts for, so that a layer's spans add up to its size exactly.
+
+    Neighbouring spans may share one byte; each span counts from the end of the one before.
+    """
+    span = ztoc.span(index)
+    start = ztoc.span(index - 1).compressed_end if index > 0 else 0
+    return span.compressed_end - start
+
+
+def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index: int,
+              ztoc: str, span: int, count: int = 1) -> Outcome:
+    """Fetch, verify, inflate and land spans ``span .. span + count - 1`` of one layer.
+
+    The spans not yet in the store are fetched in one Range request (from the first of them
+    to the last), then each is verified, inflated and landed in turn; a redelivered task
+    fetches only what is still missing.
+
+    Raises:
+        RegistryError: fetching failed (``Transient`` ones are retried by the task).
+        CorruptContent: a span, its zTOC or the layer do not match what vouches for them.
+        StoreError: the store cannot take the span (disk full, ...).
+    """
+    plan = ctx.plan(job)
+    lp = plan.layers[layer_index]
+    if lp.digest != layer:
+        raise ValueError(f"task names layer {layer} but the job's plan has {lp.digest} at {layer_index}")
+    ref = ctx.reference(image)
+    z = _ztoc(ctx, ref, ztoc)
+    if not (count >= 1 and 0 <= span and span + count <= z.num_spans):
+        raise ValueError(f"task names spans {span}..{span + count - 1} of layer {layer}, which has "
+                         f"{z.num_spans}")
+    nbytes = sum(span_accounting_bytes(z, i) for i in range(span, span + count))
+    if ctx.store.is_ready(layer):
+        return Outcome(nbytes, False, True)
+    store = ctx.store
+    todo = [i for i in range(span, span + count) if not store.span_landed(layer, i)]
+    if len(todo) < count:  # a redelivered task (landed bytes of a valid state only)
+        store.prepare_layer(layer, z, diff_id=lp.diff_id)
+        todo = [i for i in range(span, span + count) if not store.span_landed(layer, i)]
+        if not todo:
+            return Outcome(nbytes, False, store.finish_if_complete(layer, z))
+    start = fetch_range(z.span(todo[0]))[0]  # span 0 also brings the gzip header (layer digest)
+    end = z.span(todo[-1]).compressed_end
+    with _fleet_backoff_on_429(ctx, ref.registry), ctx.budget.request(ref.registry, end - start):
+        data = ctx.client.fetch_range(ref.registry, ref.repository, layer, start, end)
+    BYTES_FETCHED.labels(ref.registry, "span").inc(len(data))
+    whole = memoryview(data)
+    ready = False
+    for i in todo:
+        s = z.span(i)
+        lo, hi = fetch_range(s)
+        compressed = whole[lo - start:hi - start]
+        body = compressed[s.compressed_start - lo:]
+        verify(body, s.digest, what=f"span {i} of layer {layer} ({ref.registry}/{ref.repository})")
+        next_window = z.checkpoint(i + 1).window if i + 1 < z.num_spans and s.checkpoint else None
+        with INFLATE_SECONDS.time():
+            out = inflate_span(s, body, next_window=next_window, is_last=i == z.num_spans - 1)
+        # Prepared after fetching and inflating: while one process of the node validates a cold
+        # layer's TOC (under the layer lock), the others fetch and inflate instead of waiting.
+        store.prepare_layer(layer, z, diff_id=lp.diff_id)
+        ready = store.land_span(layer, z, i, compressed, out).ready
+        SPANS.labels("fetched").inc()
+    prepare_ahead(ctx, plan, layer_index, ref)
+    if ready:
+        LAYERS.labels("ready").inc()
+    return Outcome(nbytes, True, ready)
+
+
+def _ztoc(ctx: NodeContext, ref: Reference, digest: str) -> Ztoc:
+    """The zTOC ``digest``, from the node's cache or fetched within the fleet's registry budget.
+
+    Why: zTOCs are registry egress too (a 32 KiB window per span, megabytes per layer), so
+    their size (a HEAD) is charged to the byte budget before they are fetched, and a 429 on
+    them backs the whole fleet off like one on a span.
+    """
+    if ctx.ztocs.has(digest):
+        return ctx.ztocs.get(digest)
+    with _fleet_backoff_on_429(ctx, ref.registry):
+        with ctx.budget.request(ref.registry, 0):
+            size = ctx.client.blob_exists(ref.registry, ref.repository, digest) or 0
+        with ctx.budget.request(ref.registry, size):
+            return ctx.ztocs.get(digest, ctx.client, ref.registry, ref.repository)
+
+
+@contextlib.contextmanager
+def _fleet_backoff_on_429(ctx: NodeContext, registry: str) -> Iterator[None]:
+    """Any 429 from ``registry`` (span, zTOC or layer) makes the whole fleet wait its Retry-After.
+
+    Raises:
+        RateLimited: re-raised after the back-off is set, so the task is retried later.
+    """
+    try:
+        yield
+    except RateLimited as err:
+        ctx.budget.backoff(registry, err.retry_after or 1.0)
+        raise
+
+
+def prepare_ahead(ctx: NodeContext, plan: ImagePlan, layer_index: int, ref: Reference) -> None:
+    """Prepare the job's next span layer (in work order) while this one is still landing (once per process).
+
+    Why: preparing a layer (checking its TOC, creating its tree) takes seconds for 70,000
+    files, and every span of it waits for that; done ahead by one process, it overlaps the
+    others' work on this layer.  Never waits for the layer's lock (someone else is on it),
+    and a failure is left to that layer's own tasks, which report it.
+    """
+    nxt = plan.next_span_layer(layer_index)
+    if nxt is None or nxt.digest in ctx._ahead or nxt.ztoc_digest is None:
+        return
+    ctx._ahead.add(nxt.digest)
+    if len(ctx._ahead) > 256:
+        ctx._ahead.clear()
+    if ctx.store.layer_state(nxt.digest) != "absent":
+        return
+    try:
+        z = _ztoc(ctx, ref, nxt.ztoc_digest)
+        ctx.store.prepare_layer(nxt.digest, z, diff_id=nxt.diff_id, wait=False)
+    except PrewarmError as err:
+        log.info("preparing layer %s ahead failed (its own tasks will report it): %s", nxt.digest, err)
+
+
+def warm_layer(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index: int) -> Outcome:
+    """Stream one whole layer (no zTOC) into the store, verified against digest and diff_id."""
+    plan = ctx.plan(job)
+    lp = plan.layers[layer_index]
+    if lp.digest != layer:
+        raise ValueError(f"task names layer {layer} but the job's plan has {lp.digest} at {layer_index}")
+    if ctx.store.is_ready(layer):
+        return Outcome(lp.size, False, True)
+    ref = ctx.reference(image)
+    try:
+        with ctx.budget.request(ref.registry, 0), \
+                ctx.client.stream_blob(ref.registry, ref.repository, layer) as chunks:
+            ctx.store.ingest_stream(layer, _metered(ctx, ref.registry, chunks),
+                                    media_type=lp.media_type, diff_id=lp.diff_id)
+        LAYERS.labels("ready").inc()
+    except RateLimited as err:
+        ctx.budget.backoff(ref.registry, err.retry_after or 1.0)
+        raise
+    return Outcome(lp.size, True, True)
+
+
+def _metered(ctx: NodeContext, registry: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Charge a streamed layer to the byte budget chunk by chunk (the lease is held outside)."""
+    take = ctx.budget.take
+    counter = BYTES_FETCHED.labels(registry, "layer")
+    for chunk in chunks:
+        take(registry, len(chunk))
+        counter.inc(len(chunk))
+        yield chunk
+
+
+def complete_image(ctx: NodeContext, job: str, name: str) -> bool:
+    """If every layer of the job's image is ready on this node, record the image and its chains.
+
+    Idempotent: several workers may get here for the same image.
+    """
+    plan = ctx.plan(job)
+    if not all(ctx.store.is_ready(layer.digest) for layer in plan.layers):
+        return False
+    record = record_prewarmed_image(ctx.layout, name, plan)
+    if ctx.settings.containerd_address is not None:
+        register_in_containerd(ctx, record)
+    return True
+
+
+def register_in_containerd(ctx: NodeContext, record: ImageRecord) -> None:
+    """Register a completed image in the node's containerd (worker --containerd).
+
+    A failure is logged, not raised: the layers are ready and stay so; the task must not be
+    retried for it. `prewarm schedule IMAGE --wait --containerd SOCKET` without a broker, on the
+    node, registers it again and fetches nothing once the layers are ready.
+    """
+    from prewarm.runtime.containerd import ContainerdClient, register_from_registry
+    from prewarm.errors import PrewarmError
+
+    assert ctx.settings.containerd_address is not None
+    try:
+        done = register_from_registry(ContainerdClient(ctx.settings.containerd_address,
+                                                       ctx.settings.containerd_namespace),
+                                      ctx.layout, record, ctx.client)
+    except PrewarmError as err:
+        log.error("image %s is pre-warmed but could not be registered in containerd: %s", record.name, err)
+        return
+    log.info("image %s registered in containerd %s (namespace %s)", done.name, ctx.settings.containerd_address,
+             done.namespace)
+
+
+def account(ctx: NodeContext, *, job: str, node: str, layer_index: int, span: int, outcome: Outcome | None,
+            error: str | None) -> None:
+    """Record a finished task in the job: span counted once, layer state, image record when complete."""
+    r = ctx.redis
+    if outcome is not None:
+        jobs.record_span(r, job, node, layer_index, span, outcome.nbytes)
+        if outcome.layer_ready:
+            jobs.record_layer(r, job, node, layer_index, jobs.LAYER_READY)
+            image = jobs.job_image_name(r, job)
+            if complete_image(ctx, job, image):
+                log.info("image %s complete on %s", image, node)
+    else:
+        jobs.record_span(r, job, node, layer_index, span, 0)
+        # The first failure of a layer keeps its reason; later spans of it only count.
+        if jobs.layer_state(r, job, node, layer_index) == jobs.LAYER_PENDING:
+            jobs.record_layer(r, job, node, layer_index, jobs.LAYER_FAILED, error)
+            LAYERS.labels("failed").inc()
+
+
+def layer_failed(ctx: NodeContext, job: str, node: str, layer_index: int) -> bool:
+    return jobs.layer_state(ctx.redis, job, node, layer_index) == jobs.LAYER_FAILED
+

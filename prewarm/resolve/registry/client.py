@@ -1,0 +1,810 @@
+"""The OCI distribution client: manifests, blobs, byte ranges, uploads, referrers.
+
+This is the only module that speaks the registry's HTTP API.  Its contract:
+
+* **Nothing unverified leaves it.**  Manifests are checked against the digest asked
+  for (or the one the registry vouches for in ``Docker-Content-Digest``), small blobs
+  against their digest before they are returned, streamed blobs when the stream ends
+  (:class:`prewarm.errors.DigestMismatch` if not).  Byte ranges cannot be verified
+  here (only whole blobs have digests): callers check span digests from the zTOC.
+* **Bodies are streamed.**  A layer is never held in memory: ranges read exactly the
+  bytes asked for, even from a server that ignores ``Range`` and sends the whole blob.
+* **Errors are the tree's.**  Every HTTP failure goes through
+  :func:`prewarm.resolve.registry.status.error_for_status`; transient ones (connection
+  errors, 5xx, 429) are retried by the :class:`RetryPolicy` before they surface.
+* **Credentials stay on this node.**  They come from this node's Docker config, go
+  only to the registry (and its token realm), and are never forwarded on a redirect
+  to another host (blob storage on S3 or a CDN).
+* **Plain HTTP only when asked.**  Registries named in ``insecure_registries`` use
+  ``http://``; everything else is HTTPS verified against ``ca_bundle`` (or the
+  system store).
+
+The pull pipeline, in the order :meth:`RegistryClient.resolve` runs it::
+
+    GET manifest (tag or digest) -> verify digest
+    === index / manifest list: choose the platform, GET that manifest -> verify
+    === GET config blob -> verify -> diff_ids
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import re
+import threading
+from collections.abc import Generator, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+
+from prewarm.config import Settings
+from prewarm.resolve.digest import is_digest, new_hasher, parse_digest, sha256_digest, verify
+from prewarm.errors import (
+    BlobNotFound,
+    CorruptContent,
+    DigestMismatch,
+    ManifestNotFound,
+    RangeNotHonored,
+    RegistryError,
+    RegistryUnavailable,
+    UnsupportedManifest,
+)
+from prewarm.resolve.manifest import (
+    IMAGE_INDEXES,
+    IMAGE_MANIFESTS,
+    MANIFEST_ACCEPT,
+    MAX_MANIFEST_BYTES,
+    OCI_INDEX,
+    SCHEMA1,
+    Descriptor,
+    ImageIndex,
+    ImageManifest,
+    Platform,
+    choose_platform,
+    host_platform,
+    index_json,
+    media_type_of,
+    parse_manifest,
+    parse_platform,
+)
+from prewarm.resolve.reference import Reference, registry_api_host
+from prewarm.resolve.registry.auth import RegistryAuth
+from prewarm.resolve.registry.dockerconfig import Credential, DockerConfig
+from prewarm.resolve.registry.retry import RetryPolicy
+from prewarm.resolve.registry.status import Kind, error_for_exception, error_for_status
+
+log = logging.getLogger(__name__)
+
+#: Default ceiling for :meth:`RegistryClient.get_blob` (configs, zTOCs).
+DEFAULT_MAX_BLOB = 64 << 20
+#: Image configs bigger than this are refused (real ones are kilobytes).
+MAX_CONFIG_BYTES = 32 << 20
+#: Redirects followed per request (registries send one, to blob storage).
+MAX_REDIRECTS = 5
+_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_READ_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedImage:
+    """An image reference resolved to one platform's manifest, config and layers.
+
+    Every byte here was checked against its digest.  ``index_digest``/``index`` are set
+    when the reference named an image index (multi-platform image).
+    """
+
+    reference: Reference
+    manifest_digest: str
+    manifest_bytes: bytes
+    media_type: str
+    manifest: ImageManifest
+    config_digest: str
+    config_bytes: bytes
+    config: dict[str, Any]
+    layers: tuple[Descriptor, ...]
+    diff_ids: tuple[str, ...]
+    platform: str | None
+    index_digest: str | None = None
+    index_bytes: bytes | None = None
+    index: ImageIndex | None = None
+
+    @property
+    def manifest_descriptor(self) -> Descriptor:
+        """The image manifest as a descriptor (the subject of its referrers)."""
+        return Descriptor(self.media_type, self.manifest_digest, len(self.manifest_bytes))
+
+    @property
+    def pinned(self) -> Reference:
+        """The reference pinned to the manifest digest (what tasks should carry)."""
+        return self.reference.with_digest(self.manifest_digest)
+
+
+def referrers_tag(digest: str) -> str:
+    """The fallback tag that lists referrers of ``digest``: ``sha256-<hex>``."""
+    algo, hexpart = parse_digest(digest)
+    return f"{algo}-{hexpart}"[:128]
+
+
+class RegistryClient:
+    """A thread-safe client for OCI registries (one per process is enough).
+
+    Args:
+        insecure_registries: registries (``host:port`` as users name them) spoken to
+            over plain HTTP; every other one is HTTPS.
+        ca_bundle: CA bundle file for HTTPS verification; None uses the system store.
+        docker_config: the directory holding ``config.json``; None means ``~/.docker``
+            (:meth:`from_settings` passes ``$DOCKER_CONFIG`` from the settings).
+        retry: when to retry transient failures; default 5 attempts.
+        timeout: seconds to wait for a connection or for the next bytes.
+        pool_size: connections kept per host (threads fetching ranges in parallel).
+    """
+
+    def __init__(self, *, insecure_registries: frozenset[str] = frozenset(), ca_bundle: str | None = None,
+                 docker_config: Path | None = None, retry: RetryPolicy | None = None,
+                 timeout: float = 30.0, pool_size: int = 32) -> None:
+        self.insecure_registries = frozenset(insecure_registries)
+        self.retry = retry or RetryPolicy()
+        self.timeout = timeout
+        self._docker_config_dir = docker_config
+        self._docker_config: DockerConfig | None = None
+        self._session = requests.Session()
+        # Passed on every request: requests lets $REQUESTS_CA_BUNDLE override ``session.verify``.
+        self._verify: str | bool = ca_bundle if ca_bundle else True
+        self._session.verify = self._verify
+        self._session.headers["User-Agent"] = "prewarm/0.1 (+requests)"
+        adapter = HTTPAdapter(pool_connections=8, pool_maxsize=pool_size, max_retries=0)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._auths: dict[str, RegistryAuth] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> RegistryClient:
+        """A client configured from :class:`prewarm.config.Settings` (insecure registries, CA, config)."""
+        kw: dict[str, Any] = {"insecure_registries": settings.insecure_registries,
+                              "ca_bundle": settings.ca_bundle, "docker_config": settings.docker_config}
+        kw.update(overrides)
+        return cls(**kw)
+
+    def close(self) -> None:
+        self._session.close()
+
+    # === plumbing: URLs, auth, one request
+    def base_url(self, registry: str) -> str:
+        """``http(s)://api-host`` for ``registry``."""
+        host = registry_api_host(registry)
+        scheme = "http" if registry in self.insecure_registries or host in self.insecure_registries else "https"
+        return f"{scheme}://{host}"
+
+    def _credential(self, registry: str) -> Credential | None:
+        with self._lock:
+            if self._docker_config is None:
+                self._docker_config = DockerConfig.load(self._docker_config_dir)
+            config = self._docker_config
+        return config.credential_for(registry)
+
+    def auth_for(self, registry: str) -> RegistryAuth:
+        """The (shared) auth state of ``registry``."""
+        with self._lock:
+            auth = self._auths.get(registry)
+            if auth is None:
+                netloc = urlsplit(self.base_url(registry)).netloc
+                auth = RegistryAuth(registry, netloc, lambda: self._credential(registry), self._session,
+                                    timeout=self.timeout, verify=self._verify)
+                self._auths[registry] = auth
+            return auth
+
+    def _send(self, method: str, url: str, *, registry: str, repository: str | None, kind: Kind,
+              subject: str | None, ok: tuple[int, ...], headers: Mapping[str, str] | None = None,
+              data: Any = None, params: Mapping[str, str] | None = None,
+              stream: bool = False) -> requests.Response:
+        """One request (no retry), redirects followed by hand; non-``ok`` statuses raise.
+
+        Redirects to another host are followed without our auth: blob storage gets a
+        pre-signed URL, never the registry's credentials.
+
+        Raises:
+            RegistryError: the mapped status or connection failure.
+        """
+        api_netloc = urlsplit(self.base_url(registry)).netloc
+        hdrs = dict(headers or {})
+        for _ in range(MAX_REDIRECTS + 1):
+            same_host = urlsplit(url).netloc == api_netloc
+            try:
+                resp = self._session.request(method, url, headers=hdrs, data=data, params=params,
+                                             auth=self.auth_for(registry) if same_host else None,
+                                             stream=stream, timeout=self.timeout, allow_redirects=False,
+                                             verify=self._verify)
+            except requests.RequestException as err:
+                raise error_for_exception(err, kind=kind, registry=registry, repository=repository,
+                                          subject=subject) from None
+            if resp.status_code in (301, 302, 303, 307, 308) and "Location" in resp.headers \
+                    and resp.status_code not in ok:
+                url = urljoin(resp.url, resp.headers["Location"])
+                resp.close()
+                params = None
+                if resp.status_code == 303 or (resp.status_code in (301, 302) and method == "POST"):
+                    method, data = "GET", None
+                if urlsplit(url).netloc != api_netloc:
+                    hdrs.pop("Authorization", None)
+                continue
+            if resp.status_code not in ok:
+                try:
+                    raise error_for_status(resp, kind=kind, registry=registry, repository=repository,
+                                           subject=subject,
+                                           scope=f"repository:{repository}" if repository else None)
+                finally:
+                    resp.close()
+            return resp
+        raise RegistryError(f"registry {registry}: too many redirects for {kind} {subject or ''} in {repository}",
+                            registry=registry, repository=repository, digest=subject)
+
+    def _url(self, registry: str, repository: str, *parts: str) -> str:
+        return "/".join([self.base_url(registry), "v2", repository, *parts])
+
+    @staticmethod
+    def _read_limited(resp: requests.Response, limit: int, what: str) -> bytes:
+        """Read a whole (small) body, refusing more than ``limit`` bytes.
+
+        Raises:
+            CorruptContent: the body is larger than ``limit``.
+            RegistryUnavailable: the connection broke while reading.
+        """
+        declared = resp.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise CorruptContent(f"{what} is {int(declared)} bytes, more than the {limit} allowed")
+        buf = bytearray()
+        try:
+            for chunk in resp.raw.stream(1 << 16, decode_content=False):
+                buf += chunk
+                if len(buf) > limit:
+                    raise CorruptContent(f"{what} is more than the {limit} bytes allowed")
+        except _READ_ERRORS as err:
+            raise RegistryUnavailable(f"{what}: connection broke after {len(buf)} bytes "
+                                      f"({err.__class__.__name__})") from None
+        return bytes(buf)
+
+    # === manifests
+    def get_manifest(self, registry: str, repository: str, reference: str) -> tuple[bytes, str, str]:
+        """Fetch a manifest or index by tag or digest, verified.
+
+        Returns:
+            (body, media type, digest).
+
+        Raises:
+            ManifestNotFound: no such tag or digest.
+            UnsupportedManifest: schema 1 or not a manifest.
+            DigestMismatch: the bytes do not match the digest asked for or vouched for.
+        """
+        where = f"{registry}/{repository}{'@' if is_digest(reference) else ':'}{reference}"
+
+        def once() -> tuple[bytes, str, str]:
+            resp = self._send("GET", self._url(registry, repository, "manifests", reference),
+                              registry=registry, repository=repository, kind="manifest", subject=reference,
+                              ok=(200,), headers={"Accept": ", ".join(MANIFEST_ACCEPT)}, stream=True)
+            with resp:
+                body = self._read_limited(resp, MAX_MANIFEST_BYTES, f"manifest {where}")
+                ctype = resp.headers.get("Content-Type")
+                vouched = resp.headers.get("Docker-Content-Digest")
+            if (ctype or "").split(";", 1)[0].strip() in SCHEMA1:
+                media_type_of(body, ctype, where)  # raises the schema-1 explanation
+            if is_digest(reference):
+                verify(body, reference, what=f"manifest {where}")
+                digest = reference
+            else:
+                digest = sha256_digest(body)
+                if vouched and is_digest(vouched):
+                    verify(body, vouched, what=f"manifest {where} (Docker-Content-Digest)")
+            return body, media_type_of(body, ctype, where), digest
+
+        return self.retry.run(once, f"GET manifest {where}")
+
+    def head_manifest(self, registry: str, repository: str, reference: str) -> Descriptor | None:
+        """The manifest's descriptor from a HEAD, or None if it does not exist.
+
+        Raises:
+            RegistryError: anything but 200 or 404 (after retries).
+        """
+        def once() -> Descriptor | None:
+            try:
+                resp = self._send("HEAD", self._url(registry, repository, "manifests", reference),
+                                  registry=registry, repository=repository, kind="manifest", subject=reference,
+                                  ok=(200,), headers={"Accept": ", ".join(MANIFEST_ACCEPT)})
+            except ManifestNotFound:
+                return None
+            with resp:
+                digest = resp.headers.get("Docker-Content-Digest") or (reference if is_digest(reference) else "")
+                size = int(resp.headers.get("Content-Length") or 0)
+                media_type = (resp.headers.get("Content-Type") or "").split(";", 1)[0]
+            if not is_digest(digest):
+                raise RegistryError(f"registry {registry}: HEAD {repository}:{reference} gave no digest",
+                                    registry=registry, repository=repository)
+            return Descriptor(media_type, digest, size)
+
+        return self.retry.run(once, f"HEAD manifest {registry}/{repository}:{reference}")
+
+    def resolve(self, ref: Reference, platform: str | None = None) -> ResolvedImage:
+        """Resolve ``ref`` to one platform's manifest, config and layers.
+
+        Args:
+            ref: the image reference.
+            platform: ``os/arch[/variant]``; default this host's platform.
+
+        Raises:
+            ManifestNotFound: the image or the chosen manifest does not exist.
+            UnsupportedManifest: schema 1, no manifest for the platform, a config without diff_ids.
+            DigestMismatch: a manifest or the config does not match its digest.
+            AuthenticationFailed, RateLimited, RegistryUnavailable: as the registry says.
+        """
+        where = str(ref)
+        wanted: Platform | None = parse_platform(platform) if platform else None
+        body, media_type, digest = self.get_manifest(ref.registry, ref.repository, ref.manifest_reference)
+        index_digest = index_bytes = index = None
+        chosen_platform: str | None = None
+        if media_type in IMAGE_INDEXES:
+            parsed = parse_manifest(body, media_type, where)
+            assert isinstance(parsed, ImageIndex)
+            index, index_digest, index_bytes = parsed, digest, body
+            desc = choose_platform(index, wanted or host_platform(), where)
+            chosen_platform = str(desc.platform)
+            body, media_type, digest = self.get_manifest(ref.registry, ref.repository, desc.digest)
+            if media_type not in IMAGE_MANIFESTS:
+                raise UnsupportedManifest(f"{where}: the {chosen_platform} entry is a {media_type}, "
+                                          "not an image manifest")
+        manifest = parse_manifest(body, media_type, where)
+        if not isinstance(manifest, ImageManifest):
+            raise UnsupportedManifest(f"{where}: expected an image manifest, got {media_type}")
+        config_bytes = self.get_blob(ref.registry, ref.repository, manifest.config.digest,
+                                     max_size=MAX_CONFIG_BYTES)
+        try:
+            config = json.loads(config_bytes)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UnsupportedManifest(f"{where}: config {manifest.config.digest} is not JSON") from None
+        if not isinstance(config, dict):
+            raise UnsupportedManifest(f"{where}: config {manifest.config.digest} is not a JSON object")
+        rootfs = config.get("rootfs") if isinstance(config.get("rootfs"), dict) else {}
+        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+        if not isinstance(diff_ids, list) or len(diff_ids) != len(manifest.layers) \
+                or not all(isinstance(d, str) and is_digest(d) for d in diff_ids):
+            raise UnsupportedManifest(
+                f"{where}: config {manifest.config.digest} lists "
+                f"{len(diff_ids) if isinstance(diff_ids, list) else 'no'} diff_ids for "
+                f"{len(manifest.layers)} layers; this is not a runnable container image")
+        if chosen_platform is None:
+            os_, arch = config.get("os"), config.get("architecture")
+            if isinstance(os_, str) and isinstance(arch, str):
+                variant = config.get("variant") if isinstance(config.get("variant"), str) else None
+                have = Platform(os_, arch, variant or None)
+                if wanted is not None and (have.os, have.architecture) != (wanted.os, wanted.architecture):
+                    raise UnsupportedManifest(f"{where}: the image is {have} only, not {wanted}")
+                chosen_platform = str(have)
+        return ResolvedImage(
+            reference=ref, manifest_digest=digest, manifest_bytes=body, media_type=media_type,
+            manifest=manifest, config_digest=manifest.config.digest, config_bytes=config_bytes,
+            config=config, layers=manifest.layers, diff_ids=tuple(diff_ids), platform=chosen_platform,
+            index_digest=index_digest, index_bytes=index_bytes, index=index)
+
+    # === blobs
+    def _blob_url(self, registry: str, repository: str, digest: str) -> str:
+        if not is_digest(digest):
+            raise BlobNotFound(f"{digest!r} is not a blob digest (expected sha256:<hex>)",
+                               registry=registry, repository=repository, digest=digest)
+        return self._url(registry, repository, "blobs", digest)
+
+    def blob_exists(self, registry: str, repository: str, digest: str) -> int | None:
+        """The blob's size if the registry has it, else None."""
+        def once() -> int | None:
+            try:
+                resp = self._send("HEAD", self._blob_url(registry, repository, digest), registry=registry,
+                                  repository=repository, kind="blob", subject=digest, ok=(200,))
+            except BlobNotFound:
+                return None
+            with resp:
+                return int(resp.headers.get("Content-Length") or 0)
+
+        return self.retry.run(once, f"HEAD blob {digest}")
+
+    def get_blob(self, registry: str, repository: str, digest: str, *, max_size: int = DEFAULT_MAX_BLOB) -> bytes:
+        """A small blob (config, zTOC), read whole and verified.
+
+        Raises:
+            BlobNotFound: no such blob.
+            CorruptContent: larger than ``max_size``.
+            DigestMismatch: the bytes do not match ``digest``.
+        """
+        what = f"blob {digest} in {registry}/{repository}"
+
+        def once() -> bytes:
+            resp = self._send("GET", self._blob_url(registry, repository, digest), registry=registry,
+                              repository=repository, kind="blob", subject=digest, ok=(200,), stream=True,
+                              headers={"Accept-Encoding": "identity"})
+            with resp:
+                return self._read_limited(resp, max_size, what)
+
+        data = self.retry.run(once, f"GET {what}")
+        verify(data, digest, what=what)
+        return data
+
+    def fetch_range(self, registry: str, repository: str, digest: str, start: int,
+                    end: int | None = None) -> bytes:
+        """Bytes ``[start, end)`` of a blob (``end`` None: to the end of the blob).
+
+        Uses one ``Range`` GET.  A 206 is read for exactly the bytes asked; a server
+        that answers 200 with the whole blob is streamed, the bytes before ``start``
+        skipped and the connection closed at ``end`` (never holding the blob).  Ranges
+        are not digest-checked here: callers verify span digests.
+
+        Raises:
+            RangeNotHonored: the range lies (partly) beyond the blob (416, or a short blob).
+            BlobNotFound, RegistryUnavailable, RateLimited, AuthenticationFailed.
+        """
+        if start < 0 or (end is not None and end <= start):
+            raise ValueError(f"bad range [{start}, {end}) for blob {digest}")
+        what = f"blob {digest} in {registry}/{repository} [{start}, {'' if end is None else end})"
+        spec = f"bytes={start}-{'' if end is None else end - 1}"
+
+        def once() -> bytes:
+            resp = self._send("GET", self._blob_url(registry, repository, digest), registry=registry,
+                              repository=repository, kind="blob", subject=digest, ok=(200, 206), stream=True,
+                              headers={"Range": spec, "Accept-Encoding": "identity"})
+            with resp:
+                if resp.status_code == 206:
+                    _, total = self._check_content_range(resp, start, end, what, registry, repository,
+                                                             digest)
+                    want = (end - start) if end is not None else None
+                    if want is None and total is not None:
+                        want = total - start
+                    return self._read_exact(resp, 0, want, what)
+                return self._read_exact(resp, start, None if end is None else end - start, what,
+                                        whole_blob=True)
+
+        return self.retry.run(once, f"GET {what}")
+
+    @staticmethod
+    def _check_content_range(resp: requests.Response, start: int, end: int | None, what: str,
+                             registry: str, repository: str, digest: str) -> tuple[int, int | None]:
+        ctype = resp.headers.get("Content-Type", "")
+        if ctype.startswith("multipart/"):
+            raise RangeNotHonored(f"{what}: the server answered a multipart range; ask one range at a time",
+                                  registry=registry, repository=repository, digest=digest, status=206)
+        m = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", "").strip())
+        if not m:
+            raise RangeNotHonored(f"{what}: 206 without a usable Content-Range",
+                                  registry=registry, repository=repository, digest=digest, status=206)
+        first, last = int(m.group(1)), int(m.group(2))
+        total = None if m.group(3) == "*" else int(m.group(3))
+        if first != start or (end is not None and last != end - 1):
+            size = f" (the blob is {total} bytes)" if total is not None else ""
+            raise RangeNotHonored(f"{what}: the server sent bytes {first}-{last}{size}",
+                                  registry=registry, repository=repository, digest=digest, status=206)
+        return first, total
+
+    @staticmethod
+    def _read_exact(resp: requests.Response, skip: int, length: int | None, what: str,
+                    whole_blob: bool = False) -> bytes:
+        """Skip ``skip`` bytes, then read ``length`` (None: to the end) and stop.
+
+        Raises:
+            RangeNotHonored: a whole-blob answer ends before the range does.
+            RegistryUnavailable: the connection broke (or a 206 came short).
+        """
+        if not skip and length is not None and not whole_blob:
+            # A 206 of known length: one read, no intermediate copies.
+            try:
+                data = resp.raw.read(length, decode_content=False)
+            except _READ_ERRORS as err:
+                raise RegistryUnavailable(f"{what}: connection broke ({err.__class__.__name__})") from None
+            if len(data) != length:
+                raise RegistryUnavailable(f"{what}: got {len(data)} of {length} bytes")
+            return data
+        out = bytearray()
+        seen = 0
+        try:
+            for chunk in resp.raw.stream(1 << 20, decode_content=False):
+                if skip:
+                    if len(chunk) <= skip:
+                        skip -= len(chunk)
+                        seen += len(chunk)
+                        continue
+                    chunk = chunk[skip:]
+                    seen += skip
+                    skip = 0
+                out += chunk
+                if length is not None and len(out) >= length:
+                    del out[length:]
+                    return bytes(out)
+        except _READ_ERRORS as err:
+            raise RegistryUnavailable(f"{what}: connection broke after {len(out)} bytes "
+                                      f"({err.__class__.__name__})") from None
+        if length is not None and len(out) < length or skip:
+            if whole_blob:
+                raise RangeNotHonored(f"{what}: the blob ends at byte {seen + len(out)}")
+            raise RegistryUnavailable(f"{what}: got {len(out)} of {length} bytes")
+        return bytes(out)
+
+    @contextlib.contextmanager
+    def stream_blob(self, registry: str, repository: str, digest: str, *,
+                    chunk_size: int = 1 << 20) -> Iterator[Iterator[bytes]]:
+        """Stream a whole blob; the digest is verified when the iterator is exhausted.
+
+        A connection that breaks mid-stream is resumed with a ``Range`` request from
+        the last byte received (up to the retry policy's attempts), so a 20 GB layer
+        does not start over.  Use as ``with client.stream_blob(...) as chunks:``.
+
+        Raises:
+            DigestMismatch: at the end of the stream, if the bytes are not ``digest``.
+            BlobNotFound, RegistryUnavailable (after retries), AuthenticationFailed.
+        """
+        what = f"blob {digest} in {registry}/{repository}"
+        url = self._blob_url(registry, repository, digest)
+        holder: dict[str, requests.Response | None] = {"resp": None}
+
+        def open_at(offset: int) -> requests.Response:
+            headers = {"Accept-Encoding": "identity"}
+            if offset:
+                headers["Range"] = f"bytes={offset}-"
+            resp = self._send("GET", url, registry=registry, repository=repository, kind="blob", subject=digest,
+                              ok=(200, 206), stream=True, headers=headers)
+            if resp.status_code == 206:
+                try:
+                    self._check_content_range(resp, offset, None, what, registry, repository, digest)
+                except RangeNotHonored:
+                    resp.close()
+                    raise
+            return resp
+
+        def chunks() -> Generator[bytes, None, None]:
+            hasher = new_hasher(digest)
+            received = 0
+            breaks = 0
+            while True:
+                resp = self.retry.run(functools.partial(open_at, received), f"GET {what}")
+                holder["resp"] = resp
+                skip = received if resp.status_code == 200 else 0
+                try:
+                    for chunk in resp.raw.stream(chunk_size, decode_content=False):
+                        if skip:
+                            if len(chunk) <= skip:
+                                skip -= len(chunk)
+                                continue
+                            chunk, skip = chunk[skip:], 0
+                        hasher.update(chunk)
+                        received += len(chunk)
+                        yield chunk
+                    break
+                except _READ_ERRORS as err:
+                    breaks += 1
+                    if breaks >= self.retry.attempts:
+                        raise RegistryUnavailable(
+                            f"{what}: connection broke {breaks} times, last after {received} bytes "
+                            f"({err.__class__.__name__})", registry=registry, repository=repository,
+                            digest=digest) from None
+                    log.info("%s: stream broke at %d bytes (%s); resuming", what, received, err)
+                finally:
+                    resp.close()
+            actual = f"{hasher.name}:{hasher.hexdigest()}"
+            if actual != digest:
+                raise DigestMismatch(f"{what}: expected {digest}, got {actual} ({received} bytes)",
+                                     expected=digest, actual=actual)
+
+        gen = chunks()
+        try:
+            yield gen
+        finally:
+            gen.close()
+            if holder["resp"] is not None:
+                holder["resp"].close()
+
+    # === uploads
+    def push_blob(self, registry: str, repository: str, source: bytes | Path, *, digest: str | None = None,
+                  chunk_size: int | None = None) -> str:
+        """Upload a blob unless the registry already has it; returns its digest.
+
+        Monolithic (POST, then one PUT with the body) when ``chunk_size`` is None,
+        otherwise PATCH uploads of ``chunk_size`` bytes and a closing PUT.  A transient
+        failure restarts the upload in a new session.
+
+        Raises:
+            DigestMismatch: ``digest`` given and the content is something else, or the
+                registry computed another digest.
+            AuthenticationFailed: no push permission.
+        """
+        if chunk_size is not None and chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        actual = _digest_of(source)
+        if digest is not None and digest != actual:
+            raise DigestMismatch(f"blob to push to {registry}/{repository}: expected {digest}, got {actual}",
+                                 expected=digest, actual=actual)
+        digest = actual
+        if self.blob_exists(registry, repository, digest) is not None:
+            return digest
+
+        def once() -> str:
+            resp = self._send("POST", self._url(registry, repository, "blobs", "uploads/"), registry=registry,
+                              repository=repository, kind="upload", subject=digest, ok=(202,),
+                              headers={"Content-Length": "0"})
+            with resp:
+                location = urljoin(resp.url, resp.headers["Location"])
+            if chunk_size is None:
+                return self._put_monolithic(registry, repository, location, source, digest)
+            return self._put_chunked(registry, repository, location, source, digest, chunk_size)
+
+        return self.retry.run(once, f"push blob {digest} to {registry}/{repository}")
+
+    def _finish_upload(self, registry: str, repository: str, location: str, digest: str, body: Any,
+                       length: int) -> str:
+        resp = self._send("PUT", _with_query(location, digest=digest), registry=registry, repository=repository,
+                          kind="upload", subject=digest, ok=(201,), data=body,
+                          headers={"Content-Type": "application/octet-stream", "Content-Length": str(length)})
+        with resp:
+            vouched = resp.headers.get("Docker-Content-Digest")
+        if vouched and vouched != digest:
+            raise DigestMismatch(f"registry {registry} stored blob {digest} as {vouched}",
+                                 expected=digest, actual=vouched)
+        return digest
+
+    def _put_monolithic(self, registry: str, repository: str, location: str, source: bytes | Path,
+                        digest: str) -> str:
+        if isinstance(source, Path):
+            with open(source, "rb") as f:
+                return self._finish_upload(registry, repository, location, digest, f, source.stat().st_size)
+        return self._finish_upload(registry, repository, location, digest, source, len(source))
+
+    def _put_chunked(self, registry: str, repository: str, location: str, source: bytes | Path, digest: str,
+                     chunk_size: int) -> str:
+        offset = 0
+        with _chunks_of(source, chunk_size) as chunks:
+            for chunk in chunks:
+                resp = self._send("PATCH", location, registry=registry, repository=repository, kind="upload",
+                                  subject=digest, ok=(202,), data=chunk,
+                                  headers={"Content-Type": "application/octet-stream",
+                                           "Content-Length": str(len(chunk)),
+                                           "Content-Range": f"{offset}-{offset + len(chunk) - 1}"})
+                with resp:
+                    location = urljoin(resp.url, resp.headers["Location"])
+                offset += len(chunk)
+        return self._finish_upload(registry, repository, location, digest, b"", 0)
+
+    def push_manifest(self, registry: str, repository: str, reference: str, body: bytes, media_type: str) -> str:
+        """PUT a manifest under a tag or its digest; returns its digest.
+
+        Raises:
+            DigestMismatch: ``reference`` is a digest that ``body`` does not have, or the
+                registry stored something else.
+            RegistryError: the registry refused it (e.g. HTTP 400 MANIFEST_INVALID).
+        """
+        digest = sha256_digest(body)
+        if is_digest(reference):
+            verify(body, reference, what=f"manifest to push to {registry}/{repository}")
+
+        def once() -> str:
+            resp = self._send("PUT", self._url(registry, repository, "manifests", reference), registry=registry,
+                              repository=repository, kind="manifest", subject=reference, ok=(201,), data=body,
+                              headers={"Content-Type": media_type})
+            with resp:
+                vouched = resp.headers.get("Docker-Content-Digest")
+            if vouched and vouched != digest:
+                raise DigestMismatch(f"registry {registry} stored manifest {digest} as {vouched}",
+                                     expected=digest, actual=vouched)
+            return digest
+
+        return self.retry.run(once, f"push manifest {registry}/{repository}:{reference}")
+
+    # === referrers
+    def push_referrer(self, registry: str, repository: str, body: bytes, media_type: str, *,
+                      subject_digest: str, descriptor: Descriptor) -> str:
+        """Push a manifest that has a ``subject`` and make it findable as a referrer.
+
+        A registry with the referrers API acknowledges the subject with an
+        ``OCI-Subject`` header and indexes it itself; otherwise ``descriptor`` is added
+        to the ``sha256-<hex>`` fallback tag.  Returns the pushed manifest's digest.
+        """
+        digest = sha256_digest(body)
+        if descriptor.digest != digest:
+            raise DigestMismatch(f"referrer descriptor says {descriptor.digest} for a manifest that is {digest}",
+                                 expected=descriptor.digest, actual=digest)
+
+        def once() -> bool:
+            resp = self._send("PUT", self._url(registry, repository, "manifests", digest), registry=registry,
+                              repository=repository, kind="manifest", subject=digest, ok=(201,), data=body,
+                              headers={"Content-Type": media_type})
+            with resp:
+                return resp.headers.get("OCI-Subject") == subject_digest
+
+        if not self.retry.run(once, f"push referrer {digest} to {registry}/{repository}"):
+            self.add_referrer_to_fallback_tag(registry, repository, subject_digest, descriptor)
+        return digest
+
+    def referrers(self, registry: str, repository: str, digest: str,
+                  artifact_type: str | None = None) -> list[Descriptor]:
+        """Manifests whose ``subject`` is ``digest``, optionally of one artifact type.
+
+        Asks the OCI referrers API first; a registry without it (404, 400, 405: Debian's
+        distribution 2.8) is read through the ``sha256-<hex>`` fallback tag instead.
+
+        Raises:
+            RegistryError: the registry failed in another way.
+        """
+        def api() -> list[Descriptor] | None:
+            params = {"artifactType": artifact_type} if artifact_type else None
+            try:
+                resp = self._send("GET", self._url(registry, repository, "referrers", digest), registry=registry,
+                                  repository=repository, kind="referrers", subject=digest, ok=(200, 400, 404, 405),
+                                  params=params, headers={"Accept": OCI_INDEX}, stream=True)
+            except ManifestNotFound:
+                return None
+            with resp:
+                ctype = (resp.headers.get("Content-Type") or "").split(";", 1)[0]
+                if resp.status_code != 200 or ctype != OCI_INDEX:
+                    return None
+                body = self._read_limited(resp, MAX_MANIFEST_BYTES, f"referrers of {digest}")
+            parsed = parse_manifest(body, OCI_INDEX, f"referrers of {digest} in {registry}/{repository}")
+            assert isinstance(parsed, ImageIndex)
+            return list(parsed.manifests)
+
+        found = self.retry.run(api, f"referrers of {digest}")
+        if found is None:
+            index = self._fallback_index(registry, repository, digest)
+            found = list(index.manifests) if index is not None else []
+        if artifact_type:
+            found = [d for d in found if d.artifact_type == artifact_type]
+        return found
+
+    def _fallback_index(self, registry: str, repository: str, digest: str) -> ImageIndex | None:
+        try:
+            body, media_type, _ = self.get_manifest(registry, repository, referrers_tag(digest))
+        except ManifestNotFound:
+            return None
+        parsed = parse_manifest(body, media_type, f"{registry}/{repository}:{referrers_tag(digest)}")
+        if not isinstance(parsed, ImageIndex):
+            raise UnsupportedManifest(f"{registry}/{repository}:{referrers_tag(digest)} is not an image index; "
+                                      "the referrers fallback tag holds something else")
+        return parsed
+
+    def add_referrer_to_fallback_tag(self, registry: str, repository: str, subject_digest: str,
+                                     referrer: Descriptor) -> str:
+        """Add ``referrer`` (a manifest with ``subject``) to the ``sha256-<hex>`` tag index.
+
+        Read, add (replacing an entry with the same digest), write back: what
+        registries without the referrers API need (the OCI spec's fallback).  Returns
+        the digest of the new tag index.
+        """
+        index = self._fallback_index(registry, repository, subject_digest)
+        entries = [d for d in (index.manifests if index else ()) if d.digest != referrer.digest]
+        entries.append(referrer)
+        body = index_json(entries, annotations=index.annotations if index else None)
+        return self.push_manifest(registry, repository, referrers_tag(subject_digest), body, OCI_INDEX)
+
+
+def _digest_of(source: bytes | Path) -> str:
+    if isinstance(source, Path):
+        hasher = new_hasher("sha256:" + "0" * 64)
+        with open(source, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                hasher.update(block)
+        return f"sha256:{hasher.hexdigest()}"
+    return sha256_digest(source)
+
+
+@contextlib.contextmanager
+def _chunks_of(source: bytes | Path, size: int) -> Iterator[Iterator[bytes]]:
+    if isinstance(source, Path):
+        with open(source, "rb") as f:
+            yield iter(lambda: f.read(size), b"")
+    else:
+        view = memoryview(source)
+        yield (bytes(view[i:i + size]) for i in range(0, len(view), size))
+
+
+def _with_query(url: str, **params: str) -> str:
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True) + list(params.items())
+    return urlunsplit(parts._replace(query=urlencode(query)))
+

@@ -1,0 +1,97 @@
+"""Records of pre-warmed images on a node: which layers make the image, in which order.
+
+A record is written when every layer of an image is ready in the node's store, together
+with the chain-ID index the snapshotter shim reads; ``prewarm images`` lists them,
+``prewarm rm`` removes one, and ``prewarm gc`` removes layers no record uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from prewarm.store.atomic import atomic_write
+from prewarm.store.layout import Layout, chain_ids
+from prewarm.fleet.plan import ImagePlan
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+    name: str
+    reference: str
+    manifest_digest: str
+    config_digest: str
+    platform: str
+    layer_digests: tuple[str, ...]
+    diff_ids: tuple[str, ...]
+    sizes: tuple[int, ...]
+    created: float
+
+    @property
+    def chain_ids(self) -> list[str]:
+        return chain_ids(list(self.diff_ids))
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes)
+
+
+def write_record(layout: Layout, record: ImageRecord) -> None:
+    atomic_write(layout.image(record.name), json.dumps(dataclasses.asdict(record), indent=1).encode())
+
+
+def read_record(path: Path) -> ImageRecord:
+    raw = json.loads(path.read_text())
+    for key in ("layer_digests", "diff_ids", "sizes"):
+        raw[key] = tuple(raw[key])
+    return ImageRecord(**raw)
+
+
+def list_records(layout: Layout) -> list[ImageRecord]:
+    out = []
+    if layout.images_dir().is_dir():
+        for path in sorted(layout.images_dir().glob("*.json")):
+            out.append(read_record(path))
+    return sorted(out, key=lambda r: r.name)
+
+
+def find_record(layout: Layout, name: str) -> ImageRecord | None:
+    """The record whose name, reference or manifest digest is ``name``."""
+    path = layout.image(name)
+    if path.is_file():
+        return read_record(path)
+    for rec in list_records(layout):
+        if name in (rec.reference, rec.manifest_digest) or rec.reference.startswith(name + "@"):
+            return rec
+    return None
+
+
+def remove_record(layout: Layout, record: ImageRecord) -> None:
+    layout.image(record.name).unlink(missing_ok=True)
+
+
+def new_record(name: str, reference: str, manifest_digest: str, config_digest: str, platform: str,
+               layer_digests: list[str], diff_ids: list[str], sizes: list[int]) -> ImageRecord:
+    return ImageRecord(name, reference, manifest_digest, config_digest, platform,
+                       tuple(layer_digests), tuple(diff_ids), tuple(sizes), time.time())
+
+
+def record_prewarmed_image(layout: Layout, name: str, plan: ImagePlan) -> ImageRecord:
+    """Write the chain-ID index and the image record once every layer of ``plan`` is ready.
+
+    Idempotent: several workers may finish the same image at once.
+    """
+    from prewarm.runtime.snapshot.prewarmed import register_chains
+
+    digests = [plan.layers[i].digest for i in plan.layer_order]
+    register_chains(layout, digests, list(plan.diff_ids))
+    sizes = [plan.layers[i].size for i in plan.layer_order]
+    record = new_record(name, plan.reference, plan.manifest_digest, plan.config_digest, plan.platform,
+                        digests, list(plan.diff_ids), sizes)
+    existing = find_record(layout, name)
+    if existing is None or existing.manifest_digest != plan.manifest_digest or existing.name != name:
+        write_record(layout, record)
+        return record
+    return existing

@@ -1,0 +1,87 @@
+"""Where things live under ``PREWARM_ROOT``: every path template in one place.
+
+::
+
+    <root>/
+      layers/sha256/<hex>/fs/         the layer in overlay's diff format (an overlay lowerdir)
+      layers/sha256/<hex>/ready       JSON written last (atomically): the layer is complete and verified
+      layers/sha256/<hex>/work/       in-progress state: landed-span bitmap, hash state, spool
+      layers/sha256/<hex>/lock        flock(2) target serialising writers of one layer
+      ztoc/sha256/<hex>               zTOCs cached by their own digest
+      chains/sha256/<hex>.json        OCI chain ID -> {chain_id, parent, diff_id, layer_digest}
+      images/<hex of name>.json       pre-warmed image records
+      snapshots/                      the snapshotter shim's metadata and active snapshots
+      tmp/                            scratch on the same filesystem, for atomic renames
+
+Layers are keyed by their compressed (manifest) digest, so a layer shared by two images
+is fetched once.  A path here is only a name: creating and locking is the store's job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from prewarm.resolve.digest import parse_digest
+
+
+class Layout:
+    """Path templates under one root."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def _by_digest(self, area: str, digest: str) -> Path:
+        algo, hexd = parse_digest(digest)
+        return self.root / area / algo / hexd
+
+    def layer(self, digest: str) -> Path:
+        return self._by_digest("layers", digest)
+
+    def layer_fs(self, digest: str) -> Path:
+        return self.layer(digest) / "fs"
+
+    def layer_ready(self, digest: str) -> Path:
+        return self.layer(digest) / "ready"
+
+    def layer_work(self, digest: str) -> Path:
+        return self.layer(digest) / "work"
+
+    def layer_lock(self, digest: str) -> Path:
+        return self.layer(digest) / "lock"
+
+    def layers_dir(self) -> Path:
+        return self.root / "layers"
+
+    def ztoc(self, digest: str) -> Path:
+        return self._by_digest("ztoc", digest)
+
+    def chain(self, chain_id: str) -> Path:
+        algo, hexd = parse_digest(chain_id)
+        return self.root / "chains" / algo / f"{hexd}.json"
+
+    def chains_dir(self) -> Path:
+        return self.root / "chains"
+
+    def image(self, name: str) -> Path:
+        return self.root / "images" / f"{hashlib.sha256(name.encode()).hexdigest()}.json"
+
+    def images_dir(self) -> Path:
+        return self.root / "images"
+
+    def snapshots(self) -> Path:
+        return self.root / "snapshots"
+
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """OCI chain IDs: ChainID(L0) = DiffID(L0); ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""
+    out: list[str] = []
+    for diff_id in diff_ids:
+        if not out:
+            out.append(diff_id)
+        else:
+            out.append("sha256:" + hashlib.sha256(f"{out[-1]} {diff_id}".encode()).hexdigest())
+    return out
