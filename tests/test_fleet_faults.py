@@ -23,6 +23,7 @@ import redis
 
 from prewarm.imagebuild import BuiltImage
 from prewarm.fleet.jobs import list_jobs
+from prewarm.index.ztoc_build import build_ztoc
 from prewarm.store.content import ContentStore
 from tests.faultproxy import Fault, FaultProxy
 from tests.images import odd_image
@@ -84,6 +85,39 @@ def range_gets(proxy: FaultProxy) -> collections.Counter[tuple[str, str]]:
                                if s.method == "GET" and "/blobs/" in s.path and s.headers.get("Range"))
 
 
+def span_fetches(proxy: FaultProxy, image: BuiltImage) -> collections.Counter[tuple[str, int]]:
+    """How often each span of each indexed layer was fetched, per (layer digest, span index).
+
+    A task fetches a group of adjacent spans in one Range, and a redelivered task only the
+    spans still missing, so Range strings differ between tries: count a span as fetched by
+    every Range that holds its compressed middle.  The zTOCs are built here from the layer
+    blobs with the job's span size, as ``prewarm index --push`` built them.
+    """
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for layer in image_manifest(image)["layers"]:
+        if layer["size"] < int(SPANS["PREWARM_MIN_LAYER_SIZE"]):
+            continue
+        ztoc = build_ztoc([_blob(image, layer)], span_size=int(SPANS["PREWARM_SPAN_SIZE"]),
+                          build_tool_identifier="test")
+        spans[layer["digest"]] = [(s.compressed_start + s.compressed_end) // 2
+                                  for s in (ztoc.span(i) for i in range(ztoc.num_spans))]  # type: ignore[misc]
+    counts: collections.Counter[tuple[str, int]] = collections.Counter()
+    for (path, rng), n in range_gets(proxy).items():
+        digest = path.rsplit("/", 1)[-1]
+        first, _, last = rng.removeprefix("bytes=").partition("-")
+        for i, middle in enumerate(spans.get(digest, [])):
+            if int(first) <= middle <= int(last):
+                counts[(digest, i)] += n
+    return counts
+
+
+def assert_layers_ready(image: BuiltImage, env: dict[str, str]) -> None:
+    """Every layer of the image is committed in the node's own store (not just counted done in Redis)."""
+    store = ContentStore(Path(env["PREWARM_ROOT"]))
+    missing = [layer["digest"] for layer in image_manifest(image)["layers"] if not store.is_ready(layer["digest"])]
+    assert not missing, f"layers not ready in the node's store: {missing}"
+
+
 def stop_all(workers: list[Worker]) -> None:
     for w in workers:
         w.stop()
@@ -109,9 +143,10 @@ def test_workers_sigkilled_mid_span_no_span_fetched_more_than_twice(tmp_path: Pa
             stop_all(workers)
         # Then the job completes, and truly
         assert final["state"] == "succeeded", (final, workers[2].log.read_text()[-3000:])
-        assert final["bytes_done"] == final["bytes_total"]
+        assert final["bytes_total"] == image_layer_bytes(odd)
+        assert_layers_ready(odd, env)
         # And no span was fetched more than twice (once before the kill, once after redelivery)
-        counts = range_gets(proxy)
+        counts = span_fetches(proxy, odd)
         assert counts, "the job fetched spans through the proxy"
         assert max(counts.values()) <= 2, [k for k, v in counts.items() if v > 2]
     assert_matches_umoci(odd, ref, env, tmp_path)
@@ -148,7 +183,46 @@ def test_redis_restarted_mid_job_resumes_and_the_waiting_scheduler_survives(
                 waiting.wait()
             worker.stop()
         assert final["state"] == "succeeded", final
-        assert final["bytes_done"] == final["bytes_total"]
+        assert final["bytes_total"] == image_layer_bytes(odd)
+        assert_layers_ready(odd, env)
+    assert_matches_umoci(odd, ref, env, tmp_path)
+
+
+def test_redis_sigkilled_mid_job_loses_at_most_its_last_second_and_the_job_recovers(
+        tmp_path: Path, registry: Registry, redis_server: RedisServer, redis_url: str, odd: BuiltImage) -> None:
+    """Redis dies without saving (SIGKILL; the test Redis persists with appendonly, fsync everysec).
+
+    What can be lost: the writes of its last second (task messages, span accounting, the
+    release of a window).  What must come back: the job record from the AOF, and the work,
+    through the node's stall detection resending its window; a span whose accounting was
+    lost is found landed in the store and costs no fetch.
+    """
+    with FaultProxy(registry.host) as proxy:
+        env = node_env(tmp_path, "n1", redis_url, proxy, registry)
+        ref = f"{proxy.host}/{REPO}:{odd.tag}"
+        prewarm("budget", proxy.host, "--rate", "10MB", "--burst", "1MB", env=env, check=True)
+        worker = start_worker(env, tmp_path / "w.log", "-c", "2", "--hostname", "w@n1")
+        try:
+            job = prewarm("schedule", ref, "--node", "n1", env=env, check=True).stdout.strip()
+            # When Redis is SIGKILLed mid-job and started again on the same data
+            wait_mid_job(job, env)
+            time.sleep(1.5)  # past one AOF fsync, so the job record is on disk
+            before = status_of(job, env)
+            redis_server.kill()
+            redis_server.start()
+            # Then the job record survived, with at most the accounting of the last second lost
+            after = status_of(job, env)
+            assert after["bytes_total"] == before["bytes_total"] == image_layer_bytes(odd), (before, after)
+            assert after["bytes_done"] <= before["bytes_done"] + 4 * (1 << 20), (before, after)
+            # And the job completes from what the store holds
+            final = wait_job(job, env, timeout=180)
+        finally:
+            worker.stop()
+        assert final["state"] == "succeeded", (final, worker.log.read_text()[-3000:])
+        assert_layers_ready(odd, env)
+        # And no span was fetched more than twice
+        counts = span_fetches(proxy, odd)
+        assert counts and max(counts.values()) <= 2, [k for k, v in counts.items() if v > 2]
     assert_matches_umoci(odd, ref, env, tmp_path)
 
 
@@ -171,7 +245,8 @@ def test_a_fifth_of_registry_requests_failing_costs_at_most_thirty_percent_more_
         relayed = proxy.bytes_relayed
     # Then the job completes, and truly
     assert final["state"] == "succeeded", (final, worker.log.read_text()[-3000:])
-    assert final["bytes_done"] == final["bytes_total"]
+    assert final["bytes_total"] == image_layer_bytes(odd)
+    assert_layers_ready(odd, env)
     assert faults >= blob_requests * 0.1, (faults, blob_requests)
     # And the registry egress stays within 1.3x of the image (failed requests cost nothing or little)
     assert relayed <= 1.3 * image_layer_bytes(odd), (relayed, image_layer_bytes(odd))
