@@ -12,6 +12,13 @@ makes the zTOC build faster than a plain single-core ``zlib`` inflate of the sam
 ``PREWARM_ZRAN=zlib`` forces the system libz (for comparison and debugging).
 
 ``inflate()`` runs without the GIL (ctypes releases it around foreign calls).
+
+The ``zng_stream`` layout below is copied by hand from zlib-ng's headers, and nothing at
+link time checks it (zlib's own ``inflateInit2_`` checks ``sizeof(z_stream)``; zlib-ng's
+native API does not).  So a backend is used only after :func:`_self_test` inflated a known
+stream through it and every field we read (avail_in, avail_out, total_in, total_out,
+data_type, adler) said what zlib's reference says; a wheel whose layout moved falls back
+to the system libz, with a warning.
 """
 
 from __future__ import annotations
@@ -19,11 +26,15 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import logging
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Any, Self
 
 from prewarm.errors import ConfigError, CorruptContent
+
+log = logging.getLogger(__name__)
 
 Z_NO_FLUSH = 0
 Z_OK = 0
@@ -108,12 +119,69 @@ def _zlib_ng() -> _Backend | None:
         lib = ctypes.CDLL(zlib_ng.__file__)
         version = lib.zlibng_version
         version.restype = ctypes.c_char_p
-        return _Backend(f"zlib-ng {version().decode()}", _ZngStream,
-                        _declare(lib.zng_inflateInit2, [p, ctypes.c_int32]),
-                        _declare(lib.zng_inflate, [p, ctypes.c_int32]),
-                        _declare(lib.zng_inflateReset, [p]), _declare(lib.zng_inflateEnd, [p]))
+        ng = _Backend(f"zlib-ng {version().decode()}", _ZngStream,
+                      _declare(lib.zng_inflateInit2, [p, ctypes.c_int32]),
+                      _declare(lib.zng_inflate, [p, ctypes.c_int32]),
+                      _declare(lib.zng_inflateReset, [p]), _declare(lib.zng_inflateEnd, [p]))
     except (OSError, AttributeError):  # a build of the wheel that keeps its symbols private
         return None
+    problem = _self_test(ng)
+    if problem is not None:
+        log.warning("%s does not match prewarm's zng_stream layout (%s): building zTOCs with the system zlib",
+                    ng.name, problem)
+        return None
+    return ng
+
+
+#: The known stream of :func:`_self_test`, inflated in two deflate blocks (a full flush
+#: between its halves) so a block end is seen before the stream's end.
+_SELF_TEST_DATA = b"".join(i.to_bytes(4, "little") * 3 for i in range(2_000))
+
+
+def _self_test(b: _Backend) -> str | None:
+    """Inflate a known gzip stream through ``b`` with ``Z_BLOCK``; None if every field read right.
+
+    Returns what disagreed, for the warning.  The stream struct is allocated with room to
+    spare behind it, so a library whose struct is larger than our declaration writes into
+    the spare room, not past our memory.
+    """
+    co = zlib.compressobj(6, zlib.DEFLATED, 31)
+    half = len(_SELF_TEST_DATA) // 2
+    gz = (co.compress(_SELF_TEST_DATA[:half]) + co.flush(zlib.Z_FULL_FLUSH)
+          + co.compress(_SELF_TEST_DATA[half:]) + co.flush())
+    holder = (ctypes.c_char * (ctypes.sizeof(b.stream) + 256))()
+    strm = b.stream.from_buffer(holder)
+    ref = ctypes.byref(strm)
+    if b.init(ref, WBITS_AUTO) != Z_OK:
+        return "inflateInit2 failed"
+    inp = ctypes.create_string_buffer(gz, len(gz))
+    out = ctypes.create_string_buffer(len(_SELF_TEST_DATA) + 64)
+    try:
+        strm.next_in, strm.avail_in = ctypes.addressof(inp), len(gz)
+        strm.next_out, strm.avail_out = ctypes.addressof(out), len(out)
+        blocks, ret = 0, Z_OK
+        for _ in range(10_000):
+            ret = b.inflate(ref, Z_BLOCK)
+            if ret != Z_OK:
+                break
+            if strm.data_type & DT_END_OF_BLOCK:
+                blocks += 1
+        if ret != Z_STREAM_END:
+            return f"inflate returned {ret}"
+        n = len(_SELF_TEST_DATA)
+        checks = {
+            "output": out.raw[:n] == _SELF_TEST_DATA,
+            "avail_in": strm.avail_in == 0,
+            "avail_out": strm.avail_out == len(out) - n,
+            "total_in": strm.total_in == len(gz),
+            "total_out": strm.total_out == n,
+            "adler": strm.adler == zlib.crc32(_SELF_TEST_DATA),
+            "data_type": blocks >= 1,
+        }
+        wrong = [k for k, ok in checks.items() if not ok]
+        return f"wrong {', '.join(wrong)}" if wrong else None
+    finally:
+        b.end(ref)
 
 
 def _system_zlib() -> _Backend:
