@@ -91,6 +91,39 @@ def test_concurrency_limit_is_never_exceeded(r: redis.Redis) -> None:
     assert peak == 2
 
 
+def _script_and_block_calls(r: redis.Redis) -> int:
+    stats = r.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval", "blpop"))
+
+
+def test_waiters_for_a_slot_block_in_redis_instead_of_polling(r: redis.Redis) -> None:
+    # Given one concurrency slot and eight workers that each make three 0.2 s requests
+    set_budget(r, "reg:4", rate=0, burst=None, concurrency=1)
+    budget = RegistryBudget(r)
+    served = []
+
+    def client() -> None:
+        for _ in range(3):
+            with budget.request("reg:4", 1):
+                served.append(1)
+                time.sleep(0.2)
+
+    before = _script_and_block_calls(r)
+    start = time.monotonic()
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - start
+    calls = _script_and_block_calls(r) - before
+    # Then all 24 were served one at a time...
+    assert len(served) == 24 and elapsed >= 24 * 0.2 * 0.95
+    # ...and the 7 waiting workers cost Redis calls per hand-over, not per 20 ms of waiting
+    # (polling made ~7 x 4.8 s / 0.02 s = ~1,700 lease calls here)
+    assert calls <= 24 * 6, calls
+
+
 def test_a_429_makes_everyone_wait(r: redis.Redis) -> None:
     budget = RegistryBudget(r)
     budget.backoff("reg:3", 0.5)

@@ -37,6 +37,7 @@ NODES = "prewarm:nodes"
 BUDGET = "prewarm:budget:{registry}"
 BUDGET_INFLIGHT = "prewarm:budget:{registry}:inflight"
 BUDGET_BACKOFF = "prewarm:budget:{registry}:backoff"
+BUDGET_WAKE = "prewarm:budget:{registry}:wake"  # a token per returned lease: blocked requests BLPOP it
 
 
 def job(job_id: str) -> str:
