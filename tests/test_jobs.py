@@ -198,3 +198,34 @@ def test_exactly_one_caller_releases_a_nodes_first_window(r: redis.Redis) -> Non
     assert jobs.unstarted_jobs(r, "b") == [job]
     jobs.cancel_job(r, job)
     assert jobs.unstarted_jobs(r, "b") == []
+
+
+class _CountingConnection(redis.Connection):
+    """A real connection that counts what it sends: one send is one round trip."""
+
+    sends = 0
+
+    def send_packed_command(self, command, check_health=True):  # type: ignore[no-untyped-def]
+        type(self).sends += 1
+        return super().send_packed_command(command, check_health)
+
+
+def test_status_costs_the_same_round_trips_for_2_and_300_nodes(redis_url: str) -> None:
+    pool = redis.ConnectionPool.from_url(redis_url, connection_class=_CountingConnection)
+    r = redis.Redis(connection_pool=pool)
+    trips = {}
+    for n in (2, 300):
+        # Given a job on n nodes, some of which reported progress
+        job = jobs.create_job(r, _plan(), [f"node{i}" for i in range(n)], window=2, image="x")
+        for i in range(0, n, 7):
+            jobs.claim_next(r, job, f"node{i}")
+        # When its status is read, once reading the plan and once with the plan passed in
+        _CountingConnection.sends = 0
+        status = jobs.job_status(r, job)
+        trips[n] = _CountingConnection.sends
+        _CountingConnection.sends = 0
+        again = jobs.job_status(r, job, plan=status.plan)
+        # Then every node is there, and the number of round trips does not depend on n
+        assert len(status.nodes) == n and again.nodes == status.nodes
+        assert _CountingConnection.sends == 2
+    assert trips[2] == trips[300] == 2, trips

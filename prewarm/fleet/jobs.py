@@ -292,9 +292,22 @@ def cancel_job(r: redis.Redis, job_id: str) -> None:
 
 
 def node_status(r: redis.Redis, job_id: str, node: str, plan: ImagePlan, cancelled: bool) -> NodeStatus:
-    h = {_s(k): _s(v) for k, v in r.hgetall(keys.job_node(job_id, node)).items()}
-    layers = {int(_s(k)): _s(v) for k, v in r.hgetall(keys.job_node_layers(job_id, node)).items()}
-    errors = {int(_s(k)): _s(v) for k, v in r.hgetall(keys.job_node_errors(job_id, node)).items()}
+    pipe = r.pipeline(transaction=False)
+    _queue_node_reads(pipe, job_id, node)
+    return _node_status(node, plan, cancelled, *pipe.execute())
+
+
+def _queue_node_reads(pipe: redis.client.Pipeline, job_id: str, node: str) -> None:
+    pipe.hgetall(keys.job_node(job_id, node))
+    pipe.hgetall(keys.job_node_layers(job_id, node))
+    pipe.hgetall(keys.job_node_errors(job_id, node))
+
+
+def _node_status(node: str, plan: ImagePlan, cancelled: bool, raw_h: dict, raw_layers: dict,
+                 raw_errors: dict) -> NodeStatus:
+    h = {_s(k): _s(v) for k, v in raw_h.items()}
+    layers = {int(_s(k)): _s(v) for k, v in raw_layers.items()}
+    errors = {int(_s(k)): _s(v) for k, v in raw_errors.items()}
     states = [layers.get(i, LAYER_PENDING) for i in range(len(plan.layers))]
     tasks_finished = int(h.get("tasks_finished", 0))
     if all(s == LAYER_READY for s in states):
@@ -321,19 +334,37 @@ def node_status(r: redis.Redis, job_id: str, node: str, plan: ImagePlan, cancell
     )
 
 
-def job_status(r: redis.Redis, job_id: str) -> JobStatus:
-    """Read a job and derive its state from its layers.
+def job_status(r: redis.Redis, job_id: str, plan: ImagePlan | None = None) -> JobStatus:
+    """Read a job and derive its state from its layers, in two round trips whatever the fleet size.
+
+    The job record and its node list come in one pipeline, every node's three hashes in a
+    second; ``plan`` (it never changes) may be passed in by a caller that polls, so the
+    plan's JSON is read once per wait instead of once per poll.  At 1,000 nodes this is 2
+    round trips a poll, where reading node by node was 3,000.
 
     Raises:
         JobError: no such job.
     """
-    h = {_s(k): _s(v) for k, v in r.hgetall(keys.job(job_id)).items()}
+    pipe = r.pipeline(transaction=False)
+    pipe.hgetall(keys.job(job_id))
+    pipe.smembers(keys.job_nodes(job_id))
+    if plan is None:
+        pipe.get(keys.job_plan(job_id))
+    raw_job, members, *raw_plan = pipe.execute()
+    h = {_s(k): _s(v) for k, v in raw_job.items()}
     if not h:
         raise JobError(f"job {job_id} does not exist (prewarm status lists the jobs)")
-    plan = load_plan(r, job_id)
+    if plan is None:
+        if raw_plan[0] is None:
+            raise JobError(f"job {job_id} does not exist (prewarm status lists the jobs)")
+        plan = ImagePlan.from_json(raw_plan[0])
     cancelled = h.get("cancelled") == "1"
-    nodes = {_s(n): node_status(r, job_id, _s(n), plan, cancelled)
-             for n in r.smembers(keys.job_nodes(job_id))}
+    names = sorted(_s(n) for n in members)
+    pipe = r.pipeline(transaction=False)
+    for name in names:
+        _queue_node_reads(pipe, job_id, name)
+    raw = pipe.execute()
+    nodes = {name: _node_status(name, plan, cancelled, *raw[3 * i:3 * i + 3]) for i, name in enumerate(names)}
     states = {n.state for n in nodes.values()}
     if not states:
         state = "cancelled" if cancelled else "pending"
