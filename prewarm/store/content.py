@@ -222,7 +222,6 @@ class ContentStore:
         except (FileNotFoundError, ValueError):
             return None
 
-
     def prepare_layer(self, digest: str, ztoc: ZtocView, *, diff_id: str | None = None,
                       wait: bool = True) -> bool:
         """Validate the zTOC and create the layer's skeleton; idempotent and concurrent-safe.
