@@ -78,7 +78,8 @@ def _table_checks(tmp_path: Path, tar: bytes, mutate: tuple[int, str] | None = N
         files[k] = dataclasses.replace(e, **{field: changed})
         if field == "name" and e.xattrs == (("path", e.name),):  # a TOC that lies consistently
             files[k] = dataclasses.replace(files[k], xattrs=(("path", changed),))
-    table, heap = landing.build_table(files, prep.placements, prep.born, list(map(entry_meta, files)), prep.header_starts)
+    table, heap = landing.build_table(files, prep.placements, prep.born, list(map(entry_meta, files)),
+                                      prep.header_starts)
     out = memoryview(tar[:z.uncompressed_archive_size])
     return landing.check_headers(_C, table, heap, out, 0), files
 
