@@ -17,11 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prewarm.store import landing
-from prewarm.store.directio import ALIGN, DirectWriter
 from prewarm.errors import BadZtoc, ConfigError
-from prewarm.store.layerfs import entry_meta
+from prewarm.store import landing
 from prewarm.store.content import ContentStore
+from prewarm.store.directio import ALIGN, DirectWriter
+from prewarm.store.layerfs import entry_meta
+from prewarm.store.table import LandingTable
 from tests.test_store import assert_every_kind_tree, every_kind_tar, sha
 from tests.test_store_spans import land, make_layer
 from tests.treecompare import compare_trees
@@ -62,7 +63,7 @@ def tars(draw: st.DrawFn, fmt: int) -> bytes:
 def _table_checks(tmp_path: Path, tar: bytes, mutate: tuple[int, str] | None = None) -> tuple[list[int], list]:
     """C's unverified entries over the whole stream, with entry ``mutate[0]``'s field changed in the TOC."""
     _, z = make_layer(tar, span_size=1 << 20)
-    prep = ContentStore(tmp_path / "root")._derive(z)
+    prep = LandingTable.derive(z)
     files = list(z.files)
     if mutate is not None:
         k, field = mutate
@@ -77,7 +78,8 @@ def _table_checks(tmp_path: Path, tar: bytes, mutate: tuple[int, str] | None = N
         files[k] = dataclasses.replace(e, **{field: changed})
         if field == "name" and e.xattrs == (("path", e.name),):  # a TOC that lies consistently
             files[k] = dataclasses.replace(files[k], xattrs=(("path", changed),))
-    table, heap = landing.build_table(files, prep.plan, prep.born, list(map(entry_meta, files)), prep.header_starts)
+    table, heap = landing.build_table(files, prep.placements, prep.born, list(map(entry_meta, files)),
+                                      prep.header_starts)
     out = memoryview(tar[:z.uncompressed_archive_size])
     return landing.check_headers(_C, table, heap, out, 0), files
 
@@ -132,14 +134,14 @@ def test_the_c_table_builder_matches_the_python_one_or_hands_it_over(tmp_path: P
                                                                         data: st.DataObject) -> None:
     # Given a layer's TOC as soci records it...
     _, z = make_layer(tar, span_size=1 << 20)
-    prep = ContentStore(tmp_path / "root")._derive(z)
+    prep = LandingTable.derive(z)
     files = list(z.files)
 
     def table(entries: list) -> tuple[bytes, bytes] | None:  # type: ignore[type-arg]
-        return _C.build_table(entries, prep.plan, prep.born, list(map(entry_meta, entries)), prep.header_starts)
+        return _C.build_table(entries, prep.placements, prep.born, list(map(entry_meta, entries)), prep.header_starts)
 
     def reference(entries: list) -> tuple[bytes, bytes]:  # type: ignore[type-arg]
-        return landing.build_table_python(entries, prep.plan, prep.born, list(map(entry_meta, entries)),
+        return landing.build_table_python(entries, prep.placements, prep.born, list(map(entry_meta, entries)),
                                           prep.header_starts)
 
     # Then C builds exactly the Python builder's records and heap

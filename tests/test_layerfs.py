@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from prewarm.store.directio import DirectWriter
 from prewarm.errors import BadZtoc, UnsafeArchive
+from prewarm.index.ztoc import FileEntry
+from prewarm.store.directio import DirectWriter
 from prewarm.store.layerfs import (
     OPAQUE_XATTR,
     LayerWriter,
-    Planned,
+    Placement,
     check_entries,
     entry_meta,
     parse_mod_time,
     split_name,
 )
-from prewarm.index.ztoc import FileEntry
 
 
 def entry(name: str, type_: str = "reg", *, offset: int = 512, size: int = 0, linkname: str = "",
@@ -82,8 +82,8 @@ def test_sizes_and_counts_are_bounded_by_the_archive() -> None:
 def test_whiteouts_and_opaque_markers_are_planned() -> None:
     plan = check_entries(archive(entry("etc/.wh.passwd"), entry("var/.wh..wh..opq"), entry(".wh..wh.plnk"),
                                  entry("./", "dir")), 1 << 20)
-    assert plan == [Planned("whiteout", "etc/passwd"), Planned("opaque", "var"), Planned("skip", ".wh..wh.plnk"),
-                    Planned("skip", "")]
+    assert plan == [Placement("whiteout", "etc/passwd"), Placement("opaque", "var"), Placement("skip", ".wh..wh.plnk"),
+                    Placement("skip", "")]
 
 
 def test_mod_times() -> None:
@@ -105,7 +105,7 @@ def test_writer_does_not_follow_a_planted_symlink(tmp_path: Path) -> None:
     with LayerWriter(fs) as w:
         # When entries are created or opened through it, Then the writer refuses
         with pytest.raises(UnsafeArchive, match="symlink"):
-            w.create(entry("link/evil"), Planned("reg", "link/evil"))
+            w.create(entry("link/evil"), Placement("reg", "link/evil"))
         with pytest.raises(UnsafeArchive):
             w.open_data("file")
         with pytest.raises(UnsafeArchive):

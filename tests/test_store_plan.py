@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from prewarm.errors import BadZtoc
+from prewarm.index.ztoc import LazyFiles, Ztoc, parse_ztoc, serialize_ztoc
+from prewarm.store.content import ContentStore
 from prewarm.store.layout import Layout
 from prewarm.store.spanmap import SpanMap
-from prewarm.store.content import ContentStore
-from prewarm.index.ztoc import LazyFiles, Ztoc, parse_ztoc, serialize_ztoc
 from prewarm.store.ztoc_cache import ZtocCache
 from tests.test_store import assert_every_kind_tree, every_kind_tar, sha
 from tests.test_store_spans import _with_files, header_dense_tar, land, make_layer
@@ -90,11 +90,11 @@ def test_other_processes_load_the_plan_and_decode_only_their_entries(tmp_path: P
     # Then the second process loaded the plan: it checked the span's real headers against the
     # plan's entry keys without decoding a single TOC entry
     assert _decoded(z2) == 0
-    loaded, derived = second._prepared[digest].plan, first._prepared[digest].plan
+    loaded, derived = second._tables[digest].placements, first._tables[digest].placements
     assert list(loaded) == derived and len(loaded) == len(derived)
     assert [loaded[i] for i in (0, 299, -1)] == [derived[i] for i in (0, 299, -1)]
     assert loaded[10:20] == derived[10:20]
-    assert second._prepared[digest].spanmap.arrays() == first._prepared[digest].spanmap.arrays()
+    assert second._tables[digest].spanmap.arrays() == first._tables[digest].spanmap.arrays()
     # And the layer completes across processes with every file's bytes and xattrs
     third, z3 = _process(root, zdigest)
     rest = [i for i in range(z3.num_spans) if i != span]

@@ -5,18 +5,18 @@
  * ~40 us of interpreter per file, the largest share of a cold pre-warm's CPU; here it is
  * the system calls alone, with the GIL released so a node's other threads go on.
  *
- * Both functions read a layer's *landing table*, built once per layer by
- * ``prewarm.store.landing.build_table``: one fixed 96-byte record per TOC entry (below)
- * plus a heap of the names, link names and paths the records point into.  Neither
- * function decides anything the Python reference does not: ``check_headers`` only
- * ever says "verified" for a header chain that is one plain ustar or GNU block whose
+ * Both functions read the C records of a layer's *landing table* (prewarm.store.table),
+ * built once per layer by ``prewarm.store.landing.build_table``: one fixed 96-byte record
+ * per TOC entry (below) plus a heap of the names, link names and paths the records point
+ * into.  Neither function decides anything the Python reference does not:
+ * ``check_headers`` only ever says "verified" for a header chain that is one plain ustar or GNU block whose
  * every field equals the TOC entry's (possibly behind a PAX header holding only the
  * entry's path, as Go writes long names), and hands everything else back to the Python
  * checker (which also words the errors); ``write_pieces`` hands back the pieces it
  * does not take (files with xattrs) and reports failures as codes that the Python
  * side turns into the same exceptions as its own writer.
  *
- * ``build_table`` builds that table (the same bytes as the Python builder, which takes
+ * ``build_table`` builds those records (the same bytes as the Python builder, which takes
  * over, and words the errors, for any entry C does not take as plainly).
  */
 #define PY_SSIZE_T_CLEAN
@@ -48,7 +48,7 @@ typedef struct {
     uint32_t uid, gid;
     uint32_t name_off, name_len;
     uint32_t link_off, link_len;
-    uint32_t path_off, path_len; /* the planned path in the layer (write target) */
+    uint32_t path_off, path_len; /* the entry's Placement path in the layer (write target) */
     uint8_t type;         /* tar type flag of the TOC type: '0'..'6' */
     uint8_t flags;
     uint8_t pad[6];
@@ -441,7 +441,9 @@ static int open_data(writer_t *w, const char *path, Py_ssize_t k) {
     return fd;
 }
 
-/* As LayerWriter.create_whole: the file with all its data and metadata, in one open. */
+/* As LayerWriter.create_whole: the file with all its data and metadata, in one open; the
+ * metadata in layerfs.apply_meta's order (owner, mode, then mtime; a file with xattrs is
+ * never created here). */
 static int create_whole(writer_t *w, const record_t *r, const char *path, const uint8_t *data,
                         Py_ssize_t k) {
     const char *base;
@@ -631,25 +633,26 @@ static uint8_t type_flag(PyObject *type) {
 }
 
 PyDoc_STRVAR(build_table_doc,
-"build_table(files, plan, born, meta, header_starts) -> (table, heap) or None\n\n"
+"build_table(files, placements, born, meta, header_starts) -> (records, heap) or None\n\n"
 "landing.build_table's records and heap, byte for byte; None for anything it does not take\n"
 "as plainly (a name that does not encode, a number that is not an int, a heap over 4 GiB),\n"
 "which the Python builder then handles and words.");
 
 static PyObject *build_table(PyObject *self, PyObject *args) {
-    PyObject *files, *plan, *born_obj, *meta, *hstarts;
-    if (!PyArg_ParseTuple(args, "OOSOO", &files, &plan, &born_obj, &meta, &hstarts)) return NULL;
+    PyObject *files, *placements, *born_obj, *meta, *hstarts;
+    if (!PyArg_ParseTuple(args, "OOSOO", &files, &placements, &born_obj, &meta, &hstarts)) return NULL;
     PyObject *fs = NULL, *ps = NULL, *ms = NULL, *hs = NULL, *strings = NULL, *heap = NULL, *table = NULL,
              *result = NULL;
     fs = PySequence_Fast(files, "files");
-    ps = fs ? PySequence_Fast(plan, "plan") : NULL;
+    ps = fs ? PySequence_Fast(placements, "placements") : NULL;
     ms = ps ? PySequence_Fast(meta, "meta") : NULL;
     hs = ms ? PySequence_Fast(hstarts, "header_starts") : NULL;
     if (!hs) goto done;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fs);
     if (PySequence_Fast_GET_SIZE(ps) != n || PySequence_Fast_GET_SIZE(ms) != n ||
         PySequence_Fast_GET_SIZE(hs) != n || PyBytes_GET_SIZE(born_obj) != n) {
-        PyErr_SetString(PyExc_ValueError, "build_table: files, plan, born, meta and header_starts differ in length");
+        PyErr_SetString(PyExc_ValueError,
+                        "build_table: files, placements, born, meta and header_starts differ in length");
         goto done;
     }
     const char *born = PyBytes_AS_STRING(born_obj);

@@ -1,10 +1,10 @@
-"""A layer's landing table, and the C fast path (``prewarm.store._landing``) that reads it.
+"""The C records of a layer's landing table, and the fast path (``prewarm.store._landing``) that reads them.
 
 Why: landing a span of small files costs one header check and one file creation per
 file; in Python that interpreter time was the largest share of a cold pre-warm's CPU
-(py-spy: ``create_whole``, ``parse_header_run`` and ``_entry_key`` together ~45% of the
+(py-spy: ``create_whole``, ``parse_header_run`` and ``entry_key`` together ~45% of the
 worker samples).  The C functions do the common case with the GIL released; everything
-else stays with the Python reference in :mod:`prewarm.store.content` and :mod:`prewarm.store.layerfs`:
+else stays with the Python reference in :mod:`prewarm.store.spans` and :mod:`prewarm.store.layerfs`:
 
 * :func:`check_headers` verifies only a header chain that is one plain ustar or GNU
   block whose every field equals the TOC entry's, optionally behind a PAX header whose
@@ -13,8 +13,9 @@ else stays with the Python reference in :mod:`prewarm.store.content` and :mod:`p
 * :func:`write_pieces` creates files born with the span and pwrites pieces of the
   others; files with xattrs are handed back to the caller's writer.
 
-The table is one fixed record per TOC entry plus a heap of names and paths, built
-once per layer (:func:`build_table`) and saved in the layer's plan with the rest.
+The records are one fixed record per TOC entry plus a heap of names and paths, built
+once per layer (:func:`build_table`) and saved in the layer's landing table
+(:mod:`prewarm.store.table`) with the rest.
 
 ``PREWARM_LANDING=python`` selects the Python reference everywhere (for comparison and
 where the extension could not be built); ``c``, the default, needs the extension.
@@ -29,17 +30,17 @@ import struct
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from prewarm.store.directio import DirectWriter
 from prewarm.errors import BadZtoc, ConfigError
+from prewarm.index.ztoc import FileEntry
+from prewarm.store.directio import DirectWriter
 from prewarm.store.layerfs import (
     Meta,
-    Planned,
+    Placement,
     missing_parent,
     not_regular,
     unopenable_data,
     unsafe_parent,
 )
-from prewarm.index.ztoc import FileEntry
 
 #: One entry's record; keep in step with ``record_t`` in ``_landing.c``.
 RECORD = struct.Struct("<7q8I2B6x")
@@ -77,9 +78,9 @@ def backend() -> ModuleType | None:
     return _landing
 
 
-def build_table(files: Sequence[FileEntry], plan: Sequence[Planned], born: bytes, meta: Sequence[Meta],
+def build_table(files: Sequence[FileEntry], placements: Sequence[Placement], born: bytes, meta: Sequence[Meta],
                 header_starts: Sequence[int]) -> tuple[bytes, bytes]:
-    """The landing table (records, heap) of a layer whose TOC was validated.
+    """The C records (records, heap) of a layer whose TOC was validated.
 
     Built in C (0.10 s instead of 0.26 s for 51,402 entries); whatever C does not take
     as plainly, the Python builder below does, byte for byte the same.  An entry that
@@ -90,16 +91,16 @@ def build_table(files: Sequence[FileEntry], plan: Sequence[Planned], born: bytes
         BadZtoc: a path or name that cannot be encoded for the filesystem.
     """
     c = backend()
-    built = c.build_table(files, plan, born, meta, header_starts) if c is not None else None
+    built = c.build_table(files, placements, born, meta, header_starts) if c is not None else None
     if built is not None:
         return built  # type: ignore[no-any-return]
-    return build_table_python(files, plan, born, meta, header_starts)
+    return build_table_python(files, placements, born, meta, header_starts)
 
 
-def build_table_python(files: Sequence[FileEntry], plan: Sequence[Planned], born: bytes, meta: Sequence[Meta],
+def build_table_python(files: Sequence[FileEntry], placements: Sequence[Placement], born: bytes, meta: Sequence[Meta],
                        header_starts: Sequence[int]) -> tuple[bytes, bytes]:
     """:func:`build_table` in Python: the reference, and what words its errors."""
-    table = bytearray(RECORD.size * len(files))
+    records = bytearray(RECORD.size * len(files))
     heap = bytearray()
     pack = RECORD.pack_into
     strings: dict[bytes, int] = {}
@@ -111,7 +112,7 @@ def build_table_python(files: Sequence[FileEntry], plan: Sequence[Planned], born
             heap.extend(raw)
         return at
 
-    for i, (e, p, m) in enumerate(zip(files, plan, meta)):
+    for i, (e, p, m) in enumerate(zip(files, placements, meta)):
         uid, gid, mode, mtime_ns, xattrs = m
         try:
             name = e.name.encode("utf-8", "surrogateescape")
@@ -135,39 +136,39 @@ def build_table_python(files: Sequence[FileEntry], plan: Sequence[Planned], born
                 flags |= F_CHECKABLE | F_PAX_PATH
         if not plain:
             uid = gid = mode = mtime_ns = 0
-        pack(table, RECORD.size * i, e.uncompressed_offset, header_starts[i],
+        pack(records, RECORD.size * i, e.uncompressed_offset, header_starts[i],
              e.uncompressed_size if plain else 0, mode, e.devmajor if plain else 0, e.devminor if plain else 0,
              mtime_ns, uid, gid, place(name), len(name), place(link), len(link), place(path), len(path),
              _TYPE_FLAGS.get(e.type, b"?")[0], flags)
     if len(heap) >= 1 << 32:
         raise BadZtoc(f"the TOC's names take {len(heap)} bytes, more than a landing table holds")
-    return bytes(table), bytes(heap)
+    return bytes(records), bytes(heap)
 
 
-def unchecked_entries(table: bytes) -> list[int]:
+def unchecked_entries(records: bytes) -> list[int]:
     """Entries whose headers C never verifies (the caller keeps what it needs to check them)."""
     at = RECORD.size - 7  # the flags byte of record 0
-    return [k for k in range(len(table) // RECORD.size) if not table[at + RECORD.size * k] & F_CHECKABLE]
+    return [k for k in range(len(records) // RECORD.size) if not records[at + RECORD.size * k] & F_CHECKABLE]
 
 
-def check_headers(c: ModuleType, table: bytes, heap: bytes, out: memoryview, ustart: int) -> list[int]:
+def check_headers(c: ModuleType, records: bytes, heap: bytes, out: memoryview, ustart: int) -> list[int]:
     """Entries whose header chain ends in this span and that C could not verify (check them)."""
-    return c.check_headers(table, heap, out, ustart)  # type: ignore[no-any-return]
+    return c.check_headers(records, heap, out, ustart)  # type: ignore[no-any-return]
 
 
 #: What the caller does with a piece C left to it: (entry, file offset, stream offset, length).
 Fallback = Callable[[int, int, int, int], None]
 
 
-def write_pieces(c: ModuleType, table: bytes, heap: bytes, root_fd: int, out: memoryview, ustart: int,
-                 direct: DirectWriter, plan: Sequence[Planned], fallback: Fallback) -> None:
+def write_pieces(c: ModuleType, records: bytes, heap: bytes, root_fd: int, out: memoryview, ustart: int,
+                 direct: DirectWriter, placements: Sequence[Placement], fallback: Fallback) -> None:
     """Write the file data of the span [ustart, ustart + len(out)) into the layer at ``root_fd``.
 
     Raises:
         UnsafeArchive: the tree is not what the TOC says (as :class:`~prewarm.store.layerfs.LayerWriter`).
         OSError: as the system calls (ENOSPC, EIO, ...), naming the file.
     """
-    skipped, error, direct.enabled, nbytes = c.write_pieces(table, heap, root_fd, out, ustart,
+    skipped, error, direct.enabled, nbytes = c.write_pieces(records, heap, root_fd, out, ustart,
                                                             direct.enabled, direct.min_direct)
     direct.direct_bytes += nbytes
     for piece in skipped:
@@ -175,7 +176,7 @@ def write_pieces(c: ModuleType, table: bytes, heap: bytes, root_fd: int, out: me
     if error is None:
         return
     code, err, k = error
-    path = plan[k].path
+    path = placements[k].path
     parent = path.rpartition("/")[0]
     if code == _E_PARENT_MISSING:
         raise missing_parent(path, parent)

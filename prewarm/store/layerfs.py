@@ -15,10 +15,11 @@ the whole archive first (``..``, absolute names, a path through a symlink or a f
 created earlier, a hard link to a missing target or a directory) so a bad archive is
 refused before anything is created; the fd discipline is the second line of defence.
 
-Metadata is applied last (:meth:`LayerWriter.apply_metadata`): owner before mode (chown
-clears setuid/setgid), then xattrs, then mtimes, directories after everything else
-because creating a child changes its parent's mtime.  A file created whole with its data
-(:meth:`LayerWriter.create_whole`) gets its metadata then, in the same order.
+Metadata is applied by :func:`apply_meta` alone: owner before mode (chown clears
+setuid/setgid), then xattrs, then mtimes.  A file created whole with its data
+(:meth:`LayerWriter.create_whole`) gets it there and then; everything else gets it last
+(:meth:`LayerWriter.apply_metadata`), directories after everything else because creating
+a child changes its parent's mtime.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ import stat
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
-from prewarm.store.directio import DirectWriter
 from prewarm.errors import BadZtoc, CorruptContent, UnsafeArchive
 from prewarm.index.ztoc import ENTRY_TYPES, FileEntry
+from prewarm.store.directio import DirectWriter
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -53,8 +54,8 @@ _NODE_TYPES = {"char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Planned:
-    """What one TOC entry becomes in the layer dir.
+class Placement:
+    """What one TOC entry becomes in the layer dir, and where (a column of the landing table).
 
     ``kind`` is the entry type, or ``"whiteout"`` / ``"opaque"`` / ``"skip"``; ``path``
     the normalised relative path of the node created (for a whiteout: the hidden name;
@@ -112,18 +113,18 @@ def parse_mod_time(value: str) -> int:
     return calendar.timegm(dt.utctimetuple()) * 1_000_000_000 + ns
 
 
-def check_entries(entries: Sequence[FileEntry], archive_size: int) -> list[Planned]:
+def check_entries(entries: Sequence[FileEntry], archive_size: int) -> list[Placement]:
     """Validate a whole archive's entries before anything is created; say what each becomes.
 
     Raises:
         UnsafeArchive: an entry that would write outside the layer (naming it).
         BadZtoc: counts, types, offsets or sizes that cannot belong to this archive.
     """
-    return check_archive(entries, archive_size).plan
+    return check_archive(entries, archive_size).placements
 
 
 def check_archive(entries: Sequence[FileEntry], archive_size: int) -> EntryChecker:
-    """:func:`check_entries`, returning the checker (its ``plan`` and ``fresh``).
+    """:func:`check_entries`, returning the checker (its ``placements`` and ``fresh``).
 
     Raises:
         UnsafeArchive, BadZtoc: as :func:`check_entries`.
@@ -140,13 +141,13 @@ class EntryChecker:
     """Simulates the layer tree entry by entry, refusing anything that would escape it.
 
     A path through a symlink (or a file) created earlier in the same archive, or a hard
-    link to something not (yet) in the layer, is refused.  :attr:`plan` says what each
-    entry checked so far becomes, ``final`` marking the last entry of each path.
+    link to something not (yet) in the layer, is refused.  :attr:`placements` says what
+    each entry checked so far becomes, ``final`` marking the last entry of each path.
     """
 
     def __init__(self, archive_size: int | None = None) -> None:
         self.archive_size = archive_size
-        self.plan: list[Planned] = []
+        self.placements: list[Placement] = []
         #: fresh[i]: entry i's path held nothing before it (creating it replaces nothing).
         self.fresh: list[bool] = []
         self._kinds: dict[str, str] = {"": "dir"}  # path -> "dir" | "symlink" | "reg" | "other"
@@ -156,7 +157,7 @@ class EntryChecker:
         #: (archives list a directory's entries together).  Anything else forgets it.
         self._checked_parent: str | None = None
 
-    def check(self, e: FileEntry) -> Planned:
+    def check(self, e: FileEntry) -> Placement:
         """Validate one entry (in archive order) and return what it becomes.
 
         Raises:
@@ -211,13 +212,13 @@ class EntryChecker:
             if tkind is None or tkind == "dir" or not target:
                 why = "a directory" if tkind == "dir" or not target else "missing from the layer"
                 raise UnsafeArchive(f"tar entry {e.name!r} is a hard link to {e.linkname!r}, which is {why}")
-        planned = Planned(kind, path)
+        placement = Placement(kind, path)
         if kind in ("whiteout", "opaque", "skip"):
             if kind == "whiteout":
                 _forget_below(kinds, path)
                 kinds[path] = "other"
-            self.plan.append(planned)
-            return planned
+            self.placements.append(placement)
+            return placement
         if kind == "dir":
             if kinds.get(path) != "dir":
                 _forget_below(kinds, path)
@@ -227,10 +228,10 @@ class EntryChecker:
             kinds[path] = "symlink" if kind == "symlink" else ("reg" if kind == "reg" else "other")
         prev = self._last.get(path)
         if prev is not None:
-            self.plan[prev] = dataclasses.replace(self.plan[prev], final=False)
-        self._last[path] = len(self.plan)
-        self.plan.append(planned)
-        return planned
+            self.placements[prev] = dataclasses.replace(self.placements[prev], final=False)
+        self._last[path] = len(self.placements)
+        self.placements.append(placement)
+        return placement
 
 
 def _check_parents(name: str, prefixes: list[str], kinds: dict[str, str]) -> None:
@@ -423,21 +424,21 @@ class LayerWriter:
         """Create the missing parent directories of ``path`` (0755, as for any entry)."""
         self._parent_fd(path.rpartition("/")[0], name, create=True)
 
-    def create(self, entry: FileEntry, planned: Planned) -> None:
+    def create(self, entry: FileEntry, placement: Placement) -> None:
         """Create the node for one entry (regular files pre-sized, no data yet).
 
         Raises:
             UnsafeArchive: the entry would escape the layer, or a hard link's target is
                 missing or a directory.
         """
-        if planned.kind == "skip":
+        if placement.kind == "skip":
             return
-        if planned.kind == "opaque":
-            os.setxattr(self._parent_fd(planned.path, entry.name, create=True), OPAQUE_XATTR, b"y")
+        if placement.kind == "opaque":
+            os.setxattr(self._parent_fd(placement.path, entry.name, create=True), OPAQUE_XATTR, b"y")
             return
-        parent, _, base = planned.path.rpartition("/")
+        parent, _, base = placement.path.rpartition("/")
         pfd = self._parent_fd(parent, entry.name, create=True)
-        kind = planned.kind
+        kind = placement.kind
         if kind == "dir":
             if not self._clear(pfd, base, keep_dir=True):
                 os.mkdir(base, 0o755, dir_fd=pfd)
@@ -500,7 +501,7 @@ class LayerWriter:
             raise not_regular(path)
         return fd
 
-    def apply_metadata(self, plan: Sequence[Planned], meta: Sequence[Meta], done: bytes | None = None) -> None:
+    def apply_metadata(self, placements: Sequence[Placement], meta: Sequence[Meta], done: bytes | None = None) -> None:
         """Owners, modes, xattrs and mtimes of every final entry; directories last.
 
         ``meta[i]`` is entry i's :func:`entry_meta`.  Hard links share their target's
@@ -508,16 +509,16 @@ class LayerWriter:
         as containerd's overlay applier does.  Entries whose byte in ``done`` is set
         already have theirs (files born whole when their span landed, see :meth:`create_whole`).
         """
-        dirs: list[tuple[Planned, Meta]] = []
-        for i, planned in enumerate(plan):
-            if not planned.final or planned.kind in ("skip", "opaque", "hardlink") or (done and done[i]):
+        dirs: list[tuple[Placement, Meta]] = []
+        for i, placement in enumerate(placements):
+            if not placement.final or placement.kind in ("skip", "opaque", "hardlink") or (done and done[i]):
                 continue
-            if planned.kind == "dir":
-                dirs.append((planned, meta[i]))
+            if placement.kind == "dir":
+                dirs.append((placement, meta[i]))
             else:
-                self._apply_one(planned, meta[i])
-        for planned, m in sorted(dirs, key=lambda d: d[0].path.count("/"), reverse=True):
-            self._apply_one(planned, m)
+                self._apply_one(placement, meta[i])
+        for placement, m in sorted(dirs, key=lambda d: d[0].path.count("/"), reverse=True):
+            self._apply_one(placement, m)
 
     def create_whole(self, path: str, data: memoryview, writer: DirectWriter, meta: Meta) -> None:
         """Create a regular file with all its data and its metadata, in one open.
@@ -538,37 +539,56 @@ class LayerWriter:
                          dir_fd=pfd)
         except FileExistsError:  # left by an interrupted landing of this span
             fd = self.open_data(path)
-        uid, gid, mode, mtime_ns, xattrs = meta
         try:
             writer.pwrite(fd, data, 0)
-            os.fchown(fd, uid, gid)
-            os.fchmod(fd, mode & 0o7777)  # after the owner: chown clears set-id bits
-            for key, value in xattrs:
-                os.setxattr(fd, key, os.fsencode(value))
-            os.utime(fd, ns=(mtime_ns, mtime_ns))
+            apply_meta(fd, "reg", meta)
         finally:
             os.close(fd)
 
-    def _apply_one(self, planned: Planned, meta: Meta) -> None:
-        uid, gid, mode, mtime_ns, xattrs = meta
-        parent, _, base = planned.path.rpartition("/")
-        pfd = self._parent_fd(parent, planned.path, create=False)
-        os.chown(base, uid, gid, dir_fd=pfd, follow_symlinks=False)
-        if planned.kind == "whiteout":
-            return
-        is_link = planned.kind == "symlink"
-        if not is_link:
-            os.chmod(base, mode & 0o7777, dir_fd=pfd)
-        if xattrs:
-            where = f"/proc/self/fd/{pfd}/{base}"
-            for key, value in xattrs:
-                try:
-                    os.setxattr(where, key, os.fsencode(value), follow_symlinks=False)
-                except OSError as err:
-                    if is_link and err.errno in (errno.EPERM, errno.ENOTSUP):
-                        continue  # user.* xattrs are not allowed on symlinks
-                    raise
-        os.utime(base, ns=(mtime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
+    def _apply_one(self, placement: Placement, meta: Meta) -> None:
+        parent, _, base = placement.path.rpartition("/")
+        apply_meta((self._parent_fd(parent, placement.path, create=False), base), placement.kind, meta)
+
+
+def apply_meta(node: int | tuple[int, str], kind: str, meta: Meta) -> None:
+    """Give one node its owner, mode, xattrs and mtime: the one place metadata is applied.
+
+    ``node`` is an open fd (a file created whole with its data) or a name in a directory
+    fd (everything else; nothing is followed, so a symlink gets its own owner and mtime).
+    The order is the contract: the owner first, then the mode (chown clears set-id
+    bits), then xattrs, then the mtime.  Whiteouts keep their 0/0 device and get only the
+    owner, as containerd's overlay applier does; symlinks get no mode, and skip the
+    ``user.*`` xattrs Linux refuses on them.  C ``create_whole`` (``_landing.c``) is the
+    twin of the fd case for files without xattrs; tests/test_landing.py holds the trees
+    the two land equal.
+
+    Raises:
+        OSError: as chown, chmod, setxattr or utime.
+    """
+    uid, gid, mode, mtime_ns, xattrs = meta
+    at: dict[str, Any] = {}
+    nofollow: dict[str, Any] = {}
+    if isinstance(node, int):
+        target: int | str = node
+        where: int | str = node
+    else:
+        dir_fd, target = node
+        at, nofollow = {"dir_fd": dir_fd}, {"follow_symlinks": False}
+        where = f"/proc/self/fd/{dir_fd}/{target}" if xattrs else ""
+    os.chown(target, uid, gid, **at, **nofollow)
+    if kind == "whiteout":
+        return
+    is_link = kind == "symlink"
+    if not is_link:
+        os.chmod(target, mode & 0o7777, **at)
+    for key, value in xattrs:
+        try:
+            os.setxattr(where, key, os.fsencode(value), **nofollow)
+        except OSError as err:
+            if is_link and err.errno in (errno.EPERM, errno.ENOTSUP):
+                continue  # user.* xattrs are not allowed on symlinks
+            raise
+    os.utime(target, ns=(mtime_ns, mtime_ns), **at, **nofollow)
 
 
 #: What metadata an entry gets: (uid, gid, mode, mtime in ns, xattr (key, value) pairs).
@@ -584,11 +604,11 @@ def entry_meta(e: FileEntry) -> Meta:
     return e.uid, e.gid, e.mode, parse_mod_time(e.mod_time), tuple(e.real_xattrs.items())
 
 
-def data_extents(entries: Iterable[FileEntry], plan: Sequence[Planned]) -> list[tuple[int, int]]:
+def data_extents(entries: Iterable[FileEntry], placements: Sequence[Placement]) -> list[tuple[int, int]]:
     """(stream offset, size) of every entry's data the layer keeps (final regular files only).
 
     Superseded regular files (a later entry of the same path) get an empty extent: their
     bytes are not written anywhere.
     """
     return [(e.uncompressed_offset, e.uncompressed_size if p.kind == "reg" and p.final else 0)
-            for e, p in zip(entries, plan)]
+            for e, p in zip(entries, placements)]

@@ -77,7 +77,7 @@ class ZtocCache:
                 raise BadZtoc(f"zTOC {digest} in {path} is empty; delete it and retry")
             buf = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
         # Lazy TOC: a process landing a few spans decodes only the entries in them; the
-        # digest (verified when the file was cached) names this TOC for the store's plan.
+        # digest (verified when the file was cached) names this TOC for the landing table.
         z = parse_ztoc(memoryview(buf), lazy_files=True)
         z.digest = digest
         self._parsed[digest] = z
