@@ -28,8 +28,9 @@ from prewarm.errors import FailedPrecondition, InvalidSnapshotRequest, SnapshotE
 from prewarm.store.layout import Layout
 from prewarm.runtime.snapshot.filters import matches_any, parse_filters
 from prewarm.runtime.snapshot.metastore import MetaStore, Record, Transaction
-from prewarm.runtime.snapshot.prewarmed import PrewarmedLayer, lookup_chain
+from prewarm.runtime.snapshot.prewarmed import PrewarmedLayer, lookup_chain, served_as
 from prewarm.runtime.snapshot.snapshotter import (
+    LABEL_CRI_LAYER_DIGEST,
     LABEL_PREWARMED_LAYER,
     LABEL_SNAPSHOT_REF,
     Info,
@@ -110,6 +111,12 @@ class OverlaySnapshotter:
         ref = labels.get(LABEL_SNAPSHOT_REF, "")
         if ref:
             layer = lookup_chain(self.layout, ref)
+            wanted = labels.get(LABEL_CRI_LAYER_DIGEST)
+            if layer is not None and wanted and wanted != layer.layer_digest:
+                layer = served_as(self.layout, layer, wanted)
+                if layer is None:
+                    log.info("prepare %s: containerd asks for layer %s, which is not pre-warmed as %s; "
+                             "preparing normally", key, wanted, ref)
             if layer is not None:
                 self._provide(namespace, key, parent, layer, labels)
         return self._create(namespace, key, parent, labels, Kind.ACTIVE)

@@ -9,9 +9,15 @@ one place::
     {"chain_id": "sha256:..", "parent": "sha256:.." | null, "diff_id": "sha256:..",
      "layer_digest": "sha256:.."}
 
-A record alone proves nothing: the layer counts as pre-warmed only while the store's
-``ready`` file for its layer digest exists, so a half-written or removed layer is
-never handed to containerd.
+A record alone proves nothing.  The layer counts as pre-warmed only while the store's
+``ready`` file for its layer digest exists, and only when that file, which the store
+writes at commit after the layer's uncompressed stream hashed to its diff_id, names the
+record's diff_id.  So a claimed diff_id is never enough, on either side: a chain is
+registered only from diff_ids that each layer's own commit record proves, and a record
+that disagrees with its layer (written by hand, or by an older prewarm that did not
+check) is never served.  A record that points at a ready layer proving its diff_id is
+never replaced by one that points elsewhere: the first verified tree of a chain stays
+the one served (a later image cannot swap in its own blob, even an honest re-compression).
 """
 
 from __future__ import annotations
@@ -64,21 +70,51 @@ def lookup_chain(layout: Layout, chain_id: str) -> PrewarmedLayer | None:
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if layer.chain_id != chain_id or not layout.layer_ready(layer_digest).is_file():
+    if layer.chain_id != chain_id or proven_diff_id(layout, layer_digest) != layer.diff_id:
         return None
     if not layer.fs.is_dir():
         return None
     return layer
 
 
+def served_as(layout: Layout, layer: PrewarmedLayer, layer_digest: str) -> PrewarmedLayer | None:
+    """``layer``'s chain served from the blob ``layer_digest`` that containerd names, or None.
+
+    containerd's CRI unpacker says which compressed blob it would apply
+    (``containerd.io/snapshot/cri.layer-digest``); the chain is served from that very blob
+    when it is ready here and proves the chain's diff_id, and not at all otherwise.
+    """
+    if not is_digest(layer_digest) or proven_diff_id(layout, layer_digest) != layer.diff_id:
+        return None
+    fs = layout.layer_fs(layer_digest)
+    return dataclasses.replace(layer, layer_digest=layer_digest, fs=fs) if fs.is_dir() else None
+
+
+def proven_diff_id(layout: Layout, layer_digest: str) -> str | None:
+    """The diff_id that the layer's own commit record proves, or None (not ready, unreadable).
+
+    The store writes ``ready`` only after the layer's uncompressed stream hashed to this
+    diff_id, so it is the one place a diff_id can be taken from.
+    """
+    try:
+        info = json.loads(layout.layer_ready(layer_digest).read_bytes())
+        diff_id = info.get("diff_id") if isinstance(info, dict) else None
+    except (OSError, ValueError):
+        return None
+    return diff_id if isinstance(diff_id, str) and is_digest(diff_id) else None
+
+
 def register_chains(layout: Layout, layer_digests: Sequence[str], diff_ids: Sequence[str]) -> list[str]:
     """Write the chain records of an image's layers (bottom first); returns the chain IDs.
 
     Each record is written to a temporary file and renamed into place, so a reader sees
-    a whole record or none.  Writing the same image twice is harmless.
+    a whole record or none.  Writing the same image twice is harmless.  A record that
+    already serves its chain from a layer proving the same diff_id is kept as it is.
 
     Raises:
-        StoreError: the two lists differ in length or hold something that is not a digest.
+        StoreError: the two lists differ in length or hold something that is not a digest,
+            or a layer's commit record does not prove the diff_id given for it (nothing
+            is written then).
     """
     if len(layer_digests) != len(diff_ids):
         raise StoreError(
@@ -88,8 +124,17 @@ def register_chains(layout: Layout, layer_digests: Sequence[str], diff_ids: Sequ
     for value in (*layer_digests, *diff_ids):
         if not is_digest(value):
             raise StoreError(f"register_chains: {value!r} is not a digest (sha256:<hex>)")
+    for layer_digest, diff_id in zip(layer_digests, diff_ids):
+        proven = proven_diff_id(layout, layer_digest)
+        if proven != diff_id:
+            raise StoreError(
+                f"layer {layer_digest} is not registered as diff_id {diff_id}: its commit record in "
+                f"{layout.root} proves {proven or 'no diff_id'}; pre-warm the image again"
+            )
     ids = chain_ids(list(diff_ids))
     for i, (chain_id, diff_id, layer_digest) in enumerate(zip(ids, diff_ids, layer_digests)):
+        if lookup_chain(layout, chain_id) is not None:
+            continue  # already served from a verified tree of this very chain
         record = {
             "chain_id": chain_id,
             "parent": ids[i - 1] if i else None,

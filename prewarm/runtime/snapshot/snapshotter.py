@@ -97,6 +97,9 @@ from typing import Protocol
 
 #: The remote-snapshot label: the chain ID of the layer containerd's unpacker prepares.
 LABEL_SNAPSHOT_REF = "containerd.io/snapshot.ref"
+#: The compressed digest of the layer containerd's CRI unpacker would apply (sent with
+#: :data:`LABEL_SNAPSHOT_REF` on a pull): the shim serves a chain only from that very blob.
+LABEL_CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 #: containerd's GC root label; a snapshot without it (or a lease) may be collected.
 LABEL_GC_ROOT = "containerd.io/gc.root"
 #: Our own labels start with this, so containerd's FilterInheritedLabels forwards them.
