@@ -195,3 +195,28 @@ def test_the_installed_prewarm_schedules_an_image(installed: Installed, tmp_path
     assert proc.returncode == 0, proc.stderr
     listed = json.loads(proc.stdout)
     assert [(i["name"], i["state"], i["layers"]) for i in listed] == [(ref, "ready", len(image.layers))]
+
+
+def test_an_editable_install_generates_the_grpc_modules_in_place(tmp_path: Path) -> None:
+    # Given a fresh checkout (tracked files only) and a new venv
+    src, venv = tmp_path / "src", tmp_path / "venv"
+    _copy_tracked_files(src)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # When it is installed editable, as scripts/bootstrap does (dependencies left out: the
+    # modules are checked with this interpreter, which has them)
+    proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                           "-q", "--no-deps", "-e", str(src)], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Then the gRPC modules and the C extensions sit beside their sources
+    for proto in PROTOS:
+        for suffix in ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi"):
+            assert (src / PROTO_DIR / f"{proto}{suffix}").is_file(), f"{proto}{suffix}"
+    assert list((src / "prewarm/store").glob("_landing.*.so")) and list((src / "prewarm/index").glob("_ztoc.*.so"))
+    # And they import, as the package that the generated modules name
+    proc = subprocess.run([sys.executable, "-c", "from prewarm.runtime.shim._proto.containerd.services.snapshots.v1 "
+                           "import snapshots_pb2_grpc as g; print(g.__file__)"], env={**env, "PYTHONPATH": str(src)},
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()).is_relative_to(src)
