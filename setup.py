@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import ClassVar
 
 from setuptools import Command, Extension, setup
 from setuptools.command.build import build
@@ -30,7 +31,7 @@ _ROOT = Path(__file__).resolve().parent
 _PROTO_DIR = "prewarm/runtime/shim/_proto"
 
 
-class build_protos(Command):  # noqa: N801 - setuptools names commands in snake_case
+class build_protos(Command):
     """Run grpc_tools.protoc on every ``.proto`` of the shim.
 
     Output goes to ``build_lib`` (a wheel), or beside the sources with ``--inplace`` or
@@ -38,11 +39,11 @@ class build_protos(Command):  # noqa: N801 - setuptools names commands in snake_
     """
 
     description = "generate the gRPC Python modules of the snapshotter shim"
-    user_options = [
+    user_options: ClassVar[list[tuple[str, str | None, str]]] = [
         ("build-lib=", "d", "directory to write the generated modules to"),
         ("inplace", "i", "write them beside the .proto files (for development)"),
     ]
-    boolean_options = ["inplace"]
+    boolean_options: ClassVar[list[str]] = ["inplace"]
 
     def initialize_options(self) -> None:
         self.build_lib: str | None = None
@@ -107,14 +108,14 @@ class build_protos(Command):  # noqa: N801 - setuptools names commands in snake_
         return self._protos()
 
 
-class build_with_protos(build):  # noqa: N801
+class build_with_protos(build):
     """``build`` with ``build_protos`` as its last sub-command.
 
     Last, after build_py: generated modules left in a development checkout (which
     build_py copies like any module) are then overwritten by fresh ones.
     """
 
-    sub_commands = [*build.sub_commands, ("build_protos", None)]
+    sub_commands: ClassVar[list[tuple[str, object]]] = [*build.sub_commands, ("build_protos", None)]
 
 
 setup(

@@ -54,9 +54,10 @@ class Installed:
         env["PATH"] = os.pathsep.join([str(self.venv / "bin"), "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"])
         return {**env, **extra}
 
-    def run(self, *argv: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(list(argv), env=self.env(**env), cwd=self.cwd, capture_output=True, text=True,
-                              timeout=timeout, check=False)
+    def run(self, *argv: str, timeout: float = 120, env: dict[str, str] | None = None,
+            ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(list(argv), env=self.env(**(env or {})), cwd=self.cwd, capture_output=True,
+                              text=True, timeout=timeout, check=False)
 
 
 def _copy_tracked_files(dest: Path) -> None:
@@ -184,14 +185,14 @@ def test_the_installed_prewarm_schedules_an_image(installed: Installed, tmp_path
     # When the installed command pre-warms it in embedded mode (private Redis, workers
     # started as `python -m prewarm worker` by the venv's python)
     proc = installed.run(installed.prewarm, "schedule", ref, "--wait", "--insecure-registry", registry.host,
-                         "--json", timeout=300, **store)
+                         "--json", timeout=300, env=store)
     # Then the job succeeded with every layer byte
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["state"] == "succeeded"
     assert summary["bytes_done"] == summary["bytes_total"] == sum(layer.size for layer in image.layers)
     # And the installed `prewarm images` lists it as ready
-    proc = installed.run(installed.prewarm, "images", "--json", **store)
+    proc = installed.run(installed.prewarm, "images", "--json", env=store)
     assert proc.returncode == 0, proc.stderr
     listed = json.loads(proc.stdout)
     assert [(i["name"], i["state"], i["layers"]) for i in listed] == [(ref, "ready", len(image.layers))]
@@ -215,8 +216,9 @@ def test_an_editable_install_generates_the_grpc_modules_in_place(tmp_path: Path)
             assert (src / PROTO_DIR / f"{proto}{suffix}").is_file(), f"{proto}{suffix}"
     assert list((src / "prewarm/store").glob("_landing.*.so")) and list((src / "prewarm/index").glob("_ztoc.*.so"))
     # And they import, as the package that the generated modules name
-    proc = subprocess.run([sys.executable, "-c", "from prewarm.runtime.shim._proto.containerd.services.snapshots.v1 "
-                           "import snapshots_pb2_grpc as g; print(g.__file__)"], env={**env, "PYTHONPATH": str(src)},
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+    script = ("from prewarm.runtime.shim._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as g; "
+              "print(g.__file__)")
+    proc = subprocess.run([sys.executable, "-c", script], env={**env, "PYTHONPATH": str(src)}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()).is_relative_to(src)
