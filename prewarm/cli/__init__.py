@@ -33,6 +33,9 @@ class PrewarmGroup(click.Group):
 
 
 @click.group(cls=PrewarmGroup, context_settings={"help_option_names": ["-h", "--help"]})
+# The installed distribution's version (its metadata), so a wheel and a checkout report
+# what pip installed rather than a second copy of the number kept in the code.
+@click.version_option(package_name="prewarm", prog_name="prewarm")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
