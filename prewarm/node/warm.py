@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Iterator
 
 from redis import Redis
@@ -28,6 +29,7 @@ from prewarm.fleet.budget import RegistryBudget
 from prewarm.config import Settings
 from prewarm.resolve.digest import verify
 from prewarm.errors import PrewarmError, RateLimited
+from prewarm.runtime import gc
 from prewarm.runtime.images import ImageRecord, record_prewarmed_image
 from prewarm.index.inflate import inflate_span
 from prewarm.store.layout import Layout
@@ -41,6 +43,9 @@ from prewarm.index.ztoc import Ztoc
 from prewarm.store.ztoc_cache import ZtocCache
 
 log = logging.getLogger(__name__)
+
+#: Seconds between refreshes of a running job's gc pin (well inside gc.PIN_TTL).
+PIN_REFRESH = 60.0
 
 
 @dataclasses.dataclass
@@ -57,6 +62,7 @@ class NodeContext:
     _plans: dict[str, ImagePlan] = dataclasses.field(default_factory=dict)
     _refs: dict[str, Reference] = dataclasses.field(default_factory=dict)
     _ahead: set[str] = dataclasses.field(default_factory=set)
+    _pinned: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def create(cls, settings: Settings, r: Redis) -> NodeContext:
@@ -74,6 +80,15 @@ class NodeContext:
             if len(self._plans) > 64:
                 self._plans.pop(next(iter(self._plans)))
         return plan
+
+    def pin(self, job_id: str, plan: ImagePlan) -> None:
+        """Keep the job's layers from ``prewarm gc`` while it runs here (refreshed once a minute)."""
+        now = time.monotonic()
+        if now - self._pinned.get(job_id, -PIN_REFRESH) >= PIN_REFRESH:
+            gc.pin(self.layout, job_id, (layer.digest for layer in plan.layers))
+            self._pinned[job_id] = now
+            if len(self._pinned) > 64:
+                self._pinned.pop(next(iter(self._pinned)))
 
     def reference(self, image: str) -> Reference:
         ref = self._refs.get(image)
@@ -118,6 +133,7 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
     lp = plan.layers[layer_index]
     if lp.digest != layer:
         raise ValueError(f"task names layer {layer} but the job's plan has {lp.digest} at {layer_index}")
+    ctx.pin(job, plan)
     ref = ctx.reference(image)
     z = _ztoc(ctx, ref, ztoc)
     if not (count >= 1 and 0 <= span and span + count <= z.num_spans):
@@ -219,6 +235,7 @@ def warm_layer(ctx: NodeContext, *, job: str, image: str, layer: str, layer_inde
     lp = plan.layers[layer_index]
     if lp.digest != layer:
         raise ValueError(f"task names layer {layer} but the job's plan has {lp.digest} at {layer_index}")
+    ctx.pin(job, plan)
     if ctx.store.is_ready(layer):
         return Outcome(lp.size, False, True)
     ref = ctx.reference(image)
@@ -252,7 +269,9 @@ def complete_image(ctx: NodeContext, job: str, name: str) -> bool:
     plan = ctx.plan(job)
     if not all(ctx.store.is_ready(layer.digest) for layer in plan.layers):
         return False
+    ctx.pin(job, plan)
     record = record_prewarmed_image(ctx.layout, name, plan)
+    gc.unpin(ctx.layout, job)
     if ctx.settings.containerd_address is not None:
         register_in_containerd(ctx, record)
     return True

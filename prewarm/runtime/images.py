@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+from prewarm.errors import StoreError
 from prewarm.store.atomic import atomic_write
 from prewarm.store.layout import Layout, chain_ids
 from prewarm.fleet.plan import ImagePlan
@@ -81,7 +82,15 @@ def new_record(name: str, reference: str, manifest_digest: str, config_digest: s
 def record_prewarmed_image(layout: Layout, name: str, plan: ImagePlan) -> ImageRecord:
     """Write the chain-ID index and the image record once every layer of ``plan`` is ready.
 
-    Idempotent: several workers may finish the same image at once.
+    Idempotent: several workers may finish the same image at once.  The layers are checked
+    again after the record is written: a ``prewarm gc`` that took one of them before it
+    could see the record makes this fail, so a job never reports an image the store no
+    longer holds (the record then keeps the layers from the next gc, and a new schedule
+    fetches what is missing).
+
+    Raises:
+        StoreError: a layer is not ready (removed while the job ran), or its commit record
+            does not prove its diff_id.
     """
     from prewarm.runtime.snapshot.prewarmed import register_chains
 
@@ -93,5 +102,10 @@ def record_prewarmed_image(layout: Layout, name: str, plan: ImagePlan) -> ImageR
     existing = find_record(layout, name)
     if existing is None or existing.manifest_digest != plan.manifest_digest or existing.name != name:
         write_record(layout, record)
-        return record
-    return existing
+    else:
+        record = existing
+    missing = [d for d in digests if not layout.layer_ready(d).is_file()]
+    if missing:
+        raise StoreError(f"image {name}: layer(s) {', '.join(missing)} were removed from {layout.root} while "
+                         "the job ran (a concurrent prewarm gc?); schedule the image again")
+    return record

@@ -203,11 +203,23 @@ class ContentStore:
                                         "some space (prewarm rm IMAGE) or point PREWARM_ROOT elsewhere") from None
             raise
 
+    def layer_lock(self, digest: str, *, wait: bool = True) -> contextlib.AbstractContextManager[bool]:
+        """The layer's lock, for those outside the store that must see a layer stay as it is.
+
+        gc holds it while it decides and removes; the shim while it hands a ready layer to
+        containerd.  With ``wait=False`` it yields False at once if another holds it.
+        """
+        return self._locked(digest, wait=wait)
+
     def remove_layer(self, digest: str) -> None:
         """Remove a layer (ready or partial); ``ready`` goes first so nobody trusts a half-removed tree."""
         with self._locked(digest):
-            self.layout.layer_ready(digest).unlink(missing_ok=True)
-            self._wipe(digest)
+            self.remove_layer_locked(digest)
+
+    def remove_layer_locked(self, digest: str) -> None:
+        """:meth:`remove_layer` for a caller that holds :meth:`layer_lock` already."""
+        self.layout.layer_ready(digest).unlink(missing_ok=True)
+        self._wipe(digest)
         shutil.rmtree(self.layout.layer(digest), ignore_errors=True)
         self._tables.pop(digest, None)
 

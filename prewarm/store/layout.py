@@ -69,6 +69,10 @@ class Layout:
     def images_dir(self) -> Path:
         return self.root / "images"
 
+    def pins_dir(self) -> Path:
+        """``pins/<job>.json``: layers a running job needs, which gc keeps (prewarm.runtime.gc)."""
+        return self.root / "pins"
+
     def snapshots(self) -> Path:
         return self.root / "snapshots"
 

@@ -28,6 +28,7 @@ from prewarm.errors import FailedPrecondition, InvalidSnapshotRequest, SnapshotE
 from prewarm.store.layout import Layout
 from prewarm.runtime.snapshot.filters import matches_any, parse_filters
 from prewarm.runtime.snapshot.metastore import MetaStore, Record, Transaction
+from prewarm.store.content import ContentStore
 from prewarm.runtime.snapshot.prewarmed import PrewarmedLayer, lookup_chain, served_as
 from prewarm.runtime.snapshot.snapshotter import (
     LABEL_CRI_LAYER_DIGEST,
@@ -158,6 +159,15 @@ class OverlaySnapshotter:
         Raises:
             SnapshotExists: always when the layer was provided, or was already there.
         """
+        with ContentStore(self.layout.root).layer_lock(layer.layer_digest):
+            # Under the lock gc takes to remove a layer: still ready, it stays so until committed.
+            if not self.layout.layer_ready(layer.layer_digest).is_file():
+                log.info("prepare %s: layer %s was removed meanwhile; preparing normally", key, layer.layer_digest)
+                return
+            self._provide_locked(namespace, key, parent, layer, labels)
+
+    def _provide_locked(self, namespace: str, key: str, parent: str, layer: PrewarmedLayer,
+                        labels: Mapping[str, str]) -> None:
         placed: Path | None = None
         with self.meta.transaction() as txn:
             if not self._parent_matches(txn, namespace, parent, layer):
