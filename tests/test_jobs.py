@@ -229,3 +229,13 @@ def test_status_costs_the_same_round_trips_for_2_and_300_nodes(redis_url: str) -
         assert len(status.nodes) == n and again.nodes == status.nodes
         assert _CountingConnection.sends == 2
     assert trips[2] == trips[300] == 2, trips
+
+
+def test_claiming_for_an_unknown_job_or_node_creates_nothing(r: redis.Redis) -> None:
+    job = jobs.create_job(r, _plan(), ["a"], window=2, image="x")
+    before = sorted(r.keys("*"))
+    # When a claim names a job or a node that does not exist (a forged or stale message)
+    assert jobs.claim_next(r, "nope", "a") is None
+    assert jobs.claim_next(r, job, "ghost") is None
+    # Then nothing was created and the script did not fail on the missing keys
+    assert sorted(r.keys("*")) == before

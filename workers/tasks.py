@@ -23,10 +23,10 @@ from celery import Task
 from celery.exceptions import Retry
 from celery.signals import worker_init, worker_process_init
 
-from prewarm.fleet import dispatch
+from prewarm.fleet import dispatch, jobs
 from prewarm.fleet.broker import redis_client
 from prewarm.errors import DigestMismatch, PrewarmError, RateLimited, Transient
-from prewarm.node.metrics import ERRORS, SPANS
+from prewarm.node.metrics import ERRORS, SPANS, TASKS_REFUSED
 from prewarm.node.warm import NodeContext, Outcome, account, layer_failed, warm_layer, warm_span
 from workers.app import app
 
@@ -131,11 +131,31 @@ def _run(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: ignore[no
             time.sleep(1.0)
 
 
+def _refused(ctx: NodeContext, task: Task, kw: dict) -> str | None:  # type: ignore[type-arg]
+    """Why this task must not run here (checked before it writes anything), or None."""
+    why = jobs.task_refusal(ctx.redis, kw["job"], kw["node"], kw["layer_index"], ctx.settings.node_name)
+    if why is None:
+        try:
+            if kw["layer_index"] >= len(ctx.plan(kw["job"]).layers):
+                why = f"layer index {kw['layer_index']} is past the job's {len(ctx.plan(kw['job']).layers)} layers"
+        except PrewarmError as err:
+            why = str(err)
+    if why is None and not (isinstance(kw.get("span", 0), int) and kw.get("span", 0) >= 0
+                            and isinstance(kw.get("count", 1), int) and kw.get("count", 1) >= 1):
+        why = f"span {kw.get('span')!r} / count {kw.get('count')!r} are not a non-negative index and a count"
+    return why
+
+
 def _run_once(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: ignore[no-untyped-def]
     job, node, layer_index = kw["job"], kw["node"], kw["layer_index"]
     span = kw.get("span", 0)
     outcome: Outcome | None = None
     error: str | None = None
+    why = _refused(ctx, task, kw)
+    if why is not None:
+        TASKS_REFUSED.labels("task").inc()
+        log.warning("refused %s %s: %s", task.name, {k: kw[k] for k in ("job", "node", "layer_index")}, why)
+        return
     if layer_failed(ctx, job, node, layer_index):
         error = "layer already failed on this node"
     else:
@@ -145,11 +165,13 @@ def _run_once(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: igno
             raise
         except Exception as err:  # noqa: BLE001 - every failure ends in a retry or a recorded reason
             retries = task.request.retries
+            # max_retries explicit: None would mean Celery's default of 3
             if isinstance(err, Transient) and retries < MAX_TRANSIENT_RETRIES:
-                raise task.retry(exc=err, countdown=_retry_delay(retries, err), max_retries=None) from err
+                raise task.retry(exc=err, countdown=_retry_delay(retries, err),
+                                 max_retries=MAX_TRANSIENT_RETRIES) from err
             if isinstance(err, DigestMismatch) and retries < MAX_CORRUPT_SPAN_RETRIES:
                 log.warning("%s of %s corrupted in transit, fetching again: %s", f"span {span}" if "span" in kw else "whole layer", kw["layer"], err)
-                raise task.retry(exc=err, countdown=0.2, max_retries=None) from err
+                raise task.retry(exc=err, countdown=0.2, max_retries=MAX_CORRUPT_SPAN_RETRIES) from err
             if not isinstance(err, PrewarmError) and not isinstance(err, OSError):
                 log.exception("unexpected error in %s", task.name)
             error = _describe(err, ctx.settings.root)

@@ -36,6 +36,7 @@ LAYER_FAILED = "failed"
 _CLAIM = """
 if redis.call('HGET', KEYS[1], 'cancelled') == '1' then return -1 end
 local total = tonumber(redis.call('HGET', KEYS[2], 'tasks_total'))
+if not total then return -1 end  -- no such job or node: claim nothing, create nothing
 local k = redis.call('HINCRBY', KEYS[2], 'cursor', 1) - 1
 if k >= total then
   redis.call('HINCRBY', KEYS[2], 'cursor', -1)
@@ -272,6 +273,28 @@ def unstarted_jobs(r: redis.Redis, node: str) -> list[str]:
         if not r.hexists(keys.job_node(job_id, node), "started_release"):
             out.append(job_id)
     return sorted(out)
+
+
+def task_refusal(r: redis.Redis, job_id: str, node: str, layer_index: int, this_node: str) -> str | None:
+    """Why a task naming (job, node, layer) must not run on ``this_node``, or None if it may.
+
+    Checked before the task writes anything: a message made by anyone who can write to
+    Redis must not create job keys, account for another node or mark a layer of a real job.
+    """
+    if node != this_node:
+        return f"addressed to node {node!r}, not this node {this_node!r}"
+    if not isinstance(layer_index, int) or isinstance(layer_index, bool) or layer_index < 0:
+        return f"layer index {layer_index!r} is not a non-negative integer"
+    pipe = r.pipeline(transaction=False)
+    pipe.exists(keys.job(job_id))
+    pipe.sismember(keys.job_nodes(job_id), node)
+    pipe.hget(keys.job_node(job_id, node), "tasks_total")
+    exists, member, total = pipe.execute()
+    if not exists:
+        return f"job {job_id!r} does not exist"
+    if not member or total is None:
+        return f"node {node!r} is not part of job {job_id}"
+    return None
 
 
 def touch(r: redis.Redis, job_id: str, node: str) -> None:

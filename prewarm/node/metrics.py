@@ -29,6 +29,8 @@ LAYERS = Counter("prewarm_layers", "Layers committed or failed", ["result"])
 INFLATE_SECONDS = Histogram("prewarm_inflate_seconds", "Seconds inflating one span",
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 ERRORS = Counter("prewarm_errors", "Failures by kind", ["kind"])
+TASKS_REFUSED = Counter("prewarm_tasks_refused", "Task messages refused before any write, by what was wrong",
+                        ["reason"])
 STORE_BYTES = Gauge("prewarm_store_bytes", "Bytes of ready layers in the node's store",
                     multiprocess_mode="max")
 JOB_BYTES_DONE = Gauge("prewarm_job_bytes_done", "Bytes done of a job", ["job"], multiprocess_mode="max")
