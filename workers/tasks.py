@@ -136,10 +136,16 @@ def _refused(ctx: NodeContext, task: Task, kw: dict) -> str | None:  # type: ign
     why = jobs.task_refusal(ctx.redis, kw["job"], kw["node"], kw["layer_index"], ctx.settings.node_name)
     if why is None:
         try:
-            if kw["layer_index"] >= len(ctx.plan(kw["job"]).layers):
-                why = f"layer index {kw['layer_index']} is past the job's {len(ctx.plan(kw['job']).layers)} layers"
+            plan = ctx.plan(kw["job"])
         except PrewarmError as err:
-            why = str(err)
+            return str(err)
+        if kw["layer_index"] >= len(plan.layers):
+            why = f"layer index {kw['layer_index']} is past the job's {len(plan.layers)} layers"
+        elif kw.get("image") != plan.reference:
+            # the registry fetched from is the plan's, never one a message names
+            why = f"image {kw.get('image')!r} is not the job's {plan.reference}"
+        elif kw.get("layer") != plan.layers[kw["layer_index"]].digest:
+            why = f"layer {kw.get('layer')!r} is not layer {kw['layer_index']} of the job"
     if why is None and not (isinstance(kw.get("span", 0), int) and kw.get("span", 0) >= 0
                             and isinstance(kw.get("count", 1), int) and kw.get("count", 1) >= 1):
         why = f"span {kw.get('span')!r} / count {kw.get('count')!r} are not a non-negative index and a count"

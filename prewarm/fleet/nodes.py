@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -18,6 +20,8 @@ from pathlib import Path
 import redis
 
 from prewarm.fleet import keys
+
+log = logging.getLogger(__name__)
 
 #: Seconds between heartbeats.
 HEARTBEAT_INTERVAL = 5.0
@@ -52,14 +56,46 @@ def parse_labels(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def worker_identity(root: Path) -> str:
+    """Who runs a node's workers: host name, kernel boot and store.
+
+    Workers of one node (several processes, a restart, the same pod again) share it; two
+    hosts that fell back to the same host name, or two stores, do not.
+    """
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "unknown-boot"
+    return f"{socket.gethostname()} {boot} {root}"
+
+
+def check_name_free(r: redis.Redis, name: str, identity: str) -> None:
+    """Refuse to run as ``name`` while a live worker elsewhere holds it.
+
+    Two hosts under one name would share a queue and a job record, and each could mark the
+    other's layers ready.
+
+    Raises:
+        ConfigError: a worker of another host or store heartbeats under ``name``.
+    """
+    h = {k.decode(): v.decode() for k, v in r.hgetall(keys.node(name)).items()}
+    other = h.get("identity")
+    if other and other != identity and time.time() - float(h.get("heartbeat", 0)) < NODE_TTL:
+        from prewarm.errors import ConfigError
+
+        raise ConfigError(f"node name {name!r} is in use by a live worker ({other}); give each node its own "
+                          "PREWARM_NODE_NAME (the Kubernetes node name, from the downward API)")
+
+
 def heartbeat(r: redis.Redis, name: str, *, labels: Mapping[str, str], root: Path,
-              layers: frozenset[str]) -> None:
+              layers: frozenset[str], identity: str | None = None) -> None:
     free = shutil.disk_usage(root).free if root.exists() else 0
     pipe = r.pipeline(transaction=True)
     pipe.sadd(keys.NODES, name)
     pipe.hset(keys.node(name), mapping={
         "labels": json.dumps(dict(labels), sort_keys=True), "free_bytes": free,
         "layers": json.dumps(sorted(layers)), "heartbeat": time.time(), "root": str(root),
+        "identity": identity or worker_identity(root),
     })
     pipe.execute()
 
@@ -90,16 +126,29 @@ class Heartbeat(threading.Thread):
         super().__init__(name="prewarm-heartbeat", daemon=True)
         self.r, self.node, self.labels, self.root = r, name, dict(labels), root
         self.layers, self.interval, self.on_beat = layers, interval, on_beat
+        self.identity = worker_identity(root)
         self._halt = threading.Event()
+
+    def start(self) -> None:
+        """Claim the node's name (refused while another host's worker holds it), then beat.
+
+        Raises:
+            ConfigError: the name is held by a live worker of another host or store.
+        """
+        check_name_free(self.r, self.node, self.identity)
+        super().start()
 
     def run(self) -> None:
         while not self._halt.is_set():
             try:
-                heartbeat(self.r, self.node, labels=self.labels, root=self.root, layers=self.layers())
+                heartbeat(self.r, self.node, labels=self.labels, root=self.root, layers=self.layers(),
+                          identity=self.identity)
                 if self.on_beat is not None:
                     self.on_beat()
             except redis.exceptions.RedisError:
                 pass  # Redis restarting: the next beat registers again
+            except Exception:  # noqa: BLE001 - the heartbeat must outlive any one bad beat
+                log.exception("heartbeat of node %s failed; beating again in %.0fs", self.node, self.interval)
             self._halt.wait(self.interval)
 
     def stop(self) -> None:
