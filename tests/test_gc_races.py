@@ -148,3 +148,32 @@ def test_a_job_never_reports_an_image_whose_layer_gc_removed(tmp_path: Path) -> 
     ContentStore(tmp_path).remove_layer(b.digest)
     with pytest.raises(StoreError, match="removed|proves"):
         record_prewarmed_image(layout, "reg.invalid/x:1", plan)
+
+
+def test_a_fleet_node_checks_its_space_before_it_fetches(tmp_path: Path, registry: Registry, redis_url: str) -> None:
+    """Issue 13 item 11: the space check of the embedded scheduler, on a fleet worker too."""
+    import subprocess
+
+    from tests.images import simple_image
+
+    image = simple_image(tmp_path / "oci")
+    ref = push(image, registry, "gc/space")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
+    try:
+        env = clean_env(small / "store", PREWARM_BROKER_URL=redis_url, PREWARM_INSECURE_REGISTRIES=registry.host,
+                        PREWARM_NODE_NAME="tiny", **SPANS)
+        worker = start_worker(env, tmp_path / "w.log", "-c", "1", "--hostname", "w@tiny")
+        try:
+            job = prewarm("schedule", ref, "--node", "tiny", env=env, check=True).stdout.strip()
+            final = wait_job(job, env, timeout=120)
+        finally:
+            worker.stop()
+        # Then every layer failed with the reason, and nothing was written to the store
+        assert final["state"] == "failed", final
+        errors = final["nodes"]["tiny"]["errors"]
+        assert errors and all("not enough space" in e for e in errors.values()), errors
+        assert ContentStore(small / "store").list_layers() == []
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

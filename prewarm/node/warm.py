@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds between refreshes of a running job's gc pin (well inside gc.PIN_TTL).
 PIN_REFRESH = 60.0
+#: What a whole (unindexed) layer is assumed to unpack to, times its compressed size, for
+#: the space check (the dry run assumes the same).
+WHOLE_LAYER_EXPANSION = 4
 
 
 @dataclasses.dataclass
@@ -82,9 +85,26 @@ class NodeContext:
         return plan
 
     def pin(self, job_id: str, plan: ImagePlan) -> None:
-        """Keep the job's layers from ``prewarm gc`` while it runs here (refreshed once a minute)."""
+        """Called by each task: admit the job here once, and keep its layers from ``prewarm gc``.
+
+        Admitting is the space check a fleet node makes before its first byte of the job
+        (the embedded scheduler makes it before launching): the layers not yet begun in
+        this store must fit, at their zTOC's uncompressed size or, for whole layers,
+        :data:`WHOLE_LAYER_EXPANSION` times their compressed size.  The pin is refreshed
+        once a minute while tasks run.
+
+        Raises:
+            InsufficientSpace: the job's layers cannot fit in this node's store.
+        """
         now = time.monotonic()
-        if now - self._pinned.get(job_id, -PIN_REFRESH) >= PIN_REFRESH:
+        last = self._pinned.get(job_id)
+        if last is None:
+            begun = set(self.store.list_layers())
+            needed = sum(layer.uncompressed_size or WHOLE_LAYER_EXPANSION * layer.size
+                         for layer in plan.layers if layer.digest not in begun)
+            if needed:
+                self.store.check_space(needed)
+        if last is None or now - last >= PIN_REFRESH:
             gc.pin(self.layout, job_id, (layer.digest for layer in plan.layers))
             self._pinned[job_id] = now
             if len(self._pinned) > 64:
