@@ -29,6 +29,10 @@ DEFAULT_MIN_LAYER_SIZE = 10 << 20
 #: bytes in memory: at most ~32 MiB for data that does not compress, well inside a worker's
 #: 300 MB.
 DEFAULT_SPANS_PER_TASK = 8
+#: Ceiling on one span's bytes (compressed or uncompressed).  soci places a checkpoint at
+#: the first deflate block end past 4 MiB, and real spans stay within a few MiB of that;
+#: 64 MiB leaves room for odd compressors and still bounds a task's memory.
+DEFAULT_MAX_SPAN_BYTES = 64 << 20
 #: Build-tool identifier written into the zTOCs we build.
 BUILD_TOOL_IDENTIFIER = "prewarm"
 
@@ -74,6 +78,10 @@ class Settings:
     #: containerd socket a worker registers completed images in (None: do not register).
     containerd_address: Path | None = None
     containerd_namespace: str = "k8s.io"
+    #: Ceiling on one span's compressed and uncompressed bytes (PREWARM_MAX_SPAN): a span is
+    #: held in memory whole, so a zTOC (or a gzip stream of one giant deflate block) cannot
+    #: make a worker read or inflate more than this per span.
+    max_span_bytes: int = DEFAULT_MAX_SPAN_BYTES
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -94,6 +102,7 @@ class Settings:
             "containerd_address": Path(env["PREWARM_CONTAINERD_ADDRESS"])
             if env.get("PREWARM_CONTAINERD_ADDRESS") else None,
             "containerd_namespace": env.get("PREWARM_CONTAINERD_NAMESPACE") or "k8s.io",
+            "max_span_bytes": _int_env(env, "PREWARM_MAX_SPAN", DEFAULT_MAX_SPAN_BYTES),
         }
         for key, value in overrides.items():
             if key not in values:
@@ -114,6 +123,7 @@ class Settings:
             "PREWARM_MIN_LAYER_SIZE": str(self.min_layer_size),
             "PREWARM_SPANS_PER_TASK": str(self.spans_per_task),
             "PREWARM_INSECURE_REGISTRIES": ",".join(sorted(self.insecure_registries)),
+            "PREWARM_MAX_SPAN": str(self.max_span_bytes),
         }
         if self.broker_url:
             env["PREWARM_BROKER_URL"] = self.broker_url

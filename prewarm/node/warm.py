@@ -28,7 +28,7 @@ from prewarm.fleet import jobs
 from prewarm.fleet.budget import RegistryBudget
 from prewarm.config import Settings
 from prewarm.resolve.digest import verify
-from prewarm.errors import PrewarmError, RateLimited
+from prewarm.errors import BadZtoc, PrewarmError, RateLimited
 from prewarm.runtime import gc
 from prewarm.runtime.images import ImageRecord, record_prewarmed_image
 from prewarm.index.inflate import inflate_span
@@ -159,6 +159,7 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
     if not (count >= 1 and 0 <= span and span + count <= z.num_spans):
         raise ValueError(f"task names spans {span}..{span + count - 1} of layer {layer}, which has "
                          f"{z.num_spans}")
+    _check_span_sizes(z, span, count, layer, ctx.settings.max_span_bytes)
     nbytes = sum(span_accounting_bytes(z, i) for i in range(span, span + count))
     if ctx.store.is_ready(layer):
         return Outcome(nbytes, False, True)
@@ -194,6 +195,25 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
     if ready:
         LAYERS.labels("ready").inc()
     return Outcome(nbytes, True, ready)
+
+
+def _check_span_sizes(z: Ztoc, first: int, count: int, layer: str, ceiling: int) -> None:
+    """Refuse, before any fetch, spans larger than the ceiling (a hostile or unusual zTOC).
+
+    A span is fetched and inflated whole in memory; a zTOC with one huge span, or a gzip
+    stream of one giant deflate block (no checkpoint can split it), would otherwise get a
+    worker OOM-killed, its task redelivered and killed again, in a loop.
+
+    Raises:
+        BadZtoc: a span is over the ceiling (the layer fails; not retried).
+    """
+    for i in range(first, first + count):
+        s = z.span(i)
+        size = max(s.compressed_end - s.compressed_start, s.uncompressed_end - s.uncompressed_start)
+        if size > ceiling:
+            raise BadZtoc(f"span {i} of layer {layer} is {size} bytes, over the {ceiling}-byte ceiling for one "
+                          "span (PREWARM_MAX_SPAN); its zTOC cannot be landed by spans: schedule it with "
+                          "--index none to pull the layer whole")
 
 
 def _ztoc(ctx: NodeContext, ref: Reference, digest: str) -> Ztoc:

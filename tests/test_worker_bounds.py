@@ -1,0 +1,47 @@
+"""A worker's memory per task is bounded whatever a zTOC says (issue 13 item 8).
+
+Real worker, Redis and registry; the image's SOCI index is pushed with spans larger than
+the worker's ceiling (PREWARM_MAX_SPAN), as a hostile zTOC, or a gzip stream of one giant
+deflate block, would make them.  The worker refuses those spans before fetching them:
+the job ends with the reason, once, instead of a worker OOM-killed and redelivered in a loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.faultproxy import FaultProxy
+from tests.images import odd_image
+from tests.pipeline_helpers import clean_env, prewarm, push, start_worker, wait_job
+from tests.services import Registry
+
+SPANS = {"PREWARM_SPAN_SIZE": str(256 * 1024), "PREWARM_MIN_LAYER_SIZE": str(1 << 20)}
+
+
+def test_spans_over_the_ceiling_fail_the_layer_once_without_a_fetch(tmp_path: Path, registry: Registry,
+                                                                      redis_url: str) -> None:
+    image = odd_image(tmp_path / "oci")
+    ref = push(image, registry, "bounds/spans")
+    indexer = clean_env(tmp_path / "indexer", PREWARM_INSECURE_REGISTRIES=registry.host, **SPANS)
+    prewarm("index", ref, "--push", env=indexer, check=True)
+    with FaultProxy(registry.host) as proxy:
+        env = clean_env(tmp_path / "store", PREWARM_BROKER_URL=redis_url, PREWARM_NODE_NAME="b1",
+                        PREWARM_INSECURE_REGISTRIES=f"{proxy.host},{registry.host}",
+                        PREWARM_MAX_SPAN=str(64 * 1024), **SPANS)
+        worker = start_worker(env, tmp_path / "w.log", "-c", "1", "--hostname", "w@b1")
+        try:
+            job = prewarm("schedule", f"{proxy.host}/bounds/spans:{image.tag}", "--node", "b1", env=env,
+                          check=True).stdout.strip()
+            final = wait_job(job, env, timeout=120)
+        finally:
+            worker.stop()
+        ranged = [s for s in list(proxy.requests) if s.method == "GET" and s.headers.get("Range")]
+    # Then the span layers failed with the reason, and not one span was fetched
+    assert final["state"] == "failed", final
+    errors = final["nodes"]["b1"]["errors"]
+    assert errors and all("ceiling" in e and "PREWARM_MAX_SPAN" in e for e in errors.values()), errors
+    assert ranged == [], [s.headers.get("Range") for s in ranged]
+    # And each failing layer failed once: no task was redelivered in a loop
+    log = worker.log.read_text()
+    assert log.count("over the") <= len(errors) * 8 + 8, log[-3000:]
+    assert "Traceback" not in log
