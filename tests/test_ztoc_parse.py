@@ -413,3 +413,31 @@ def test_the_c_entry_decoder_agrees_with_the_python_one(shared_dir: Path, name: 
         assert in_c[k] == entry, (name, k)
         spent_py += cost
     assert spent_c == spent_py
+
+
+@pytest.mark.parametrize("field", range(14))
+def test_a_field_ending_past_its_table_is_refused_by_both_decoders(shared_dir: Path,
+                                                                   field: int) -> None:
+    # Given soci's one-entry zTOC with one field of the entry moved so that it starts
+    # inside the table but ends one byte past it (inside the buffer)
+    c_decode = ztoc_module._decode_entries
+    assert c_decode is not None, "the C decoder is not built (setup.py build_ext --inplace)"
+    raw = bytearray(golden(shared_dir, "single"))
+    files = parse_ztoc(bytes(raw), lazy_files=True).files
+    start = files._start  # type: ignore[attr-defined]
+    t = start + struct.unpack_from("<I", raw, start)[0]
+    vt = t - struct.unpack_from("<i", raw, t)[0]
+    vsize, tsize = struct.unpack_from("<HH", raw, vt)
+    assert vsize == 4 + 2 * 14 and t + tsize + 8 <= len(raw)
+    width = ztoc_module._ENTRY_WIDTHS[field]
+    struct.pack_into("<H", raw, vt + 4 + 2 * field, tsize - width + 1)
+    r = ztoc_module._Reader(memoryview(bytes(raw)), "zTOC")
+    # Then C passes on it and Python refuses it, naming the field
+    budget = ztoc_module.decode_budget(len(raw))
+    (in_c,), spent = c_decode(r.buf, start, 1, ztoc_module.FileEntry, ztoc_module._TYPE_BY_RAW,
+                              budget)
+    assert in_c is None and spent == 0
+    with pytest.raises(BadZtoc, match=f"field {field} of the table at {t} runs past its end"):
+        ztoc_module._read_entry(r, t, 0, budget)
+    with pytest.raises(BadZtoc, match="runs past its end"):
+        parse_ztoc(bytes(raw))
