@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from prewarm.index import zran
 from prewarm.errors import ConfigError
+from prewarm.index import zran
 from prewarm.index.inflate import inflate_span
 from prewarm.index.ztoc import parse_ztoc, serialize_ztoc
 from prewarm.index.ztoc_build import build_ztoc, build_ztoc_from_file, read_chunks, verify_ztoc

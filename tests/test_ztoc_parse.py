@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prewarm.index import ztoc as ztoc_module
 from prewarm.errors import BadZtoc
+from prewarm.index import ztoc as ztoc_module
 from prewarm.index.inflate import inflate_span
 from prewarm.index.ztoc import (
     CHECKPOINT_RECORD_SIZE,

@@ -552,8 +552,8 @@ def _table_fields(r: _Reader, t: int, widths: tuple[int, ...]) -> tuple[int, ...
 def _budget_error(r: _Reader, what: str) -> BadZtoc:
     return BadZtoc(f"zTOC {what} takes the decoded TOC past {decode_budget(r.n)} bytes "
                    f"({DECODE_BUDGET_PER_BYTE} times the {r.n}-byte zTOC plus "
-                   f"{DECODE_BUDGET_BASE}): its references repeat names or xattrs to "
-                   f"multiply memory")
+                   f"{DECODE_BUDGET_BASE}): its references repeat long strings, which no "
+                   f"zTOC builder does")
 
 
 def _read_xattrs(r: _Reader, at: int, index: int,
