@@ -24,12 +24,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prewarm.errors import BadZtoc
+from prewarm.index import ztoc as ztoc_module
 from prewarm.index.ztoc import (
     DECODE_BUDGET_BASE,
     DECODE_BUDGET_PER_BYTE,
     WINDOW_SIZE,
+    Ztoc,
     decode_budget,
     parse_ztoc,
+    serialize_ztoc,
 )
 
 FIXTURES = "fixtures/soci-ztoc"
@@ -183,11 +186,21 @@ def _mutate(raw: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:
     return bytes(out)
 
 
-def _use(z: object) -> None:
-    """Touch everything a parsed zTOC offers, as `ztoc info` does."""
+def _use(z: Ztoc) -> None:
+    """Use a zTOC that parsed: every accessor must work without surprises, as `ztoc info`
+    and a node use them."""
     from prewarm.cli.ztoc import _info
 
+    for i in range(z.num_spans):
+        s = z.span(i)
+        assert s.compressed_start <= s.compressed_end <= z.compressed_archive_size
+        assert s.uncompressed_start <= s.uncompressed_end
+    for f in z.files:  # only a regular file's size is data (a symlink keeps its tar size)
+        data = f.uncompressed_size if f.type == "reg" else 0
+        assert 0 <= f.uncompressed_offset and 0 <= f.uncompressed_size
+        assert f.uncompressed_offset + data <= z.uncompressed_archive_size
     _info(z, 0)
+    serialize_ztoc(z)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -281,8 +294,14 @@ def many_xattrs_one_value(entries: int, xattrs: int) -> bytes:
     (lambda: many_xattrs_one_value(200, 10), 2000 * LONG),
 ], ids=["entries-share-a-name", "xattrs-share-a-value", "entries-share-xattrs"])
 @pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+@pytest.mark.parametrize("decoder", ["C", "Python"])
 def test_shared_strings_cannot_multiply_memory(make: Callable[[], bytes], multiplied: int,
-                                               lazy: bool) -> None:
+                                               lazy: bool, decoder: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    if decoder == "Python":  # as when the C decoder is not built
+        monkeypatch.setattr(ztoc_module, "_decode_entries", None)
+    else:
+        assert ztoc_module._decode_entries is not None, "the C decoder is not built"
     # Given a zTOC of under 160 KB whose references repeat one 64 KiB string 2,000 times
     # (about 131 MB once decoded)
     raw = make()
