@@ -8,17 +8,19 @@ the same bytes from the input (span size from ``manifest.json``, identifier
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 
-from prewarm.index import zran
 from prewarm.errors import ConfigError
+from prewarm.index import zran
 from prewarm.index.inflate import inflate_span
 from prewarm.index.ztoc import parse_ztoc, serialize_ztoc
-from prewarm.index.ztoc_build import build_ztoc, build_ztoc_from_file, read_chunks
+from prewarm.index.ztoc_build import build_ztoc, build_ztoc_from_file, read_chunks, verify_ztoc
 
 FIXTURES = "fixtures/soci-ztoc"
 
@@ -122,3 +124,50 @@ def test_meta_vector_toc_has_every_entry_kind(shared_dir: Path) -> None:
                                                    "user.comment": "hi"}
     assert by_name["d/"].mod_time == "2023-11-14T22:13:20Z"
     assert len(by_name["d/longlink"].linkname) > 100
+
+
+def tar_with_sized_symlink() -> bytes:
+    """A tar whose symlink header says size 4096 (no data follows: a symlink has none).
+
+    Go's tar reader, soci's builder and ours keep that size field in the TOC; the tar
+    stream holds the next header right after the symlink's.
+    """
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in (("a", b"first\n"), ("link", None), ("b", b"second\n" * 100)):
+            ti = tarfile.TarInfo(name)
+            ti.mtime = 1_700_000_000
+            if data is None:
+                ti.type, ti.linkname = tarfile.SYMTYPE, "a"
+                tf.addfile(ti)
+            else:
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    raw = bytearray(buf.getvalue())
+    at = 1024  # the symlink's header follows "a"'s header and its one data block
+    assert raw[at:at + 4] == b"link" and raw[at + 156:at + 157] == tarfile.SYMTYPE
+    raw[at + 124:at + 136] = b"%011o\0" % 4096
+    raw[at + 148:at + 156] = b"        "
+    raw[at + 148:at + 156] = b"%06o\0 " % sum(raw[at:at + 512])
+    return bytes(raw)
+
+
+def test_a_symlink_whose_header_has_a_size_builds_and_parses(tmp_path: Path) -> None:
+    # Given a gzip layer holding a symlink whose tar header claims 4096 bytes
+    tar = tar_with_sized_symlink()
+    layer = tmp_path / "layer.tar.gz"
+    layer.write_bytes(gzip.compress(tar, mtime=0))
+    # When our builder indexes it (keeping the size field, as soci does)
+    z = build_ztoc_from_file(layer, span_size=4096, build_tool_identifier="soci-oracle")
+    link = next(f for f in z.files if f.name == "link")
+    assert (link.type, link.uncompressed_size, link.linkname) == ("symlink", 4096, "a")
+    after = next(f for f in z.files if f.name == "b")
+    assert after.uncompressed_offset == link.uncompressed_offset + 512  # no data between
+    # Then the reader accepts that zTOC (the symlink's size is not data), eagerly and lazily
+    raw = serialize_ztoc(z)
+    for lazy in (False, True):
+        back = parse_ztoc(raw, lazy_files=lazy)
+        assert tuple(back.files) == tuple(z.files)
+    assert serialize_ztoc(parse_ztoc(raw)) == raw
+    # and verifying it against the layer passes
+    assert verify_ztoc(parse_ztoc(raw), layer) == z.num_spans

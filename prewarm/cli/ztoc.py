@@ -74,6 +74,15 @@ def build_cmd(layer: Path, span_size: int | None, build_tool_identifier: str | N
                f"{len(z.files)} files, span size {size})")
 
 
+def _shown(text: str) -> str:
+    """``text`` printable: bytes that are not UTF-8 (kept as surrogates) become ``\\xNN``.
+
+    Why: a zTOC's strings are raw bytes from the image; printing a surrogate would stop
+    the command with UnicodeEncodeError instead of showing the zTOC.
+    """
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _info(z: Any, size: int) -> dict[str, Any]:
     spans = []
     for i in range(z.num_spans):
@@ -96,12 +105,13 @@ def _info(z: Any, size: int) -> dict[str, Any]:
         end_at = f.uncompressed_offset + max(f.uncompressed_size, 1) - 1
         end = z.span_for_offset(end_at) if end_at < z.uncompressed_archive_size else start
         multi += end != start
-        files.append({"filename": f.name, "type": f.type, "offset": f.uncompressed_offset,
+        files.append({"filename": _shown(f.name), "type": f.type, "offset": f.uncompressed_offset,
                       "size": f.uncompressed_size, "start_span": start, "end_span": end,
-                      "mode": f.mode, "uid": f.uid, "gid": f.gid, "linkname": f.linkname,
-                      "mod_time": f.mod_time, "xattrs": dict(f.xattrs)})
+                      "mode": f.mode, "uid": f.uid, "gid": f.gid, "linkname": _shown(f.linkname),
+                      "mod_time": _shown(f.mod_time),
+                      "xattrs": {_shown(k): _shown(v) for k, v in f.xattrs}})
     return {
-        "version": z.version, "build_tool": z.build_tool_identifier, "size": size,
+        "version": _shown(z.version), "build_tool": _shown(z.build_tool_identifier), "size": size,
         "compression": z.compression, "compressed_archive_size": z.compressed_archive_size,
         "uncompressed_archive_size": z.uncompressed_archive_size, "span_size": z.span_size,
         "num_spans": z.num_spans, "num_files": len(z.files), "num_multi_span_files": multi,

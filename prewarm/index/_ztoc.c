@@ -3,10 +3,13 @@
  *
  * Why: every TOC entry of a layer is decoded before its first span lands (the scheduler
  * checks the whole archive, a worker preparing a layer ahead does too); in Python that
- * was ~25 us per entry, 1.3 s for the bench's 51,000-entry layer.  Anything this code
- * does not accept as plainly well-formed comes back as None, and the Python decoder
- * decodes it (and names what is wrong): the two agree on every input by construction,
- * which tests/test_ztoc_parse.py checks on mutated golden zTOCs.
+ * was ~20 us per entry, about a second for the bench's 51,000-entry layer.  The checks
+ * are the Python decoder's, in the same terms (a field ends inside its table, a table
+ * inside the buffer, a string inside the buffer and within its limit, names and types
+ * as ztoc._read_entry wants them, the decoding budget); anything that fails one comes
+ * back as None and the Python decoder decodes it again and names what is wrong.  So
+ * an entry C returns is the one Python would, which tests/test_ztoc_parse.py checks on
+ * mutated golden zTOCs.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -16,6 +19,8 @@
 
 #define MAX_NAME_BYTES (1 << 16)  /* ztoc._MAX_NAME_BYTES */
 #define MAX_SHORT_STRING (1 << 12) /* ztoc._MAX_SHORT_STRING */
+#define ENTRY_COST 256             /* ztoc._ENTRY_COST */
+#define XATTR_COST 128             /* ztoc._XATTR_COST */
 
 typedef struct {
     const uint8_t *b;
@@ -40,13 +45,36 @@ static uint16_t u16(const buf_t *B, int64_t at) {
     return v;
 }
 
-/* The string referenced at `at`, if it lies in the buffer and is at most `limit` bytes. */
-static int quick_string(const buf_t *B, int64_t at, int64_t limit, const uint8_t **p, int64_t *len) {
+/* The absolute positions of a table's `count` fields (0 when absent) into `pos`, each
+ * ending inside the table (`widths`), the table inside the buffer: ztoc._table_fields.
+ * 0 when Python must judge. */
+static int table_fields(const buf_t *B, int64_t t, int count, const int *widths, int64_t *pos) {
+    if (t < 0 || t > B->n - 4) return 0;
+    int64_t vt = t - i32(B, t);
+    if (vt < 0 || vt > B->n - 4) return 0;
+    int64_t vsize = u16(B, vt), tsize = u16(B, vt + 2);
+    if (vt + vsize > B->n || t + tsize > B->n || tsize < 4) return 0;
+    int64_t k = vsize < 4 ? 0 : (vsize - 4) / 2;
+    if (k > count) k = count;
+    for (int i = 0; i < count; i++) {
+        int64_t off = i < k ? u16(B, vt + 4 + 2 * i) : 0;
+        if (off && off + widths[i] > tsize) return 0;
+        pos[i] = off ? t + off : 0;
+    }
+    return 1;
+}
+
+/* The string referenced at `at` (empty when `at` is 0), if it lies in the buffer and is
+ * at most `limit` bytes: ztoc._Reader.string_at. */
+static int string_at(const buf_t *B, int64_t at, int64_t limit, const uint8_t **p, int64_t *len) {
+    *p = (const uint8_t *)"";
+    *len = 0;
+    if (!at) return 1;
     if (at < 0 || at > B->n - 4) return 0;
     int64_t v = at + u32(B, at);
     if (v > B->n - 4) return 0;
     int64_t length = u32(B, v);
-    if (length > limit || length > B->n - v - 4) return 0;
+    if (length > B->n - v - 4 || length > limit) return 0;
     *p = B->b + v + 4;
     *len = length;
     return 1;
@@ -56,29 +84,39 @@ static PyObject *text(const uint8_t *p, int64_t len) {
     return PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)len, "surrogateescape");
 }
 
-/* An entry's xattr pairs as a tuple; NULL without an exception when Python must judge. */
-static PyObject *quick_xattrs(const buf_t *B, int64_t at) {
-    if (at > B->n - 4) return NULL;
+/* Whether a name has a ".." component (it could escape the layer): ztoc._check_name. */
+static int dotdot_component(const uint8_t *p, int64_t len) {
+    int64_t start = 0;
+    for (int64_t i = 0; i <= len; i++) {
+        if (i == len || p[i] == '/') {
+            if (i - start == 2 && p[start] == '.' && p[start + 1] == '.') return 1;
+            start = i + 1;
+        }
+    }
+    return 0;
+}
+
+/* An entry's xattr pairs as a tuple, adding their cost to *cost (at most `allowance`
+ * in all): ztoc._read_xattrs.  NULL without an exception when Python must judge. */
+static PyObject *xattrs_at(const buf_t *B, int64_t at, int64_t allowance, int64_t *cost) {
+    static const int widths[2] = {4, 4};
     int64_t v = at + u32(B, at);
     if (v > B->n - 4) return NULL;
     int64_t count = u32(B, v);
     if (count * 4 > B->n - v - 4) return NULL;
+    if (*cost + count * XATTR_COST > allowance) return NULL;
+    *cost += count * XATTR_COST;
     PyObject *pairs = PyTuple_New((Py_ssize_t)count);
     if (!pairs) return NULL;
     for (int64_t j = 0; j < count; j++) {
-        int64_t ref = v + 4 + 4 * j;
-        int64_t t = ref + u32(B, ref);
-        if (t > B->n - 4) goto unsure;
-        int64_t vt = t - i32(B, t);
-        if (vt < 0 || vt > B->n - 8) goto unsure;
-        int64_t vsize = u16(B, vt), tsize = u16(B, vt + 2);
-        if (vsize < 8 || vt + vsize > B->n || t + tsize > B->n - 4 || tsize < 4) goto unsure;
-        int64_t ko = u16(B, vt + 4), vo = u16(B, vt + 6);
-        if (ko >= tsize || vo >= tsize) goto unsure;
-        const uint8_t *kp = (const uint8_t *)"", *vp = (const uint8_t *)"";
-        int64_t kl = 0, vl = 0;
-        if (ko && !quick_string(B, t + ko, MAX_SHORT_STRING, &kp, &kl)) goto unsure;
-        if (vo && !quick_string(B, t + vo, MAX_NAME_BYTES, &vp, &vl)) goto unsure;
+        int64_t ref = v + 4 + 4 * j, f[2];
+        const uint8_t *kp, *vp;
+        int64_t kl, vl;
+        if (!table_fields(B, ref + u32(B, ref), 2, widths, f)) goto unsure;
+        if (!string_at(B, f[0], MAX_SHORT_STRING, &kp, &kl)) goto unsure;
+        if (!string_at(B, f[1], MAX_NAME_BYTES, &vp, &vl)) goto unsure;
+        *cost += kl + vl;
+        if (*cost > allowance) goto unsure;
         PyObject *key = text(kp, kl), *value = key ? text(vp, vl) : NULL;
         PyObject *pair = value ? PyTuple_Pack(2, key, value) : NULL;
         Py_XDECREF(key);
@@ -95,46 +133,33 @@ unsure:
     return NULL;
 }
 
-/* One entry; Py_None (a new reference) when the Python decoder must take it, NULL on error. */
-static PyObject *decode_one(const buf_t *B, int64_t t, PyObject *entry_type, PyObject *types) {
-    if (t < 0 || t > B->n - 4) Py_RETURN_NONE;
-    int64_t vt = t - i32(B, t);
-    if (vt < 0 || vt > B->n - 4) Py_RETURN_NONE;
-    int64_t vsize = u16(B, vt), tsize = u16(B, vt + 2);
-    int64_t k = vsize < 4 ? -1 : (vsize - 4) / 2;
-    if (k > 14) k = 14;
-    if (k < 2 || vt + vsize > B->n || t + tsize > B->n - 4 || tsize < 4) Py_RETURN_NONE;
-    int64_t o[14] = {0};
-    for (int64_t i = 0; i < k; i++) {
-        o[i] = u16(B, vt + 4 + 2 * i);
-        if (o[i] >= tsize) Py_RETURN_NONE;
-    }
+/* One entry, adding its cost to *cost when it is decoded; Py_None (a new reference) when
+ * the Python decoder must take it (malformed, or over `allowance`), NULL on error. */
+static PyObject *decode_one(const buf_t *B, int64_t t, PyObject *entry_type, PyObject *types,
+                            int64_t allowance, int64_t *spent) {
+    static const int widths[14] = {4, 4, 8, 8, 4, 8, 4, 4, 4, 4, 4, 8, 8, 4};
+    int64_t o[14];
+    if (!table_fields(B, t, 14, widths, o)) Py_RETURN_NONE;
     /* strings: name, type, linkname, uname, gname, mod_time */
     static const int idx[6] = {0, 1, 4, 8, 9, 10};
     static const int64_t limit[6] = {MAX_NAME_BYTES, 16, MAX_NAME_BYTES, MAX_SHORT_STRING, MAX_SHORT_STRING, 64};
     const uint8_t *sp[6];
     int64_t sl[6];
-    for (int i = 0; i < 6; i++) {
-        sp[i] = (const uint8_t *)"";
-        sl[i] = 0;
-        if (o[idx[i]] && !quick_string(B, t + o[idx[i]], limit[i], &sp[i], &sl[i])) Py_RETURN_NONE;
-    }
+    for (int i = 0; i < 6; i++)
+        if (!string_at(B, o[idx[i]], limit[i], &sp[i], &sl[i])) Py_RETURN_NONE;
     if (sl[0] == 0 || memchr(sp[0], 0, (size_t)sl[0]) || memchr(sp[2], 0, (size_t)sl[2])) Py_RETURN_NONE;
-    for (int64_t i = 0; i + 1 < sl[0]; i++)
-        if (sp[0][i] == '.' && sp[0][i + 1] == '.') Py_RETURN_NONE; /* Python names it or accepts it */
+    if (dotdot_component(sp[0], sl[0])) Py_RETURN_NONE; /* Python names it */
+    int64_t cost = ENTRY_COST + sl[0] + sl[2] + sl[3] + sl[4] + sl[5];
+    int64_t left = allowance - *spent;
+    if (cost > left) Py_RETURN_NONE;
     /* integers: offset, size, mode, devmajor, devminor (int64); uid, gid (uint32) */
     static const int iidx[5] = {2, 3, 5, 11, 12};
     int64_t ints[5];
     for (int i = 0; i < 5; i++) {
         ints[i] = 0;
-        if (o[iidx[i]]) {
-            if (t + o[iidx[i]] > B->n - 8) Py_RETURN_NONE;
-            memcpy(&ints[i], B->b + t + o[iidx[i]], 8);
-        }
+        if (o[iidx[i]]) memcpy(&ints[i], B->b + o[iidx[i]], 8);
     }
-    uint32_t uid = 0, gid = 0;
-    if (o[6]) uid = u32(B, t + o[6]);
-    if (o[7]) gid = u32(B, t + o[7]);
+    uint32_t uid = o[6] ? u32(B, o[6]) : 0, gid = o[7] ? u32(B, o[7]) : 0;
     PyObject *type_raw = PyBytes_FromStringAndSize((const char *)sp[1], (Py_ssize_t)sl[1]);
     if (!type_raw) return NULL;
     PyObject *type_name = PyDict_GetItemWithError(types, type_raw); /* borrowed */
@@ -145,7 +170,7 @@ static PyObject *decode_one(const buf_t *B, int64_t t, PyObject *entry_type, PyO
     }
     PyObject *xattrs;
     if (o[13]) {
-        xattrs = quick_xattrs(B, t + o[13]);
+        xattrs = xattrs_at(B, o[13], left, &cost);
         if (!xattrs) {
             if (PyErr_Occurred()) return NULL;
             Py_RETURN_NONE;
@@ -166,22 +191,28 @@ static PyObject *decode_one(const buf_t *B, int64_t t, PyObject *entry_type, PyO
         if (!args[i]) ok = 0;
     if (ok) entry = PyObject_Vectorcall(entry_type, args, 14, NULL);
     for (int i = 0; i < 14; i++) Py_XDECREF(args[i]);
+    if (entry) *spent += cost;
     return entry;
 }
 
 PyDoc_STRVAR(decode_entries_doc,
-"decode_entries(buf, start, count, FileEntry, types) -> list[FileEntry | None]\n\n"
+"decode_entries(buf, start, count, FileEntry, types, allowance) -> (list[FileEntry | None], spent)\n\n"
 "Decode the TOC vector of `count` table references at `start`; None where the Python\n"
-"decoder must take the entry (anything not plainly well-formed).  `types` maps the raw\n"
-"type strings to their names.");
+"decoder must take the entry (anything not plainly well-formed, or past what is left\n"
+"of `allowance`, the decoding budget).  `types` maps the raw type strings to their\n"
+"names; `spent` is what the decoded entries cost (ztoc._read_entry's measure).");
 
 static PyObject *decode_entries(PyObject *self, PyObject *args) {
     Py_buffer view;
     Py_ssize_t start, count;
+    long long allowance;
     PyObject *entry_type, *types;
-    if (!PyArg_ParseTuple(args, "y*nnOO!", &view, &start, &count, &entry_type, &PyDict_Type, &types)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*nnOO!L", &view, &start, &count, &entry_type, &PyDict_Type, &types,
+                          &allowance))
+        return NULL;
     buf_t B = {view.buf, view.len};
-    PyObject *out = NULL;
+    PyObject *out = NULL, *result = NULL;
+    int64_t spent = 0;
     if (start < 0 || count < 0 || count > (B.n - start) / 4) {
         PyErr_SetString(PyExc_ValueError, "TOC vector lies outside the buffer");
         goto done;
@@ -190,16 +221,15 @@ static PyObject *decode_entries(PyObject *self, PyObject *args) {
     if (!out) goto done;
     for (Py_ssize_t k = 0; k < count; k++) {
         int64_t at = start + 4 * (int64_t)k;
-        PyObject *e = decode_one(&B, at + u32(&B, at), entry_type, types);
-        if (!e) {
-            Py_CLEAR(out);
-            goto done;
-        }
+        PyObject *e = decode_one(&B, at + u32(&B, at), entry_type, types, allowance, &spent);
+        if (!e) goto done;
         PyList_SET_ITEM(out, k, e);
     }
+    result = Py_BuildValue("(OL)", out, (long long)spent);
 done:
+    Py_XDECREF(out);
     PyBuffer_Release(&view);
-    return out;
+    return result;
 }
 
 static PyMethodDef methods[] = {

@@ -382,6 +382,27 @@ def tar_zinfo_bytes(span_size: int, size: int) -> bytes:
 
 # ---- FlatBuffers reading with bounds checks ---------------------------------------------
 
+#: Ceiling on what decoding a zTOC may allocate, as a multiple of its size (plus
+#: :data:`DECODE_BUDGET_BASE`).  FlatBuffers lets many references share one object, so
+#: a small zTOC whose entries all point at one 64 KiB name (or whose xattr vectors all
+#: point at one long value) would otherwise decode to gigabytes.  A TOC written by
+#: soci's builder (or ours) stores every string once and costs at most about 4 bytes
+#: per zTOC byte as counted here, so 8 leaves room without letting sharing multiply.
+DECODE_BUDGET_PER_BYTE = 8
+#: Bytes every zTOC may decode to regardless of its size.
+DECODE_BUDGET_BASE = 1 << 20
+#: What one decoded TOC entry, xattr pair and span digest count against the budget,
+#: besides the bytes of their strings (the Python objects that hold them).
+_ENTRY_COST = 256
+_XATTR_COST = 128
+_DIGEST_COST = 200  # the 71-character digest is counted in here
+
+
+def decode_budget(ztoc_size: int) -> int:
+    """Bytes a zTOC of ``ztoc_size`` bytes may decode to (entries, xattrs, digests)."""
+    return DECODE_BUDGET_PER_BYTE * ztoc_size + DECODE_BUDGET_BASE
+
+
 class _Reader:
     """Just enough FlatBuffers to read a zTOC, every offset checked against the buffer."""
 
@@ -455,18 +476,29 @@ class _Reader:
         start, length = self.vector(t, i, 1, max_len)
         return bytes(self.buf[start:start + length])
 
-    def string_at(self, ref_at: int, max_len: int) -> bytes:
-        v = ref_at + self._u32(ref_at)
-        length = self._u32(v)
-        if length > self.n - v - 4:
+    def string_at(self, at: int, max_len: int) -> bytes:
+        """The string referenced by the uoffset at ``at`` (b"" when ``at`` is 0: absent).
+
+        The one string reader: header strings, span digests and TOC entries all come
+        through here.
+        """
+        if not at:
+            return b""
+        buf, n = self.buf, self.n
+        if not 0 <= at <= n - 4:
+            raise BadZtoc(f"{self.what}: string reference at {at} runs past the buffer")
+        v = at + _U32(buf, at)[0]
+        if v > n - 4:
+            raise BadZtoc(f"{self.what}: string at {v} lies outside the {n}-byte buffer")
+        length = _U32(buf, v)[0]
+        if length > n - v - 4:
             raise BadZtoc(f"{self.what}: string at {v} runs past the buffer")
         if length > max_len:
             raise BadZtoc(f"{self.what}: string of {length} bytes is longer than {max_len}")
-        return bytes(self.buf[v + 4:v + 4 + length])
+        return bytes(buf[v + 4:v + 4 + length])
 
     def string(self, t: int, i: int, max_len: int = _MAX_SHORT_STRING) -> bytes:
-        at = self._field(t, i)
-        return self.string_at(at, max_len) if at else b""
+        return self.string_at(self._field(t, i), max_len)
 
 
 def _check_name(raw: bytes, what: str) -> None:
@@ -482,13 +514,21 @@ _I32 = struct.Struct("<i").unpack_from
 _U32 = struct.Struct("<I").unpack_from
 _I64 = struct.Struct("<q").unpack_from
 _U16X2 = struct.Struct("<HH").unpack_from
-_FIELDS14 = struct.Struct("<14H").unpack_from
+
+#: Bytes of each field of soci's ``FileMetadata`` table: name, type, offset, size,
+#: linkname, mode, uid, gid, uname, gname, mod_time, devmajor, devminor, xattrs.
+_ENTRY_WIDTHS = (4, 4, 8, 8, 4, 8, 4, 4, 4, 4, 4, 8, 8, 4)
+#: Bytes of each field of an ``Xattr`` table: key, value.
+_XATTR_WIDTHS = (4, 4)
+_VTABLE_READERS = [struct.Struct(f"<{k}H").unpack_from for k in range(15)]
 
 
-def _table_fields(r: _Reader, t: int, count: int) -> list[int]:
-    """Absolute positions of a table's first ``count`` fields (0 when absent), all checked.
+def _table_fields(r: _Reader, t: int, widths: tuple[int, ...]) -> tuple[int, ...]:
+    """Offsets of a table's fields from the table's start (0 when absent), each checked.
 
-    Reads the vtable once: parsing a TOC of 100,000 entries must not take seconds.
+    ``widths`` gives each field's size; a field must end inside its table, which lies
+    inside the buffer, so the caller reads field ``i`` at ``t + offsets[i]`` without
+    further checks.
     """
     buf, n = r.buf, r.n
     if not 0 <= t <= n - 4:
@@ -499,186 +539,101 @@ def _table_fields(r: _Reader, t: int, count: int) -> list[int]:
     vsize, tsize = _U16X2(buf, vt)
     if vt + vsize > n or t + tsize > n or tsize < 4:
         raise BadZtoc(f"{r.what}: table at {t} runs past the buffer")
-    k = min(count, max(0, (vsize - 4) // 2))
-    if k == 14:
-        offs: tuple[int, ...] = _FIELDS14(buf, vt + 4)
-    else:
-        offs = struct.unpack_from(f"<{k}H", buf, vt + 4)
-    out = []
-    for i, off in enumerate(offs):
-        if off >= tsize:
-            raise BadZtoc(f"{r.what}: field {i} of the table at {t} lies outside it")
-        out.append(t + off if off else 0)
-    out.extend([0] * (count - k))
-    return out
+    count = len(widths)
+    k = min(count, max(0, (vsize - 4) // 2))  # fields past the vtable's end are absent
+    offs = _VTABLE_READERS[k](buf, vt + 4)
+    if k and max(offs) + 8 > tsize:  # some field may end past the table: check each
+        for i, off in enumerate(offs):
+            if off and off + widths[i] > tsize:
+                raise BadZtoc(f"{r.what}: field {i} of the table at {t} runs past its end")
+    return offs if k == count else offs + (0,) * (count - k)
 
 
-def _string_field(r: _Reader, at: int, max_len: int) -> bytes:
-    if not at:
-        return b""
-    buf, n = r.buf, r.n
-    if at > n - 4:
-        raise BadZtoc(f"{r.what}: string reference at {at} runs past the buffer")
-    v = at + _U32(buf, at)[0]
-    if v > n - 4:
-        raise BadZtoc(f"{r.what}: string at {v} lies outside the {n}-byte buffer")
-    length = _U32(buf, v)[0]
-    if length > n - v - 4:
-        raise BadZtoc(f"{r.what}: string at {v} runs past the buffer")
-    if length > max_len:
-        raise BadZtoc(f"{r.what}: string of {length} bytes is longer than {max_len}")
-    return bytes(buf[v + 4:v + 4 + length])
+def _budget_error(r: _Reader, what: str) -> BadZtoc:
+    return BadZtoc(f"zTOC {what} takes the decoded TOC past {decode_budget(r.n)} bytes "
+                   f"({DECODE_BUDGET_PER_BYTE} times the {r.n}-byte zTOC plus "
+                   f"{DECODE_BUDGET_BASE}): its references repeat long strings, which no "
+                   f"zTOC builder does")
 
 
-def _int_field(r: _Reader, at: int, unpack: Any, size: int) -> int:
-    if not at:
-        return 0
-    if at > r.n - size:
-        raise BadZtoc(f"{r.what}: number at {at} runs past the buffer")
-    return unpack(r.buf, at)[0]
+def _read_xattrs(r: _Reader, at: int, index: int,
+                 allowance: int) -> tuple[tuple[tuple[str, str], ...], int]:
+    """Entry ``index``'s xattr (key, value) pairs from the vector referenced at ``at``,
+    and what they cost (see :data:`DECODE_BUDGET_PER_BYTE`); the one xattr reader.
 
-
-def _read_entry(r: _Reader, t: int, index: int) -> FileEntry:
-    """Decode and check TOC entry ``index`` (the table at ``t``).
-
-    Why this shape: a TOC has up to ~100,000 entries and a node decodes all of them
-    before the layer's first span lands, so a well-formed entry is read with as few
-    Python calls as the checks allow; anything else goes through
-    :func:`_read_entry_fully`, which checks the same things one field at a time and
-    names the problem.
+    Raises:
+        BadZtoc: a pair is malformed, or they cost more than ``allowance``.
     """
     buf, n = r.buf, r.n
-    if not 0 <= t <= n - 4:
-        return _read_entry_fully(r, t, index)
-    vt = t - _I32(buf, t)[0]
-    if not 0 <= vt <= n - 4:
-        return _read_entry_fully(r, t, index)
-    vsize, tsize = _U16X2(buf, vt)
-    k = min(14, (vsize - 4) // 2)
-    if k < 2 or vt + vsize > n or t + tsize > n - 4 or tsize < 4:
-        return _read_entry_fully(r, t, index)
-    o = _ENTRY_VTABLES[k](buf, vt + 4)  # fields past the vtable's end are absent (0)
-    if max(o) >= tsize:
-        return _read_entry_fully(r, t, index)
-    xattrs: tuple[tuple[str, str], ...] | None = _quick_xattrs(buf, n, t + o[13]) if o[13] else ()
-    if xattrs is None:
-        return _read_entry_fully(r, t, index)
-    strings = [_quick_string(buf, n, t + o[i], limit) if o[i] else b"" for i, limit in _ENTRY_STRINGS]
-    if None in strings:
-        return _read_entry_fully(r, t, index)
-    name, type_raw, linkname, uname, gname, mod_time = cast(list[bytes], strings)
-    type_ = _TYPE_BY_RAW.get(type_raw)
-    if (type_ is None or not name or b"\x00" in name or b".." in name or b"\x00" in linkname):
-        return _read_entry_fully(r, t, index)  # names the problem (or accepts a harmless "..")
-    i64 = _I64
-    return FileEntry(
-        name.decode("utf-8", "surrogateescape"), type_,
-        i64(buf, t + o[2])[0] if o[2] else 0, i64(buf, t + o[3])[0] if o[3] else 0,
-        linkname.decode("utf-8", "surrogateescape"), i64(buf, t + o[5])[0] if o[5] else 0,
-        _U32(buf, t + o[6])[0] if o[6] else 0, _U32(buf, t + o[7])[0] if o[7] else 0,
-        uname.decode("utf-8", "surrogateescape"), gname.decode("utf-8", "surrogateescape"),
-        mod_time.decode("utf-8", "surrogateescape"),
-        i64(buf, t + o[11])[0] if o[11] else 0, i64(buf, t + o[12])[0] if o[12] else 0, xattrs,
-    )
-
-
-def _quick_xattrs(buf: bytes | bytearray | memoryview, n: int, at: int) -> tuple[tuple[str, str], ...] | None:
-    """An entry's xattr (key, value) pairs, or None for anything :func:`_read_entry_fully` must judge."""
-    if at > n - 4:
-        return None
-    v = at + _U32(buf, at)[0]
+    v = at + _U32(buf, at)[0]  # ``at`` is a field checked by _table_fields
     if v > n - 4:
-        return None
+        raise BadZtoc(f"{r.what}: xattr vector of entry {index} at {v} lies outside the buffer")
     count = _U32(buf, v)[0]
+    if not count:
+        return (), 0
     if count * 4 > n - v - 4:
-        return None
+        raise BadZtoc(f"{r.what}: vector of {count} elements at {v} runs past the buffer")
+    cost = count * _XATTR_COST
+    if cost > allowance:
+        raise _budget_error(r, f"entry {index}'s {count} xattrs")
+    string = r.string_at
     pairs = []
     for j in range(count):
         ref = v + 4 + 4 * j
         t = ref + _U32(buf, ref)[0]
-        if t > n - 4:
-            return None
-        vt = t - _I32(buf, t)[0]
-        if not 0 <= vt <= n - 8:
-            return None
-        vsize, tsize = _U16X2(buf, vt)
-        if vsize < 8 or vt + vsize > n or t + tsize > n - 4 or tsize < 4:
-            return None
-        ko, vo = _U16X2(buf, vt + 4)
-        if ko >= tsize or vo >= tsize:
-            return None
-        key = _quick_string(buf, n, t + ko, _MAX_SHORT_STRING) if ko else b""
-        value = _quick_string(buf, n, t + vo, _MAX_NAME_BYTES) if vo else b""
-        if key is None or value is None:
-            return None
-        pairs.append((key.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
-    return tuple(pairs)
+        ko, vo = _table_fields(r, t, _XATTR_WIDTHS)
+        key = string(ko and t + ko, _MAX_SHORT_STRING)
+        value = string(vo and t + vo, _MAX_NAME_BYTES)
+        cost += len(key) + len(value)
+        if cost > allowance:
+            raise _budget_error(r, f"entry {index}'s xattrs")
+        pairs.append((_text(key), _text(value)))
+    return tuple(pairs), cost
 
 
-def _quick_string(buf: bytes | bytearray | memoryview, n: int, at: int, limit: int) -> bytes | None:
-    """The string referenced at ``at`` if it lies inside the buffer and is at most ``limit``
-    bytes, else None (:func:`_string_field` then says what is wrong)."""
-    v = at + _U32(buf, at)[0]
-    if v > n - 4:
-        return None
-    length = _U32(buf, v)[0]
-    if length > limit or length > n - v - 4:
-        return None
-    return bytes(buf[v + 4:v + 4 + length])
+def _read_entry(r: _Reader, t: int, index: int, allowance: int) -> tuple[FileEntry, int]:
+    """Decode and check TOC entry ``index`` (the table at ``t``), and say what it cost.
 
+    The one Python entry decoder; the C decoder (``prewarm.index._ztoc``) takes the
+    entries it finds well-formed and leaves the rest here, which names the problem.
+    Why it reads all fields from one vtable read: without C (or for entries C leaves)
+    a TOC of 100,000 entries must not take seconds.
 
-def _vtable_reader(k: int) -> Any:
-    unpack, pad = struct.Struct(f"<{k}H").unpack_from, (0,) * (14 - k)
-    return lambda b, at: unpack(b, at) + pad
-
-
-#: Readers of an entry's first k vtable offsets, padded with absent (0) fields to 14.
-_ENTRY_VTABLES = [_vtable_reader(k) for k in range(15)]
-
-#: (field index, longest allowed) of an entry's strings: name, type, linkname, uname,
-#: gname, mod_time, as :func:`_read_entry_fully` reads them.
-_ENTRY_STRINGS = ((0, _MAX_NAME_BYTES), (1, 16), (4, _MAX_NAME_BYTES), (8, _MAX_SHORT_STRING),
-                  (9, _MAX_SHORT_STRING), (10, 64))
-
-
-def _read_entry_fully(r: _Reader, t: int, index: int) -> FileEntry:
-    f = _table_fields(r, t, 14)
-    name = _string_field(r, f[0], _MAX_NAME_BYTES)
-    _check_name(name, f"entry {index}")
-    type_raw = _string_field(r, f[1], 16)
+    Raises:
+        BadZtoc: the entry is malformed, or it costs more than ``allowance`` bytes of the
+            decoding budget (:data:`DECODE_BUDGET_PER_BYTE`).
+    """
+    o = _table_fields(r, t, _ENTRY_WIDTHS)
+    string = r.string_at
+    name = string(o[0] and t + o[0], _MAX_NAME_BYTES)
+    if not name or b"\x00" in name or b".." in name:
+        _check_name(name, f"entry {index}")  # names the problem (or accepts a harmless "..")
+    type_raw = string(o[1] and t + o[1], 16)
     type_ = _TYPE_BY_RAW.get(type_raw)
     if type_ is None:
         raise BadZtoc(f"zTOC entry {index} ({_text(name)!r}) has unknown type {type_raw!r}")
-    linkname = _string_field(r, f[4], _MAX_NAME_BYTES)
+    linkname = string(o[4] and t + o[4], _MAX_NAME_BYTES)
     if b"\x00" in linkname:
         raise BadZtoc(f"zTOC entry {index} link name contains a NUL byte")
+    uname = string(o[8] and t + o[8], _MAX_SHORT_STRING)
+    gname = string(o[9] and t + o[9], _MAX_SHORT_STRING)
+    mod_time = string(o[10] and t + o[10], 64)
+    cost = _ENTRY_COST + len(name) + len(linkname) + len(uname) + len(gname) + len(mod_time)
+    if cost > allowance:
+        raise _budget_error(r, f"entry {index} ({_text(name)[:80]!r})")
     xattrs: tuple[tuple[str, str], ...] = ()
-    if f[13]:
-        if f[13] > r.n - 4:
-            raise BadZtoc(f"{r.what}: xattr vector reference runs past the buffer")
-        v = f[13] + _U32(r.buf, f[13])[0]
-        if v > r.n - 4:
-            raise BadZtoc(f"{r.what}: xattr vector at {v} lies outside the buffer")
-        xlen = _U32(r.buf, v)[0]
-        if xlen * 4 > r.n - v - 4:
-            raise BadZtoc(f"{r.what}: vector of {xlen} elements at {v} runs past the buffer")
-        pairs = []
-        for j in range(xlen):
-            at = v + 4 + 4 * j
-            xf = _table_fields(r, at + _U32(r.buf, at)[0], 2)
-            pairs.append((_text(_string_field(r, xf[0], _MAX_SHORT_STRING)),
-                          _text(_string_field(r, xf[1], _MAX_NAME_BYTES))))
-        xattrs = tuple(pairs)
+    if o[13]:
+        xattrs, xcost = _read_xattrs(r, t + o[13], index, allowance - cost)
+        cost += xcost
+    buf, i64, u32, enc = r.buf, _I64, _U32, "surrogateescape"
     return FileEntry(
-        name=_text(name), type=type_, uncompressed_offset=_int_field(r, f[2], _I64, 8),
-        uncompressed_size=_int_field(r, f[3], _I64, 8), linkname=_text(linkname),
-        mode=_int_field(r, f[5], _I64, 8), uid=_int_field(r, f[6], _U32, 4),
-        gid=_int_field(r, f[7], _U32, 4),
-        uname=_text(_string_field(r, f[8], _MAX_SHORT_STRING)),
-        gname=_text(_string_field(r, f[9], _MAX_SHORT_STRING)),
-        mod_time=_text(_string_field(r, f[10], 64)), devmajor=_int_field(r, f[11], _I64, 8),
-        devminor=_int_field(r, f[12], _I64, 8), xattrs=xattrs,
-    )
+        name.decode("utf-8", enc), type_, i64(buf, t + o[2])[0] if o[2] else 0,
+        i64(buf, t + o[3])[0] if o[3] else 0, linkname.decode("utf-8", enc),
+        i64(buf, t + o[5])[0] if o[5] else 0, u32(buf, t + o[6])[0] if o[6] else 0,
+        u32(buf, t + o[7])[0] if o[7] else 0, uname.decode("utf-8", enc),
+        gname.decode("utf-8", enc), mod_time.decode("utf-8", enc),
+        i64(buf, t + o[11])[0] if o[11] else 0, i64(buf, t + o[12])[0] if o[12] else 0, xattrs,
+    ), cost
 
 
 _TYPE_BY_RAW = {t.encode(): t for t in ENTRY_TYPES}
@@ -689,19 +644,27 @@ except ImportError:  # pragma: no cover - built by setup.py; the Python decoder 
     _decode_entries = None
 
 
-def _read_entries(r: _Reader, start: int, count: int) -> list[FileEntry]:
-    """The ``count`` entries of the TOC vector at ``start``, each checked as :func:`_read_entry` does.
+def _read_entries(r: _Reader, start: int, count: int, allowance: int) -> tuple[list[FileEntry], int]:
+    """The ``count`` entries of the TOC vector at ``start``, each checked as :func:`_read_entry`
+    does, and what they cost together (at most ``allowance``).
 
-    The C decoder (``prewarm.index._ztoc``) takes the well-formed ones; it leaves None for
+    The C decoder takes the well-formed ones within the allowance; it leaves None for
     anything else, which :func:`_read_entry` decodes (or refuses, naming the problem).
+
+    Raises:
+        BadZtoc: an entry is malformed, or the entries cost more than ``allowance``.
     """
-    out: list[FileEntry | None] = (_decode_entries(r.buf, start, count, FileEntry, _TYPE_BY_RAW)
-                                   if _decode_entries is not None else [None] * count)
+    if _decode_entries is not None:
+        out, spent = _decode_entries(r.buf, start, count, FileEntry, _TYPE_BY_RAW, allowance)
+    else:
+        out, spent = [None] * count, 0
+    buf = r.buf
     for k, e in enumerate(out):
         if e is None:
             at = start + 4 * k
-            out[k] = _read_entry(r, at + _U32(r.buf, at)[0], k)
-    return cast(list[FileEntry], out)
+            out[k], cost = _read_entry(r, at + _U32(buf, at)[0], k, allowance - spent)
+            spent += cost
+    return cast(list[FileEntry], out), spent
 
 
 def _check_entries(files: Sequence[FileEntry], usize: int) -> None:
@@ -709,20 +672,26 @@ def _check_entries(files: Sequence[FileEntry], usize: int) -> None:
 
     soci sorts the TOC by offset and requires every entry's data to start at or after the
     previous entry's data (rounded up to a tar block); we also require room for the
-    entry's own 512-byte header, as any real tar stream has.
+    entry's own 512-byte header, as any real tar stream has.  Only regular files have
+    data: a symlink, hardlink, device, FIFO or directory keeps its header's size field
+    (Go's tar reader and both builders do), but the tar stream holds no data for it.
     """
     order = sorted(range(len(files)), key=lambda k: files[k].uncompressed_offset)
     next_header = 0
     for k in order:
         f = files[k]
         off, size = f.uncompressed_offset, f.uncompressed_size
-        if size < 0 or off < 0 or off + size > usize:
+        if size < 0 or off < 0:
             raise BadZtoc(f"zTOC entry {k} ({f.name!r}) at {off}+{size} lies outside the "
+                          f"{usize}-byte uncompressed archive")
+        data = size if f.type == "reg" else 0
+        if off + data > usize:
+            raise BadZtoc(f"zTOC entry {k} ({f.name!r}) at {off}+{data} lies outside the "
                           f"{usize}-byte uncompressed archive")
         if off < next_header + 512:
             raise BadZtoc(f"zTOC entry {k} ({f.name!r}) at offset {off} overlaps the entry before "
                           f"it (next header at {next_header})")
-        next_header = off + size + (-size & 511)
+        next_header = off + data + (-data & 511)
 
 
 class LazyFiles(Sequence[FileEntry]):
@@ -730,18 +699,20 @@ class LazyFiles(Sequence[FileEntry]):
 
     Why: a worker process that lands a few spans of a 70,000-entry layer needs only the
     entries inside those spans; decoding all of them cost about a second per process
-    and layer.  An entry is checked as :func:`parse_ztoc` checks it when it is decoded;
-    iterating (or :meth:`materialize`) decodes every entry and then checks their order
-    and bounds (``_check_entries``) once, raising BadZtoc as an eager parse would.
+    and layer.  An entry is checked as :func:`parse_ztoc` checks it when it is decoded,
+    and the entries decoded so far share the zTOC's decoding budget; iterating (or
+    :meth:`materialize`) decodes every entry and then checks their order and bounds
+    (``_check_entries``) once, raising BadZtoc as an eager parse would.
     """
 
-    __slots__ = ("_all", "_cache", "_n", "_reader", "_start", "_usize")
+    __slots__ = ("_all", "_allowance", "_cache", "_left", "_n", "_reader", "_start", "_usize")
 
-    def __init__(self, reader: _Reader, start: int, n: int, usize: int) -> None:
+    def __init__(self, reader: _Reader, start: int, n: int, usize: int, allowance: int) -> None:
         self._reader = reader
         self._start = start
         self._n = n
         self._usize = usize
+        self._allowance = self._left = allowance
         self._cache: list[FileEntry | None] = [None] * n
         self._all: tuple[FileEntry, ...] | None = None
 
@@ -752,7 +723,7 @@ class LazyFiles(Sequence[FileEntry]):
         """Entry ``k`` (decoded once); a slice gives a tuple of the checked entries.
 
         Raises:
-            BadZtoc: the entry is malformed.
+            BadZtoc: the entry is malformed (or the entries decoded so far pass the budget).
             IndexError: ``k`` is out of range.
         """
         if isinstance(k, slice):
@@ -768,7 +739,12 @@ class LazyFiles(Sequence[FileEntry]):
         if e is None:
             r = self._reader
             at = self._start + 4 * k
-            e = self._cache[k] = _read_entry(r, at + _U32(r.buf, at)[0], k)
+            if _decode_entries is not None:
+                (e,), cost = _decode_entries(r.buf, at, 1, FileEntry, _TYPE_BY_RAW, self._left)
+            if e is None:
+                e, cost = _read_entry(r, at + _U32(r.buf, at)[0], k, self._left)
+            self._left -= cost
+            self._cache[k] = e
         return e
 
     def materialize(self) -> tuple[FileEntry, ...]:
@@ -778,7 +754,7 @@ class LazyFiles(Sequence[FileEntry]):
             BadZtoc: as :func:`parse_ztoc`.
         """
         if self._all is None:
-            entries = tuple(_read_entries(self._reader, self._start, self._n))
+            entries = tuple(_read_entries(self._reader, self._start, self._n, self._allowance)[0])
             _check_entries(entries, self._usize)
             self._all = entries
             self._cache = []  # the tuple holds them now
@@ -802,6 +778,8 @@ def parse_ztoc(buf: bytes | bytearray | memoryview, *, lazy_files: bool = False)
     count against the bytes that would have to hold it (before anything is allocated),
     checkpoints in order and inside the layer, one digest per span, entries inside the
     archive and not overlapping, entry types known and names without NUL or ``..``.
+    What the TOC decodes to is bounded by :func:`decode_budget` of the zTOC's size, as
+    references may share one long string many times over.
 
     With ``lazy_files`` the TOC entries are checked when they are decoded instead
     (:class:`LazyFiles`): the header, checkpoints and span digests are still checked
@@ -816,6 +794,7 @@ def parse_ztoc(buf: bytes | bytearray | memoryview, *, lazy_files: bool = False)
     if len(mv) < 8:
         raise BadZtoc(f"zTOC is {len(mv)} bytes: too short to be a zTOC")
     r = _Reader(mv, "zTOC")
+    allowance = decode_budget(len(mv))
     z = r.root()
     version = r.string(z, 0, 64)
     if not version:
@@ -826,11 +805,14 @@ def parse_ztoc(buf: bytes | bytearray | memoryview, *, lazy_files: bool = False)
     if csize < 0 or usize < 0:
         raise BadZtoc(f"zTOC archive sizes are negative ({csize}, {usize})")
     toc_at = r._field(z, 4)
+    mstart = mlen = 0
     files: list[FileEntry] | LazyFiles = []
     if toc_at:
         toc = r.table_at(toc_at)
         mstart, mlen = r.vector(toc, 0, 4)
-        files = LazyFiles(r, mstart, mlen, usize) if lazy_files else _read_entries(r, mstart, mlen)
+        if not lazy_files:
+            files, spent = _read_entries(r, mstart, mlen, allowance)
+            allowance -= spent
     ci_at = r._field(z, 5)
     if not ci_at:
         raise BadZtoc("zTOC has no compression info")
@@ -842,6 +824,9 @@ def parse_ztoc(buf: bytes | bytearray | memoryview, *, lazy_files: bool = False)
     dstart, dlen = r.vector(ci, 2, 4)
     if max_span_id + 1 != dlen:
         raise BadZtoc(f"zTOC max_span_id {max_span_id} does not match its {dlen} span digests")
+    allowance -= dlen * _DIGEST_COST
+    if allowance < 0:
+        raise _budget_error(r, f"span digests ({dlen})")
     digests = []
     for k in range(dlen):
         d = r.string_at(dstart + 4 * k, 80)
@@ -850,7 +835,9 @@ def parse_ztoc(buf: bytes | bytearray | memoryview, *, lazy_files: bool = False)
         digests.append(d.decode("ascii"))
     cstart, clen = r.vector(ci, 3, 1)
     blob = mv[cstart:cstart + clen]
-    if not isinstance(files, LazyFiles):
+    if lazy_files:
+        files = LazyFiles(r, mstart, mlen, usize, allowance)
+    else:
         _check_entries(files, usize)
     if algo == _ALGO_UNCOMPRESSED and not usize <= csize <= usize + MAX_TAR_PADDING:
         raise BadZtoc(f"zTOC of an uncompressed layer: the tar ends at {usize} but the layer "
