@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from prewarm.imagebuild import BuiltImage
-from prewarm.fleet.jobs import list_jobs
+from prewarm.fleet.jobs import job_status, list_jobs
 from prewarm.index.ztoc_build import build_ztoc
 from prewarm.store.content import ContentStore
 from tests.faultproxy import Fault, FaultProxy
@@ -207,13 +207,15 @@ def test_redis_sigkilled_mid_job_loses_at_most_its_last_second_and_the_job_recov
             # When Redis is SIGKILLed mid-job and started again on the same data
             wait_mid_job(job, env)
             time.sleep(1.5)  # past one AOF fsync, so the job record is on disk
-            before = status_of(job, env)
+            r = redis.Redis.from_url(redis_url)
+            before = job_status(r, job)
             redis_server.kill()
             redis_server.start()
-            # Then the job record survived, with at most the accounting of the last second lost
-            after = status_of(job, env)
-            assert after["bytes_total"] == before["bytes_total"] == image_layer_bytes(odd), (before, after)
-            assert after["bytes_done"] <= before["bytes_done"] + 4 * (1 << 20), (before, after)
+            # Then the job record survived, with at most the accounting of its last second lost
+            # (the budget holds the node to 10 MB/s)
+            after = job_status(redis.Redis.from_url(redis_url), job)
+            assert after.bytes_total == before.bytes_total == image_layer_bytes(odd), (before, after)
+            assert after.bytes_done >= before.bytes_done - 10_000_000, (before.bytes_done, after.bytes_done)
             # And the job completes from what the store holds
             final = wait_job(job, env, timeout=180)
         finally:
