@@ -239,3 +239,31 @@ def test_claiming_for_an_unknown_job_or_node_creates_nothing(r: redis.Redis) -> 
     assert jobs.claim_next(r, job, "ghost") is None
     # Then nothing was created and the script did not fail on the missing keys
     assert sorted(r.keys("*")) == before
+
+
+def test_a_job_nobody_waits_for_ends_and_its_records_expire(r: redis.Redis) -> None:
+    # Given a job on two nodes, started without --wait
+    plan = _plan()
+    job = jobs.create_job(r, plan, ["a", "b"], window=2, image="x")
+    # When node a's layers end, the job is still active (b's are pending)
+    for i in range(len(plan.layers)):
+        jobs.record_layer(r, job, "a", i, jobs.LAYER_READY)
+    assert not jobs.settle(r, job, "a")
+    assert r.sismember(keys.ACTIVE_JOBS, job)
+    # When node b's end too (one failed), the job leaves the active set
+    jobs.record_layer(r, job, "b", 0, jobs.LAYER_FAILED, "boom")
+    jobs.record_layer(r, job, "b", 1, jobs.LAYER_READY)
+    assert jobs.settle(r, job, "b")
+    assert not r.sismember(keys.ACTIVE_JOBS, job)
+    # And every record of it will expire
+    job_keys = [k for k in r.keys(f"prewarm:job:{job}*")]
+    assert job_keys and all(0 < r.ttl(k) <= jobs.JOB_RETENTION for k in job_keys), \
+        {k: r.ttl(k) for k in job_keys}
+    assert jobs.job_status(r, job).state == "failed"
+
+
+def test_a_cancelled_job_refuses_its_queued_tasks(r: redis.Redis) -> None:
+    job = jobs.create_job(r, _plan(), ["a"], window=2, image="x")
+    assert jobs.task_refusal(r, job, "a", 0, "a") is None
+    jobs.cancel_job(r, job)
+    assert jobs.task_refusal(r, job, "a", 0, "a") == jobs.CANCELLED

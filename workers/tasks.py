@@ -158,6 +158,10 @@ def _run_once(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: igno
     outcome: Outcome | None = None
     error: str | None = None
     why = _refused(ctx, task, kw)
+    if why == jobs.CANCELLED:  # queued before the cancel: nothing is fetched
+        TASKS_REFUSED.labels("cancelled").inc()
+        log.info("skipped %s of cancelled job %s", task.name, job)
+        return
     if why is not None:
         TASKS_REFUSED.labels("task").inc()
         log.warning("refused %s %s: %s", task.name, {k: kw[k] for k in ("job", "node", "layer_index")}, why)

@@ -275,6 +275,10 @@ def unstarted_jobs(r: redis.Redis, node: str) -> list[str]:
     return sorted(out)
 
 
+#: :func:`task_refusal`'s answer for a task of a cancelled job (skipped, not an attack).
+CANCELLED = "the job was cancelled"
+
+
 def task_refusal(r: redis.Redis, job_id: str, node: str, layer_index: int, this_node: str) -> str | None:
     """Why a task naming (job, node, layer) must not run on ``this_node``, or None if it may.
 
@@ -289,11 +293,14 @@ def task_refusal(r: redis.Redis, job_id: str, node: str, layer_index: int, this_
     pipe.exists(keys.job(job_id))
     pipe.sismember(keys.job_nodes(job_id), node)
     pipe.hget(keys.job_node(job_id, node), "tasks_total")
-    exists, member, total = pipe.execute()
+    pipe.hget(keys.job(job_id), "cancelled")
+    exists, member, total, cancelled = pipe.execute()
     if not exists:
         return f"job {job_id!r} does not exist"
     if not member or total is None:
         return f"node {node!r} is not part of job {job_id}"
+    if _s(cancelled) == "1":
+        return CANCELLED
     return None
 
 
@@ -301,10 +308,51 @@ def touch(r: redis.Redis, job_id: str, node: str) -> None:
     r.hset(keys.job_node(job_id, node), "updated", time.time())
 
 
-def finish_job(r: redis.Redis, job_id: str) -> None:
-    """A job that ended (and is not a standing schedule) hands out no more work."""
-    if not _s(r.hget(keys.job(job_id), "keep")):
-        r.srem(keys.ACTIVE_JOBS, job_id)
+#: How long a finished job's records stay in Redis for ``prewarm status`` (seconds).
+JOB_RETENTION = 7 * 24 * 3600
+
+
+def finish_job(r: redis.Redis, job_id: str, retention: float = JOB_RETENTION) -> None:
+    """A job that ended (and is not a standing schedule) hands out no more work.
+
+    Its records then expire after ``retention`` seconds, so Redis does not keep every job
+    a fleet ever ran.
+    """
+    if _s(r.hget(keys.job(job_id), "keep")):
+        return
+    r.srem(keys.ACTIVE_JOBS, job_id)
+    ttl = max(1, int(retention))
+    plan_layers = None
+    nodes = [_s(n) for n in r.smembers(keys.job_nodes(job_id))]
+    pipe = r.pipeline(transaction=False)
+    for key in (keys.job(job_id), keys.job_plan(job_id), keys.job_nodes(job_id)):
+        pipe.expire(key, ttl)
+    for node in nodes:
+        for key in (keys.job_node(job_id, node), keys.job_node_layers(job_id, node),
+                    keys.job_node_errors(job_id, node), keys.job_node_finished(job_id, node)):
+            pipe.expire(key, ttl)
+        if plan_layers is None:
+            raw = r.get(keys.job_plan(job_id))
+            plan_layers = len(ImagePlan.from_json(raw).layers) if raw else 0
+        for layer in range(plan_layers):
+            pipe.expire(keys.job_node_spans(job_id, node, layer), ttl)
+    pipe.execute()
+
+
+def settle(r: redis.Redis, job_id: str, node: str) -> bool:
+    """Called when one of ``node``'s layers reached its end: end the job if every node's did.
+
+    A job started without ``--wait`` has nobody polling it; this is how it leaves the
+    active set (and its records start to expire) once the last layer of the last node
+    is ready or failed.  Costs one read unless this node is done.
+    """
+    states = [_s(v) for v in r.hvals(keys.job_node_layers(job_id, node))]
+    if not states or any(s == LAYER_PENDING for s in states):
+        return False
+    if not job_status(r, job_id).finished:
+        return False
+    finish_job(r, job_id)
+    return True
 
 
 def cancel_job(r: redis.Redis, job_id: str) -> None:
@@ -410,6 +458,8 @@ def job_image_name(r: redis.Redis, job_id: str) -> str:
 
 
 def list_jobs(r: redis.Redis, limit: int = 20) -> list[str]:
+    """The newest jobs whose records have not expired (expired ones leave the list here)."""
+    r.zremrangebyscore(keys.JOBS, "-inf", time.time() - JOB_RETENTION)
     return [_s(j) for j in r.zrevrange(keys.JOBS, 0, limit - 1)]
 
 

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL = 5.0
 #: A node whose last heartbeat is older than this is reported down.
 NODE_TTL = 30.0
+#: A node record nobody refreshed for this long is forgotten (a node removed from the fleet).
+NODE_RECORD_RETENTION = 7 * 24 * 3600
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +99,7 @@ def heartbeat(r: redis.Redis, name: str, *, labels: Mapping[str, str], root: Pat
         "layers": json.dumps(sorted(layers)), "heartbeat": time.time(), "root": str(root),
         "identity": identity or worker_identity(root),
     })
+    pipe.expire(keys.node(name), NODE_RECORD_RETENTION)
     pipe.execute()
 
 
@@ -105,7 +108,8 @@ def list_nodes(r: redis.Redis) -> list[NodeInfo]:
     for raw in sorted(r.smembers(keys.NODES)):
         name = raw.decode() if isinstance(raw, bytes) else raw
         h = {k.decode(): v.decode() for k, v in r.hgetall(keys.node(name)).items()}
-        if not h:
+        if not h:  # its record expired: a node gone from the fleet for NODE_RECORD_RETENTION
+            r.srem(keys.NODES, name)
             continue
         out.append(NodeInfo(name, json.loads(h.get("labels", "{}")), int(h.get("free_bytes", 0)),
                             frozenset(json.loads(h.get("layers", "[]"))), float(h.get("heartbeat", 0)),

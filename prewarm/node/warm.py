@@ -350,12 +350,14 @@ def account(ctx: NodeContext, *, job: str, node: str, layer_index: int, span: in
             image = jobs.job_image_name(r, job)
             if complete_image(ctx, job, image):
                 log.info("image %s complete on %s", image, node)
+            jobs.settle(r, job, node)
     else:
         jobs.record_span(r, job, node, layer_index, span, 0)
         # The first failure of a layer keeps its reason; later spans of it only count.
         if jobs.layer_state(r, job, node, layer_index) == jobs.LAYER_PENDING:
             jobs.record_layer(r, job, node, layer_index, jobs.LAYER_FAILED, error)
             LAYERS.labels("failed").inc()
+            jobs.settle(r, job, node)
 
 
 def layer_failed(ctx: NodeContext, job: str, node: str, layer_index: int) -> bool:
