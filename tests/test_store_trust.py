@@ -8,11 +8,14 @@ tar, with the C landing and the Python reference); what they leave is read back 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import shutil
 import stat
+import struct
 import subprocess
+import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -20,8 +23,18 @@ from pathlib import Path
 
 import pytest
 
+from prewarm.errors import StoreError
+from prewarm.store import landing
 from prewarm.store.content import ContentStore
-from tests.test_store import GZIP, _add, sha
+from prewarm.store.directio import DirectWriter
+from prewarm.store.layerfs import LayerWriter
+from prewarm.store.resumable_hash import ResumableSha256
+from prewarm.store.table import LandingTable
+from tests.test_store import GZIP, _add, every_kind_tar, sha
+from tests.test_store_spans import land, make_layer
+
+_C = landing.backend()
+needs_c = pytest.mark.skipif(_C is None, reason="PREWARM_LANDING=python")
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
 
@@ -89,3 +102,146 @@ def test_an_existing_open_store_root_is_made_private_at_start_up(tmp_path: Path)
     # Then both are 0700
     assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(tmp_path / "new" / "root").st_mode) == 0o700
+
+
+# === item 10: what the store reads back from work/ is checked before C or OpenSSL trust it
+
+
+def _one_file_layer(name: str = "xx/f", data: bytes = b"data" * 300) -> tuple[bytes, bytes]:
+    tar = _tar(lambda tf: (_add(tf, "xx/", tarfile.DIRTYPE, mode=0o755), _add(tf, name, data=data)))
+    return tar, gzip.compress(tar, mtime=0)
+
+
+@needs_c
+@pytest.mark.parametrize("lie", ["negative data start", "header after the data", "size past 64 bits"])
+def test_a_corrupt_landing_table_is_refused_by_name(tmp_path: Path, lie: str) -> None:
+    # Given the C records of a layer, one of them corrupted as a damaged work/plan would be
+    tar, blob = _one_file_layer()
+    _, z = make_layer(tar, span_size=1 << 20)
+    table = LandingTable.derive(z)
+    k = next(i for i, p in enumerate(table.placements) if p.kind == "reg")
+    rec = bytearray(table.records)
+    at = landing.RECORD.size * k
+    data_start, header_start, size = struct.unpack_from("<3q", rec, at)
+    if lie == "negative data start":
+        struct.pack_into("<q", rec, at, -1)
+        struct.pack_into("<q", rec, at + 8, -513)
+    elif lie == "header after the data":
+        struct.pack_into("<q", rec, at + 8, data_start - 100)
+    else:
+        struct.pack_into("<q", rec, at + 16, (1 << 63) - 1)
+    out = memoryview(tar[:z.uncompressed_archive_size])
+    fs = tmp_path / "fs"
+    (fs / "xx").mkdir(parents=True)
+    # When C is asked to check the span's headers or write its files with them
+    # Then it refuses the table (naming it corrupt) instead of reading or writing by its numbers
+    with pytest.raises(StoreError, match="landing table .* is corrupt"):
+        landing.check_headers(_C, bytes(rec), table.heap, out, 0)
+    with LayerWriter(fs) as writer, pytest.raises(StoreError, match="landing table .* is corrupt"):
+        landing.write_pieces(_C, bytes(rec), table.heap, writer.root_fd, out, 0, DirectWriter(),
+                             table.placements, lambda *piece: None)
+    assert os.listdir(fs / "xx") == []
+
+
+def test_a_corrupt_saved_hash_state_is_refused_not_resumed() -> None:
+    # Given a saved sha256 state, and copies with the block count or digest length damaged
+    h = ResumableSha256()
+    h.update(b"abc" * 30)
+    good = h.state()
+    num_at = len(good) - 8
+    for num, md_len in ((64, 32), (0xFFFFFFFF, 32), (91 % 64 + 1, 32), (90 % 64, 0)):
+        bad = bytearray(good)
+        struct.pack_into("=II", bad, num_at, num, md_len)
+        # Then only the intact one resumes; the others are refused before OpenSSL copies into them
+        with pytest.raises(StoreError, match="saved sha256 state is corrupt"):
+            ResumableSha256.from_state(bytes(bad))
+    assert ResumableSha256.from_state(good).hexdigest() == hashlib.sha256(b"abc" * 30).hexdigest()
+
+
+def test_a_corrupt_hash_file_stops_the_layer_with_a_store_error(tmp_path: Path) -> None:
+    # Given a layer of several spans whose first span landed (work/hash holds the running sha256)
+    tar = every_kind_tar(60_000)
+    blob, z = make_layer(tar, span_size=8192)
+    assert z.num_spans > 2
+    store = ContentStore(tmp_path / "root")
+    digest = sha(blob)
+    land(store, digest, z, blob, [0])
+    # When work/hash is damaged (its block count past the 64-byte buffer) and the next span lands
+    hash_file = store.layout.layer_work(digest) / "hash"
+    raw = bytearray(hash_file.read_bytes())
+    struct.pack_into("=I", raw, len(raw) - 8, 64)
+    hash_file.write_bytes(bytes(raw))
+    # Then landing stops with the store's error, not a wrong digest or a crash
+    with pytest.raises(StoreError, match="saved sha256 state is corrupt"):
+        land(store, digest, z, blob, [1])
+
+
+#: Run in a child: make openat2 fail with ENOSYS (as an old kernel or a seccomp profile
+#: does), so both landing paths resolve paths by their component-by-component walk.
+_NO_OPENAT2 = r"""
+import ctypes, errno, sys
+libc = ctypes.CDLL(None, use_errno=True)
+class Filter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter))]
+code = (Filter * 4)(Filter(0x20, 0, 0, 0),                       # load the syscall number
+                    Filter(0x15, 0, 1, 437),                     # openat2?
+                    Filter(0x06, 0, 0, 0x00050000 | errno.ENOSYS),  # then ENOSYS
+                    Filter(0x06, 0, 0, 0x7FFF0000))              # else allow
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.byref(Prog(4, code)), 0, 0) == 0  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+"""
+
+_ESCAPES = _NO_OPENAT2 + r"""
+import gzip, os, pathlib
+from prewarm.errors import UnsafeArchive
+from prewarm.store import landing
+from prewarm.store.directio import DirectWriter
+from prewarm.store.layerfs import LayerWriter
+from prewarm.store.table import LandingTable
+from prewarm.index.ztoc_build import build_ztoc
+base = pathlib.Path(sys.argv[1])
+fs = base / "fs"
+(fs / "xx").mkdir(parents=True)
+(base / "victim").write_bytes(b"outside")
+# the Python walk, asked for a path through '..'
+with LayerWriter(fs) as w:
+    try:
+        os.close(w.open_data("../victim"))
+        print("python: escaped")
+    except UnsafeArchive as err:
+        print("python: refused", err)
+# the C walk, given a record whose path climbs out of the layer
+tar = pathlib.Path(sys.argv[2]).read_bytes()
+blob = gzip.compress(tar, mtime=0)
+z = build_ztoc([blob], span_size=1 << 20, build_tool_identifier="prewarm-test")
+t = LandingTable.derive(z)
+heap = t.heap.replace(b"xx/f", b"../f")
+assert heap != t.heap
+with LayerWriter(fs) as w:
+    try:
+        landing.write_pieces(landing.backend(), t.records, heap, w.root_fd, memoryview(tar[:z.uncompressed_archive_size]),
+                             0, DirectWriter(), t.placements, lambda *piece: None)
+        print("c: escaped" if (base / "f").exists() else "c: nothing")
+    except UnsafeArchive as err:
+        print("c: refused", err)
+"""
+
+
+@needs_c
+def test_the_fallback_path_walks_refuse_dot_dot(tmp_path: Path) -> None:
+    # Given a node whose kernel (or seccomp profile) has no openat2, so both landing paths walk
+    tar, _ = _one_file_layer()
+    (tmp_path / "layer.tar").write_bytes(tar)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("PREWARM_LANDING", None)
+    # When the Python writer and the C records are given a path through '..'
+    run = subprocess.run([sys.executable, "-c", _ESCAPES, str(tmp_path / "base"), str(tmp_path / "layer.tar")],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    # Then both refuse it as an unsafe archive, and nothing is written outside the layer
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("python: refused") and lines[1].startswith("c: refused"), run.stdout
+    assert not (tmp_path / "base" / "f").exists()
+    assert (tmp_path / "base" / "victim").read_bytes() == b"outside"

@@ -310,6 +310,8 @@ def open_beneath(dir_fd: int, path: str, flags: int) -> int:
             raise OSError(err, os.strerror(err), path)
         _openat2_ok = False  # old kernel or seccomp: walk instead
     parts = path.split("/")
+    if ".." in parts or not parts[0]:  # what RESOLVE_BENEATH refuses as an escape
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), path)
     fd = os.dup(dir_fd)
     try:
         for p in parts[:-1]:
