@@ -27,9 +27,10 @@ from prewarm.errors import StoreError
 from prewarm.store import landing
 from prewarm.store.content import ContentStore
 from prewarm.store.directio import DirectWriter
-from prewarm.store.layerfs import LayerWriter
+from prewarm.store.layerfs import OPAQUE_XATTR, LayerWriter
 from prewarm.store.resumable_hash import ResumableSha256
 from prewarm.store.table import LandingTable
+from tests.test_landing import landing_backend
 from tests.test_store import GZIP, _add, every_kind_tar, sha
 from tests.test_store_spans import land, make_layer
 
@@ -84,7 +85,7 @@ def test_an_images_setuid_binary_is_out_of_reach_of_other_users(open_dir: Path) 
                              text=True, check=True)
     # (through a shell: setpriv itself looks its command up before it drops root)
     run = subprocess.run([*NOBODY, "/bin/sh", "-c", 'exec "$0" /dev/null', str(target)], capture_output=True,
-                         text=True)
+                         text=True, check=False)
     # Then the store root stops them: EACCES, and the binary never runs
     assert reached.stdout.strip() == "EACCES"
     assert run.returncode != 0 and "Permission denied" in run.stderr
@@ -107,22 +108,21 @@ def test_an_existing_open_store_root_is_made_private_at_start_up(tmp_path: Path)
 # === item 10: what the store reads back from work/ is checked before C or OpenSSL trust it
 
 
-def _one_file_layer(name: str = "xx/f", data: bytes = b"data" * 300) -> tuple[bytes, bytes]:
-    tar = _tar(lambda tf: (_add(tf, "xx/", tarfile.DIRTYPE, mode=0o755), _add(tf, name, data=data)))
-    return tar, gzip.compress(tar, mtime=0)
+def _one_file_layer(name: str = "xx/f", data: bytes = b"data" * 300) -> bytes:
+    return _tar(lambda tf: (_add(tf, "xx/", tarfile.DIRTYPE, mode=0o755), _add(tf, name, data=data)))
 
 
 @needs_c
 @pytest.mark.parametrize("lie", ["negative data start", "header after the data", "size past 64 bits"])
 def test_a_corrupt_landing_table_is_refused_by_name(tmp_path: Path, lie: str) -> None:
     # Given the C records of a layer, one of them corrupted as a damaged work/plan would be
-    tar, blob = _one_file_layer()
+    tar = _one_file_layer()
     _, z = make_layer(tar, span_size=1 << 20)
     table = LandingTable.derive(z)
     k = next(i for i, p in enumerate(table.placements) if p.kind == "reg")
     rec = bytearray(table.records)
     at = landing.RECORD.size * k
-    data_start, header_start, size = struct.unpack_from("<3q", rec, at)
+    data_start = struct.unpack_from("<q", rec, at)[0]
     if lie == "negative data start":
         struct.pack_into("<q", rec, at, -1)
         struct.pack_into("<q", rec, at + 8, -513)
@@ -198,7 +198,7 @@ import gzip, os, pathlib
 from prewarm.errors import UnsafeArchive
 from prewarm.store import landing
 from prewarm.store.directio import DirectWriter
-from prewarm.store.layerfs import LayerWriter
+from prewarm.store.layerfs import OPAQUE_XATTR, LayerWriter
 from prewarm.store.table import LandingTable
 from prewarm.index.ztoc_build import build_ztoc
 base = pathlib.Path(sys.argv[1])
@@ -232,16 +232,78 @@ with LayerWriter(fs) as w:
 @needs_c
 def test_the_fallback_path_walks_refuse_dot_dot(tmp_path: Path) -> None:
     # Given a node whose kernel (or seccomp profile) has no openat2, so both landing paths walk
-    tar, _ = _one_file_layer()
+    tar = _one_file_layer()
     (tmp_path / "layer.tar").write_bytes(tar)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     env.pop("PREWARM_LANDING", None)
     # When the Python writer and the C records are given a path through '..'
     run = subprocess.run([sys.executable, "-c", _ESCAPES, str(tmp_path / "base"), str(tmp_path / "layer.tar")],
-                         capture_output=True, text=True, env=env)
+                         capture_output=True, text=True, env=env, check=False)
     assert run.returncode == 0, run.stderr
     # Then both refuse it as an unsafe archive, and nothing is written outside the layer
     lines = run.stdout.splitlines()
     assert lines[0].startswith("python: refused") and lines[1].startswith("c: refused"), run.stdout
     assert not (tmp_path / "base" / "f").exists()
     assert (tmp_path / "base" / "victim").read_bytes() == b"outside"
+
+
+# === item 3: overlay's own xattrs never come from a layer's tar
+
+#: What a hostile layer writes into its PAX records: overlay's state, and one xattr of the image's own.
+_OVERLAY_XATTRS = {
+    "trusted.overlay.redirect": "/etc", "trusted.overlay.metacopy": "", "trusted.overlay.origin": "\x00\xfb",
+    "trusted.overlay.opaque": "y", "trusted.overlay.upper": "x", "trusted.other": "1",
+    "user.overlay.redirect": "/etc", "user.overlay.opaque": "y",
+}
+_DROPPED = sorted(_OVERLAY_XATTRS)
+
+
+def _pax(xattrs: dict[str, str]) -> dict[str, str]:
+    return {f"SCHILY.xattr.{k}": v for k, v in xattrs.items()}
+
+
+def overlay_xattr_tar() -> bytes:
+    def build(tf: tarfile.TarFile) -> None:
+        _add(tf, "plain/", tarfile.DIRTYPE, mode=0o755, pax=_pax({**_OVERLAY_XATTRS, "user.keep": "dir"}))
+        _add(tf, "plain/f", data=b"file" * 100, pax=_pax({**_OVERLAY_XATTRS, "user.keep": "file"}))
+        _add(tf, "plain/only", data=b"only overlay xattrs", pax=_pax(_OVERLAY_XATTRS))
+        _add(tf, "opq/", tarfile.DIRTYPE, mode=0o755)
+        _add(tf, "opq/.wh..wh..opq")
+        _add(tf, "opq/kept", data=b"kept")
+        _add(tf, "pad", data=os.urandom(40_000))  # several spans
+    return _tar(build)
+
+
+LANDINGS = ["whole", "spans-c", "spans-python"]
+
+
+def land_layer(tmp_path: Path, tar: bytes, how: str, monkeypatch: pytest.MonkeyPatch, span_size: int = 4096) -> Path:
+    """Land ``tar`` through one of the store's real paths; the layer's fs directory."""
+    store = ContentStore(tmp_path / how)
+    if how == "whole":
+        return ingest(store, tar)
+    if how == "spans-c" and _C is None:
+        pytest.skip("PREWARM_LANDING=python")
+    with landing_backend(monkeypatch, how.removeprefix("spans-")):
+        blob, z = make_layer(tar, span_size=span_size)
+        order = list(range(z.num_spans))[::-1]
+        assert land(store, sha(blob), z, blob, order)[-1]
+    return store.layout.layer_fs(sha(blob))
+
+
+@pytest.mark.parametrize("how", LANDINGS)
+def test_overlay_xattrs_from_the_tar_never_reach_the_layer(tmp_path: Path, how: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a layer whose tar sets overlay's redirect, metacopy, origin and opaque (trusted.* and
+    # user.overlay.*) on a plain directory and files, next to a real opaque whiteout
+    # When it lands
+    fs = land_layer(tmp_path, overlay_xattr_tar(), how, monkeypatch)
+    # Then no overlay xattr is on disk, the image's own xattrs are, and the real opaque marker is
+    for path in ("plain", "plain/f", "plain/only"):
+        names = set(os.listxattr(fs / path, follow_symlinks=False))
+        assert not names & set(_DROPPED), (path, names)
+    assert os.getxattr(fs / "plain", "user.keep") == b"dir"
+    assert os.getxattr(fs / "plain/f", "user.keep") == b"file"
+    assert (fs / "plain/only").read_bytes() == b"only overlay xattrs"
+    assert os.getxattr(fs / "opq", OPAQUE_XATTR) == b"y"
+    assert (fs / "opq/kept").read_bytes() == b"kept"

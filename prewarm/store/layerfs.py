@@ -15,8 +15,8 @@ the whole archive first (``..``, absolute names, a path through a symlink or a f
 created earlier, a hard link to a missing target or a directory) so a bad archive is
 refused before anything is created; the fd discipline is the second line of defence.
 
-Metadata is applied by :func:`apply_meta` alone: owner before mode (chown clears
-setuid/setgid), then xattrs, then mtimes.  A file created whole with its data
+Metadata (without the xattrs :func:`kept_xattrs` drops) is applied by :func:`apply_meta` alone:
+owner before mode (chown clears setuid/setgid), then xattrs, then mtimes.  A file created whole with its data
 (:meth:`LayerWriter.create_whole`) gets it there and then; everything else gets it last
 (:meth:`LayerWriter.apply_metadata`), directories after everything else because creating
 a child changes its parent's mtime.
@@ -598,12 +598,31 @@ Meta = tuple[int, int, int, int, tuple[tuple[str, str], ...]]
 
 
 def entry_meta(e: FileEntry) -> Meta:
-    """The metadata :meth:`LayerWriter.apply_metadata` applies for entry ``e``.
+    """The metadata :meth:`LayerWriter.apply_metadata` applies for entry ``e`` (its :func:`kept_xattrs`).
 
     Raises:
         BadZtoc: the modification time is not RFC 3339.
     """
-    return e.uid, e.gid, e.mode, parse_mod_time(e.mod_time), tuple(e.real_xattrs.items())
+    return e.uid, e.gid, e.mode, parse_mod_time(e.mod_time), kept_xattrs(e.real_xattrs)
+
+
+#: xattr namespaces a layer's tar never sets on the node.
+DROPPED_XATTR_PREFIXES = ("trusted.", "user.overlay.")
+
+
+def kept_xattrs(xattrs: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """The xattrs of a tar entry that its node gets: all but ``trusted.*`` and ``user.overlay.*``.
+
+    Why: the layer dir is an overlay lowerdir, and overlay reads its own state from
+    ``trusted.overlay.*`` (``user.overlay.*`` when mounted with ``userxattr``): redirect
+    and metacopy send a lookup to another path or layer, origin names a file handle,
+    opaque hides the layers below.  A tar may carry any of them, so they are not the
+    image's to set.  containerd's unpacker (``pkg/archive/tar_unix.go`` ``setxattr``)
+    refuses every ``trusted.*`` key from an archive and skips it; we skip the same, and
+    ``user.overlay.*`` too for the ``userxattr`` mounts.  The opaque marker a real
+    ``.wh..wh..opq`` entry stands for is set by :meth:`LayerWriter.create`, not taken from xattrs.
+    """
+    return tuple((k, v) for k, v in xattrs.items() if not k.startswith(DROPPED_XATTR_PREFIXES))
 
 
 def data_extents(entries: Iterable[FileEntry], placements: Sequence[Placement]) -> list[tuple[int, int]]:

@@ -40,7 +40,7 @@ from prewarm.store.layerfs import (
 from prewarm.store.spanmap import SpanMap
 
 #: Version of a saved table; another version is ignored and the table derived again.
-FORMAT = 4
+FORMAT = 5  # 5: metadata without trusted.* / user.overlay.* xattrs; superseded hard-link targets
 #: Bytes of an entry key (see :func:`entry_key`).
 KEY_SIZE = 16
 #: The key of an entry whose header C checks (never a BLAKE2b digest in practice).
