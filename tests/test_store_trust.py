@@ -31,7 +31,7 @@ from prewarm.store.layerfs import OPAQUE_XATTR, LayerWriter
 from prewarm.store.resumable_hash import ResumableSha256
 from prewarm.store.table import LandingTable
 from tests.test_landing import landing_backend
-from tests.test_store import GZIP, _add, every_kind_tar, sha
+from tests.test_store import GZIP, MTIME, _add, every_kind_tar, sha
 from tests.test_store_spans import land, make_layer
 
 _C = landing.backend()
@@ -307,3 +307,74 @@ def test_overlay_xattrs_from_the_tar_never_reach_the_layer(tmp_path: Path, how: 
     assert (fs / "plain/only").read_bytes() == b"only overlay xattrs"
     assert os.getxattr(fs / "opq", OPAQUE_XATTR) == b"y"
     assert (fs / "opq/kept").read_bytes() == b"kept"
+
+
+# === item 4: a hard link keeps the node it was made to, whatever replaces the path later
+
+
+def _padding(tf: tarfile.TarFile, name: str) -> None:
+    _add(tf, name, data=os.urandom(9000))  # more than a span: the entries around it land apart
+
+
+def relinked_tar(case: str) -> bytes:
+    def build(tf: tarfile.TarFile) -> None:
+        if case == "replaced":  # a, b -> a, a new a
+            _add(tf, "a", data=b"one", mode=0o644)
+            _padding(tf, "pad1")
+            _add(tf, "b", tarfile.LNKTYPE, linkname="a", mode=0o644)
+            _padding(tf, "pad2")
+            _add(tf, "a", data=b"two", mode=0o600)
+        elif case == "chain":  # a, b -> a, c -> b, a new a, then b replaced too: c keeps the first a
+            _add(tf, "a", data=b"one", mode=0o644)
+            _add(tf, "b", tarfile.LNKTYPE, linkname="a", mode=0o644)
+            _padding(tf, "pad1")
+            _add(tf, "c", tarfile.LNKTYPE, linkname="b", mode=0o644)
+            _add(tf, "a", data=b"two", mode=0o600)
+            _padding(tf, "pad2")
+            _add(tf, "b", data=b"three", mode=0o640)
+        else:  # "dir gone": d/a, b -> d/a, then d replaced by a file
+            _add(tf, "d/", tarfile.DIRTYPE, mode=0o755)
+            _add(tf, "d/a", data=b"one", mode=0o644)
+            _padding(tf, "pad1")
+            _add(tf, "b", tarfile.LNKTYPE, linkname="d/a", mode=0o644)
+            _add(tf, "d", data=b"two", mode=0o600)
+    return _tar(build)
+
+
+#: path -> (content, mode) as containerd's unpack leaves them.
+RELINKED = {
+    "replaced": {"a": (b"two", 0o600), "b": (b"one", 0o644)},
+    "chain": {"a": (b"two", 0o600), "b": (b"three", 0o640), "c": (b"one", 0o644)},
+    "dir gone": {"d": (b"two", 0o600), "b": (b"one", 0o644)},
+}
+
+
+@pytest.mark.parametrize("how", LANDINGS)
+@pytest.mark.parametrize("case", sorted(RELINKED))
+def test_a_hard_link_keeps_the_file_it_was_made_to_after_the_path_is_replaced(
+        tmp_path: Path, how: str, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a tar that links b to a, then replaces a (or the directory holding it)
+    # When it lands whole, or in spans of 4 KiB (the entries in different spans)
+    fs = land_layer(tmp_path, relinked_tar(case), how, monkeypatch, span_size=4096)
+    # Then each path has what containerd's unpack gives it: the link the first a's content and mode
+    for path, (content, mode) in RELINKED[case].items():
+        assert (fs / path).read_bytes() == content, path
+        assert stat.S_IMODE(os.lstat(fs / path).st_mode) == mode, path
+        assert os.lstat(fs / path).st_mtime_ns == MTIME * 10**9, path
+    inodes = {os.lstat(fs / p).st_ino for p in RELINKED[case]}
+    assert len(inodes) == len(RELINKED[case])
+
+
+def test_a_saved_landing_table_keeps_where_a_kept_node_is_created(tmp_path: Path) -> None:
+    # Given the landing table of a layer whose first a only a hard link keeps
+    _, z = make_layer(relinked_tar("chain"), span_size=4096)
+    table = LandingTable.derive(z)
+    kept = [p for p in table.placements if p.made_at]
+    assert [(p.kind, p.made_at, p.path, p.final) for p in kept] == [("reg", "a", "c", True)]
+    # When another process loads it
+    table.save(tmp_path / "plan")
+    loaded = LandingTable.load(tmp_path / "plan", z, table.fingerprint)
+    # Then it creates that node where the tar did and writes it where the link keeps it
+    assert loaded is not None
+    assert list(loaded.placements) == list(table.placements)
+    assert loaded.placements[0] == table.placements[0] and loaded.placements[-1] == table.placements[-1]

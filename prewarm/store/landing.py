@@ -184,8 +184,8 @@ def write_pieces(c: ModuleType, records: bytes, heap: bytes, root_fd: int, out: 
     try:
         skipped, error, direct.enabled, nbytes = c.write_pieces(records, heap, root_fd, out, ustart,
                                                                 direct.enabled, direct.min_direct)
-    except ValueError as err:
-        raise corrupt_table(err) from None
+    except ValueError as bad:
+        raise corrupt_table(bad) from None
     direct.direct_bytes += nbytes
     for piece in skipped:
         fallback(*piece)
