@@ -198,12 +198,17 @@ static int layer_open(layer_t *L, PyObject *table, PyObject *heap) {
     }
     L->rec = (const record_t *)L->table.buf;
     L->n = L->table.len / (Py_ssize_t)sizeof(record_t);
+    /* The table is read from work/ and its numbers are used as offsets into the span: every
+     * record must be what build_table makes (a header chain of at least one block before
+     * the data, data that ends within 64 bits, records in stream order). */
     for (Py_ssize_t i = 0; i < L->n; i++) {
         const record_t *r = &L->rec[i];
         if ((uint64_t)r->name_off + r->name_len > (uint64_t)L->heap.len ||
             (uint64_t)r->link_off + r->link_len > (uint64_t)L->heap.len ||
             (uint64_t)r->path_off + r->path_len > (uint64_t)L->heap.len ||
-            (i > 0 && r->data_start <= L->rec[i - 1].data_start) || r->size < 0) {
+            r->data_start < BLOCK || r->header_start < 0 || r->header_start > r->data_start - BLOCK ||
+            r->size < 0 || r->size > INT64_MAX - r->data_start ||
+            (i > 0 && r->data_start <= L->rec[i - 1].data_start)) {
             PyErr_Format(PyExc_ValueError, "landing table record %zd is inconsistent", i);
             goto fail;
         }
@@ -308,8 +313,13 @@ static int open_beneath(int dir_fd, const char *path, int flags) {
     char *p = buf;
     for (;;) {
         char *slash = strchr(p, '/');
+        if (slash) *slash = 0;
+        if (strcmp(p, "..") == 0 || (p == buf && *p == 0)) { /* an escape, as RESOLVE_BENEATH says it */
+            close(fd);
+            errno = EXDEV;
+            return -1;
+        }
         if (!slash) break;
-        *slash = 0;
         int nfd = openat(fd, p, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
         int saved = errno;
         close(fd);

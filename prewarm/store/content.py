@@ -62,7 +62,7 @@ from prewarm.store.atomic import atomic_write
 from prewarm.store.directio import DirectWriter
 from prewarm.store.ingest import compression_of, unpack_stream
 from prewarm.store.layerfs import LayerWriter, data_extents
-from prewarm.store.layout import Layout
+from prewarm.store.layout import Layout, secure_root
 from prewarm.store.longlived import long_lived
 from prewarm.store.spans import fetch_range
 from prewarm.store.syscalls import syncfs
@@ -100,7 +100,13 @@ class ContentStore:
     """The layers of one node under ``root`` (PREWARM_ROOT)."""
 
     def __init__(self, root: Path | str) -> None:
+        """Open (or create) the store at ``root``, private to its owner (:func:`~prewarm.store.layout.secure_root`).
+
+        Raises:
+            StoreError: the root cannot be created or made private.
+        """
         self.root = Path(root)
+        secure_root(self.root)
         self.layout = Layout(self.root)
         self._tables: dict[str, LandingTable] = {}
         self._boot_id = current_boot_id()

@@ -30,7 +30,7 @@ import struct
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from prewarm.errors import BadZtoc, ConfigError
+from prewarm.errors import BadZtoc, ConfigError, StoreError
 from prewarm.index.ztoc import FileEntry
 from prewarm.store.directio import DirectWriter
 from prewarm.store.layerfs import (
@@ -152,8 +152,20 @@ def unchecked_entries(records: bytes) -> list[int]:
 
 
 def check_headers(c: ModuleType, records: bytes, heap: bytes, out: memoryview, ustart: int) -> list[int]:
-    """Entries whose header chain ends in this span and that C could not verify (check them)."""
-    return c.check_headers(records, heap, out, ustart)  # type: ignore[no-any-return]
+    """Entries whose header chain ends in this span and that C could not verify (check them).
+
+    Raises:
+        StoreError: the records are not what :func:`build_table` makes (a corrupt landing table).
+    """
+    try:
+        return c.check_headers(records, heap, out, ustart)  # type: ignore[no-any-return]
+    except ValueError as err:
+        raise corrupt_table(err) from None
+
+
+def corrupt_table(err: ValueError) -> StoreError:
+    return StoreError(f"{err}: the layer's landing table in its work/ directory is corrupt; remove the layer "
+                      "(its partial tree is fetched again)")
 
 
 #: What the caller does with a piece C left to it: (entry, file offset, stream offset, length).
@@ -166,10 +178,14 @@ def write_pieces(c: ModuleType, records: bytes, heap: bytes, root_fd: int, out: 
 
     Raises:
         UnsafeArchive: the tree is not what the TOC says (as :class:`~prewarm.store.layerfs.LayerWriter`).
+        StoreError: the records are not what :func:`build_table` makes (a corrupt landing table).
         OSError: as the system calls (ENOSPC, EIO, ...), naming the file.
     """
-    skipped, error, direct.enabled, nbytes = c.write_pieces(records, heap, root_fd, out, ustart,
-                                                            direct.enabled, direct.min_direct)
+    try:
+        skipped, error, direct.enabled, nbytes = c.write_pieces(records, heap, root_fd, out, ustart,
+                                                                direct.enabled, direct.min_direct)
+    except ValueError as bad:
+        raise corrupt_table(bad) from None
     direct.direct_bytes += nbytes
     for piece in skipped:
         fallback(*piece)

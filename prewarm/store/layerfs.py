@@ -15,8 +15,8 @@ the whole archive first (``..``, absolute names, a path through a symlink or a f
 created earlier, a hard link to a missing target or a directory) so a bad archive is
 refused before anything is created; the fd discipline is the second line of defence.
 
-Metadata is applied by :func:`apply_meta` alone: owner before mode (chown clears
-setuid/setgid), then xattrs, then mtimes.  A file created whole with its data
+Metadata (without the xattrs :func:`kept_xattrs` drops) is applied by :func:`apply_meta` alone:
+owner before mode (chown clears setuid/setgid), then xattrs, then mtimes.  A file created whole with its data
 (:meth:`LayerWriter.create_whole`) gets it there and then; everything else gets it last
 (:meth:`LayerWriter.apply_metadata`), directories after everything else because creating
 a child changes its parent's mtime.
@@ -60,12 +60,24 @@ class Placement:
     ``kind`` is the entry type, or ``"whiteout"`` / ``"opaque"`` / ``"skip"``; ``path``
     the normalised relative path of the node created (for a whiteout: the hidden name;
     for an opaque marker: the directory; ``""`` is the layer root).  ``final`` is False
-    when a later entry replaces this path (its data and metadata are not applied).
+    when the node is not in the finished layer (a later entry replaced this path and no
+    hard link kept it): its data and metadata are not applied.
+
+    A node that a hard link keeps after a later entry replaced its path (``a``, then
+    ``b`` linked to ``a``, then a new ``a``) is created at ``made_at`` (``a``), and
+    gets its data and metadata at ``path``, the link that holds it in the end (``b``):
+    containerd's unpack leaves ``b`` the first ``a``'s content and mode.
     """
 
     kind: str
     path: str
     final: bool = True
+    made_at: str = ""
+
+    @property
+    def created_at(self) -> str:
+        """Where the node is created (``made_at`` for a node a hard link keeps, else ``path``)."""
+        return self.made_at or self.path
 
 
 def split_name(name: str, what: str = "entry") -> list[str]:
@@ -142,7 +154,9 @@ class EntryChecker:
 
     A path through a symlink (or a file) created earlier in the same archive, or a hard
     link to something not (yet) in the layer, is refused.  :attr:`placements` says what
-    each entry checked so far becomes, ``final`` marking the last entry of each path.
+    each entry checked so far becomes, ``final`` marking the nodes the finished layer
+    keeps (the last entry of each path, and nodes hard links keep after their path was
+    replaced: see :class:`Placement`).
     """
 
     def __init__(self, archive_size: int | None = None) -> None:
@@ -152,6 +166,10 @@ class EntryChecker:
         self.fresh: list[bool] = []
         self._kinds: dict[str, str] = {"": "dir"}  # path -> "dir" | "symlink" | "reg" | "other"
         self._last: dict[str, int] = {}
+        #: path -> the entry that created the node there (hard links: their target's creator)
+        self._node: dict[str, int] = {}
+        #: creator -> every path holding its node, for nodes with hard links
+        self._links: dict[int, list[str]] = {}
         #: The last parent whose every prefix was found a directory; entries that add new
         #: paths cannot change that, so the next entry in the same directory skips the walk
         #: (archives list a directory's entries together).  Anything else forgets it.
@@ -206,6 +224,7 @@ class EntryChecker:
             self._checked_parent = None  # a path replaced or hidden: walk again next time
         if kind == "symlink" and not e.linkname:
             raise CorruptContent(f"tar entry {e.name!r} is a symlink with an empty target")
+        target = ""
         if kind == "hardlink":
             target = "/".join(split_name(e.linkname, f"entry {e.name!r} has a hard link target"))
             tkind = kinds.get(target)
@@ -215,23 +234,55 @@ class EntryChecker:
         placement = Placement(kind, path)
         if kind in ("whiteout", "opaque", "skip"):
             if kind == "whiteout":
-                _forget_below(kinds, path)
+                self._forget_below(path)
+                self._drop(path)
+                self._last[path] = len(self.placements)
                 kinds[path] = "other"
             self.placements.append(placement)
             return placement
         if kind == "dir":
             if kinds.get(path) != "dir":
-                _forget_below(kinds, path)
+                self._forget_below(path)
             kinds[path] = "dir"
         else:
-            _forget_below(kinds, path)
+            self._forget_below(path)
             kinds[path] = "symlink" if kind == "symlink" else ("reg" if kind == "reg" else "other")
-        prev = self._last.get(path)
-        if prev is not None:
-            self.placements[prev] = dataclasses.replace(self.placements[prev], final=False)
-        self._last[path] = len(self.placements)
+        self._drop(path)
+        i = len(self.placements)
+        self._last[path] = i
+        if kind == "hardlink":
+            node = self._node.get(target)
+            if node is not None:
+                self._node[path] = node
+                self._links.setdefault(node, [self.placements[node].path]).append(path)
+        elif kind != "dir":
+            self._node[path] = i
         self.placements.append(placement)
         return placement
+
+    def _drop(self, path: str) -> None:
+        """The node at ``path`` is replaced: its entry is no longer final, unless a hard link keeps it."""
+        prev = self._last.pop(path, None)
+        if prev is not None:
+            self.placements[prev] = dataclasses.replace(self.placements[prev], final=False)
+        node = self._node.pop(path, None)
+        if node is None or node not in self._links:
+            return
+        paths = self._links[node]
+        paths.remove(path)
+        p = self.placements[node]
+        if p.path == path:  # where its data and metadata go: another link that holds it, or nowhere
+            self.placements[node] = (dataclasses.replace(p, path=paths[0], final=True, made_at=p.created_at)
+                                     if paths else dataclasses.replace(p, final=False))
+
+    def _forget_below(self, path: str) -> None:
+        """A path replaced by a non-directory takes its old subtree with it."""
+        kinds = self._kinds
+        if kinds.get(path) == "dir":
+            prefix = path + "/"
+            for p in [p for p in kinds if p.startswith(prefix)]:
+                del kinds[p]
+                self._drop(p)
 
 
 def _check_parents(name: str, prefixes: list[str], kinds: dict[str, str]) -> None:
@@ -247,14 +298,6 @@ def _check_parents(name: str, prefixes: list[str], kinds: dict[str, str]) -> Non
                                 "created earlier in the layer")
         if kind is not None and kind != "dir":
             raise UnsafeArchive(f"tar entry {name!r} has a non-directory {prefix!r} as a parent")
-
-
-def _forget_below(kinds: dict[str, str], path: str) -> None:
-    """A path replaced by a non-directory takes its old subtree with it."""
-    if kinds.get(path) == "dir":
-        prefix = path + "/"
-        for p in [p for p in kinds if p.startswith(prefix)]:
-            del kinds[p]
 
 
 # === what a tree that is not what its TOC says is called (here and in prewarm.store.landing)
@@ -310,6 +353,8 @@ def open_beneath(dir_fd: int, path: str, flags: int) -> int:
             raise OSError(err, os.strerror(err), path)
         _openat2_ok = False  # old kernel or seccomp: walk instead
     parts = path.split("/")
+    if ".." in parts or not parts[0]:  # what RESOLVE_BENEATH refuses as an escape
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), path)
     fd = os.dup(dir_fd)
     try:
         for p in parts[:-1]:
@@ -436,7 +481,7 @@ class LayerWriter:
         if placement.kind == "opaque":
             os.setxattr(self._parent_fd(placement.path, entry.name, create=True), OPAQUE_XATTR, b"y")
             return
-        parent, _, base = placement.path.rpartition("/")
+        parent, _, base = placement.created_at.rpartition("/")
         pfd = self._parent_fd(parent, entry.name, create=True)
         kind = placement.kind
         if kind == "dir":
@@ -505,7 +550,8 @@ class LayerWriter:
         """Owners, modes, xattrs and mtimes of every final entry; directories last.
 
         ``meta[i]`` is entry i's :func:`entry_meta`.  Hard links share their target's
-        inode (the target's metadata wins); whiteouts keep 0/0 and get the entry's owner,
+        inode (the target's metadata wins, applied at ``path``: the link that keeps it when
+        the target's own path was replaced); whiteouts keep 0/0 and get the entry's owner,
         as containerd's overlay applier does.  Entries whose byte in ``done`` is set
         already have theirs (files born whole when their span landed, see :meth:`create_whole`).
         """
@@ -596,12 +642,31 @@ Meta = tuple[int, int, int, int, tuple[tuple[str, str], ...]]
 
 
 def entry_meta(e: FileEntry) -> Meta:
-    """The metadata :meth:`LayerWriter.apply_metadata` applies for entry ``e``.
+    """The metadata :meth:`LayerWriter.apply_metadata` applies for entry ``e`` (its :func:`kept_xattrs`).
 
     Raises:
         BadZtoc: the modification time is not RFC 3339.
     """
-    return e.uid, e.gid, e.mode, parse_mod_time(e.mod_time), tuple(e.real_xattrs.items())
+    return e.uid, e.gid, e.mode, parse_mod_time(e.mod_time), kept_xattrs(e.real_xattrs)
+
+
+#: xattr namespaces a layer's tar never sets on the node.
+DROPPED_XATTR_PREFIXES = ("trusted.", "user.overlay.")
+
+
+def kept_xattrs(xattrs: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """The xattrs of a tar entry that its node gets: all but ``trusted.*`` and ``user.overlay.*``.
+
+    Why: the layer dir is an overlay lowerdir, and overlay reads its own state from
+    ``trusted.overlay.*`` (``user.overlay.*`` when mounted with ``userxattr``): redirect
+    and metacopy send a lookup to another path or layer, origin names a file handle,
+    opaque hides the layers below.  A tar may carry any of them, so they are not the
+    image's to set.  containerd's unpacker (``pkg/archive/tar_unix.go`` ``setxattr``)
+    refuses every ``trusted.*`` key from an archive and skips it; we skip the same, and
+    ``user.overlay.*`` too for the ``userxattr`` mounts.  The opaque marker a real
+    ``.wh..wh..opq`` entry stands for is set by :meth:`LayerWriter.create`, not taken from xattrs.
+    """
+    return tuple((k, v) for k, v in xattrs.items() if not k.startswith(DROPPED_XATTR_PREFIXES))
 
 
 def data_extents(entries: Iterable[FileEntry], placements: Sequence[Placement]) -> list[tuple[int, int]]:

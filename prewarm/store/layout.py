@@ -14,15 +14,22 @@
       tmp/                            scratch on the same filesystem, for atomic renames
 
 Layers are keyed by their compressed (manifest) digest, so a layer shared by two images
-is fetched once.  A path here is only a name: creating and locking is the store's job.
+is fetched once.  A path here is only a name: creating and locking is the store's job,
+except for the root itself (:func:`secure_root`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from pathlib import Path
 
+from prewarm.errors import StoreError
 from prewarm.resolve.digest import parse_digest
+
+#: The root's mode: the owner (root) alone may traverse it.
+ROOT_MODE = 0o700
 
 
 class Layout:
@@ -78,6 +85,28 @@ class Layout:
 
     def tmp(self) -> Path:
         return self.root / "tmp"
+
+
+def secure_root(root: Path) -> None:
+    """Create the store root 0700, or take group and other access away from an existing one.
+
+    Why: ``layers/*/fs`` keep images' setuid binaries, ``security.capability`` xattrs and
+    device nodes as they are, so a root any local user may traverse lets them run an
+    image's setuid shell or open its block devices.  containerd keeps its snapshot root
+    0700 for the same reason; a root created by an older prewarm (0755) is corrected here,
+    whenever the store is opened.
+
+    Raises:
+        StoreError: the root cannot be created or its mode changed (naming it).
+    """
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=ROOT_MODE)
+        mode = stat.S_IMODE(os.stat(root).st_mode)
+        if mode & ~ROOT_MODE:
+            os.chmod(root, mode & ROOT_MODE)
+    except OSError as err:
+        raise StoreError(f"cannot make the store root {root} private (mode {ROOT_MODE:o}): {err.strerror}; "
+                         "check PREWARM_ROOT and that prewarm runs as the root's owner") from None
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:

@@ -23,6 +23,9 @@ from prewarm.errors import StoreError
 
 #: sizeof(SHA256_CTX): h[8], Nl, Nh, data[16], num, md_len (all 32-bit).
 CTX_SIZE = 112
+_NUM_OFFSET = 104  # num and md_len, after h[8], Nl, Nh and data[16]
+_BLOCK = 64
+_DIGEST_SIZE = 32
 _MAGIC = b"PWSHA256\x01"
 
 
@@ -80,6 +83,12 @@ class ResumableSha256:
                              "directory to restart it")
         h = cls.__new__(cls)
         h._ctx = ctypes.create_string_buffer(state[len(_MAGIC):], CTX_SIZE)
+        # SHA256_Update copies into data[num:]: a num past the 64-byte block (a corrupt
+        # file) would write past the context.  num is the bytes hashed mod 64, md_len 32.
+        num, md_len = struct.unpack_from("=II", h._ctx.raw, _NUM_OFFSET)
+        if num != h.length % _BLOCK or md_len != _DIGEST_SIZE:
+            raise StoreError(f"saved sha256 state is corrupt ({num} bytes buffered after {h.length} hashed, "
+                             f"digest length {md_len}); remove the layer's work directory to restart it")
         return h
 
     def state(self) -> bytes:

@@ -40,7 +40,7 @@ from prewarm.store.layerfs import (
 from prewarm.store.spanmap import SpanMap
 
 #: Version of a saved table; another version is ignored and the table derived again.
-FORMAT = 4
+FORMAT = 5  # 5: metadata without trusted.* / user.overlay.* xattrs; superseded hard-link targets
 #: Bytes of an entry key (see :func:`entry_key`).
 KEY_SIZE = 16
 #: The key of an entry whose header C checks (never a BLAKE2b digest in practice).
@@ -190,8 +190,8 @@ class LandingTable:
         """
         try:
             raw = path.read_bytes()
-            (fmt, fp, kinds, paths, finals, m_starts, m_ends, m_ids, data_starts, header_starts, data_end,
-             cs, ce, us, ue, windowed, keys, born, meta, records, heap) = marshal.loads(raw)
+            (fmt, fp, kinds, paths, finals, made_at, m_starts, m_ends, m_ids, data_starts, header_starts,
+             data_end, cs, ce, us, ue, windowed, keys, born, meta, records, heap) = marshal.loads(raw)
             n, nspans = len(ztoc.files), ztoc.num_spans
             if (fmt != FORMAT or fp != fingerprint
                     or not len(kinds) == len(paths) == len(finals) == len(data_starts) == len(header_starts) == n
@@ -205,9 +205,9 @@ class LandingTable:
             smap = SpanMap.from_arrays(m_starts, m_ends, m_ids)
         except (OSError, ValueError, EOFError, TypeError, BadZtoc):
             return None
-        if not all(isinstance(x, list) for x in (kinds, paths, finals)):
+        if not all(isinstance(x, list) for x in (kinds, paths, finals)) or not isinstance(made_at, dict):
             return None
-        placements = _PlacementColumns(kinds, paths, finals)
+        placements = _PlacementColumns(kinds, paths, finals, made_at)
         spans = list(map(SpanRange, cs, ce, us, ue))
         return cls(ztoc, fingerprint, placements, smap, data_starts, header_starts, data_end, spans,
                    bool(windowed), keys, born, meta, records, heap)
@@ -233,27 +233,33 @@ class _PlacementColumns(Sequence[Placement]):
     name in an error) was most of a load's 0.16 s.
     """
 
-    __slots__ = ("finals", "kinds", "paths")
+    __slots__ = ("finals", "kinds", "made_at", "paths")
 
-    def __init__(self, kinds: list[str], paths: list[str], finals: list[bool]) -> None:
-        self.kinds, self.paths, self.finals = kinds, paths, finals
+    def __init__(self, kinds: list[str], paths: list[str], finals: list[bool], made_at: dict[int, str]) -> None:
+        self.kinds, self.paths, self.finals, self.made_at = kinds, paths, finals, made_at
 
     def __len__(self) -> int:
         return len(self.kinds)
 
     def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
         if isinstance(i, slice):
-            return list(map(Placement, self.kinds[i], self.paths[i], self.finals[i]))
-        return Placement(self.kinds[i], self.paths[i], self.finals[i])
+            return [self[k] for k in range(*i.indices(len(self.kinds)))]
+        if i < 0:
+            i += len(self.kinds)
+        return Placement(self.kinds[i], self.paths[i], self.finals[i], self.made_at.get(i, ""))
 
     def __iter__(self) -> Iterator[Placement]:
+        if self.made_at:
+            return (self[i] for i in range(len(self.kinds)))
         return map(Placement, self.kinds, self.paths, self.finals)
 
 
-def _columns(placements: Sequence[Placement]) -> tuple[list[str], list[str], list[bool]]:
+def _columns(placements: Sequence[Placement]) -> tuple[list[str], list[str], list[bool], dict[int, str]]:
+    """The placements as columns; ``made_at`` (rare: hard-linked nodes whose path was replaced) sparse."""
     if isinstance(placements, _PlacementColumns):
-        return placements.kinds, placements.paths, placements.finals
-    return [p.kind for p in placements], [p.path for p in placements], [p.final for p in placements]
+        return placements.kinds, placements.paths, placements.finals, placements.made_at
+    return ([p.kind for p in placements], [p.path for p in placements], [p.final for p in placements],
+            {i: p.made_at for i, p in enumerate(placements) if p.made_at})
 
 
 def fingerprint_of(ztoc: ZtocView) -> str | None:
@@ -298,7 +304,7 @@ def _born_at_landing(files: Sequence[FileEntry], placements: Sequence[Placement]
     born = bytearray(len(files))
     for i, (e, p) in enumerate(zip(files, placements)):
         size = e.uncompressed_size
-        if p.kind == "reg" and p.final and size > 0 and fresh[i] and p.path not in targets:
+        if p.kind == "reg" and p.final and size > 0 and fresh[i] and p.created_at not in targets:
             d = e.uncompressed_offset
             if bisect.bisect_right(starts, d) == bisect.bisect_right(starts, d + size - 1):
                 born[i] = 1
