@@ -378,3 +378,14 @@ def test_a_saved_landing_table_keeps_where_a_kept_node_is_created(tmp_path: Path
     assert loaded is not None
     assert list(loaded.placements) == list(table.placements)
     assert loaded.placements[0] == table.placements[0] and loaded.placements[-1] == table.placements[-1]
+
+
+def test_the_shim_opening_a_store_first_makes_its_root_private(tmp_path: Path) -> None:
+    from prewarm.runtime.snapshot.overlay import OverlaySnapshotter
+
+    root = tmp_path / "fresh"
+    sn = OverlaySnapshotter(root)
+    try:
+        assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
+    finally:
+        sn.close()

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from prewarm.errors import FailedPrecondition, InvalidSnapshotRequest, SnapshotExists
-from prewarm.store.layout import Layout
+from prewarm.store.layout import Layout, secure_root
 from prewarm.runtime.snapshot.filters import matches_any, parse_filters
 from prewarm.runtime.snapshot.metastore import MetaStore, Record, Transaction
 from prewarm.store.content import ContentStore
@@ -78,6 +78,7 @@ class OverlaySnapshotter:
 
     def __init__(self, root: Path | str, *, clock: Callable[[], int] = time.time_ns) -> None:
         self.layout = Layout(root)
+        secure_root(self.layout.root)  # the shim may be the first to open the store
         self.home = self.layout.snapshots()
         self.dirs = self.home / "snapshots"
         self.dirs.mkdir(parents=True, exist_ok=True)
