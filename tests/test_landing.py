@@ -163,7 +163,7 @@ def test_the_c_table_builder_matches_the_python_one_or_hands_it_over(tmp_path: P
         files[k] = dataclasses.replace(files[k], **{field: value})
     try:
         expected = reference(files)
-    except (BadZtoc, struct.error):
+    except BadZtoc:
         assert table(files) is None
     else:
         assert table(files) == expected

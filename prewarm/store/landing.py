@@ -136,10 +136,13 @@ def build_table_python(files: Sequence[FileEntry], placements: Sequence[Placemen
                 flags |= F_CHECKABLE | F_PAX_PATH
         if not plain:
             uid = gid = mode = mtime_ns = 0
-        pack(records, RECORD.size * i, e.uncompressed_offset, header_starts[i],
-             e.uncompressed_size if plain else 0, mode, e.devmajor if plain else 0, e.devminor if plain else 0,
-             mtime_ns, uid, gid, place(name), len(name), place(link), len(link), place(path), len(path),
-             _TYPE_FLAGS.get(e.type, b"?")[0], flags)
+        try:
+            pack(records, RECORD.size * i, e.uncompressed_offset, header_starts[i],
+                 e.uncompressed_size if plain else 0, mode, e.devmajor if plain else 0,
+                 e.devminor if plain else 0, mtime_ns, uid, gid, place(name), len(name), place(link), len(link),
+                 place(path), len(path), _TYPE_FLAGS.get(e.type, b"?")[0], flags)
+        except struct.error as err:  # a number beyond what a record holds (the zTOC is not a tar's)
+            raise BadZtoc(f"tar entry {e.name!r} has a field a landing table cannot hold: {err}") from None
     if len(heap) >= 1 << 32:
         raise BadZtoc(f"the TOC's names take {len(heap)} bytes, more than a landing table holds")
     return bytes(records), bytes(heap)
