@@ -8,7 +8,6 @@ import dataclasses
 import io
 import os
 import random
-import struct
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
