@@ -126,6 +126,37 @@ class ResolvedImage:
         return self.reference.with_digest(self.manifest_digest)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    """What one request is about: named in every error it raises (and its auth scope)."""
+
+    registry: str
+    repository: str | None
+    kind: Kind
+    subject: str | None = None
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The keyword arguments :class:`prewarm.errors.RegistryError` takes for it."""
+        return {"registry": self.registry, "repository": self.repository, "digest": self.subject}
+
+
+def _raw_chunks(resp: requests.Response, size: int, skip: int = 0) -> Iterator[bytes]:
+    """The body as sent, from byte ``skip`` on, in chunks of at most ``size`` bytes.
+
+    Never decoded: digests are of the bytes the registry stored, and a server that
+    ignores ``Range`` is skipped through here rather than held in memory.  Read
+    errors propagate; ``resp.raw.tell()`` says how many bytes came.
+    """
+    for chunk in resp.raw.stream(size, decode_content=False):
+        if skip >= len(chunk):
+            skip -= len(chunk)
+            continue
+        if skip:
+            chunk, skip = chunk[skip:], 0
+        yield chunk
+
+
 def referrers_tag(digest: str) -> str:
     """The fallback tag that lists referrers of ``digest``: ``sha256-<hex>``."""
     algo, hexpart = parse_digest(digest)
@@ -201,10 +232,9 @@ class RegistryClient:
                 self._auths[registry] = auth
             return auth
 
-    def _send(self, method: str, url: str, *, registry: str, repository: str | None, kind: Kind,
-              subject: str | None, ok: tuple[int, ...], headers: Mapping[str, str] | None = None,
-              data: Any = None, params: Mapping[str, str] | None = None,
-              stream: bool = False) -> requests.Response:
+    def _send(self, method: str, url: str, ctx: _Context, *, ok: tuple[int, ...],
+              headers: Mapping[str, str] | None = None, data: Any = None,
+              params: Mapping[str, str] | None = None, stream: bool = False) -> requests.Response:
         """One request (no retry), redirects followed by hand; non-``ok`` statuses raise.
 
         Redirects to another host are followed without our auth: blob storage gets a
@@ -213,6 +243,7 @@ class RegistryClient:
         Raises:
             RegistryError: the mapped status or connection failure.
         """
+        registry, repository = ctx.registry, ctx.repository
         api_netloc = urlsplit(self.base_url(registry)).netloc
         hdrs = dict(headers or {})
         for _ in range(MAX_REDIRECTS + 1):
@@ -223,8 +254,8 @@ class RegistryClient:
                                              stream=stream, timeout=self.timeout, allow_redirects=False,
                                              verify=self._verify)
             except requests.RequestException as err:
-                raise error_for_exception(err, kind=kind, registry=registry, repository=repository,
-                                          subject=subject) from None
+                raise error_for_exception(err, kind=ctx.kind, registry=registry, repository=repository,
+                                          subject=ctx.subject) from None
             if resp.status_code in (301, 302, 303, 307, 308) and "Location" in resp.headers \
                     and resp.status_code not in ok:
                 url = urljoin(resp.url, resp.headers["Location"])
@@ -237,14 +268,14 @@ class RegistryClient:
                 continue
             if resp.status_code not in ok:
                 try:
-                    raise error_for_status(resp, kind=kind, registry=registry, repository=repository,
-                                           subject=subject,
+                    raise error_for_status(resp, kind=ctx.kind, registry=registry, repository=repository,
+                                           subject=ctx.subject,
                                            scope=f"repository:{repository}" if repository else None)
                 finally:
                     resp.close()
             return resp
-        raise RegistryError(f"registry {registry}: too many redirects for {kind} {subject or ''} in {repository}",
-                            registry=registry, repository=repository, digest=subject)
+        raise RegistryError(f"registry {registry}: too many redirects for {ctx.kind} {ctx.subject or ''} "
+                            f"in {repository}", **ctx.fields)
 
     def _url(self, registry: str, repository: str, *parts: str) -> str:
         return "/".join([self.base_url(registry), "v2", repository, *parts])
@@ -262,7 +293,7 @@ class RegistryClient:
             raise CorruptContent(f"{what} is {int(declared)} bytes, more than the {limit} allowed")
         buf = bytearray()
         try:
-            for chunk in resp.raw.stream(1 << 16, decode_content=False):
+            for chunk in _raw_chunks(resp, 1 << 16):
                 buf += chunk
                 if len(buf) > limit:
                     raise CorruptContent(f"{what} is more than the {limit} bytes allowed")
@@ -284,11 +315,11 @@ class RegistryClient:
             DigestMismatch: the bytes do not match the digest asked for or vouched for.
         """
         where = f"{registry}/{repository}{'@' if is_digest(reference) else ':'}{reference}"
+        ctx = _Context(registry, repository, "manifest", reference)
 
         def once() -> tuple[bytes, str, str]:
-            resp = self._send("GET", self._url(registry, repository, "manifests", reference),
-                              registry=registry, repository=repository, kind="manifest", subject=reference,
-                              ok=(200,), headers={"Accept": ", ".join(MANIFEST_ACCEPT)}, stream=True)
+            resp = self._send("GET", self._url(registry, repository, "manifests", reference), ctx, ok=(200,),
+                              headers={"Accept": ", ".join(MANIFEST_ACCEPT)}, stream=True)
             with resp:
                 body = self._read_limited(resp, MAX_MANIFEST_BYTES, f"manifest {where}")
                 ctype = resp.headers.get("Content-Type")
@@ -312,11 +343,12 @@ class RegistryClient:
         Raises:
             RegistryError: anything but 200 or 404 (after retries).
         """
+        ctx = _Context(registry, repository, "manifest", reference)
+
         def once() -> Descriptor | None:
             try:
-                resp = self._send("HEAD", self._url(registry, repository, "manifests", reference),
-                                  registry=registry, repository=repository, kind="manifest", subject=reference,
-                                  ok=(200,), headers={"Accept": ", ".join(MANIFEST_ACCEPT)})
+                resp = self._send("HEAD", self._url(registry, repository, "manifests", reference), ctx, ok=(200,),
+                                  headers={"Accept": ", ".join(MANIFEST_ACCEPT)})
             except ManifestNotFound:
                 return None
             with resp:
@@ -400,10 +432,11 @@ class RegistryClient:
 
     def blob_exists(self, registry: str, repository: str, digest: str) -> int | None:
         """The blob's size if the registry has it, else None."""
+        ctx = _Context(registry, repository, "blob", digest)
+
         def once() -> int | None:
             try:
-                resp = self._send("HEAD", self._blob_url(registry, repository, digest), registry=registry,
-                                  repository=repository, kind="blob", subject=digest, ok=(200,))
+                resp = self._send("HEAD", self._blob_url(registry, repository, digest), ctx, ok=(200,))
             except BlobNotFound:
                 return None
             with resp:
@@ -420,10 +453,10 @@ class RegistryClient:
             DigestMismatch: the bytes do not match ``digest``.
         """
         what = f"blob {digest} in {registry}/{repository}"
+        ctx = _Context(registry, repository, "blob", digest)
 
         def once() -> bytes:
-            resp = self._send("GET", self._blob_url(registry, repository, digest), registry=registry,
-                              repository=repository, kind="blob", subject=digest, ok=(200,), stream=True,
+            resp = self._send("GET", self._blob_url(registry, repository, digest), ctx, ok=(200,), stream=True,
                               headers={"Accept-Encoding": "identity"})
             with resp:
                 return self._read_limited(resp, max_size, what)
@@ -449,15 +482,14 @@ class RegistryClient:
             raise ValueError(f"bad range [{start}, {end}) for blob {digest}")
         what = f"blob {digest} in {registry}/{repository} [{start}, {'' if end is None else end})"
         spec = f"bytes={start}-{'' if end is None else end - 1}"
+        ctx = _Context(registry, repository, "blob", digest)
 
         def once() -> bytes:
-            resp = self._send("GET", self._blob_url(registry, repository, digest), registry=registry,
-                              repository=repository, kind="blob", subject=digest, ok=(200, 206), stream=True,
+            resp = self._send("GET", self._blob_url(registry, repository, digest), ctx, ok=(200, 206), stream=True,
                               headers={"Range": spec, "Accept-Encoding": "identity"})
             with resp:
                 if resp.status_code == 206:
-                    _, total = self._check_content_range(resp, start, end, what, registry, repository,
-                                                             digest)
+                    _, total = self._check_content_range(resp, start, end, what, ctx)
                     want = (end - start) if end is not None else None
                     if want is None and total is not None:
                         want = total - start
@@ -469,21 +501,21 @@ class RegistryClient:
 
     @staticmethod
     def _check_content_range(resp: requests.Response, start: int, end: int | None, what: str,
-                             registry: str, repository: str, digest: str) -> tuple[int, int | None]:
+                             ctx: _Context) -> tuple[int, int | None]:
         ctype = resp.headers.get("Content-Type", "")
         if ctype.startswith("multipart/"):
             raise RangeNotHonored(f"{what}: the server answered a multipart range; ask one range at a time",
-                                  registry=registry, repository=repository, digest=digest, status=206)
+                                  status=206, **ctx.fields)
         m = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", "").strip())
         if not m:
             raise RangeNotHonored(f"{what}: 206 without a usable Content-Range",
-                                  registry=registry, repository=repository, digest=digest, status=206)
+                                  status=206, **ctx.fields)
         first, last = int(m.group(1)), int(m.group(2))
         total = None if m.group(3) == "*" else int(m.group(3))
         if first != start or (end is not None and last != end - 1):
             size = f" (the blob is {total} bytes)" if total is not None else ""
             raise RangeNotHonored(f"{what}: the server sent bytes {first}-{last}{size}",
-                                  registry=registry, repository=repository, digest=digest, status=206)
+                                  status=206, **ctx.fields)
         return first, total
 
     @staticmethod
@@ -505,17 +537,8 @@ class RegistryClient:
                 raise RegistryUnavailable(f"{what}: got {len(data)} of {length} bytes")
             return data
         out = bytearray()
-        seen = 0
         try:
-            for chunk in resp.raw.stream(1 << 20, decode_content=False):
-                if skip:
-                    if len(chunk) <= skip:
-                        skip -= len(chunk)
-                        seen += len(chunk)
-                        continue
-                    chunk = chunk[skip:]
-                    seen += skip
-                    skip = 0
+            for chunk in _raw_chunks(resp, 1 << 20, skip):
                 out += chunk
                 if length is not None and len(out) >= length:
                     del out[length:]
@@ -523,9 +546,9 @@ class RegistryClient:
         except _READ_ERRORS as err:
             raise RegistryUnavailable(f"{what}: connection broke after {len(out)} bytes "
                                       f"({err.__class__.__name__})") from None
-        if length is not None and len(out) < length or skip:
+        if length is not None and len(out) < length or resp.raw.tell() < skip:
             if whole_blob:
-                raise RangeNotHonored(f"{what}: the blob ends at byte {seen + len(out)}")
+                raise RangeNotHonored(f"{what}: the blob ends at byte {resp.raw.tell()}")
             raise RegistryUnavailable(f"{what}: got {len(out)} of {length} bytes")
         return bytes(out)
 
@@ -544,17 +567,17 @@ class RegistryClient:
         """
         what = f"blob {digest} in {registry}/{repository}"
         url = self._blob_url(registry, repository, digest)
+        ctx = _Context(registry, repository, "blob", digest)
         holder: dict[str, requests.Response | None] = {"resp": None}
 
         def open_at(offset: int) -> requests.Response:
             headers = {"Accept-Encoding": "identity"}
             if offset:
                 headers["Range"] = f"bytes={offset}-"
-            resp = self._send("GET", url, registry=registry, repository=repository, kind="blob", subject=digest,
-                              ok=(200, 206), stream=True, headers=headers)
+            resp = self._send("GET", url, ctx, ok=(200, 206), stream=True, headers=headers)
             if resp.status_code == 206:
                 try:
-                    self._check_content_range(resp, offset, None, what, registry, repository, digest)
+                    self._check_content_range(resp, offset, None, what, ctx)
                 except RangeNotHonored:
                     resp.close()
                     raise
@@ -569,12 +592,7 @@ class RegistryClient:
                 holder["resp"] = resp
                 skip = received if resp.status_code == 200 else 0
                 try:
-                    for chunk in resp.raw.stream(chunk_size, decode_content=False):
-                        if skip:
-                            if len(chunk) <= skip:
-                                skip -= len(chunk)
-                                continue
-                            chunk, skip = chunk[skip:], 0
+                    for chunk in _raw_chunks(resp, chunk_size, skip):
                         hasher.update(chunk)
                         received += len(chunk)
                         yield chunk
@@ -584,8 +602,7 @@ class RegistryClient:
                     if breaks >= self.retry.attempts:
                         raise RegistryUnavailable(
                             f"{what}: connection broke {breaks} times, last after {received} bytes "
-                            f"({err.__class__.__name__})", registry=registry, repository=repository,
-                            digest=digest) from None
+                            f"({err.__class__.__name__})", **ctx.fields) from None
                     log.info("%s: stream broke at %d bytes (%s); resuming", what, received, err)
                 finally:
                     resp.close()
@@ -627,8 +644,8 @@ class RegistryClient:
             return digest
 
         def once() -> str:
-            resp = self._send("POST", self._url(registry, repository, "blobs", "uploads/"), registry=registry,
-                              repository=repository, kind="upload", subject=digest, ok=(202,),
+            resp = self._send("POST", self._url(registry, repository, "blobs", "uploads/"),
+                              _Context(registry, repository, "upload", digest), ok=(202,),
                               headers={"Content-Length": "0"})
             with resp:
                 location = urljoin(resp.url, resp.headers["Location"])
@@ -640,8 +657,8 @@ class RegistryClient:
 
     def _finish_upload(self, registry: str, repository: str, location: str, digest: str, body: Any,
                        length: int) -> str:
-        resp = self._send("PUT", _with_query(location, digest=digest), registry=registry, repository=repository,
-                          kind="upload", subject=digest, ok=(201,), data=body,
+        resp = self._send("PUT", _with_query(location, digest=digest),
+                          _Context(registry, repository, "upload", digest), ok=(201,), data=body,
                           headers={"Content-Type": "application/octet-stream", "Content-Length": str(length)})
         with resp:
             vouched = resp.headers.get("Docker-Content-Digest")
@@ -660,10 +677,10 @@ class RegistryClient:
     def _put_chunked(self, registry: str, repository: str, location: str, source: bytes | Path, digest: str,
                      chunk_size: int) -> str:
         offset = 0
+        ctx = _Context(registry, repository, "upload", digest)
         with _chunks_of(source, chunk_size) as chunks:
             for chunk in chunks:
-                resp = self._send("PATCH", location, registry=registry, repository=repository, kind="upload",
-                                  subject=digest, ok=(202,), data=chunk,
+                resp = self._send("PATCH", location, ctx, ok=(202,), data=chunk,
                                   headers={"Content-Type": "application/octet-stream",
                                            "Content-Length": str(len(chunk)),
                                            "Content-Range": f"{offset}-{offset + len(chunk) - 1}"})
@@ -685,8 +702,8 @@ class RegistryClient:
             verify(body, reference, what=f"manifest to push to {registry}/{repository}")
 
         def once() -> str:
-            resp = self._send("PUT", self._url(registry, repository, "manifests", reference), registry=registry,
-                              repository=repository, kind="manifest", subject=reference, ok=(201,), data=body,
+            resp = self._send("PUT", self._url(registry, repository, "manifests", reference),
+                              _Context(registry, repository, "manifest", reference), ok=(201,), data=body,
                               headers={"Content-Type": media_type})
             with resp:
                 vouched = resp.headers.get("Docker-Content-Digest")
@@ -712,8 +729,8 @@ class RegistryClient:
                                  expected=descriptor.digest, actual=digest)
 
         def once() -> bool:
-            resp = self._send("PUT", self._url(registry, repository, "manifests", digest), registry=registry,
-                              repository=repository, kind="manifest", subject=digest, ok=(201,), data=body,
+            resp = self._send("PUT", self._url(registry, repository, "manifests", digest),
+                              _Context(registry, repository, "manifest", digest), ok=(201,), data=body,
                               headers={"Content-Type": media_type})
             with resp:
                 return resp.headers.get("OCI-Subject") == subject_digest
@@ -735,8 +752,8 @@ class RegistryClient:
         def api() -> list[Descriptor] | None:
             params = {"artifactType": artifact_type} if artifact_type else None
             try:
-                resp = self._send("GET", self._url(registry, repository, "referrers", digest), registry=registry,
-                                  repository=repository, kind="referrers", subject=digest, ok=(200, 400, 404, 405),
+                resp = self._send("GET", self._url(registry, repository, "referrers", digest),
+                                  _Context(registry, repository, "referrers", digest), ok=(200, 400, 404, 405),
                                   params=params, headers={"Accept": OCI_INDEX}, stream=True)
             except ManifestNotFound:
                 return None
