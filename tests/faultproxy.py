@@ -14,6 +14,12 @@ on a seeded random fraction of them, or on all of them.  Kinds:
                     can check Authorization was not forwarded
 * ``corrupt``       forward, flipping one byte of the body
 * ``respond``       answer ``status``/``headers``/``body`` as given (e.g. a schema-1 manifest)
+* ``add_headers``   forward, adding ``headers`` to the answer (``OCI-Subject`` on a manifest PUT)
+* ``downgrade``     answer 307 to the same path on the same host:port over plain ``http://``
+                    (with ``tls``, the listener serves both, so the test sees what arrives)
+
+With ``tls=(cert, key)`` the main listener speaks HTTPS, and plain HTTP on the same
+port too (it looks at the first byte): :attr:`Seen.tls` says which a request used.
 
 Used by the registry client's retry/range/redirect tests and by fleet fault tests.
 """
@@ -25,9 +31,11 @@ import http.client
 import random
 import re
 import socket
+import ssl
 import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Self
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade", "trailer"}
@@ -43,6 +51,23 @@ class _QuietServer(ThreadingHTTPServer):
 
         if not isinstance(sys.exc_info()[1], OSError):
             super().handle_error(request, client_address)
+
+
+class _SniffingServer(_QuietServer):
+    """HTTPS and plain HTTP on one port: a TLS ClientHello starts with byte 0x16."""
+
+    def __init__(self, address: tuple[str, int], handler: Any, tls: tuple[Path, Path]) -> None:
+        super().__init__(address, handler)
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(str(tls[0]), str(tls[1]))
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(10)
+        first = request.recv(1, socket.MSG_PEEK)
+        if first == b"\x16":
+            request = self._context.wrap_socket(request, server_side=True)
+        request.settimeout(None)
+        super().finish_request(request, client_address)
 
 
 @dataclasses.dataclass
@@ -81,12 +106,14 @@ class Seen:
     path: str
     headers: dict[str, str]
     status: int | None = None
+    tls: bool = False
 
 
 class FaultProxy:
     """Start with ``with FaultProxy("127.0.0.1:5000") as proxy:``; ``proxy.host`` is its address."""
 
-    def __init__(self, upstream: str, *, seed: int = 0, cdn_upstream_headers: dict[str, str] | None = None) -> None:
+    def __init__(self, upstream: str, *, seed: int = 0, cdn_upstream_headers: dict[str, str] | None = None,
+                 tls: tuple[Path, Path] | None = None) -> None:
         self.upstream = upstream
         self.faults: list[Fault] = []
         self.requests: list[Seen] = []
@@ -95,7 +122,8 @@ class FaultProxy:
         self.cdn_upstream_headers = dict(cdn_upstream_headers or {})
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
-        self._server = _QuietServer(("127.0.0.1", 0), self._handler(cdn=False))
+        self._server = (_SniffingServer(("127.0.0.1", 0), self._handler(cdn=False), tls) if tls is not None
+                        else _QuietServer(("127.0.0.1", 0), self._handler(cdn=False)))
         self._cdn = _QuietServer(("127.0.0.1", 0), self._handler(cdn=True))
         self._threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
                          for s in (self._server, self._cdn)]
@@ -184,7 +212,8 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                seen = Seen(self.command, self.path, {k: v for k, v in self.headers.items()})
+                seen = Seen(self.command, self.path, {k: v for k, v in self.headers.items()},
+                            tls=isinstance(self.connection, ssl.SSLSocket))
                 (proxy.cdn_requests if cdn else proxy.requests).append(seen)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
                 path = self.path
@@ -213,6 +242,9 @@ class FaultProxy:
                         seen.status = 307
                         return self._answer(307, {"Location": f"http://{proxy.cdn_host}/cdn{self.path}?sig=s3cr3t"},
                                             b"")
+                    if fault.kind == "downgrade":
+                        seen.status = 307
+                        return self._answer(307, {"Location": f"http://{proxy.host}{self.path}"}, b"")
                     if fault.kind == "ignore_range":
                         headers.pop("Range", None)
                         headers.pop("range", None)
@@ -231,6 +263,8 @@ class FaultProxy:
                         chunks = [data]
                     else:
                         chunks = None
+                    if fault is not None and fault.kind == "add_headers":
+                        out_headers += list(fault.headers.items())
                     self.send_response(resp.status)
                     for k, v in out_headers:
                         self.send_header(k, v)

@@ -13,15 +13,16 @@ from pathlib import Path
 import pytest
 
 from prewarm.config import Settings
-from prewarm.errors import AuthenticationFailed, ConfigError
+from prewarm.errors import AuthenticationFailed, ConfigError, RegistryError
 from prewarm.resolve.reference import parse_reference
 from prewarm.resolve.registry.auth import parse_challenge, scope_for
 from prewarm.resolve.registry.client import RegistryClient
 from prewarm.resolve.registry.dockerconfig import Credential, DockerConfig
 from prewarm.resolve.registry.retry import RetryPolicy
+from tests.faultproxy import Fault, FaultProxy
 from tests.registry_images import push_image
 from tests.services import Registry
-from tests.tokenserver import TokenRegistry
+from tests.tokenserver import TokenRegistry, make_cert
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
 PASSWORD = "s3cret-pw"
@@ -206,3 +207,54 @@ def test_bearer_refresh_on_401_mid_job(token_registry: TokenRegistry, repo_name:
     assert got == data[100:5000]
     assert [i.scopes for i in tokens.issued] == [[f"repository:{repo_name}:pull"]]
     assert len(reg.requests_logged("GET", f"/v2/{repo_name}/blobs/")) >= 2
+
+
+# === where credentials may go
+def test_https_to_http_redirect_on_same_port_carries_no_authorization(auth_registry: Registry, repo_name: str,
+                                                                      tmp_path: Path) -> None:
+    # Given alice's credentials and a blob on the htpasswd registry
+    direct = client_for(auth_registry, write_config(tmp_path / "d", auth_registry.host,
+                                                    **basic_entry("alice", PASSWORD)))
+    digest = direct.push_blob(auth_registry.host, repo_name, b"secret layer")
+    cert, key = make_cert(tmp_path / "tls")
+    # And an HTTPS front (that also answers plain HTTP on its port) whose blob GET redirects to http://
+    with FaultProxy(auth_registry.host, tls=(cert, key)) as proxy:
+        cfg = write_config(tmp_path / "p", proxy.host, **basic_entry("alice", PASSWORD))
+        client = RegistryClient(ca_bundle=str(cert), docker_config=cfg, retry=FAST_RETRY)
+        assert client.blob_exists(proxy.host, repo_name, digest) == len(b"secret layer")
+        proxy.add(Fault("downgrade", path="/blobs/sha256", method="GET"))
+        # When the blob is read
+        with pytest.raises(RegistryError):
+            client.get_blob(proxy.host, repo_name, digest)
+        # Then the credentials went over TLS only, never in the clear
+        assert any("Authorization" in r.headers for r in proxy.requests if r.tls)
+        assert all("Authorization" not in r.headers for r in proxy.requests if not r.tls)
+
+
+def test_no_credentials_to_plain_http_realm_of_https_registry(token_registry: TokenRegistry, repo_name: str,
+                                                              tmp_path: Path) -> None:
+    reg, tokens = token_registry.registry, token_registry.tokens
+    cert, key = make_cert(tmp_path / "tls")
+    # Given an HTTPS registry whose bearer challenge names a plain http:// realm
+    with FaultProxy(reg.host, tls=(cert, key)) as proxy:
+        cfg = write_config(tmp_path / "p", proxy.host, **basic_entry("alice", PASSWORD))
+        client = RegistryClient(ca_bundle=str(cert), docker_config=cfg, retry=FAST_RETRY)
+        # When alice's client reads from it, Then it refuses, saying why
+        with pytest.raises(RegistryError, match="plain http:// token realm") as err:
+            client.get_blob(proxy.host, repo_name, "sha256:" + "0" * 64)
+        assert PASSWORD not in str(err.value)
+        # And the token server never saw her password
+        assert all(i.grant != "basic" for i in tokens.issued) and tokens.refused == 0
+
+
+def test_link_local_token_realm_is_refused(registry: Registry, repo_name: str, tmp_path: Path) -> None:
+    # Given a registry whose challenge points at the cloud metadata address
+    with FaultProxy(registry.host) as proxy:
+        proxy.add(Fault("respond", status=401, headers={
+            "WWW-Authenticate": 'Bearer realm="http://169.254.169.254/latest/meta-data",service="x"',
+            "Content-Type": "application/json"}, body=b'{"errors":[{"code":"UNAUTHORIZED"}]}'))
+        client = RegistryClient(insecure_registries=frozenset({proxy.host}), docker_config=tmp_path,
+                                retry=FAST_RETRY, timeout=2.0)
+        # Then the client refuses to ask it, naming why
+        with pytest.raises(RegistryError, match="link-local"):
+            client.get_blob(proxy.host, repo_name, "sha256:" + "0" * 64)

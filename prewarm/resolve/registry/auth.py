@@ -36,6 +36,7 @@ from requests.utils import rewind_body
 
 from prewarm.errors import AuthenticationFailed, RegistryError
 from prewarm.resolve.registry.dockerconfig import Credential
+from prewarm.resolve.registry.hosts import realm_refusal
 from prewarm.resolve.registry.status import error_for_exception, error_for_status
 
 log = logging.getLogger(__name__)
@@ -95,13 +96,18 @@ class RegistryAuth(AuthBase):
         timeout: seconds for token requests.
         clock: monotonic clock (tests use the real one).
         verify: TLS verification for the token realm (CA bundle path or True).
+        scheme: ``https``, or ``http`` for a registry named insecure: the scheme 401s
+            must come over to be answered, and the only one under which a plain
+            ``http://`` token realm may receive credentials.
     """
 
     def __init__(self, registry: str, api_netloc: str, credential: Callable[[], Credential | None],
                  session: requests.Session, timeout: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic, verify: str | bool = True) -> None:
+                 clock: Callable[[], float] = time.monotonic, verify: str | bool = True,
+                 scheme: str = "https") -> None:
         self.registry = registry
         self.api_netloc = api_netloc
+        self.scheme = scheme
         self._credential_source = credential
         self._credential: Credential | None = None
         self._credential_loaded = False
@@ -128,7 +134,8 @@ class RegistryAuth(AuthBase):
         request = response.request
         if response.status_code != 401 or getattr(request, "_prewarm_auth_retried", False):
             return response
-        if urlsplit(response.url).netloc != self.api_netloc:
+        answered = urlsplit(response.url)
+        if (answered.scheme, answered.netloc) != (self.scheme, self.api_netloc):
             return response
         challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
         if challenge is None or challenge.scheme not in ("bearer", "basic"):
@@ -183,17 +190,31 @@ class RegistryAuth(AuthBase):
     def _fetch_token(self, challenge: Challenge, scope: str | None) -> _Token:
         """Ask the realm for a token (anonymous, basic credentials or identity token).
 
+        Credentials go to an ``http://`` realm only when the registry itself is plain
+        HTTP (named insecure): an HTTPS registry pointing us at a plain realm would
+        otherwise have our password sent in the clear.  A link-local realm (a cloud
+        metadata service) is never asked.
+
         Raises:
             AuthenticationFailed: the token service refused us (naming registry and scope).
             RegistryUnavailable: the token service is down or unreachable.
-            RegistryError: the challenge has no realm or the answer holds no token.
+            RegistryError: the challenge has no realm, a realm we refuse to ask, or the
+                answer holds no token.
         """
         realm = challenge.params.get("realm")
         if not realm:
             raise RegistryError(f"registry {self.registry} sent a bearer challenge without a realm",
                                 registry=self.registry)
+        refusal = realm_refusal(realm)
+        if refusal is not None:
+            raise RegistryError(f"registry {self.registry} names a token realm we will not ask: {refusal}; "
+                                "check the registry's auth configuration", registry=self.registry)
         service = challenge.params.get("service")
         cred = self.credential()
+        if cred is not None and urlsplit(realm).scheme != "https" and self.scheme == "https":
+            raise RegistryError(f"registry {self.registry} is HTTPS but names a plain http:// token realm "
+                                f"({urlsplit(realm).hostname}); refusing to send your credentials there "
+                                "in the clear; fix the registry's token realm", registry=self.registry)
         form: dict[str, str] = {}
         if service:
             form["service"] = service

@@ -228,7 +228,8 @@ class RegistryClient:
             if auth is None:
                 netloc = urlsplit(self.base_url(registry)).netloc
                 auth = RegistryAuth(registry, netloc, lambda: self._credential(registry), self._session,
-                                    timeout=self.timeout, verify=self._verify)
+                                    timeout=self.timeout, verify=self._verify,
+                                    scheme=urlsplit(self.base_url(registry)).scheme)
                 self._auths[registry] = auth
             return auth
 
@@ -237,17 +238,18 @@ class RegistryClient:
               params: Mapping[str, str] | None = None, stream: bool = False) -> requests.Response:
         """One request (no retry), redirects followed by hand; non-``ok`` statuses raise.
 
-        Redirects to another host are followed without our auth: blob storage gets a
-        pre-signed URL, never the registry's credentials.
+        Redirects to another origin (host, port or scheme: ``https`` to ``http`` on the
+        same port too) are followed without our auth: blob storage gets a pre-signed
+        URL, never the registry's credentials.
 
         Raises:
             RegistryError: the mapped status or connection failure.
         """
         registry, repository = ctx.registry, ctx.repository
-        api_netloc = urlsplit(self.base_url(registry)).netloc
+        api_origin = _origin(self.base_url(registry))
         hdrs = dict(headers or {})
         for _ in range(MAX_REDIRECTS + 1):
-            same_host = urlsplit(url).netloc == api_netloc
+            same_host = _origin(url) == api_origin
             try:
                 resp = self._session.request(method, url, headers=hdrs, data=data, params=params,
                                              auth=self.auth_for(registry) if same_host else None,
@@ -263,7 +265,7 @@ class RegistryClient:
                 params = None
                 if resp.status_code == 303 or (resp.status_code in (301, 302) and method == "POST"):
                     method, data = "GET", None
-                if urlsplit(url).netloc != api_netloc:
+                if _origin(url) != api_origin:
                     hdrs.pop("Authorization", None)
                 continue
             if resp.status_code not in ok:
@@ -818,6 +820,12 @@ def _chunks_of(source: bytes | Path, size: int) -> Iterator[Iterator[bytes]]:
     else:
         view = memoryview(source)
         yield (bytes(view[i:i + size]) for i in range(0, len(view), size))
+
+
+def _origin(url: str) -> tuple[str, str]:
+    """(scheme, host:port) of ``url``: what must match for our credentials to go along."""
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
 
 
 def _with_query(url: str, **params: str) -> str:
