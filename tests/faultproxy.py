@@ -14,6 +14,8 @@ on a seeded random fraction of them, or on all of them.  Kinds:
                     can check Authorization was not forwarded
 * ``corrupt``       forward, flipping one byte of the body
 * ``respond``       answer ``status``/``headers``/``body`` as given (e.g. a schema-1 manifest)
+* ``gzip``          forward, gzip-compressing the body when the request's ``Accept-Encoding``
+                    allows it (what a compressing proxy or CDN does)
 * ``add_headers``   forward, adding ``headers`` to the answer (``OCI-Subject`` on a manifest PUT)
 * ``downgrade``     answer 307 to the same path on the same host:port over plain ``http://``
                     (with ``tls``, the listener serves both, so the test sees what arrives)
@@ -27,6 +29,7 @@ Used by the registry client's retry/range/redirect tests and by fleet fault test
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import http.client
 import random
 import re
@@ -256,8 +259,13 @@ class FaultProxy:
                     out_headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in _HOP]
                     length = resp.getheader("Content-Length")
                     no_body = self.command == "HEAD" or resp.status in (204, 304, 416)
-                    if length is None and not no_body:
+                    compress = (fault is not None and fault.kind == "gzip" and not no_body
+                                and "gzip" in self.headers.get("Accept-Encoding", ""))
+                    if (length is None or compress) and not no_body:
                         data = resp.read()
+                        if compress:
+                            data = gzip.compress(data)
+                            out_headers.append(("Content-Encoding", "gzip"))
                         out_headers = [(k, v) for k, v in out_headers if k.lower() != "content-length"]
                         out_headers.append(("Content-Length", str(len(data))))
                         chunks = [data]
@@ -273,7 +281,7 @@ class FaultProxy:
                         if resp.status == 416:
                             self.close_connection = True
                         return
-                    total = int(length) if length is not None else len(chunks[0])  # type: ignore[index]
+                    total = len(chunks[0]) if chunks is not None else int(length)  # type: ignore[arg-type]
                     sent = 0
                     source = iter(chunks) if chunks is not None else iter(lambda: resp.read(1 << 16), b"")
                     for chunk in source:

@@ -220,3 +220,22 @@ def test_fault_fraction_schedule_and_byte_count(registry: Registry, blob: tuple[
         assert 0 < fault.applied < fault.matched and fault.matched == 20 + fault.applied
         # And the proxy counted exactly the range bytes it relayed
         assert proxy.bytes_relayed == 20 * 500
+
+
+def test_manifests_survive_a_compressing_proxy(registry: Registry, repo_name: str, tmp_path: Path) -> None:
+    direct = RegistryClient(insecure_registries=frozenset({registry.host}), docker_config=tmp_path)
+    img = push_image(direct, registry.host, repo_name, "v1", [{"f": b"data" * 1000}])
+    # Given a proxy that gzips every manifest answer whose request allows it
+    with FaultProxy(registry.host) as proxy:
+        proxy.add(Fault("gzip", path="/manifests/"))
+        client = proxy_client(proxy, tmp_path)
+        # When the image is resolved and its manifest looked up by HEAD
+        resolved = client.resolve(parse_reference(f"{proxy.host}/{repo_name}:v1"))
+        head = client.head_manifest(proxy.host, repo_name, "v1")
+        # Then the digests check out, because manifests are asked for uncompressed
+        assert resolved.manifest_digest == img.manifest_digest
+        assert head is not None and head.digest == img.manifest_digest
+        assert head.size == len(resolved.manifest_bytes)
+        manifest_requests = [r for r in proxy.requests if "/manifests/" in r.path]
+        assert {r.method for r in manifest_requests} == {"GET", "HEAD"}
+        assert all(r.headers.get("Accept-Encoding") == "identity" for r in manifest_requests)

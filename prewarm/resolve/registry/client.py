@@ -90,6 +90,9 @@ MAX_CONFIG_BYTES = 32 << 20
 MAX_REDIRECTS = 5
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _READ_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+#: Manifests are read raw and hashed: a compressing proxy must leave their bytes alone
+#: (and a HEAD's Content-Length must be the manifest's size, not a compressed one).
+_MANIFEST_HEADERS = {"Accept": ", ".join(MANIFEST_ACCEPT), "Accept-Encoding": "identity"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,7 +324,7 @@ class RegistryClient:
 
         def once() -> tuple[bytes, str, str]:
             resp = self._send("GET", self._url(registry, repository, "manifests", reference), ctx, ok=(200,),
-                              headers={"Accept": ", ".join(MANIFEST_ACCEPT)}, stream=True)
+                              headers=_MANIFEST_HEADERS, stream=True)
             with resp:
                 body = self._read_limited(resp, MAX_MANIFEST_BYTES, f"manifest {where}")
                 ctype = resp.headers.get("Content-Type")
@@ -350,7 +353,7 @@ class RegistryClient:
         def once() -> Descriptor | None:
             try:
                 resp = self._send("HEAD", self._url(registry, repository, "manifests", reference), ctx, ok=(200,),
-                                  headers={"Accept": ", ".join(MANIFEST_ACCEPT)})
+                                  headers=_MANIFEST_HEADERS)
             except ManifestNotFound:
                 return None
             with resp:
