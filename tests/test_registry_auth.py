@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -51,9 +52,9 @@ def test_parse_challenge_and_scope() -> None:
                         "scope": "repository:a/b:pull,push"}
     assert parse_challenge('Basic realm="x"').scheme == "basic"  # type: ignore[union-attr]
     assert parse_challenge("") is None
-    assert scope_for("GET", "http://h/v2/a/b/blobs/sha256:00") == "repository:a/b:pull"
-    assert scope_for("PATCH", "http://h/v2/a/b/blobs/uploads/uuid?x=1") == "repository:a/b:pull,push"
-    assert scope_for("GET", "http://h/v2/") is None
+    assert scope_for("GET", "a/b") == "repository:a/b:pull"
+    assert scope_for("PATCH", "team/blobs/app") == "repository:team/blobs/app:pull,push"
+    assert scope_for("GET", None) is None
 
 
 def test_docker_config_forms(tmp_path: Path) -> None:
@@ -258,3 +259,75 @@ def test_link_local_token_realm_is_refused(registry: Registry, repo_name: str, t
         # Then the client refuses to ask it, naming why
         with pytest.raises(RegistryError, match="link-local"):
             client.get_blob(proxy.host, repo_name, "sha256:" + "0" * 64)
+
+
+# === token scopes, cache and concurrency
+def test_scope_comes_from_the_repository_not_the_url(token_registry: TokenRegistry, repo_name: str,
+                                                     tmp_path: Path) -> None:
+    reg, tokens = token_registry.registry, token_registry.tokens
+    repo = f"{repo_name}/blobs/app"
+    client = client_for(reg, write_config(tmp_path / "a", reg.host, **basic_entry("alice", PASSWORD)))
+    # Given a repository with a 'blobs' path component, When a blob is pushed and read again and again
+    digest = client.push_blob(reg.host, repo, b"in a repo named like the API")
+    for _ in range(3):
+        assert client.get_blob(reg.host, repo, digest) == b"in a repo named like the API"
+        assert client.blob_exists(reg.host, repo, digest) is not None
+    # Then every token was asked for that repository, one per scope, and then found in the cache
+    asked = [s for i in tokens.issued for s in i.scopes]
+    assert asked and all(s.startswith(f"repository:{repo}:") for s in asked)
+    assert sorted(i.scopes[0] for i in tokens.issued) == [f"repository:{repo}:pull", f"repository:{repo}:pull,push"]
+
+
+def test_slow_token_fetch_does_not_hold_up_other_scopes(token_registry: TokenRegistry, repo_name: str,
+                                                        tmp_path: Path) -> None:
+    reg, tokens = token_registry.registry, token_registry.tokens
+    cfg = write_config(tmp_path / "a", reg.host, **basic_entry("alice", PASSWORD))
+    pusher = client_for(reg, cfg)
+    first = pusher.push_blob(reg.host, f"{repo_name}/a", b"first")
+    second = pusher.push_blob(reg.host, f"{repo_name}/b", b"second")
+    client = client_for(reg, cfg)
+    assert client.get_blob(reg.host, f"{repo_name}/a", first) == b"first"
+    # Given a token service that now takes 2 s, and a thread waiting on it for another repository
+    tokens.delay = 2.0
+    try:
+        slow = threading.Thread(target=client.get_blob, args=(reg.host, f"{repo_name}/b", second))
+        slow.start()
+        time.sleep(0.3)
+        # When the first repository is read meanwhile, with its cached token
+        began = time.monotonic()
+        assert client.get_blob(reg.host, f"{repo_name}/a", first) == b"first"
+        took = time.monotonic() - began
+        slow.join()
+    finally:
+        tokens.delay = 0.0
+    # Then it did not wait for the other fetch
+    assert took < 1.0, took
+
+
+def test_concurrent_401s_lead_to_one_refresh(token_registry: TokenRegistry, repo_name: str, tmp_path: Path) -> None:
+    reg, tokens = token_registry.registry, token_registry.tokens
+    client = client_for(reg, write_config(tmp_path / "a", reg.host, **basic_entry("alice", PASSWORD)))
+    data = os.urandom(64_000)
+    # Given a cached pull token that the registry stops accepting while the client still trusts it
+    tokens.registry_validity = 2
+    digest = client.push_blob(reg.host, repo_name, data)
+    assert client.fetch_range(reg.host, repo_name, digest, 0, 10) == data[:10]
+    time.sleep(3.5)
+    tokens.issued.clear()
+    # When 8 threads read ranges at once and all meet a 401
+    n = 8
+    barrier = threading.Barrier(n)
+    got: dict[int, bytes] = {}
+
+    def read(i: int) -> None:
+        barrier.wait()
+        got[i] = client.fetch_range(reg.host, repo_name, digest, i * 1000, i * 1000 + 1000)
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Then every range arrived and the token was refreshed once, not once per thread
+    assert got == {i: data[i * 1000:i * 1000 + 1000] for i in range(n)}
+    assert len(tokens.issued) == 1, [i.scopes for i in tokens.issued]

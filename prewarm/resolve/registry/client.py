@@ -75,7 +75,7 @@ from prewarm.resolve.manifest import (
     parse_platform,
 )
 from prewarm.resolve.reference import Reference, registry_api_host
-from prewarm.resolve.registry.auth import RegistryAuth
+from prewarm.resolve.registry.auth import RegistryAuth, scope_for
 from prewarm.resolve.registry.dockerconfig import Credential, DockerConfig
 from prewarm.resolve.registry.retry import RetryPolicy
 from prewarm.resolve.registry.status import Kind, error_for_exception, error_for_status
@@ -250,12 +250,13 @@ class RegistryClient:
         """
         registry, repository = ctx.registry, ctx.repository
         api_origin = _origin(self.base_url(registry))
+        auth = self.auth_for(registry).for_scope(scope_for(method, repository))
         hdrs = dict(headers or {})
         for _ in range(MAX_REDIRECTS + 1):
             same_host = _origin(url) == api_origin
             try:
                 resp = self._session.request(method, url, headers=hdrs, data=data, params=params,
-                                             auth=self.auth_for(registry) if same_host else None,
+                                             auth=auth if same_host else None,
                                              stream=stream, timeout=self.timeout, allow_redirects=False,
                                              verify=self._verify)
             except requests.RequestException as err:
