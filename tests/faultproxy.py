@@ -17,6 +17,8 @@ on a seeded random fraction of them, or on all of them.  Kinds:
 * ``gzip``          forward, gzip-compressing the body when the request's ``Accept-Encoding``
                     allows it (what a compressing proxy or CDN does)
 * ``add_headers``   forward, adding ``headers`` to the answer (``OCI-Subject`` on a manifest PUT)
+* ``reissue``       answer ``status`` (307 or 308) to the same URL, once the body is read:
+                    the client must send the request, body and all, again
 * ``downgrade``     answer 307 to the same path on the same host:port over plain ``http://``
                     (with ``tls``, the listener serves both, so the test sees what arrives)
 
@@ -245,6 +247,9 @@ class FaultProxy:
                         seen.status = 307
                         return self._answer(307, {"Location": f"http://{proxy.cdn_host}/cdn{self.path}?sig=s3cr3t"},
                                             b"")
+                    if fault.kind == "reissue":
+                        seen.status = fault.status
+                        return self._answer(fault.status, {"Location": self.path}, b"")
                     if fault.kind == "downgrade":
                         seen.status = 307
                         return self._answer(307, {"Location": f"http://{proxy.host}{self.path}"}, b"")

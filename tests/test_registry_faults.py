@@ -9,15 +9,24 @@ import os
 from pathlib import Path
 
 import pytest
+import requests
 
-from prewarm.errors import AuthenticationFailed, BlobNotFound, RateLimited, RegistryUnavailable
+from prewarm.errors import (
+    AuthenticationFailed,
+    BlobNotFound,
+    RateLimited,
+    RegistryError,
+    RegistryUnavailable,
+    Transient,
+)
 from prewarm.resolve.reference import parse_reference
 from prewarm.resolve.registry.client import RegistryClient
 from prewarm.resolve.registry.retry import RetryPolicy
-from prewarm.resolve.registry.status import parse_retry_after
+from prewarm.resolve.registry.status import error_for_exception, parse_retry_after
 from tests.faultproxy import Fault, FaultProxy
 from tests.registry_images import push_image
 from tests.services import Registry, free_port
+from tests.tokenserver import make_cert
 
 FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, max_retry_after=0.3)
 
@@ -239,3 +248,46 @@ def test_manifests_survive_a_compressing_proxy(registry: Registry, repo_name: st
         manifest_requests = [r for r in proxy.requests if "/manifests/" in r.path]
         assert {r.method for r in manifest_requests} == {"GET", "HEAD"}
         assert all(r.headers.get("Accept-Encoding") == "identity" for r in manifest_requests)
+
+
+def test_request_that_cannot_succeed_is_not_retried(registry: Registry, repo_name: str, tmp_path: Path) -> None:
+    # Given a registry that redirects blob reads to a URL no client can parse
+    with FaultProxy(registry.host) as proxy:
+        proxy.add(Fault("respond", path="/blobs/", status=307, headers={"Location": "http://exa mple/blob"}))
+        client = proxy_client(proxy, tmp_path)
+        # Then the error is final, after one attempt
+        with pytest.raises(RegistryError, match="InvalidURL") as err:
+            client.get_blob(proxy.host, repo_name, "sha256:" + "0" * 64)
+        assert not isinstance(err.value, Transient)
+        assert len([r for r in proxy.requests if "/blobs/" in r.path]) == 1
+    # And the same holds for the other requests-level errors no retry cures
+    for final in (requests.exceptions.InvalidURL("x"), requests.TooManyRedirects("x"),
+                  requests.exceptions.InvalidHeader("x")):
+        mapped = error_for_exception(final, kind="blob", registry="r", repository="p")
+        assert not isinstance(mapped, Transient), final
+    for transient in (requests.ConnectionError("x"), requests.exceptions.ReadTimeout("x"),
+                      requests.exceptions.ChunkedEncodingError("x")):
+        assert isinstance(error_for_exception(transient, kind="blob", registry="r", repository="p"), Transient)
+
+
+@pytest.mark.parametrize("status", [307, 308])
+@pytest.mark.parametrize("tls", [False, True])
+def test_reissued_put_sends_its_file_body_again(registry: Registry, repo_name: str, tmp_path: Path,
+                                                status: int, tls: bool) -> None:
+    data = os.urandom(300_000)
+    source = tmp_path / "layer.bin"
+    source.write_bytes(data)
+    cert, key = make_cert(tmp_path / "tls")
+    # Given a registry that answers the closing PUT of an upload with "send it again there"
+    with FaultProxy(registry.host, tls=(cert, key) if tls else None) as proxy:
+        fault = proxy.add(Fault("reissue", path="/blobs/uploads/", method="PUT", status=status, first=1))
+        client = RegistryClient(insecure_registries=frozenset() if tls else frozenset({proxy.host}),
+                                ca_bundle=str(cert), docker_config=tmp_path, retry=RetryPolicy(attempts=1),
+                                timeout=5.0)
+        # When a blob is pushed from a file, in one attempt
+        digest = client.push_blob(proxy.host, repo_name, source)
+        # Then the second PUT carried the whole file, and the registry has it
+        assert fault.applied == 1
+        puts = [r for r in proxy.requests if r.method == "PUT"]
+        assert len(puts) == 2 and puts[0].path == puts[1].path
+        assert client.get_blob(proxy.host, repo_name, digest) == data

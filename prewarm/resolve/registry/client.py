@@ -33,8 +33,10 @@ import dataclasses
 import functools
 import json
 import logging
+import random
 import re
 import threading
+import time
 from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,12 @@ DEFAULT_MAX_BLOB = 64 << 20
 MAX_CONFIG_BYTES = 32 << 20
 #: Redirects followed per request (registries send one, to blob storage).
 MAX_REDIRECTS = 5
+#: Pages of a referrers answer followed through ``Link: <...>; rel="next"``.
+MAX_REFERRER_PAGES = 64
+#: Writes of the referrers fallback tag before giving up on concurrent pushers.
+FALLBACK_TAG_ATTEMPTS = 5
+#: Seconds (times 1-2, jittered) to wait before checking a fallback-tag write survived.
+FALLBACK_TAG_SETTLE = 0.05
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _READ_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 #: Manifests are read raw and hashed: a compressing proxy must leave their bytes alone
@@ -252,6 +260,8 @@ class RegistryClient:
         api_origin = _origin(self.base_url(registry))
         auth = self.auth_for(registry).for_scope(scope_for(method, repository))
         hdrs = dict(headers or {})
+        # A 307/308 means "send the same request there": a file body starts over.
+        body_start = data.tell() if hasattr(data, "seek") and hasattr(data, "tell") else None
         for _ in range(MAX_REDIRECTS + 1):
             same_host = _origin(url) == api_origin
             try:
@@ -269,6 +279,8 @@ class RegistryClient:
                 params = None
                 if resp.status_code == 303 or (resp.status_code in (301, 302) and method == "POST"):
                     method, data = "GET", None
+                elif body_start is not None:
+                    data.seek(body_start)
                 if _origin(url) != api_origin:
                     hdrs.pop("Authorization", None)
                 continue
@@ -749,28 +761,45 @@ class RegistryClient:
                   artifact_type: str | None = None) -> list[Descriptor]:
         """Manifests whose ``subject`` is ``digest``, optionally of one artifact type.
 
-        Asks the OCI referrers API first; a registry without it (404, 400, 405: Debian's
-        distribution 2.8) is read through the ``sha256-<hex>`` fallback tag instead.
+        Asks the OCI referrers API first, following its ``Link: <...>; rel="next"``
+        pages (on the registry's own origin, at most :data:`MAX_REFERRER_PAGES`); a
+        registry without it (404, 400, 405: Debian's distribution 2.8) is read through
+        the ``sha256-<hex>`` fallback tag instead.
 
         Raises:
             RegistryError: the registry failed in another way.
         """
+        ctx = _Context(registry, repository, "referrers", digest)
+        api_origin = _origin(self.base_url(registry))
+
         def api() -> list[Descriptor] | None:
+            url = self._url(registry, repository, "referrers", digest)
             params = {"artifactType": artifact_type} if artifact_type else None
-            try:
-                resp = self._send("GET", self._url(registry, repository, "referrers", digest),
-                                  _Context(registry, repository, "referrers", digest), ok=(200, 400, 404, 405),
-                                  params=params, headers={"Accept": OCI_INDEX}, stream=True)
-            except ManifestNotFound:
-                return None
-            with resp:
-                ctype = (resp.headers.get("Content-Type") or "").split(";", 1)[0]
-                if resp.status_code != 200 or ctype != OCI_INDEX:
+            found: list[Descriptor] = []
+            for page in range(MAX_REFERRER_PAGES):
+                try:
+                    resp = self._send("GET", url, ctx, ok=(200, 400, 404, 405), params=params,
+                                      headers={"Accept": OCI_INDEX}, stream=True)
+                except ManifestNotFound:
                     return None
-                body = self._read_limited(resp, MAX_MANIFEST_BYTES, f"referrers of {digest}")
-            parsed = parse_manifest(body, OCI_INDEX, f"referrers of {digest} in {registry}/{repository}")
-            assert isinstance(parsed, ImageIndex)
-            return list(parsed.manifests)
+                with resp:
+                    ctype = (resp.headers.get("Content-Type") or "").split(";", 1)[0]
+                    if resp.status_code != 200 or ctype != OCI_INDEX:
+                        return None if page == 0 else found
+                    body = self._read_limited(resp, MAX_MANIFEST_BYTES, f"referrers of {digest}")
+                    following = resp.links.get("next", {}).get("url")
+                    here = resp.url
+                parsed = parse_manifest(body, OCI_INDEX, f"referrers of {digest} in {registry}/{repository}")
+                assert isinstance(parsed, ImageIndex)
+                found.extend(parsed.manifests)
+                if not following:
+                    return found
+                url, params = urljoin(here, following), None
+                if _origin(url) != api_origin:
+                    raise RegistryError(f"registry {registry}: the next page of referrers of {digest} in "
+                                        f"{repository} is on another host; refusing to follow it", **ctx.fields)
+            raise RegistryError(f"registry {registry}: referrers of {digest} in {repository} run past "
+                                f"{MAX_REFERRER_PAGES} pages", **ctx.fields)
 
         found = self.retry.run(api, f"referrers of {digest}")
         if found is None:
@@ -781,29 +810,54 @@ class RegistryClient:
         return found
 
     def _fallback_index(self, registry: str, repository: str, digest: str) -> ImageIndex | None:
+        return self._fallback_tag(registry, repository, digest)[0]
+
+    def _fallback_tag(self, registry: str, repository: str, digest: str) -> tuple[ImageIndex | None, str | None]:
+        """The fallback tag's index and its manifest digest, or (None, None) if there is none."""
         try:
-            body, media_type, _ = self.get_manifest(registry, repository, referrers_tag(digest))
+            body, media_type, tag_digest = self.get_manifest(registry, repository, referrers_tag(digest))
         except ManifestNotFound:
-            return None
+            return None, None
         parsed = parse_manifest(body, media_type, f"{registry}/{repository}:{referrers_tag(digest)}")
         if not isinstance(parsed, ImageIndex):
             raise UnsupportedManifest(f"{registry}/{repository}:{referrers_tag(digest)} is not an image index; "
                                       "the referrers fallback tag holds something else")
-        return parsed
+        return parsed, tag_digest
 
     def add_referrer_to_fallback_tag(self, registry: str, repository: str, subject_digest: str,
                                      referrer: Descriptor) -> str:
         """Add ``referrer`` (a manifest with ``subject``) to the ``sha256-<hex>`` tag index.
 
-        Read, add (replacing an entry with the same digest), write back: what
-        registries without the referrers API need (the OCI spec's fallback).  Returns
-        the digest of the new tag index.
+        Read, merge (replacing an entry with the same digest), write back: what
+        registries without the referrers API need (the OCI spec's fallback).  The
+        registry offers no conditional write, so two pushers can each write an index
+        without the other's entry; each therefore reads the tag again after a pause
+        and, if its entry is gone, merges into what is there now and writes again (up
+        to :data:`FALLBACK_TAG_ATTEMPTS` times).  Returns the digest of the tag index.
+
+        Raises:
+            RegistryError: the entry kept disappearing (a pusher without this check).
         """
-        index = self._fallback_index(registry, repository, subject_digest)
-        entries = [d for d in (index.manifests if index else ()) if d.digest != referrer.digest]
-        entries.append(referrer)
-        body = index_json(entries, annotations=index.annotations if index else None)
-        return self.push_manifest(registry, repository, referrers_tag(subject_digest), body, OCI_INDEX)
+        tag = referrers_tag(subject_digest)
+        for attempt in range(FALLBACK_TAG_ATTEMPTS):
+            index, tag_digest = self._fallback_tag(registry, repository, subject_digest)
+            entries = list(index.manifests if index else ())
+            if attempt and tag_digest is not None and any(d.digest == referrer.digest for d in entries):
+                return tag_digest
+            entries = [d for d in entries if d.digest != referrer.digest] + [referrer]
+            body = index_json(entries, annotations=index.annotations if index else None)
+            self.push_manifest(registry, repository, tag, body, OCI_INDEX)
+            time.sleep(FALLBACK_TAG_SETTLE * (1 + random.random()))
+            now, tag_digest = self._fallback_tag(registry, repository, subject_digest)
+            if now is not None and tag_digest is not None and any(d.digest == referrer.digest
+                                                                  for d in now.manifests):
+                return tag_digest
+            log.info("%s/%s:%s lost referrer %s to a concurrent push; merging again",
+                     registry, repository, tag, referrer.digest)
+        raise RegistryError(f"registry {registry}: referrer {referrer.digest} kept disappearing from "
+                            f"{repository}:{tag} after {FALLBACK_TAG_ATTEMPTS} writes; another pusher "
+                            "overwrites the fallback tag", registry=registry, repository=repository,
+                            digest=subject_digest)
 
 
 def _digest_of(source: bytes | Path) -> str:

@@ -34,6 +34,12 @@ from prewarm.errors import (
     RegistryUnavailable,
 )
 
+#: What a retry can cure: the network, the server's moment.
+_TRANSIENT_EXCEPTIONS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+#: Subclasses of those that no retry cures (requests files InvalidProxyURL etc. under them).
+_FINAL_EXCEPTIONS = (requests.exceptions.SSLError, requests.exceptions.InvalidURL,
+                     requests.exceptions.InvalidHeader, requests.exceptions.InvalidSchema,
+                     requests.exceptions.MissingSchema, requests.TooManyRedirects)
 Kind = Literal["manifest", "blob", "upload", "referrers", "token", "ping"]
 #: The longest Retry-After we honour; a server asking for more gets this much.
 MAX_RETRY_AFTER = 300.0
@@ -117,7 +123,12 @@ def error_for_status(response: requests.Response, *, kind: Kind, registry: str, 
 
 def error_for_exception(err: requests.RequestException, *, kind: Kind, registry: str,
                         repository: str | None, subject: str | None = None) -> RegistryError:
-    """The error a failed connection means: TLS problems are final, the rest transient."""
+    """The error a failed request means.
+
+    Connection failures, timeouts and broken bodies are transient (retried); TLS
+    problems and requests that cannot succeed as sent (an invalid URL or header, a
+    redirect loop) are final: retrying them only delays the same error.
+    """
     what = f"{registry}/{repository}" if repository else registry
     target = f"{kind} {subject} in {what}" if subject else f"{kind} request to {what}"
     kw: dict[str, Any] = {"registry": registry, "repository": repository, "digest": subject, "status": None}
@@ -126,4 +137,7 @@ def error_for_exception(err: requests.RequestException, *, kind: Kind, registry:
                              "not HTTPS; pass --ca-bundle FILE, or --insecure-registry "
                              f"{registry} if it serves plain HTTP", **kw)
     reason = err.__class__.__name__
-    return RegistryUnavailable(f"registry {registry} unreachable: {target} failed ({reason})", **kw)
+    if isinstance(err, _TRANSIENT_EXCEPTIONS) and not isinstance(err, _FINAL_EXCEPTIONS):
+        return RegistryUnavailable(f"registry {registry} unreachable: {target} failed ({reason})", **kw)
+    return RegistryError(f"registry {registry}: {target} failed ({reason}); the request cannot succeed as "
+                         "sent, so it is not retried", **kw)
