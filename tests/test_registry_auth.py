@@ -331,3 +331,27 @@ def test_concurrent_401s_lead_to_one_refresh(token_registry: TokenRegistry, repo
     # Then every range arrived and the token was refreshed once, not once per thread
     assert got == {i: data[i * 1000:i * 1000 + 1000] for i in range(n)}
     assert len(tokens.issued) == 1, [i.scopes for i in tokens.issued]
+
+
+def test_docker_hub_credentials_found_as_docker_finds_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a credential helper that knows Docker Hub by its server address only, as Docker asks for it
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    helper = bin_dir / "docker-credential-hubtest"
+    helper.write_text('#!/bin/sh\nread host\nif [ "$host" = "https://index.docker.io/v1/" ]; then\n'
+                      '  echo \'{"ServerURL":"https://index.docker.io/v1/","Username":"hubuser","Secret":"hubpw"}\'\n'
+                      'else echo "credentials not found in native keychain"; exit 1; fi\n')
+    helper.chmod(helper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    for raw in ({"credHelpers": {"https://index.docker.io/v1/": "hubtest"}},
+                {"credHelpers": {"docker.io": "hubtest"}}, {"credsStore": "hubtest"}):
+        (tmp_path / "config.json").write_text(json.dumps(raw))
+        cfg = DockerConfig.load(tmp_path)
+        # Then every name of Docker Hub gets the helper's credential
+        for name in ("docker.io", "index.docker.io", "registry-1.docker.io"):
+            assert cfg.credential_for(name) == Credential("hubuser", "hubpw"), (raw, name)
+    # And in auths, Docker's own key wins over a stale entry under another spelling of Hub
+    (tmp_path / "config.json").write_text(json.dumps({"auths": {
+        "https://index.docker.io/v1/": basic_entry("hubuser", "current"),
+        "index.docker.io": basic_entry("hubuser", "stale")}}))
+    assert DockerConfig.load(tmp_path).credential_for("docker.io") == Credential("hubuser", "current")

@@ -385,7 +385,9 @@ class RegistryClient:
 
         Args:
             ref: the image reference.
-            platform: ``os/arch[/variant]``; default this host's platform.
+            platform: ``os/arch[/variant]``; default this host's platform.  A
+                single-platform image (no index) must match it too: its config says
+                which platform it is.
 
         Raises:
             ManifestNotFound: the image or the chosen manifest does not exist.
@@ -432,8 +434,12 @@ class RegistryClient:
             if isinstance(os_, str) and isinstance(arch, str):
                 variant = config.get("variant") if isinstance(config.get("variant"), str) else None
                 have = Platform(os_, arch, variant or None)
-                if wanted is not None and (have.os, have.architecture) != (wanted.os, wanted.architecture):
-                    raise UnsupportedManifest(f"{where}: the image is {have} only, not {wanted}")
+                fit = wanted or host_platform()
+                if (have.os, have.architecture) != (fit.os, fit.architecture):
+                    if wanted is not None:
+                        raise UnsupportedManifest(f"{where}: the image is {have} only, not {wanted}")
+                    raise UnsupportedManifest(f"{where}: the image is {have} only and this host is {fit}; "
+                                              f"pass --platform {have} to prewarm it for {have} nodes anyway")
                 chosen_platform = str(have)
         return ResolvedImage(
             reference=ref, manifest_digest=digest, manifest_bytes=body, media_type=media_type,
