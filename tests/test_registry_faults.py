@@ -291,3 +291,31 @@ def test_reissued_put_sends_its_file_body_again(registry: Registry, repo_name: s
         puts = [r for r in proxy.requests if r.method == "PUT"]
         assert len(puts) == 2 and puts[0].path == puts[1].path
         assert client.get_blob(proxy.host, repo_name, digest) == data
+
+
+@pytest.mark.parametrize("code", ["EVIL\nforged: log line", "<b>EVIL</b>", "EVIL_CODE\n", "E" * 65, "evil_code", ""])
+def test_registry_error_codes_are_not_reflected(registry: Registry, repo_name: str, tmp_path: Path,
+                                                code: str) -> None:
+    # Given a registry whose error body carries a code that is not of the spec's form
+    body = json.dumps({"errors": [{"code": code, "message": "m"}]}).encode()
+    with FaultProxy(registry.host) as proxy:
+        proxy.add(Fault("status", path="/blobs/", status=500, body=body))
+        proxy.add(Fault("status", path="/manifests/", status=404, body=body))
+        client = proxy_client(proxy, tmp_path, RetryPolicy(attempts=1))
+        # When requests fail, Then the messages name the HTTP status and nothing of the code
+        with pytest.raises(RegistryUnavailable) as unavailable:
+            client.get_blob(proxy.host, repo_name, "sha256:" + "0" * 64)
+        with pytest.raises(RegistryError) as missing:
+            client.get_manifest(proxy.host, repo_name, "v1")
+    for err, status in ((unavailable.value, 500), (missing.value, 404)):
+        message = str(err)
+        assert f"HTTP {status})" in message or f"HTTP {status};" in message or message.endswith(f"HTTP {status}")
+        assert "\n" not in message and "<" not in message and "forged" not in message
+        assert "()" not in message and "EVIL" not in message.upper()
+
+
+def test_registry_error_code_of_spec_form_is_kept(registry: Registry, repo_name: str, tmp_path: Path) -> None:
+    with FaultProxy(registry.host) as proxy:
+        proxy.add(Fault("status", path="/blobs/", status=500))
+        with pytest.raises(RegistryUnavailable, match=r"HTTP 500 \(UNAVAILABLE\)"):
+            proxy_client(proxy, tmp_path, RetryPolicy(attempts=1)).get_blob(proxy.host, repo_name, "sha256:" + "0" * 64)

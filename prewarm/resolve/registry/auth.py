@@ -17,7 +17,8 @@ The flow (Docker's token protocol, the same shape as httpx's generator auth):
    expired early) simply goes through step 2 again.
 
 One :class:`RegistryAuth` exists per registry and is shared by threads, so the caches
-are guarded by a lock (never held across a network call or a credential helper).  Credentials and tokens never appear in logs or messages.
+are guarded by a lock (never held across a network call or a credential helper).
+Credentials and tokens never appear in logs or messages.
 """
 
 from __future__ import annotations

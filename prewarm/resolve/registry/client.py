@@ -75,6 +75,8 @@ from prewarm.resolve.manifest import (
     media_type_of,
     parse_manifest,
     parse_platform,
+    shown,
+    shown_platform,
 )
 from prewarm.resolve.reference import Reference, registry_api_host
 from prewarm.resolve.registry.auth import RegistryAuth, scope_for
@@ -405,14 +407,15 @@ class RegistryClient:
             assert isinstance(parsed, ImageIndex)
             index, index_digest, index_bytes = parsed, digest, body
             desc = choose_platform(index, wanted or host_platform(), where)
+            assert desc.platform is not None
             chosen_platform = str(desc.platform)
             body, media_type, digest = self.get_manifest(ref.registry, ref.repository, desc.digest)
             if media_type not in IMAGE_MANIFESTS:
-                raise UnsupportedManifest(f"{where}: the {chosen_platform} entry is a {media_type}, "
-                                          "not an image manifest")
+                raise UnsupportedManifest(f"{where}: the {shown_platform(desc.platform)} entry is a "
+                                          f"{shown(media_type)}, not an image manifest")
         manifest = parse_manifest(body, media_type, where)
         if not isinstance(manifest, ImageManifest):
-            raise UnsupportedManifest(f"{where}: expected an image manifest, got {media_type}")
+            raise UnsupportedManifest(f"{where}: expected an image manifest, got {shown(media_type)}")
         config_bytes = self.get_blob(ref.registry, ref.repository, manifest.config.digest,
                                      max_size=MAX_CONFIG_BYTES)
         try:
@@ -436,10 +439,11 @@ class RegistryClient:
                 have = Platform(os_, arch, variant or None)
                 fit = wanted or host_platform()
                 if (have.os, have.architecture) != (fit.os, fit.architecture):
+                    named = shown_platform(have)
                     if wanted is not None:
-                        raise UnsupportedManifest(f"{where}: the image is {have} only, not {wanted}")
-                    raise UnsupportedManifest(f"{where}: the image is {have} only and this host is {fit}; "
-                                              f"pass --platform {have} to prewarm it for {have} nodes anyway")
+                        raise UnsupportedManifest(f"{where}: the image is {named} only, not {wanted}")
+                    raise UnsupportedManifest(f"{where}: the image is {named} only and this host is {fit}; "
+                                              f"pass --platform {named} to prewarm it for {named} nodes anyway")
                 chosen_platform = str(have)
         return ResolvedImage(
             reference=ref, manifest_digest=digest, manifest_bytes=body, media_type=media_type,

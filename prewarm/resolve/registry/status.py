@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import re
 import time
 from typing import Any, Literal
 
@@ -34,6 +35,8 @@ from prewarm.errors import (
     RegistryUnavailable,
 )
 
+#: The distribution spec's error codes: what may be repeated from a registry's error body.
+_ERROR_CODE_RE = re.compile(r"[A-Z_]{1,64}")
 #: What a retry can cure: the network, the server's moment.
 _TRANSIENT_EXCEPTIONS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 #: Subclasses of those that no retry cures (requests files InvalidProxyURL etc. under them).
@@ -62,7 +65,13 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 def _registry_message(response: requests.Response) -> str:
-    """The registry's own error code (``MANIFEST_UNKNOWN``...), if it sent one."""
+    """The registry's own error code (``MANIFEST_UNKNOWN``...), if it sent one of the spec's form.
+
+    Only a code of the distribution spec's shape (upper-case letters and ``_``, at
+    most 64) is repeated: anything else a registry puts there (newlines, markup, a
+    forged log line) would be reflected into our messages, job records and logs, so
+    it is dropped and the HTTP status alone speaks.
+    """
     if response.request is not None and response.request.method == "HEAD" or response.status_code == 416:
         return ""
     length = response.headers.get("Content-Length")
@@ -73,7 +82,7 @@ def _registry_message(response: requests.Response) -> str:
         errors = body.get("errors") if isinstance(body, dict) else None
         if errors and isinstance(errors, list) and isinstance(errors[0], dict):
             code = errors[0].get("code")
-            return f" ({code})" if isinstance(code, str) else ""
+            return f" ({code})" if isinstance(code, str) and _ERROR_CODE_RE.fullmatch(code) else ""
     except (ValueError, RuntimeError, requests.RequestException):
         pass
     return ""
