@@ -24,6 +24,8 @@ on a seeded random fraction of them, or on all of them.  Kinds:
 
 With ``tls=(cert, key)`` the main listener speaks HTTPS, and plain HTTP on the same
 port too (it looks at the first byte): :attr:`Seen.tls` says which a request used.
+HTTPS requests reach the registry with ``X-Forwarded-Proto: https``, so its upload
+Locations are https:// as behind any TLS terminator.
 
 Used by the registry client's retry/range/redirect tests and by fleet fault tests.
 """
@@ -221,6 +223,9 @@ class FaultProxy:
                             tls=isinstance(self.connection, ssl.SSLSocket))
                 (proxy.cdn_requests if cdn else proxy.requests).append(seen)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                if seen.tls:
+                    # As a TLS terminator says it: the registry builds https:// Locations.
+                    headers["X-Forwarded-Proto"] = "https"
                 path = self.path
                 if cdn:
                     path = path.removeprefix("/cdn").split("?", 1)[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from prewarm.config import Settings
-from prewarm.errors import AuthenticationFailed, ConfigError, RegistryError
+from prewarm.errors import AuthenticationFailed, ConfigError, RegistryError, Transient
 from prewarm.resolve.reference import parse_reference
 from prewarm.resolve.registry.auth import parse_challenge, scope_for
 from prewarm.resolve.registry.client import RegistryClient
@@ -211,7 +211,7 @@ def test_bearer_refresh_on_401_mid_job(token_registry: TokenRegistry, repo_name:
 
 
 # === where credentials may go
-def test_https_to_http_redirect_on_same_port_carries_no_authorization(auth_registry: Registry, repo_name: str,
+def test_https_to_http_redirect_on_same_port_is_refused(auth_registry: Registry, repo_name: str,
                                                                       tmp_path: Path) -> None:
     # Given alice's credentials and a blob on the htpasswd registry
     direct = client_for(auth_registry, write_config(tmp_path / "d", auth_registry.host,
@@ -224,12 +224,13 @@ def test_https_to_http_redirect_on_same_port_carries_no_authorization(auth_regis
         client = RegistryClient(ca_bundle=str(cert), docker_config=cfg, retry=FAST_RETRY)
         assert client.blob_exists(proxy.host, repo_name, digest) == len(b"secret layer")
         proxy.add(Fault("downgrade", path="/blobs/sha256", method="GET"))
-        # When the blob is read
-        with pytest.raises(RegistryError):
+        # When the blob is read, Then the downgrade is refused, saying so
+        with pytest.raises(RegistryError, match="refusing its redirect.*https to plain http") as err:
             client.get_blob(proxy.host, repo_name, digest)
-        # Then the credentials went over TLS only, never in the clear
+        assert not isinstance(err.value, Transient)
+        # And the credentials went over TLS only: nothing at all was sent in the clear
         assert any("Authorization" in r.headers for r in proxy.requests if r.tls)
-        assert all("Authorization" not in r.headers for r in proxy.requests if not r.tls)
+        assert not [r for r in proxy.requests if not r.tls]
 
 
 def test_no_credentials_to_plain_http_realm_of_https_registry(token_registry: TokenRegistry, repo_name: str,
@@ -355,3 +356,16 @@ def test_docker_hub_credentials_found_as_docker_finds_them(tmp_path: Path, monke
         "https://index.docker.io/v1/": basic_entry("hubuser", "current"),
         "index.docker.io": basic_entry("hubuser", "stale")}}))
     assert DockerConfig.load(tmp_path).credential_for("docker.io") == Credential("hubuser", "current")
+
+
+def test_upload_location_downgrade_is_refused(registry: Registry, repo_name: str, tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path / "tls")
+    # Given an HTTPS registry whose upload session points at plain http on its own port
+    with FaultProxy(registry.host, tls=(cert, key)) as proxy:
+        proxy.add(Fault("respond", path="/blobs/uploads/", method="POST", status=202,
+                        headers={"Location": f"http://{proxy.host}/v2/{repo_name}/blobs/uploads/u1"}))
+        client = RegistryClient(ca_bundle=str(cert), docker_config=tmp_path, retry=FAST_RETRY)
+        # When a blob is pushed, Then the upload is refused before any byte goes out in the clear
+        with pytest.raises(RegistryError, match="refusing its upload location.*https to plain http"):
+            client.push_blob(proxy.host, repo_name, b"layer bytes")
+        assert not [r for r in proxy.requests if not r.tls]

@@ -14,7 +14,10 @@ This is the only module that speaks the registry's HTTP API.  Its contract:
   errors, 5xx, 429) are retried by the :class:`RetryPolicy` before they surface.
 * **Credentials stay on this node.**  They come from this node's Docker config, go
   only to the registry (and its token realm), and are never forwarded on a redirect
-  to another host (blob storage on S3 or a CDN).
+  to another origin (blob storage on S3 or a CDN).
+* **Redirects stay out of the node's neighbourhood.**  No https-to-http downgrade;
+  no link-local, loopback or private target unless the registry itself is one
+  (see :mod:`prewarm.resolve.registry.hosts`).
 * **Plain HTTP only when asked.**  Registries named in ``insecure_registries`` use
   ``http://``; everything else is HTTPS verified against ``ca_bundle`` (or the
   system store).
@@ -81,6 +84,7 @@ from prewarm.resolve.manifest import (
 from prewarm.resolve.reference import Reference, registry_api_host
 from prewarm.resolve.registry.auth import RegistryAuth, scope_for
 from prewarm.resolve.registry.dockerconfig import Credential, DockerConfig
+from prewarm.resolve.registry.hosts import redirect_refusal
 from prewarm.resolve.registry.retry import RetryPolicy
 from prewarm.resolve.registry.status import Kind, error_for_exception, error_for_status
 
@@ -251,9 +255,11 @@ class RegistryClient:
               params: Mapping[str, str] | None = None, stream: bool = False) -> requests.Response:
         """One request (no retry), redirects followed by hand; non-``ok`` statuses raise.
 
-        Redirects to another origin (host, port or scheme: ``https`` to ``http`` on the
-        same port too) are followed without our auth: blob storage gets a pre-signed
-        URL, never the registry's credentials.
+        Redirects to another origin (host, port or scheme) are followed without our
+        auth: blob storage gets a pre-signed URL, never the registry's credentials.
+        Redirects that downgrade to ``http`` or lead into this node's neighbourhood
+        (link-local, loopback, private addresses) from a registry outside it are
+        refused (:func:`prewarm.resolve.registry.hosts.redirect_refusal`).
 
         Raises:
             RegistryError: the mapped status or connection failure.
@@ -278,6 +284,7 @@ class RegistryClient:
                     and resp.status_code not in ok:
                 url = urljoin(resp.url, resp.headers["Location"])
                 resp.close()
+                self._check_target(url, ctx, "redirect")
                 params = None
                 if resp.status_code == 303 or (resp.status_code in (301, 302) and method == "POST"):
                     method, data = "GET", None
@@ -296,6 +303,18 @@ class RegistryClient:
             return resp
         raise RegistryError(f"registry {registry}: too many redirects for {ctx.kind} {ctx.subject or ''} "
                             f"in {repository}", **ctx.fields)
+
+    def _check_target(self, url: str, ctx: _Context, what: str) -> None:
+        """Refuse a URL the registry sent us to (a redirect, an upload location).
+
+        Raises:
+            RegistryError: (final) ``url`` downgrades to http or leads into this node's
+                neighbourhood; the URL itself is not named (it may be signed).
+        """
+        refusal = redirect_refusal(self.base_url(ctx.registry), url)
+        if refusal is not None:
+            raise RegistryError(f"registry {ctx.registry}: refusing its {what} for {ctx.kind} "
+                                f"{ctx.subject or ''} in {ctx.repository}: {refusal}", **ctx.fields)
 
     def _url(self, registry: str, repository: str, *parts: str) -> str:
         return "/".join([self.base_url(registry), "v2", repository, *parts])
@@ -677,6 +696,7 @@ class RegistryClient:
                               headers={"Content-Length": "0"})
             with resp:
                 location = urljoin(resp.url, resp.headers["Location"])
+            self._check_target(location, _Context(registry, repository, "upload", digest), "upload location")
             if chunk_size is None:
                 return self._put_monolithic(registry, repository, location, source, digest)
             return self._put_chunked(registry, repository, location, source, digest, chunk_size)
@@ -714,6 +734,7 @@ class RegistryClient:
                                            "Content-Range": f"{offset}-{offset + len(chunk) - 1}"})
                 with resp:
                     location = urljoin(resp.url, resp.headers["Location"])
+                self._check_target(location, ctx, "upload location")
                 offset += len(chunk)
         return self._finish_upload(registry, repository, location, digest, b"", 0)
 

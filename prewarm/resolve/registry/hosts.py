@@ -86,8 +86,11 @@ def redirect_refusal(origin: str, target: str, resolve: Resolver = addresses) ->
         return "it does not point to an http(s) URL"
     if o.scheme == "https" and t.scheme == "http":
         return "it goes from https to plain http"
-    if (o.hostname, o.port) == (t.hostname, t.port):
-        return None
+    try:
+        if (o.hostname, o.port) == (t.hostname, t.port):
+            return None
+    except ValueError:
+        return "it does not point to a valid URL"
     to = resolve(t.hostname)
     origin_addrs = resolve(o.hostname or "")
     if any(is_link_local(a) for a in to) and not any(is_link_local(a) for a in origin_addrs):
