@@ -212,7 +212,7 @@ def test_bearer_refresh_on_401_mid_job(token_registry: TokenRegistry, repo_name:
 
 # === where credentials may go
 def test_https_to_http_redirect_on_same_port_is_refused(auth_registry: Registry, repo_name: str,
-                                                                      tmp_path: Path) -> None:
+                                                         tmp_path: Path) -> None:
     # Given alice's credentials and a blob on the htpasswd registry
     direct = client_for(auth_registry, write_config(tmp_path / "d", auth_registry.host,
                                                     **basic_entry("alice", PASSWORD)))

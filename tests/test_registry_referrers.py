@@ -100,7 +100,7 @@ def test_concurrent_fallback_tag_pushes_keep_every_entry(registry: Registry, rep
                  for i in range(n)]
     # When six pushers add referrers of the same image at once (a registry without the referrers API)
     barrier = threading.Barrier(n)
-    errors: list[BaseException] = []
+    errors: list[Exception] = []
 
     def push(i: int) -> None:
         body, desc = artifacts[i]
@@ -109,7 +109,7 @@ def test_concurrent_fallback_tag_pushes_keep_every_entry(registry: Registry, rep
         try:
             own.push_referrer(registry.host, repo_name, body, OCI_MANIFEST, subject_digest=img.manifest_digest,
                               descriptor=desc)
-        except BaseException as err:  # reported below
+        except Exception as err:  # noqa: BLE001  (reported below)
             errors.append(err)
 
     threads = [threading.Thread(target=push, args=(i,)) for i in range(n)]

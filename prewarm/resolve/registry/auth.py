@@ -182,7 +182,9 @@ class RegistryAuth:
         with self._lock:
             self._challenge = challenge
         asked = challenge.params.get("scope") if challenge.scheme == "bearer" else None
-        header = self._header_for(scope, rejected=request.headers.get("Authorization"), asked=asked)
+        sent = request.headers.get("Authorization")
+        rejected = sent.decode("latin-1") if isinstance(sent, bytes) else sent
+        header = self._header_for(scope, rejected=rejected, asked=asked)
         if header is None:
             return response
         retry = request.copy()
@@ -244,18 +246,19 @@ class RegistryAuth:
                     raise flight.error
                 continue
             try:
-                token = self._fetch_token(challenge, scopes)
+                fresh = self._fetch_token(challenge, scopes)
             except BaseException as err:
                 flight.error = err
-                raise
-            finally:
                 with self._lock:
-                    if flight.error is None:
-                        self._tokens[key] = token
-                        self.tokens_fetched += 1
                     del self._flights[key]
                 flight.done.set()
-            return f"Bearer {token.value}"
+                raise
+            with self._lock:
+                self._tokens[key] = fresh
+                self.tokens_fetched += 1
+                del self._flights[key]
+            flight.done.set()
+            return f"Bearer {fresh.value}"
 
     def _fetch_token(self, challenge: Challenge, scopes: list[str]) -> _Token:
         """Ask the realm for a token (anonymous, basic credentials or identity token).
