@@ -99,8 +99,9 @@ MAX_REDIRECTS = 5
 #: Pages of a referrers answer followed through ``Link: <...>; rel="next"``.
 MAX_REFERRER_PAGES = 64
 #: Writes of the referrers fallback tag before giving up on concurrent pushers.
-FALLBACK_TAG_ATTEMPTS = 5
-#: Seconds (times 1-2, jittered) to wait before checking a fallback-tag write survived.
+FALLBACK_TAG_ATTEMPTS = 6
+#: Seconds to wait before checking a fallback-tag write survived; doubles with each
+#: write and is jittered (times 1-2), so at most about 6 s in all.
 FALLBACK_TAG_SETTLE = 0.05
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _READ_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
@@ -863,25 +864,30 @@ class RegistryClient:
         registries without the referrers API need (the OCI spec's fallback).  The
         registry offers no conditional write, so two pushers can each write an index
         without the other's entry; each therefore reads the tag again after a pause
-        and, if its entry is gone, merges into what is there now and writes again (up
-        to :data:`FALLBACK_TAG_ATTEMPTS` times).  Returns the digest of the tag index.
+        and, if its entry is gone, merges into what is there now (putting back every
+        entry it has seen, so it also repairs what its own write dropped) and writes
+        again, up to :data:`FALLBACK_TAG_ATTEMPTS` times.  Returns the digest of the
+        tag index.
 
         Raises:
             RegistryError: the entry kept disappearing (a pusher without this check).
         """
         tag = referrers_tag(subject_digest)
+        # Every entry ever read here: a write puts back what a race dropped from the tag.
+        seen: dict[str, Descriptor] = {}
+        index, _ = self._fallback_tag(registry, repository, subject_digest)
         for attempt in range(FALLBACK_TAG_ATTEMPTS):
-            index, tag_digest = self._fallback_tag(registry, repository, subject_digest)
-            entries = list(index.manifests if index else ())
-            if attempt and tag_digest is not None and any(d.digest == referrer.digest for d in entries):
-                return tag_digest
-            entries = [d for d in entries if d.digest != referrer.digest] + [referrer]
-            body = index_json(entries, annotations=index.annotations if index else None)
+            current = [d for d in (index.manifests if index else ()) if d.digest != referrer.digest]
+            seen.update((d.digest, d) for d in current)
+            there = {d.digest for d in current}
+            restored = [d for digest, d in seen.items() if digest not in there]
+            body = index_json(current + restored + [referrer], annotations=index.annotations if index else None)
             self.push_manifest(registry, repository, tag, body, OCI_INDEX)
-            time.sleep(FALLBACK_TAG_SETTLE * (1 + random.random()))
-            now, tag_digest = self._fallback_tag(registry, repository, subject_digest)
-            if now is not None and tag_digest is not None and any(d.digest == referrer.digest
-                                                                  for d in now.manifests):
+            # Long enough for a concurrent read-then-write to land, growing with contention.
+            time.sleep(FALLBACK_TAG_SETTLE * (2 ** attempt) * (1 + random.random()))
+            index, tag_digest = self._fallback_tag(registry, repository, subject_digest)
+            if index is not None and tag_digest is not None \
+                    and any(d.digest == referrer.digest for d in index.manifests):
                 return tag_digest
             log.info("%s/%s:%s lost referrer %s to a concurrent push; merging again",
                      registry, repository, tag, referrer.digest)

@@ -92,9 +92,11 @@ def redirect_refusal(origin: str, target: str, resolve: Resolver = addresses) ->
     except ValueError:
         return "it does not point to a valid URL"
     to = resolve(t.hostname)
+    if not any(is_internal(a) for a in to):
+        return None  # the common case (blob storage on the internet): one lookup only
     origin_addrs = resolve(o.hostname or "")
     if any(is_link_local(a) for a in to) and not any(is_link_local(a) for a in origin_addrs):
         return f"it points to a link-local address ({t.hostname})"
-    if any(is_internal(a) for a in to) and not any(is_internal(a) for a in origin_addrs):
+    if not any(is_internal(a) for a in origin_addrs):
         return f"it points to a loopback or private address ({t.hostname})"
     return None
