@@ -14,6 +14,7 @@ import requests
 from prewarm.errors import (
     AuthenticationFailed,
     BlobNotFound,
+    RangeNotHonored,
     RateLimited,
     RegistryError,
     RegistryUnavailable,
@@ -319,3 +320,18 @@ def test_registry_error_code_of_spec_form_is_kept(registry: Registry, repo_name:
         proxy.add(Fault("status", path="/blobs/", status=500))
         with pytest.raises(RegistryUnavailable, match=r"HTTP 500 \(UNAVAILABLE\)"):
             proxy_client(proxy, tmp_path, RetryPolicy(attempts=1)).get_blob(proxy.host, repo_name, "sha256:" + "0" * 64)
+
+
+def test_range_past_the_end_of_a_whole_blob_answer(registry: Registry, blob: tuple[str, str, bytes],
+                                                   tmp_path: Path) -> None:
+    repo, digest, data = blob
+    # Given a server that ignores Range and sends the whole blob
+    with FaultProxy(registry.host) as proxy:
+        proxy.add(Fault("ignore_range", path="/blobs/"))
+        client = proxy_client(proxy, tmp_path)
+        # When a range starts past the end, or runs over it, Then the error says where the blob ends
+        for start, end in ((len(data) + 10, len(data) + 20), (len(data) - 10, len(data) + 10)):
+            with pytest.raises(RangeNotHonored, match=f"the blob ends at byte {len(data)}$"):
+                client.fetch_range(proxy.host, repo, digest, start, end)
+        # And a range that fits is cut out of the stream exactly
+        assert client.fetch_range(proxy.host, repo, digest, len(data) - 10, len(data)) == data[-10:]

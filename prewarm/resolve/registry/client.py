@@ -159,20 +159,33 @@ class _Context:
         return {"registry": self.registry, "repository": self.repository, "digest": self.subject}
 
 
-def _raw_chunks(resp: requests.Response, size: int, skip: int = 0) -> Iterator[bytes]:
-    """The body as sent, from byte ``skip`` on, in chunks of at most ``size`` bytes.
+class _RawBody:
+    """A streamed body as sent, from byte ``skip`` on: the one skip/read loop.
 
     Never decoded: digests are of the bytes the registry stored, and a server that
     ignores ``Range`` is skipped through here rather than held in memory.  Read
-    errors propagate; ``resp.raw.tell()`` says how many bytes came.
+    errors propagate to the caller, which knows what broke.
+
+    Attributes:
+        skip: bytes still to skip (non-zero after the loop: the body ended first).
+        seen: bytes received in all, skipped ones included.
     """
-    for chunk in resp.raw.stream(size, decode_content=False):
-        if skip >= len(chunk):
-            skip -= len(chunk)
-            continue
-        if skip:
-            chunk, skip = chunk[skip:], 0
-        yield chunk
+
+    def __init__(self, resp: requests.Response, skip: int = 0) -> None:
+        self._resp = resp
+        self.skip = skip
+        self.seen = 0
+
+    def chunks(self, size: int) -> Iterator[bytes]:
+        """The body's bytes after ``skip``, in chunks of at most ``size``."""
+        for chunk in self._resp.raw.stream(size, decode_content=False):
+            self.seen += len(chunk)
+            if self.skip >= len(chunk):
+                self.skip -= len(chunk)
+                continue
+            if self.skip:
+                chunk, self.skip = chunk[self.skip:], 0
+            yield chunk
 
 
 def referrers_tag(digest: str) -> str:
@@ -333,7 +346,7 @@ class RegistryClient:
             raise CorruptContent(f"{what} is {int(declared)} bytes, more than the {limit} allowed")
         buf = bytearray()
         try:
-            for chunk in _raw_chunks(resp, 1 << 16):
+            for chunk in _RawBody(resp).chunks(1 << 16):
                 buf += chunk
                 if len(buf) > limit:
                     raise CorruptContent(f"{what} is more than the {limit} bytes allowed")
@@ -585,8 +598,9 @@ class RegistryClient:
                 raise RegistryUnavailable(f"{what}: got {len(data)} of {length} bytes")
             return data
         out = bytearray()
+        body = _RawBody(resp, skip)
         try:
-            for chunk in _raw_chunks(resp, 1 << 20, skip):
+            for chunk in body.chunks(1 << 20):
                 out += chunk
                 if length is not None and len(out) >= length:
                     del out[length:]
@@ -594,9 +608,9 @@ class RegistryClient:
         except _READ_ERRORS as err:
             raise RegistryUnavailable(f"{what}: connection broke after {len(out)} bytes "
                                       f"({err.__class__.__name__})") from None
-        if length is not None and len(out) < length or resp.raw.tell() < skip:
+        if length is not None and len(out) < length or body.skip:
             if whole_blob:
-                raise RangeNotHonored(f"{what}: the blob ends at byte {resp.raw.tell()}")
+                raise RangeNotHonored(f"{what}: the blob ends at byte {body.seen}")
             raise RegistryUnavailable(f"{what}: got {len(out)} of {length} bytes")
         return bytes(out)
 
@@ -640,7 +654,7 @@ class RegistryClient:
                 holder["resp"] = resp
                 skip = received if resp.status_code == 200 else 0
                 try:
-                    for chunk in _raw_chunks(resp, chunk_size, skip):
+                    for chunk in _RawBody(resp, skip).chunks(chunk_size):
                         hasher.update(chunk)
                         received += len(chunk)
                         yield chunk
