@@ -369,3 +369,20 @@ def test_upload_location_downgrade_is_refused(registry: Registry, repo_name: str
         with pytest.raises(RegistryError, match="refusing its upload location.*https to plain http"):
             client.push_blob(proxy.host, repo_name, b"layer bytes")
         assert not [r for r in proxy.requests if not r.tls]
+
+
+def test_token_service_redirect_to_link_local_is_refused(registry: Registry, repo_name: str,
+                                                         tmp_path: Path) -> None:
+    with FaultProxy(registry.host) as proxy:
+        # Given a registry whose token realm (on the same proxy) redirects to the cloud metadata address
+        proxy.add(Fault("respond", path="^/token", status=302,
+                        headers={"Location": "http://169.254.169.254/latest/meta-data/iam"}))
+        proxy.add(Fault("respond", path="^/v2/", status=401, headers={
+            "WWW-Authenticate": f'Bearer realm="http://{proxy.host}/token",service="x"',
+            "Content-Type": "application/json"}, body=b'{"errors":[{"code":"UNAUTHORIZED"}]}'))
+        client = RegistryClient(insecure_registries=frozenset({proxy.host}), docker_config=tmp_path,
+                                retry=FAST_RETRY, timeout=2.0)
+        # Then the redirect is not followed, and the error says why
+        with pytest.raises(RegistryError, match="token service's redirect: its host 169.254.169.254 is link-local"):
+            client.get_blob(proxy.host, repo_name, "sha256:" + "0" * 64)
+        assert [r.path for r in proxy.requests if r.path.startswith("/token")]

@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
 from requests.auth import AuthBase
@@ -260,6 +260,24 @@ class RegistryAuth:
             flight.done.set()
             return f"Bearer {fresh.value}"
 
+    def _check_realm_redirect(self, response: requests.Response, **kwargs: Any) -> requests.Response:
+        """A token service's redirect goes where a realm may be, and never from https to http.
+
+        Raises:
+            RegistryError: the redirect is refused (before requests follows it).
+        """
+        if not response.is_redirect:
+            return response
+        target = urljoin(response.url, response.headers["Location"])
+        refusal = realm_refusal(target)
+        if refusal is None and urlsplit(response.url).scheme == "https" and urlsplit(target).scheme != "https":
+            refusal = "it goes from https to plain http"
+        if refusal is not None:
+            response.close()
+            raise RegistryError(f"registry {self.registry}: refusing the token service's redirect: {refusal}",
+                                registry=self.registry)
+        return response
+
     def _fetch_token(self, challenge: Challenge, scopes: list[str]) -> _Token:
         """Ask the realm for a token (anonymous, basic credentials or identity token).
 
@@ -296,13 +314,15 @@ class RegistryAuth:
                 form = base + ([("scope", scope)] if scope else []) + [
                     ("grant_type", "refresh_token"), ("refresh_token", cred.identity_token),
                     ("client_id", "prewarm")]
-                resp = self._session.post(realm, data=form, timeout=self._timeout, verify=self._verify)
+                resp = self._session.post(realm, data=form, timeout=self._timeout, verify=self._verify,
+                                          hooks={"response": self._check_realm_redirect})
             else:
                 # Docker's GET form: one scope parameter per scope.
                 auth = ((cred.username or "", cred.password)
                         if cred is not None and cred.password is not None else None)
                 resp = self._session.get(realm, params=base + [("scope", s) for s in scopes], auth=auth,
-                                         timeout=self._timeout, verify=self._verify)
+                                         timeout=self._timeout, verify=self._verify,
+                                         hooks={"response": self._check_realm_redirect})
         except requests.RequestException as err:
             raise error_for_exception(err, kind="token", registry=self.registry, repository=None,
                                       subject=scope) from None
