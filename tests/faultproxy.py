@@ -14,6 +14,18 @@ on a seeded random fraction of them, or on all of them.  Kinds:
                     can check Authorization was not forwarded
 * ``corrupt``       forward, flipping one byte of the body
 * ``respond``       answer ``status``/``headers``/``body`` as given (e.g. a schema-1 manifest)
+* ``gzip``          forward, gzip-compressing the body when the request's ``Accept-Encoding``
+                    allows it (what a compressing proxy or CDN does)
+* ``add_headers``   forward, adding ``headers`` to the answer (``OCI-Subject`` on a manifest PUT)
+* ``reissue``       answer ``status`` (307 or 308) to the same URL, once the body is read:
+                    the client must send the request, body and all, again
+* ``downgrade``     answer 307 to the same path on the same host:port over plain ``http://``
+                    (with ``tls``, the listener serves both, so the test sees what arrives)
+
+With ``tls=(cert, key)`` the main listener speaks HTTPS, and plain HTTP on the same
+port too (it looks at the first byte): :attr:`Seen.tls` says which a request used.
+HTTPS requests reach the registry with ``X-Forwarded-Proto: https``, so its upload
+Locations are https:// as behind any TLS terminator.
 
 Used by the registry client's retry/range/redirect tests and by fleet fault tests.
 """
@@ -21,13 +33,16 @@ Used by the registry client's retry/range/redirect tests and by fleet fault test
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import http.client
 import random
 import re
 import socket
+import ssl
 import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Self
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade", "trailer"}
@@ -43,6 +58,23 @@ class _QuietServer(ThreadingHTTPServer):
 
         if not isinstance(sys.exc_info()[1], OSError):
             super().handle_error(request, client_address)
+
+
+class _SniffingServer(_QuietServer):
+    """HTTPS and plain HTTP on one port: a TLS ClientHello starts with byte 0x16."""
+
+    def __init__(self, address: tuple[str, int], handler: Any, tls: tuple[Path, Path]) -> None:
+        super().__init__(address, handler)
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(str(tls[0]), str(tls[1]))
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(10)
+        first = request.recv(1, socket.MSG_PEEK)
+        if first == b"\x16":
+            request = self._context.wrap_socket(request, server_side=True)
+        request.settimeout(None)
+        super().finish_request(request, client_address)
 
 
 @dataclasses.dataclass
@@ -81,12 +113,14 @@ class Seen:
     path: str
     headers: dict[str, str]
     status: int | None = None
+    tls: bool = False
 
 
 class FaultProxy:
     """Start with ``with FaultProxy("127.0.0.1:5000") as proxy:``; ``proxy.host`` is its address."""
 
-    def __init__(self, upstream: str, *, seed: int = 0, cdn_upstream_headers: dict[str, str] | None = None) -> None:
+    def __init__(self, upstream: str, *, seed: int = 0, cdn_upstream_headers: dict[str, str] | None = None,
+                 tls: tuple[Path, Path] | None = None) -> None:
         self.upstream = upstream
         self.faults: list[Fault] = []
         self.requests: list[Seen] = []
@@ -95,7 +129,8 @@ class FaultProxy:
         self.cdn_upstream_headers = dict(cdn_upstream_headers or {})
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
-        self._server = _QuietServer(("127.0.0.1", 0), self._handler(cdn=False))
+        self._server = (_SniffingServer(("127.0.0.1", 0), self._handler(cdn=False), tls) if tls is not None
+                        else _QuietServer(("127.0.0.1", 0), self._handler(cdn=False)))
         self._cdn = _QuietServer(("127.0.0.1", 0), self._handler(cdn=True))
         self._threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
                          for s in (self._server, self._cdn)]
@@ -184,9 +219,13 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                seen = Seen(self.command, self.path, {k: v for k, v in self.headers.items()})
+                seen = Seen(self.command, self.path, {k: v for k, v in self.headers.items()},
+                            tls=isinstance(self.connection, ssl.SSLSocket))
                 (proxy.cdn_requests if cdn else proxy.requests).append(seen)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                if seen.tls:
+                    # As a TLS terminator says it: the registry builds https:// Locations.
+                    headers["X-Forwarded-Proto"] = "https"
                 path = self.path
                 if cdn:
                     path = path.removeprefix("/cdn").split("?", 1)[0]
@@ -213,6 +252,12 @@ class FaultProxy:
                         seen.status = 307
                         return self._answer(307, {"Location": f"http://{proxy.cdn_host}/cdn{self.path}?sig=s3cr3t"},
                                             b"")
+                    if fault.kind == "reissue":
+                        seen.status = fault.status
+                        return self._answer(fault.status, {"Location": self.path}, b"")
+                    if fault.kind == "downgrade":
+                        seen.status = 307
+                        return self._answer(307, {"Location": f"http://{proxy.host}{self.path}"}, b"")
                     if fault.kind == "ignore_range":
                         headers.pop("Range", None)
                         headers.pop("range", None)
@@ -224,13 +269,20 @@ class FaultProxy:
                     out_headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in _HOP]
                     length = resp.getheader("Content-Length")
                     no_body = self.command == "HEAD" or resp.status in (204, 304, 416)
-                    if length is None and not no_body:
+                    compress = (fault is not None and fault.kind == "gzip" and not no_body
+                                and "gzip" in self.headers.get("Accept-Encoding", ""))
+                    if (length is None or compress) and not no_body:
                         data = resp.read()
+                        if compress:
+                            data = gzip.compress(data)
+                            out_headers.append(("Content-Encoding", "gzip"))
                         out_headers = [(k, v) for k, v in out_headers if k.lower() != "content-length"]
                         out_headers.append(("Content-Length", str(len(data))))
                         chunks = [data]
                     else:
                         chunks = None
+                    if fault is not None and fault.kind == "add_headers":
+                        out_headers += list(fault.headers.items())
                     self.send_response(resp.status)
                     for k, v in out_headers:
                         self.send_header(k, v)
@@ -239,7 +291,7 @@ class FaultProxy:
                         if resp.status == 416:
                             self.close_connection = True
                         return
-                    total = int(length) if length is not None else len(chunks[0])  # type: ignore[index]
+                    total = len(chunks[0]) if chunks is not None else int(length)  # type: ignore[arg-type]
                     sent = 0
                     source = iter(chunks) if chunks is not None else iter(lambda: resp.read(1 << 16), b"")
                     for chunk in source:

@@ -23,6 +23,7 @@ from prewarm.resolve.manifest import (
     media_type_of,
     parse_manifest,
     parse_platform,
+    shown,
 )
 
 D1, D2, D3, D4 = ("sha256:" + c * 64 for c in "1234")
@@ -123,3 +124,35 @@ def test_choose_platform_rules() -> None:
     # entries that are not image manifests (nested indexes, artifacts) are never chosen
     with pytest.raises(UnsupportedManifest):
         choose_platform(_index(amd, media_type=DOCKER_MANIFEST_LIST), amd)
+
+
+@pytest.mark.parametrize("evil", ["<b>x</b>", "a\nforged: log line", "x" * 10_000])
+def test_registry_words_are_not_reflected(evil: str) -> None:
+    digest = "sha256:" + "a" * 64
+    # Given manifests whose media type, descriptor digest or platform is not a plain token
+    bad_type = json.dumps({"schemaVersion": 2, "mediaType": evil, "layers": []}).encode()
+    bad_digest = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": evil, "size": 1}]}).encode()
+    odd_platform = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": digest, "size": 1,
+         "platform": {"os": "linux", "architecture": evil}}]}).encode()
+    messages = []
+    with pytest.raises(UnsupportedManifest) as err:
+        parse_manifest(bad_type, evil)
+    messages.append(str(err.value))
+    with pytest.raises(UnsupportedManifest) as err:
+        media_type_of(json.dumps({"schemaVersion": 2}).encode(), evil)
+    messages.append(str(err.value))
+    with pytest.raises(UnsupportedManifest) as err:
+        parse_manifest(bad_digest, OCI_INDEX)
+    messages.append(str(err.value))
+    index = parse_manifest(odd_platform, OCI_INDEX)
+    assert isinstance(index, ImageIndex)
+    with pytest.raises(UnsupportedManifest) as err:
+        choose_platform(index, Platform("linux", "amd64"))
+    messages.append(str(err.value))
+    # Then no message repeats them, and each says something was left out
+    for message in messages:
+        assert evil[:20] not in message and "\n" not in message and len(message) < 400
+        assert "not shown" in message
+    assert shown("application/vnd.oci.image.manifest.v1+json") == "application/vnd.oci.image.manifest.v1+json"

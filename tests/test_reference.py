@@ -18,6 +18,8 @@ VALID = [
     ("library/ubuntu",                         "docker.io",        "library/ubuntu",     "latest", None),
     ("docker.io/ubuntu",                       "docker.io",        "library/ubuntu",     "latest", None),
     ("index.docker.io/ubuntu:20.04",           "docker.io",        "library/ubuntu",     "20.04",  None),
+    ("registry-1.docker.io/ubuntu",            "docker.io",        "library/ubuntu",     "latest", None),
+    ("registry-1.docker.io/org/app:1",         "docker.io",        "org/app",            "1",      None),
     ("docker.io/org/app",                      "docker.io",        "org/app",            "latest", None),
     ("org/app:v1.2_3-rc",                      "docker.io",        "org/app",            "v1.2_3-rc", None),
     ("localhost/app",                          "localhost",        "app",                "latest", None),

@@ -7,21 +7,23 @@ import json
 import logging
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from prewarm.config import Settings
-from prewarm.errors import AuthenticationFailed, ConfigError
+from prewarm.errors import AuthenticationFailed, ConfigError, RegistryError, Transient
 from prewarm.resolve.reference import parse_reference
 from prewarm.resolve.registry.auth import parse_challenge, scope_for
 from prewarm.resolve.registry.client import RegistryClient
 from prewarm.resolve.registry.dockerconfig import Credential, DockerConfig
 from prewarm.resolve.registry.retry import RetryPolicy
+from tests.faultproxy import Fault, FaultProxy
 from tests.registry_images import push_image
 from tests.services import Registry
-from tests.tokenserver import TokenRegistry
+from tests.tokenserver import TokenRegistry, make_cert
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
 PASSWORD = "s3cret-pw"
@@ -50,9 +52,9 @@ def test_parse_challenge_and_scope() -> None:
                         "scope": "repository:a/b:pull,push"}
     assert parse_challenge('Basic realm="x"').scheme == "basic"  # type: ignore[union-attr]
     assert parse_challenge("") is None
-    assert scope_for("GET", "http://h/v2/a/b/blobs/sha256:00") == "repository:a/b:pull"
-    assert scope_for("PATCH", "http://h/v2/a/b/blobs/uploads/uuid?x=1") == "repository:a/b:pull,push"
-    assert scope_for("GET", "http://h/v2/") is None
+    assert scope_for("GET", "a/b") == "repository:a/b:pull"
+    assert scope_for("PATCH", "team/blobs/app") == "repository:team/blobs/app:pull,push"
+    assert scope_for("GET", None) is None
 
 
 def test_docker_config_forms(tmp_path: Path) -> None:
@@ -206,3 +208,181 @@ def test_bearer_refresh_on_401_mid_job(token_registry: TokenRegistry, repo_name:
     assert got == data[100:5000]
     assert [i.scopes for i in tokens.issued] == [[f"repository:{repo_name}:pull"]]
     assert len(reg.requests_logged("GET", f"/v2/{repo_name}/blobs/")) >= 2
+
+
+# === where credentials may go
+def test_https_to_http_redirect_on_same_port_is_refused(auth_registry: Registry, repo_name: str,
+                                                         tmp_path: Path) -> None:
+    # Given alice's credentials and a blob on the htpasswd registry
+    direct = client_for(auth_registry, write_config(tmp_path / "d", auth_registry.host,
+                                                    **basic_entry("alice", PASSWORD)))
+    digest = direct.push_blob(auth_registry.host, repo_name, b"secret layer")
+    cert, key = make_cert(tmp_path / "tls")
+    # And an HTTPS front (that also answers plain HTTP on its port) whose blob GET redirects to http://
+    with FaultProxy(auth_registry.host, tls=(cert, key)) as proxy:
+        cfg = write_config(tmp_path / "p", proxy.host, **basic_entry("alice", PASSWORD))
+        client = RegistryClient(ca_bundle=str(cert), docker_config=cfg, retry=FAST_RETRY)
+        assert client.blob_exists(proxy.host, repo_name, digest) == len(b"secret layer")
+        proxy.add(Fault("downgrade", path="/blobs/sha256", method="GET"))
+        # When the blob is read, Then the downgrade is refused, saying so
+        with pytest.raises(RegistryError, match="refusing its redirect.*https to plain http") as err:
+            client.get_blob(proxy.host, repo_name, digest)
+        assert not isinstance(err.value, Transient)
+        # And the credentials went over TLS only: nothing at all was sent in the clear
+        assert any("Authorization" in r.headers for r in proxy.requests if r.tls)
+        assert not [r for r in proxy.requests if not r.tls]
+
+
+def test_no_credentials_to_plain_http_realm_of_https_registry(token_registry: TokenRegistry, repo_name: str,
+                                                              tmp_path: Path) -> None:
+    reg, tokens = token_registry.registry, token_registry.tokens
+    cert, key = make_cert(tmp_path / "tls")
+    # Given an HTTPS registry whose bearer challenge names a plain http:// realm
+    with FaultProxy(reg.host, tls=(cert, key)) as proxy:
+        cfg = write_config(tmp_path / "p", proxy.host, **basic_entry("alice", PASSWORD))
+        client = RegistryClient(ca_bundle=str(cert), docker_config=cfg, retry=FAST_RETRY)
+        # When alice's client reads from it, Then it refuses, saying why
+        with pytest.raises(RegistryError, match="plain http:// token realm") as err:
+            client.get_blob(proxy.host, repo_name, "sha256:" + "0" * 64)
+        assert PASSWORD not in str(err.value)
+        # And the token server never saw her password
+        assert all(i.grant != "basic" for i in tokens.issued) and tokens.refused == 0
+
+
+def test_link_local_token_realm_is_refused(registry: Registry, repo_name: str, tmp_path: Path) -> None:
+    # Given a registry whose challenge points at the cloud metadata address
+    with FaultProxy(registry.host) as proxy:
+        proxy.add(Fault("respond", status=401, headers={
+            "WWW-Authenticate": 'Bearer realm="http://169.254.169.254/latest/meta-data",service="x"',
+            "Content-Type": "application/json"}, body=b'{"errors":[{"code":"UNAUTHORIZED"}]}'))
+        client = RegistryClient(insecure_registries=frozenset({proxy.host}), docker_config=tmp_path,
+                                retry=FAST_RETRY, timeout=2.0)
+        # Then the client refuses to ask it, naming why
+        with pytest.raises(RegistryError, match="link-local"):
+            client.get_blob(proxy.host, repo_name, "sha256:" + "0" * 64)
+
+
+# === token scopes, cache and concurrency
+def test_scope_comes_from_the_repository_not_the_url(token_registry: TokenRegistry, repo_name: str,
+                                                     tmp_path: Path) -> None:
+    reg, tokens = token_registry.registry, token_registry.tokens
+    repo = f"{repo_name}/blobs/app"
+    client = client_for(reg, write_config(tmp_path / "a", reg.host, **basic_entry("alice", PASSWORD)))
+    # Given a repository with a 'blobs' path component, When a blob is pushed and read again and again
+    digest = client.push_blob(reg.host, repo, b"in a repo named like the API")
+    for _ in range(3):
+        assert client.get_blob(reg.host, repo, digest) == b"in a repo named like the API"
+        assert client.blob_exists(reg.host, repo, digest) is not None
+    # Then every token was asked for that repository, one per scope, and then found in the cache
+    asked = [s for i in tokens.issued for s in i.scopes]
+    assert asked and all(s.startswith(f"repository:{repo}:") for s in asked)
+    assert sorted(i.scopes[0] for i in tokens.issued) == [f"repository:{repo}:pull", f"repository:{repo}:pull,push"]
+
+
+def test_slow_token_fetch_does_not_hold_up_other_scopes(token_registry: TokenRegistry, repo_name: str,
+                                                        tmp_path: Path) -> None:
+    reg, tokens = token_registry.registry, token_registry.tokens
+    cfg = write_config(tmp_path / "a", reg.host, **basic_entry("alice", PASSWORD))
+    pusher = client_for(reg, cfg)
+    first = pusher.push_blob(reg.host, f"{repo_name}/a", b"first")
+    second = pusher.push_blob(reg.host, f"{repo_name}/b", b"second")
+    client = client_for(reg, cfg)
+    assert client.get_blob(reg.host, f"{repo_name}/a", first) == b"first"
+    # Given a token service that now takes 2 s, and a thread waiting on it for another repository
+    tokens.delay = 2.0
+    try:
+        slow = threading.Thread(target=client.get_blob, args=(reg.host, f"{repo_name}/b", second))
+        slow.start()
+        time.sleep(0.3)
+        # When the first repository is read meanwhile, with its cached token
+        began = time.monotonic()
+        assert client.get_blob(reg.host, f"{repo_name}/a", first) == b"first"
+        took = time.monotonic() - began
+        slow.join()
+    finally:
+        tokens.delay = 0.0
+    # Then it did not wait for the other fetch
+    assert took < 1.0, took
+
+
+def test_concurrent_401s_lead_to_one_refresh(token_registry: TokenRegistry, repo_name: str, tmp_path: Path) -> None:
+    reg, tokens = token_registry.registry, token_registry.tokens
+    client = client_for(reg, write_config(tmp_path / "a", reg.host, **basic_entry("alice", PASSWORD)))
+    data = os.urandom(64_000)
+    # Given a cached pull token that the registry stops accepting while the client still trusts it
+    tokens.registry_validity = 2
+    digest = client.push_blob(reg.host, repo_name, data)
+    assert client.fetch_range(reg.host, repo_name, digest, 0, 10) == data[:10]
+    time.sleep(3.5)
+    tokens.issued.clear()
+    # When 8 threads read ranges at once and all meet a 401
+    n = 8
+    barrier = threading.Barrier(n)
+    got: dict[int, bytes] = {}
+
+    def read(i: int) -> None:
+        barrier.wait()
+        got[i] = client.fetch_range(reg.host, repo_name, digest, i * 1000, i * 1000 + 1000)
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Then every range arrived and the token was refreshed once, not once per thread
+    assert got == {i: data[i * 1000:i * 1000 + 1000] for i in range(n)}
+    assert len(tokens.issued) == 1, [i.scopes for i in tokens.issued]
+
+
+def test_docker_hub_credentials_found_as_docker_finds_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a credential helper that knows Docker Hub by its server address only, as Docker asks for it
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    helper = bin_dir / "docker-credential-hubtest"
+    helper.write_text('#!/bin/sh\nread host\nif [ "$host" = "https://index.docker.io/v1/" ]; then\n'
+                      '  echo \'{"ServerURL":"https://index.docker.io/v1/","Username":"hubuser","Secret":"hubpw"}\'\n'
+                      'else echo "credentials not found in native keychain"; exit 1; fi\n')
+    helper.chmod(helper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    for raw in ({"credHelpers": {"https://index.docker.io/v1/": "hubtest"}},
+                {"credHelpers": {"docker.io": "hubtest"}}, {"credsStore": "hubtest"}):
+        (tmp_path / "config.json").write_text(json.dumps(raw))
+        cfg = DockerConfig.load(tmp_path)
+        # Then every name of Docker Hub gets the helper's credential
+        for name in ("docker.io", "index.docker.io", "registry-1.docker.io"):
+            assert cfg.credential_for(name) == Credential("hubuser", "hubpw"), (raw, name)
+    # And in auths, Docker's own key wins over a stale entry under another spelling of Hub
+    (tmp_path / "config.json").write_text(json.dumps({"auths": {
+        "https://index.docker.io/v1/": basic_entry("hubuser", "current"),
+        "index.docker.io": basic_entry("hubuser", "stale")}}))
+    assert DockerConfig.load(tmp_path).credential_for("docker.io") == Credential("hubuser", "current")
+
+
+def test_upload_location_downgrade_is_refused(registry: Registry, repo_name: str, tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path / "tls")
+    # Given an HTTPS registry whose upload session points at plain http on its own port
+    with FaultProxy(registry.host, tls=(cert, key)) as proxy:
+        proxy.add(Fault("respond", path="/blobs/uploads/", method="POST", status=202,
+                        headers={"Location": f"http://{proxy.host}/v2/{repo_name}/blobs/uploads/u1"}))
+        client = RegistryClient(ca_bundle=str(cert), docker_config=tmp_path, retry=FAST_RETRY)
+        # When a blob is pushed, Then the upload is refused before any byte goes out in the clear
+        with pytest.raises(RegistryError, match="refusing its upload location.*https to plain http"):
+            client.push_blob(proxy.host, repo_name, b"layer bytes")
+        assert not [r for r in proxy.requests if not r.tls]
+
+
+def test_token_service_redirect_to_link_local_is_refused(registry: Registry, repo_name: str,
+                                                         tmp_path: Path) -> None:
+    with FaultProxy(registry.host) as proxy:
+        # Given a registry whose token realm (on the same proxy) redirects to the cloud metadata address
+        proxy.add(Fault("respond", path="^/token", status=302,
+                        headers={"Location": "http://169.254.169.254/latest/meta-data/iam"}))
+        proxy.add(Fault("respond", path="^/v2/", status=401, headers={
+            "WWW-Authenticate": f'Bearer realm="http://{proxy.host}/token",service="x"',
+            "Content-Type": "application/json"}, body=b'{"errors":[{"code":"UNAUTHORIZED"}]}'))
+        client = RegistryClient(insecure_registries=frozenset({proxy.host}), docker_config=tmp_path,
+                                retry=FAST_RETRY, timeout=2.0)
+        # Then the redirect is not followed, and the error says why
+        with pytest.raises(RegistryError, match="token service's redirect: its host 169.254.169.254 is link-local"):
+            client.get_blob(proxy.host, repo_name, "sha256:" + "0" * 64)
+        assert [r.path for r in proxy.requests if r.path.startswith("/token")]

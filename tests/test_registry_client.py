@@ -19,7 +19,7 @@ from prewarm.errors import (
     RegistryError,
     UnsupportedManifest,
 )
-from prewarm.resolve.manifest import OCI_INDEX, OCI_MANIFEST, Descriptor, Platform
+from prewarm.resolve.manifest import OCI_INDEX, OCI_MANIFEST, Descriptor, Platform, host_platform
 from prewarm.resolve.reference import parse_reference
 from prewarm.resolve.registry.client import RegistryClient, referrers_tag
 from prewarm.resolve.registry.retry import RetryPolicy
@@ -256,3 +256,18 @@ def test_tls_registry_with_ca_bundle(tmp_path: Path, repo_name: str) -> None:
         bad = RegistryClient(docker_config=tmp_path, retry=FAST_RETRY)
         with pytest.raises(RegistryError, match="--ca-bundle"):
             bad.get_blob(reg.host, repo_name, digest)
+
+
+def test_single_platform_image_of_another_platform_needs_platform(client: RegistryClient, registry: Registry,
+                                                                  repo_name: str) -> None:
+    host = host_platform()
+    other = "s390x" if host.architecture != "s390x" else "amd64"
+    # Given an image (no index) built for another architecture than this host's
+    push_image(client, registry.host, repo_name, "foreign", [{"a": b"1"}], arch=other)
+    ref = parse_reference(f"{registry.host}/{repo_name}:foreign")
+    # When it is resolved without --platform, Then it is refused, saying how to ask for it
+    with pytest.raises(UnsupportedManifest, match=f"linux/{other} only and this host is {host}; "
+                                                  f"pass --platform linux/{other}"):
+        client.resolve(ref)
+    # And with --platform naming it, it resolves
+    assert client.resolve(ref, f"linux/{other}").platform == f"linux/{other}"

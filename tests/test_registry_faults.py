@@ -9,15 +9,25 @@ import os
 from pathlib import Path
 
 import pytest
+import requests
 
-from prewarm.errors import AuthenticationFailed, BlobNotFound, RateLimited, RegistryUnavailable
+from prewarm.errors import (
+    AuthenticationFailed,
+    BlobNotFound,
+    RangeNotHonored,
+    RateLimited,
+    RegistryError,
+    RegistryUnavailable,
+    Transient,
+)
 from prewarm.resolve.reference import parse_reference
 from prewarm.resolve.registry.client import RegistryClient
 from prewarm.resolve.registry.retry import RetryPolicy
-from prewarm.resolve.registry.status import parse_retry_after
+from prewarm.resolve.registry.status import error_for_exception, parse_retry_after
 from tests.faultproxy import Fault, FaultProxy
 from tests.registry_images import push_image
 from tests.services import Registry, free_port
+from tests.tokenserver import make_cert
 
 FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, max_retry_after=0.3)
 
@@ -220,3 +230,108 @@ def test_fault_fraction_schedule_and_byte_count(registry: Registry, blob: tuple[
         assert 0 < fault.applied < fault.matched and fault.matched == 20 + fault.applied
         # And the proxy counted exactly the range bytes it relayed
         assert proxy.bytes_relayed == 20 * 500
+
+
+def test_manifests_survive_a_compressing_proxy(registry: Registry, repo_name: str, tmp_path: Path) -> None:
+    direct = RegistryClient(insecure_registries=frozenset({registry.host}), docker_config=tmp_path)
+    img = push_image(direct, registry.host, repo_name, "v1", [{"f": b"data" * 1000}])
+    # Given a proxy that gzips every manifest answer whose request allows it
+    with FaultProxy(registry.host) as proxy:
+        proxy.add(Fault("gzip", path="/manifests/"))
+        client = proxy_client(proxy, tmp_path)
+        # When the image is resolved and its manifest looked up by HEAD
+        resolved = client.resolve(parse_reference(f"{proxy.host}/{repo_name}:v1"))
+        head = client.head_manifest(proxy.host, repo_name, "v1")
+        # Then the digests check out, because manifests are asked for uncompressed
+        assert resolved.manifest_digest == img.manifest_digest
+        assert head is not None and head.digest == img.manifest_digest
+        assert head.size == len(resolved.manifest_bytes)
+        manifest_requests = [r for r in proxy.requests if "/manifests/" in r.path]
+        assert {r.method for r in manifest_requests} == {"GET", "HEAD"}
+        assert all(r.headers.get("Accept-Encoding") == "identity" for r in manifest_requests)
+
+
+def test_request_that_cannot_succeed_is_not_retried(registry: Registry, repo_name: str, tmp_path: Path) -> None:
+    # Given a registry that redirects blob reads to a URL no client can parse
+    with FaultProxy(registry.host) as proxy:
+        proxy.add(Fault("respond", path="/blobs/", status=307, headers={"Location": "http://exa mple/blob"}))
+        client = proxy_client(proxy, tmp_path)
+        # Then the error is final, after one attempt
+        with pytest.raises(RegistryError, match="InvalidURL") as err:
+            client.get_blob(proxy.host, repo_name, "sha256:" + "0" * 64)
+        assert not isinstance(err.value, Transient)
+        assert len([r for r in proxy.requests if "/blobs/" in r.path]) == 1
+    # And the same holds for the other requests-level errors no retry cures
+    for final in (requests.exceptions.InvalidURL("x"), requests.TooManyRedirects("x"),
+                  requests.exceptions.InvalidHeader("x")):
+        mapped = error_for_exception(final, kind="blob", registry="r", repository="p")
+        assert not isinstance(mapped, Transient), final
+    for transient in (requests.ConnectionError("x"), requests.exceptions.ReadTimeout("x"),
+                      requests.exceptions.ChunkedEncodingError("x")):
+        assert isinstance(error_for_exception(transient, kind="blob", registry="r", repository="p"), Transient)
+
+
+@pytest.mark.parametrize("status", [307, 308])
+@pytest.mark.parametrize("tls", [False, True])
+def test_reissued_put_sends_its_file_body_again(registry: Registry, repo_name: str, tmp_path: Path,
+                                                status: int, tls: bool) -> None:
+    data = os.urandom(300_000)
+    source = tmp_path / "layer.bin"
+    source.write_bytes(data)
+    cert, key = make_cert(tmp_path / "tls")
+    # Given a registry that answers the closing PUT of an upload with "send it again there"
+    with FaultProxy(registry.host, tls=(cert, key) if tls else None) as proxy:
+        fault = proxy.add(Fault("reissue", path="/blobs/uploads/", method="PUT", status=status, first=1))
+        client = RegistryClient(insecure_registries=frozenset() if tls else frozenset({proxy.host}),
+                                ca_bundle=str(cert), docker_config=tmp_path, retry=RetryPolicy(attempts=1),
+                                timeout=5.0)
+        # When a blob is pushed from a file, in one attempt
+        digest = client.push_blob(proxy.host, repo_name, source)
+        # Then the second PUT carried the whole file, and the registry has it
+        assert fault.applied == 1
+        puts = [r for r in proxy.requests if r.method == "PUT"]
+        assert len(puts) == 2 and puts[0].path == puts[1].path
+        assert client.get_blob(proxy.host, repo_name, digest) == data
+
+
+@pytest.mark.parametrize("code", ["EVIL\nforged: log line", "<b>EVIL</b>", "EVIL_CODE\n", "E" * 65, "evil_code", ""])
+def test_registry_error_codes_are_not_reflected(registry: Registry, repo_name: str, tmp_path: Path,
+                                                code: str) -> None:
+    # Given a registry whose error body carries a code that is not of the spec's form
+    body = json.dumps({"errors": [{"code": code, "message": "m"}]}).encode()
+    with FaultProxy(registry.host) as proxy:
+        proxy.add(Fault("status", path="/blobs/", status=500, body=body))
+        proxy.add(Fault("status", path="/manifests/", status=404, body=body))
+        client = proxy_client(proxy, tmp_path, RetryPolicy(attempts=1))
+        # When requests fail, Then the messages name the HTTP status and nothing of the code
+        with pytest.raises(RegistryUnavailable) as unavailable:
+            client.get_blob(proxy.host, repo_name, "sha256:" + "0" * 64)
+        with pytest.raises(RegistryError) as missing:
+            client.get_manifest(proxy.host, repo_name, "v1")
+    for err, status in ((unavailable.value, 500), (missing.value, 404)):
+        message = str(err)
+        assert f"HTTP {status})" in message or f"HTTP {status};" in message or message.endswith(f"HTTP {status}")
+        assert "\n" not in message and "<" not in message and "forged" not in message
+        assert "()" not in message and "EVIL" not in message.upper()
+
+
+def test_registry_error_code_of_spec_form_is_kept(registry: Registry, repo_name: str, tmp_path: Path) -> None:
+    with FaultProxy(registry.host) as proxy:
+        proxy.add(Fault("status", path="/blobs/", status=500))
+        with pytest.raises(RegistryUnavailable, match=r"HTTP 500 \(UNAVAILABLE\)"):
+            proxy_client(proxy, tmp_path, RetryPolicy(attempts=1)).get_blob(proxy.host, repo_name, "sha256:" + "0" * 64)
+
+
+def test_range_past_the_end_of_a_whole_blob_answer(registry: Registry, blob: tuple[str, str, bytes],
+                                                   tmp_path: Path) -> None:
+    repo, digest, data = blob
+    # Given a server that ignores Range and sends the whole blob
+    with FaultProxy(registry.host) as proxy:
+        proxy.add(Fault("ignore_range", path="/blobs/"))
+        client = proxy_client(proxy, tmp_path)
+        # When a range starts past the end, or runs over it, Then the error says where the blob ends
+        for start, end in ((len(data) + 10, len(data) + 20), (len(data) - 10, len(data) + 10)):
+            with pytest.raises(RangeNotHonored, match=f"the blob ends at byte {len(data)}$"):
+                client.fetch_range(proxy.host, repo, digest, start, end)
+        # And a range that fits is cut out of the stream exactly
+        assert client.fetch_range(proxy.host, repo, digest, len(data) - 10, len(data)) == data[-10:]

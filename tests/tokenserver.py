@@ -92,6 +92,8 @@ class TokenServer:
         self.reported_lifetime = reported_lifetime
         self.registry_validity = registry_validity
         self.allow_anonymous = allow_anonymous
+        #: Seconds every answer waits first (a slow token service).
+        self.delay = 0.0
         self.issued: list[Issued] = []
         self.refused = 0
         self.cert_path, key_path = make_cert(folder / "token-signing")
@@ -150,6 +152,8 @@ class TokenServer:
                 pass
 
             def _reply(self, status: int, body: dict[str, Any]) -> None:
+                if server.delay:
+                    time.sleep(server.delay)
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

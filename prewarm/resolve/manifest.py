@@ -18,11 +18,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform as _platform
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prewarm.resolve.digest import is_digest
 from prewarm.errors import UnsupportedManifest
+
+#: A registry's words we repeat in messages: media types, platform parts.  Anything
+#: else (newlines, markup, megabytes) is not echoed into errors, job records and logs.
+_SHOWN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+/-]{0,127}")
+
+
+def shown(value: object) -> str:
+    """``value`` as an error message may show it: a plain token, else a placeholder."""
+    if isinstance(value, str) and _SHOWN_RE.fullmatch(value):
+        return value
+    return "(a value not shown)"
+
+
+def shown_platform(p: Platform) -> str:
+    """A registry-supplied platform for a message (see :func:`shown`)."""
+    return "/".join(shown(part) for part in (p.os, p.architecture, p.variant) if part)
+
 
 # === media types
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -122,9 +140,9 @@ class Descriptor:
         if not isinstance(media_type, str) or not media_type:
             raise UnsupportedManifest(f"{where}: descriptor has no mediaType")
         if not isinstance(digest, str) or not is_digest(digest):
-            raise UnsupportedManifest(f"{where}: descriptor digest {digest!r} is not sha256:<hex>")
+            raise UnsupportedManifest(f"{where}: descriptor digest {shown(digest)} is not sha256:<hex>")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise UnsupportedManifest(f"{where}: descriptor size {size!r} is not a non-negative integer")
+            raise UnsupportedManifest(f"{where}: descriptor size {shown(str(size))} is not a non-negative integer")
         annotations = raw.get("annotations") or {}
         if not isinstance(annotations, Mapping) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
@@ -190,7 +208,7 @@ def media_type_of(body: bytes, content_type: str | None, where: str = "manifest"
         return OCI_INDEX
     if "config" in raw and "layers" in raw:
         return OCI_MANIFEST
-    raise UnsupportedManifest(f"{where}: unknown manifest type {ctype or '(no Content-Type)'}")
+    raise UnsupportedManifest(f"{where}: unknown manifest type {shown(ctype) if ctype else '(no Content-Type)'}")
 
 
 def _load(body: bytes, what: str) -> dict[str, Any]:
@@ -243,7 +261,7 @@ def parse_manifest(body: bytes, media_type: str, where: str = "manifest") -> Ima
         return ImageManifest(media_type, Descriptor.from_json(raw["config"], f"{where}.config"),
                              _descriptors(raw.get("layers"), f"{where}.layers"), subject,
                              dict(annotations), artifact_type if isinstance(artifact_type, str) else None)
-    raise UnsupportedManifest(f"{where}: unsupported manifest media type {media_type!r}; expected an OCI or "
+    raise UnsupportedManifest(f"{where}: unsupported manifest media type {shown(media_type)}; expected an OCI or "
                               "Docker schema 2 image manifest or index")
 
 
@@ -313,7 +331,7 @@ def choose_platform(index: ImageIndex, wanted: Platform, where: str = "image") -
         return exact[0]
     if loose:
         return loose[0]
-    available = sorted({str(d.platform) for d in index.manifests
+    available = sorted({shown_platform(d.platform) for d in index.manifests
                         if d.platform is not None and d.platform.os != "unknown"})
     raise UnsupportedManifest(
         f"{where}: no manifest for platform {wanted}; the image has "

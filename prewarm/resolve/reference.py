@@ -12,7 +12,9 @@ containerd write:
     digest     := algorithm ":" hex
 
 Normalisation follows Docker Hub's rules: no domain means ``docker.io``; a single
-path component on Docker Hub gets ``library/``; ``index.docker.io`` is ``docker.io``;
+path component on Docker Hub gets ``library/``; ``index.docker.io`` and
+``registry-1.docker.io`` are ``docker.io`` (so ``registry-1.docker.io/ubuntu`` is
+``docker.io/library/ubuntu``);
 no tag and no digest means ``:latest``.  Docker Hub's API lives on another host
 (``registry-1.docker.io``): :attr:`Reference.api_host` gives the host to talk to,
 while :attr:`Reference.registry` keeps the name users (and credential files) know.
@@ -155,7 +157,7 @@ def parse_reference(text: str) -> Reference:
     if domain is not None:
         if not _DOMAIN_RE.match(domain):
             raise bad(f"registry {domain!r} is not a valid host[:port]")
-        if domain in ("index.docker.io", "docker.io"):
+        if domain in _HUB_ALIASES:
             domain = DOCKER_HUB
     else:
         domain = DOCKER_HUB

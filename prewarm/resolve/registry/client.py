@@ -14,7 +14,10 @@ This is the only module that speaks the registry's HTTP API.  Its contract:
   errors, 5xx, 429) are retried by the :class:`RetryPolicy` before they surface.
 * **Credentials stay on this node.**  They come from this node's Docker config, go
   only to the registry (and its token realm), and are never forwarded on a redirect
-  to another host (blob storage on S3 or a CDN).
+  to another origin (blob storage on S3 or a CDN).
+* **Redirects stay out of the node's neighbourhood.**  No https-to-http downgrade;
+  no link-local, loopback or private target unless the registry itself is one
+  (see :mod:`prewarm.resolve.registry.hosts`).
 * **Plain HTTP only when asked.**  Registries named in ``insecure_registries`` use
   ``http://``; everything else is HTTPS verified against ``ca_bundle`` (or the
   system store).
@@ -33,8 +36,10 @@ import dataclasses
 import functools
 import json
 import logging
+import random
 import re
 import threading
+import time
 from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -73,10 +78,13 @@ from prewarm.resolve.manifest import (
     media_type_of,
     parse_manifest,
     parse_platform,
+    shown,
+    shown_platform,
 )
 from prewarm.resolve.reference import Reference, registry_api_host
-from prewarm.resolve.registry.auth import RegistryAuth
+from prewarm.resolve.registry.auth import RegistryAuth, scope_for
 from prewarm.resolve.registry.dockerconfig import Credential, DockerConfig
+from prewarm.resolve.registry.hosts import redirect_refusal
 from prewarm.resolve.registry.retry import RetryPolicy
 from prewarm.resolve.registry.status import Kind, error_for_exception, error_for_status
 
@@ -88,8 +96,18 @@ DEFAULT_MAX_BLOB = 64 << 20
 MAX_CONFIG_BYTES = 32 << 20
 #: Redirects followed per request (registries send one, to blob storage).
 MAX_REDIRECTS = 5
+#: Pages of a referrers answer followed through ``Link: <...>; rel="next"``.
+MAX_REFERRER_PAGES = 64
+#: Writes of the referrers fallback tag before giving up on concurrent pushers.
+FALLBACK_TAG_ATTEMPTS = 6
+#: Seconds to wait before checking a fallback-tag write survived; doubles with each
+#: write and is jittered (times 1-2), so at most about 6 s in all.
+FALLBACK_TAG_SETTLE = 0.05
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _READ_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+#: Manifests are read raw and hashed: a compressing proxy must leave their bytes alone
+#: (and a HEAD's Content-Length must be the manifest's size, not a compressed one).
+_MANIFEST_HEADERS = {"Accept": ", ".join(MANIFEST_ACCEPT), "Accept-Encoding": "identity"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +142,50 @@ class ResolvedImage:
     def pinned(self) -> Reference:
         """The reference pinned to the manifest digest (what tasks should carry)."""
         return self.reference.with_digest(self.manifest_digest)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    """What one request is about: named in every error it raises (and its auth scope)."""
+
+    registry: str
+    repository: str | None
+    kind: Kind
+    subject: str | None = None
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The keyword arguments :class:`prewarm.errors.RegistryError` takes for it."""
+        return {"registry": self.registry, "repository": self.repository, "digest": self.subject}
+
+
+class _RawBody:
+    """A streamed body as sent, from byte ``skip`` on: the one skip/read loop.
+
+    Never decoded: digests are of the bytes the registry stored, and a server that
+    ignores ``Range`` is skipped through here rather than held in memory.  Read
+    errors propagate to the caller, which knows what broke.
+
+    Attributes:
+        skip: bytes still to skip (non-zero after the loop: the body ended first).
+        seen: bytes received in all, skipped ones included.
+    """
+
+    def __init__(self, resp: requests.Response, skip: int = 0) -> None:
+        self._resp = resp
+        self.skip = skip
+        self.seen = 0
+
+    def chunks(self, size: int) -> Iterator[bytes]:
+        """The body's bytes after ``skip``, in chunks of at most ``size``."""
+        for chunk in self._resp.raw.stream(size, decode_content=False):
+            self.seen += len(chunk)
+            if self.skip >= len(chunk):
+                self.skip -= len(chunk)
+                continue
+            if self.skip:
+                chunk, self.skip = chunk[self.skip:], 0
+            yield chunk
 
 
 def referrers_tag(digest: str) -> str:
@@ -197,54 +259,76 @@ class RegistryClient:
             if auth is None:
                 netloc = urlsplit(self.base_url(registry)).netloc
                 auth = RegistryAuth(registry, netloc, lambda: self._credential(registry), self._session,
-                                    timeout=self.timeout, verify=self._verify)
+                                    timeout=self.timeout, verify=self._verify,
+                                    scheme=urlsplit(self.base_url(registry)).scheme)
                 self._auths[registry] = auth
             return auth
 
-    def _send(self, method: str, url: str, *, registry: str, repository: str | None, kind: Kind,
-              subject: str | None, ok: tuple[int, ...], headers: Mapping[str, str] | None = None,
-              data: Any = None, params: Mapping[str, str] | None = None,
-              stream: bool = False) -> requests.Response:
+    def _send(self, method: str, url: str, ctx: _Context, *, ok: tuple[int, ...],
+              headers: Mapping[str, str] | None = None, data: Any = None,
+              params: Mapping[str, str] | None = None, stream: bool = False) -> requests.Response:
         """One request (no retry), redirects followed by hand; non-``ok`` statuses raise.
 
-        Redirects to another host are followed without our auth: blob storage gets a
-        pre-signed URL, never the registry's credentials.
+        Redirects to another origin (host, port or scheme) are followed without our
+        auth: blob storage gets a pre-signed URL, never the registry's credentials.
+        Redirects that downgrade to ``http`` or lead into this node's neighbourhood
+        (link-local, loopback, private addresses) from a registry outside it are
+        refused (:func:`prewarm.resolve.registry.hosts.redirect_refusal`).
 
         Raises:
             RegistryError: the mapped status or connection failure.
         """
-        api_netloc = urlsplit(self.base_url(registry)).netloc
+        registry, repository = ctx.registry, ctx.repository
+        api_origin = _origin(self.base_url(registry))
+        auth = self.auth_for(registry).for_scope(scope_for(method, repository))
         hdrs = dict(headers or {})
+        # A 307/308 means "send the same request there": a file body starts over.
+        body_start = data.tell() if hasattr(data, "seek") and hasattr(data, "tell") else None
         for _ in range(MAX_REDIRECTS + 1):
-            same_host = urlsplit(url).netloc == api_netloc
+            same_host = _origin(url) == api_origin
             try:
                 resp = self._session.request(method, url, headers=hdrs, data=data, params=params,
-                                             auth=self.auth_for(registry) if same_host else None,
+                                             auth=auth if same_host else None,
                                              stream=stream, timeout=self.timeout, allow_redirects=False,
                                              verify=self._verify)
             except requests.RequestException as err:
-                raise error_for_exception(err, kind=kind, registry=registry, repository=repository,
-                                          subject=subject) from None
+                raise error_for_exception(err, kind=ctx.kind, registry=registry, repository=repository,
+                                          subject=ctx.subject) from None
             if resp.status_code in (301, 302, 303, 307, 308) and "Location" in resp.headers \
                     and resp.status_code not in ok:
                 url = urljoin(resp.url, resp.headers["Location"])
                 resp.close()
+                self._check_target(url, ctx, "redirect")
                 params = None
                 if resp.status_code == 303 or (resp.status_code in (301, 302) and method == "POST"):
                     method, data = "GET", None
-                if urlsplit(url).netloc != api_netloc:
+                elif body_start is not None:
+                    data.seek(body_start)
+                if _origin(url) != api_origin:
                     hdrs.pop("Authorization", None)
                 continue
             if resp.status_code not in ok:
                 try:
-                    raise error_for_status(resp, kind=kind, registry=registry, repository=repository,
-                                           subject=subject,
+                    raise error_for_status(resp, kind=ctx.kind, registry=registry, repository=repository,
+                                           subject=ctx.subject,
                                            scope=f"repository:{repository}" if repository else None)
                 finally:
                     resp.close()
             return resp
-        raise RegistryError(f"registry {registry}: too many redirects for {kind} {subject or ''} in {repository}",
-                            registry=registry, repository=repository, digest=subject)
+        raise RegistryError(f"registry {registry}: too many redirects for {ctx.kind} {ctx.subject or ''} "
+                            f"in {repository}", **ctx.fields)
+
+    def _check_target(self, url: str, ctx: _Context, what: str) -> None:
+        """Refuse a URL the registry sent us to (a redirect, an upload location).
+
+        Raises:
+            RegistryError: (final) ``url`` downgrades to http or leads into this node's
+                neighbourhood; the URL itself is not named (it may be signed).
+        """
+        refusal = redirect_refusal(self.base_url(ctx.registry), url)
+        if refusal is not None:
+            raise RegistryError(f"registry {ctx.registry}: refusing its {what} for {ctx.kind} "
+                                f"{ctx.subject or ''} in {ctx.repository}: {refusal}", **ctx.fields)
 
     def _url(self, registry: str, repository: str, *parts: str) -> str:
         return "/".join([self.base_url(registry), "v2", repository, *parts])
@@ -262,7 +346,7 @@ class RegistryClient:
             raise CorruptContent(f"{what} is {int(declared)} bytes, more than the {limit} allowed")
         buf = bytearray()
         try:
-            for chunk in resp.raw.stream(1 << 16, decode_content=False):
+            for chunk in _RawBody(resp).chunks(1 << 16):
                 buf += chunk
                 if len(buf) > limit:
                     raise CorruptContent(f"{what} is more than the {limit} bytes allowed")
@@ -284,11 +368,11 @@ class RegistryClient:
             DigestMismatch: the bytes do not match the digest asked for or vouched for.
         """
         where = f"{registry}/{repository}{'@' if is_digest(reference) else ':'}{reference}"
+        ctx = _Context(registry, repository, "manifest", reference)
 
         def once() -> tuple[bytes, str, str]:
-            resp = self._send("GET", self._url(registry, repository, "manifests", reference),
-                              registry=registry, repository=repository, kind="manifest", subject=reference,
-                              ok=(200,), headers={"Accept": ", ".join(MANIFEST_ACCEPT)}, stream=True)
+            resp = self._send("GET", self._url(registry, repository, "manifests", reference), ctx, ok=(200,),
+                              headers=_MANIFEST_HEADERS, stream=True)
             with resp:
                 body = self._read_limited(resp, MAX_MANIFEST_BYTES, f"manifest {where}")
                 ctype = resp.headers.get("Content-Type")
@@ -312,11 +396,12 @@ class RegistryClient:
         Raises:
             RegistryError: anything but 200 or 404 (after retries).
         """
+        ctx = _Context(registry, repository, "manifest", reference)
+
         def once() -> Descriptor | None:
             try:
-                resp = self._send("HEAD", self._url(registry, repository, "manifests", reference),
-                                  registry=registry, repository=repository, kind="manifest", subject=reference,
-                                  ok=(200,), headers={"Accept": ", ".join(MANIFEST_ACCEPT)})
+                resp = self._send("HEAD", self._url(registry, repository, "manifests", reference), ctx, ok=(200,),
+                                  headers=_MANIFEST_HEADERS)
             except ManifestNotFound:
                 return None
             with resp:
@@ -335,7 +420,9 @@ class RegistryClient:
 
         Args:
             ref: the image reference.
-            platform: ``os/arch[/variant]``; default this host's platform.
+            platform: ``os/arch[/variant]``; default this host's platform.  A
+                single-platform image (no index) must match it too: its config says
+                which platform it is.
 
         Raises:
             ManifestNotFound: the image or the chosen manifest does not exist.
@@ -353,14 +440,15 @@ class RegistryClient:
             assert isinstance(parsed, ImageIndex)
             index, index_digest, index_bytes = parsed, digest, body
             desc = choose_platform(index, wanted or host_platform(), where)
+            assert desc.platform is not None
             chosen_platform = str(desc.platform)
             body, media_type, digest = self.get_manifest(ref.registry, ref.repository, desc.digest)
             if media_type not in IMAGE_MANIFESTS:
-                raise UnsupportedManifest(f"{where}: the {chosen_platform} entry is a {media_type}, "
-                                          "not an image manifest")
+                raise UnsupportedManifest(f"{where}: the {shown_platform(desc.platform)} entry is a "
+                                          f"{shown(media_type)}, not an image manifest")
         manifest = parse_manifest(body, media_type, where)
         if not isinstance(manifest, ImageManifest):
-            raise UnsupportedManifest(f"{where}: expected an image manifest, got {media_type}")
+            raise UnsupportedManifest(f"{where}: expected an image manifest, got {shown(media_type)}")
         config_bytes = self.get_blob(ref.registry, ref.repository, manifest.config.digest,
                                      max_size=MAX_CONFIG_BYTES)
         try:
@@ -382,8 +470,13 @@ class RegistryClient:
             if isinstance(os_, str) and isinstance(arch, str):
                 variant = config.get("variant") if isinstance(config.get("variant"), str) else None
                 have = Platform(os_, arch, variant or None)
-                if wanted is not None and (have.os, have.architecture) != (wanted.os, wanted.architecture):
-                    raise UnsupportedManifest(f"{where}: the image is {have} only, not {wanted}")
+                fit = wanted or host_platform()
+                if (have.os, have.architecture) != (fit.os, fit.architecture):
+                    named = shown_platform(have)
+                    if wanted is not None:
+                        raise UnsupportedManifest(f"{where}: the image is {named} only, not {wanted}")
+                    raise UnsupportedManifest(f"{where}: the image is {named} only and this host is {fit}; "
+                                              f"pass --platform {named} to prewarm it for {named} nodes anyway")
                 chosen_platform = str(have)
         return ResolvedImage(
             reference=ref, manifest_digest=digest, manifest_bytes=body, media_type=media_type,
@@ -400,10 +493,11 @@ class RegistryClient:
 
     def blob_exists(self, registry: str, repository: str, digest: str) -> int | None:
         """The blob's size if the registry has it, else None."""
+        ctx = _Context(registry, repository, "blob", digest)
+
         def once() -> int | None:
             try:
-                resp = self._send("HEAD", self._blob_url(registry, repository, digest), registry=registry,
-                                  repository=repository, kind="blob", subject=digest, ok=(200,))
+                resp = self._send("HEAD", self._blob_url(registry, repository, digest), ctx, ok=(200,))
             except BlobNotFound:
                 return None
             with resp:
@@ -420,10 +514,10 @@ class RegistryClient:
             DigestMismatch: the bytes do not match ``digest``.
         """
         what = f"blob {digest} in {registry}/{repository}"
+        ctx = _Context(registry, repository, "blob", digest)
 
         def once() -> bytes:
-            resp = self._send("GET", self._blob_url(registry, repository, digest), registry=registry,
-                              repository=repository, kind="blob", subject=digest, ok=(200,), stream=True,
+            resp = self._send("GET", self._blob_url(registry, repository, digest), ctx, ok=(200,), stream=True,
                               headers={"Accept-Encoding": "identity"})
             with resp:
                 return self._read_limited(resp, max_size, what)
@@ -449,15 +543,14 @@ class RegistryClient:
             raise ValueError(f"bad range [{start}, {end}) for blob {digest}")
         what = f"blob {digest} in {registry}/{repository} [{start}, {'' if end is None else end})"
         spec = f"bytes={start}-{'' if end is None else end - 1}"
+        ctx = _Context(registry, repository, "blob", digest)
 
         def once() -> bytes:
-            resp = self._send("GET", self._blob_url(registry, repository, digest), registry=registry,
-                              repository=repository, kind="blob", subject=digest, ok=(200, 206), stream=True,
+            resp = self._send("GET", self._blob_url(registry, repository, digest), ctx, ok=(200, 206), stream=True,
                               headers={"Range": spec, "Accept-Encoding": "identity"})
             with resp:
                 if resp.status_code == 206:
-                    _, total = self._check_content_range(resp, start, end, what, registry, repository,
-                                                             digest)
+                    _, total = self._check_content_range(resp, start, end, what, ctx)
                     want = (end - start) if end is not None else None
                     if want is None and total is not None:
                         want = total - start
@@ -469,21 +562,21 @@ class RegistryClient:
 
     @staticmethod
     def _check_content_range(resp: requests.Response, start: int, end: int | None, what: str,
-                             registry: str, repository: str, digest: str) -> tuple[int, int | None]:
+                             ctx: _Context) -> tuple[int, int | None]:
         ctype = resp.headers.get("Content-Type", "")
         if ctype.startswith("multipart/"):
             raise RangeNotHonored(f"{what}: the server answered a multipart range; ask one range at a time",
-                                  registry=registry, repository=repository, digest=digest, status=206)
+                                  status=206, **ctx.fields)
         m = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", "").strip())
         if not m:
             raise RangeNotHonored(f"{what}: 206 without a usable Content-Range",
-                                  registry=registry, repository=repository, digest=digest, status=206)
+                                  status=206, **ctx.fields)
         first, last = int(m.group(1)), int(m.group(2))
         total = None if m.group(3) == "*" else int(m.group(3))
         if first != start or (end is not None and last != end - 1):
             size = f" (the blob is {total} bytes)" if total is not None else ""
             raise RangeNotHonored(f"{what}: the server sent bytes {first}-{last}{size}",
-                                  registry=registry, repository=repository, digest=digest, status=206)
+                                  status=206, **ctx.fields)
         return first, total
 
     @staticmethod
@@ -505,17 +598,9 @@ class RegistryClient:
                 raise RegistryUnavailable(f"{what}: got {len(data)} of {length} bytes")
             return data
         out = bytearray()
-        seen = 0
+        body = _RawBody(resp, skip)
         try:
-            for chunk in resp.raw.stream(1 << 20, decode_content=False):
-                if skip:
-                    if len(chunk) <= skip:
-                        skip -= len(chunk)
-                        seen += len(chunk)
-                        continue
-                    chunk = chunk[skip:]
-                    seen += skip
-                    skip = 0
+            for chunk in body.chunks(1 << 20):
                 out += chunk
                 if length is not None and len(out) >= length:
                     del out[length:]
@@ -523,9 +608,9 @@ class RegistryClient:
         except _READ_ERRORS as err:
             raise RegistryUnavailable(f"{what}: connection broke after {len(out)} bytes "
                                       f"({err.__class__.__name__})") from None
-        if length is not None and len(out) < length or skip:
+        if length is not None and len(out) < length or body.skip:
             if whole_blob:
-                raise RangeNotHonored(f"{what}: the blob ends at byte {seen + len(out)}")
+                raise RangeNotHonored(f"{what}: the blob ends at byte {body.seen}")
             raise RegistryUnavailable(f"{what}: got {len(out)} of {length} bytes")
         return bytes(out)
 
@@ -544,17 +629,17 @@ class RegistryClient:
         """
         what = f"blob {digest} in {registry}/{repository}"
         url = self._blob_url(registry, repository, digest)
+        ctx = _Context(registry, repository, "blob", digest)
         holder: dict[str, requests.Response | None] = {"resp": None}
 
         def open_at(offset: int) -> requests.Response:
             headers = {"Accept-Encoding": "identity"}
             if offset:
                 headers["Range"] = f"bytes={offset}-"
-            resp = self._send("GET", url, registry=registry, repository=repository, kind="blob", subject=digest,
-                              ok=(200, 206), stream=True, headers=headers)
+            resp = self._send("GET", url, ctx, ok=(200, 206), stream=True, headers=headers)
             if resp.status_code == 206:
                 try:
-                    self._check_content_range(resp, offset, None, what, registry, repository, digest)
+                    self._check_content_range(resp, offset, None, what, ctx)
                 except RangeNotHonored:
                     resp.close()
                     raise
@@ -569,12 +654,7 @@ class RegistryClient:
                 holder["resp"] = resp
                 skip = received if resp.status_code == 200 else 0
                 try:
-                    for chunk in resp.raw.stream(chunk_size, decode_content=False):
-                        if skip:
-                            if len(chunk) <= skip:
-                                skip -= len(chunk)
-                                continue
-                            chunk, skip = chunk[skip:], 0
+                    for chunk in _RawBody(resp, skip).chunks(chunk_size):
                         hasher.update(chunk)
                         received += len(chunk)
                         yield chunk
@@ -584,8 +664,7 @@ class RegistryClient:
                     if breaks >= self.retry.attempts:
                         raise RegistryUnavailable(
                             f"{what}: connection broke {breaks} times, last after {received} bytes "
-                            f"({err.__class__.__name__})", registry=registry, repository=repository,
-                            digest=digest) from None
+                            f"({err.__class__.__name__})", **ctx.fields) from None
                     log.info("%s: stream broke at %d bytes (%s); resuming", what, received, err)
                 finally:
                     resp.close()
@@ -627,11 +706,12 @@ class RegistryClient:
             return digest
 
         def once() -> str:
-            resp = self._send("POST", self._url(registry, repository, "blobs", "uploads/"), registry=registry,
-                              repository=repository, kind="upload", subject=digest, ok=(202,),
+            resp = self._send("POST", self._url(registry, repository, "blobs", "uploads/"),
+                              _Context(registry, repository, "upload", digest), ok=(202,),
                               headers={"Content-Length": "0"})
             with resp:
                 location = urljoin(resp.url, resp.headers["Location"])
+            self._check_target(location, _Context(registry, repository, "upload", digest), "upload location")
             if chunk_size is None:
                 return self._put_monolithic(registry, repository, location, source, digest)
             return self._put_chunked(registry, repository, location, source, digest, chunk_size)
@@ -640,8 +720,8 @@ class RegistryClient:
 
     def _finish_upload(self, registry: str, repository: str, location: str, digest: str, body: Any,
                        length: int) -> str:
-        resp = self._send("PUT", _with_query(location, digest=digest), registry=registry, repository=repository,
-                          kind="upload", subject=digest, ok=(201,), data=body,
+        resp = self._send("PUT", _with_query(location, digest=digest),
+                          _Context(registry, repository, "upload", digest), ok=(201,), data=body,
                           headers={"Content-Type": "application/octet-stream", "Content-Length": str(length)})
         with resp:
             vouched = resp.headers.get("Docker-Content-Digest")
@@ -660,15 +740,16 @@ class RegistryClient:
     def _put_chunked(self, registry: str, repository: str, location: str, source: bytes | Path, digest: str,
                      chunk_size: int) -> str:
         offset = 0
+        ctx = _Context(registry, repository, "upload", digest)
         with _chunks_of(source, chunk_size) as chunks:
             for chunk in chunks:
-                resp = self._send("PATCH", location, registry=registry, repository=repository, kind="upload",
-                                  subject=digest, ok=(202,), data=chunk,
+                resp = self._send("PATCH", location, ctx, ok=(202,), data=chunk,
                                   headers={"Content-Type": "application/octet-stream",
                                            "Content-Length": str(len(chunk)),
                                            "Content-Range": f"{offset}-{offset + len(chunk) - 1}"})
                 with resp:
                     location = urljoin(resp.url, resp.headers["Location"])
+                self._check_target(location, ctx, "upload location")
                 offset += len(chunk)
         return self._finish_upload(registry, repository, location, digest, b"", 0)
 
@@ -685,8 +766,8 @@ class RegistryClient:
             verify(body, reference, what=f"manifest to push to {registry}/{repository}")
 
         def once() -> str:
-            resp = self._send("PUT", self._url(registry, repository, "manifests", reference), registry=registry,
-                              repository=repository, kind="manifest", subject=reference, ok=(201,), data=body,
+            resp = self._send("PUT", self._url(registry, repository, "manifests", reference),
+                              _Context(registry, repository, "manifest", reference), ok=(201,), data=body,
                               headers={"Content-Type": media_type})
             with resp:
                 vouched = resp.headers.get("Docker-Content-Digest")
@@ -712,8 +793,8 @@ class RegistryClient:
                                  expected=descriptor.digest, actual=digest)
 
         def once() -> bool:
-            resp = self._send("PUT", self._url(registry, repository, "manifests", digest), registry=registry,
-                              repository=repository, kind="manifest", subject=digest, ok=(201,), data=body,
+            resp = self._send("PUT", self._url(registry, repository, "manifests", digest),
+                              _Context(registry, repository, "manifest", digest), ok=(201,), data=body,
                               headers={"Content-Type": media_type})
             with resp:
                 return resp.headers.get("OCI-Subject") == subject_digest
@@ -726,28 +807,45 @@ class RegistryClient:
                   artifact_type: str | None = None) -> list[Descriptor]:
         """Manifests whose ``subject`` is ``digest``, optionally of one artifact type.
 
-        Asks the OCI referrers API first; a registry without it (404, 400, 405: Debian's
-        distribution 2.8) is read through the ``sha256-<hex>`` fallback tag instead.
+        Asks the OCI referrers API first, following its ``Link: <...>; rel="next"``
+        pages (on the registry's own origin, at most :data:`MAX_REFERRER_PAGES`); a
+        registry without it (404, 400, 405: Debian's distribution 2.8) is read through
+        the ``sha256-<hex>`` fallback tag instead.
 
         Raises:
             RegistryError: the registry failed in another way.
         """
+        ctx = _Context(registry, repository, "referrers", digest)
+        api_origin = _origin(self.base_url(registry))
+
         def api() -> list[Descriptor] | None:
+            url = self._url(registry, repository, "referrers", digest)
             params = {"artifactType": artifact_type} if artifact_type else None
-            try:
-                resp = self._send("GET", self._url(registry, repository, "referrers", digest), registry=registry,
-                                  repository=repository, kind="referrers", subject=digest, ok=(200, 400, 404, 405),
-                                  params=params, headers={"Accept": OCI_INDEX}, stream=True)
-            except ManifestNotFound:
-                return None
-            with resp:
-                ctype = (resp.headers.get("Content-Type") or "").split(";", 1)[0]
-                if resp.status_code != 200 or ctype != OCI_INDEX:
+            found: list[Descriptor] = []
+            for page in range(MAX_REFERRER_PAGES):
+                try:
+                    resp = self._send("GET", url, ctx, ok=(200, 400, 404, 405), params=params,
+                                      headers={"Accept": OCI_INDEX}, stream=True)
+                except ManifestNotFound:
                     return None
-                body = self._read_limited(resp, MAX_MANIFEST_BYTES, f"referrers of {digest}")
-            parsed = parse_manifest(body, OCI_INDEX, f"referrers of {digest} in {registry}/{repository}")
-            assert isinstance(parsed, ImageIndex)
-            return list(parsed.manifests)
+                with resp:
+                    ctype = (resp.headers.get("Content-Type") or "").split(";", 1)[0]
+                    if resp.status_code != 200 or ctype != OCI_INDEX:
+                        return None if page == 0 else found
+                    body = self._read_limited(resp, MAX_MANIFEST_BYTES, f"referrers of {digest}")
+                    following = resp.links.get("next", {}).get("url")
+                    here = resp.url
+                parsed = parse_manifest(body, OCI_INDEX, f"referrers of {digest} in {registry}/{repository}")
+                assert isinstance(parsed, ImageIndex)
+                found.extend(parsed.manifests)
+                if not following:
+                    return found
+                url, params = urljoin(here, following), None
+                if _origin(url) != api_origin:
+                    raise RegistryError(f"registry {registry}: the next page of referrers of {digest} in "
+                                        f"{repository} is on another host; refusing to follow it", **ctx.fields)
+            raise RegistryError(f"registry {registry}: referrers of {digest} in {repository} run past "
+                                f"{MAX_REFERRER_PAGES} pages", **ctx.fields)
 
         found = self.retry.run(api, f"referrers of {digest}")
         if found is None:
@@ -758,29 +856,59 @@ class RegistryClient:
         return found
 
     def _fallback_index(self, registry: str, repository: str, digest: str) -> ImageIndex | None:
+        return self._fallback_tag(registry, repository, digest)[0]
+
+    def _fallback_tag(self, registry: str, repository: str, digest: str) -> tuple[ImageIndex | None, str | None]:
+        """The fallback tag's index and its manifest digest, or (None, None) if there is none."""
         try:
-            body, media_type, _ = self.get_manifest(registry, repository, referrers_tag(digest))
+            body, media_type, tag_digest = self.get_manifest(registry, repository, referrers_tag(digest))
         except ManifestNotFound:
-            return None
+            return None, None
         parsed = parse_manifest(body, media_type, f"{registry}/{repository}:{referrers_tag(digest)}")
         if not isinstance(parsed, ImageIndex):
             raise UnsupportedManifest(f"{registry}/{repository}:{referrers_tag(digest)} is not an image index; "
                                       "the referrers fallback tag holds something else")
-        return parsed
+        return parsed, tag_digest
 
     def add_referrer_to_fallback_tag(self, registry: str, repository: str, subject_digest: str,
                                      referrer: Descriptor) -> str:
         """Add ``referrer`` (a manifest with ``subject``) to the ``sha256-<hex>`` tag index.
 
-        Read, add (replacing an entry with the same digest), write back: what
-        registries without the referrers API need (the OCI spec's fallback).  Returns
-        the digest of the new tag index.
+        Read, merge (replacing an entry with the same digest), write back: what
+        registries without the referrers API need (the OCI spec's fallback).  The
+        registry offers no conditional write, so two pushers can each write an index
+        without the other's entry; each therefore reads the tag again after a pause
+        and, if its entry is gone, merges into what is there now (putting back every
+        entry it has seen, so it also repairs what its own write dropped) and writes
+        again, up to :data:`FALLBACK_TAG_ATTEMPTS` times.  Returns the digest of the
+        tag index.
+
+        Raises:
+            RegistryError: the entry kept disappearing (a pusher without this check).
         """
-        index = self._fallback_index(registry, repository, subject_digest)
-        entries = [d for d in (index.manifests if index else ()) if d.digest != referrer.digest]
-        entries.append(referrer)
-        body = index_json(entries, annotations=index.annotations if index else None)
-        return self.push_manifest(registry, repository, referrers_tag(subject_digest), body, OCI_INDEX)
+        tag = referrers_tag(subject_digest)
+        # Every entry ever read here: a write puts back what a race dropped from the tag.
+        seen: dict[str, Descriptor] = {}
+        index, _ = self._fallback_tag(registry, repository, subject_digest)
+        for attempt in range(FALLBACK_TAG_ATTEMPTS):
+            current = [d for d in (index.manifests if index else ()) if d.digest != referrer.digest]
+            seen.update((d.digest, d) for d in current)
+            there = {d.digest for d in current}
+            restored = [d for digest, d in seen.items() if digest not in there]
+            body = index_json(current + restored + [referrer], annotations=index.annotations if index else None)
+            self.push_manifest(registry, repository, tag, body, OCI_INDEX)
+            # Long enough for a concurrent read-then-write to land, growing with contention.
+            time.sleep(FALLBACK_TAG_SETTLE * (2 ** attempt) * (1 + random.random()))
+            index, tag_digest = self._fallback_tag(registry, repository, subject_digest)
+            if index is not None and tag_digest is not None \
+                    and any(d.digest == referrer.digest for d in index.manifests):
+                return tag_digest
+            log.info("%s/%s:%s lost referrer %s to a concurrent push; merging again",
+                     registry, repository, tag, referrer.digest)
+        raise RegistryError(f"registry {registry}: referrer {referrer.digest} kept disappearing from "
+                            f"{repository}:{tag} after {FALLBACK_TAG_ATTEMPTS} writes; another pusher "
+                            "overwrites the fallback tag", registry=registry, repository=repository,
+                            digest=subject_digest)
 
 
 def _digest_of(source: bytes | Path) -> str:
@@ -801,6 +929,12 @@ def _chunks_of(source: bytes | Path, size: int) -> Iterator[Iterator[bytes]]:
     else:
         view = memoryview(source)
         yield (bytes(view[i:i + size]) for i in range(0, len(view), size))
+
+
+def _origin(url: str) -> tuple[str, str]:
+    """(scheme, host:port) of ``url``: what must match for our credentials to go along."""
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
 
 
 def _with_query(url: str, **params: str) -> str:

@@ -23,9 +23,13 @@ from typing import Any
 
 from prewarm.errors import ConfigError
 
-#: Docker Hub's key in config.json, as ``docker login`` writes it.
-DOCKER_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io",
-                   "https://index.docker.io/v1", "https://registry-1.docker.io")
+#: Docker Hub's server address: its key in config.json as ``docker login`` writes it, and
+#: what Docker hands a credential helper for Hub.
+DOCKER_HUB_SERVER = "https://index.docker.io/v1/"
+#: Other keys Hub's credentials are found under, after :data:`DOCKER_HUB_SERVER`.
+DOCKER_HUB_KEYS = (DOCKER_HUB_SERVER, "https://index.docker.io/v1", "index.docker.io", "docker.io",
+                   "registry-1.docker.io", "https://registry-1.docker.io")
+_HUB_NAMES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 #: How long a credential helper may take before we give up on it.
 HELPER_TIMEOUT = 30.0
 
@@ -61,7 +65,10 @@ class DockerConfig:
         helpers = raw.get("credHelpers") or {}
         if not isinstance(auths, Mapping) or not isinstance(helpers, Mapping):
             raise ConfigError(f"{source}: 'auths' and 'credHelpers' must be JSON objects")
+        # Exact keys first (Docker's own lookup), then by host for the other spellings.
+        self._auths_exact = {str(k): v for k, v in auths.items() if isinstance(v, Mapping)}
         self._auths = {_host_key(k): v for k, v in auths.items() if isinstance(v, Mapping)}
+        self._helpers_exact = {str(k): str(v) for k, v in helpers.items()}
         self._helpers = {_host_key(k): str(v) for k, v in helpers.items()}
         store = raw.get("credsStore")
         self._store = str(store) if store else None
@@ -98,19 +105,26 @@ class DockerConfig:
         Raises:
             ConfigError: an entry is malformed, or a credential helper fails.
         """
-        keys = [registry.lower()]
-        if registry.lower() in ("docker.io", "index.docker.io", "registry-1.docker.io"):
-            keys = [_host_key(k) for k in DOCKER_HUB_KEYS]
+        hub = registry.lower() in _HUB_NAMES
+        # Docker Hub is known to config.json and to credential helpers by its server
+        # address, not by a host name: ask for it the way Docker does.
+        server = DOCKER_HUB_SERVER if hub else registry
+        exact = [DOCKER_HUB_SERVER] if hub else [registry]
+        keys = list(dict.fromkeys(_host_key(k) for k in DOCKER_HUB_KEYS)) if hub else [registry.lower()]
+        for key in exact:
+            if key in self._helpers_exact:
+                return self._from_helper(self._helpers_exact[key], server)
         for key in keys:
             if key in self._helpers:
-                return self._from_helper(self._helpers[key], registry)
-        for key in keys:
-            if key in self._auths:
-                cred = self._from_entry(self._auths[key], registry)
-                if cred is not None:
-                    return cred
+                return self._from_helper(self._helpers[key], server)
+        for table, names in ((self._auths_exact, exact), (self._auths, keys)):
+            for key in names:
+                if key in table:
+                    cred = self._from_entry(table[key], registry)
+                    if cred is not None:
+                        return cred
         if self._store:
-            return self._from_helper(self._store, registry)
+            return self._from_helper(self._store, server)
         return None
 
     def _from_entry(self, entry: Mapping[str, Any], registry: str) -> Credential | None:

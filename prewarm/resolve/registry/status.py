@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import re
 import time
 from typing import Any, Literal
 
@@ -34,6 +35,14 @@ from prewarm.errors import (
     RegistryUnavailable,
 )
 
+#: The distribution spec's error codes: what may be repeated from a registry's error body.
+_ERROR_CODE_RE = re.compile(r"[A-Z_]{1,64}")
+#: What a retry can cure: the network, the server's moment.
+_TRANSIENT_EXCEPTIONS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+#: Subclasses of those that no retry cures (requests files InvalidProxyURL etc. under them).
+_FINAL_EXCEPTIONS = (requests.exceptions.SSLError, requests.exceptions.InvalidURL,
+                     requests.exceptions.InvalidHeader, requests.exceptions.InvalidSchema,
+                     requests.exceptions.MissingSchema, requests.TooManyRedirects)
 Kind = Literal["manifest", "blob", "upload", "referrers", "token", "ping"]
 #: The longest Retry-After we honour; a server asking for more gets this much.
 MAX_RETRY_AFTER = 300.0
@@ -56,7 +65,13 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 def _registry_message(response: requests.Response) -> str:
-    """The registry's own error code (``MANIFEST_UNKNOWN``...), if it sent one."""
+    """The registry's own error code (``MANIFEST_UNKNOWN``...), if it sent one of the spec's form.
+
+    Only a code of the distribution spec's shape (upper-case letters and ``_``, at
+    most 64) is repeated: anything else a registry puts there (newlines, markup, a
+    forged log line) would be reflected into our messages, job records and logs, so
+    it is dropped and the HTTP status alone speaks.
+    """
     if response.request is not None and response.request.method == "HEAD" or response.status_code == 416:
         return ""
     length = response.headers.get("Content-Length")
@@ -67,7 +82,7 @@ def _registry_message(response: requests.Response) -> str:
         errors = body.get("errors") if isinstance(body, dict) else None
         if errors and isinstance(errors, list) and isinstance(errors[0], dict):
             code = errors[0].get("code")
-            return f" ({code})" if isinstance(code, str) else ""
+            return f" ({code})" if isinstance(code, str) and _ERROR_CODE_RE.fullmatch(code) else ""
     except (ValueError, RuntimeError, requests.RequestException):
         pass
     return ""
@@ -117,7 +132,12 @@ def error_for_status(response: requests.Response, *, kind: Kind, registry: str, 
 
 def error_for_exception(err: requests.RequestException, *, kind: Kind, registry: str,
                         repository: str | None, subject: str | None = None) -> RegistryError:
-    """The error a failed connection means: TLS problems are final, the rest transient."""
+    """The error a failed request means.
+
+    Connection failures, timeouts and broken bodies are transient (retried); TLS
+    problems and requests that cannot succeed as sent (an invalid URL or header, a
+    redirect loop) are final: retrying them only delays the same error.
+    """
     what = f"{registry}/{repository}" if repository else registry
     target = f"{kind} {subject} in {what}" if subject else f"{kind} request to {what}"
     kw: dict[str, Any] = {"registry": registry, "repository": repository, "digest": subject, "status": None}
@@ -126,4 +146,7 @@ def error_for_exception(err: requests.RequestException, *, kind: Kind, registry:
                              "not HTTPS; pass --ca-bundle FILE, or --insecure-registry "
                              f"{registry} if it serves plain HTTP", **kw)
     reason = err.__class__.__name__
-    return RegistryUnavailable(f"registry {registry} unreachable: {target} failed ({reason})", **kw)
+    if isinstance(err, _TRANSIENT_EXCEPTIONS) and not isinstance(err, _FINAL_EXCEPTIONS):
+        return RegistryUnavailable(f"registry {registry} unreachable: {target} failed ({reason})", **kw)
+    return RegistryError(f"registry {registry}: {target} failed ({reason}); the request cannot succeed as "
+                         "sent, so it is not retried", **kw)
