@@ -191,18 +191,11 @@ def status_cmd(job: str | None, as_json: bool, broker_url: str | None, root: Pat
 
     settings = settings_from(root=root, broker_url=broker_url)
     if not settings.broker_url:
-        # Embedded jobs leave their final summary in the store.
-        folder = settings.root / "jobs"
-        files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
-        if job:
-            files = [f for f in files if f.stem == job]
-            if not files:
-                from prewarm.errors import JobError
+        from prewarm.node.local import saved_summaries
 
-                raise JobError(f"no job {job} in {folder} (and no PREWARM_BROKER_URL to ask a fleet)")
-        for f in files[:20]:
-            data = json.loads(f.read_text())
-            click.echo(f.read_text() if as_json else
+        for text in saved_summaries(settings.root, job):
+            data = json.loads(text)
+            click.echo(text if as_json else
                        f"{data['job']}  {data['state']:<10} {data['image']}  "
                        f"{human_bytes(data['bytes_done'])}/{human_bytes(data['bytes_total'])}")
         return

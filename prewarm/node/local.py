@@ -7,7 +7,7 @@
     === check space, find zTOCs and plan (:func:`prewarm.fleet.submit.plan_job`)
     === prepare the span layers ahead in a thread while the workers start
     === launch on the private Redis, wait (reporting each status), record the image
-    === save the job's summary in the store (``prewarm status`` reads it)
+    === save the job's summary in the store (``prewarm status`` reads it: :func:`saved_summaries`)
 
 Why the imports below the shortcut are lazy: an image already pre-warmed must not pay for
 Celery and Redis (0.55 s of a ~1 s second schedule).
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prewarm.config import Settings
-from prewarm.errors import StoreError
+from prewarm.errors import JobError, StoreError
 from prewarm.fleet.plan import plan_resolved
 from prewarm.resolve.reference import parse_reference
 from prewarm.resolve.registry.client import RegistryClient, ResolvedImage
@@ -130,11 +130,33 @@ def _run_job(settings: Settings, image: str, client: RegistryClient, store: Cont
     return status
 
 
+def _summaries(root: Path) -> Path:
+    return root / "jobs"
+
+
 def _save_summary(root: Path, status: JobStatus) -> None:
     from prewarm.fleet.jobs import job_summary_json
     from prewarm.store.atomic import atomic_write
 
-    atomic_write(root / "jobs" / f"{status.job_id}.json", job_summary_json(status).encode())
+    atomic_write(_summaries(root) / f"{status.job_id}.json", job_summary_json(status).encode())
+
+
+def saved_summaries(root: Path, job: str | None = None, limit: int = 20) -> list[str]:
+    """The JSON summaries embedded jobs left in the store at ``root``, newest first (``job``'s only).
+
+    Why: the private Redis of an embedded job is gone once it ends, so ``prewarm status``
+    without a broker reads these.
+
+    Raises:
+        JobError: ``job`` was given and left no summary here.
+    """
+    folder = _summaries(root)
+    files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
+    if job:
+        files = [f for f in files if f.stem == job]
+        if not files:
+            raise JobError(f"no job {job} in {folder} (and no PREWARM_BROKER_URL to ask a fleet)")
+    return [f.read_text() for f in files[:limit]]
 
 
 def register_in_containerd(settings: Settings, image: str, resolved: ResolvedImage, address: Path,
