@@ -43,7 +43,8 @@ def _span_layer(blob: bytes, z: Ztoc, name: str) -> LayerPlan:
                      "spans", z.num_spans, ztoc_digest=sha(b"ztoc-" + name.encode()), num_files=len(z.files))
 
 
-def test_span_layers_are_prepared_largest_toc_first_and_failures_are_left_to_their_tasks(tmp_path: Path) -> None:
+def test_span_layers_are_prepared_largest_toc_first_and_failures_are_left_to_their_tasks(
+        tmp_path: Path) -> None:
     # Given a plan with a small-TOC layer, a large-TOC layer, a whole layer, a layer whose zTOC
     # cannot be loaded, and a layer another process is preparing (its lock is held)
     small_blob, small = make_layer(every_kind_tar(big=1000), span_size=65536)

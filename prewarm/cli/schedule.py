@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import click
 
 from prewarm.cli._common import registry_options, root_option, settings_from
+from prewarm.config import Settings
+
+if TYPE_CHECKING:
+    from prewarm.fleet.jobs import JobStatus
+    from prewarm.fleet.progress import ProgressView
+    from prewarm.fleet.submit import IndexPolicy
+    from prewarm.resolve.registry.client import ResolvedImage
 
 
 def _say(msg: str) -> None:
     click.echo(f"prewarm: {msg}", err=True)
 
 
-def _finish(status, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+def _finish(status: JobStatus, as_json: bool) -> None:
     from prewarm.errors import JobError
     from prewarm.fleet.jobs import job_summary_json
     from prewarm.fleet.progress import human_bytes
@@ -35,9 +42,9 @@ class _Progress:
     """The progress display, made at the first status (its module imports Redis)."""
 
     def __init__(self) -> None:
-        self.view: Any = None
+        self.view: ProgressView | None = None
 
-    def __call__(self, status, final: bool = False) -> None:  # type: ignore[no-untyped-def]
+    def __call__(self, status: JobStatus, final: bool = False) -> None:
         if self.view is None:
             from prewarm.fleet.progress import ProgressView
 
@@ -49,13 +56,14 @@ def _quiet(msg: str) -> None:
     pass
 
 
-def _schedule_embedded(settings, image: str, window: int | None, index: str, concurrency: int | None,  # type: ignore[no-untyped-def]
-                       as_json: bool, quiet: bool, containerd: tuple[Path, str] | None = None) -> None:
+def _schedule_embedded(settings: Settings, image: str, window: int | None, index: str,
+                       concurrency: int | None, as_json: bool, quiet: bool,
+                       containerd: tuple[Path, str] | None = None) -> None:
     from prewarm.node.local import run_embedded
 
     progress = None if quiet else _Progress()
-    run = run_embedded(settings, image, window=window, index=index, concurrency=concurrency,  # type: ignore[arg-type]
-                       say=_quiet if quiet else _say, on_progress=progress)
+    run = run_embedded(settings, image, window=window, index=cast("IndexPolicy", index),
+                       concurrency=concurrency, say=_quiet if quiet else _say, on_progress=progress)
     if run.status is None:
         _register_in_containerd(settings, image, run.resolved, containerd, quiet)
         if as_json:
@@ -71,8 +79,8 @@ def _schedule_embedded(settings, image: str, window: int | None, index: str, con
     _register_in_containerd(settings, image, run.resolved, containerd, quiet)
 
 
-def _register_in_containerd(settings, image: str, resolved, containerd: tuple[Path, str] | None,  # type: ignore[no-untyped-def]
-                            quiet: bool) -> None:
+def _register_in_containerd(settings: Settings, image: str, resolved: ResolvedImage,
+                            containerd: tuple[Path, str] | None, quiet: bool) -> None:
     """--containerd: register the now complete image in this node's containerd (no layer fetched)."""
     if containerd is None:
         return
@@ -150,7 +158,7 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
         _print_dry_run(*submit.dry_run(settings, image, choice), image, as_json)
         return
     progress = _Progress() if wait and not quiet else None
-    job = submit.submit(settings, image, choice, index=index, window=window, keep=keep,  # type: ignore[arg-type]
+    job = submit.submit(settings, image, choice, index=cast("IndexPolicy", index), window=window, keep=keep,
                         say=_quiet if quiet else _say, wait=wait, on_progress=progress)
     if job.status is None:
         click.echo(job.job_id)

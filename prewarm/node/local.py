@@ -91,7 +91,8 @@ def run_embedded(settings: Settings, image: str, *, window: int | None = None, i
     return LocalRun(resolved, status)
 
 
-def _start_cluster(stack: contextlib.ExitStack, settings: Settings, concurrency: int | None) -> EmbeddedCluster:
+def _start_cluster(stack: contextlib.ExitStack, settings: Settings,
+                   concurrency: int | None) -> EmbeddedCluster:
     """This node's private Redis and workers, killed when ``stack`` closes."""
     from prewarm.node.embedded import embedded_cluster
 
@@ -114,8 +115,8 @@ def _run_job(settings: Settings, image: str, client: RegistryClient, store: Cont
     plan = plan_job(settings, client, resolved, index=index, fleet=False, say=say)
     present = {i for i, layer in enumerate(plan.layers) if store.is_ready(layer.digest)}
     # The scheduler is idle while its workers start: it prepares the layers meanwhile.
-    preparer = threading.Thread(target=prepare_layers_ahead, args=(store, plan.layers, ZtocCache(store.layout).get),
-                                daemon=True, name="prepare-layers")
+    preparer = threading.Thread(target=prepare_layers_ahead, name="prepare-layers", daemon=True,
+                                args=(store, plan.layers, ZtocCache(store.layout).get))
     preparer.start()
     cluster.wait_redis()
     r = redis_client(cluster.broker_url)
@@ -151,7 +152,8 @@ def saved_summaries(root: Path, job: str | None = None, limit: int = 20) -> list
         JobError: ``job`` was given and left no summary here.
     """
     folder = _summaries(root)
-    files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
+    files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True) \
+        if folder.is_dir() else []
     if job:
         files = [f for f in files if f.stem == job]
         if not files:
