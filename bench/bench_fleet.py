@@ -27,7 +27,9 @@ from pathlib import Path
 
 import redis
 
+from prewarm.errors import PrewarmError
 from prewarm.fleet import dispatch, keys, schedule
+from prewarm.fleet.broker import wait_until_answers
 from prewarm.fleet.plan import ImagePlan, plan_image
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -54,14 +56,12 @@ def _start_redis(data: Path) -> tuple[subprocess.Popen[bytes], redis.Redis]:
                              "--dir", str(data), "--save", "", "--appendonly", "no", "--daemonize", "no"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     r = redis.Redis(unix_socket_path=str(sock))
-    for _ in range(200):
-        try:
-            if r.ping():
-                return proc, r
-        except (redis.ConnectionError, FileNotFoundError):
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("redis-server did not start")
+    try:
+        wait_until_answers(r, what=f"redis-server on {sock}", timeout=10.0)
+    except PrewarmError as err:
+        proc.kill()
+        raise SystemExit(str(err)) from None
+    return proc, r
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import click
 
 from prewarm.cli._common import registry_options, root_option, settings_from
+from prewarm.config import Settings
+
+if TYPE_CHECKING:
+    from prewarm.fleet.jobs import JobStatus
+    from prewarm.fleet.progress import ProgressView
+    from prewarm.fleet.submit import IndexPolicy
+    from prewarm.resolve.registry.client import ResolvedImage
 
 
 def _say(msg: str) -> None:
     click.echo(f"prewarm: {msg}", err=True)
 
 
-def _finish(status, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+def _finish(status: JobStatus, as_json: bool) -> None:
     from prewarm.errors import JobError
     from prewarm.fleet.jobs import job_summary_json
     from prewarm.fleet.progress import human_bytes
@@ -32,120 +38,57 @@ def _finish(status, as_json: bool) -> None:  # type: ignore[no-untyped-def]
     raise JobError(f"job {status.job_id} for {status.image} {status.state}:\n  {failures}")
 
 
-def _save_summary(root: Path, status) -> None:  # type: ignore[no-untyped-def]
-    from prewarm.store.atomic import atomic_write
-    from prewarm.fleet.jobs import job_summary_json
+class _Progress:
+    """The progress display, made at the first status (its module imports Redis)."""
 
-    atomic_write(root / "jobs" / f"{status.job_id}.json", job_summary_json(status).encode())
+    def __init__(self) -> None:
+        self.view: ProgressView | None = None
+
+    def __call__(self, status: JobStatus, final: bool = False) -> None:
+        if self.view is None:
+            from prewarm.fleet.progress import ProgressView
+
+            self.view = ProgressView()
+        self.view.render(status, final=final)
 
 
-def _register_in_containerd(settings, image: str, resolved, containerd: tuple[Path, str] | None,
-                            quiet: bool) -> None:  # type: ignore[no-untyped-def]
+def _quiet(msg: str) -> None:
+    pass
+
+
+def _schedule_embedded(settings: Settings, image: str, window: int | None, index: str,
+                       concurrency: int | None, as_json: bool, quiet: bool,
+                       containerd: tuple[Path, str] | None = None) -> None:
+    from prewarm.node.local import run_embedded
+
+    progress = None if quiet else _Progress()
+    run = run_embedded(settings, image, window=window, index=cast("IndexPolicy", index),
+                       concurrency=concurrency, say=_quiet if quiet else _say, on_progress=progress)
+    if run.status is None:
+        _register_in_containerd(settings, image, run.resolved, containerd, quiet)
+        if as_json:
+            click.echo(json.dumps({"image": image, "state": "succeeded", "fetched_bytes": 0,
+                                   "manifest_digest": run.resolved.manifest_digest}))
+        else:
+            click.echo(f"{image}: already pre-warmed on this node ({run.resolved.manifest_digest}); "
+                       "nothing fetched")
+        return
+    if progress:
+        progress(run.status, final=True)
+    _finish(run.status, as_json)
+    _register_in_containerd(settings, image, run.resolved, containerd, quiet)
+
+
+def _register_in_containerd(settings: Settings, image: str, resolved: ResolvedImage,
+                            containerd: tuple[Path, str] | None, quiet: bool) -> None:
     """--containerd: register the now complete image in this node's containerd (no layer fetched)."""
     if containerd is None:
         return
-    from prewarm.runtime.containerd import ContainerdClient, register_image
-    from prewarm.errors import StoreError
-    from prewarm.runtime.images import find_record
-    from prewarm.store.layout import Layout
+    from prewarm.node.local import register_in_containerd
 
-    layout = Layout(settings.root)
-    record = find_record(layout, image)
-    if record is None:
-        raise StoreError(f"{image}: no image record in {settings.root} after the job; pre-warm it again")
-    client = ContainerdClient(containerd[0], containerd[1])
-    done = register_image(client, layout, record, resolved.manifest_bytes, resolved.config_bytes)
+    done = register_in_containerd(settings, image, resolved, containerd[0], containerd[1])
     if not quiet:
         _say(f"registered {done.name} in containerd {containerd[0]} (namespace {done.namespace})")
-
-
-def _schedule_embedded(settings, image: str, window: int | None, index: str, concurrency: int | None,
-                       as_json: bool, quiet: bool,
-                       containerd: tuple[Path, str] | None = None) -> None:  # type: ignore[no-untyped-def]
-    from prewarm.runtime.images import record_prewarmed_image
-    from prewarm.store.layout import Layout
-    from prewarm.fleet.plan import plan_resolved
-    from prewarm.resolve.reference import parse_reference
-    from prewarm.resolve.registry.client import RegistryClient
-    from prewarm.store.content import ContentStore
-
-    ref = parse_reference(image)
-    client = RegistryClient.from_settings(settings)
-    store = ContentStore(settings.root)
-    with contextlib.ExitStack() as stack:
-        cluster = None
-        if not store.list_layers():
-            # Nothing can be pre-warmed yet: start the private Redis and workers first, so
-            # their start-up (~2 s) overlaps with resolving the image and getting its zTOCs.
-            cluster = _start_cluster(stack, settings, concurrency)
-        resolved = client.resolve(ref, settings.platform)
-        if cluster is None:
-            if all(store.is_ready(layer.digest) for layer in resolved.layers):
-                record_prewarmed_image(Layout(settings.root), image, plan_resolved(resolved, {}))
-                _register_in_containerd(settings, image, resolved, containerd, quiet)
-                if as_json:
-                    click.echo(json.dumps({"image": image, "state": "succeeded", "fetched_bytes": 0,
-                                           "manifest_digest": resolved.manifest_digest}))
-                else:
-                    click.echo(f"{image}: already pre-warmed on this node ({resolved.manifest_digest}); "
-                               "nothing fetched")
-                return
-            cluster = _start_cluster(stack, settings, concurrency)
-        status = _run_embedded_job(settings, image, window, index, quiet, client, store, resolved, cluster)
-    _finish(status, as_json)
-    _register_in_containerd(settings, image, resolved, containerd, quiet)
-
-
-def _start_cluster(stack: contextlib.ExitStack, settings, concurrency: int | None):  # type: ignore[no-untyped-def]
-    """This node's private Redis and workers, stopped when ``stack`` closes.
-
-    They are stopped outright, whether the job ended or failed (unknown image, no space,
-    ^C): nothing of theirs needs to finish, every write of a task is safe against kill -9.
-    """
-    # Celery and Redis: imported only when something is to be fetched
-    from prewarm.node.embedded import embedded_cluster
-
-    cluster = stack.enter_context(embedded_cluster(settings, concurrency=concurrency))
-    stack.callback(setattr, cluster, "job_over", True)
-    return cluster
-
-
-def _run_embedded_job(settings, image: str, window: int | None, index: str, quiet: bool, client, store,  # type: ignore[no-untyped-def]
-                      resolved, cluster):
-    """The job on this node's private cluster: space check, zTOCs, plan, launch, wait; its final status."""
-    from prewarm.fleet import schedule
-    from prewarm.fleet.broker import redis_client
-    from prewarm.runtime.images import record_prewarmed_image
-    from prewarm.store.layout import Layout
-    from prewarm.fleet.plan import plan_resolved
-    from prewarm.fleet.progress import ProgressView
-
-    schedule.check_space_before_download(store, client, resolved)
-    # One node: building zTOCs here would download every layer twice, so without a
-    # SOCI index in the registry the layers go whole unless --index build says otherwise.
-    span_layers = {} if index == "none" else schedule.find_ztocs(
-        settings, client, resolved, build=index == "build", push=False,
-        say=_say if not quiet else lambda m: None)[0]
-    plan = plan_resolved(resolved, span_layers, spans_per_task=settings.spans_per_task)
-    present = {i for i, layer in enumerate(plan.layers) if store.is_ready(layer.digest)}
-    preparer = threading.Thread(target=schedule.prepare_layers, args=(store, plan), daemon=True,
-                                name="prepare-layers")
-    preparer.start()
-    cluster.wait_redis()
-    r = redis_client(cluster.broker_url)
-    job_id = schedule.launch(r, cluster.broker_url, plan, image, [settings.node_name], window=window,
-                             present={settings.node_name: present})
-    view = ProgressView() if not quiet else None
-    status = schedule.wait_for_job(r, job_id, on_update=view.render if view else None,
-                                   alive=cluster.check_workers)
-    if status.state == "succeeded":
-        # A worker records it too, but may be killed before it has: the record is ours.
-        record_prewarmed_image(Layout(settings.root), image, plan)
-    preparer.join(timeout=30)
-    if view:
-        view.render(status, final=True)
-    _save_summary(settings.root, status)
-    return status
 
 
 @click.command()
@@ -196,67 +139,40 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
         if nodes or all_nodes or selectors or keep:
             raise ConfigError("--node, --all-nodes, --selector and --keep need a fleet: set PREWARM_BROKER_URL")
         if dry_run:
-            _dry_run_local(settings, image, as_json)
+            from prewarm.node import local
+
+            _print_dry_run(*local.dry_run(settings, image), image, as_json)
             return
         _schedule_embedded(settings, image, window, index, concurrency, as_json, quiet,
                            (containerd_socket, namespace) if containerd_socket else None)
         return
-    # Imported past the embedded branch: an image already pre-warmed needs none of them.
-    from prewarm.fleet import schedule
-    from prewarm.fleet.broker import redact, redis_client
-    from prewarm.fleet.nodes import list_nodes, parse_labels, select_nodes
-    from prewarm.fleet.plan import plan_resolved
-    from prewarm.fleet.progress import ProgressView
-    from prewarm.resolve.reference import parse_reference
-    from prewarm.resolve.registry.client import RegistryClient
-
     if containerd_socket:
         raise ConfigError("--containerd registers on this machine: with a fleet give --containerd to each "
                           "`prewarm worker` (or PREWARM_CONTAINERD_ADDRESS)")
-    ref = parse_reference(image)
-    client = RegistryClient.from_settings(settings)
-    resolved = client.resolve(ref, settings.platform)
-    r = redis_client(settings.broker_url)
-    fleet = list_nodes(r)
-    if selectors or all_nodes:
-        chosen = select_nodes(fleet, parse_labels(list(selectors)))
-        if not chosen:
-            raise ConfigError(f"no node that is up matches {' '.join(selectors) or '--all-nodes'} "
-                              "(prewarm nodes lists them)")
-        targets = [n.name for n in chosen]
-    else:
-        targets = schedule.require_nodes(r, nodes)
+    # Imported past the embedded branch: an image already pre-warmed needs none of them.
+    from prewarm.fleet import submit
+    from prewarm.fleet.broker import redact
+
+    choice = submit.NodeChoice(names=nodes, every=all_nodes, selectors=selectors)
     if dry_run:
-        plan = plan_resolved(resolved, {})
-        info = {n.name: n for n in fleet}
-        rows = [(t, info[t].layers if t in info else frozenset(), info[t].free_bytes if t in info else None)
-                for t in targets]
-        _print_dry_run(plan, image, rows, as_json)
+        _print_dry_run(*submit.dry_run(settings, image, choice), image, as_json)
         return
-    if index == "none":
-        span_layers: dict = {}
-    else:
-        span_layers, _ = schedule.find_ztocs(settings, client, resolved, build=True, push=True,
-                                             say=_say if not quiet else lambda m: None)
-    plan = plan_resolved(resolved, span_layers, spans_per_task=settings.spans_per_task)
-    job_id = schedule.launch(r, settings.broker_url, plan, image, targets, window=window,
-                             keep=dict(parse_labels(list(selectors))) if keep else None)
-    if not wait:
-        click.echo(job_id)
-        _say(f"job {job_id}: {plan.task_count} task(s) for {len(targets)} node(s) via {redact(settings.broker_url)}")
+    progress = _Progress() if wait and not quiet else None
+    job = submit.submit(settings, image, choice, index=cast("IndexPolicy", index), window=window, keep=keep,
+                        say=_quiet if quiet else _say, wait=wait, on_progress=progress)
+    if job.status is None:
+        click.echo(job.job_id)
+        _say(f"job {job.job_id}: {job.plan.task_count} task(s) for {len(job.nodes)} node(s) "
+             f"via {redact(settings.broker_url)}")
         return
-    view = ProgressView() if not quiet else None
-    status = schedule.wait_for_job(r, job_id, on_update=view.render if view else None)
-    if view:
-        view.render(status, final=True)
-    _finish(status, as_json)
+    if progress:
+        progress(job.status, final=True)
+    _finish(job.status, as_json)
 
 
-def _print_dry_run(plan, image: str, rows, as_json: bool) -> None:  # type: ignore[no-untyped-def]
-    from prewarm.fleet import schedule
+def _print_dry_run(lines, egress: int, image: str, as_json: bool) -> None:  # type: ignore[no-untyped-def]
     from prewarm.fleet.progress import human_bytes, human_seconds
 
-    lines, egress = schedule.dry_run(plan, rows)
     if as_json:
         click.echo(json.dumps({"image": image, "registry_egress": egress, "nodes": [
             {"node": l.node, "present_bytes": l.present_bytes, "fetch_bytes": l.fetch_bytes,
@@ -268,22 +184,6 @@ def _print_dry_run(plan, image: str, rows, as_json: bool) -> None:  # type: igno
         click.echo(f"{l.node:<24} {human_bytes(l.present_bytes):>10} {human_bytes(l.fetch_bytes):>10} "
                    f"{free:>11} {human_seconds(l.seconds):>9}")
     click.echo(f"registry egress: {human_bytes(egress)} for {image}")
-
-
-def _dry_run_local(settings, image: str, as_json: bool) -> None:  # type: ignore[no-untyped-def]
-    import shutil
-
-    from prewarm.fleet.plan import plan_resolved
-    from prewarm.resolve.reference import parse_reference
-    from prewarm.resolve.registry.client import RegistryClient
-    from prewarm.store.content import ContentStore
-
-    resolved = RegistryClient.from_settings(settings).resolve(parse_reference(image), settings.platform)
-    plan = plan_resolved(resolved, {})
-    store = ContentStore(settings.root)
-    held = frozenset(l.digest for l in plan.layers if store.is_ready(l.digest))
-    probe = settings.root if settings.root.exists() else settings.root.parent
-    _print_dry_run(plan, image, [(settings.node_name, held, shutil.disk_usage(probe).free)], as_json)
 
 
 @click.command()
@@ -299,18 +199,11 @@ def status_cmd(job: str | None, as_json: bool, broker_url: str | None, root: Pat
 
     settings = settings_from(root=root, broker_url=broker_url)
     if not settings.broker_url:
-        # Embedded jobs leave their final summary in the store.
-        folder = settings.root / "jobs"
-        files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
-        if job:
-            files = [f for f in files if f.stem == job]
-            if not files:
-                from prewarm.errors import JobError
+        from prewarm.node.local import saved_summaries
 
-                raise JobError(f"no job {job} in {folder} (and no PREWARM_BROKER_URL to ask a fleet)")
-        for f in files[:20]:
-            data = json.loads(f.read_text())
-            click.echo(f.read_text() if as_json else
+        for text in saved_summaries(settings.root, job):
+            data = json.loads(text)
+            click.echo(text if as_json else
                        f"{data['job']}  {data['state']:<10} {data['image']}  "
                        f"{human_bytes(data['bytes_done'])}/{human_bytes(data['bytes_total'])}")
         return

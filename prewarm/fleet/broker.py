@@ -7,11 +7,13 @@ they are; kombu spells a unix socket ``redis+socket:///path``.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import redis
 
-from prewarm.errors import ConfigError
+from prewarm.errors import ConfigError, PrewarmError
 
 _SCHEMES = ("redis", "rediss", "unix", "redis+socket")
 
@@ -71,3 +73,29 @@ def redis_client(url: str, **kwargs: object) -> redis.Redis:
     except redis.exceptions.ConnectionError:
         pass  # not up yet (or restarting): callers retry or report it when they use the client
     return client
+
+
+def wait_until_answers(client: redis.Redis, *, what: str, timeout: float,
+                       alive: Callable[[], None] | None = None, interval: float = 0.01) -> None:
+    """Block until ``client``'s Redis answers a ping.
+
+    Why: a redis-server just started refuses connections (its unix socket may not even
+    exist yet) or answers LOADING for a moment; the first real command must not be the
+    one that finds out.  ``alive`` is called before each try and may raise, so a server
+    that died at start-up is reported at once instead of after ``timeout``.
+
+    Raises:
+        PrewarmError: no answer within ``timeout`` seconds (``what`` names the server).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if alive is not None:
+            alive()
+        try:
+            if client.ping():
+                return
+        except (redis.exceptions.ConnectionError, FileNotFoundError):  # BusyLoadingError is one too
+            pass
+        if time.monotonic() > deadline:
+            raise PrewarmError(f"{what} did not answer within {timeout}s")
+        time.sleep(interval)

@@ -13,7 +13,7 @@ advances without spooling).
 
 Why the smallest TOC first: a layer's spans cannot land before its TOC was checked and
 its tree created, which takes seconds for 50,000 entries; the scheduler prepares the
-largest TOC first (``schedule.prepare_layers``) while the workers land the layer that is
+largest TOC first (``prewarm.node.prepare``) while the workers land the layer that is
 quick to prepare.  Why interleaved after it: layers of many small files keep the CPU
 busy creating files, layers of large files keep the disk busy; one after the other, each
 left the other resource idle.  Measured on the pipeline bench (three layers): landing

@@ -7,6 +7,8 @@
     === record the job in Redis and release the first window of tasks per node
 
 Nothing here waits for the work; :func:`wait_for_job` does, for ``--wait``.
+:mod:`prewarm.fleet.submit` strings these steps together, once for a fleet and for the
+embedded run alike.
 """
 
 from __future__ import annotations
@@ -100,30 +102,6 @@ def find_ztocs(settings: Settings, client: RegistryClient, resolved: ResolvedIma
             out[digest] = SpanLayer(zdigest, z.num_spans, z.uncompressed_archive_size, len(z.files))
     whole = tuple(l.digest for l in resolved.layers if l.digest not in out)
     return out, IndexChoice(tuple(from_registry), tuple(built), whole)
-
-
-def prepare_layers(store: ContentStore, plan: ImagePlan) -> None:
-    """Prepare the plan's span layers in this process, the largest TOC first.
-
-    Why: in the embedded mode the scheduler is idle for the second its workers take to
-    start, and preparing a layer of 50,000 files (validating its TOC, creating its
-    directories) takes seconds during which that layer's spans cannot land.  Never waits
-    for a layer's lock (a worker is on it then); a failure is left to the layer's own
-    tasks, which report it.
-    """
-    cache = ZtocCache(store.layout)
-    todo = []
-    for lp in plan.layers:
-        if lp.mode == "spans" and lp.ztoc_digest and store.layer_state(lp.digest) == "absent":
-            try:
-                todo.append((lp, cache.get(lp.ztoc_digest)))
-            except PrewarmError as err:
-                log.info("zTOC %s of layer %s not prepared ahead: %s", lp.ztoc_digest, lp.digest, err)
-    for lp, z in sorted(todo, key=lambda t: -len(t[1].files)):
-        try:
-            store.prepare_layer(lp.digest, z, diff_id=lp.diff_id, wait=False)
-        except PrewarmError as err:
-            log.info("layer %s not prepared ahead (its tasks will report it): %s", lp.digest, err)
 
 
 def estimate_unpacked_size(client: RegistryClient, ref: Reference, digest: str, size: int, media_type: str) -> int:

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,22 +40,19 @@ class EmbeddedCluster:
         return self.dir / "redis.sock"
 
     def wait_redis(self, timeout: float = 10.0) -> None:
+        """Block until the private Redis answers; fail at once if it exited at start-up."""
         import redis
 
-        deadline = time.monotonic() + timeout
-        client = redis.Redis(unix_socket_path=str(self.socket))
-        while True:
-            if self.redis.poll() is not None:
-                log = (self.dir / "redis.log").read_text(errors="replace")[-1000:]
-                raise PrewarmError(f"the private redis-server exited at start-up: {log}")
-            try:
-                if client.ping():
-                    return
-            except (redis.exceptions.ConnectionError, FileNotFoundError):
-                pass
-            if time.monotonic() > deadline:
-                raise PrewarmError(f"the private redis-server did not answer on {self.socket} within {timeout}s")
-            time.sleep(0.01)
+        from prewarm.fleet.broker import wait_until_answers
+
+        wait_until_answers(redis.Redis(unix_socket_path=str(self.socket)),
+                           what=f"the private redis-server on {self.socket}", timeout=timeout,
+                           alive=self._check_redis)
+
+    def _check_redis(self) -> None:
+        if self.redis.poll() is not None:
+            log = (self.dir / "redis.log").read_text(errors="replace")[-1000:]
+            raise PrewarmError(f"the private redis-server exited at start-up: {log}")
 
     def check_workers(self) -> None:
         for proc in self.workers:

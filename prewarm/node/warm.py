@@ -28,12 +28,13 @@ from prewarm.fleet import jobs
 from prewarm.fleet.budget import RegistryBudget
 from prewarm.config import Settings
 from prewarm.resolve.digest import verify
-from prewarm.errors import BadZtoc, PrewarmError, RateLimited
+from prewarm.errors import BadZtoc, RateLimited
 from prewarm.runtime import gc
 from prewarm.runtime.images import ImageRecord, record_prewarmed_image
 from prewarm.index.inflate import inflate_span
 from prewarm.store.layout import Layout
 from prewarm.node.metrics import BYTES_FETCHED, INFLATE_SECONDS, LAYERS, SPANS
+from prewarm.node.prepare import prepare_layers_ahead
 from prewarm.fleet.plan import ImagePlan
 from prewarm.resolve.reference import Reference, parse_reference
 from prewarm.resolve.registry.client import RegistryClient
@@ -251,8 +252,9 @@ def prepare_ahead(ctx: NodeContext, plan: ImagePlan, layer_index: int, ref: Refe
 
     Why: preparing a layer (checking its TOC, creating its tree) takes seconds for 70,000
     files, and every span of it waits for that; done ahead by one process, it overlaps the
-    others' work on this layer.  Never waits for the layer's lock (someone else is on it),
-    and a failure is left to that layer's own tasks, which report it.
+    others' work on this layer.  :func:`prewarm.node.prepare.prepare_layers_ahead` does it
+    (never waiting for the lock, leaving failures to the layer's own tasks); its zTOC is
+    fetched within the fleet's registry budget.
     """
     nxt = plan.next_span_layer(layer_index)
     if nxt is None or nxt.digest in ctx._ahead or nxt.ztoc_digest is None:
@@ -260,13 +262,7 @@ def prepare_ahead(ctx: NodeContext, plan: ImagePlan, layer_index: int, ref: Refe
     ctx._ahead.add(nxt.digest)
     if len(ctx._ahead) > 256:
         ctx._ahead.clear()
-    if ctx.store.layer_state(nxt.digest) != "absent":
-        return
-    try:
-        z = _ztoc(ctx, ref, nxt.ztoc_digest)
-        ctx.store.prepare_layer(nxt.digest, z, diff_id=nxt.diff_id, wait=False)
-    except PrewarmError as err:
-        log.info("preparing layer %s ahead failed (its own tasks will report it): %s", nxt.digest, err)
+    prepare_layers_ahead(ctx.store, [nxt], lambda digest: _ztoc(ctx, ref, digest))
 
 
 def warm_layer(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index: int) -> Outcome:

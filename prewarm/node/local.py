@@ -1,0 +1,191 @@
+"""One machine's job from start to end: ``prewarm schedule`` without a broker.
+
+    parse the reference (once)
+    === start a private Redis and workers now if the store is empty (their ~2 s start-up
+        overlaps with resolving), else only once something is to be fetched
+    === resolve; every layer already ready: record the image, done, nothing fetched
+    === check space, find zTOCs and plan (:func:`prewarm.fleet.submit.plan_job`)
+    === prepare the span layers ahead in a thread while the workers start
+    === launch on the private Redis, wait (reporting each status), record the image
+    === save the job's summary in the store (``prewarm status`` reads it: :func:`saved_summaries`)
+
+Why the imports below the shortcut are lazy: an image already pre-warmed must not pay for
+Celery and Redis (0.55 s of a ~1 s second schedule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prewarm.config import Settings
+from prewarm.errors import JobError, StoreError
+from prewarm.fleet.plan import plan_resolved
+from prewarm.resolve.reference import parse_reference
+from prewarm.resolve.registry.client import RegistryClient, ResolvedImage
+from prewarm.runtime.images import find_record, record_prewarmed_image
+from prewarm.store.content import ContentStore
+from prewarm.store.layout import Layout
+
+if TYPE_CHECKING:
+    from prewarm.fleet.jobs import JobStatus
+    from prewarm.fleet.schedule import DryRunLine
+    from prewarm.fleet.submit import IndexPolicy
+    from prewarm.node.embedded import EmbeddedCluster
+    from prewarm.runtime.containerd import Registration
+
+
+def _silent(msg: str) -> None:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalRun:
+    """What :func:`run_embedded` did: the resolved image and the job's final status.
+
+    ``status`` is None when every layer was already ready: nothing was fetched.
+    """
+
+    resolved: ResolvedImage
+    status: JobStatus | None
+
+
+def run_embedded(settings: Settings, image: str, *, window: int | None = None, index: IndexPolicy = "auto",
+                 concurrency: int | None = None, say: Callable[[str], None] = _silent,
+                 on_progress: Callable[[JobStatus], None] | None = None) -> LocalRun:
+    """Pre-warm ``image`` into this machine's store with a private Redis and local workers.
+
+    ``on_progress`` gets each status while the job runs; a failed job is returned, not
+    raised.  The private processes are stopped outright when this returns or raises
+    (unknown image, no space, ^C): every write of a task is safe against kill -9.
+
+    Raises:
+        InvalidReference: ``image`` is not an image reference.
+        InsufficientSpace: the image cannot fit in the store (checked before fetching).
+        ConfigError: redis-server is not installed.
+        PrewarmError: the registry's errors as it reports them; the private Redis or a
+            worker died.
+    """
+    ref = parse_reference(image)
+    client = RegistryClient.from_settings(settings)
+    store = ContentStore(settings.root)
+    with contextlib.ExitStack() as stack:
+        cluster = None
+        if not store.list_layers():
+            # Nothing can be pre-warmed yet: start the private Redis and workers first, so
+            # their start-up (~2 s) overlaps with resolving the image and getting its zTOCs.
+            cluster = _start_cluster(stack, settings, concurrency)
+        resolved = client.resolve(ref, settings.platform)
+        if cluster is None:
+            if all(store.is_ready(layer.digest) for layer in resolved.layers):
+                record_prewarmed_image(Layout(settings.root), image, plan_resolved(resolved, {}))
+                return LocalRun(resolved, None)
+            cluster = _start_cluster(stack, settings, concurrency)
+        status = _run_job(settings, image, client, store, resolved, cluster, window=window, index=index,
+                          say=say, on_progress=on_progress)
+    return LocalRun(resolved, status)
+
+
+def _start_cluster(stack: contextlib.ExitStack, settings: Settings,
+                   concurrency: int | None) -> EmbeddedCluster:
+    """This node's private Redis and workers, killed when ``stack`` closes."""
+    from prewarm.node.embedded import embedded_cluster
+
+    cluster = stack.enter_context(embedded_cluster(settings, concurrency=concurrency))
+    stack.callback(setattr, cluster, "job_over", True)
+    return cluster
+
+
+def _run_job(settings: Settings, image: str, client: RegistryClient, store: ContentStore,
+             resolved: ResolvedImage, cluster: EmbeddedCluster, *, window: int | None, index: IndexPolicy,
+             say: Callable[[str], None], on_progress: Callable[[JobStatus], None] | None) -> JobStatus:
+    """The job on the private cluster: space check, zTOCs, plan, launch, wait; its final status."""
+    from prewarm.fleet import schedule
+    from prewarm.fleet.broker import redis_client
+    from prewarm.fleet.submit import plan_job
+    from prewarm.node.prepare import prepare_layers_ahead
+    from prewarm.store.ztoc_cache import ZtocCache
+
+    schedule.check_space_before_download(store, client, resolved)
+    plan = plan_job(settings, client, resolved, index=index, fleet=False, say=say)
+    present = {i for i, layer in enumerate(plan.layers) if store.is_ready(layer.digest)}
+    # The scheduler is idle while its workers start: it prepares the layers meanwhile.
+    preparer = threading.Thread(target=prepare_layers_ahead, name="prepare-layers", daemon=True,
+                                args=(store, plan.layers, ZtocCache(store.layout).get))
+    preparer.start()
+    cluster.wait_redis()
+    r = redis_client(cluster.broker_url)
+    job_id = schedule.launch(r, cluster.broker_url, plan, image, [settings.node_name], window=window,
+                             present={settings.node_name: present})
+    status = schedule.wait_for_job(r, job_id, on_update=on_progress, alive=cluster.check_workers)
+    if status.state == "succeeded":
+        # A worker records it too, but may be killed before it has: the record is ours.
+        record_prewarmed_image(Layout(settings.root), image, plan)
+    preparer.join(timeout=30)
+    _save_summary(settings.root, status)
+    return status
+
+
+def _summaries(root: Path) -> Path:
+    return root / "jobs"
+
+
+def _save_summary(root: Path, status: JobStatus) -> None:
+    from prewarm.fleet.jobs import job_summary_json
+    from prewarm.store.atomic import atomic_write
+
+    atomic_write(_summaries(root) / f"{status.job_id}.json", job_summary_json(status).encode())
+
+
+def saved_summaries(root: Path, job: str | None = None, limit: int = 20) -> list[str]:
+    """The JSON summaries embedded jobs left in the store at ``root``, newest first (``job``'s only).
+
+    Why: the private Redis of an embedded job is gone once it ends, so ``prewarm status``
+    without a broker reads these.
+
+    Raises:
+        JobError: ``job`` was given and left no summary here.
+    """
+    folder = _summaries(root)
+    files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True) \
+        if folder.is_dir() else []
+    if job:
+        files = [f for f in files if f.stem == job]
+        if not files:
+            raise JobError(f"no job {job} in {folder} (and no PREWARM_BROKER_URL to ask a fleet)")
+    return [f.read_text() for f in files[:limit]]
+
+
+def register_in_containerd(settings: Settings, image: str, resolved: ResolvedImage, address: Path,
+                           namespace: str) -> Registration:
+    """Register the now complete ``image`` in this machine's containerd; no layer is fetched.
+
+    Raises:
+        StoreError: the store holds no record of ``image`` (it was not pre-warmed here).
+        ContainerdError: containerd refused it (an unknown namespace, ...).
+    """
+    from prewarm.runtime.containerd import ContainerdClient, register_image
+
+    layout = Layout(settings.root)
+    record = find_record(layout, image)
+    if record is None:
+        raise StoreError(f"{image}: no image record in {settings.root} after the job; pre-warm it again")
+    return register_image(ContainerdClient(address, namespace), layout, record, resolved.manifest_bytes,
+                          resolved.config_bytes)
+
+
+def dry_run(settings: Settings, image: str) -> tuple[list[DryRunLine], int]:
+    """What :func:`run_embedded` would fetch here, and the free disk left after; fetching nothing."""
+    from prewarm.fleet import schedule
+
+    resolved = RegistryClient.from_settings(settings).resolve(parse_reference(image), settings.platform)
+    plan = plan_resolved(resolved, {})
+    store = ContentStore(settings.root)
+    held = frozenset(l.digest for l in plan.layers if store.is_ready(l.digest))
+    probe = settings.root if settings.root.exists() else settings.root.parent
+    return schedule.dry_run(plan, [(settings.node_name, held, shutil.disk_usage(probe).free)])
