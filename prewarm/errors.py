@@ -25,6 +25,7 @@ ones are worth a retry::
      +-- StoreError                  the node's content store
      |    +-- InsufficientSpace
      +-- JobError                    a pre-warm job failed or was cancelled
+     |    +-- JobTimeout             --timeout passed before the job ended (it goes on)
      +-- SnapshotError
      |    +-- SnapshotNotFound
      |    +-- SnapshotExists
@@ -148,6 +149,10 @@ class InsufficientSpace(StoreError):
 
 class JobError(PrewarmError):
     exit_code = 8
+
+
+class JobTimeout(JobError):
+    exit_code = 11
 
 
 class SnapshotError(PrewarmError):

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from prewarm.fleet.nodes import heartbeat
 from prewarm.imagebuild import BuiltImage, push_layout
 from prewarm.resolve.registry.client import RegistryClient
 from tests.images import hostile_image, simple_image
@@ -77,6 +78,8 @@ def test_no_credential_reaches_redis(tmp_path: Path, auth_registry: Registry, re
     try:
         job = prewarm("schedule", ref, "--node", "s1", env=env, check=True).stdout.strip()
         final = wait_job(job, env)
+        heartbeat(redis.Redis.from_url(redis_url), "ghost", labels={}, root=tmp_path / "ghost",
+                  layers=frozenset())  # a node that registered once and whose worker is gone
         prewarm("schedule", ref, "--node", "ghost", env=env, check=True)
     finally:
         worker.stop()

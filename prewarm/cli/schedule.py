@@ -118,12 +118,19 @@ def _register_in_containerd(settings: Settings, image: str, resolved: ResolvedIm
               help="Embedded mode: also register the pre-warmed image in this containerd (its gRPC socket), "
                    "so CRI sees it present. Fleet: give it to `prewarm worker` instead.")
 @click.option("--namespace", default="k8s.io", show_default=True, help="containerd namespace (CRI uses k8s.io).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
+              help="With --wait: stop waiting after SECONDS, report each unfinished node and exit 11 "
+                   "(the job goes on).")
+@click.option("--node-down-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              metavar="SECONDS", help="With --wait on a fleet: fail the pending layers of a node whose "
+                                      "heartbeat stopped this long ago, instead of waiting for it forever.")
 @registry_options
 @root_option
 def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str, ...], all_nodes: bool,
                  selectors: tuple[str, ...], keep: bool, dry_run: bool, window: int | None,
                  index: str, concurrency: int | None, broker_url: str | None, as_json: bool, quiet: bool,
-                 containerd_socket: Path | None, namespace: str, insecure_registries: tuple[str, ...], ca_bundle: str | None, root: Path | None) -> None:
+                 containerd_socket: Path | None, namespace: str, timeout: float | None, node_down_timeout: float,
+                 insecure_registries: tuple[str, ...], ca_bundle: str | None, root: Path | None) -> None:
     """Pre-warm IMAGE: resolve it, split its layers into span tasks, and have the nodes fetch them.
 
     With no broker (PREWARM_BROKER_URL) the whole job runs on this machine: a private Redis
@@ -159,7 +166,8 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
         return
     progress = _Progress() if wait and not quiet else None
     job = submit.submit(settings, image, choice, index=cast("IndexPolicy", index), window=window, keep=keep,
-                        say=_quiet if quiet else _say, wait=wait, on_progress=progress)
+                        say=_quiet if quiet else _say, wait=wait, on_progress=progress, timeout=timeout,
+                        node_down_limit=node_down_timeout)
     if job.status is None:
         click.echo(job.job_id)
         _say(f"job {job.job_id}: {job.plan.task_count} task(s) for {len(job.nodes)} node(s) "

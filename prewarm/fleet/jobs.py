@@ -98,7 +98,7 @@ def _s(value: bytes | str | None) -> str:
 
 def create_job(r: redis.Redis, plan: ImagePlan, nodes: Iterable[str], *, window: int,
                image: str, job_id: str | None = None, present: dict[str, set[int]] | None = None,
-               keep: dict[str, str] | None = None) -> str:
+               keep: dict[str, str | list[str]] | None = None) -> str:
     """Record a new job; no task is released yet (see :func:`claim_next`).
 
     Args:
@@ -146,8 +146,15 @@ def add_node(r: redis.Redis, job_id: str, node: str, plan: ImagePlan, ready: set
     return True
 
 
+#: The label every node has implicitly: its own name (``--node X --keep`` selects by it).
+NODE_NAME_LABEL = "prewarm.io/node"
+
+
 def standing_jobs_for(r: redis.Redis, labels: dict[str, str]) -> list[str]:
-    """Active standing schedules (``--keep``) whose selector matches these node labels."""
+    """Active standing schedules (``--keep``) whose selector matches these node labels.
+
+    A selector value is one label value, or a list of values any of which matches.
+    """
     out = []
     for raw in r.smembers(keys.ACTIVE_JOBS):
         job_id = _s(raw)
@@ -156,7 +163,7 @@ def standing_jobs_for(r: redis.Redis, labels: dict[str, str]) -> list[str]:
         if not keep or cancelled == "1":
             continue
         selector = json.loads(keep)
-        if all(labels.get(k) == v for k, v in selector.items()):
+        if all(labels.get(k) in v if isinstance(v, list) else labels.get(k) == v for k, v in selector.items()):
             out.append(job_id)
     return sorted(out)
 

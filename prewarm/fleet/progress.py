@@ -43,14 +43,23 @@ def bar(fraction: float, width: int = BAR_WIDTH) -> str:
     return "█" * full + ("▌" if fraction * width - full >= 0.5 else "") + " " * (width - full - (1 if fraction * width - full >= 0.5 else 0))
 
 
+#: After this many seconds without a byte, a progress line says so instead of an ETA.
+STALL_NOTICE = 15.0
+
+
 @dataclasses.dataclass
 class _Rate:
     """Throughput over a sliding window of samples (bytes, time)."""
 
     samples: list[tuple[float, int]] = dataclasses.field(default_factory=list)
     window: float = 3.0
+    #: when ``done`` last moved (or the first sample)
+    moved: float | None = None
+    last: int = -1
 
     def add(self, t: float, done: int) -> float:
+        if done != self.last or self.moved is None:
+            self.moved, self.last = t, done
         self.samples.append((t, done))
         while len(self.samples) > 2 and t - self.samples[0][0] > self.window:
             self.samples.pop(0)
@@ -71,10 +80,15 @@ class ProgressView:
         self._start = time.monotonic()
 
     def _line(self, label: str, done: int, total: int, key: str, now: float, state: str) -> str:
-        rate = self._rates.setdefault(key, _Rate()).add(now, done)
+        tracker = self._rates.setdefault(key, _Rate())
+        rate = tracker.add(now, done)
         frac = done / total if total else 1.0
         eta = (total - done) / rate if rate > 0 and done < total else (0.0 if done >= total else None)
         tail = state if state in ("succeeded", "failed", "cancelled") else f"ETA {human_seconds(eta)}"
+        stalled = now - (tracker.moved or now)
+        if state not in ("succeeded", "failed", "cancelled") and stalled >= STALL_NOTICE:
+            # never a silent 0%: say how long nothing moved, and what that may mean
+            tail = f"no progress for {human_seconds(stalled)} ({state}; is its worker up? prewarm nodes)"
         return (f"{label:<24.24} [{bar(frac)}] {human_bytes(done):>9}/{human_bytes(total):<9} "
                 f"{human_bytes(rate) + '/s':>10}  {tail}")
 

@@ -24,8 +24,9 @@ import redis
 
 from prewarm.fleet import dispatch, jobs, keys
 from prewarm.config import BUILD_TOOL_IDENTIFIER, Settings
-from prewarm.errors import AuthenticationFailed, JobError, PrewarmError
+from prewarm.errors import AuthenticationFailed, ConfigError, JobError, JobTimeout, PrewarmError
 from prewarm.store.layout import Layout
+from prewarm.fleet.nodes import list_nodes
 from prewarm.fleet.plan import ImagePlan, SpanLayer
 from prewarm.resolve.reference import Reference
 from prewarm.resolve.registry.client import RegistryClient, ResolvedImage
@@ -150,7 +151,7 @@ EAGER_RELEASE_LIMIT = 2048
 
 def launch(r: redis.Redis, broker_url: str, plan: ImagePlan, image: str, nodes: Sequence[str], *,
            window: int | None = None, present: dict[str, set[int]] | None = None,
-           keep: dict[str, str] | None = None) -> str:
+           keep: dict[str, str | list[str]] | None = None) -> str:
     """Record the job; release the first ``window`` tasks of every node (default
     :data:`DEFAULT_WINDOW`), or leave that to the nodes."""
     window = window or DEFAULT_WINDOW
@@ -184,22 +185,42 @@ def start_own_windows(r: redis.Redis, app, node: str) -> list[str]:  # type: ign
 REDIS_OUTAGE_LIMIT = 120.0
 
 
+#: Longest pause between two polls of a waiting scheduler, reached while nothing moves.
+MAX_POLL_INTERVAL = 2.0
+#: How often a waiting scheduler looks at the heartbeats of the job's nodes (seconds).
+NODE_CHECK_INTERVAL = 10.0
+
+
 def wait_for_job(r: redis.Redis, job_id: str, *, on_update: Callable[[jobs.JobStatus], None] | None = None,
                  interval: float = 0.2, alive: Callable[[], None] | None = None,
-                 timeout: float | None = None) -> jobs.JobStatus:
+                 timeout: float | None = None, node_down_limit: float | None = None) -> jobs.JobStatus:
     """Poll until the job is finished; ``alive`` may raise if local workers died.
+
+    Each poll costs a constant number of round trips whatever the fleet size (the plan is
+    read once), and the pause between polls grows to :data:`MAX_POLL_INTERVAL` while no
+    byte moves.  A node whose heartbeat stopped for ``node_down_limit`` seconds has its
+    pending layers failed ("node down"), so a job never waits forever on a dead node.
 
     Redis restarting (connection refused, or loading its data back) is a pause, not the end
     of the job: workers reconnect and resume, so the waiting scheduler keeps polling too.
 
     Raises:
-        JobError: the timeout passed first, or Redis stayed unreachable for REDIS_OUTAGE_LIMIT seconds.
+        JobTimeout: the timeout passed first (the message names each unfinished node).
+        JobError: Redis stayed unreachable for REDIS_OUTAGE_LIMIT seconds.
     """
     start = time.monotonic()
     unreachable_since: float | None = None
+    plan = None
+    pause, last_done = interval, -1
+    next_node_check = start
     while True:
         try:
-            status = jobs.job_status(r, job_id)
+            status = jobs.job_status(r, job_id, plan)
+            plan = status.plan
+            if node_down_limit is not None and time.monotonic() >= next_node_check:
+                next_node_check = time.monotonic() + NODE_CHECK_INTERVAL
+                if fail_down_nodes(r, job_id, status, node_down_limit):
+                    status = jobs.job_status(r, job_id, plan)
         except redis.exceptions.ConnectionError as err:  # BusyLoadingError is one too
             now = time.monotonic()
             unreachable_since = unreachable_since or now
@@ -217,13 +238,59 @@ def wait_for_job(r: redis.Redis, job_id: str, *, on_update: Callable[[jobs.JobSt
         if alive:
             alive()
         if timeout is not None and time.monotonic() - start > timeout:
-            raise JobError(f"job {job_id} did not finish within {timeout:.0f}s; `prewarm status {job_id}` follows it")
-        time.sleep(interval)
+            raise JobTimeout(timeout_report(status, timeout))
+        pause = interval if status.bytes_done != last_done else min(MAX_POLL_INTERVAL, pause * 1.5)
+        last_done = status.bytes_done
+        time.sleep(pause)
+
+
+def timeout_report(status: jobs.JobStatus, timeout: float) -> str:
+    """One line per unfinished node: what it holds, what is left, and its last error."""
+    lines = [f"job {status.job_id} did not finish within {timeout:.0f}s (it goes on: `prewarm status "
+             f"{status.job_id}` follows it); unfinished nodes:"]
+    for name, node in sorted(status.nodes.items()):
+        if node.state in ("succeeded", "failed", "cancelled"):
+            continue
+        pending = sum(1 for i in range(len(status.plan.layers))
+                      if node.layers.get(i, jobs.LAYER_PENDING) == jobs.LAYER_PENDING)
+        lines.append(f"  {name}: {node.state}, {node.bytes_done}/{node.bytes_total} bytes, "
+                     f"{pending} layer(s) pending")
+    return "\n".join(lines)
+
+
+def fail_down_nodes(r: redis.Redis, job_id: str, status: jobs.JobStatus, limit: float) -> list[str]:
+    """Fail the pending layers of the job's nodes whose heartbeat stopped more than ``limit`` s ago."""
+    beats = {n.name: n.heartbeat for n in list_nodes(r)}
+    now = time.time()
+    failed = []
+    for name, node in status.nodes.items():
+        if node.state in ("succeeded", "failed", "cancelled"):
+            continue
+        silent = now - beats.get(name, 0.0)
+        if silent > limit:
+            why = (f"node {name} is down: no heartbeat for {silent:.0f}s (over {limit:.0f}s); "
+                   "start its worker and schedule again")
+            for i in range(len(status.plan.layers)):
+                if node.layers.get(i, jobs.LAYER_PENDING) == jobs.LAYER_PENDING:
+                    jobs.record_layer(r, job_id, name, i, jobs.LAYER_FAILED, why)
+            failed.append(name)
+    return failed
 
 
 def require_nodes(r: redis.Redis, nodes: Sequence[str]) -> list[str]:
+    """The named nodes (each must be registered), or every registered node.
+
+    Raises:
+        ConfigError: a named node never registered (a typo would otherwise wait forever).
+        PrewarmError: no node is registered at all.
+    """
     if nodes:
-        return list(nodes)
+        members = {n.decode() if isinstance(n, bytes) else n for n in cast(set[bytes], r.smembers(keys.NODES))}
+        unknown = [n for n in nodes if n not in members]
+        if unknown:
+            raise ConfigError(f"unknown node(s) {', '.join(unknown)}: no worker ever registered under "
+                              "that name (prewarm nodes lists them)")
+        return list(dict.fromkeys(nodes))
     members = cast(set[bytes], r.smembers(keys.NODES))
     known = sorted(n.decode() if isinstance(n, bytes) else n for n in members)
     if not known:
@@ -269,7 +336,7 @@ def join_standing_jobs(r: redis.Redis, app, node: str, labels: dict[str, str],  
                        is_ready: Callable[[str], bool]) -> list[str]:
     """Called by a node's worker: join every standing schedule that matches it, release its window."""
     joined = []
-    for job_id in jobs.standing_jobs_for(r, labels):
+    for job_id in jobs.standing_jobs_for(r, {**labels, jobs.NODE_NAME_LABEL: node}):
         plan = jobs.load_plan(r, job_id)
         ready = {i for i, layer in enumerate(plan.layers) if is_ready(layer.digest)}
         if jobs.add_node(r, job_id, node, plan, ready) and jobs.mark_started(r, job_id, node):

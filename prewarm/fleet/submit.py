@@ -25,6 +25,7 @@ from prewarm.errors import ConfigError
 from prewarm.fleet import schedule
 from prewarm.fleet.broker import redis_client
 from prewarm.fleet.jobs import JobStatus
+from prewarm.fleet.jobs import NODE_NAME_LABEL
 from prewarm.fleet.nodes import NodeInfo, list_nodes, parse_labels, select_nodes
 from prewarm.fleet.plan import ImagePlan, SpanLayer, plan_resolved
 from prewarm.resolve.reference import parse_reference
@@ -82,25 +83,36 @@ class Submission:
 
 def submit(settings: Settings, image: str, choice: NodeChoice, *, index: IndexPolicy = "auto",
            window: int | None = None, keep: bool = False, say: Callable[[str], None] = _silent,
-           wait: bool = False, on_progress: Callable[[JobStatus], None] | None = None) -> Submission:
+           wait: bool = False, on_progress: Callable[[JobStatus], None] | None = None,
+           timeout: float | None = None, node_down_limit: float | None = None) -> Submission:
     """Pre-warm ``image`` on the chosen nodes of the fleet at ``settings.broker_url``.
 
     ``keep`` makes the job standing: nodes that join later and match ``choice.selectors``
     are warmed too.  With ``wait`` the job is followed to its end (``on_progress`` gets
     each status) and its final status returned; a failed job is returned, not raised.
+    ``timeout`` bounds the wait; ``node_down_limit`` fails a node whose heartbeat stopped
+    that long ago (see :func:`prewarm.fleet.schedule.wait_for_job`).  ``--keep`` with named
+    nodes keeps warming those nodes only (they are its selector).
 
     Raises:
         InvalidReference: ``image`` is not an image reference.
-        ConfigError: no broker URL, a malformed selector, or no node up matches it.
+        ConfigError: no broker URL, a malformed selector, no node up matches it, or a named
+            node never registered.
+        JobTimeout: ``timeout`` passed before the job ended.
         PrewarmError: no node to pre-warm; the registry's errors as it reports them.
     """
     client, resolved = _resolve(settings, image)
     r = redis_client(_broker(settings))
-    targets, _ = _choose(r, choice)
+    targets, fleet = _choose(r, choice)
+    down = [n.name for n in fleet if n.name in targets and not n.up]
+    if down:
+        say(f"node(s) down (no recent heartbeat): {', '.join(down)}; their share waits until their workers "
+            "are back" + (f", or fails after {node_down_limit:.0f}s" if wait and node_down_limit else ""))
     plan = plan_job(settings, client, resolved, index=index, fleet=True, say=say)
     job_id = schedule.launch(r, _broker(settings), plan, image, targets, window=window,
-                             keep=parse_labels(list(choice.selectors)) if keep else None)
-    status = schedule.wait_for_job(r, job_id, on_update=on_progress) if wait else None
+                             keep=_standing_selector(choice) if keep else None)
+    status = schedule.wait_for_job(r, job_id, on_update=on_progress, timeout=timeout,
+                                   node_down_limit=node_down_limit) if wait else None
     return Submission(job_id, plan, tuple(targets), status)
 
 
@@ -117,6 +129,13 @@ def dry_run(settings: Settings, image: str, choice: NodeChoice) -> tuple[list[sc
     rows = [(t, info[t].layers if t in info else frozenset(), info[t].free_bytes if t in info else None)
             for t in targets]
     return schedule.dry_run(plan_resolved(resolved, {}), rows)
+
+
+def _standing_selector(choice: NodeChoice) -> dict[str, str | list[str]]:
+    """What nodes joining later must match: the selectors, or the named nodes themselves."""
+    if choice.names:
+        return {NODE_NAME_LABEL: sorted(set(choice.names))}
+    return dict(parse_labels(list(choice.selectors)))
 
 
 def _broker(settings: Settings) -> str:
