@@ -82,6 +82,13 @@ class Settings:
     #: held in memory whole, so a zTOC (or a gzip stream of one giant deflate block) cannot
     #: make a worker read or inflate more than this per span.
     max_span_bytes: int = DEFAULT_MAX_SPAN_BYTES
+    #: The scheduler's task-signing key and certificate (PREWARM_SIGNING_KEY, _CERT): every
+    #: task body of a job it launches is signed (prewarm.fleet.signing).
+    signing_key: Path | None = None
+    signing_cert: Path | None = None
+    #: A worker's trusted signing certificates, a glob (PREWARM_TRUSTED_CERTS): with it the
+    #: worker runs only tasks signed by one of them.
+    trusted_certs: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -103,6 +110,9 @@ class Settings:
             if env.get("PREWARM_CONTAINERD_ADDRESS") else None,
             "containerd_namespace": env.get("PREWARM_CONTAINERD_NAMESPACE") or "k8s.io",
             "max_span_bytes": _int_env(env, "PREWARM_MAX_SPAN", DEFAULT_MAX_SPAN_BYTES),
+            "signing_key": Path(env["PREWARM_SIGNING_KEY"]) if env.get("PREWARM_SIGNING_KEY") else None,
+            "signing_cert": Path(env["PREWARM_SIGNING_CERT"]) if env.get("PREWARM_SIGNING_CERT") else None,
+            "trusted_certs": env.get("PREWARM_TRUSTED_CERTS") or None,
         }
         for key, value in overrides.items():
             if key not in values:
@@ -133,6 +143,8 @@ class Settings:
             env["DOCKER_CONFIG"] = str(self.docker_config)
         if self.platform:
             env["PREWARM_PLATFORM"] = self.platform
+        if self.trusted_certs:
+            env["PREWARM_TRUSTED_CERTS"] = self.trusted_certs
         if self.containerd_address:
             env["PREWARM_CONTAINERD_ADDRESS"] = str(self.containerd_address)
             env["PREWARM_CONTAINERD_NAMESPACE"] = self.containerd_namespace

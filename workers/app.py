@@ -18,6 +18,7 @@ Why these options:
 
 from __future__ import annotations
 
+import logging
 import os
 
 from celery import Celery
@@ -53,7 +54,9 @@ def make_app(settings: Settings | None = None) -> Celery:
             "unacked_mutex_expire": max(10, min(300, visibility)),
         },
         task_serializer="json",
-        accept_content=["json"],
+        # json: Celery's own control messages (and unsigned tasks, which a worker with
+        # PREWARM_TRUSTED_CERTS refuses in workers.tasks); auth: the scheduler's signed tasks
+        accept_content=["json", "auth"] if settings.trusted_certs else ["json"],
         task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -65,6 +68,18 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_max_memory_per_child=400_000,  # KiB; a leak cannot grow a worker without bound
     )
     app.conf.prewarm_settings = settings
+    if settings.trusted_certs:
+        from prewarm.fleet.signing import install_verifier
+        from prewarm.node.metrics import TASKS_REFUSED
+
+        def refused(why: str) -> None:
+            TASKS_REFUSED.labels("bad signature").inc()
+            logging.getLogger("prewarm.worker").warning("refused a task whose signature does not verify: %s", why)
+
+        try:
+            install_verifier(settings.trusted_certs, refused)
+        except ConfigError as err:
+            raise SystemExit(f"prewarm worker: {err}") from None
     return app
 
 

@@ -16,14 +16,16 @@ import gc
 import logging
 import random
 import time
+from typing import NoReturn
 
 import kombu.exceptions
 import redis
 from celery import Task
-from celery.exceptions import Retry
+from celery.exceptions import Ignore, Retry
 from celery.signals import worker_init, worker_process_init
 
-from prewarm.fleet import dispatch, jobs
+from prewarm.fleet import dispatch, jobs, keys
+from prewarm.fleet.signing import VERIFIED, VERIFIED_KWARG
 from prewarm.fleet.broker import redis_client
 from prewarm.errors import DigestMismatch, PrewarmError, RateLimited, Transient
 from prewarm.node.metrics import ERRORS, SPANS, TASKS_REFUSED
@@ -112,7 +114,7 @@ _BROKER_DOWN = (redis.exceptions.ConnectionError, kombu.exceptions.OperationalEr
 REDIS_OUTAGE_LIMIT = 120.0
 
 
-def _run(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: ignore[no-untyped-def]
+def _run(task: Task, fn, ctx: NodeContext, kw: dict, signed: bool, name: str | None) -> None:  # type: ignore[no-untyped-def]
     """Run the task; while Redis is unreachable, wait and run it again (it is idempotent).
 
     A Redis restart must not fail a layer, nor lose the task's place in the node's window:
@@ -123,7 +125,7 @@ def _run(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: ignore[no
     deadline = time.monotonic() + REDIS_OUTAGE_LIMIT
     while True:
         try:
-            return _run_once(task, fn, ctx, kw)
+            return _run_once(task, fn, ctx, kw, signed, name)
         except _BROKER_DOWN as err:
             if time.monotonic() > deadline:
                 raise
@@ -152,7 +154,15 @@ def _refused(ctx: NodeContext, task: Task, kw: dict) -> str | None:  # type: ign
     return why
 
 
-def _run_once(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: ignore[no-untyped-def]
+def _run_once(task: Task, fn, ctx: NodeContext, kw: dict, signed: bool,  # type: ignore[no-untyped-def]
+              name: str | None) -> None:
+    if ctx.settings.trusted_certs and not signed:
+        TASKS_REFUSED.labels("unsigned").inc()
+        log.warning("refused %s %s: not signed by a scheduler this node trusts (PREWARM_TRUSTED_CERTS)",
+                    task.name, {k: kw.get(k) for k in ("job", "node", "layer_index")})
+        return
+    # A signed body names no node: the queue it came from is this node's.
+    kw = {**kw, "node": kw.get("node") or ctx.settings.node_name}
     job, node, layer_index = kw["job"], kw["node"], kw["layer_index"]
     span = kw.get("span", 0)
     outcome: Outcome | None = None
@@ -177,32 +187,56 @@ def _run_once(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: igno
             retries = task.request.retries
             # max_retries explicit: None would mean Celery's default of 3
             if isinstance(err, Transient) and retries < MAX_TRANSIENT_RETRIES:
-                raise task.retry(exc=err, countdown=_retry_delay(retries, err),
-                                 max_retries=MAX_TRANSIENT_RETRIES) from err
+                _retry(task, ctx, kw, signed, err, _retry_delay(retries, err), MAX_TRANSIENT_RETRIES)
             if isinstance(err, DigestMismatch) and retries < MAX_CORRUPT_SPAN_RETRIES:
                 log.warning("%s of %s corrupted in transit, fetching again: %s", f"span {span}" if "span" in kw else "whole layer", kw["layer"], err)
-                raise task.retry(exc=err, countdown=0.2, max_retries=MAX_CORRUPT_SPAN_RETRIES) from err
+                _retry(task, ctx, kw, signed, err, 0.2, MAX_CORRUPT_SPAN_RETRIES)
             if not isinstance(err, PrewarmError) and not isinstance(err, OSError):
                 log.exception("unexpected error in %s", task.name)
             error = _describe(err, ctx.settings.root)
             ERRORS.labels(type(err).__name__).inc()
             SPANS.labels("failed").inc()
             log.error("%s %s failed: %s", task.name, kw, error)
-    account(ctx, job=job, node=node, layer_index=layer_index, span=span, outcome=outcome, error=error)
+    account(ctx, job=job, node=node, layer_index=layer_index, span=span, outcome=outcome, error=error, name=name)
     plan = ctx.plan(job)
     dispatch.release(app, ctx.redis, plan, job, node, 1)
 
 
+def _retry(task: Task, ctx: NodeContext, kw: dict, signed: bool, err: Exception,  # type: ignore[type-arg]
+           countdown: float, max_retries: int) -> NoReturn:
+    """Run the task again later: a signed task as the scheduler's same signed body.
+
+    ``max_retries`` explicit: None would mean Celery's default of 3.  A signed task is not
+    re-sent by ``task.retry`` (that would be a body this worker made, which no worker
+    accepts): the job's signed body for it goes back into the queue with the next retry
+    count and an eta, and this delivery ends.
+    """
+    if not signed:
+        raise task.retry(exc=err, countdown=countdown, max_retries=max_retries) from err
+    body = jobs.signed_body(ctx.redis, kw["job"], dispatch.signed_field(kw["layer_index"], kw.get("span", 0)))
+    if body is None:
+        raise err
+    dispatch.publish_signed(app, keys.node_queue(kw["node"]), task.name, body,
+                            retries=task.request.retries + 1, countdown=countdown)
+    raise Ignore()
+
+
+def _signed(extra: dict) -> bool:  # type: ignore[type-arg]
+    return extra.get(VERIFIED_KWARG) == VERIFIED
+
+
 @app.task(name=dispatch.TASK_WARM_SPAN, bind=True, acks_late=True)
-def warm_span_task(self: Task, *, job: str, node: str, image: str, layer: str, layer_index: int,
-                   ztoc: str, span: int, count: int = 1) -> None:
+def warm_span_task(self: Task, *, job: str, image: str, layer: str, layer_index: int, ztoc: str, span: int,
+                   count: int = 1, node: str | None = None, name: str | None = None, **extra: object) -> None:
     """Fetch, verify, inflate and store ``count`` adjacent spans of one layer on this node."""
     _run(self, warm_span, context(), dict(job=job, node=node, image=image, layer=layer,
-                                          layer_index=layer_index, ztoc=ztoc, span=span, count=count))
+                                          layer_index=layer_index, ztoc=ztoc, span=span, count=count),
+         _signed(extra), name)
 
 
 @app.task(name=dispatch.TASK_WARM_LAYER, bind=True, acks_late=True)
-def warm_layer_task(self: Task, *, job: str, node: str, image: str, layer: str, layer_index: int) -> None:
+def warm_layer_task(self: Task, *, job: str, image: str, layer: str, layer_index: int,
+                    node: str | None = None, name: str | None = None, **extra: object) -> None:
     """Stream one whole layer (no zTOC) into this node's store."""
     _run(self, warm_layer, context(), dict(job=job, node=node, image=image, layer=layer,
-                                           layer_index=layer_index))
+                                           layer_index=layer_index), _signed(extra), name)

@@ -1,4 +1,4 @@
-"""Send span and layer tasks by name.  The only module of ``prewarm`` that imports Celery.
+"""Send span and layer tasks by name.  With :mod:`.signing`, the only modules of ``prewarm`` that import Celery.
 
 The scheduler never imports ``workers``: it names tasks (``prewarm.warm_span``,
 ``prewarm.warm_layer``) and routes each to the queue of the node whose store it fills.
@@ -9,13 +9,16 @@ span and span count.
 from __future__ import annotations
 
 import functools
+from uuid import uuid4
 
 import celery
 import redis
 
 from prewarm.fleet import jobs, keys
+from prewarm.errors import JobError
 from prewarm.fleet.broker import celery_url
 from prewarm.fleet.plan import ImagePlan
+from prewarm.fleet.signing import SIGNED_CONTENT_TYPE, TaskSigner
 
 TASK_WARM_SPAN = "prewarm.warm_span"
 TASK_WARM_LAYER = "prewarm.warm_layer"
@@ -30,18 +33,66 @@ def sender(broker_url: str) -> celery.Celery:
     return app
 
 
-def send_task(app: celery.Celery, plan: ImagePlan, job_id: str, node: str, k: int) -> None:
-    """Send the k-th task of the plan to the node's queue."""
+def task_kwargs(plan: ImagePlan, job_id: str, name: str | None, k: int) -> tuple[str, dict[str, object]]:
+    """The k-th task of the plan: its Celery name and keyword arguments, the same for every node.
+
+    ``name`` is the image as the user named it, in signed bodies: a worker records the
+    image under the name its signed task carries, not one read from Redis.
+    """
     layer_index, span = plan.task_at(k)
     layer = plan.layers[layer_index]
-    common = {"job": job_id, "node": node, "image": plan.reference, "layer": layer.digest,
-              "layer_index": layer_index}
+    common: dict[str, object] = {"job": job_id, "image": plan.reference, "layer": layer.digest,
+                                 "layer_index": layer_index}
+    if name is not None:
+        common["name"] = name
     if layer.mode == "spans":
-        app.send_task(TASK_WARM_SPAN, kwargs={**common, "ztoc": layer.ztoc_digest, "span": span,
-                                              "count": layer.task_spans(span)},
-                      queue=keys.node_queue(node))
-    else:
-        app.send_task(TASK_WARM_LAYER, kwargs=common, queue=keys.node_queue(node))
+        return TASK_WARM_SPAN, {**common, "ztoc": layer.ztoc_digest, "span": span, "count": layer.task_spans(span)}
+    return TASK_WARM_LAYER, common
+
+
+def signed_field(layer_index: int, span: int) -> str:
+    """Where a task's signed body is kept in the job (by layer and first span, not by order)."""
+    return f"{layer_index}:{span}"
+
+
+def sign_plan(signer: TaskSigner, plan: ImagePlan, job_id: str, name: str) -> dict[str, bytes]:
+    """Every task body of the job, signed once for all nodes (see :mod:`prewarm.fleet.signing`)."""
+    out = {}
+    for k in range(plan.task_count):
+        _, kwargs = task_kwargs(plan, job_id, name, k)
+        out[signed_field(*plan.task_at(k))] = signer.sign(kwargs)
+    return out
+
+
+def publish_signed(app: celery.Celery, queue: str, task_name: str, body: bytes, *, retries: int = 0,
+                   countdown: float | None = None) -> None:
+    """Put a task whose body the scheduler signed into ``queue``, the body untouched.
+
+    The headers (a fresh task id, ``retries``, the eta of ``countdown``) are built here the
+    way Celery builds them; they are not signed and the worker trusts nothing in them.
+    """
+    message = app.amqp.as_task_v2(str(uuid4()), task_name, args=(), kwargs={}, retries=retries, countdown=countdown,
+                                  ignore_result=True, argsrepr="()", kwargsrepr="(signed)")
+    with app.producer_or_acquire() as producer:
+        app.amqp.send_task_message(producer, task_name, message._replace(body=body), queue=queue,
+                                   content_type=SIGNED_CONTENT_TYPE, content_encoding="utf-8")
+
+
+def send_task(app: celery.Celery, r: redis.Redis, plan: ImagePlan, job_id: str, node: str, k: int) -> None:
+    """Send the k-th task of the plan to the node's queue: the job's signed body, if it has them.
+
+    Raises:
+        JobError: the job is signed but its signed body for this task is missing.
+    """
+    if jobs.is_signed(r, job_id):
+        field = signed_field(*plan.task_at(k))
+        body = jobs.signed_body(r, job_id, field)
+        if body is None:
+            raise JobError(f"job {job_id} is signed but has no signed body for task {field}; schedule it again")
+        publish_signed(app, keys.node_queue(node), task_kwargs(plan, job_id, None, k)[0], body)
+        return
+    task_name, kwargs = task_kwargs(plan, job_id, None, k)
+    app.send_task(task_name, kwargs={**kwargs, "node": node}, queue=keys.node_queue(node))
 
 
 def release(app: celery.Celery, r: redis.Redis, plan: ImagePlan, job_id: str, node: str, count: int = 1) -> int:
@@ -51,6 +102,6 @@ def release(app: celery.Celery, r: redis.Redis, plan: ImagePlan, job_id: str, no
         k = jobs.claim_next(r, job_id, node)
         if k is None:
             break
-        send_task(app, plan, job_id, node, k)
+        send_task(app, r, plan, job_id, node, k)
         sent += 1
     return sent

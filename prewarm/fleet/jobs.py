@@ -98,7 +98,7 @@ def _s(value: bytes | str | None) -> str:
 
 def create_job(r: redis.Redis, plan: ImagePlan, nodes: Iterable[str], *, window: int,
                image: str, job_id: str | None = None, present: dict[str, set[int]] | None = None,
-               keep: dict[str, str | list[str]] | None = None) -> str:
+               keep: dict[str, str | list[str]] | None = None, signed: dict[str, bytes] | None = None) -> str:
     """Record a new job; no task is released yet (see :func:`claim_next`).
 
     Args:
@@ -106,6 +106,8 @@ def create_job(r: redis.Redis, plan: ImagePlan, nodes: Iterable[str], *, window:
             recorded ready at once and their tasks are skipped by the workers.
         keep: a standing schedule: nodes that register later and whose labels match this
             selector ({} matches every node) join the job (:func:`standing_jobs_for`).
+        signed: the job's task bodies signed by the scheduler, by
+            :func:`prewarm.fleet.dispatch.signed_field` (see :mod:`prewarm.fleet.signing`).
     """
     job_id = job_id or uuid.uuid4().hex[:12]
     nodes = sorted(set(nodes))
@@ -116,8 +118,10 @@ def create_job(r: redis.Redis, plan: ImagePlan, nodes: Iterable[str], *, window:
     pipe.hset(keys.job(job_id), mapping={
         "image": image, "reference": plan.reference, "manifest_digest": plan.manifest_digest,
         "window": window, "created": now, "cancelled": "0",
-        "keep": json.dumps(keep) if keep is not None else "",
+        "keep": json.dumps(keep) if keep is not None else "", "signed": "1" if signed else "",
     })
+    if signed:
+        pipe.hset(keys.job_signed(job_id), mapping=signed)
     pipe.set(keys.job_plan(job_id), plan.to_json())
     pipe.zadd(keys.JOBS, {job_id: now})
     pipe.sadd(keys.ACTIVE_JOBS, job_id)
@@ -166,6 +170,15 @@ def standing_jobs_for(r: redis.Redis, labels: dict[str, str]) -> list[str]:
         if all(labels.get(k) in v if isinstance(v, list) else labels.get(k) == v for k, v in selector.items()):
             out.append(job_id)
     return sorted(out)
+
+
+def is_signed(r: redis.Redis, job_id: str) -> bool:
+    return _s(r.hget(keys.job(job_id), "signed")) == "1"
+
+
+def signed_body(r: redis.Redis, job_id: str, field: str) -> bytes | None:
+    raw = r.hget(keys.job_signed(job_id), field)
+    return raw if isinstance(raw, bytes) else None
 
 
 def load_plan(r: redis.Redis, job_id: str) -> ImagePlan:
@@ -332,7 +345,7 @@ def finish_job(r: redis.Redis, job_id: str, retention: float = JOB_RETENTION) ->
     plan_layers = None
     nodes = [_s(n) for n in r.smembers(keys.job_nodes(job_id))]
     pipe = r.pipeline(transaction=False)
-    for key in (keys.job(job_id), keys.job_plan(job_id), keys.job_nodes(job_id)):
+    for key in (keys.job(job_id), keys.job_plan(job_id), keys.job_nodes(job_id), keys.job_signed(job_id)):
         pipe.expire(key, ttl)
     for node in nodes:
         for key in (keys.job_node(job_id, node), keys.job_node_layers(job_id, node),

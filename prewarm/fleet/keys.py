@@ -15,6 +15,8 @@ JOB = "prewarm:job:{job}"
 JOB_PLAN = "prewarm:job:{job}:plan"
 #: Set of node names the job covers.
 JOB_NODES = "prewarm:job:{job}:nodes"
+#: Hash: the job's task bodies signed by the scheduler, by "layer:span" (prewarm.fleet.signing).
+JOB_SIGNED = "prewarm:job:{job}:signed"
 #: Hash: per-node progress of a job (state, bytes_done, bytes_total, cursor, layers_ready, ...).
 JOB_NODE = "prewarm:job:{job}:node:{node}"
 #: Hash: per-node, per-layer state (layer index -> pending|running|ready|failed).
@@ -46,6 +48,10 @@ def job(job_id: str) -> str:
 
 def job_plan(job_id: str) -> str:
     return JOB_PLAN.format(job=job_id)
+
+
+def job_signed(job_id: str) -> str:
+    return JOB_SIGNED.format(job=job_id)
 
 
 def job_nodes(job_id: str) -> str:

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import cast
 
@@ -28,6 +29,7 @@ from prewarm.errors import AuthenticationFailed, ConfigError, JobError, JobTimeo
 from prewarm.store.layout import Layout
 from prewarm.fleet.nodes import list_nodes
 from prewarm.fleet.plan import ImagePlan, SpanLayer
+from prewarm.fleet.signing import TaskSigner
 from prewarm.resolve.reference import Reference
 from prewarm.resolve.registry.client import RegistryClient, ResolvedImage
 from prewarm.index.soci import build_layer_ztocs, find_soci_index, layer_ztoc_kind, push_soci_index
@@ -151,11 +153,15 @@ EAGER_RELEASE_LIMIT = 2048
 
 def launch(r: redis.Redis, broker_url: str, plan: ImagePlan, image: str, nodes: Sequence[str], *,
            window: int | None = None, present: dict[str, set[int]] | None = None,
-           keep: dict[str, str | list[str]] | None = None) -> str:
+           keep: dict[str, str | list[str]] | None = None, signer: TaskSigner | None = None) -> str:
     """Record the job; release the first ``window`` tasks of every node (default
-    :data:`DEFAULT_WINDOW`), or leave that to the nodes."""
+    :data:`DEFAULT_WINDOW`), or leave that to the nodes.  With ``signer`` every task body
+    is signed here, once (:mod:`prewarm.fleet.signing`)."""
     window = window or DEFAULT_WINDOW
-    job_id = jobs.create_job(r, plan, nodes, window=window, image=image, present=present, keep=keep)
+    job_id = uuid.uuid4().hex[:12]
+    signed = dispatch.sign_plan(signer, plan, job_id, image) if signer is not None else None
+    job_id = jobs.create_job(r, plan, nodes, window=window, image=image, job_id=job_id, present=present,
+                             keep=keep, signed=signed)
     if len(nodes) * window <= EAGER_RELEASE_LIMIT:
         app = dispatch.sender(broker_url)
         for node in nodes:
@@ -361,7 +367,7 @@ def resend_stalled(r: redis.Redis, app, node: str, stall_seconds: float) -> list
         cursor = jobs.released(r, job_id, node)
         todo = [k for k in jobs.unfinished_tasks(r, job_id, node, plan) if k < cursor][:window]
         for k in todo:
-            dispatch.send_task(app, plan, job_id, node, k)
+            dispatch.send_task(app, r, plan, job_id, node, k)
         more = dispatch.release(app, r, plan, job_id, node, window - len(todo))
         jobs.touch(r, job_id, node)
         if todo or more:

@@ -26,6 +26,7 @@ from prewarm.fleet import schedule
 from prewarm.fleet.broker import redis_client
 from prewarm.fleet.jobs import JobStatus
 from prewarm.fleet.jobs import NODE_NAME_LABEL
+from prewarm.fleet.signing import signer_from
 from prewarm.fleet.nodes import NodeInfo, list_nodes, parse_labels, select_nodes
 from prewarm.fleet.plan import ImagePlan, SpanLayer, plan_resolved
 from prewarm.resolve.reference import parse_reference
@@ -110,7 +111,7 @@ def submit(settings: Settings, image: str, choice: NodeChoice, *, index: IndexPo
             "are back" + (f", or fails after {node_down_limit:.0f}s" if wait and node_down_limit else ""))
     plan = plan_job(settings, client, resolved, index=index, fleet=True, say=say)
     job_id = schedule.launch(r, _broker(settings), plan, image, targets, window=window,
-                             keep=_standing_selector(choice) if keep else None)
+                             keep=_standing_selector(choice) if keep else None, signer=signer_from(settings))
     status = schedule.wait_for_job(r, job_id, on_update=on_progress, timeout=timeout,
                                    node_down_limit=node_down_limit) if wait else None
     return Submission(job_id, plan, tuple(targets), status)

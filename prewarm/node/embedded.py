@@ -21,6 +21,7 @@ from pathlib import Path
 
 from prewarm.config import Settings
 from prewarm.errors import ConfigError, PrewarmError
+from prewarm.fleet.signing import TaskSigner, ensure_keypair
 
 
 @dataclasses.dataclass
@@ -31,6 +32,8 @@ class EmbeddedCluster:
     redis: subprocess.Popen[bytes]
     workers: list[subprocess.Popen[bytes]]
     broker_url: str
+    #: Signs the job's tasks; the workers trust only its certificate.
+    signer: TaskSigner | None = None
     #: Set when the job has ended: the workers are then killed outright instead of shut
     #: down gracefully (see :func:`embedded_cluster`).
     job_over: bool = False
@@ -104,10 +107,13 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     broker_url = f"unix://{sock}"
-    env = {**os.environ, **dataclasses.replace(settings, broker_url=broker_url).to_env()}
+    # The private cluster signs its tasks too: its Redis socket is root's alone, but a
+    # worker that runs only signed tasks is the same code path everywhere.
+    key, cert = ensure_keypair(settings.root / "keys")
+    env = {**os.environ, **dataclasses.replace(settings, broker_url=broker_url, trusted_certs=str(cert)).to_env()}
     env.setdefault("PREWARM_VISIBILITY_TIMEOUT", "300")
     procs: list[subprocess.Popen[bytes]] = []
-    cluster = EmbeddedCluster(run_dir, redis_proc, procs, broker_url)
+    cluster = EmbeddedCluster(run_dir, redis_proc, procs, broker_url, TaskSigner.from_files(key, cert))
     try:
         with open(run_dir / "worker.log", "ab") as log:
             for i in range(workers):

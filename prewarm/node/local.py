@@ -121,7 +121,7 @@ def _run_job(settings: Settings, image: str, client: RegistryClient, store: Cont
     cluster.wait_redis()
     r = redis_client(cluster.broker_url)
     job_id = schedule.launch(r, cluster.broker_url, plan, image, [settings.node_name], window=window,
-                             present={settings.node_name: present})
+                             present={settings.node_name: present}, signer=cluster.signer)
     status = schedule.wait_for_job(r, job_id, on_update=on_progress, alive=cluster.check_workers)
     if status.state == "succeeded":
         # A worker records it too, but may be killed before it has: the record is ours.

@@ -336,14 +336,18 @@ def register_in_containerd(ctx: NodeContext, record: ImageRecord) -> None:
 
 
 def account(ctx: NodeContext, *, job: str, node: str, layer_index: int, span: int, outcome: Outcome | None,
-            error: str | None) -> None:
-    """Record a finished task in the job: span counted once, layer state, image record when complete."""
+            error: str | None, name: str | None = None) -> None:
+    """Record a finished task in the job: span counted once, layer state, image record when complete.
+
+    ``name`` is the image name a signed task carries; only unsigned tasks take it from the
+    job's record in Redis.
+    """
     r = ctx.redis
     if outcome is not None:
         jobs.record_span(r, job, node, layer_index, span, outcome.nbytes)
         if outcome.layer_ready:
             jobs.record_layer(r, job, node, layer_index, jobs.LAYER_READY)
-            image = jobs.job_image_name(r, job)
+            image = name or jobs.job_image_name(r, job)
             if complete_image(ctx, job, image):
                 log.info("image %s complete on %s", image, node)
             jobs.settle(r, job, node)
