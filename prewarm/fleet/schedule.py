@@ -193,6 +193,8 @@ REDIS_OUTAGE_LIMIT = 120.0
 
 #: Longest pause between two polls of a waiting scheduler, reached while nothing moves.
 MAX_POLL_INTERVAL = 2.0
+#: Added to the pause between polls per node of the job: 1 s at 1,000 nodes.
+POLL_SECONDS_PER_NODE = 0.001
 #: How often a waiting scheduler looks at the heartbeats of the job's nodes (seconds).
 NODE_CHECK_INTERVAL = 10.0
 
@@ -245,7 +247,9 @@ def wait_for_job(r: redis.Redis, job_id: str, *, on_update: Callable[[jobs.JobSt
             alive()
         if timeout is not None and time.monotonic() - start > timeout:
             raise JobTimeout(timeout_report(status, timeout))
-        pause = interval if status.bytes_done != last_done else min(MAX_POLL_INTERVAL, pause * 1.5)
+        # a large fleet is polled less often: each poll reads three hashes per node
+        floor = max(interval, POLL_SECONDS_PER_NODE * len(status.nodes))
+        pause = floor if status.bytes_done != last_done else min(max(MAX_POLL_INTERVAL, floor), pause * 1.5)
         last_done = status.bytes_done
         time.sleep(pause)
 
