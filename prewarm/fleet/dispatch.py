@@ -92,7 +92,8 @@ def send_task(app: celery.Celery, r: redis.Redis, plan: ImagePlan, job_id: str, 
         publish_signed(app, keys.node_queue(node), task_kwargs(plan, job_id, None, k)[0], body)
         return
     task_name, kwargs = task_kwargs(plan, job_id, None, k)
-    app.send_task(task_name, kwargs={**kwargs, "node": node}, queue=keys.node_queue(node))
+    kwargs = {"job": job_id, "node": node, **kwargs}  # the node's name right after the job's, as always
+    app.send_task(task_name, kwargs=kwargs, queue=keys.node_queue(node))
 
 
 def release(app: celery.Celery, r: redis.Redis, plan: ImagePlan, job_id: str, node: str, count: int = 1) -> int:
