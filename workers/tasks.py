@@ -25,7 +25,7 @@ from celery.signals import worker_init, worker_process_init
 
 from prewarm.fleet import dispatch
 from prewarm.fleet.broker import redis_client
-from prewarm.errors import DigestMismatch, PrewarmError, RateLimited, Transient
+from prewarm.errors import DiffIdMismatch, DigestMismatch, PrewarmError, RateLimited, Transient
 from prewarm.node.metrics import ERRORS, SPANS
 from prewarm.node.warm import NodeContext, Outcome, account, layer_failed, warm_layer, warm_span
 from workers.app import app
@@ -147,7 +147,10 @@ def _run_once(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: igno
             retries = task.request.retries
             if isinstance(err, Transient) and retries < MAX_TRANSIENT_RETRIES:
                 raise task.retry(exc=err, countdown=_retry_delay(retries, err), max_retries=None) from err
-            if isinstance(err, DigestMismatch) and retries < MAX_CORRUPT_SPAN_RETRIES:
+            # A diff_id mismatch is the image config against bytes that matched their own
+            # digest: fetching them again cannot help.
+            if isinstance(err, DigestMismatch) and not isinstance(err, DiffIdMismatch) \
+                    and retries < MAX_CORRUPT_SPAN_RETRIES:
                 log.warning("%s of %s corrupted in transit, fetching again: %s", f"span {span}" if "span" in kw else "whole layer", kw["layer"], err)
                 raise task.retry(exc=err, countdown=0.2, max_retries=None) from err
             if not isinstance(err, PrewarmError) and not isinstance(err, OSError):

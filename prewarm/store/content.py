@@ -62,7 +62,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from prewarm.errors import BadSpan, BadZtoc, DigestMismatch, InsufficientSpace, StoreError
+from prewarm.errors import BadSpan, BadZtoc, DiffIdMismatch, DigestMismatch, InsufficientSpace, StoreError
 from prewarm.resolve.digest import parse_digest
 from prewarm.store import inorder, spans
 from prewarm.store.atomic import atomic_write
@@ -242,7 +242,7 @@ class ContentStore:
 
         Raises:
             BadZtoc: the span chain or the TOC cannot describe a layer.
-            DigestMismatch: the layer is already being landed for another diff_id (one of
+            DiffIdMismatch: the layer is already being landed for another diff_id (one of
                 the two image configs names a diff_id that is not this layer's).
             StoreError: ``diff_id`` is not a sha256 digest.
             UnsafeArchive: an entry would write outside the layer (nothing is created).
@@ -339,7 +339,7 @@ class ContentStore:
         """Record ``diff_id`` in a prepared layer's state (under the lock) unless it has one.
 
         Raises:
-            DigestMismatch: the state holds another diff_id.
+            DiffIdMismatch: the state holds another diff_id.
         """
         if diff_id is None:
             return
@@ -351,7 +351,7 @@ class ContentStore:
             atomic_write(self.layout.layer_work(digest) / "state.json",
                          json.dumps({**state, "diff_id": diff_id}).encode(), durable=False)
         elif held != diff_id:
-            raise DigestMismatch(f"layer {digest} is being landed for diff_id {held}, and an image config "
+            raise DiffIdMismatch(f"layer {digest} is being landed for diff_id {held}, and an image config "
                                  f"now says its diff_id is {diff_id}; one of the two configs is wrong (the "
                                  "layer commits only under the diff_id its bytes hash to)",
                                  expected=held, actual=diff_id)
@@ -373,8 +373,8 @@ class ContentStore:
             BadZtoc: the TOC disagrees with the tar headers in this span.
             BadSpan: the buffers do not have the span's sizes.
             DigestMismatch: all spans are in but the compressed bytes do not hash to
-                ``digest``, or the decompressed stream not to the layer's diff_id; the
-                layer is wiped so a retry starts over.
+                ``digest``, or (DiffIdMismatch) the decompressed stream not to the
+                layer's diff_id; the layer is wiped.
             StoreError: the layer is not prepared, or was restarted meanwhile.
         """
         if self.is_ready(digest):
@@ -468,7 +468,7 @@ class ContentStore:
         if claimed is not None and diff_id != claimed:
             self._wipe(digest)
             self._tables.pop(digest, None)
-            raise DigestMismatch(f"layer {digest}: its decompressed stream hashes to {diff_id}, but the image "
+            raise DiffIdMismatch(f"layer {digest}: its decompressed stream hashes to {diff_id}, but the image "
                                  f"config says diff_id {claimed}; the layer was discarded (an image whose "
                                  "config names diff_ids that are not its layers' is refused)",
                                  expected=claimed, actual=diff_id)

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from prewarm.errors import CorruptContent, DigestMismatch, PrewarmError, StoreError
+from prewarm.errors import CorruptContent, DiffIdMismatch, DigestMismatch, PrewarmError, StoreError
 from prewarm.index.tarindex import TarIndexer
 from prewarm.index.ztoc import FileEntry
 from prewarm.resolve.digest import parse_digest
@@ -52,7 +52,7 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
     """Write the layer streamed as ``chunks`` into the empty directory ``fs``; its ``ready`` record.
 
     Raises:
-        DigestMismatch: the blob does not hash to ``digest``, or its tar stream to ``diff_id``.
+        DigestMismatch: the blob does not hash to ``digest``; DiffIdMismatch: its tar stream not to ``diff_id``.
         CorruptContent, BadTarHeader, UnsafeArchive: the tar stream is broken or hostile.
         OSError: ENOSPC or EDQUOT (the caller names the store).
     """
@@ -114,7 +114,7 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
                                  expected=digest, actual=actual)
         got = f"{tar_hash.name}:{tar_hash.hexdigest()}"
         if diff_id is not None and got != diff_id:
-            raise DigestMismatch(f"layer {digest}: its tar stream hashes to {got}, the image config "
+            raise DiffIdMismatch(f"layer {digest}: its tar stream hashes to {got}, the image config "
                                  f"says diff_id {diff_id}", expected=diff_id, actual=got)
         writer.apply_metadata(checker.placements, list(map(entry_meta, entries)))
         syncfs(writer.root_fd)
