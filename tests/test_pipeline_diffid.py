@@ -39,16 +39,20 @@ def with_diff_ids(image: BuiltImage, diff_ids: list[str]) -> None:
     index_path.write_text(json.dumps(index))
 
 
+def evil_image(layout: Path, tag: str) -> BuiltImage:
+    """One layer of its own: pigz members, big enough to land by spans."""
+    return build_image(layout, [Layer([TarEntry("etc", "dir", mode=0o755), TarEntry("etc/hostname", data=b"evil\n"),
+                                       TarEntry("bin/payload", data=mixed_bytes(3 << 20, seed=13))],
+                                      "pigz", member_size=1 << 20)], tag=tag)
+
+
 def test_an_image_copying_a_base_images_diff_ids_is_refused(tmp_path: Path, registry: Registry) -> None:
-    # Given a popular base image, and an image whose one layer is its own (pigz members, big enough
-    # for spans) but whose config lists the base image's bottom diff_id
+    # Given a popular base image, and an image whose one layer is its own but whose config lists
+    # the base image's bottom diff_id
     popular = simple_image(tmp_path / "popular")
     popular_ref = push(popular, registry, "diffid/popular")
     base_diff_id = popular.layers[0].diff_id
-    evil = build_image(tmp_path / "evil", [Layer([TarEntry("etc", "dir", mode=0o755),
-                                                  TarEntry("etc/hostname", data=b"evil\n"),
-                                                  TarEntry("bin/payload", data=mixed_bytes(3 << 20, seed=13))],
-                                                 "pigz", member_size=1 << 20)], tag="evil")
+    evil = evil_image(tmp_path / "evil", "evil")
     with_diff_ids(evil, [base_diff_id])
     evil_ref = push(evil, registry, "diffid/evil")
     layer = evil.layers[0].digest
@@ -74,3 +78,24 @@ def test_an_image_copying_a_base_images_diff_ids_is_refused(tmp_path: Path, regi
     # And the base image itself still pre-warms, its chain pointing at its own layer
     prewarm("schedule", popular_ref, "--wait", "--insecure-registry", registry.host, env=env, check=True)
     assert json.loads(chain.read_text())["layer_digest"] == popular.layers[0].digest
+
+
+def test_a_ready_layer_reused_under_another_diff_id_writes_no_chain(tmp_path: Path, registry: Registry) -> None:
+    # Given a layer made ready honestly (its own image, its own diff_id)
+    popular = simple_image(tmp_path / "popular")
+    base_diff_id = popular.layers[0].diff_id
+    honest = evil_image(tmp_path / "honest", "honest")
+    env = clean_env(tmp_path / "store", **SPANS)
+    prewarm("schedule", push(honest, registry, "diffid/honest"), "--wait", "--index", "build",
+            "--insecure-registry", registry.host, env=env, check=True)
+    # When an image lists that very layer under the popular base image's diff_id
+    liar = evil_image(tmp_path / "liar", "liar")
+    with_diff_ids(liar, [base_diff_id])
+    proc = prewarm("schedule", push(liar, registry, "diffid/liar"), "--wait", "--index", "build",
+                   "--insecure-registry", registry.host, env=env)
+    # Then it is refused naming both diff_ids, and the base image's chain is not recorded
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert base_diff_id in proc.stderr and honest.layers[0].diff_id in proc.stderr, proc.stderr
+    assert not (tmp_path / "store" / "chains" / "sha256" / f"{base_diff_id.split(':')[1]}.json").exists()
+    listed = json.loads(prewarm("images", "--json", env=env, check=True).stdout)
+    assert [i["name"] for i in listed] == [f"{registry.host}/diffid/honest:honest"]

@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+from prewarm.errors import DiffIdMismatch
 from prewarm.store.atomic import atomic_write
 from prewarm.store.layout import Layout, chain_ids
 from prewarm.fleet.plan import ImagePlan
@@ -78,14 +79,36 @@ def new_record(name: str, reference: str, manifest_digest: str, config_digest: s
                        tuple(layer_digests), tuple(diff_ids), tuple(sizes), time.time())
 
 
+def _ready_diff_id(layout: Layout, digest: str) -> str | None:
+    """The diff_id the store verified (or computed) when it committed the layer."""
+    try:
+        value = json.loads(layout.layer_ready(digest).read_bytes()).get("diff_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 def record_prewarmed_image(layout: Layout, name: str, plan: ImagePlan) -> ImageRecord:
     """Write the chain-ID index and the image record once every layer of ``plan`` is ready.
 
     Idempotent: several workers may finish the same image at once.
+
+    Raises:
+        DiffIdMismatch: a layer's ready record holds another diff_id than the image config
+            gives for it (nothing is written).  A layer made ready for one image is reused
+            by every image that lists its digest, unchecked: here its verified diff_id
+            must be the one this image's chain IDs are built from.
     """
     from prewarm.runtime.snapshot.prewarmed import register_chains
 
     digests = [plan.layers[i].digest for i in plan.layer_order]
+    for digest, diff_id in zip(digests, plan.diff_ids):
+        held = _ready_diff_id(layout, digest)
+        if held != diff_id:
+            raise DiffIdMismatch(f"image {name}: layer {digest} is on this node with diff_id {held}, but the "
+                                 f"image config says {diff_id}; no chain or image record was written (an image "
+                                 "config that names diff_ids that are not its layers' is refused)",
+                                 expected=diff_id, actual=held)
     register_chains(layout, digests, list(plan.diff_ids))
     sizes = [plan.layers[i].size for i in plan.layer_order]
     record = new_record(name, plan.reference, plan.manifest_digest, plan.config_digest, plan.platform,
