@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from prewarm.errors import BadSpan, DigestMismatch
+from prewarm.errors import BadSpan, DigestMismatch, StoreError
 from prewarm.index.ztoc import Ztoc, parse_ztoc, serialize_ztoc
 from prewarm.index.ztoc_build import build_tar_ztoc
 from prewarm.store.content import ContentStore
@@ -222,7 +222,7 @@ def test_a_crash_mid_layer_then_resume_still_checks_the_diff_id(tmp_path: Path, 
     # Given a worker killed part-way through an out-of-order layer (some spans spooled, some hashed)
     root = tmp_path / "root"
     proc = subprocess.run([sys.executable, "-c", CHILD, str(root), str(blob_path), str(ztoc_path), diff_id, die,
-                           str(die_at), *map(str, order)], cwd=REPO, timeout=120)
+                           str(die_at), *map(str, order)], cwd=REPO, timeout=120, check=False)
     assert proc.returncode == -9
     store = ContentStore(root)
     assert store.layer_state(digest) == "partial"
@@ -238,3 +238,20 @@ def test_a_crash_mid_layer_then_resume_still_checks_the_diff_id(tmp_path: Path, 
     assert land(store, digest, z, blob, missing, diff_id=diff_id)[-1] is True
     assert store.ready_info(digest)["diff_id"] == right
     assert_every_kind_tree(store.layout.layer_fs(digest), CRASH_BIG)
+
+
+def test_a_spooled_span_that_no_longer_inflates_is_a_clear_error(tmp_path: Path) -> None:
+    # Given span 2 spooled (it came early), then its spooled bytes overwritten
+    blob, z, diff_id = _layer(1, 0)
+    digest = sha(blob)
+    store = ContentStore(tmp_path / "root")
+    land(store, digest, z, blob, [2], diff_id=diff_id)
+    s = z.span(2)
+    with open(store.layout.layer_work(digest) / "spool", "r+b") as f:
+        f.seek(s.compressed_start)
+        f.write(b"\xff" * (s.compressed_end - s.compressed_start))
+    # When the spans before it land and the in-order hash reaches it, Then the store says so
+    land(store, digest, z, blob, [0])
+    with pytest.raises(StoreError, match="no longer inflates"):
+        land(store, digest, z, blob, [1])
+    assert not store.is_ready(digest)

@@ -62,7 +62,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from prewarm.errors import BadSpan, BadZtoc, DiffIdMismatch, DigestMismatch, InsufficientSpace, StoreError
+from prewarm.errors import (
+    BadSpan,
+    BadZtoc,
+    DiffIdMismatch,
+    DigestMismatch,
+    InsufficientSpace,
+    StoreError,
+)
 from prewarm.resolve.digest import parse_digest
 from prewarm.store import inorder, spans
 from prewarm.store.atomic import atomic_write

@@ -121,11 +121,8 @@ def hash_or_spool(digest: str, work: Path, ztoc: ZtocView, spans: Sequence[SpanR
         raise BadZtoc(f"layer {digest}: span {index} starts at compressed offset {base}, but the bytes "
                       f"before it end at {p.upto}; the layer digest cannot be verified")
     p.layer.update(compressed, p.upto - base)
-    if stream is None:
-        s = spans[index]
-        body = memoryview(compressed)[s.compressed_start - base:]
-        stream = _reinflate(digest, ztoc, index, body, len(spans))
-    _feed_stream(ztoc, index, p, stream)
+    _hash_stream(digest, ztoc, index, len(spans), p, memoryview(compressed)[spans[index].compressed_start - base:],
+                 stream)
     p.upto = spans[index].compressed_end
     p.next = index + 1
     if p.next < len(landed) and landed[p.next]:
@@ -139,8 +136,7 @@ def hash_or_spool(digest: str, work: Path, ztoc: ZtocView, spans: Sequence[SpanR
                     raise StoreError(f"layer {digest}: spool is short for span {i}; remove the layer "
                                      "and warm it again")
                 p.layer.update(data, p.upto - s.compressed_start)
-                if ztoc.span(i).checkpoint is not None:
-                    _feed_stream(ztoc, i, p, _reinflate(digest, ztoc, i, data, len(spans)))
+                _hash_stream(digest, ztoc, i, len(spans), p, data, None)
                 p.upto, p.next = s.compressed_end, i + 1
         finally:
             os.close(fd)
@@ -158,25 +154,24 @@ def tar_digest(ztoc: ZtocView, p: Progress) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _feed_stream(ztoc: ZtocView, index: int, p: Progress, stream: bytes | memoryview) -> None:
-    if ztoc.span(index).checkpoint is not None:
-        p.tar.update(stream)
+def _hash_stream(digest: str, ztoc: ZtocView, index: int, num_spans: int, p: Progress, body: bytes | memoryview,
+                 stream: bytes | memoryview | None) -> None:
+    """Feed span ``index``'s part of the decompressed stream to the diff_id hash.
 
-
-def _reinflate(digest: str, ztoc: ZtocView, index: int, body: bytes | memoryview, num_spans: int) -> bytes:
-    """Span ``index``'s part of the decompressed stream, from its compressed bytes and checkpoint.
-
-    The bytes were checked against the span digest and inflated once when they landed;
-    failing now means the spool changed under us.
+    ``stream`` when the caller has it, else inflated again from the span's compressed
+    ``body`` and checkpoint (the bytes were checked against the span digest and inflated
+    once when they landed: failing now means the spool changed under us).
 
     Raises:
         StoreError: the bytes no longer inflate to the span.
     """
     span = ztoc.span(index)
     if span.checkpoint is None:
-        return b""  # not hashed: an uncompressed layer's diff_id is its digest
-    try:
-        return inflate_span(span, body, is_last=index == num_spans - 1, keep_padding=True)
-    except BadSpan as err:
-        raise StoreError(f"layer {digest}: span {index} no longer inflates from the spool ({err}); "
-                         "remove the layer and warm it again") from None
+        return  # an uncompressed layer: its diff_id is its digest
+    if stream is None:
+        try:
+            stream = inflate_span(span, body, is_last=index == num_spans - 1, keep_padding=True)
+        except BadSpan as err:
+            raise StoreError(f"layer {digest}: span {index} no longer inflates from the spool ({err}); "
+                             "remove the layer and warm it again") from None
+    p.tar.update(stream)
