@@ -41,9 +41,9 @@ digest and the tar stream against the diff_id, and writes entries with the same
 :class:`~prewarm.store.layerfs.LayerWriter` (:mod:`prewarm.store.ingest`).
 
 Crash safety: ``ready`` is the only proof a layer is complete, and it is written after
-the digest and the diff_id matched and ``syncfs`` returned.  ``work/landed`` is the truth about which
-spans are in: a span's byte is set only after its data is written and its compressed
-bytes hashed or spooled, so a re-run fetches exactly the spans whose byte is 0.  Page
+the digest and the diff_id matched and ``syncfs`` returned.  ``work/landed`` is the
+truth about which spans are in: a span's byte is set only after its data is written and
+its bytes hashed or spooled, so a re-run fetches exactly the spans whose byte is 0.  Page
 cache survives a killed process but not a reboot, so a partial layer from an earlier
 boot (``/proc/sys/kernel/random/boot_id``) starts again from zero.
 """
@@ -339,7 +339,7 @@ class ContentStore:
 
     def _resumable(self, state: dict[str, Any] | None, fingerprint: str) -> bool:
         """A partial layer of this boot, for this zTOC, whose work/hash this prewarm can read."""
-        return bool(state) and state is not None and state.get("boot_id") == self._boot_id \
+        return state is not None and state.get("boot_id") == self._boot_id \
             and state.get("fingerprint") == fingerprint and state.get("inorder") == inorder.FORMAT
 
     def _claim_diff_id(self, digest: str, diff_id: str | None) -> None:
