@@ -18,6 +18,7 @@ ones are worth a retry::
      |    +-- RangeNotHonored        the server cannot serve the byte range asked for
      +-- CorruptContent              bytes that do not match what vouches for them
      |    +-- DigestMismatch
+     |    |    +-- DiffIdMismatch   a layer's tar stream is not the diff_id its config says (never retried)
      |    +-- BadSpan
      |    +-- BadZtoc
      |    +-- UnsafeArchive          a tar entry that would write outside its layer
@@ -121,6 +122,14 @@ class DigestMismatch(CorruptContent):
         super().__init__(message)
         self.expected = expected
         self.actual = actual
+
+
+class DiffIdMismatch(DigestMismatch):
+    """A layer's decompressed stream does not hash to the diff_id its image config gives.
+
+    Not a transit error: the layer's bytes matched their own digest, so fetching them
+    again gives the same stream.  Workers fail the layer at once instead of retrying.
+    """
 
 
 class BadSpan(CorruptContent):

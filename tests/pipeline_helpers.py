@@ -80,11 +80,27 @@ class Worker:
                 self.kill()
 
 
-def start_worker(env: dict[str, str], log: Path, *extra: str) -> Worker:
+def start_worker(env: dict[str, str], log: Path, *extra: str, registered: bool = True) -> Worker:
+    """Start ``prewarm worker``; by default wait until its node is registered in Redis.
+
+    A schedule names only registered nodes, so a test that schedules right after starting
+    a worker waits for it here (unless the worker exits first: a test of a refused start).
+    """
     f = open(log, "ab")
     proc = subprocess.Popen([sys.executable, "-m", "prewarm", "worker", *extra], env=env, stdout=f,
                             stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT)
     f.close()
+    broker, node = env.get("PREWARM_BROKER_URL"), env.get("PREWARM_NODE_NAME")
+    if registered and broker and node:
+        import redis
+
+        r = redis.Redis.from_url(broker)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and not r.exists(f"prewarm:node:{node}"):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"worker of node {node} did not register in 60s: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        r.close()
     return Worker(proc, log)
 
 

@@ -18,12 +18,13 @@ from prewarm.store.resumable_hash import ResumableSha256
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.binary(max_size=300), max_size=8), st.integers(0, 2))
 def test_chunks_hash_like_hashlib(chunks: list[bytes], offset: int) -> None:
-    # Given arbitrary chunks, some passed as bytearray or memoryview, with an offset
+    # Given arbitrary chunks, some passed as bytearray, memoryview or a view into a larger bytes, with an offset
     h = ResumableSha256()
     expected = hashlib.sha256()
     for i, chunk in enumerate(chunks):
-        kind = i % 3
-        data: bytes | bytearray | memoryview = (chunk, bytearray(chunk), memoryview(chunk))[kind]
+        kind = i % 4
+        data: bytes | bytearray | memoryview = (chunk, bytearray(chunk), memoryview(chunk),
+                                                memoryview(b"pad" + chunk)[3:])[kind]
         # When each is hashed from the offset on, the state frozen and thawed in between
         h.update(data, offset)
         expected.update(chunk[offset:])

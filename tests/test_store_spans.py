@@ -30,22 +30,28 @@ def make_layer(tar: bytes, *, span_size: int = 16384, members: int = 1, level: i
     return blob, z
 
 
-def fetch_and_inflate(z: Ztoc, blob: bytes, i: int) -> tuple[bytes, bytes]:
-    """What a worker does before landing: fetch the span's range, inflate it with the window checks."""
+def fetch_and_inflate(z: Ztoc, blob: bytes, i: int, *, keep_padding: bool = True) -> tuple[bytes, bytes]:
+    """What a worker does before landing: fetch the span's range, inflate it with the window checks.
+
+    The last span keeps the zero padding after the archive end (the diff_id covers it),
+    as prewarm.node.warm does, unless ``keep_padding`` is False.
+    """
     s = z.span(i)
     lo, hi = fetch_range(s)
     data = blob[lo:hi]
     body = data[len(data) - (s.compressed_end - s.compressed_start):]
     assert sha(body) == s.digest
     nxt = z.checkpoint(i + 1).window if i + 1 < z.num_spans and s.checkpoint else None
-    return data, inflate_span(s, body, next_window=nxt, is_last=i == z.num_spans - 1)
+    last = i == z.num_spans - 1
+    return data, inflate_span(s, body, next_window=nxt, is_last=last, keep_padding=keep_padding and last)
 
 
-def land(store: ContentStore, digest: str, z: Ztoc, blob: bytes, order: list[int]) -> list[bool]:
+def land(store: ContentStore, digest: str, z: Ztoc, blob: bytes, order: list[int], *, diff_id: str | None = None,
+         keep_padding: bool = True) -> list[bool]:
     results = []
     for i in order:
-        store.prepare_layer(digest, z, diff_id=None)
-        data, out = fetch_and_inflate(z, blob, i)
+        store.prepare_layer(digest, z, diff_id=diff_id)
+        data, out = fetch_and_inflate(z, blob, i, keep_padding=keep_padding)
         results.append(bool(store.land_span(digest, z, i, data, out)))
     return results
 

@@ -27,7 +27,7 @@ from celery.signals import worker_init, worker_process_init
 from prewarm.fleet import dispatch, jobs, keys
 from prewarm.fleet.signing import VERIFIED, VERIFIED_KWARG
 from prewarm.fleet.broker import redis_client
-from prewarm.errors import DigestMismatch, PrewarmError, RateLimited, Transient
+from prewarm.errors import DiffIdMismatch, DigestMismatch, PrewarmError, RateLimited, Transient
 from prewarm.node.metrics import ERRORS, SPANS, TASKS_REFUSED
 from prewarm.node.warm import NodeContext, Outcome, account, layer_failed, warm_layer, warm_span
 from workers.app import app
@@ -188,7 +188,10 @@ def _run_once(task: Task, fn, ctx: NodeContext, kw: dict, signed: bool,  # type:
             # max_retries explicit: None would mean Celery's default of 3
             if isinstance(err, Transient) and retries < MAX_TRANSIENT_RETRIES:
                 _retry(task, ctx, kw, signed, err, _retry_delay(retries, err), MAX_TRANSIENT_RETRIES)
-            if isinstance(err, DigestMismatch) and retries < MAX_CORRUPT_SPAN_RETRIES:
+            # A diff_id mismatch is the image config against bytes that matched their own
+            # digest: fetching them again cannot help.
+            if isinstance(err, DigestMismatch) and not isinstance(err, DiffIdMismatch) \
+                    and retries < MAX_CORRUPT_SPAN_RETRIES:
                 log.warning("%s of %s corrupted in transit, fetching again: %s", f"span {span}" if "span" in kw else "whole layer", kw["layer"], err)
                 _retry(task, ctx, kw, signed, err, 0.2, MAX_CORRUPT_SPAN_RETRIES)
             if not isinstance(err, PrewarmError) and not isinstance(err, OSError):

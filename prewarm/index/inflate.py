@@ -19,6 +19,8 @@ complications, all handled here and nowhere else:
   next checkpoint's window, which is how an untrusted zTOC from a registry is checked
   span by span; with ``is_last`` the stream must really end (trailer, nothing after;
   only zero padding past the tar end marker is tolerated, as soci's size stops there).
+  That padding is part of the layer's diff_id (the sha256 of the whole decompressed
+  stream), so ``keep_padding`` hands it back instead of dropping it.
 
 ISA-L (``isal.isal_zlib``) is used when importable, else the stdlib ``zlib``.
 """
@@ -143,7 +145,8 @@ def gzip_header_length(buf: bytes | memoryview, pos: int = 0) -> int:
 
 
 def inflate_span(span: Span, data: bytes | memoryview, *,
-                 next_window: bytes | memoryview | None = None, is_last: bool = False) -> bytes:
+                 next_window: bytes | memoryview | None = None, is_last: bool = False,
+                 keep_padding: bool = False) -> bytes:
     """Inflate one span and return exactly its uncompressed bytes.
 
     Args:
@@ -153,6 +156,9 @@ def inflate_span(span: Span, data: bytes | memoryview, *,
         next_window: the next checkpoint's window, to check this span's output
             against (None to skip: last span, or trusted zTOC).
         is_last: this is the layer's last span: the gzip stream must end in it.
+        keep_padding: with ``is_last``, return the zero padding after the archive end
+            too (checked zero, at most ``MAX_TAR_PADDING`` bytes): the output is then the
+            rest of the decompressed stream, whose sha256 the diff_id covers.
 
     Raises:
         BadSpan: the bytes do not inflate to exactly this span (wrong size, corrupt
@@ -175,12 +181,12 @@ def inflate_span(span: Span, data: bytes | memoryview, *,
         if bytes(tail).count(0) != len(tail):
             raise BadSpan(f"span {span.index}: data continues past the end of the archive "
                           f"({len(tail)} bytes that are not tar padding)")
-        out = bytes(memoryview(data)[:want])
+        out = bytes(data) if is_last and keep_padding else bytes(memoryview(data)[:want])
     else:
         out = _inflate(span, memoryview(data), cp.window, cp.bits, want, is_last)
     if next_window is not None:
-        _check_window(span, cp.window if cp is not None else b"", out, next_window)
-    return out
+        _check_window(span, cp.window if cp is not None else b"", memoryview(out)[:want], next_window)
+    return out if len(out) == want or keep_padding else out[:want]
 
 
 def _inflate(span: Span, orig: memoryview, window: bytes, bits: int, want: int,
@@ -242,17 +248,17 @@ def _inflate_unchecked(span: Span, orig: memoryview, window: bytes, bits: int, w
         if out[want:].count(0) != len(out) - want:
             raise BadSpan(f"span {span.index}: data continues past the end of the archive "
                           f"({len(out) - want} bytes that are not tar padding)")
-        return out[:want] if len(out) > want else out
+        return out  # the caller drops the padding unless asked to keep it
     if len(out) > want:
         raise BadSpan(f"span {span.index} inflates to more than the {want} bytes its zTOC says")
     return out
 
 
-def _check_window(span: Span, window: bytes, out: bytes, next_window: bytes | memoryview) -> None:
+def _check_window(span: Span, window: bytes, out: memoryview, next_window: bytes | memoryview) -> None:
     if len(out) >= WINDOW_SIZE:
-        tail = memoryview(out)[-WINDOW_SIZE:]
+        tail = out[-WINDOW_SIZE:]
     else:
-        tail = memoryview(window[len(out):] + out)
+        tail = memoryview(window[len(out):] + bytes(out))
     if tail != memoryview(next_window):
         raise BadSpan(f"span {span.index}: window mismatch: its output does not lead into the "
                       f"next checkpoint's window (zTOC and layer disagree)")

@@ -186,7 +186,9 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
         verify(body, s.digest, what=f"span {i} of layer {layer} ({ref.registry}/{ref.repository})")
         next_window = z.checkpoint(i + 1).window if i + 1 < z.num_spans and s.checkpoint else None
         with INFLATE_SECONDS.time():
-            out = inflate_span(s, body, next_window=next_window, is_last=i == z.num_spans - 1)
+            # The last span keeps the zero padding after the archive end: the diff_id covers it.
+            last = i == z.num_spans - 1
+            out = inflate_span(s, body, next_window=next_window, is_last=last, keep_padding=last)
         # Prepared after fetching and inflating: while one process of the node validates a cold
         # layer's TOC (under the layer lock), the others fetch and inflate instead of waiting.
         store.prepare_layer(layer, z, diff_id=lp.diff_id)

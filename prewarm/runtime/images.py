@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from prewarm.errors import StoreError
+from prewarm.errors import DiffIdMismatch, StoreError
 from prewarm.store.atomic import atomic_write
 from prewarm.store.layout import Layout, chain_ids
 from prewarm.fleet.plan import ImagePlan
@@ -82,19 +82,32 @@ def new_record(name: str, reference: str, manifest_digest: str, config_digest: s
 def record_prewarmed_image(layout: Layout, name: str, plan: ImagePlan) -> ImageRecord:
     """Write the chain-ID index and the image record once every layer of ``plan`` is ready.
 
-    Idempotent: several workers may finish the same image at once.  The layers are checked
-    again after the record is written: a ``prewarm gc`` that took one of them before it
-    could see the record makes this fail, so a job never reports an image the store no
-    longer holds (the record then keeps the layers from the next gc, and a new schedule
-    fetches what is missing).
+    Idempotent: several workers may finish the same image at once.  A layer made ready for
+    one image is reused by every image that lists its digest: here its verified diff_id (its
+    commit record's) must be the one this image's chain IDs are built from.  The layers are
+    checked again after the record is written: a ``prewarm gc`` that took one of them
+    before it could see the record makes this fail, so a job never reports an image the
+    store no longer holds (the record then keeps the layers from the next gc, and a new
+    schedule fetches what is missing).
 
     Raises:
-        StoreError: a layer is not ready (removed while the job ran), or its commit record
-            does not prove its diff_id.
+        DiffIdMismatch: a layer's commit record holds another diff_id than the image config
+            gives for it (nothing is written).
+        StoreError: a layer is not ready (removed while the job ran).
     """
-    from prewarm.runtime.snapshot.prewarmed import register_chains
+    from prewarm.runtime.snapshot.prewarmed import proven_diff_id, register_chains
 
     digests = [plan.layers[i].digest for i in plan.layer_order]
+    for digest, diff_id in zip(digests, plan.diff_ids):
+        held = proven_diff_id(layout, digest)
+        if held is None:
+            raise StoreError(f"image {name}: layer {digest} is not ready in {layout.root} (removed while the job "
+                             "ran, by a concurrent prewarm gc?); schedule the image again")
+        if held != diff_id:
+            raise DiffIdMismatch(f"image {name}: layer {digest} is on this node with diff_id {held}, but the "
+                                 f"image config says {diff_id}; no chain or image record was written (an image "
+                                 "config that names diff_ids that are not its layers' is refused)",
+                                 expected=diff_id, actual=held)
     register_chains(layout, digests, list(plan.diff_ids))
     sizes = [plan.layers[i].size for i in plan.layer_order]
     record = new_record(name, plan.reference, plan.manifest_digest, plan.config_digest, plan.platform,

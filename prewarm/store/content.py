@@ -21,12 +21,19 @@ store in one of two ways:
                         xattrs, mtime); pieces of the others pwritten into them (no lock:
                         disjoint); page-aligned data goes O_DIRECT (prewarm.store.spans,
                         prewarm.store.directio)
-                    === under the lock: the in-order sha256 of the compressed layer
-                        advanced (or the span spooled to work/spool at its offset until
-                        the spans before it are in; prewarm.store.inorder), then the
-                        span's byte in work/landed set
-                    === last span: digest compared, the rest's metadata applied, syncfs,
-                        ``ready`` written atomically, work/ removed
+                    === under the lock: the in-order sha256s of the compressed layer
+                        and of its decompressed stream advanced (or the span spooled to
+                        work/spool at its offset until the spans before it are in, then
+                        inflated again; prewarm.store.inorder), then the span's byte in
+                        work/landed set
+                    === last span: digest and diff_id compared, the rest's metadata
+                        applied, syncfs, ``ready`` written atomically, work/ removed
+
+Both paths commit a layer only when its decompressed stream hashes to the diff_id the
+verified image config gives (as containerd's unpack does): chain IDs are built from
+diff_ids, so a layer under a diff_id not its own would put one image's tree under
+another image's chain.  A span layer prepared without a diff_id records the one it
+computes.
 
 **Whole** (no zTOC: small, zstd, uncompressed, no Range): :meth:`ContentStore.ingest_stream`
 decompresses the blob as it streams, hashes the compressed bytes against the layer
@@ -34,9 +41,9 @@ digest and the tar stream against the diff_id, and writes entries with the same
 :class:`~prewarm.store.layerfs.LayerWriter` (:mod:`prewarm.store.ingest`).
 
 Crash safety: ``ready`` is the only proof a layer is complete, and it is written after
-the digest matched and ``syncfs`` returned.  ``work/landed`` is the truth about which
-spans are in: a span's byte is set only after its data is written and its compressed
-bytes hashed or spooled, so a re-run fetches exactly the spans whose byte is 0.  Page
+the digest and the diff_id matched and ``syncfs`` returned.  ``work/landed`` is the
+truth about which spans are in: a span's byte is set only after its data is written and
+its bytes hashed or spooled, so a re-run fetches exactly the spans whose byte is 0.  Page
 cache survives a killed process but not a reboot, so a partial layer from an earlier
 boot (``/proc/sys/kernel/random/boot_id``) starts again from zero.
 """
@@ -55,7 +62,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from prewarm.errors import BadSpan, BadZtoc, DigestMismatch, InsufficientSpace, StoreError
+from prewarm.errors import (
+    BadSpan,
+    BadZtoc,
+    DiffIdMismatch,
+    DigestMismatch,
+    InsufficientSpace,
+    StoreError,
+)
 from prewarm.resolve.digest import parse_digest
 from prewarm.store import inorder, spans
 from prewarm.store.atomic import atomic_write
@@ -247,13 +261,23 @@ class ContentStore:
         A partial layer from an earlier boot, or from a different zTOC, starts again.
         With ``wait=False`` (preparing ahead) it returns False at once when another
         process holds the layer's lock; otherwise True once the layer is prepared or ready.
+        ``diff_id`` (from the verified image config) is what the layer's decompressed
+        stream must hash to when its last span lands; without one, the layer records the
+        diff_id it computes.
 
         Raises:
             BadZtoc: the span chain or the TOC cannot describe a layer.
+            DiffIdMismatch: the layer is already being landed for another diff_id (one of
+                the two image configs names a diff_id that is not this layer's).
+            StoreError: ``diff_id`` is not a sha256 digest.
             UnsafeArchive: an entry would write outside the layer (nothing is created).
             InsufficientSpace: the layer's files and spool cannot fit.
         """
         parse_digest(digest)
+        if diff_id is not None and not diff_id.startswith("sha256:"):
+            parse_digest(diff_id)
+            raise StoreError(f"layer {digest}: diff_id {diff_id} is not sha256, the only diff_id a span "
+                             "layer can be verified against; warm it as a whole layer")
         cached = self._tables.get(digest)
         if cached is not None and cached.ztoc is ztoc and self.layout.layer_work(digest).is_dir():
             return True
@@ -270,6 +294,7 @@ class ContentStore:
                 with long_lived():
                     loaded = self._load_table(digest, ztoc, known)
                 if loaded is not None:
+                    self._claim_diff_id(digest, diff_id)
                     self._tables[digest] = loaded
                     return True
             # Validated under the lock: the node's other processes wait for this one and
@@ -280,7 +305,8 @@ class ContentStore:
             except BadZtoc as err:
                 raise BadZtoc(f"layer {digest}: {err}") from None
             state = self._state(digest)
-            if state and state.get("boot_id") == self._boot_id and state.get("fingerprint") == table.fingerprint:
+            if self._resumable(state, table.fingerprint):
+                self._claim_diff_id(digest, diff_id)
                 table.save(self._table_path(digest))  # missing or unusable: the next process loads this one
                 self._tables[digest] = table
                 return True
@@ -311,7 +337,7 @@ class ContentStore:
         (work / "landed").write_bytes(bytes(ztoc.num_spans))
         inorder.start(work)
         table.save(self._table_path(digest))
-        state = {"digest": digest, "diff_id": diff_id, "boot_id": self._boot_id,
+        state = {"digest": digest, "diff_id": diff_id, "boot_id": self._boot_id, "inorder": inorder.FORMAT,
                  "fingerprint": table.fingerprint, "num_spans": ztoc.num_spans,
                  "compressed_size": compressed, "uncompressed_size": ztoc.uncompressed_archive_size}
         atomic_write(work / "state.json", json.dumps(state).encode(), durable=False)
@@ -325,10 +351,35 @@ class ContentStore:
         Called under the layer lock; a table saved in another boot or for another zTOC
         is never used.
         """
-        state = self._state(digest)
-        if not state or state.get("boot_id") != self._boot_id or state.get("fingerprint") != fingerprint:
+        if not self._resumable(self._state(digest), fingerprint):
             return None
         return LandingTable.load(self._table_path(digest), ztoc, fingerprint)
+
+    def _resumable(self, state: dict[str, Any] | None, fingerprint: str) -> bool:
+        """A partial layer of this boot, for this zTOC, whose work/hash this prewarm can read."""
+        return state is not None and state.get("boot_id") == self._boot_id \
+            and state.get("fingerprint") == fingerprint and state.get("inorder") == inorder.FORMAT
+
+    def _claim_diff_id(self, digest: str, diff_id: str | None) -> None:
+        """Record ``diff_id`` in a prepared layer's state (under the lock) unless it has one.
+
+        Raises:
+            DiffIdMismatch: the state holds another diff_id.
+        """
+        if diff_id is None:
+            return
+        state = self._state(digest)
+        if state is None:
+            return
+        held = state.get("diff_id")
+        if held is None:
+            atomic_write(self.layout.layer_work(digest) / "state.json",
+                         json.dumps({**state, "diff_id": diff_id}).encode(), durable=False)
+        elif held != diff_id:
+            raise DiffIdMismatch(f"layer {digest} is being landed for diff_id {held}, and an image config "
+                                 f"now says its diff_id is {diff_id}; one of the two configs is wrong (the "
+                                 "layer commits only under the diff_id its bytes hash to)",
+                                 expected=held, actual=diff_id)
 
     # === landing a span
 
@@ -337,14 +388,18 @@ class ContentStore:
         """Write one verified span into the layer; commit the layer if it was the last one.
 
         ``compressed`` must already match the span digest and ``uncompressed`` be its
-        inflated output (window chain checked by ``inflate_span``).  Landing the same span
-        twice (a redelivered task) changes nothing and counts once.
+        inflated output (window chain checked by ``inflate_span``).  For the last span,
+        pass the output with the zero padding after the archive end
+        (``inflate_span(..., is_last=True, keep_padding=True)``): the diff_id covers it;
+        without it the store inflates the last span again to find it.  Landing the same
+        span twice (a redelivered task) changes nothing and counts once.
 
         Raises:
             BadZtoc: the TOC disagrees with the tar headers in this span.
             BadSpan: the buffers do not have the span's sizes.
             DigestMismatch: all spans are in but the compressed bytes do not hash to
-                ``digest``; the layer is wiped so a retry starts over.
+                ``digest``, or (DiffIdMismatch) the decompressed stream not to the
+                layer's diff_id; the layer is wiped.
             StoreError: the layer is not prepared, or was restarted meanwhile.
         """
         if self.is_ready(digest):
@@ -358,7 +413,8 @@ class ContentStore:
         span = table.spans[index]
         if self.span_landed(digest, index):
             return LandResult(self.finish_if_complete(digest, ztoc), False)
-        out = memoryview(uncompressed)
+        out, stream = spans.split_padding(digest, span, index, index == len(table.spans) - 1,
+                                          memoryview(uncompressed))
         base = spans.compressed_base(digest, span, index, compressed, out)
         spans.check_headers(digest, table, ztoc.span(index), out)
         with self._disk_errors(digest):
@@ -379,7 +435,7 @@ class ContentStore:
                 if landed[index]:
                     return LandResult(self._finish_locked(digest, table, landed), False)
                 spans.check_straddlers(digest, work, table, index, out)
-                self._hash_or_spool(digest, table, index, compressed, base, landed)
+                self._hash_or_spool(digest, table, index, compressed, base, stream, landed)
                 os.pwrite(landed_fd, b"\x01", index)
                 landed[index] = 1
             finally:
@@ -392,8 +448,9 @@ class ContentStore:
         spans.write_pieces(digest, self.root, self.layout.layer_fs(digest), table, span, out, self._writer)
 
     def _hash_or_spool(self, digest: str, table: LandingTable, index: int, compressed: bytes | memoryview,
-                       base: int, landed: bytearray) -> None:
-        inorder.hash_or_spool(digest, self.layout.layer_work(digest), table.spans, index, compressed, base, landed)
+                       base: int, stream: memoryview | None, landed: bytearray) -> None:
+        inorder.hash_or_spool(digest, self.layout.layer_work(digest), table.ztoc, table.spans, index, compressed,
+                              base, stream, landed)
 
     def finish_if_complete(self, digest: str, ztoc: ZtocView) -> bool:
         """Commit the layer if every span is in (e.g. after a crash just before ``ready``).
@@ -421,22 +478,31 @@ class ContentStore:
             return True
         if not all(landed):
             return False
-        nxt, upto, h = inorder.load(self.layout.layer_work(digest))
-        if nxt != len(table.spans):
+        p = inorder.load(self.layout.layer_work(digest))
+        if p.next != len(table.spans):
             return False
-        actual = "sha256:" + h.hexdigest()
+        actual = "sha256:" + p.layer.hexdigest()
         if actual != digest:
             self._wipe(digest)
             self._tables.pop(digest, None)
-            raise DigestMismatch(f"layer {digest}: its {upto} compressed bytes hash to {actual}; the layer "
+            raise DigestMismatch(f"layer {digest}: its {p.upto} compressed bytes hash to {actual}; the layer "
                                  "was discarded and will be fetched again", expected=digest, actual=actual)
         state = self._state(digest) or {}
+        diff_id = inorder.tar_digest(table.ztoc, p)
+        claimed = state.get("diff_id")
+        if claimed is not None and diff_id != claimed:
+            self._wipe(digest)
+            self._tables.pop(digest, None)
+            raise DiffIdMismatch(f"layer {digest}: its decompressed stream hashes to {diff_id}, but the image "
+                                 f"config says diff_id {claimed}; the layer was discarded (an image whose "
+                                 "config names diff_ids that are not its layers' is refused)",
+                                 expected=claimed, actual=diff_id)
         fs = self.layout.layer_fs(digest)
         with LayerWriter(fs) as writer:
             writer.apply_metadata(table.placements, table.meta, done=table.born)
             syncfs(writer.root_fd)
-        self._commit(digest, {"digest": digest, "diff_id": state.get("diff_id"), "mode": "spans",
-                              "size": upto, "uncompressed_size": table.ztoc.uncompressed_archive_size,
+        self._commit(digest, {"digest": digest, "diff_id": diff_id, "mode": "spans",
+                              "size": p.upto, "uncompressed_size": table.ztoc.uncompressed_archive_size,
                               "files": len(table.ztoc.files), "spans": len(table.spans)})
         self._tables.pop(digest, None)
         return True

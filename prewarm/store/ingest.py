@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from prewarm.errors import CorruptContent, DigestMismatch, PrewarmError, StoreError
+from prewarm.errors import CorruptContent, DiffIdMismatch, DigestMismatch, PrewarmError, StoreError
 from prewarm.index.tarindex import TarIndexer
 from prewarm.index.ztoc import FileEntry
 from prewarm.resolve.digest import parse_digest
@@ -52,7 +52,7 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
     """Write the layer streamed as ``chunks`` into the empty directory ``fs``; its ``ready`` record.
 
     Raises:
-        DigestMismatch: the blob does not hash to ``digest``, or its tar stream to ``diff_id``.
+        DigestMismatch: the blob does not hash to ``digest``; DiffIdMismatch: its tar stream not to ``diff_id``.
         CorruptContent, BadTarHeader, UnsafeArchive: the tar stream is broken or hostile.
         OSError: ENOSPC or EDQUOT (the caller names the store).
     """
@@ -68,7 +68,8 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[assignment,arg-type]
     else:
         reader = raw
-    tar_hash = hashlib.new(parse_digest(diff_id)[0]) if diff_id else None
+    # Without a diff_id to check, the one the stream hashes to is recorded (never a claim).
+    tar_hash = hashlib.new(parse_digest(diff_id)[0] if diff_id else "sha256")
     indexer = TarIndexer()
     entries: list[FileEntry] = []
     checker = EntryChecker()
@@ -80,8 +81,7 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
                 chunk = reader.read(STREAM_READ)
                 if not chunk:
                     break
-                if tar_hash is not None:
-                    tar_hash.update(chunk)
+                tar_hash.update(chunk)
                 new = indexer.feed(chunk)
                 mv = memoryview(chunk)
                 end = offset + len(chunk)
@@ -112,14 +112,13 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
         if actual != digest:
             raise DigestMismatch(f"layer {digest}: the blob ({raw.size} bytes) hashes to {actual}",
                                  expected=digest, actual=actual)
-        if tar_hash is not None and diff_id is not None:
-            got = f"{tar_hash.name}:{tar_hash.hexdigest()}"
-            if got != diff_id:
-                raise DigestMismatch(f"layer {digest}: its tar stream hashes to {got}, the image config "
-                                     f"says diff_id {diff_id}", expected=diff_id, actual=got)
+        got = f"{tar_hash.name}:{tar_hash.hexdigest()}"
+        if diff_id is not None and got != diff_id:
+            raise DiffIdMismatch(f"layer {digest}: its tar stream hashes to {got}, the image config "
+                                 f"says diff_id {diff_id}", expected=diff_id, actual=got)
         writer.apply_metadata(checker.placements, list(map(entry_meta, entries)))
         syncfs(writer.root_fd)
-    return {"digest": digest, "diff_id": diff_id, "mode": "whole", "size": raw.size,
+    return {"digest": digest, "diff_id": got, "mode": "whole", "size": raw.size,
             "uncompressed_size": offset, "files": len(entries)}
 
 

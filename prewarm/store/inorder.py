@@ -1,11 +1,23 @@
-"""The layer digest, computed over spans that land in any order and in any process.
+"""The layer digest and the diff_id, computed over spans that land in any order and in any process.
 
-A layer's digest covers its compressed bytes in order, but its spans land in whatever
-order the workers finish them.  ``work/hash`` holds the running SHA-256
+A layer's digest covers its compressed bytes in order, and its diff_id (from the image
+config) the decompressed stream in order, but its spans land in whatever order the
+workers finish them.  ``work/hash`` holds both running SHA-256s
 (:class:`~prewarm.store.resumable_hash.ResumableSha256`, resumable in another process)
-with the next span to hash and the compressed offset hashed so far; a span that arrives
-early waits in ``work/spool`` at its own offset until the spans before it are in, and
-the spool's hashed prefix is given back with a punched hole.
+with the next span to hash and the compressed offset hashed so far.  A span that
+arrives in order feeds its inflated output to the diff_id hash at once; one that arrives
+early waits compressed in ``work/spool`` at its own offset until the spans before it are
+in, and is then inflated a second time (from its checkpoint) for the diff_id, so only
+out-of-order spans cost two inflates.  The spool's hashed prefix is given back with a
+punched hole.
+
+Why hash the decompressed stream at all: containerd's unpack commits a layer only when
+it hashes to the config's diff_id, and chain IDs (which name snapshots) are built from
+diff_ids.  A layer committed under a diff_id that is not its own would let an image
+that copies a popular base image's diff_ids put its own tree under that base's chain.
+
+An uncompressed layer is its own decompressed stream: its diff_id is its digest, and
+the second hash is not kept.
 
 All of it runs under the layer lock (held by :mod:`prewarm.store.content`), once per
 span, before the span's ``landed`` byte is set: a span hashed before a crash that came
@@ -14,32 +26,57 @@ before its byte is simply found hashed again.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-from prewarm.errors import BadZtoc, StoreError
+from prewarm.errors import BadSpan, BadZtoc, StoreError
+from prewarm.index.inflate import inflate_span
 from prewarm.store.resumable_hash import ResumableSha256
 from prewarm.store.syscalls import punch_hole
-from prewarm.store.table import SpanRange
+from prewarm.store.table import SpanRange, ZtocView
 
+#: Version of the ``work/hash`` record, kept in ``work/state.json``: a layer half landed
+#: by a prewarm that wrote another record starts again.
+FORMAT = 2
 _HEADER = struct.Struct("<QQ")  # next span to hash, compressed bytes hashed so far
+_STATE_SIZE = len(ResumableSha256().state())
+
+
+@dataclasses.dataclass
+class Progress:
+    """How far the in-order hashes are: what ``work/hash`` holds."""
+
+    next: int  # the next span to hash
+    upto: int  # compressed bytes hashed so far
+    layer: ResumableSha256  # over the compressed bytes: the layer digest
+    tar: ResumableSha256  # over the decompressed stream: the diff_id (gzip layers only)
 
 
 def start(work: Path) -> None:
-    """Begin the layer's hash: nothing hashed yet, span 0 next."""
-    save(work, 0, 0, ResumableSha256())
+    """Begin the layer's hashes: nothing hashed yet, span 0 next."""
+    save(work, Progress(0, 0, ResumableSha256(), ResumableSha256()))
 
 
-def load(work: Path) -> tuple[int, int, ResumableSha256]:
-    """(next span to hash, compressed bytes hashed so far, the running hash)."""
+def load(work: Path) -> Progress:
+    """The hashes saved in ``work/hash``.
+
+    Raises:
+        StoreError: the record is not one this prewarm wrote (remove the layer).
+    """
     raw = (work / "hash").read_bytes()
+    if len(raw) != _HEADER.size + 2 * _STATE_SIZE:
+        raise StoreError(f"{work / 'hash'} holds {len(raw)} bytes, not a hash record; remove the layer "
+                         "and warm it again")
     nxt, upto = _HEADER.unpack_from(raw)
-    return nxt, upto, ResumableSha256.from_state(raw[_HEADER.size:])
+    at = _HEADER.size
+    return Progress(nxt, upto, ResumableSha256.from_state(raw[at:at + _STATE_SIZE]),
+                    ResumableSha256.from_state(raw[at + _STATE_SIZE:]))
 
 
-def save(work: Path, nxt: int, upto: int, h: ResumableSha256) -> None:
+def save(work: Path, p: Progress) -> None:
     """Overwrite work/hash in place (once per span, under the layer lock).
 
     Why not a temp file and a rename: the record has a fixed size and lies in the file's
@@ -49,26 +86,30 @@ def save(work: Path, nxt: int, upto: int, h: ResumableSha256) -> None:
     """
     fd = os.open(work / "hash", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        os.pwrite(fd, _HEADER.pack(nxt, upto) + h.state(), 0)
+        os.pwrite(fd, _HEADER.pack(p.next, p.upto) + p.layer.state() + p.tar.state(), 0)
     finally:
         os.close(fd)
 
 
-def hash_or_spool(digest: str, work: Path, spans: Sequence[SpanRange], index: int, compressed: bytes | memoryview,
-                  base: int, landed: bytearray) -> None:
-    """Advance the in-order layer hash with this span (and spooled followers), or spool it.
+def hash_or_spool(digest: str, work: Path, ztoc: ZtocView, spans: Sequence[SpanRange], index: int,
+                  compressed: bytes | memoryview, base: int, stream: bytes | memoryview | None,
+                  landed: bytearray) -> None:
+    """Advance the in-order hashes with this span (and spooled followers), or spool it.
 
-    ``compressed`` starts at layer offset ``base``; ``landed`` says which spans are in.
+    ``compressed`` starts at layer offset ``base``; ``stream`` is the span's part of the
+    decompressed stream (for the last span, with the zero padding after the archive end:
+    ``inflate_span(..., keep_padding=True)``), or None to inflate it again here;
+    ``landed`` says which spans are in.
 
     Raises:
         BadZtoc: the span leaves a gap after the bytes before it.
         StoreError: the spool lost bytes of a span marked landed.
     """
-    nxt, upto, h = load(work)
-    if index < nxt:
+    p = load(work)
+    if index < p.next:
         return  # hashed before a crash that came before its landed byte was set
     spool = work / "spool"
-    if index > nxt:
+    if index > p.next:
         fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             os.pwrite(fd, compressed, base)
@@ -76,25 +117,61 @@ def hash_or_spool(digest: str, work: Path, spans: Sequence[SpanRange], index: in
             os.close(fd)
         return
     # Neighbouring spans share a byte when the checkpoint has bits: hash it once.
-    if base > upto:
+    if base > p.upto:
         raise BadZtoc(f"layer {digest}: span {index} starts at compressed offset {base}, but the bytes "
-                      f"before it end at {upto}; the layer digest cannot be verified")
-    h.update(compressed, upto - base)
-    upto = spans[index].compressed_end
-    nxt = index + 1
-    if nxt < len(landed) and landed[nxt]:
+                      f"before it end at {p.upto}; the layer digest cannot be verified")
+    p.layer.update(compressed, p.upto - base)
+    _hash_stream(digest, ztoc, index, len(spans), p, memoryview(compressed)[spans[index].compressed_start - base:],
+                 stream)
+    p.upto = spans[index].compressed_end
+    p.next = index + 1
+    if p.next < len(landed) and landed[p.next]:
         fd = os.open(spool, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            while nxt < len(landed) and landed[nxt]:
-                s = spans[nxt]
-                data = os.pread(fd, s.compressed_end - upto, upto)
-                if len(data) != s.compressed_end - upto:
-                    raise StoreError(f"layer {digest}: spool is short for span {nxt}; remove the layer "
+            while p.next < len(landed) and landed[p.next]:
+                i, s = p.next, spans[p.next]
+                # The span's own bytes: its first may be the previous span's last (bits).
+                data = os.pread(fd, s.compressed_end - s.compressed_start, s.compressed_start)
+                if len(data) != s.compressed_end - s.compressed_start or s.compressed_start > p.upto:
+                    raise StoreError(f"layer {digest}: spool is short for span {i}; remove the layer "
                                      "and warm it again")
-                h.update(data)
-                upto, nxt = s.compressed_end, nxt + 1
+                p.layer.update(data, p.upto - s.compressed_start)
+                _hash_stream(digest, ztoc, i, len(spans), p, data, None)
+                p.upto, p.next = s.compressed_end, i + 1
         finally:
             os.close(fd)
-    save(work, nxt, upto, h)
-    if nxt < len(landed) and spool.exists():
-        punch_hole(spool, upto)
+    save(work, p)
+    if p.next < len(landed) and spool.exists():
+        punch_hole(spool, p.upto)
+
+
+def tar_digest(ztoc: ZtocView, p: Progress) -> str:
+    """The diff_id the landed layer really has, once every span is hashed.
+
+    An uncompressed layer's decompressed stream is the layer itself.
+    """
+    h = p.tar if ztoc.span(0).checkpoint is not None else p.layer
+    return "sha256:" + h.hexdigest()
+
+
+def _hash_stream(digest: str, ztoc: ZtocView, index: int, num_spans: int, p: Progress, body: bytes | memoryview,
+                 stream: bytes | memoryview | None) -> None:
+    """Feed span ``index``'s part of the decompressed stream to the diff_id hash.
+
+    ``stream`` when the caller has it, else inflated again from the span's compressed
+    ``body`` and checkpoint (the bytes were checked against the span digest and inflated
+    once when they landed: failing now means the spool changed under us).
+
+    Raises:
+        StoreError: the bytes no longer inflate to the span.
+    """
+    span = ztoc.span(index)
+    if span.checkpoint is None:
+        return  # an uncompressed layer: its diff_id is its digest
+    if stream is None:
+        try:
+            stream = inflate_span(span, body, is_last=index == num_spans - 1, keep_padding=True)
+        except BadSpan as err:
+            raise StoreError(f"layer {digest}: span {index} no longer inflates from the spool ({err}); "
+                             "remove the layer and warm it again") from None
+    p.tar.update(stream)

@@ -110,6 +110,9 @@ class ResumableSha256:
         n = (len(data) if not isinstance(data, memoryview) else data.nbytes) - offset
         if n <= 0:
             return
+        if isinstance(data, memoryview) and data.readonly and isinstance(data.obj, bytes) \
+                and data.c_contiguous and data.nbytes == len(data.obj):
+            data = data.obj  # a view of a whole bytes object (an inflated span): no copy
         if isinstance(data, bytes):
             base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
             ok = _lib.SHA256_Update(self._ctx, base + offset, n)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from prewarm.errors import BadSpan, BadZtoc, CorruptContent, InsufficientSpace
 from prewarm.index.tarindex import parse_header_run
-from prewarm.index.ztoc import FileEntry, Span
+from prewarm.index.ztoc import MAX_TAR_PADDING, FileEntry, Span
 from prewarm.store import landing
 from prewarm.store.atomic import atomic_write
 from prewarm.store.directio import DirectWriter
@@ -39,6 +39,29 @@ def fetch_range(span: Span) -> tuple[int, int]:
     digest and inflate over the last ``compressed_end - compressed_start`` bytes.
     """
     return (0 if span.index == 0 else span.compressed_start), span.compressed_end
+
+
+def split_padding(digest: str, span: SpanRange, index: int, is_last: bool,
+                  uncompressed: memoryview) -> tuple[memoryview, memoryview | None]:
+    """(the span's own bytes, its part of the decompressed stream for the diff_id, or None).
+
+    The last span's output may carry the zero padding after the archive end, which the
+    diff_id covers but no file does.  None: the last span came without it, so whether
+    the stream has padding is not known here (the store inflates the span again).
+
+    Raises:
+        BadSpan: more bytes than the span holds, or padding that is not zeros.
+    """
+    want = span.uncompressed_end - span.uncompressed_start
+    extra = uncompressed.nbytes - want
+    if extra <= 0:
+        return uncompressed, None if is_last else uncompressed
+    if not is_last or extra > MAX_TAR_PADDING:
+        raise BadSpan(f"span {index} of layer {digest}: {uncompressed.nbytes} bytes inflated, {want} expected")
+    if bytes(uncompressed[want:]).count(0) != extra:
+        raise BadSpan(f"span {index} of layer {digest}: the {extra} bytes after the archive end are not "
+                      "zero padding")
+    return uncompressed[:want], uncompressed
 
 
 def compressed_base(digest: str, span: SpanRange, index: int, compressed: bytes | memoryview,
