@@ -55,6 +55,8 @@ class Containerd:
     shim: subprocess.Popen[bytes] | None = None
     cri: bool = False
     shim_starts: int = 0
+    #: containerd answered once: a shim started again must also be reachable through it
+    up: bool = False
 
     @property
     def log(self) -> Path:
@@ -110,6 +112,19 @@ class Containerd:
             grpc.channel_ready_future(channel).result(timeout=30)
         finally:
             channel.close()
+        if self.up:
+            self.wait_proxy()
+
+    def wait_proxy(self) -> None:
+        """Wait until containerd reaches the shim as its proxy snapshotter.
+
+        containerd dials the proxy plugin with gRPC's backoff: a shim that was not there
+        yet (or was just restarted) is reached only at the next attempt, and a call before
+        that fails UNAVAILABLE.  The tests start asking once a call through it works.
+        """
+        wait_until(lambda: self.ctr("snapshots", "--snapshotter", "prewarm", "ls", check=False,
+                                    timeout=10).returncode == 0,
+                   timeout=60, what="containerd to reach the prewarm shim")
 
     def kill_shim(self) -> None:
         """SIGKILL the shim (no clean shutdown), as a crash would."""
@@ -202,6 +217,8 @@ def run_containerd(store: Path, *, cri: bool = False, registry_hosts: Mapping[st
             return ctrd.ctr("version", check=False, timeout=10).returncode == 0
 
         wait_until(answers, timeout=60, what="containerd to answer")
+        ctrd.up = True
+        ctrd.wait_proxy()
         yield ctrd
     finally:
         stop_pid(proc, timeout=20)
