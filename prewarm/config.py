@@ -33,6 +33,10 @@ DEFAULT_SPANS_PER_TASK = 8
 #: the first deflate block end past 4 MiB, and real spans stay within a few MiB of that;
 #: 64 MiB leaves room for odd compressors and still bounds a task's memory.
 DEFAULT_MAX_SPAN_BYTES = 64 << 20
+#: containerd's registry host configuration (its ``config_path``): one folder per host.
+DEFAULT_CONTAINERD_HOSTS_DIR = Path("/etc/containerd/certs.d")
+#: Docker Hub under the names a reference may carry; always allowed.
+DOCKER_HUB_HOSTS = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
 #: Build-tool identifier written into the zTOCs we build.
 BUILD_TOOL_IDENTIFIER = "prewarm"
 
@@ -89,6 +93,24 @@ class Settings:
     #: A worker's trusted signing certificates, a glob (PREWARM_TRUSTED_CERTS): with it the
     #: worker runs only tasks signed by one of them.
     trusted_certs: str | None = None
+    #: Registry hosts a node's worker may fetch from (PREWARM_REGISTRIES, comma-separated;
+    #: ``*`` for any).  Besides these: the insecure registries, Docker Hub, and every host
+    #: containerd has a hosts.toml folder for under :attr:`containerd_hosts_dir`, so that a
+    #: node pre-warms from the registries its own pulls use and from no other.
+    registries: frozenset[str] = frozenset()
+    containerd_hosts_dir: Path = DEFAULT_CONTAINERD_HOSTS_DIR
+
+    def registry_allowed(self, host: str) -> bool:
+        """Whether a worker of this node may connect to registry ``host`` (HOST[:PORT])."""
+        if "*" in self.registries:
+            return True
+        allowed = self.registries | self.insecure_registries | DOCKER_HUB_HOSTS
+        if host in allowed:
+            return True
+        try:
+            return (self.containerd_hosts_dir / host).is_dir() and host not in ("_default", "", ".", "..")
+        except OSError:
+            return False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -113,6 +135,8 @@ class Settings:
             "signing_key": Path(env["PREWARM_SIGNING_KEY"]) if env.get("PREWARM_SIGNING_KEY") else None,
             "signing_cert": Path(env["PREWARM_SIGNING_CERT"]) if env.get("PREWARM_SIGNING_CERT") else None,
             "trusted_certs": env.get("PREWARM_TRUSTED_CERTS") or None,
+            "registries": _split_csv(env.get("PREWARM_REGISTRIES")),
+            "containerd_hosts_dir": Path(env.get("PREWARM_CONTAINERD_HOSTS_DIR") or DEFAULT_CONTAINERD_HOSTS_DIR),
         }
         for key, value in overrides.items():
             if key not in values:
@@ -134,6 +158,8 @@ class Settings:
             "PREWARM_SPANS_PER_TASK": str(self.spans_per_task),
             "PREWARM_INSECURE_REGISTRIES": ",".join(sorted(self.insecure_registries)),
             "PREWARM_MAX_SPAN": str(self.max_span_bytes),
+            "PREWARM_REGISTRIES": ",".join(sorted(self.registries)),
+            "PREWARM_CONTAINERD_HOSTS_DIR": str(self.containerd_hosts_dir),
         }
         if self.broker_url:
             env["PREWARM_BROKER_URL"] = self.broker_url

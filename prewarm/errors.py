@@ -23,6 +23,7 @@ ones are worth a retry::
      |    +-- BadZtoc
      |    +-- UnsafeArchive          a tar entry that would write outside its layer
      |    +-- BadTarHeader           a layer's tar stream is not a tar archive soci can index
+     |    +-- PlanMismatch           a job's plan disagrees with the image the node verified itself
      +-- StoreError                  the node's content store
      |    +-- InsufficientSpace
      +-- JobError                    a pre-warm job failed or was cancelled
@@ -114,6 +115,10 @@ class RangeNotHonored(RegistryError):
 
 class CorruptContent(PrewarmError):
     exit_code = 6
+
+
+class PlanMismatch(CorruptContent):
+    """What Redis says a job is (its plan) is not what the registry's verified image is."""
 
 
 class DigestMismatch(CorruptContent):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -28,12 +29,12 @@ from prewarm.fleet import jobs
 from prewarm.fleet.budget import RegistryBudget
 from prewarm.config import Settings
 from prewarm.resolve.digest import verify
-from prewarm.errors import BadZtoc, RateLimited
+from prewarm.errors import BadZtoc, ConfigError, PlanMismatch, PrewarmError, RateLimited
 from prewarm.runtime import gc
 from prewarm.runtime.images import ImageRecord, record_prewarmed_image
 from prewarm.index.inflate import inflate_span
 from prewarm.store.layout import Layout
-from prewarm.node.metrics import BYTES_FETCHED, INFLATE_SECONDS, LAYERS, SPANS
+from prewarm.node.metrics import BYTES_FETCHED, INFLATE_SECONDS, LAYERS, SPANS, TASKS_REFUSED
 from prewarm.node.prepare import prepare_layers_ahead
 from prewarm.fleet.plan import ImagePlan
 from prewarm.resolve.reference import Reference, parse_reference
@@ -67,6 +68,8 @@ class NodeContext:
     _refs: dict[str, Reference] = dataclasses.field(default_factory=dict)
     _ahead: set[str] = dataclasses.field(default_factory=set)
     _pinned: dict[str, float] = dataclasses.field(default_factory=dict)
+    _verified: set[str] = dataclasses.field(default_factory=set)  # plans (by hash) checked here
+    _verified_wrong: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def create(cls, settings: Settings, r: Redis) -> NodeContext:
@@ -88,18 +91,30 @@ class NodeContext:
     def pin(self, job_id: str, plan: ImagePlan) -> None:
         """Called by each task: admit the job here once, and keep its layers from ``prewarm gc``.
 
-        Admitting is the space check a fleet node makes before its first byte of the job
-        (the embedded scheduler makes it before launching): the layers not yet begun in
-        this store must fit, at their zTOC's uncompressed size or, for whole layers,
-        :data:`WHOLE_LAYER_EXPANSION` times their compressed size.  The pin is refreshed
-        once a minute while tasks run.
+        Admitting checks, before the first byte of the job on this node:
+
+        * that the registry is one this node allows (``PREWARM_REGISTRIES``), before any
+          connection to it;
+        * the image itself: the node resolves the plan's pinned reference
+          (``repo@sha256:...``) and checks that the manifest and config digests, the layers
+          with their sizes and media types, and the diff_ids are the plan's.  The plan comes
+          from Redis, which anyone with its password can write; the registry's bytes are
+          checked against the digest the job names;
+        * the space: the layers not yet begun in this store must fit, at their zTOC's
+          uncompressed size or, for whole layers, :data:`WHOLE_LAYER_EXPANSION` times their
+          compressed size (the embedded scheduler checks before launching too).
+
+        The pin is refreshed once a minute while tasks run.
 
         Raises:
+            ConfigError: the registry is not allowed on this node.
+            PlanMismatch: the plan is not the image's (counted, not retried).
             InsufficientSpace: the job's layers cannot fit in this node's store.
         """
         now = time.monotonic()
         last = self._pinned.get(job_id)
         if last is None:
+            self._verify_plan(plan)
             begun = set(self.store.list_layers())
             needed = sum(layer.uncompressed_size or WHOLE_LAYER_EXPANSION * layer.size
                          for layer in plan.layers if layer.digest not in begun)
@@ -110,6 +125,38 @@ class NodeContext:
             self._pinned[job_id] = now
             if len(self._pinned) > 64:
                 self._pinned.pop(next(iter(self._pinned)))
+
+    def _verify_plan(self, plan: ImagePlan) -> None:
+        # keyed by the whole plan: another plan naming the same manifest is checked on its own
+        key = hashlib.sha256(plan.to_json().encode()).hexdigest()
+        if key in self._verified:
+            return
+        if key in self._verified_wrong:  # refused once: not asked of the registry again
+            raise PlanMismatch(f"the job's plan for {plan.reference} disagrees with the image this node verified "
+                               f"({', '.join(self._verified_wrong[key])})")
+        ref = parse_reference(plan.reference)
+        if not self.settings.registry_allowed(ref.registry):
+            raise ConfigError(f"registry {ref.registry} is not allowed on node {self.settings.node_name} "
+                              "(PREWARM_REGISTRIES); add it there to pre-warm its images")
+        if ref.digest != plan.manifest_digest:
+            raise PlanMismatch(f"the job's image {plan.reference} is not pinned to its manifest "
+                               f"{plan.manifest_digest}")
+        resolved = self.client.resolve(ref, plan.platform or None)
+        wrong = [what for what, ours, theirs in (
+            ("manifest digest", plan.manifest_digest, resolved.manifest_digest),
+            ("config digest", plan.config_digest, resolved.config_digest),
+            ("layers", [(plan.layers[i].digest, plan.layers[i].size, plan.layers[i].media_type)
+                        for i in plan.layer_order],
+             [(layer.digest, layer.size, layer.media_type) for layer in resolved.layers]),
+            ("diff_ids", list(plan.diff_ids), list(resolved.diff_ids)),
+        ) if ours != theirs]
+        if wrong:
+            TASKS_REFUSED.labels("plan").inc()
+            self._verified_wrong[key] = wrong
+            raise PlanMismatch(f"the job's plan for {plan.reference} disagrees with the image this node verified "
+                               f"in the registry ({', '.join(wrong)}); the job was not made by a scheduler from "
+                               "this image, refusing it")
+        self._verified.add(key)
 
     def reference(self, image: str) -> Reference:
         ref = self._refs.get(image)
@@ -299,20 +346,44 @@ def _metered(ctx: NodeContext, registry: str, chunks: Iterator[bytes]) -> Iterat
         yield chunk
 
 
-def complete_image(ctx: NodeContext, job: str, name: str) -> bool:
+def complete_image(ctx: NodeContext, job: str, name: str, *, name_signed: bool = False) -> bool:
     """If every layer of the job's image is ready on this node, record the image and its chains.
 
-    Idempotent: several workers may get here for the same image.
+    Idempotent: several workers may get here for the same image.  The image is recorded
+    under ``name`` only when the scheduler signed it (``name_signed``) or this node resolves
+    the name to the job's manifest itself; otherwise under the job's pinned reference, so
+    a name read from Redis can never point at another image's tree.
     """
     plan = ctx.plan(job)
     if not all(ctx.store.is_ready(layer.digest) for layer in plan.layers):
         return False
     ctx.pin(job, plan)
+    if not name_signed:
+        name = _verified_name(ctx, name, plan)
     record = record_prewarmed_image(ctx.layout, name, plan)
     gc.unpin(ctx.layout, job)
     if ctx.settings.containerd_address is not None:
         register_in_containerd(ctx, record)
     return True
+
+
+def _verified_name(ctx: NodeContext, name: str, plan: ImagePlan) -> str:
+    """``name`` if it names the plan's manifest here and now, else the plan's pinned reference."""
+    try:
+        ref = parse_reference(name)
+        if ref.digest is not None:
+            named = ref.digest
+        else:
+            named = ctx.client.resolve(ref, plan.platform or None).manifest_digest
+    except PrewarmError as err:
+        log.warning("image name %r of job for %s cannot be verified (%s); recording it as %s",
+                    name, plan.manifest_digest, err, plan.reference)
+        return plan.reference
+    if named != plan.manifest_digest:
+        log.warning("image name %r resolves to %s on this node, not to the job's %s; recording the job's image "
+                    "as %s", name, named, plan.manifest_digest, plan.reference)
+        return plan.reference
+    return name
 
 
 def register_in_containerd(ctx: NodeContext, record: ImageRecord) -> None:
@@ -323,7 +394,6 @@ def register_in_containerd(ctx: NodeContext, record: ImageRecord) -> None:
     node, registers it again and fetches nothing once the layers are ready.
     """
     from prewarm.runtime.containerd import ContainerdClient, register_from_registry
-    from prewarm.errors import PrewarmError
 
     assert ctx.settings.containerd_address is not None
     try:
@@ -350,7 +420,7 @@ def account(ctx: NodeContext, *, job: str, node: str, layer_index: int, span: in
         if outcome.layer_ready:
             jobs.record_layer(r, job, node, layer_index, jobs.LAYER_READY)
             image = name or jobs.job_image_name(r, job)
-            if complete_image(ctx, job, image):
+            if complete_image(ctx, job, image, name_signed=name is not None):
                 log.info("image %s complete on %s", image, node)
             jobs.settle(r, job, node)
     else:
