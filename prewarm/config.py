@@ -33,6 +33,9 @@ DEFAULT_SPANS_PER_TASK = 8
 #: the first deflate block end past 4 MiB, and real spans stay within a few MiB of that;
 #: 64 MiB leaves room for odd compressors and still bounds a task's memory.
 DEFAULT_MAX_SPAN_BYTES = 64 << 20
+#: What a layer may unpack to, times its compressed size.  Real layers unpack 2-10x (text
+#: and sparse files more); gzip's own limit is ~1000x, which is what a bomb uses.
+DEFAULT_MAX_EXPANSION = 100
 #: containerd's registry host configuration (its ``config_path``): one folder per host.
 DEFAULT_CONTAINERD_HOSTS_DIR = Path("/etc/containerd/certs.d")
 #: Docker Hub under the names a reference may carry; always allowed.
@@ -86,6 +89,9 @@ class Settings:
     #: held in memory whole, so a zTOC (or a gzip stream of one giant deflate block) cannot
     #: make a worker read or inflate more than this per span.
     max_span_bytes: int = DEFAULT_MAX_SPAN_BYTES
+    #: A layer may unpack to at most this many times its compressed size
+    #: (PREWARM_MAX_EXPANSION): a whole layer while it streams, a zTOC's claimed size.
+    max_expansion: int = DEFAULT_MAX_EXPANSION
     #: The scheduler's task-signing key and certificate (PREWARM_SIGNING_KEY, _CERT): every
     #: task body of a job it launches is signed (prewarm.fleet.signing).
     signing_key: Path | None = None
@@ -132,6 +138,7 @@ class Settings:
             if env.get("PREWARM_CONTAINERD_ADDRESS") else None,
             "containerd_namespace": env.get("PREWARM_CONTAINERD_NAMESPACE") or "k8s.io",
             "max_span_bytes": _int_env(env, "PREWARM_MAX_SPAN", DEFAULT_MAX_SPAN_BYTES),
+            "max_expansion": _int_env(env, "PREWARM_MAX_EXPANSION", DEFAULT_MAX_EXPANSION),
             "signing_key": Path(env["PREWARM_SIGNING_KEY"]) if env.get("PREWARM_SIGNING_KEY") else None,
             "signing_cert": Path(env["PREWARM_SIGNING_CERT"]) if env.get("PREWARM_SIGNING_CERT") else None,
             "trusted_certs": env.get("PREWARM_TRUSTED_CERTS") or None,
@@ -158,6 +165,7 @@ class Settings:
             "PREWARM_SPANS_PER_TASK": str(self.spans_per_task),
             "PREWARM_INSECURE_REGISTRIES": ",".join(sorted(self.insecure_registries)),
             "PREWARM_MAX_SPAN": str(self.max_span_bytes),
+            "PREWARM_MAX_EXPANSION": str(self.max_expansion),
             "PREWARM_REGISTRIES": ",".join(sorted(self.registries)),
             "PREWARM_CONTAINERD_HOSTS_DIR": str(self.containerd_hosts_dir),
         }

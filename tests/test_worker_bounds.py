@@ -45,3 +45,30 @@ def test_spans_over_the_ceiling_fail_the_layer_once_without_a_fetch(tmp_path: Pa
     log = worker.log.read_text()
     assert log.count("over the") <= len(errors) * 8 + 8, log[-3000:]
     assert "Traceback" not in log
+
+
+def test_a_decompression_bomb_fails_its_layer_and_leaves_nothing(tmp_path: Path, registry: Registry,
+                                                                   redis_url: str) -> None:
+    """Issue 21 item 5: a whole layer may unpack to PREWARM_MAX_EXPANSION times its size at most."""
+    from prewarm.imagebuild import Layer, TarEntry, build_image
+    from prewarm.store.content import ContentStore
+
+    # Given a small gzip layer holding 24 MiB of zeros (~24 KB compressed), no zTOC
+    bomb = build_image(tmp_path / "oci", [Layer([TarEntry("zeros", data=bytes(24 << 20))], "gzip", level=9)],
+                       tag="bomb")
+    ref = push(bomb, registry, "bounds/bomb")
+    env = clean_env(tmp_path / "store", PREWARM_BROKER_URL=redis_url, PREWARM_NODE_NAME="b2",
+                    PREWARM_INSECURE_REGISTRIES=registry.host, PREWARM_MAX_EXPANSION="10", **SPANS)
+    worker = start_worker(env, tmp_path / "w.log", "-c", "1", "--hostname", "w@b2")
+    try:
+        job = prewarm("schedule", ref, "--node", "b2", "--index", "none", env=env, check=True).stdout.strip()
+        final = wait_job(job, env, timeout=120)
+    finally:
+        worker.stop()
+    # Then the layer failed naming the cap, and no partial file is left in the store
+    assert final["state"] == "failed", final
+    errors = final["nodes"]["b2"]["errors"]
+    assert errors and all("PREWARM_MAX_EXPANSION" in e for e in errors.values()), errors
+    store = ContentStore(Path(env["PREWARM_ROOT"]))
+    assert not any(store.is_ready(d) for d in store.list_layers())
+    assert not [p for p in (store.root / "layers").rglob("zeros")], "partial files were left"

@@ -208,6 +208,9 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
         raise ValueError(f"task names spans {span}..{span + count - 1} of layer {layer}, which has "
                          f"{z.num_spans}")
     _check_span_sizes(z, span, count, layer, ctx.settings.max_span_bytes)
+    if z.uncompressed_archive_size > ctx.settings.max_expansion * max(lp.size, 1 << 20):
+        raise BadZtoc(f"the zTOC of layer {layer} says it unpacks to {z.uncompressed_archive_size} bytes, over "
+                      f"{ctx.settings.max_expansion}x its {lp.size} compressed bytes (PREWARM_MAX_EXPANSION)")
     nbytes = sum(span_accounting_bytes(z, i) for i in range(span, span + count))
     if ctx.store.is_ready(layer):
         return Outcome(nbytes, False, True)
@@ -328,7 +331,8 @@ def warm_layer(ctx: NodeContext, *, job: str, image: str, layer: str, layer_inde
         with ctx.budget.request(ref.registry, 0), \
                 ctx.client.stream_blob(ref.registry, ref.repository, layer) as chunks:
             ctx.store.ingest_stream(layer, _metered(ctx, ref.registry, chunks),
-                                    media_type=lp.media_type, diff_id=lp.diff_id)
+                                    media_type=lp.media_type, diff_id=lp.diff_id,
+                                    max_uncompressed=ctx.settings.max_expansion * max(lp.size, 1 << 20))
         LAYERS.labels("ready").inc()
     except RateLimited as err:
         ctx.budget.backoff(ref.registry, err.retry_after or 1.0)

@@ -515,13 +515,17 @@ class ContentStore:
     # === the whole-layer path
 
     def ingest_stream(self, digest: str, chunks: Iterable[bytes], *, media_type: str,
-                      diff_id: str | None) -> None:
+                      diff_id: str | None, max_uncompressed: int | None = None) -> None:
         """Stream a whole layer blob into the store (no zTOC), verified twice.
 
         The compressed bytes must hash to ``digest`` and the tar stream to ``diff_id``
-        (when given); memory stays bounded whatever the layer size.
+        (when given); memory stays bounded whatever the layer size, and so does the disk:
+        the stream may unpack to ``max_uncompressed`` bytes at most, and free space is
+        checked again while it is written.
 
         Raises:
+            ExpansionLimit: the layer unpacks to more than ``max_uncompressed`` (discarded).
+            InsufficientSpace: the store filled up while writing (discarded).
             DigestMismatch: either hash differs (the layer is discarded).
             BadTarHeader, UnsafeArchive: the tar stream is broken or hostile (discarded).
             StoreError: unknown media type.
@@ -536,7 +540,8 @@ class ContentStore:
             fs.mkdir(parents=True, mode=0o755)
             try:
                 with self._disk_errors(digest):
-                    info = unpack_stream(digest, fs, chunks, compression, diff_id, self._writer)
+                    info = unpack_stream(digest, fs, chunks, compression, diff_id, self._writer,
+                                         max_uncompressed=max_uncompressed, check_space=self.check_space)
                 self._commit(digest, info)
             except BaseException:
                 self._wipe(digest)

@@ -15,11 +15,12 @@ import errno
 import hashlib
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from prewarm.errors import CorruptContent, DiffIdMismatch, DigestMismatch, PrewarmError, StoreError
+from prewarm.errors import (CorruptContent, DiffIdMismatch, DigestMismatch, InsufficientSpace, PrewarmError,
+                            StoreError)
 from prewarm.index.tarindex import TarIndexer
 from prewarm.index.ztoc import FileEntry
 from prewarm.resolve.digest import parse_digest
@@ -47,11 +48,26 @@ def compression_of(media_type: str) -> str:
     raise StoreError(f"layer media type {media_type!r} is not a tar layer (gzip, zstd or plain tar)")
 
 
+class ExpansionLimit(CorruptContent):
+    """A layer that unpacks to more than its cap (a decompression bomb, or a cap set too low)."""
+
+
+#: While unpacking, the store's free space is checked again after every this many bytes.
+SPACE_CHECK_EVERY = 64 << 20
+
+
 def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: str, diff_id: str | None,
-                  direct: DirectWriter) -> dict[str, Any]:
+                  direct: DirectWriter, *, max_uncompressed: int | None = None,
+                  check_space: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Write the layer streamed as ``chunks`` into the empty directory ``fs``; its ``ready`` record.
 
+    ``max_uncompressed`` caps what the stream may unpack to (nothing else bounds a whole
+    layer: a 261 KB gzip can inflate to gigabytes); ``check_space(n)`` is asked, every
+    :data:`SPACE_CHECK_EVERY` bytes, whether the next ``n`` still fit.
+
     Raises:
+        ExpansionLimit: the stream unpacks to more than ``max_uncompressed``.
+        InsufficientSpace: from ``check_space``.
         DigestMismatch: the blob does not hash to ``digest``; DiffIdMismatch: its tar stream not to ``diff_id``.
         CorruptContent, BadTarHeader, UnsafeArchive: the tar stream is broken or hostile.
         OSError: ENOSPC or EDQUOT (the caller names the store).
@@ -81,6 +97,11 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
                 chunk = reader.read(STREAM_READ)
                 if not chunk:
                     break
+                if max_uncompressed is not None and offset + len(chunk) > max_uncompressed:
+                    raise ExpansionLimit(f"layer {digest} unpacks to more than {max_uncompressed} bytes, the cap for "
+                                         f"its size (PREWARM_MAX_EXPANSION times its compressed bytes); refused")
+                if check_space is not None and offset // SPACE_CHECK_EVERY != (offset + len(chunk)) // SPACE_CHECK_EVERY:
+                    check_space(SPACE_CHECK_EVERY)
                 tar_hash.update(chunk)
                 new = indexer.feed(chunk)
                 mv = memoryview(chunk)
@@ -102,6 +123,8 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
                 raise CorruptContent(f"layer {digest}: the tar stream ends inside a file's data")
         except Exception as err:
             if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            if isinstance(err, (ExpansionLimit, InsufficientSpace)):
                 raise
             raise _blame(digest, raw, err) from err
         finally:
