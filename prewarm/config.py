@@ -57,7 +57,7 @@ def _int_env(env: Mapping[str, str], name: str, default: int) -> int:
     try:
         value = int(raw, 0)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer; set it to a number of bytes") from None
+        raise ConfigError(f"{name}={raw!r} is not a whole number; set it to a positive integer") from None
     if value <= 0:
         raise ConfigError(f"{name}={raw!r} must be positive")
     return value
@@ -92,6 +92,11 @@ class Settings:
     #: A layer may unpack to at most this many times its compressed size
     #: (PREWARM_MAX_EXPANSION): a whole layer while it streams, a zTOC's claimed size.
     max_expansion: int = DEFAULT_MAX_EXPANSION
+    #: How often a task is tried again after a transient registry error, and the longest
+    #: pause between two tries (PREWARM_TRANSIENT_RETRIES, PREWARM_RETRY_MAX_DELAY; the
+    #: pause doubles from 0.5 s, with jitter).  Then the layer fails with the last reason.
+    transient_retries: int = 10
+    retry_max_delay: float = 60.0
     #: The scheduler's task-signing key and certificate (PREWARM_SIGNING_KEY, _CERT): every
     #: task body of a job it launches is signed (prewarm.fleet.signing).
     signing_key: Path | None = None
@@ -139,6 +144,8 @@ class Settings:
             "containerd_namespace": env.get("PREWARM_CONTAINERD_NAMESPACE") or "k8s.io",
             "max_span_bytes": _int_env(env, "PREWARM_MAX_SPAN", DEFAULT_MAX_SPAN_BYTES),
             "max_expansion": _int_env(env, "PREWARM_MAX_EXPANSION", DEFAULT_MAX_EXPANSION),
+            "transient_retries": _int_env(env, "PREWARM_TRANSIENT_RETRIES", 10),
+            "retry_max_delay": float(_int_env(env, "PREWARM_RETRY_MAX_DELAY", 60)),
             "signing_key": Path(env["PREWARM_SIGNING_KEY"]) if env.get("PREWARM_SIGNING_KEY") else None,
             "signing_cert": Path(env["PREWARM_SIGNING_CERT"]) if env.get("PREWARM_SIGNING_CERT") else None,
             "trusted_certs": env.get("PREWARM_TRUSTED_CERTS") or None,

@@ -72,3 +72,35 @@ def test_a_decompression_bomb_fails_its_layer_and_leaves_nothing(tmp_path: Path,
     store = ContentStore(Path(env["PREWARM_ROOT"]))
     assert not any(store.is_ready(d) for d in store.list_layers())
     assert not [p for p in (store.root / "layers").rglob("zeros")], "partial files were left"
+
+
+def test_transient_errors_are_retried_as_configured_then_the_layer_fails_with_the_reason(
+        tmp_path: Path, registry: Registry, redis_url: str) -> None:
+    """Issue 21 item 7: retries carry an explicit max_retries (Celery's default of 3 was used), and the
+    last failure records its reason."""
+    from tests.faultproxy import Fault
+    from tests.images import simple_image
+
+    image = simple_image(tmp_path / "oci")
+    push(image, registry, "bounds/retries")
+    with FaultProxy(registry.host) as proxy:
+        env = clean_env(tmp_path / "store", PREWARM_BROKER_URL=redis_url, PREWARM_NODE_NAME="b3",
+                        PREWARM_INSECURE_REGISTRIES=f"{proxy.host},{registry.host}",
+                        PREWARM_TRANSIENT_RETRIES="5", PREWARM_RETRY_MAX_DELAY="1", **SPANS)
+        ref = f"{proxy.host}/bounds/retries:simple"
+        worker = start_worker(env, tmp_path / "w.log", "-c", "1", "--hostname", "w@b3")
+        try:
+            job = prewarm("schedule", ref, "--node", "b3", "--index", "none", env=env, check=True).stdout.strip()
+            # Given every blob request answered 503 from the moment the job runs
+            fault = proxy.add(Fault("status", path="/blobs/", method="GET", status=503))
+            final = wait_job(job, env, timeout=240)
+        finally:
+            worker.stop()
+    # Then each layer failed with the registry's reason, after 1 + 5 tries of its task
+    assert final["state"] == "failed", final
+    errors = final["nodes"]["b3"]["errors"]
+    assert len(errors) == 2 and all("503" in e or "unavailable" in e.lower() for e in errors.values()), errors
+    log = worker.log.read_text()
+    retries = log.count("Retry in")
+    assert retries == 2 * 5, (retries, log[-3000:])
+    assert fault.applied >= 2 * 6

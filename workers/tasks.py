@@ -34,7 +34,6 @@ from workers.app import app
 
 log = logging.getLogger("prewarm.worker")
 
-MAX_TRANSIENT_RETRIES = 10
 MAX_CORRUPT_SPAN_RETRIES = 3
 
 _ctx: NodeContext | None = None
@@ -91,10 +90,10 @@ def context() -> NodeContext:
     return _ctx
 
 
-def _retry_delay(retries: int, err: BaseException) -> float:
+def _retry_delay(retries: int, err: BaseException, cap: float) -> float:
     if isinstance(err, RateLimited) and err.retry_after:
         return float(err.retry_after) + random.uniform(0, 1)
-    return min(60.0, 0.5 * 2**retries) * random.uniform(0.5, 1.0)
+    return min(cap, 0.5 * 2**retries) * random.uniform(0.5, 1.0)
 
 
 def _describe(err: BaseException, root: object = "PREWARM_ROOT") -> str:
@@ -186,8 +185,9 @@ def _run_once(task: Task, fn, ctx: NodeContext, kw: dict, signed: bool,  # type:
         except Exception as err:  # noqa: BLE001 - every failure ends in a retry or a recorded reason
             retries = task.request.retries
             # max_retries explicit: None would mean Celery's default of 3
-            if isinstance(err, Transient) and retries < MAX_TRANSIENT_RETRIES:
-                _retry(task, ctx, kw, signed, err, _retry_delay(retries, err), MAX_TRANSIENT_RETRIES)
+            if isinstance(err, Transient) and retries < ctx.settings.transient_retries:
+                _retry(task, ctx, kw, signed, err, _retry_delay(retries, err, ctx.settings.retry_max_delay),
+                       ctx.settings.transient_retries)
             # A diff_id mismatch is the image config against bytes that matched their own
             # digest: fetching them again cannot help.
             if isinstance(err, DigestMismatch) and not isinstance(err, DiffIdMismatch) \
