@@ -87,3 +87,18 @@ def test_a_worker_with_a_missing_certificate_store_refuses_to_start(tmp_path: Pa
         worker.stop()
     text = worker.log.read_text()
     assert code != 0 and "PREWARM_TRUSTED_CERTS" in text and "matches no certificate" in text, text[-2000:]
+
+
+def test_an_unsigned_job_for_a_node_that_runs_only_signed_tasks_is_refused_at_launch(
+        tmp_path: Path, registry: Registry, redis_url: str) -> None:
+    _, cert = ensure_keypair(tmp_path / "scheduler")
+    ref = push(simple_image(tmp_path / "oci"), registry, "signed/strict")
+    env = clean_env(tmp_path / "store", PREWARM_BROKER_URL=redis_url, PREWARM_INSECURE_REGISTRIES=registry.host,
+                    PREWARM_NODE_NAME="s3", PREWARM_TRUSTED_CERTS=str(cert), **SPANS)
+    worker = start_worker(env, tmp_path / "w.log", "-c", "1", "--hostname", "w@s3")
+    try:
+        proc = prewarm("schedule", ref, "--node", "s3", env=env)
+    finally:
+        worker.stop()
+    assert proc.returncode == 2 and "PREWARM_SIGNING_KEY" in proc.stderr and "s3" in proc.stderr, proc.stderr
+    assert not redis.Redis.from_url(redis_url).zcard(keys.JOBS)

@@ -80,7 +80,7 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
     r = redis_client(settings.broker_url)
     beat = Heartbeat(r, settings.node_name, node_labels, settings.root,
                      lambda: frozenset(d for d in store.list_layers() if store.is_ready(d)),
-                     on_beat=on_beat)
+                     on_beat=on_beat, signed_only=bool(settings.trusted_certs))
     beat.start()
     if metrics_port:
         from prewarm.node.metrics import serve

@@ -39,6 +39,8 @@ class NodeInfo:
     layers: frozenset[str]
     heartbeat: float
     root: str
+    #: the node's workers run only signed tasks (PREWARM_TRUSTED_CERTS)
+    signed_only: bool = False
 
     @property
     def up(self) -> bool:
@@ -90,14 +92,14 @@ def check_name_free(r: redis.Redis, name: str, identity: str) -> None:
 
 
 def heartbeat(r: redis.Redis, name: str, *, labels: Mapping[str, str], root: Path,
-              layers: frozenset[str], identity: str | None = None) -> None:
+              layers: frozenset[str], identity: str | None = None, signed_only: bool = False) -> None:
     free = shutil.disk_usage(root).free if root.exists() else 0
     pipe = r.pipeline(transaction=True)
     pipe.sadd(keys.NODES, name)
     pipe.hset(keys.node(name), mapping={
         "labels": json.dumps(dict(labels), sort_keys=True), "free_bytes": free,
         "layers": json.dumps(sorted(layers)), "heartbeat": time.time(), "root": str(root),
-        "identity": identity or worker_identity(root),
+        "identity": identity or worker_identity(root), "signed_only": int(signed_only),
     })
     pipe.expire(keys.node(name), NODE_RECORD_RETENTION)
     pipe.execute()
@@ -117,7 +119,7 @@ def list_nodes(r: redis.Redis) -> list[NodeInfo]:
             continue
         out.append(NodeInfo(name, json.loads(h.get("labels", "{}")), int(h.get("free_bytes", 0)),
                             frozenset(json.loads(h.get("layers", "[]"))), float(h.get("heartbeat", 0)),
-                            h.get("root", "")))
+                            h.get("root", ""), h.get("signed_only") == "1"))
     return out
 
 
@@ -130,11 +132,12 @@ class Heartbeat(threading.Thread):
 
     def __init__(self, r: redis.Redis, name: str, labels: Mapping[str, str], root: Path,
                  layers: Callable[[], frozenset[str]], interval: float = HEARTBEAT_INTERVAL,
-                 on_beat: Callable[[], object] | None = None) -> None:
+                 on_beat: Callable[[], object] | None = None, signed_only: bool = False) -> None:
         super().__init__(name="prewarm-heartbeat", daemon=True)
         self.r, self.node, self.labels, self.root = r, name, dict(labels), root
         self.layers, self.interval, self.on_beat = layers, interval, on_beat
         self.identity = worker_identity(root)
+        self.signed_only = signed_only
         self._halt = threading.Event()
 
     def start(self) -> None:
@@ -150,7 +153,7 @@ class Heartbeat(threading.Thread):
         while not self._halt.is_set():
             try:
                 heartbeat(self.r, self.node, labels=self.labels, root=self.root, layers=self.layers(),
-                          identity=self.identity)
+                          identity=self.identity, signed_only=self.signed_only)
                 if self.on_beat is not None:
                     self.on_beat()
             except redis.exceptions.RedisError:

@@ -105,13 +105,18 @@ def submit(settings: Settings, image: str, choice: NodeChoice, *, index: IndexPo
     client, resolved = _resolve(settings, image)
     r = redis_client(_broker(settings))
     targets, fleet = _choose(r, choice)
+    signer = signer_from(settings)
+    strict = [n.name for n in fleet if n.name in targets and n.signed_only]
+    if strict and signer is None:
+        raise ConfigError(f"node(s) {', '.join(strict)} run only signed tasks: give the scheduler its signing key "
+                          "(PREWARM_SIGNING_KEY and PREWARM_SIGNING_CERT)")
     down = [n.name for n in fleet if n.name in targets and not n.up]
     if down:
         say(f"node(s) down (no recent heartbeat): {', '.join(down)}; their share waits until their workers "
             "are back" + (f", or fails after {node_down_limit:.0f}s" if wait and node_down_limit else ""))
     plan = plan_job(settings, client, resolved, index=index, fleet=True, say=say)
     job_id = schedule.launch(r, _broker(settings), plan, image, targets, window=window,
-                             keep=_standing_selector(choice) if keep else None, signer=signer_from(settings))
+                             keep=_standing_selector(choice) if keep else None, signer=signer)
     status = schedule.wait_for_job(r, job_id, on_update=on_progress, timeout=timeout,
                                    node_down_limit=node_down_limit) if wait else None
     return Submission(job_id, plan, tuple(targets), status)
