@@ -26,6 +26,7 @@ ones are worth a retry::
      |    +-- PlanMismatch           a job's plan disagrees with the image the node verified itself
      +-- StoreError                  the node's content store
      |    +-- InsufficientSpace
+     +-- BrokerError                 the fleet's Redis cannot be reached or refused what we asked
      +-- JobError                    a pre-warm job failed or was cancelled
      |    +-- JobTimeout             --timeout passed before the job ended (it goes on)
      +-- SnapshotError
@@ -159,6 +160,10 @@ class StoreError(PrewarmError):
 
 class InsufficientSpace(StoreError):
     pass
+
+
+class BrokerError(PrewarmError):
+    exit_code = 10
 
 
 class JobError(PrewarmError):

@@ -27,9 +27,27 @@ class PrewarmGroup(click.Group):
                 raise
             click.echo(f"prewarm: error: {err}", err=True)
             sys.exit(err.exit_code)
+        except Exception as err:  # noqa: BLE001 - the broker's own errors, turned into ours once, here
+            mapped = _broker_error(err)
+            if mapped is None or (ctx.obj and ctx.obj.get("debug")):
+                raise
+            click.echo(f"prewarm: error: {mapped}", err=True)
+            sys.exit(mapped.exit_code)
         except KeyboardInterrupt:
             click.echo("prewarm: interrupted", err=True)
             sys.exit(130)
+
+
+def _broker_error(err: BaseException) -> PrewarmError | None:
+    """redis-py's and kombu's errors as a BrokerError naming the (masked) URL; None for others."""
+    module = type(err).__module__.split(".")[0]
+    if module not in ("redis", "kombu", "amqp"):
+        return None
+    import os
+
+    from prewarm.fleet.broker import broker_error
+
+    return broker_error(err, os.environ.get("PREWARM_BROKER_URL"))
 
 
 @click.group(cls=PrewarmGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -13,7 +13,11 @@ from urllib.parse import urlsplit
 
 import redis
 
-from prewarm.errors import ConfigError, PrewarmError
+from prewarm.errors import BrokerError, ConfigError, PrewarmError
+
+#: Seconds to open a connection to Redis, and to wait for an answer: nothing waits forever.
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 30.0
 
 _SCHEMES = ("redis", "rediss", "unix", "redis+socket")
 
@@ -51,28 +55,68 @@ def redis_url(url: str) -> str:
     return url
 
 
-def redis_client(url: str, **kwargs: object) -> redis.Redis:
+def redis_client(url: str, *, reachable: bool = False, **kwargs: object) -> redis.Redis:
     """A redis-py client for the broker URL (TLS, ACL user and password come from the URL).
 
     A ping checks the credentials at once, so a wrong password is one clear message rather
-    than a traceback from whichever command happens to run first.
+    than a traceback from whichever command happens to run first.  With ``reachable`` a
+    Redis that does not answer is an error too (a command that needs it now, before it
+    does anything else); without, the caller waits for it (a worker, while Redis restarts).
 
     Raises:
         ConfigError: the URL is not a Redis URL, or Redis refused its user or password.
+        BrokerError: Redis cannot be used (with ``reachable``: cannot be reached either).
     """
     url = redis_url(url)
     kwargs.setdefault("health_check_interval", 30)
+    kwargs.setdefault("socket_connect_timeout", CONNECT_TIMEOUT)
+    kwargs.setdefault("socket_timeout", READ_TIMEOUT)
     if not url.startswith("unix://"):
         kwargs.setdefault("socket_keepalive", True)  # TCP only: unix sockets take no such option
     client = redis.Redis.from_url(url, **kwargs)  # type: ignore[arg-type]
     try:
         client.ping()
+        if reachable:  # and a read of our own keys: a wrong DB or an ACL user without rights shows here
+            client.exists("prewarm:nodes")
     except redis.exceptions.AuthenticationError as err:
         raise ConfigError(f"Redis at {redact(url)} refused the credentials in the broker URL ({err}); "
                           "fix the user and password in PREWARM_BROKER_URL") from None
-    except redis.exceptions.ConnectionError:
-        pass  # not up yet (or restarting): callers retry or report it when they use the client
+    except redis.exceptions.ConnectionError as err:
+        if reachable:
+            raise broker_error(err, url) from None
+        # not up yet (or restarting): callers retry or report it when they use the client
+    except redis.exceptions.RedisError as err:  # a wrong DB, a server that is not Redis, ...
+        raise broker_error(err, url) from None
     return client
+
+
+def broker_error(err: BaseException, url: str | None) -> BrokerError:
+    """One of our errors for anything redis-py (or kombu) raised: what failed, and what to do."""
+    where = f"Redis at {redact(url)}" if url else "Redis (PREWARM_BROKER_URL)"
+    text = str(err).strip() or type(err).__name__
+    first = text.split()[0].upper() if text.split() else ""
+    if isinstance(err, redis.exceptions.AuthenticationError) or first in ("WRONGPASS", "NOAUTH"):
+        hint = f"{where} refused the credentials: fix the user and password in PREWARM_BROKER_URL"
+    elif isinstance(err, redis.exceptions.NoPermissionError) or first == "NOPERM":
+        hint = (f"{where}: the ACL user lacks a right this command needs ({text}); grant it, or use the "
+                "scheduler's or the workers' user (deploy/kubernetes/20-redis.yaml)")
+    elif first == "READONLY":
+        hint = f"{where} is a read-only replica: point PREWARM_BROKER_URL at the primary"
+    elif first == "OOM":
+        hint = f"{where} is out of memory (maxmemory): free it or raise maxmemory"
+    elif "DB index is out of range" in text or "invalid DB index" in text:
+        hint = f"{where}: no such database number; fix the /DB at the end of PREWARM_BROKER_URL"
+    elif isinstance(err, redis.exceptions.TimeoutError):
+        tls = " (rediss:// speaks TLS: is that port Redis's tls-port?)" if url and url.startswith("rediss:") else ""
+        hint = f"cannot reach {where}: it did not answer in time ({text}){tls}; check that it is up and reachable"
+    elif isinstance(err, (redis.exceptions.ConnectionError, OSError)):
+        hint = (f"cannot reach {where} ({text}); check PREWARM_BROKER_URL, that Redis is up, and TLS "
+                "(rediss://) against the server's port")
+    elif isinstance(err, (redis.exceptions.InvalidResponse, redis.exceptions.DataError)):
+        hint = f"{where} does not answer like Redis ({text}); check the host and port in PREWARM_BROKER_URL"
+    else:
+        hint = f"{where} failed: {text}"
+    return BrokerError(hint)
 
 
 def wait_until_answers(client: redis.Redis, *, what: str, timeout: float,

@@ -102,8 +102,8 @@ def submit(settings: Settings, image: str, choice: NodeChoice, *, index: IndexPo
         JobTimeout: ``timeout`` passed before the job ended.
         PrewarmError: no node to pre-warm; the registry's errors as it reports them.
     """
+    r = redis_client(_broker(settings), reachable=True)  # the fleet first: nothing is asked of a registry for naught
     client, resolved = _resolve(settings, image)
-    r = redis_client(_broker(settings))
     targets, fleet = _choose(r, choice)
     signer = signer_from(settings)
     strict = [n.name for n in fleet if n.name in targets and n.signed_only]
@@ -128,8 +128,8 @@ def dry_run(settings: Settings, image: str, choice: NodeChoice) -> tuple[list[sc
     Raises:
         The same errors as :func:`submit`, before anything is launched.
     """
+    r = redis_client(_broker(settings), reachable=True)
     _, resolved = _resolve(settings, image)
-    r = redis_client(_broker(settings))
     targets, fleet = _choose(r, choice)
     info = {n.name: n for n in fleet}
     rows = [(t, info[t].layers if t in info else frozenset(), info[t].free_bytes if t in info else None)
