@@ -29,6 +29,14 @@ DEFAULT_MIN_LAYER_SIZE = 10 << 20
 #: bytes in memory: at most ~32 MiB for data that does not compress, well inside a worker's
 #: 300 MB.
 DEFAULT_SPANS_PER_TASK = 8
+#: Peer server port of a worker (0: no span sharing, the node fetches everything from the
+#: registry); deploy/kubernetes sets 7313.
+DEFAULT_PEER_PORT = 0
+#: Peer cache size when PREWARM_PEER_CACHE is unset: 10% of the store's filesystem, at most
+#: this (it keeps compressed spans the node also has unpacked, so it is pure extra space).
+DEFAULT_PEER_CACHE_CAP = 20 << 30
+#: Concurrent uploads a peer server takes before it answers 503 (the asker tries another holder).
+DEFAULT_PEER_UPLOADS = 8
 #: Build-tool identifier written into the zTOCs we build.
 BUILD_TOOL_IDENTIFIER = "prewarm"
 
@@ -48,6 +56,28 @@ def _int_env(env: Mapping[str, str], name: str, default: int) -> int:
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not an integer; set it to a number of bytes") from None
     if value <= 0:
+        raise ConfigError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def _port_env(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not 0 <= int(raw) < 65536:
+        raise ConfigError(f"{name}={raw!r} is not a port number (0 turns it off)")
+    return int(raw)
+
+
+def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+    if not value > 0:
         raise ConfigError(f"{name}={raw!r} must be positive")
     return value
 
@@ -74,6 +104,19 @@ class Settings:
     #: containerd socket a worker registers completed images in (None: do not register).
     containerd_address: Path | None = None
     containerd_namespace: str = "k8s.io"
+    #: Span sharing (prewarm.node.peerserver): port (0: off), where to bind, the address
+    #: other nodes reach it at (None: POD_IP or the bind address, with the port), the bearer
+    #: token peers must send (None: none), the cache size in bytes (None: the default
+    #: above), the upload rate in bytes/s (None: unlimited), concurrent uploads, and the
+    #: lease of a registry-fetch claim in seconds.
+    peer_port: int = DEFAULT_PEER_PORT
+    peer_bind: str = "0.0.0.0"
+    peer_address: str | None = None
+    peer_token: str | None = dataclasses.field(default=None, repr=False)
+    peer_cache: int | None = None
+    peer_rate: int | None = None
+    peer_uploads: int = DEFAULT_PEER_UPLOADS
+    peer_lease: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -94,6 +137,14 @@ class Settings:
             "containerd_address": Path(env["PREWARM_CONTAINERD_ADDRESS"])
             if env.get("PREWARM_CONTAINERD_ADDRESS") else None,
             "containerd_namespace": env.get("PREWARM_CONTAINERD_NAMESPACE") or "k8s.io",
+            "peer_port": _port_env(env, "PREWARM_PEER_PORT", DEFAULT_PEER_PORT),
+            "peer_bind": env.get("PREWARM_PEER_BIND") or "0.0.0.0",
+            "peer_address": env.get("PREWARM_PEER_ADDRESS") or None,
+            "peer_token": env.get("PREWARM_PEER_TOKEN") or None,
+            "peer_cache": _int_env(env, "PREWARM_PEER_CACHE", 1) if env.get("PREWARM_PEER_CACHE") else None,
+            "peer_rate": _int_env(env, "PREWARM_PEER_RATE", 1) if env.get("PREWARM_PEER_RATE") else None,
+            "peer_uploads": _int_env(env, "PREWARM_PEER_UPLOADS", DEFAULT_PEER_UPLOADS),
+            "peer_lease": _float_env(env, "PREWARM_PEER_LEASE", 30.0),
         }
         for key, value in overrides.items():
             if key not in values:
@@ -104,6 +155,27 @@ class Settings:
                 value = values["insecure_registries"] | frozenset(value)  # type: ignore[operator, arg-type]
             values[key] = value
         return cls(**values)  # type: ignore[arg-type]
+
+    def peer_advertised(self, env: Mapping[str, str] | None = None) -> str | None:
+        """The address other nodes reach this node's peer server at (None: sharing is off).
+
+        ``PREWARM_PEER_ADDRESS`` (``host:port`` or a host), else the pod IP the downward API
+        puts in ``POD_IP``, else the bind address unless it is the wildcard.
+        """
+        if not self.peer_port:
+            return None
+        env = os.environ if env is None else env
+        host = self.peer_address or env.get("POD_IP") or \
+            (self.peer_bind if self.peer_bind not in ("0.0.0.0", "::", "") else None)
+        if host is None:
+            raise ConfigError("PREWARM_PEER_PORT is set but other nodes cannot be told where: set "
+                              "PREWARM_PEER_ADDRESS (host:port), POD_IP, or PREWARM_PEER_BIND to a "
+                              "specific address")
+        if ":" in host and not host.endswith("]") and host.rsplit(":", 1)[1].isdigit() and host.count(":") == 1:
+            return host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return host if host.startswith("[") and "]:" in host else f"{host}:{self.peer_port}"
 
     def to_env(self) -> dict[str, str]:
         """The environment that makes a child process (a worker) build these same settings."""
@@ -123,6 +195,15 @@ class Settings:
             env["DOCKER_CONFIG"] = str(self.docker_config)
         if self.platform:
             env["PREWARM_PLATFORM"] = self.platform
+        if self.peer_port:
+            env["PREWARM_PEER_PORT"] = str(self.peer_port)
+            env["PREWARM_PEER_BIND"] = self.peer_bind
+            env["PREWARM_PEER_UPLOADS"] = str(self.peer_uploads)
+            env["PREWARM_PEER_LEASE"] = repr(self.peer_lease)
+            for name, value in (("PREWARM_PEER_ADDRESS", self.peer_address), ("PREWARM_PEER_TOKEN", self.peer_token),
+                                ("PREWARM_PEER_CACHE", self.peer_cache), ("PREWARM_PEER_RATE", self.peer_rate)):
+                if value is not None:
+                    env[name] = str(value)
         if self.containerd_address:
             env["PREWARM_CONTAINERD_ADDRESS"] = str(self.containerd_address)
             env["PREWARM_CONTAINERD_NAMESPACE"] = self.containerd_namespace

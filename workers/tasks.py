@@ -26,6 +26,7 @@ from celery.signals import worker_init, worker_process_init
 from prewarm.fleet import dispatch
 from prewarm.fleet.broker import redis_client
 from prewarm.errors import DigestMismatch, PrewarmError, RateLimited, Transient
+from prewarm.fleet.peers import ClaimedElsewhere
 from prewarm.node.metrics import ERRORS, SPANS
 from prewarm.node.warm import NodeContext, Outcome, account, layer_failed, warm_layer, warm_span
 from workers.app import app
@@ -34,6 +35,10 @@ log = logging.getLogger("prewarm.worker")
 
 MAX_TRANSIENT_RETRIES = 10
 MAX_CORRUPT_SPAN_RETRIES = 3
+#: Times a task puts itself back while another node fetches its span group from the registry
+#: (about 0.5 s each, other work runs meanwhile); after that it fetches from the registry
+#: itself, so a slow or lost claimant delays the node by at most this much.
+MAX_PEER_WAITS = 60
 
 _ctx: NodeContext | None = None
 
@@ -134,17 +139,21 @@ def _run(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: ignore[no
 def _run_once(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: ignore[no-untyped-def]
     job, node, layer_index = kw["job"], kw["node"], kw["layer_index"]
     span = kw.get("span", 0)
+    waits = kw.get("waits", 0)
     outcome: Outcome | None = None
     error: str | None = None
     if layer_failed(ctx, job, node, layer_index):
         error = "layer already failed on this node"
     else:
         try:
-            outcome = fn(ctx, **{k: v for k, v in kw.items() if k != "node"})
+            outcome = fn(ctx, patient=waits < MAX_PEER_WAITS, **{k: v for k, v in kw.items() if k not in ("node", "waits")})
         except (Retry, *_BROKER_DOWN):
             raise
+        except ClaimedElsewhere as err:
+            raise task.retry(exc=err, kwargs={**kw, "waits": waits + 1}, countdown=random.uniform(0.3, 0.7),
+                             max_retries=None) from err
         except Exception as err:  # noqa: BLE001 - every failure ends in a retry or a recorded reason
-            retries = task.request.retries
+            retries = task.request.retries - waits  # waiting for a peer is not a failed attempt
             if isinstance(err, Transient) and retries < MAX_TRANSIENT_RETRIES:
                 raise task.retry(exc=err, countdown=_retry_delay(retries, err), max_retries=None) from err
             if isinstance(err, DigestMismatch) and retries < MAX_CORRUPT_SPAN_RETRIES:
@@ -163,14 +172,16 @@ def _run_once(task: Task, fn, ctx: NodeContext, kw: dict) -> None:  # type: igno
 
 @app.task(name=dispatch.TASK_WARM_SPAN, bind=True, acks_late=True)
 def warm_span_task(self: Task, *, job: str, node: str, image: str, layer: str, layer_index: int,
-                   ztoc: str, span: int, count: int = 1) -> None:
+                   ztoc: str, span: int, count: int = 1, waits: int = 0) -> None:
     """Fetch, verify, inflate and store ``count`` adjacent spans of one layer on this node."""
     _run(self, warm_span, context(), dict(job=job, node=node, image=image, layer=layer,
-                                          layer_index=layer_index, ztoc=ztoc, span=span, count=count))
+                                          layer_index=layer_index, ztoc=ztoc, span=span, count=count,
+                                          waits=waits))
 
 
 @app.task(name=dispatch.TASK_WARM_LAYER, bind=True, acks_late=True)
-def warm_layer_task(self: Task, *, job: str, node: str, image: str, layer: str, layer_index: int) -> None:
+def warm_layer_task(self: Task, *, job: str, node: str, image: str, layer: str, layer_index: int,
+                    waits: int = 0) -> None:
     """Stream one whole layer (no zTOC) into this node's store."""
     _run(self, warm_layer, context(), dict(job=job, node=node, image=image, layer=layer,
-                                           layer_index=layer_index))
+                                           layer_index=layer_index, waits=waits))

@@ -13,7 +13,7 @@ import functools
 import celery
 import redis
 
-from prewarm.fleet import jobs, keys
+from prewarm.fleet import jobs, keys, peers
 from prewarm.fleet.broker import celery_url
 from prewarm.fleet.plan import ImagePlan
 
@@ -45,12 +45,17 @@ def send_task(app: celery.Celery, plan: ImagePlan, job_id: str, node: str, k: in
 
 
 def release(app: celery.Celery, r: redis.Redis, plan: ImagePlan, job_id: str, node: str, count: int = 1) -> int:
-    """Release up to ``count`` more tasks of the node's window; returns how many were sent."""
+    """Release up to ``count`` more tasks of the node's window; returns how many were sent.
+
+    The node's cursor counts tasks in the plan's order; each layer's tasks are rotated to
+    start at the node's own point (:func:`peers.spread`), so nodes fetch different span
+    groups first and can pass them on to each other.
+    """
     sent = 0
     for _ in range(count):
         k = jobs.claim_next(r, job_id, node)
         if k is None:
             break
-        send_task(app, plan, job_id, node, k)
+        send_task(app, plan, job_id, node, peers.spread(plan, k, node))
         sent += 1
     return sent
