@@ -163,9 +163,8 @@ class PeerServer:
                 os.utime(path)  # served: recently used, evicted last
             except FileNotFoundError:
                 raise web.HTTPNotFound(text="not held here\n") from None
-            response = web.FileResponse(path, chunk_size=256 << 10,
-                                        headers={"Content-Type": "application/octet-stream"})
-            await response.prepare(request)
+            response = _SentFile(path, chunk_size=256 << 10, headers={"Content-Type": "application/octet-stream"})
+            await response.prepare(request)  # sent here, so the upload slot is held while it is
             PEER_BYTES.labels("out").inc(size)
             return response
         finally:
@@ -180,6 +179,24 @@ class PeerServer:
         self._next_free = start + nbytes / self.rate
         if start > now:
             await asyncio.sleep(start - now)
+
+
+def _sent_file_class():  # type: ignore[no-untyped-def]
+    from aiohttp import web
+
+    class SentFile(web.FileResponse):
+        """A FileResponse sent inside the handler: aiohttp's second ``prepare`` after the
+        handler returns must then do nothing."""
+
+        async def prepare(self, request):  # type: ignore[no-untyped-def]
+            if self.prepared:
+                return None
+            return await super().prepare(request)
+
+    return SentFile
+
+
+_SentFile = _sent_file_class()
 
 
 def fetch(session: requests.Session, address: str, what: str, expected: int, *, token: str | None,
