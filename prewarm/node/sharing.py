@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import logging
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,11 @@ from prewarm.resolve.digest import parse_digest, verify
 
 log = logging.getLogger(__name__)
 
+#: Seconds a peer that stalled, erred or refused is not asked again by this process: a
+#: stalled peer costs the asker its stall timeout per request; a refused connection is
+#: usually a worker restarting, back within seconds with its cache; busy peers rest briefly.
+COOLDOWN = {"stalled": 30.0, "error": 10.0, "refused": 5.0, "busy": 1.0}
+
 #: Whole layers up to this share of the cache are kept for peers (small layers, as soci
 #: leaves without a zTOC); larger ones would push out many spans for one item.
 BLOB_SHARE = 8
@@ -48,6 +54,8 @@ class Sharing:
     token: str | None
     lease: float
     session: requests.Session = dataclasses.field(default_factory=requests.Session)
+    #: peer name -> monotonic time until which this process does not ask it (see COOLDOWN)
+    _resting: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_settings(cls, settings: Settings, r: Redis) -> Sharing | None:
@@ -64,14 +72,14 @@ class Sharing:
         """Verified compressed bytes (``compressed_start`` to ``compressed_end``) of those of
         ``spans`` that some peer holds and delivers; the others are absent."""
         bad = set(peers.bad_peers(self.redis, job, self.node))
-        held = peers.holders(self.redis, layer, spans, me=self.node, skip=frozenset(bad))
+        held = peers.holders(self.redis, layer, spans, me=self.node, skip=frozenset(bad) | self._rested())
         out: dict[int, bytes] = {}
         for i in spans:
             candidates = held.get(i, [])
             random.shuffle(candidates)
             s = z.span(i)
             for peer in candidates:
-                if peer.name in bad:
+                if peer.name in bad or self._is_resting(peer.name):
                     continue
                 data = self._from(job, peer, f"spans/{layer}/{i}", s.compressed_end - s.compressed_start,
                                   s.digest, bad, f"span {i} of layer {layer}")
@@ -84,10 +92,13 @@ class Sharing:
         """A whole layer from a peer, verified against its digest, staged in the cache folder
         (the caller ingests it, then :meth:`keep_blob`); None if no peer delivered it."""
         bad = set(peers.bad_peers(self.redis, job, self.node))
-        candidates = peers.holders(self.redis, layer, [None], me=self.node, skip=frozenset(bad)).get(None, [])
+        candidates = peers.holders(self.redis, layer, [None], me=self.node,
+                                   skip=frozenset(bad) | self._rested()).get(None, [])
         random.shuffle(candidates)
         algo, expected = parse_digest(layer)
         for peer in candidates:
+            if self._is_resting(peer.name):
+                continue
             staged = self.cache.staging(layer)
             try:
                 with open(staged, "wb") as f:
@@ -122,8 +133,19 @@ class Sharing:
         PEER_BYTES.labels("in").inc(len(data))
         return data
 
+    def _rested(self) -> frozenset[str]:
+        now = time.monotonic()
+        for name in [n for n, until in self._resting.items() if until <= now]:
+            del self._resting[name]
+        return frozenset(self._resting)
+
+    def _is_resting(self, name: str) -> bool:
+        return self._resting.get(name, 0.0) > time.monotonic()
+
     def _failed(self, job: str, peer: peers.Peer, kind: str, message: str, bad: set[str]) -> None:
         PEER_FAILURES.labels(kind).inc()
+        if kind in COOLDOWN:
+            self._resting[peer.name] = time.monotonic() + COOLDOWN[kind]
         if kind == "corrupt":
             log.warning("%s; peer %s is skipped for the rest of job %s", message, peer.name, job)
             peers.mark_bad(self.redis, job, self.node, peer.name)
