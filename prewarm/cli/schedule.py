@@ -231,7 +231,9 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
         info = {n.name: n for n in fleet}
         rows = [(t, info[t].layers if t in info else frozenset(), info[t].free_bytes if t in info else None)
                 for t in targets]
-        _print_dry_run(plan, image, rows, as_json)
+        from prewarm.fleet.peers import sharing_nodes
+
+        _print_dry_run(plan, image, rows, as_json, sharing_nodes(r, targets))
         return
     if index == "none":
         span_layers: dict = {}
@@ -252,11 +254,12 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
     _finish(status, as_json)
 
 
-def _print_dry_run(plan, image: str, rows, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+def _print_dry_run(plan, image: str, rows, as_json: bool,  # type: ignore[no-untyped-def]
+                   sharing: frozenset[str] = frozenset()) -> None:
     from prewarm.fleet import schedule
     from prewarm.fleet.progress import human_bytes, human_seconds
 
-    lines, egress = schedule.dry_run(plan, rows)
+    lines, egress = schedule.dry_run(plan, rows, sharing=sharing)
     if as_json:
         click.echo(json.dumps({"image": image, "registry_egress": egress, "nodes": [
             {"node": l.node, "present_bytes": l.present_bytes, "fetch_bytes": l.fetch_bytes,
@@ -267,7 +270,8 @@ def _print_dry_run(plan, image: str, rows, as_json: bool) -> None:  # type: igno
         free = "unknown" if l.free_after is None else human_bytes(l.free_after)
         click.echo(f"{l.node:<24} {human_bytes(l.present_bytes):>10} {human_bytes(l.fetch_bytes):>10} "
                    f"{free:>11} {human_seconds(l.seconds):>9}")
-    click.echo(f"registry egress: {human_bytes(egress)} for {image}")
+    click.echo(f"registry egress: {human_bytes(egress)} for {image}"
+               + (f" ({len(sharing)} node(s) share spans: each layer about once for them)" if sharing else ""))
 
 
 def _dry_run_local(settings, image: str, as_json: bool) -> None:  # type: ignore[no-untyped-def]
@@ -327,7 +331,9 @@ def status_cmd(job: str | None, as_json: bool, broker_url: str | None, root: Pat
             for name, ns in sorted(status.nodes.items()):
                 ready = sum(1 for s in ns.layers.values() if s == jobs.LAYER_READY)
                 click.echo(f"  {name:<20} {ns.state:<10} layers {ready}/{len(status.plan.layers)} "
-                           f"{human_bytes(ns.bytes_done)}/{human_bytes(ns.bytes_total)}")
+                           f"{human_bytes(ns.bytes_done)}/{human_bytes(ns.bytes_total)}  "
+                           f"from registry {human_bytes(ns.bytes_registry)}, from peers {human_bytes(ns.bytes_peers)}"
+                           + (f", {ns.peer_bad} bad peer(s)" if ns.peer_bad else ""))
             for line in status.failures():
                 click.echo(f"  failed: {line}")
 

@@ -57,6 +57,11 @@ class NodeStatus:
     errors: dict[int, str]
     started: float
     updated: float
+    #: Compressed bytes this node took from the registry and from peers (span sharing), and
+    #: how many peers it found sending wrong bytes.
+    bytes_registry: int = 0
+    bytes_peers: int = 0
+    peer_bad: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,6 +323,8 @@ def node_status(r: redis.Redis, job_id: str, node: str, plan: ImagePlan, cancell
         bytes_total=bytes_total, tasks_finished=tasks_finished,
         tasks_total=tasks_total, layers=layers, errors=errors,
         started=float(h.get("started", 0)), updated=float(h.get("updated", 0)),
+        bytes_registry=int(h.get("bytes_registry", 0)), bytes_peers=int(h.get("bytes_peers", 0)),
+        peer_bad=int(h.get("peer_bad", 0)),
     )
 
 
@@ -366,6 +373,7 @@ def job_summary_json(status: JobStatus) -> str:
         "nodes": {
             n: {"state": s.state, "bytes_done": s.bytes_done, "bytes_total": s.bytes_total,
                 "tasks_finished": s.tasks_finished, "tasks_total": s.tasks_total,
+                "bytes_registry": s.bytes_registry, "bytes_peers": s.bytes_peers, "peer_bad": s.peer_bad,
                 "errors": {status.plan.layers[i].digest: e for i, e in s.errors.items()}}
             for n, s in sorted(status.nodes.items())
         },

@@ -80,6 +80,15 @@ def advertise(r: redis.Redis, node: str, address: str | None) -> None:
     r.hset(keys.node(node), ADDRESS_FIELD, address)
 
 
+def sharing_nodes(r: redis.Redis, names: Iterable[str]) -> frozenset[str]:
+    """Those of ``names`` that advertise a peer server (span sharing on)."""
+    names = list(names)
+    pipe = r.pipeline(transaction=False)
+    for name in names:
+        pipe.hget(keys.node(name), ADDRESS_FIELD)
+    return frozenset(n for n, address in zip(names, pipe.execute()) if address)
+
+
 def add_holder(r: redis.Redis, layer: str, span: int | None, node: str) -> None:
     """The node holds verified bytes of ``span`` of ``layer`` (None: the whole layer blob)."""
     key = keys.peer_holders(layer, span)

@@ -176,9 +176,9 @@ def _fetch_and_land(ctx: NodeContext, plan: ImagePlan, lp: LayerPlan, ref: Refer
     if 0 in shared and z.span(0).compressed_start > 0:
         # The gzip header: no span digest covers it, so it never comes from a peer.
         header = _registry_range(ctx, ref, layer, 0, z.span(0).compressed_start)
+    peers.count_bytes(ctx.redis, job, ctx.settings.node_name, registry=len(data) + len(header),
+                      peers=sum(len(b) for b in shared.values()))
     if ctx.sharing is not None:
-        peers.count_bytes(ctx.redis, job, ctx.sharing.node, registry=len(data) + len(header),
-                          peers=sum(len(b) for b in shared.values()))
         ctx.sharing.give_back(sum(z.span(i).uncompressed_end - z.span(i).uncompressed_start for i in todo))
     whole = memoryview(data)
     ready = False
@@ -288,6 +288,7 @@ def warm_layer(ctx: NodeContext, *, job: str, image: str, layer: str, layer_inde
     sharing = ctx.sharing if ctx.sharing is not None and ctx.sharing.blob_fits(lp.size) else None
     if sharing is None:
         _layer_from_registry(ctx, ref, lp, None)
+        peers.count_bytes(ctx.redis, job, ctx.settings.node_name, registry=lp.size)
         return Outcome(lp.size, True, True)
     staged = sharing.take_blob(job, layer, lp.size)
     if staged is not None:
