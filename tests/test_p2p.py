@@ -282,3 +282,24 @@ def test_spread_starts_each_node_elsewhere_and_still_covers_every_task() -> None
         assert sorted(order) == list(range(plan.task_count))  # a bijection: every task once
         firsts.add(plan.task_at(order[0]))
     assert len(firsts) > 1, "every node would start at the same group"
+
+
+def test_deploy_shares_spans_only_among_worker_pods_with_a_token_from_a_secret() -> None:
+    import yaml
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
+    docs = {(d["kind"], d["metadata"]["name"]): d for p in sorted(deploy.glob("*.yaml"))
+            for d in yaml.safe_load_all(p.read_text()) if d}
+    pod = docs[("DaemonSet", "prewarm-worker")]["spec"]["template"]
+    worker = next(c for c in pod["spec"]["containers"] if c["name"] == "worker")
+    env = {e["name"]: e for e in worker["env"]}
+    port = int(env["PREWARM_PEER_PORT"]["value"])
+    assert env["PREWARM_PEER_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "prewarm-peer", "key": "token"}
+    assert ("Secret", "prewarm-peer") in docs
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert any(p["containerPort"] == port for p in worker["ports"])
+    policy = docs[("NetworkPolicy", "prewarm-worker-peers")]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    peer_rules = [rule for rule in policy["ingress"] if any(p["port"] == port for p in rule["ports"])]
+    assert peer_rules and all(rule.get("from") == [{"podSelector": {"matchLabels": policy["podSelector"]["matchLabels"]}}]
+                              for rule in peer_rules)
