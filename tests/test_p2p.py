@@ -25,7 +25,15 @@ from prewarm.node.peercache import PeerCache
 from prewarm.node.peerserver import PeerFailure, PeerServer, fetch
 from tests.faultproxy import Fault, FaultProxy
 from tests.images import odd_image
-from tests.pipeline_helpers import Worker, assert_matches_umoci, clean_env, prewarm, push, start_worker, wait_job
+from tests.pipeline_helpers import (
+    Worker,
+    assert_matches_umoci,
+    clean_env,
+    prewarm,
+    push,
+    start_worker,
+    wait_job,
+)
 from tests.services import Registry, free_port
 
 SPANS = {"PREWARM_SPAN_SIZE": str(256 * 1024), "PREWARM_MIN_LAYER_SIZE": str(1 << 20)}
@@ -191,7 +199,7 @@ def served(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_peer_server_serves_only_verified_items_by_name_and_with_the_token(served) -> None:  # type: ignore[no-untyped-def]
-    cache, server, address = served
+    cache, _, address = served
     data = os.urandom(100_000)
     assert cache.put(DIGEST, 3, data)[0]
     session = requests.Session()

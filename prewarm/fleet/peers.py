@@ -119,7 +119,7 @@ def holders(r: redis.Redis, layer: str, spans: Sequence[int | None], *, me: str,
         return {}
     pipe = r.pipeline(transaction=False)
     for name in names:
-        pipe.hmget(keys.node(name), ADDRESS_FIELD, "heartbeat")
+        pipe.hmget(keys.node(name), [ADDRESS_FIELD, "heartbeat"])
     now = time.time()
     live: dict[str, Peer] = {}
     for name, (address, beat) in zip(names, pipe.execute()):
