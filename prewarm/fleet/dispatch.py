@@ -31,8 +31,13 @@ def sender(broker_url: str) -> celery.Celery:
 
 
 def send_task(app: celery.Celery, plan: ImagePlan, job_id: str, node: str, k: int) -> None:
-    """Send the k-th task of the plan to the node's queue."""
-    layer_index, span = plan.task_at(k)
+    """Send the node's k-th task to its queue.
+
+    The node does the plan's tasks in the plan's order, each layer started at the node's own
+    point (:func:`peers.spread`): nodes fetch different span groups first and pass them on
+    to each other.  ``k`` counts in the node's order everywhere (cursor, resends).
+    """
+    layer_index, span = plan.task_at(peers.spread(plan, k, node))
     layer = plan.layers[layer_index]
     common = {"job": job_id, "node": node, "image": plan.reference, "layer": layer.digest,
               "layer_index": layer_index}
@@ -45,17 +50,12 @@ def send_task(app: celery.Celery, plan: ImagePlan, job_id: str, node: str, k: in
 
 
 def release(app: celery.Celery, r: redis.Redis, plan: ImagePlan, job_id: str, node: str, count: int = 1) -> int:
-    """Release up to ``count`` more tasks of the node's window; returns how many were sent.
-
-    The node's cursor counts tasks in the plan's order; each layer's tasks are rotated to
-    start at the node's own point (:func:`peers.spread`), so nodes fetch different span
-    groups first and can pass them on to each other.
-    """
+    """Release up to ``count`` more tasks of the node's window; returns how many were sent."""
     sent = 0
     for _ in range(count):
         k = jobs.claim_next(r, job_id, node)
         if k is None:
             break
-        send_task(app, plan, job_id, node, peers.spread(plan, k, node))
+        send_task(app, plan, job_id, node, k)
         sent += 1
     return sent

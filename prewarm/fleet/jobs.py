@@ -24,7 +24,7 @@ from collections.abc import Iterable
 
 import redis
 
-from prewarm.fleet import keys
+from prewarm.fleet import keys, peers
 from prewarm.errors import JobError
 from prewarm.fleet.plan import ImagePlan
 
@@ -211,13 +211,13 @@ def record_layer(r: redis.Redis, job_id: str, node: str, layer: int, state: str,
 
 
 def unfinished_tasks(r: redis.Redis, job_id: str, node: str, plan: ImagePlan) -> list[int]:
-    """Task indexes of the plan not finished on the node: spans whose bit is unset, whole
-    layers not ready, in layers that are neither ready nor failed."""
+    """Task indexes (in the node's order, see ``dispatch.send_task``) not finished on the node:
+    spans whose bit is unset, whole layers not ready, in layers neither ready nor failed."""
     layers = {int(_s(k)): _s(v) for k, v in r.hgetall(keys.job_node_layers(job_id, node)).items()}
     bitmaps: dict[int, bytes] = {}
     out = []
     for k in range(plan.task_count):
-        li, span = plan.task_at(k)
+        li, span = plan.task_at(peers.spread(plan, k, node))
         if layers.get(li) in (LAYER_READY, LAYER_FAILED):
             continue
         if plan.layers[li].mode == "spans":
