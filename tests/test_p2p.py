@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -311,3 +312,19 @@ def test_deploy_shares_spans_only_among_worker_pods_with_a_token_from_a_secret()
     peer_rules = [rule for rule in policy["ingress"] if any(p["port"] == port for p in rule["ports"])]
     assert peer_rules and all(rule.get("from") == [{"podSelector": {"matchLabels": policy["podSelector"]["matchLabels"]}}]
                               for rule in peer_rules)
+
+
+def test_peer_cache_gives_space_back_before_the_store_runs_short(tmp_path: Path) -> None:
+    mb = 1 << 20
+    cache = PeerCache(tmp_path, limit=64 * mb)
+    for i in range(4):
+        assert cache.put(DIGEST, i, bytes([i]) * (8 * mb))[0]
+        os.utime(cache.path(DIGEST, i), (1000 + i, 1000 + i))
+    # plenty of room: nothing is given back
+    assert cache.give_back(1000) == []
+    # when landing 100 MB would leave 12 MB less than the reserve, the oldest items go first,
+    # just enough (two of 8 MB; the margins absorb other processes writing meanwhile)
+    cache.reserve = shutil.disk_usage(tmp_path).free - 100 * mb + 12 * mb
+    evicted = cache.give_back(100 * mb)
+    assert [e.span for e in evicted] == [0, 1]
+    assert sorted(i.span for i in cache.items()) == [2, 3]

@@ -152,6 +152,8 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
             owner = sharing.claim(layer, span)
             claimed = owner == sharing.node
             if not claimed and patient:
+                if shared:  # land what peers already delivered (a group arriving span by span)
+                    _fetch_and_land(ctx, plan, lp, ref, z, job, layer, layer_index, sorted(shared), shared, nbytes)
                 raise peers.ClaimedElsewhere(f"span group {span} of layer {layer} is being fetched from the "
                                              f"registry by node {owner}; taking it from there later")
     try:
