@@ -139,7 +139,7 @@ class Settings:
             "containerd_namespace": env.get("PREWARM_CONTAINERD_NAMESPACE") or "k8s.io",
             "peer_port": _port_env(env, "PREWARM_PEER_PORT", DEFAULT_PEER_PORT),
             "peer_bind": env.get("PREWARM_PEER_BIND") or "0.0.0.0",
-            "peer_address": env.get("PREWARM_PEER_ADDRESS") or None,
+            "peer_address": env.get("PREWARM_PEER_ADDRESS") or env.get("POD_IP") or None,
             "peer_token": env.get("PREWARM_PEER_TOKEN") or None,
             "peer_cache": _int_env(env, "PREWARM_PEER_CACHE", 1) if env.get("PREWARM_PEER_CACHE") else None,
             "peer_rate": _int_env(env, "PREWARM_PEER_RATE", 1) if env.get("PREWARM_PEER_RATE") else None,
@@ -156,26 +156,30 @@ class Settings:
             values[key] = value
         return cls(**values)  # type: ignore[arg-type]
 
-    def peer_advertised(self, env: Mapping[str, str] | None = None) -> str | None:
-        """The address other nodes reach this node's peer server at (None: sharing is off).
+    def peer_advertised(self) -> str | None:
+        """The ``host:port`` other nodes reach this node's peer server at (None: sharing is off).
 
-        ``PREWARM_PEER_ADDRESS`` (``host:port`` or a host), else the pod IP the downward API
-        puts in ``POD_IP``, else the bind address unless it is the wildcard.
+        ``peer_address`` (``PREWARM_PEER_ADDRESS``, else the pod IP the downward API puts in
+        ``POD_IP``; a host, ``host:port`` or an IPv6 address), else the bind address unless
+        it is a wildcard.
+
+        Raises:
+            ConfigError: sharing is on but there is no address to give.
         """
         if not self.peer_port:
             return None
-        env = os.environ if env is None else env
-        host = self.peer_address or env.get("POD_IP") or \
-            (self.peer_bind if self.peer_bind not in ("0.0.0.0", "::", "") else None)
+        host = self.peer_address or (self.peer_bind if self.peer_bind not in ("0.0.0.0", "::", "") else None)
         if host is None:
             raise ConfigError("PREWARM_PEER_PORT is set but other nodes cannot be told where: set "
                               "PREWARM_PEER_ADDRESS (host:port), POD_IP, or PREWARM_PEER_BIND to a "
                               "specific address")
-        if ":" in host and not host.endswith("]") and host.rsplit(":", 1)[1].isdigit() and host.count(":") == 1:
+        if host.startswith("["):  # bracketed IPv6, with or without a port
+            return host if "]:" in host else f"{host}:{self.peer_port}"
+        if host.count(":") == 1:  # host:port
             return host
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return host if host.startswith("[") and "]:" in host else f"{host}:{self.peer_port}"
+        if ":" in host:  # bare IPv6
+            return f"[{host}]:{self.peer_port}"
+        return f"{host}:{self.peer_port}"
 
     def to_env(self) -> dict[str, str]:
         """The environment that makes a child process (a worker) build these same settings."""

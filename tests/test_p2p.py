@@ -328,3 +328,23 @@ def test_peer_cache_gives_space_back_before_the_store_runs_short(tmp_path: Path)
     evicted = cache.give_back(100 * mb)
     assert [e.span for e in evicted] == [0, 1]
     assert sorted(i.span for i in cache.items()) == [2, 3]
+
+
+def test_the_advertised_peer_address_comes_from_the_setting_the_pod_ip_or_the_bind_address() -> None:
+    from prewarm.config import Settings
+    from prewarm.errors import ConfigError
+
+    def advertised(**env: str) -> str | None:
+        return Settings.from_env({"PREWARM_PEER_PORT": "7313", **env}).peer_advertised()
+
+    assert advertised(POD_IP="10.0.0.5") == "10.0.0.5:7313"
+    assert advertised(POD_IP="fd00::1") == "[fd00::1]:7313"
+    assert advertised(PREWARM_PEER_ADDRESS="peer.example:9000", POD_IP="10.0.0.5") == "peer.example:9000"
+    assert advertised(PREWARM_PEER_BIND="10.1.1.1") == "10.1.1.1:7313"
+    assert Settings.from_env({"PREWARM_PEER_PORT": "0", "POD_IP": "10.0.0.5"}).peer_advertised() is None
+    with pytest.raises(ConfigError, match="PREWARM_PEER_ADDRESS"):
+        advertised()  # bound to every interface, and no address to give the others
+    with pytest.raises(ConfigError, match="port number"):
+        Settings.from_env({"PREWARM_PEER_PORT": "70000"})
+    assert all(peers.valid_address(a) for a in ("10.0.0.5:7313", "[fd00::1]:7313", "peer.example:9000"))
+    assert not any(peers.valid_address(a) for a in ("10.0.0.5", "x/y:1", "h:0", "h:99999", "a@b:1"))

@@ -86,9 +86,6 @@ class PeerCache:
             return None
         return path, size
 
-    def has(self, layer: str, span: int | None) -> bool:
-        return self.path(layer, span).exists()
-
     def put(self, layer: str, span: int | None, data: bytes | memoryview) -> tuple[bool, list[Item]]:
         """Keep verified ``data`` as ``span`` of ``layer``; returns (kept, items evicted to make room).
 
