@@ -348,3 +348,46 @@ def test_the_advertised_peer_address_comes_from_the_setting_the_pod_ip_or_the_bi
         Settings.from_env({"PREWARM_PEER_PORT": "70000"})
     assert all(peers.valid_address(a) for a in ("10.0.0.5:7313", "[fd00::1]:7313", "peer.example:9000"))
     assert not any(peers.valid_address(a) for a in ("10.0.0.5", "x/y:1", "h:0", "h:99999", "a@b:1"))
+
+
+def test_downloads_from_peers_keep_to_the_nodes_rate_and_wrong_bytes_mark_the_peer_bad(
+        tmp_path: Path, redis_url: str) -> None:
+    import redis
+
+    from prewarm.fleet.budget import RegistryBudget, clear_budget, set_budget
+    from prewarm.node.sharing import Sharing, download_budget
+
+    r = redis.Redis.from_url(redis_url)
+    data = os.urandom(3 << 20)
+    layer = "sha256:" + hashlib.sha256(data).hexdigest()
+    holder = PeerCache(tmp_path / "holder", limit=64 << 20)
+    server = PeerServer(holder.dir, bind="127.0.0.1", port=0)
+    address = f"127.0.0.1:{server.start()}"
+    try:
+        # Given a live node "h" holding the whole layer, and a node "me" allowed 2 MiB/s from peers
+        holder.put(layer, None, data)
+        r.hset("prewarm:node:h", mapping={"heartbeat": time.time()})
+        peers.advertise(r, "h", address)
+        peers.add_holder(r, layer, None, "h")
+        set_budget(r, download_budget("me"), rate=2 << 20, burst=1 << 20, concurrency=8)
+        me = Sharing("me", r, PeerCache(tmp_path / "me", limit=64 << 20), None, 5.0, download=RegistryBudget(r))
+        # When it takes the layer from h, twice
+        staged = me.take_blob("job1", layer, len(data))
+        began = time.monotonic()
+        again = me.take_blob("job1", layer, len(data))
+        # Then it gets the verified bytes, and the second time no faster than its rate allows
+        # (the first 3 MiB left the bucket 2 MiB in debt: 1.5 s before 1 MiB is there again)
+        assert staged is not None and staged.read_bytes() == data
+        assert again is not None and again.read_bytes() == data
+        assert time.monotonic() - began >= 1.0
+        clear_budget(r, download_budget("me"))
+        # And a holder whose bytes do not match the digest is marked bad for the job and skipped
+        bad = "sha256:" + "cd" * 32
+        holder.put(bad, None, data)
+        peers.add_holder(r, bad, None, "h")
+        assert me.take_blob("job1", bad, len(data)) is None
+        assert peers.bad_peers(r, "job1", "me") == {"h"}
+        assert me.take_blob("job1", layer, len(data)) is None  # skipped for the rest of the job
+        assert me.take_blob("job2", layer, len(data)) is not None
+    finally:
+        server.stop()

@@ -26,6 +26,7 @@ from redis import Redis
 from prewarm.config import Settings
 from prewarm.errors import ConfigError, DigestMismatch
 from prewarm.fleet import peers
+from prewarm.fleet.budget import RegistryBudget, clear_budget, set_budget
 from prewarm.index.ztoc import Ztoc
 from prewarm.node.metrics import PEER_BYTES, PEER_CACHE_BYTES, PEER_FAILURES
 from prewarm.node.peercache import Item, PeerCache
@@ -54,6 +55,9 @@ class Sharing:
     token: str | None
     lease: float
     session: requests.Session = dataclasses.field(default_factory=requests.Session)
+    #: The node's download limit from peers (PREWARM_PEER_RATE, shared by its processes
+    #: through a token bucket in Redis); None: unlimited.
+    download: RegistryBudget | None = None
     #: peer name -> monotonic time until which this process does not ask it (see COOLDOWN)
     _resting: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -64,7 +68,7 @@ class Sharing:
         session = requests.Session()
         session.trust_env = False  # peers are on the cluster network, never behind an HTTP proxy
         return cls(settings.node_name, r, PeerCache(settings.root, settings.peer_cache), settings.peer_token,
-                   settings.peer_lease, session)
+                   settings.peer_lease, session, RegistryBudget(r) if settings.peer_rate else None)
 
     # === taking from peers ===
 
@@ -101,6 +105,7 @@ class Sharing:
                 continue
             staged = self.cache.staging(layer)
             try:
+                self._pace(size)
                 with open(staged, "wb") as f:
                     fetch(self.session, peer.address, f"blobs/{layer}", size, token=self.token, sink=f)
                 h = hashlib.new(algo)
@@ -122,6 +127,7 @@ class Sharing:
     def _from(self, job: str, peer: peers.Peer, what: str, expected: int, digest: str, bad: set[str],
               label: str) -> bytes | None:
         try:
+            self._pace(expected)
             data = fetch(self.session, peer.address, what, expected, token=self.token)
             verify(data, digest, what=f"{label} from peer {peer.name}")
         except PeerFailure as err:
@@ -132,6 +138,10 @@ class Sharing:
             return None
         PEER_BYTES.labels("in").inc(len(data))
         return data
+
+    def _pace(self, nbytes: int) -> None:
+        if self.download is not None:
+            self.download.take(download_budget(self.node), nbytes)
 
     def _rested(self) -> frozenset[str]:
         now = time.monotonic()
@@ -198,6 +208,11 @@ class Sharing:
             peers.remove_holders(self.redis, self.node, [(e.layer, e.span) for e in evicted])
 
 
+def download_budget(node: str) -> str:
+    """The budget key of a node's downloads from peers (the registry budget's token bucket, reused)."""
+    return f"peers-in@{node}"
+
+
 def serve_peers(settings: Settings, r: Redis) -> Callable[[], None] | None:
     """Start the worker's peer server (when ``PREWARM_PEER_PORT`` is set); returns what each
     heartbeat calls: advertise the address (again, after a Redis restart) and report the cache.
@@ -225,6 +240,11 @@ def serve_peers(settings: Settings, r: Redis) -> Callable[[], None] | None:
     def beat() -> None:
         peers.advertise(r, settings.node_name, address)
         if not announced:
+            if settings.peer_rate:  # downloads: one token bucket for all of the node's processes
+                set_budget(r, download_budget(settings.node_name), rate=settings.peer_rate,
+                           burst=max(settings.peer_rate, 8 << 20), concurrency=1 << 16)
+            else:
+                clear_budget(r, download_budget(settings.node_name))
             sharing.announce_all()
             announced.append(True)
         else:
