@@ -6,6 +6,8 @@ so it can be read, tested and profiled without Celery.
 
 Per span task (the hot path)::
 
+    with span sharing on (prewarm.node.sharing): spans peers hold, from peers, verified;
+    for the rest, claim the group's registry fetch, or wait for the node that has
     one Range GET of its adjacent spans' bytes     (registry, through the node's budget)
     then for each span:
     === verify the span digest                     (transport check; the layer digest is the real one)
