@@ -178,7 +178,13 @@ def test_a_corrupting_a_stalling_and_a_killed_peer_waste_bandwidth_only(
     counts = {n: node_counts(job, redis_url, n) for n in FAULT_NODES}
     print(f"6 nodes, 3 faulty: registry layer bytes / image size = {sent / size:.2f}; per node {counts}")
     assert sum(c.get("peer_bad", 0) for c in counts.values()) >= 1, counts
-    assert sent <= 1.5 * size, f"registry sent {sent} layer bytes for a {size}-byte image ({counts})"
+    # And the registry sent the image about once to the healthy nodes.  What the corrupting
+    # and the stalling node fetched first is fetched once more by a healthy node (nobody can
+    # take it from them); with two of six nodes broken, and this machine's two cores
+    # deciding who fetches first, that share ranged from a fifth to all of the image in
+    # runs, so the bound is on the rest: at most 1.25x the image beyond the broken nodes' own.
+    broken = counts["n2"].get("bytes_registry", 0) + counts["n3"].get("bytes_registry", 0)
+    assert sent - broken <= 1.25 * size, f"registry sent {sent} layer bytes for a {size}-byte image ({counts})"
     # And no node's tree took a wrong byte: each equals umoci's
     for n in FAULT_NODES:
         (tmp_path / f"cmp-{n}").mkdir()
