@@ -40,6 +40,14 @@ DEFAULT_MAX_EXPANSION = 100
 DEFAULT_CONTAINERD_HOSTS_DIR = Path("/etc/containerd/certs.d")
 #: Docker Hub under the names a reference may carry; always allowed.
 DOCKER_HUB_HOSTS = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
+#: Peer server port of a worker (0: no span sharing, the node fetches everything from the
+#: registry); deploy/kubernetes sets 7313.
+DEFAULT_PEER_PORT = 0
+#: Peer cache size when PREWARM_PEER_CACHE is unset: 10% of the store's filesystem, at most
+#: this (it keeps compressed spans the node also has unpacked, so it is pure extra space).
+DEFAULT_PEER_CACHE_CAP = 20 << 30
+#: Concurrent uploads a peer server takes before it answers 503 (the asker tries another holder).
+DEFAULT_PEER_UPLOADS = 8
 #: Build-tool identifier written into the zTOCs we build.
 BUILD_TOOL_IDENTIFIER = "prewarm"
 
@@ -59,6 +67,28 @@ def _int_env(env: Mapping[str, str], name: str, default: int) -> int:
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a whole number; set it to a positive integer") from None
     if value <= 0:
+        raise ConfigError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def _port_env(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not 0 <= int(raw) < 65536:
+        raise ConfigError(f"{name}={raw!r} is not a port number (0 turns it off)")
+    return int(raw)
+
+
+def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+    if not value > 0:
         raise ConfigError(f"{name}={raw!r} must be positive")
     return value
 
@@ -122,6 +152,19 @@ class Settings:
             return (self.containerd_hosts_dir / host).is_dir() and host not in ("_default", "", ".", "..")
         except OSError:
             return False
+    #: Span sharing (prewarm.node.peerserver): port (0: off), where to bind, the address
+    #: other nodes reach it at (None: POD_IP or the bind address, with the port), the bearer
+    #: token peers must send (None: none), the cache size in bytes (None: the default
+    #: above), the upload rate in bytes/s (None: unlimited), concurrent uploads, and the
+    #: lease of a registry-fetch claim in seconds.
+    peer_port: int = DEFAULT_PEER_PORT
+    peer_bind: str = "0.0.0.0"
+    peer_address: str | None = None
+    peer_token: str | None = dataclasses.field(default=None, repr=False)
+    peer_cache: int | None = None
+    peer_rate: int | None = None
+    peer_uploads: int = DEFAULT_PEER_UPLOADS
+    peer_lease: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -151,6 +194,14 @@ class Settings:
             "trusted_certs": env.get("PREWARM_TRUSTED_CERTS") or None,
             "registries": _split_csv(env.get("PREWARM_REGISTRIES")),
             "containerd_hosts_dir": Path(env.get("PREWARM_CONTAINERD_HOSTS_DIR") or DEFAULT_CONTAINERD_HOSTS_DIR),
+            "peer_port": _port_env(env, "PREWARM_PEER_PORT", DEFAULT_PEER_PORT),
+            "peer_bind": env.get("PREWARM_PEER_BIND") or "0.0.0.0",
+            "peer_address": env.get("PREWARM_PEER_ADDRESS") or env.get("POD_IP") or None,
+            "peer_token": env.get("PREWARM_PEER_TOKEN") or None,
+            "peer_cache": _int_env(env, "PREWARM_PEER_CACHE", 1) if env.get("PREWARM_PEER_CACHE") else None,
+            "peer_rate": _int_env(env, "PREWARM_PEER_RATE", 1) if env.get("PREWARM_PEER_RATE") else None,
+            "peer_uploads": _int_env(env, "PREWARM_PEER_UPLOADS", DEFAULT_PEER_UPLOADS),
+            "peer_lease": _float_env(env, "PREWARM_PEER_LEASE", 30.0),
         }
         for key, value in overrides.items():
             if key not in values:
@@ -161,6 +212,31 @@ class Settings:
                 value = values["insecure_registries"] | frozenset(value)  # type: ignore[operator, arg-type]
             values[key] = value
         return cls(**values)  # type: ignore[arg-type]
+
+    def peer_advertised(self) -> str | None:
+        """The ``host:port`` other nodes reach this node's peer server at (None: sharing is off).
+
+        ``peer_address`` (``PREWARM_PEER_ADDRESS``, else the pod IP the downward API puts in
+        ``POD_IP``; a host, ``host:port`` or an IPv6 address), else the bind address unless
+        it is a wildcard.
+
+        Raises:
+            ConfigError: sharing is on but there is no address to give.
+        """
+        if not self.peer_port:
+            return None
+        host = self.peer_address or (self.peer_bind if self.peer_bind not in ("0.0.0.0", "::", "") else None)
+        if host is None:
+            raise ConfigError("PREWARM_PEER_PORT is set but other nodes cannot be told where: set "
+                              "PREWARM_PEER_ADDRESS (host:port), POD_IP, or PREWARM_PEER_BIND to a "
+                              "specific address")
+        if host.startswith("["):  # bracketed IPv6, with or without a port
+            return host if "]:" in host else f"{host}:{self.peer_port}"
+        if host.count(":") == 1:  # host:port
+            return host
+        if ":" in host:  # bare IPv6
+            return f"[{host}]:{self.peer_port}"
+        return f"{host}:{self.peer_port}"
 
     def to_env(self) -> dict[str, str]:
         """The environment that makes a child process (a worker) build these same settings."""
@@ -186,6 +262,15 @@ class Settings:
             env["PREWARM_PLATFORM"] = self.platform
         if self.trusted_certs:
             env["PREWARM_TRUSTED_CERTS"] = self.trusted_certs
+        if self.peer_port:
+            env["PREWARM_PEER_PORT"] = str(self.peer_port)
+            env["PREWARM_PEER_BIND"] = self.peer_bind
+            env["PREWARM_PEER_UPLOADS"] = str(self.peer_uploads)
+            env["PREWARM_PEER_LEASE"] = repr(self.peer_lease)
+            for name, value in (("PREWARM_PEER_ADDRESS", self.peer_address), ("PREWARM_PEER_TOKEN", self.peer_token),
+                                ("PREWARM_PEER_CACHE", self.peer_cache), ("PREWARM_PEER_RATE", self.peer_rate)):
+                if value is not None:
+                    env[name] = str(value)
         if self.containerd_address:
             env["PREWARM_CONTAINERD_ADDRESS"] = str(self.containerd_address)
             env["PREWARM_CONTAINERD_NAMESPACE"] = self.containerd_namespace

@@ -13,6 +13,7 @@ on a seeded random fraction of them, or on all of them.  Kinds:
                     path from upstream and records the headers it received, so a test
                     can check Authorization was not forwarded
 * ``corrupt``       forward, flipping one byte of the body
+* ``stall``         forward half the body, then send nothing for ``stall`` seconds and reset
 * ``respond``       answer ``status``/``headers``/``body`` as given (e.g. a schema-1 manifest)
 * ``gzip``          forward, gzip-compressing the body when the request's ``Accept-Encoding``
                     allows it (what a compressing proxy or CDN does)
@@ -41,6 +42,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
@@ -100,6 +102,7 @@ class Fault:
     retry_after: str | None = None
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     body: bytes = b""
+    stall: float = 10.0
     matched: int = 0
     applied: int = 0
 
@@ -298,6 +301,11 @@ class FaultProxy:
                         if fault is not None and fault.kind == "corrupt" and sent <= total // 2 < sent + len(chunk):
                             i = total // 2 - sent
                             chunk = chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1:]
+                        if fault is not None and fault.kind == "stall" and sent + len(chunk) > total // 2:
+                            self.wfile.write(chunk[: total // 2 - sent])
+                            self.wfile.flush()
+                            time.sleep(fault.stall)
+                            return self._reset()
                         if fault is not None and fault.kind == "truncate" and sent + len(chunk) > total // 2:
                             self.wfile.write(chunk[: total // 2 - sent])
                             self.wfile.flush()

@@ -138,7 +138,9 @@ def test_a_lost_task_is_found_after_a_stall_and_only_then(r: redis.Redis) -> Non
     # But once nothing finished for the stall time, the job is stalled on a, and only span 2 is missing
     r.hset(keys.job_node(job, "a"), "updated", 0)
     assert jobs.stalled_jobs(r, "a", stall_seconds=60) == [job]
-    assert [plan.task_at(k) for k in jobs.unfinished_tasks(r, job, "a", plan)] == [(0, 2)]
+    from prewarm.fleet.peers import spread  # unfinished tasks count in the node's order
+
+    assert [plan.task_at(spread(plan, k, "a")) for k in jobs.unfinished_tasks(r, job, "a", plan)] == [(0, 2)]
     # And when it lands the job is not stalled any more, and a finished job leaves the active set
     jobs.record_span(r, job, "a", 0, 2, 10)
     jobs.record_layer(r, job, "a", 0, jobs.LAYER_READY)
@@ -152,14 +154,18 @@ def test_a_stall_before_every_task_was_released_refills_the_window(r: redis.Redi
     # Given a window of 2 on node a: task 0 finished but its successor's send was lost, and
     # task 1's message was lost too (a Redis restart), so nothing is queued any more
     from prewarm.fleet import dispatch
+    from prewarm.fleet.peers import spread
     from prewarm.fleet.schedule import resend_stalled
 
     plan = _plan(spans=(4,))
     assert [plan.task_at(k) for k in range(4)] == [(0, s) for s in range(4)]
+    # node a does the layer's four spans from its own starting point (span sharing spreads nodes)
+    order = [plan.task_at(spread(plan, k, "a"))[1] for k in range(4)]
+    assert sorted(order) == [0, 1, 2, 3]
     job = jobs.create_job(r, plan, ["a"], window=2, image="x")
     queue = keys.node_queue("a")
     assert [jobs.claim_next(r, job, "a") for _ in range(3)] == [0, 1, 2]
-    jobs.record_span(r, job, "a", 0, 0, 10)
+    jobs.record_span(r, job, "a", 0, order[0], 10)
     app = dispatch.sender(redis_url)
     # Then while a task finished recently, nothing is sent
     assert resend_stalled(r, app, "a", stall_seconds=60) == []
@@ -169,20 +175,20 @@ def test_a_stall_before_every_task_was_released_refills_the_window(r: redis.Redi
     assert jobs.stalled_jobs(r, "a", stall_seconds=60) == [job]
     assert resend_stalled(r, app, "a", stall_seconds=60) == [job]
     sent = [json.loads(m)["headers"]["kwargsrepr"] for m in reversed(r.lrange(queue, 0, -1))]
-    assert len(sent) == 2 and "'span': 1" in sent[0] and "'span': 2" in sent[1]
+    assert len(sent) == 2 and f"'span': {order[1]}" in sent[0] and f"'span': {order[2]}" in sent[1]
     assert jobs.released(r, job, "a") == 3
     # And the resend counts as activity: the next beat sends nothing
     assert resend_stalled(r, app, "a", stall_seconds=60) == []
     # And when every released task finished but their successors were lost, the rest is released
     r.delete(queue)
-    for s in (1, 2):
+    for s in order[1:3]:
         jobs.record_span(r, job, "a", 0, s, 10)
     r.hset(keys.job_node(job, "a"), "updated", 0)
     assert resend_stalled(r, app, "a", stall_seconds=60) == [job]
     assert jobs.released(r, job, "a") == 4
     assert [json.loads(m)["headers"]["kwargsrepr"] for m in r.lrange(queue, 0, -1)] == [
         (f"{{'job': '{job}', 'node': 'a', 'image': '{plan.reference}', 'layer': '{plan.layers[0].digest}', "
-         f"'layer_index': 0, 'ztoc': '{plan.layers[0].ztoc_digest}', 'span': 3, 'count': 1}}")]
+         f"'layer_index': 0, 'ztoc': '{plan.layers[0].ztoc_digest}', 'span': {order[3]}, 'count': 1}}")]
     r.delete(queue)
 
 

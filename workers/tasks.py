@@ -28,6 +28,7 @@ from prewarm.fleet import dispatch, jobs, keys
 from prewarm.fleet.signing import VERIFIED, VERIFIED_KWARG
 from prewarm.fleet.broker import redis_client
 from prewarm.errors import DiffIdMismatch, DigestMismatch, PrewarmError, RateLimited, Transient
+from prewarm.fleet.peers import ClaimedElsewhere
 from prewarm.node.metrics import ERRORS, SPANS, TASKS_REFUSED
 from prewarm.node.warm import NodeContext, Outcome, account, layer_failed, warm_layer, warm_span
 from workers.app import app
@@ -35,6 +36,10 @@ from workers.app import app
 log = logging.getLogger("prewarm.worker")
 
 MAX_CORRUPT_SPAN_RETRIES = 3
+#: Times a task puts itself back while another node fetches its span group from the registry
+#: (about 0.5 s each, other work runs meanwhile); after that it fetches from the registry
+#: itself, so a slow or lost claimant delays the node by at most this much.
+MAX_PEER_WAITS = 60
 
 _ctx: NodeContext | None = None
 
@@ -164,6 +169,12 @@ def _run_once(task: Task, fn, ctx: NodeContext, kw: dict, signed: bool,  # type:
     kw = {**kw, "node": kw.get("node") or ctx.settings.node_name}
     job, node, layer_index = kw["job"], kw["node"], kw["layer_index"]
     span = kw.get("span", 0)
+    # how often the task waited for another node's registry fetch: its kwargs when unsigned,
+    # a header of the message when signed (the body is the scheduler's and cannot change)
+    waits = kw.pop("waits", 0)
+    if signed:
+        waits = getattr(task.request, dispatch.WAITS_HEADER, 0)
+    waits = waits if isinstance(waits, int) and 0 <= waits <= MAX_PEER_WAITS else MAX_PEER_WAITS
     outcome: Outcome | None = None
     error: str | None = None
     why = _refused(ctx, task, kw)
@@ -179,21 +190,22 @@ def _run_once(task: Task, fn, ctx: NodeContext, kw: dict, signed: bool,  # type:
         error = "layer already failed on this node"
     else:
         try:
-            outcome = fn(ctx, **{k: v for k, v in kw.items() if k != "node"})
-        except (Retry, *_BROKER_DOWN):
+            outcome = fn(ctx, patient=waits < MAX_PEER_WAITS, **{k: v for k, v in kw.items() if k != "node"})
+        except (Retry, Ignore, *_BROKER_DOWN):
             raise
+        except ClaimedElsewhere as err:
+            _retry(task, ctx, kw, signed, err, random.uniform(0.3, 0.7), waits + 1, waits=waits + 1)
         except Exception as err:  # noqa: BLE001 - every failure ends in a retry or a recorded reason
-            retries = task.request.retries
-            # max_retries explicit: None would mean Celery's default of 3
+            retries = task.request.retries - waits  # waiting for a peer is not a failed attempt
             if isinstance(err, Transient) and retries < ctx.settings.transient_retries:
                 _retry(task, ctx, kw, signed, err, _retry_delay(retries, err, ctx.settings.retry_max_delay),
-                       ctx.settings.transient_retries)
+                       ctx.settings.transient_retries + waits, waits=waits)
             # A diff_id mismatch is the image config against bytes that matched their own
             # digest: fetching them again cannot help.
             if isinstance(err, DigestMismatch) and not isinstance(err, DiffIdMismatch) \
                     and retries < MAX_CORRUPT_SPAN_RETRIES:
                 log.warning("%s of %s corrupted in transit, fetching again: %s", f"span {span}" if "span" in kw else "whole layer", kw["layer"], err)
-                _retry(task, ctx, kw, signed, err, 0.2, MAX_CORRUPT_SPAN_RETRIES)
+                _retry(task, ctx, kw, signed, err, 0.2, MAX_CORRUPT_SPAN_RETRIES + waits, waits=waits)
             if not isinstance(err, PrewarmError) and not isinstance(err, OSError):
                 log.exception("unexpected error in %s", task.name)
             error = _describe(err, ctx.settings.root)
@@ -206,21 +218,23 @@ def _run_once(task: Task, fn, ctx: NodeContext, kw: dict, signed: bool,  # type:
 
 
 def _retry(task: Task, ctx: NodeContext, kw: dict, signed: bool, err: Exception,  # type: ignore[type-arg]
-           countdown: float, max_retries: int) -> NoReturn:
+           countdown: float, max_retries: int, *, waits: int) -> NoReturn:
     """Run the task again later: a signed task as the scheduler's same signed body.
 
-    ``max_retries`` explicit: None would mean Celery's default of 3.  A signed task is not
-    re-sent by ``task.retry`` (that would be a body this worker made, which no worker
-    accepts): the job's signed body for it goes back into the queue with the next retry
-    count and an eta, and this delivery ends.
+    ``max_retries`` explicit: None would mean Celery's default of 3.  ``waits`` (how often
+    the task waited for a peer) goes with it.  A signed task is not re-sent by
+    ``task.retry`` (that would be a body this worker made, which no worker accepts): the
+    job's signed body for it goes back into the queue with the next retry count, the waits
+    and an eta, and this delivery ends.
     """
     if not signed:
-        raise task.retry(exc=err, countdown=countdown, max_retries=max_retries) from err
+        raise task.retry(exc=err, kwargs={**kw, "waits": waits}, countdown=countdown,
+                         max_retries=max_retries) from err
     body = jobs.signed_body(ctx.redis, kw["job"], dispatch.signed_field(kw["layer_index"], kw.get("span", 0)))
     if body is None:
         raise err
     dispatch.publish_signed(app, keys.node_queue(kw["node"]), task.name, body,
-                            retries=task.request.retries + 1, countdown=countdown)
+                            retries=task.request.retries + 1, countdown=countdown, waits=waits)
     raise Ignore()
 
 
@@ -230,16 +244,18 @@ def _signed(extra: dict) -> bool:  # type: ignore[type-arg]
 
 @app.task(name=dispatch.TASK_WARM_SPAN, bind=True, acks_late=True)
 def warm_span_task(self: Task, *, job: str, image: str, layer: str, layer_index: int, ztoc: str, span: int,
-                   count: int = 1, node: str | None = None, name: str | None = None, **extra: object) -> None:
+                   count: int = 1, node: str | None = None, name: str | None = None, waits: int = 0,
+                   **extra: object) -> None:
     """Fetch, verify, inflate and store ``count`` adjacent spans of one layer on this node."""
     _run(self, warm_span, context(), dict(job=job, node=node, image=image, layer=layer,
-                                          layer_index=layer_index, ztoc=ztoc, span=span, count=count),
+                                          layer_index=layer_index, ztoc=ztoc, span=span, count=count,
+                                          waits=waits),
          _signed(extra), name)
 
 
 @app.task(name=dispatch.TASK_WARM_LAYER, bind=True, acks_late=True)
 def warm_layer_task(self: Task, *, job: str, image: str, layer: str, layer_index: int,
-                    node: str | None = None, name: str | None = None, **extra: object) -> None:
+                    node: str | None = None, name: str | None = None, waits: int = 0, **extra: object) -> None:
     """Stream one whole layer (no zTOC) into this node's store."""
     _run(self, warm_layer, context(), dict(job=job, node=node, image=image, layer=layer,
-                                           layer_index=layer_index), _signed(extra), name)
+                                           layer_index=layer_index, waits=waits), _signed(extra), name)

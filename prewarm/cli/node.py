@@ -71,13 +71,18 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
     # finished for two visibility timeouts: redelivery of unacknowledged ones comes first.
     stall_seconds = 2 * float(os.environ.get("PREWARM_VISIBILITY_TIMEOUT", "900"))
 
+    from prewarm.node.sharing import serve_peers
+
     def on_beat() -> None:
+        if peer_beat is not None:
+            peer_beat()
         start_own_windows(r, app, settings.node_name)
         join_standing_jobs(r, app, settings.node_name, node_labels, store.is_ready)
         resend_stalled(r, app, settings.node_name, stall_seconds)
 
     store = ContentStore(settings.root)
     r = redis_client(settings.broker_url)
+    peer_beat = serve_peers(settings, r)  # span sharing (PREWARM_PEER_PORT): serves before tasks run
     beat = Heartbeat(r, settings.node_name, node_labels, settings.root,
                      lambda: frozenset(d for d in store.list_layers() if store.is_ready(d)),
                      on_beat=on_beat, signed_only=bool(settings.trusted_certs))

@@ -191,7 +191,8 @@ def _print_dry_run(lines, egress: int, image: str, as_json: bool) -> None:  # ty
         free = "unknown" if l.free_after is None else human_bytes(l.free_after)
         click.echo(f"{l.node:<24} {human_bytes(l.present_bytes):>10} {human_bytes(l.fetch_bytes):>10} "
                    f"{free:>11} {human_seconds(l.seconds):>9}")
-    click.echo(f"registry egress: {human_bytes(egress)} for {image}")
+    click.echo(f"registry egress: {human_bytes(egress)} for {image}"
+               + (f" ({len(sharing)} node(s) share spans: each layer about once for them)" if sharing else ""))
 
 
 @click.command()
@@ -228,7 +229,9 @@ def status_cmd(job: str | None, as_json: bool, broker_url: str | None, root: Pat
             for name, ns in sorted(status.nodes.items()):
                 ready = sum(1 for s in ns.layers.values() if s == jobs.LAYER_READY)
                 click.echo(f"  {name:<20} {ns.state:<10} layers {ready}/{len(status.plan.layers)} "
-                           f"{human_bytes(ns.bytes_done)}/{human_bytes(ns.bytes_total)}")
+                           f"{human_bytes(ns.bytes_done)}/{human_bytes(ns.bytes_total)}  "
+                           f"from registry {human_bytes(ns.bytes_registry)}, from peers {human_bytes(ns.bytes_peers)}"
+                           + (f", {ns.peer_bad} bad peer(s)" if ns.peer_bad else ""))
             for line in status.failures():
                 click.echo(f"  failed: {line}")
 

@@ -14,14 +14,16 @@ from uuid import uuid4
 import celery
 import redis
 
-from prewarm.fleet import jobs, keys
 from prewarm.errors import JobError
+from prewarm.fleet import jobs, keys, peers
 from prewarm.fleet.broker import celery_url
 from prewarm.fleet.plan import ImagePlan
 from prewarm.fleet.signing import SIGNED_CONTENT_TYPE, TaskSigner
 
 TASK_WARM_SPAN = "prewarm.warm_span"
 TASK_WARM_LAYER = "prewarm.warm_layer"
+#: Message header of a signed task that waited for another node's registry fetch (peers).
+WAITS_HEADER = "prewarm_waits"
 
 
 @functools.lru_cache(maxsize=4)
@@ -65,33 +67,41 @@ def sign_plan(signer: TaskSigner, plan: ImagePlan, job_id: str, name: str) -> di
 
 
 def publish_signed(app: celery.Celery, queue: str, task_name: str, body: bytes, *, retries: int = 0,
-                   countdown: float | None = None) -> None:
+                   countdown: float | None = None, waits: int = 0) -> None:
     """Put a task whose body the scheduler signed into ``queue``, the body untouched.
 
-    The headers (a fresh task id, ``retries``, the eta of ``countdown``) are built here the
-    way Celery builds them; they are not signed and the worker trusts nothing in them.
+    The headers (a fresh task id, ``retries``, the eta of ``countdown``, how often the task
+    already ``waits``-ed for another node's registry fetch) are built here the way Celery
+    builds them; they are not signed, and the worker takes nothing from them that could
+    make it do more than the signed body says.
     """
     message = app.amqp.as_task_v2(str(uuid4()), task_name, args=(), kwargs={}, retries=retries, countdown=countdown,
                                   ignore_result=True, argsrepr="()", kwargsrepr="(signed)")
     with app.producer_or_acquire() as producer:
         app.amqp.send_task_message(producer, task_name, message._replace(body=body), queue=queue,
+                                   headers={WAITS_HEADER: waits} if waits else None,
                                    content_type=SIGNED_CONTENT_TYPE, content_encoding="utf-8")
 
 
 def send_task(app: celery.Celery, r: redis.Redis, plan: ImagePlan, job_id: str, node: str, k: int) -> None:
-    """Send the k-th task of the plan to the node's queue: the job's signed body, if it has them.
+    """Send the node's k-th task to its queue: the job's signed body for it, if it has them.
+
+    The node does the plan's tasks in the plan's order, each layer started at the node's own
+    point (:func:`peers.spread`): nodes fetch different span groups first and pass them on
+    to each other.  ``k`` counts in the node's order everywhere (cursor, resends).
 
     Raises:
         JobError: the job is signed but its signed body for this task is missing.
     """
+    index = peers.spread(plan, k, node)
     if jobs.is_signed(r, job_id):
-        field = signed_field(*plan.task_at(k))
+        field = signed_field(*plan.task_at(index))
         body = jobs.signed_body(r, job_id, field)
         if body is None:
             raise JobError(f"job {job_id} is signed but has no signed body for task {field}; schedule it again")
-        publish_signed(app, keys.node_queue(node), task_kwargs(plan, job_id, None, k)[0], body)
+        publish_signed(app, keys.node_queue(node), task_kwargs(plan, job_id, None, index)[0], body)
         return
-    task_name, kwargs = task_kwargs(plan, job_id, None, k)
+    task_name, kwargs = task_kwargs(plan, job_id, None, index)
     kwargs = {"job": job_id, "node": node, **kwargs}  # the node's name right after the job's, as always
     app.send_task(task_name, kwargs=kwargs, queue=keys.node_queue(node))
 

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 
 import redis
 
-from prewarm.fleet import keys
+from prewarm.fleet import keys, peers
 from prewarm.errors import JobError
 from prewarm.fleet.plan import ImagePlan
 
@@ -58,6 +58,11 @@ class NodeStatus:
     errors: dict[int, str]
     started: float
     updated: float
+    #: Compressed bytes this node took from the registry and from peers (span sharing), and
+    #: how many peers it found sending wrong bytes.
+    bytes_registry: int = 0
+    bytes_peers: int = 0
+    peer_bad: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,13 +232,13 @@ def record_layer(r: redis.Redis, job_id: str, node: str, layer: int, state: str,
 
 
 def unfinished_tasks(r: redis.Redis, job_id: str, node: str, plan: ImagePlan) -> list[int]:
-    """Task indexes of the plan not finished on the node: spans whose bit is unset, whole
-    layers not ready, in layers that are neither ready nor failed."""
+    """Task indexes (in the node's order, see ``dispatch.send_task``) not finished on the node:
+    spans whose bit is unset, whole layers not ready, in layers neither ready nor failed."""
     layers = {int(_s(k)): _s(v) for k, v in r.hgetall(keys.job_node_layers(job_id, node)).items()}
     bitmaps: dict[int, bytes] = {}
     out = []
     for k in range(plan.task_count):
-        li, span = plan.task_at(k)
+        li, span = plan.task_at(peers.spread(plan, k, node))
         if layers.get(li) in (LAYER_READY, LAYER_FAILED):
             continue
         if plan.layers[li].mode == "spans":
@@ -422,6 +427,8 @@ def _node_status(node: str, plan: ImagePlan, cancelled: bool, raw_h: dict, raw_l
         bytes_total=bytes_total, tasks_finished=tasks_finished,
         tasks_total=tasks_total, layers=layers, errors=errors,
         started=float(h.get("started", 0)), updated=float(h.get("updated", 0)),
+        bytes_registry=int(h.get("bytes_registry", 0)), bytes_peers=int(h.get("bytes_peers", 0)),
+        peer_bad=int(h.get("peer_bad", 0)),
     )
 
 
@@ -490,6 +497,7 @@ def job_summary_json(status: JobStatus) -> str:
         "nodes": {
             n: {"state": s.state, "bytes_done": s.bytes_done, "bytes_total": s.bytes_total,
                 "tasks_finished": s.tasks_finished, "tasks_total": s.tasks_total,
+                "bytes_registry": s.bytes_registry, "bytes_peers": s.bytes_peers, "peer_bad": s.peer_bad,
                 "errors": {status.plan.layers[i].digest: e for i, e in s.errors.items()}}
             for n, s in sorted(status.nodes.items())
         },

@@ -35,6 +35,14 @@ NODE = "prewarm:node:{node}"
 #: Set of known node names.
 NODES = "prewarm:nodes"
 
+#: Set of node names whose peer cache holds verified bytes of span ``span`` of ``layer``
+#: (``span`` is ``blob`` for a whole layer); see :mod:`prewarm.fleet.peers`.
+PEER_HOLDERS = "prewarm:peer:holders:{layer}:{span}"
+#: String with a PX lease: the node that fetches span group ``group`` of ``layer`` from the registry.
+PEER_CLAIM = "prewarm:peer:claim:{layer}:{group}"
+#: Set of peers that sent a node wrong bytes during a job: skipped for the rest of it.
+JOB_NODE_BAD_PEERS = "prewarm:job:{job}:node:{node}:badpeers"
+
 #: Registry budget state per registry host (token bucket, concurrency).
 BUDGET = "prewarm:budget:{registry}"
 BUDGET_INFLIGHT = "prewarm:budget:{registry}:inflight"
@@ -76,6 +84,18 @@ def job_node_spans(job_id: str, node: str, layer: int) -> str:
 
 def job_node_finished(job_id: str, node: str) -> str:
     return JOB_NODE_FINISHED.format(job=job_id, node=node)
+
+
+def job_node_bad_peers(job_id: str, node: str) -> str:
+    return JOB_NODE_BAD_PEERS.format(job=job_id, node=node)
+
+
+def peer_holders(layer: str, span: int | None) -> str:
+    return PEER_HOLDERS.format(layer=layer, span="blob" if span is None else span)
+
+
+def peer_claim(layer: str, group: int | None) -> str:
+    return PEER_CLAIM.format(layer=layer, group="blob" if group is None else group)
 
 
 def node(name: str) -> str:

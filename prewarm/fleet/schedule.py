@@ -322,19 +322,27 @@ class DryRunLine:
 
 
 def dry_run(plan: ImagePlan, nodes: Sequence[tuple[str, frozenset[str], int | None]],
-            budget_bytes_per_s: float | None = None) -> tuple[list[DryRunLine], int]:
+            budget_bytes_per_s: float | None = None,
+            sharing: frozenset[str] = frozenset()) -> tuple[list[DryRunLine], int]:
     """Per node: bytes already present, bytes to fetch, free disk afterwards, time; plus total egress.
 
     ``nodes`` holds (name, ready layer digests, free bytes or None).  Time assumes every node
     runs at :data:`NOMINAL_NODE_RATE` unless the registry budget, shared by the fleet, is lower.
+    Nodes in ``sharing`` (span sharing on) take from each other, so the registry sends a
+    layer any of them needs about once for all of them; every other node costs its own bytes.
     """
     lines, egress = [], 0
+    shared_need: set[str] = set()
     for name, held, free in nodes:
         present = sum(l.size for l in plan.layers if l.digest in held)
         fetch = plan.total_bytes - present
         unpacked = sum(l.uncompressed_size or 4 * l.size for l in plan.layers if l.digest not in held)
-        egress += fetch
+        if name in sharing:
+            shared_need |= {l.digest for l in plan.layers if l.digest not in held}
+        else:
+            egress += fetch
         lines.append(DryRunLine(name, present, fetch, None if free is None else free - unpacked, 0.0))
+    egress += sum(l.size for l in plan.layers if l.digest in shared_need)
     fetching = sum(1 for line in lines if line.fetch_bytes)
     rate = float(NOMINAL_NODE_RATE)
     if budget_bytes_per_s and fetching:

@@ -14,6 +14,9 @@ prewarm_layers_total               counter    result (ready | failed)
 prewarm_inflate_seconds            histogram  -
 prewarm_errors_total               counter    kind (error class name)
 prewarm_store_bytes                gauge      - (bytes of ready layers on the node)
+prewarm_peer_bytes_total           counter    direction (in | out): span bytes from / to peers
+prewarm_peer_failures_total        counter    kind (corrupt | stalled | refused | busy | missing | error)
+prewarm_peer_cache_bytes           gauge      - (bytes in the node's peer cache)
 prewarm_job_bytes_done             gauge      job (scheduler, while waiting)
 prewarm_job_bytes_total            gauge      job
 =================================  =========  ==========================================
@@ -33,6 +36,9 @@ TASKS_REFUSED = Counter("prewarm_tasks_refused", "Task messages refused before a
                         ["reason"])
 STORE_BYTES = Gauge("prewarm_store_bytes", "Bytes of ready layers in the node's store",
                     multiprocess_mode="max")
+PEER_BYTES = Counter("prewarm_peer_bytes", "Verified bytes received from and served to peers", ["direction"])
+PEER_FAILURES = Counter("prewarm_peer_failures", "Peer fetches that failed, by kind", ["kind"])
+PEER_CACHE_BYTES = Gauge("prewarm_peer_cache_bytes", "Bytes in the node's peer cache", multiprocess_mode="max")
 JOB_BYTES_DONE = Gauge("prewarm_job_bytes_done", "Bytes done of a job", ["job"], multiprocess_mode="max")
 JOB_BYTES_TOTAL = Gauge("prewarm_job_bytes_total", "Bytes of a job", ["job"], multiprocess_mode="max")
 

@@ -6,6 +6,8 @@ so it can be read, tested and profiled without Celery.
 
 Per span task (the hot path)::
 
+    with span sharing on (prewarm.node.sharing): spans peers hold, from peers, verified;
+    for the rest, claim the group's registry fetch, or wait for the node that has
     one Range GET of its adjacent spans' bytes     (registry, through the node's budget)
     then for each span:
     === verify the span digest                     (transport check; the layer digest is the real one)
@@ -22,6 +24,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator
+from typing import BinaryIO
 
 from redis import Redis
 
@@ -36,13 +39,15 @@ from prewarm.index.inflate import inflate_span
 from prewarm.store.layout import Layout
 from prewarm.node.metrics import BYTES_FETCHED, INFLATE_SECONDS, LAYERS, SPANS, TASKS_REFUSED
 from prewarm.node.prepare import prepare_layers_ahead
-from prewarm.fleet.plan import ImagePlan
+from prewarm.fleet.plan import ImagePlan, LayerPlan
 from prewarm.resolve.reference import Reference, parse_reference
 from prewarm.resolve.registry.client import RegistryClient
 from prewarm.resolve.registry.retry import RetryPolicy
 from prewarm.store.content import ContentStore, fetch_range
 from prewarm.index.ztoc import Ztoc
 from prewarm.store.ztoc_cache import ZtocCache
+from prewarm.fleet import peers
+from prewarm.node.sharing import Sharing
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,8 @@ class NodeContext:
     layout: Layout
     ztocs: ZtocCache
     budget: RegistryBudget
+    #: Fleet span sharing (None: PREWARM_PEER_PORT=0, everything comes from the registry).
+    sharing: Sharing | None = None
     _plans: dict[str, ImagePlan] = dataclasses.field(default_factory=dict)
     _refs: dict[str, Reference] = dataclasses.field(default_factory=dict)
     _ahead: set[str] = dataclasses.field(default_factory=set)
@@ -78,7 +85,7 @@ class NodeContext:
         # inside the client while the rest of the fleet keeps asking.
         client = RegistryClient.from_settings(settings, retry=RetryPolicy(retry_rate_limited=False))
         return cls(settings, r, client, ContentStore(settings.root),
-                   layout, ZtocCache(layout), RegistryBudget(r))
+                   layout, ZtocCache(layout), RegistryBudget(r), Sharing.from_settings(settings, r))
 
     def plan(self, job_id: str) -> ImagePlan:
         plan = self._plans.get(job_id)
@@ -185,12 +192,17 @@ def span_accounting_bytes(ztoc, index: int) -> int:  # type: ignore[no-untyped-d
 
 
 def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index: int,
-              ztoc: str, span: int, count: int = 1) -> Outcome:
+              ztoc: str, span: int, count: int = 1, patient: bool = False) -> Outcome:
     """Fetch, verify, inflate and land spans ``span .. span + count - 1`` of one layer.
 
     The spans not yet in the store are fetched in one Range request (from the first of them
     to the last), then each is verified, inflated and landed in turn; a redelivered task
     fetches only what is still missing.
+
+    With span sharing on, spans some peer holds come from peers first (verified before
+    use); for the rest the node claims the group's registry fetch, and if another node has
+    claimed it and ``patient`` is set, it raises ``ClaimedElsewhere`` so the task does other
+    work first and comes back for the bytes from that node.
 
     Raises:
         RegistryError: fetching failed (``Transient`` ones are retried by the task).
@@ -221,19 +233,58 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
         todo = [i for i in range(span, span + count) if not store.span_landed(layer, i)]
         if not todo:
             return Outcome(nbytes, False, store.finish_if_complete(layer, z))
-    start = fetch_range(z.span(todo[0]))[0]  # span 0 also brings the gzip header (layer digest)
-    end = z.span(todo[-1]).compressed_end
-    with _fleet_backoff_on_429(ctx, ref.registry), ctx.budget.request(ref.registry, end - start):
-        data = ctx.client.fetch_range(ref.registry, ref.repository, layer, start, end)
-    BYTES_FETCHED.labels(ref.registry, "span").inc(len(data))
+    sharing = ctx.sharing
+    shared: dict[int, bytes] = {}
+    claimed = False
+    if sharing is not None:
+        shared = sharing.take_spans(job, layer, z, todo)
+        if len(shared) < len(todo):
+            owner = sharing.claim(layer, span)
+            claimed = owner == sharing.node
+            if not claimed and patient:
+                if shared:  # land what peers already delivered (a group arriving span by span)
+                    _fetch_and_land(ctx, plan, lp, ref, z, job, layer, layer_index, sorted(shared), shared, nbytes)
+                raise peers.ClaimedElsewhere(f"span group {span} of layer {layer} is being fetched from the "
+                                             f"registry by node {owner}; taking it from there later")
+    try:
+        return _fetch_and_land(ctx, plan, lp, ref, z, job, layer, layer_index, todo, shared, nbytes)
+    finally:
+        if claimed:
+            assert sharing is not None
+            sharing.release(layer, span)
+
+
+def _fetch_and_land(ctx: NodeContext, plan: ImagePlan, lp: LayerPlan, ref: Reference, z: Ztoc,
+                    job: str, layer: str, layer_index: int, todo: list[int], shared: dict[int, bytes],
+                    nbytes: int) -> Outcome:
+    """Fetch from the registry what peers did not deliver, then verify, inflate and land ``todo``."""
+    store = ctx.store
+    rest = [i for i in todo if i not in shared]
+    data = header = b""
+    start = 0
+    if rest:
+        start = fetch_range(z.span(rest[0]))[0]  # span 0 also brings the gzip header (layer digest)
+        data = _registry_range(ctx, ref, layer, start, z.span(rest[-1]).compressed_end)
+    if 0 in shared and z.span(0).compressed_start > 0:
+        # The gzip header: no span digest covers it, so it never comes from a peer.
+        header = _registry_range(ctx, ref, layer, 0, z.span(0).compressed_start)
+    peers.count_bytes(ctx.redis, job, ctx.settings.node_name, registry=len(data) + len(header),
+                      peers=sum(len(b) for b in shared.values()))
+    if ctx.sharing is not None:
+        ctx.sharing.give_back(sum(z.span(i).uncompressed_end - z.span(i).uncompressed_start for i in todo))
     whole = memoryview(data)
     ready = False
     for i in todo:
         s = z.span(i)
         lo, hi = fetch_range(s)
-        compressed = whole[lo - start:hi - start]
-        body = compressed[s.compressed_start - lo:]
-        verify(body, s.digest, what=f"span {i} of layer {layer} ({ref.registry}/{ref.repository})")
+        if i in shared:  # verified by take_spans
+            body = compressed = memoryview(shared[i])
+            if i == 0 and header:
+                compressed = memoryview(header + shared[i])
+        else:
+            compressed = whole[lo - start:hi - start]
+            body = compressed[s.compressed_start - lo:]
+            verify(body, s.digest, what=f"span {i} of layer {layer} ({ref.registry}/{ref.repository})")
         next_window = z.checkpoint(i + 1).window if i + 1 < z.num_spans and s.checkpoint else None
         with INFLATE_SECONDS.time():
             # The last span keeps the zero padding after the archive end: the diff_id covers it.
@@ -244,6 +295,8 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
         store.prepare_layer(layer, z, diff_id=lp.diff_id)
         ready = store.land_span(layer, z, i, compressed, out).ready
         SPANS.labels("fetched").inc()
+        if ctx.sharing is not None:
+            ctx.sharing.keep_span(layer, i, body)
     prepare_ahead(ctx, plan, layer_index, ref)
     if ready:
         LAYERS.labels("ready").inc()
@@ -267,6 +320,14 @@ def _check_span_sizes(z: Ztoc, first: int, count: int, layer: str, ceiling: int)
             raise BadZtoc(f"span {i} of layer {layer} is {size} bytes, over the {ceiling}-byte ceiling for one "
                           "span (PREWARM_MAX_SPAN); its zTOC cannot be landed by spans: schedule it with "
                           "--index none to pull the layer whole")
+
+
+def _registry_range(ctx: NodeContext, ref: Reference, layer: str, start: int, end: int) -> bytes:
+    """Bytes ``start`` to ``end`` of a layer from the registry, within the fleet's budget."""
+    with _fleet_backoff_on_429(ctx, ref.registry), ctx.budget.request(ref.registry, end - start):
+        data = ctx.client.fetch_range(ref.registry, ref.repository, layer, start, end)
+    BYTES_FETCHED.labels(ref.registry, "span").inc(len(data))
+    return data
 
 
 def _ztoc(ctx: NodeContext, ref: Reference, digest: str) -> Ztoc:
@@ -317,8 +378,14 @@ def prepare_ahead(ctx: NodeContext, plan: ImagePlan, layer_index: int, ref: Refe
     prepare_layers_ahead(ctx.store, [nxt], lambda digest: _ztoc(ctx, ref, digest))
 
 
-def warm_layer(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index: int) -> Outcome:
-    """Stream one whole layer (no zTOC) into the store, verified against digest and diff_id."""
+def warm_layer(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index: int,
+               patient: bool = False) -> Outcome:
+    """Stream one whole layer (no zTOC) into the store, verified against digest and diff_id.
+
+    With span sharing on, a small layer comes from a peer when one holds it (staged and
+    verified against the layer digest first), is claimed like a span group otherwise, and
+    is kept for peers once the store has verified it.
+    """
     plan = ctx.plan(job)
     lp = plan.layers[layer_index]
     if lp.digest != layer:
@@ -327,26 +394,65 @@ def warm_layer(ctx: NodeContext, *, job: str, image: str, layer: str, layer_inde
     if ctx.store.is_ready(layer):
         return Outcome(lp.size, False, True)
     ref = ctx.reference(image)
+    sharing = ctx.sharing if ctx.sharing is not None and ctx.sharing.blob_fits(lp.size) else None
+    if sharing is None:
+        _layer_from_registry(ctx, ref, lp, None)
+        peers.count_bytes(ctx.redis, job, ctx.settings.node_name, registry=lp.size)
+        return Outcome(lp.size, True, True)
+    staged = sharing.take_blob(job, layer, lp.size)
+    if staged is not None:
+        try:
+            with open(staged, "rb") as f:
+                ctx.store.ingest_stream(layer, iter(lambda: f.read(1 << 20), b""), media_type=lp.media_type,
+                                        diff_id=lp.diff_id)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        sharing.keep_blob(layer, staged)
+        peers.count_bytes(ctx.redis, job, sharing.node, peers=lp.size)
+        LAYERS.labels("ready").inc()
+        return Outcome(lp.size, True, True)
+    owner = sharing.claim(layer, None)
+    if owner != sharing.node and patient:
+        raise peers.ClaimedElsewhere(f"layer {layer} is being fetched from the registry by node {owner}; "
+                                     "taking it from there later")
+    staged = sharing.cache.staging(layer)
+    try:
+        with open(staged, "wb") as keep:
+            _layer_from_registry(ctx, ref, lp, keep)
+        sharing.keep_blob(layer, staged)
+        peers.count_bytes(ctx.redis, job, sharing.node, registry=lp.size)
+    finally:
+        staged.unlink(missing_ok=True)
+        if owner == sharing.node:
+            sharing.release(layer, None)
+    return Outcome(lp.size, True, True)
+
+
+def _layer_from_registry(ctx: NodeContext, ref: Reference, lp: LayerPlan, keep: BinaryIO | None) -> None:
+    """Stream the layer from the registry into the store (and into ``keep``, for peers, as it goes)."""
     try:
         with ctx.budget.request(ref.registry, 0), \
-                ctx.client.stream_blob(ref.registry, ref.repository, layer) as chunks:
-            ctx.store.ingest_stream(layer, _metered(ctx, ref.registry, chunks),
+                ctx.client.stream_blob(ref.registry, ref.repository, lp.digest) as chunks:
+            ctx.store.ingest_stream(lp.digest, _metered(ctx, ref.registry, chunks, keep),
                                     media_type=lp.media_type, diff_id=lp.diff_id,
                                     max_uncompressed=ctx.settings.max_expansion * max(lp.size, 1 << 20))
         LAYERS.labels("ready").inc()
     except RateLimited as err:
         ctx.budget.backoff(ref.registry, err.retry_after or 1.0)
         raise
-    return Outcome(lp.size, True, True)
 
 
-def _metered(ctx: NodeContext, registry: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
+def _metered(ctx: NodeContext, registry: str, chunks: Iterator[bytes],
+             keep: BinaryIO | None = None) -> Iterator[bytes]:
     """Charge a streamed layer to the byte budget chunk by chunk (the lease is held outside)."""
     take = ctx.budget.take
     counter = BYTES_FETCHED.labels(registry, "layer")
     for chunk in chunks:
         take(registry, len(chunk))
         counter.inc(len(chunk))
+        if keep is not None:
+            keep.write(chunk)
         yield chunk
 
 
