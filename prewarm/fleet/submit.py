@@ -134,7 +134,9 @@ def dry_run(settings: Settings, image: str, choice: NodeChoice) -> tuple[list[sc
     info = {n.name: n for n in fleet}
     rows = [(t, info[t].layers if t in info else frozenset(), info[t].free_bytes if t in info else None)
             for t in targets]
-    return schedule.dry_run(plan_resolved(resolved, {}), rows)
+    from prewarm.fleet.peers import sharing_nodes
+
+    return schedule.dry_run(plan_resolved(resolved, {}), rows, sharing=sharing_nodes(r, targets))
 
 
 def _standing_selector(choice: NodeChoice) -> dict[str, str | list[str]]:
