@@ -66,3 +66,20 @@ def test_no_registry_credential_is_in_the_manifests() -> None:
     text = "\n".join(p.read_text() for p in DEPLOY.glob("*.yaml")).lower()
     assert "dockerconfigjson" not in text
     assert "registry_password" not in text
+
+
+def test_workers_trust_only_the_schedulers_certificate_and_never_see_its_key() -> None:
+    docs = _docs()
+    worker = docs[("DaemonSet", "prewarm-worker")]["spec"]["template"]["spec"]
+    job = docs[("Job", "prewarm-schedule-example")]["spec"]["template"]["spec"]
+    secret = docs[("Secret", "prewarm-signing")]
+    assert set(secret["stringData"]) == {"signing.key", "signing.crt"}
+    # The worker runs only signed tasks, and its volume of the Secret holds the certificate alone
+    env = _env(next(c for c in worker["containers"] if c["name"] == "worker"))
+    assert env["PREWARM_TRUSTED_CERTS"]["value"].endswith("signing.crt")
+    volumes = [v for v in worker["volumes"] if v.get("secret", {}).get("secretName") == "prewarm-signing"]
+    assert volumes and all([i["key"] for i in v["secret"]["items"]] == ["signing.crt"] for v in volumes)
+    # The schedule Job signs: key and certificate, read-only
+    jenv = _env(job["containers"][0])
+    assert jenv["PREWARM_SIGNING_KEY"]["value"].endswith("signing.key")
+    assert jenv["PREWARM_SIGNING_CERT"]["value"].endswith("signing.crt")
