@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import Registry, RedisServer, run_redis, run_registry
+from tests.services import RedisServer, Registry, run_redis, run_registry
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

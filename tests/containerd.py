@@ -31,8 +31,8 @@ from pathlib import Path
 
 import grpc
 
-from prewarm.store.layout import Layout
 from prewarm.runtime.snapshot.prewarmed import register_chains
+from prewarm.store.layout import Layout
 from tests.services import _require, stop_pid, wait_until
 
 #: containerd's gRPC metadata key for the namespace.

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from tests.pipeline_helpers import REPO_ROOT, clean_env
-from tests.services import Registry, RedisServer
+from tests.services import RedisServer, Registry
 
 COMMANDS = {
     "status": ["status"],

@@ -8,9 +8,9 @@ import time
 import pytest
 import redis
 
+from prewarm.errors import ConfigError
 from prewarm.fleet import keys
 from prewarm.fleet.budget import RegistryBudget, get_budget, parse_size, set_budget
-from prewarm.errors import ConfigError
 from tests.services import RedisServer
 
 

@@ -20,7 +20,11 @@ import pytest
 from prewarm.errors import SnapshotExists, StoreError
 from prewarm.runtime.snapshot.overlay import OverlaySnapshotter
 from prewarm.runtime.snapshot.prewarmed import lookup_chain, register_chains
-from prewarm.runtime.snapshot.snapshotter import LABEL_CRI_LAYER_DIGEST, LABEL_PREWARMED_LAYER, LABEL_SNAPSHOT_REF
+from prewarm.runtime.snapshot.snapshotter import (
+    LABEL_CRI_LAYER_DIGEST,
+    LABEL_PREWARMED_LAYER,
+    LABEL_SNAPSHOT_REF,
+)
 from prewarm.store.layout import Layout, chain_ids
 from tests.containerd import HandmadeLayer, install_prewarmed, make_layer, write_layer_fs
 

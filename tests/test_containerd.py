@@ -10,10 +10,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from prewarm.store.layout import chain_ids as compute_chain_ids
 from prewarm.runtime.shim._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from prewarm.runtime.shim._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from prewarm.runtime.shim._proto.containerd.services.snapshots.v1 import (
+    snapshots_pb2_grpc as pb_grpc,
+)
 from prewarm.runtime.snapshot.snapshotter import LABEL_GC_ROOT, LABEL_SNAPSHOT_REF
+from prewarm.store.layout import chain_ids as compute_chain_ids
 from tests.containerd import (
     WHITEOUT,
     Containerd,

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from prewarm.runtime.containerd import ContainerdClient, register_image
 from prewarm.errors import ContainerdUnavailable
+from prewarm.runtime.containerd import ContainerdClient, register_image
 from prewarm.runtime.images import find_record
-from prewarm.store.layout import Layout
 from prewarm.runtime.shim._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from prewarm.runtime.shim._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from prewarm.runtime.shim._proto.containerd.services.snapshots.v1 import (
+    snapshots_pb2_grpc as pb_grpc,
+)
 from prewarm.runtime.shim._proto.runtime.v1 import api_pb2 as cri
+from prewarm.store.layout import Layout
 from tests.containerd import (
     WHITEOUT,
     Containerd,

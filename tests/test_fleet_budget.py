@@ -19,7 +19,15 @@ import pytest
 from prewarm.imagebuild import BuiltImage
 from tests.faultproxy import Fault, FaultProxy
 from tests.images import odd_image
-from tests.pipeline_helpers import Worker, assert_matches_umoci, clean_env, prewarm, push, start_worker, wait_job
+from tests.pipeline_helpers import (
+    Worker,
+    assert_matches_umoci,
+    clean_env,
+    prewarm,
+    push,
+    start_worker,
+    wait_job,
+)
 from tests.services import Registry
 
 SPANS = {"PREWARM_SPAN_SIZE": str(256 * 1024), "PREWARM_MIN_LAYER_SIZE": str(1 << 20)}

@@ -21,15 +21,23 @@ from pathlib import Path
 import pytest
 import redis
 
-from prewarm.imagebuild import BuiltImage
 from prewarm.fleet.jobs import job_status, list_jobs
+from prewarm.imagebuild import BuiltImage
 from prewarm.index.ztoc_build import build_ztoc
 from prewarm.store.content import ContentStore
 from tests.faultproxy import Fault, FaultProxy
 from tests.images import odd_image
-from tests.pipeline_helpers import REPO_ROOT, Worker, assert_matches_umoci, clean_env, prewarm, push, \
-    start_worker, wait_job
-from tests.services import Registry, RedisServer
+from tests.pipeline_helpers import (
+    REPO_ROOT,
+    Worker,
+    assert_matches_umoci,
+    clean_env,
+    prewarm,
+    push,
+    start_worker,
+    wait_job,
+)
+from tests.services import RedisServer, Registry
 
 SPANS = {"PREWARM_SPAN_SIZE": str(256 * 1024), "PREWARM_MIN_LAYER_SIZE": str(1 << 20)}
 REPO = "fleet/faults"

@@ -16,8 +16,16 @@ import pytest
 from prewarm.imagebuild import BuiltImage
 from prewarm.store.content import ContentStore
 from tests.images import odd_image, simple_image
-from tests.pipeline_helpers import Worker, assert_matches_umoci, clean_env, prewarm, push, start_worker, wait_job
-from tests.services import Registry, RedisServer
+from tests.pipeline_helpers import (
+    Worker,
+    assert_matches_umoci,
+    clean_env,
+    prewarm,
+    push,
+    start_worker,
+    wait_job,
+)
+from tests.services import RedisServer, Registry
 
 SPANS = {"PREWARM_SPAN_SIZE": str(256 * 1024), "PREWARM_MIN_LAYER_SIZE": str(1 << 20)}
 NODES = ("n1", "n2", "n3")

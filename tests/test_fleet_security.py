@@ -24,7 +24,14 @@ from prewarm.fleet.nodes import heartbeat
 from prewarm.imagebuild import BuiltImage, push_layout
 from prewarm.resolve.registry.client import RegistryClient
 from tests.images import hostile_image, simple_image
-from tests.pipeline_helpers import assert_matches_umoci, clean_env, prewarm, push, start_worker, wait_job
+from tests.pipeline_helpers import (
+    assert_matches_umoci,
+    clean_env,
+    prewarm,
+    push,
+    start_worker,
+    wait_job,
+)
 from tests.services import Registry, free_port, stop_pid, wait_until
 
 SPANS = {"PREWARM_SPAN_SIZE": str(256 * 1024), "PREWARM_MIN_LAYER_SIZE": str(1 << 20)}

@@ -27,7 +27,14 @@ from prewarm.store.content import ContentStore
 from prewarm.store.layout import Layout
 from tests.containerd import install_prewarmed, make_layer
 from tests.images import odd_image
-from tests.pipeline_helpers import assert_matches_umoci, clean_env, prewarm, push, start_worker, wait_job
+from tests.pipeline_helpers import (
+    assert_matches_umoci,
+    clean_env,
+    prewarm,
+    push,
+    start_worker,
+    wait_job,
+)
 from tests.services import Registry
 
 SPANS = {"PREWARM_SPAN_SIZE": str(256 * 1024), "PREWARM_MIN_LAYER_SIZE": str(1 << 20)}

@@ -7,8 +7,8 @@ import json
 import pytest
 import redis
 
-from prewarm.fleet import jobs, keys
 from prewarm.errors import JobError
+from prewarm.fleet import jobs, keys
 from prewarm.fleet.plan import plan_image
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from prewarm.resolve.reference import parse_reference
-from prewarm.resolve.registry.client import RegistryClient
 from prewarm.index.soci import push_soci_index
 from prewarm.index.ztoc import Ztoc, serialize_ztoc
 from prewarm.index.ztoc_build import build_ztoc
+from prewarm.resolve.reference import parse_reference
+from prewarm.resolve.registry.client import RegistryClient
 from tests.images import odd_image
 from tests.pipeline_helpers import clean_env, prewarm, push
 from tests.services import Registry

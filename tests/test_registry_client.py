@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from prewarm.resolve.digest import sha256_digest
 from prewarm.errors import (
     BlobNotFound,
     CorruptContent,
@@ -19,6 +18,7 @@ from prewarm.errors import (
     RegistryError,
     UnsupportedManifest,
 )
+from prewarm.resolve.digest import sha256_digest
 from prewarm.resolve.manifest import OCI_INDEX, OCI_MANIFEST, Descriptor, Platform, host_platform
 from prewarm.resolve.reference import parse_reference
 from prewarm.resolve.registry.client import RegistryClient, referrers_tag

@@ -17,7 +17,9 @@ from google.protobuf.field_mask_pb2 import FieldMask
 
 from prewarm.errors import ConfigError
 from prewarm.runtime.shim._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from prewarm.runtime.shim._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from prewarm.runtime.shim._proto.containerd.services.snapshots.v1 import (
+    snapshots_pb2_grpc as pb_grpc,
+)
 from prewarm.runtime.shim.server import ShimServer, serve
 from prewarm.runtime.snapshot.snapshotter import LABEL_SNAPSHOT_REF
 from tests.containerd import install_prewarmed, make_layer

@@ -19,7 +19,6 @@ from prewarm.errors import (
     SnapshotNotFound,
     StoreError,
 )
-from prewarm.store.layout import Layout
 from prewarm.runtime.snapshot.filters import matches_any, parse_filter, parse_filters
 from prewarm.runtime.snapshot.overlay import OverlaySnapshotter
 from prewarm.runtime.snapshot.prewarmed import lookup_chain, register_chains
@@ -30,6 +29,7 @@ from prewarm.runtime.snapshot.snapshotter import (
     Kind,
     Mount,
 )
+from prewarm.store.layout import Layout
 from tests.containerd import WHITEOUT, install_prewarmed, make_layer
 
 NS = "default"

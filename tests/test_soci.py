@@ -14,22 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from prewarm.cli import main
-from prewarm.resolve.digest import sha256_digest, verify
 from prewarm.errors import BadZtoc
-from prewarm.resolve.manifest import (
-    OCI_CONFIG,
-    OCI_INDEX,
-    OCI_LAYER_GZIP,
-    OCI_LAYER_TAR,
-    OCI_LAYER_ZSTD,
-    OCI_MANIFEST,
-    Descriptor,
-    Platform,
-    index_json,
-    manifest_json,
-)
-from prewarm.resolve.reference import parse_reference
-from prewarm.resolve.registry.client import RegistryClient, referrers_tag
 from prewarm.index.soci import (
     ANN_IMAGE_MANIFEST_DIGEST,
     ANN_INDEX_DIGEST,
@@ -45,6 +30,21 @@ from prewarm.index.soci import (
 from prewarm.index.tarindex import TarIndexer
 from prewarm.index.ztoc import parse_ztoc, serialize_ztoc
 from prewarm.index.ztoc_build import build_ztoc
+from prewarm.resolve.digest import sha256_digest, verify
+from prewarm.resolve.manifest import (
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_TAR,
+    OCI_LAYER_ZSTD,
+    OCI_MANIFEST,
+    Descriptor,
+    Platform,
+    index_json,
+    manifest_json,
+)
+from prewarm.resolve.reference import parse_reference
+from prewarm.resolve.registry.client import RegistryClient, referrers_tag
 from tests.registry_images import push_image
 from tests.services import Registry
 

@@ -23,8 +23,8 @@ from prewarm.errors import (
     StoreError,
     UnsafeArchive,
 )
-from prewarm.store.layerfs import OPAQUE_XATTR
 from prewarm.store.content import ContentStore
+from prewarm.store.layerfs import OPAQUE_XATTR
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from prewarm.store.content import ContentStore
 from prewarm.index.ztoc import parse_ztoc, serialize_ztoc
+from prewarm.store.content import ContentStore
 from tests.test_store import assert_every_kind_tree, every_kind_tar, sha
 from tests.test_store_spans import land, make_layer
 

@@ -10,8 +10,8 @@ import pytest
 
 from prewarm.errors import UnsafeArchive
 from prewarm.imagebuild import BuiltLayer, build_layer, init_layout
-from prewarm.store.content import ContentStore
 from prewarm.index.ztoc_build import build_tar_ztoc, build_ztoc
+from prewarm.store.content import ContentStore
 from tests.images import HOSTILE_ATTACKS, hostile_layers, odd_image
 from tests.rootfs import overlay_mount, umoci_unpack
 from tests.test_store_spans import land

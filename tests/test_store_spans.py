@@ -12,9 +12,9 @@ import pytest
 
 from prewarm.errors import BadSpan, BadZtoc, DigestMismatch, InsufficientSpace, UnsafeArchive
 from prewarm.index.inflate import inflate_span
-from prewarm.store.content import ContentStore, fetch_range
 from prewarm.index.ztoc import CHECKPOINT_RECORD_SIZE, ZINFO_HEADER_SIZE, Ztoc, parse_ztoc
 from prewarm.index.ztoc_build import build_ztoc
+from prewarm.store.content import ContentStore, fetch_range
 from tests.test_store import _add, assert_every_kind_tree, every_kind_tar, sha
 
 GOLDEN = ["basic-l0", "basic-l9", "empty", "hdr-name", "incompressible-l0-s16384", "many-l6-s4096", "meta",

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prewarm.index import zran
 from prewarm.errors import BadTarHeader, ConfigError, CorruptContent
+from prewarm.index import zran
 from prewarm.index.tarindex import TarIndexer
 from prewarm.index.ztoc import WINDOW_SIZE, parse_ztoc, serialize_ztoc
 from prewarm.index.ztoc_build import (

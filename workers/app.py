@@ -23,9 +23,9 @@ import os
 
 from celery import Celery
 
-from prewarm.fleet.broker import celery_url
 from prewarm.config import Settings
 from prewarm.errors import ConfigError
+from prewarm.fleet.broker import celery_url
 
 #: Seconds before an unacknowledged task is delivered to another worker.
 DEFAULT_VISIBILITY_TIMEOUT = 900

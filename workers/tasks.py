@@ -24,11 +24,11 @@ from celery import Task
 from celery.exceptions import Ignore, Retry
 from celery.signals import worker_init, worker_process_init
 
-from prewarm.fleet import dispatch, jobs, keys
-from prewarm.fleet.signing import VERIFIED, VERIFIED_KWARG
-from prewarm.fleet.broker import redis_client
 from prewarm.errors import DiffIdMismatch, DigestMismatch, PrewarmError, RateLimited, Transient
+from prewarm.fleet import dispatch, jobs, keys
+from prewarm.fleet.broker import redis_client
 from prewarm.fleet.peers import ClaimedElsewhere
+from prewarm.fleet.signing import VERIFIED, VERIFIED_KWARG
 from prewarm.node.metrics import ERRORS, SPANS, TASKS_REFUSED
 from prewarm.node.warm import NodeContext, Outcome, account, layer_failed, warm_layer, warm_span
 from workers.app import app

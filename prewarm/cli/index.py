@@ -37,11 +37,11 @@ def index_cmd(image: str, span_size: int | None, min_layer_size: int | None, pus
               **flags: Any) -> None:
     """Build zTOCs for IMAGE's layers; with --push, publish them as a SOCI index."""
     from prewarm.config import BUILD_TOOL_IDENTIFIER
-    from prewarm.resolve.digest import digest_hex, sha256_digest
     from prewarm.errors import ConfigError
+    from prewarm.index.soci import build_layer_ztocs, push_soci_index
+    from prewarm.resolve.digest import digest_hex, sha256_digest
     from prewarm.resolve.reference import parse_reference
     from prewarm.resolve.registry.client import RegistryClient
-    from prewarm.index.soci import build_layer_ztocs, push_soci_index
 
     for name, value in (("--span-size", span_size), ("--min-layer-size", min_layer_size)):
         if value is not None and value <= 0:

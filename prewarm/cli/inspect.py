@@ -34,9 +34,9 @@ def _human(n: int) -> str:
 @registry_options
 def inspect_cmd(image: str, platform: str | None, as_json: bool, no_soci: bool, **flags: Any) -> None:
     """Resolve IMAGE and print its digest, platform, config and layers."""
+    from prewarm.index.soci import find_soci_index, index_summary
     from prewarm.resolve.reference import parse_reference
     from prewarm.resolve.registry.client import RegistryClient
-    from prewarm.index.soci import find_soci_index, index_summary
 
     settings = settings_from(**flags)
     ref = parse_reference(image)

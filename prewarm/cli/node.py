@@ -39,9 +39,9 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
 
     Extra arguments are passed to ``celery worker`` as they are (e.g. ``--pool threads``).
     """
+    from prewarm.errors import ConfigError
     from prewarm.fleet import keys
     from prewarm.node.embedded import default_concurrency
-    from prewarm.errors import ConfigError
 
     settings = settings_from(insecure_registries=insecure_registries, ca_bundle=ca_bundle, root=root,
                              broker_url=broker_url, node_name=node, containerd_address=containerd_socket,
@@ -167,8 +167,8 @@ def mounts_cmd(image: str, target: str, root: Path | None) -> None:
     """Print the overlay mount of IMAGE's pre-warmed rootfs, as `ctr snapshots mounts` does."""
     from prewarm.errors import PrewarmError
     from prewarm.runtime.images import find_record
-    from prewarm.store.layout import Layout
     from prewarm.store.content import ContentStore
+    from prewarm.store.layout import Layout
 
     settings = settings_from(root=root)
     layout = Layout(settings.root)
@@ -196,10 +196,10 @@ def _image_state(store, record) -> str:  # type: ignore[no-untyped-def]
 @root_option
 def images_cmd(as_json: bool, root: Path | None) -> None:
     """List the images pre-warmed on this node, with size and state."""
-    from prewarm.runtime.images import list_records
-    from prewarm.store.layout import Layout
     from prewarm.fleet.progress import human_bytes
+    from prewarm.runtime.images import list_records
     from prewarm.store.content import ContentStore
+    from prewarm.store.layout import Layout
 
     settings = settings_from(root=root)
     store = ContentStore(settings.root)

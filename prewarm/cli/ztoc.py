@@ -54,9 +54,9 @@ def build_cmd(layer: Path, span_size: int | None, build_tool_identifier: str | N
     """Build the zTOC of LAYER (a .tar.gz or .tar file), reading it once."""
     from prewarm.cli._common import settings_from
     from prewarm.config import BUILD_TOOL_IDENTIFIER
-    from prewarm.resolve.digest import sha256_digest
     from prewarm.index.ztoc import serialize_ztoc
     from prewarm.index.ztoc_build import build_ztoc_from_file
+    from prewarm.resolve.digest import sha256_digest
 
     size = span_size or settings_from().span_size
     z = build_ztoc_from_file(layer, span_size=size,

@@ -28,8 +28,8 @@ from typing import cast
 
 import redis
 
-from prewarm.fleet import keys
 from prewarm.errors import ConfigError
+from prewarm.fleet import keys
 
 #: How long a concurrency lease lasts if its holder never returns it (seconds).
 LEASE_SECONDS = 120.0

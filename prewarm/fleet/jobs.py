@@ -24,8 +24,8 @@ from collections.abc import Iterable
 
 import redis
 
-from prewarm.fleet import keys, peers
 from prewarm.errors import JobError
+from prewarm.fleet import keys, peers
 from prewarm.fleet.plan import ImagePlan
 
 LAYER_PENDING = "pending"

@@ -23,17 +23,17 @@ from typing import cast
 
 import redis
 
-from prewarm.fleet import dispatch, jobs, keys
 from prewarm.config import BUILD_TOOL_IDENTIFIER, Settings
 from prewarm.errors import AuthenticationFailed, ConfigError, JobError, JobTimeout, PrewarmError
-from prewarm.store.layout import Layout
+from prewarm.fleet import dispatch, jobs, keys
 from prewarm.fleet.nodes import list_nodes
 from prewarm.fleet.plan import ImagePlan, SpanLayer
 from prewarm.fleet.signing import TaskSigner
+from prewarm.index.soci import build_layer_ztocs, find_soci_index, layer_ztoc_kind, push_soci_index
 from prewarm.resolve.reference import Reference
 from prewarm.resolve.registry.client import RegistryClient, ResolvedImage
-from prewarm.index.soci import build_layer_ztocs, find_soci_index, layer_ztoc_kind, push_soci_index
 from prewarm.store.content import ContentStore
+from prewarm.store.layout import Layout
 from prewarm.store.ztoc_cache import ZtocCache
 
 log = logging.getLogger(__name__)

@@ -24,11 +24,10 @@ from prewarm.config import Settings
 from prewarm.errors import ConfigError
 from prewarm.fleet import schedule
 from prewarm.fleet.broker import redis_client
-from prewarm.fleet.jobs import JobStatus
-from prewarm.fleet.jobs import NODE_NAME_LABEL
-from prewarm.fleet.signing import signer_from
+from prewarm.fleet.jobs import NODE_NAME_LABEL, JobStatus
 from prewarm.fleet.nodes import NodeInfo, list_nodes, parse_labels, select_nodes
 from prewarm.fleet.plan import ImagePlan, SpanLayer, plan_resolved
+from prewarm.fleet.signing import signer_from
 from prewarm.resolve.reference import parse_reference
 from prewarm.resolve.registry.client import RegistryClient, ResolvedImage
 

@@ -31,9 +31,15 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from prewarm.resolve.digest import sha256_digest
 from prewarm.errors import BadZtoc, ManifestNotFound, UnsupportedManifest
-from prewarm.resolve.manifest import OCI_MANIFEST, Descriptor, ImageManifest, manifest_json, parse_manifest
+from prewarm.resolve.digest import sha256_digest
+from prewarm.resolve.manifest import (
+    OCI_MANIFEST,
+    Descriptor,
+    ImageManifest,
+    manifest_json,
+    parse_manifest,
+)
 from prewarm.resolve.registry.client import RegistryClient, ResolvedImage
 
 log = logging.getLogger(__name__)

@@ -300,8 +300,8 @@ def verify_ztoc(z: Ztoc, path: str | Path) -> int:
         BadSpan: a span does not inflate as the zTOC says.
         BadZtoc: sizes or the TOC do not match the layer (names the first difference).
     """
-    from prewarm.resolve.digest import verify
     from prewarm.index.inflate import inflate_span
+    from prewarm.resolve.digest import verify
 
     p = Path(path)
     try:

@@ -28,26 +28,25 @@ from typing import BinaryIO
 
 from redis import Redis
 
-from prewarm.fleet import jobs
-from prewarm.fleet.budget import RegistryBudget
 from prewarm.config import Settings
-from prewarm.resolve.digest import verify
 from prewarm.errors import BadZtoc, ConfigError, PlanMismatch, PrewarmError, RateLimited
-from prewarm.runtime import gc
-from prewarm.runtime.images import ImageRecord, record_prewarmed_image
+from prewarm.fleet import jobs, peers
+from prewarm.fleet.budget import RegistryBudget
+from prewarm.fleet.plan import ImagePlan, LayerPlan
 from prewarm.index.inflate import inflate_span
-from prewarm.store.layout import Layout
+from prewarm.index.ztoc import Ztoc
 from prewarm.node.metrics import BYTES_FETCHED, INFLATE_SECONDS, LAYERS, SPANS, TASKS_REFUSED
 from prewarm.node.prepare import prepare_layers_ahead
-from prewarm.fleet.plan import ImagePlan, LayerPlan
+from prewarm.node.sharing import Sharing
+from prewarm.resolve.digest import verify
 from prewarm.resolve.reference import Reference, parse_reference
 from prewarm.resolve.registry.client import RegistryClient
 from prewarm.resolve.registry.retry import RetryPolicy
+from prewarm.runtime import gc
+from prewarm.runtime.images import ImageRecord, record_prewarmed_image
 from prewarm.store.content import ContentStore, fetch_range
-from prewarm.index.ztoc import Ztoc
+from prewarm.store.layout import Layout
 from prewarm.store.ztoc_cache import ZtocCache
-from prewarm.fleet import peers
-from prewarm.node.sharing import Sharing
 
 log = logging.getLogger(__name__)
 

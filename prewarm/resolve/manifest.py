@@ -22,8 +22,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from prewarm.resolve.digest import is_digest
 from prewarm.errors import UnsupportedManifest
+from prewarm.resolve.digest import is_digest
 
 #: A registry's words we repeat in messages: media types, platform parts.  Anything
 #: else (newlines, markup, megabytes) is not echoed into errors, job records and logs.

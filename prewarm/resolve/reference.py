@@ -25,8 +25,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from prewarm.resolve.digest import is_digest
 from prewarm.errors import InvalidReference
+from prewarm.resolve.digest import is_digest
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"

@@ -37,14 +37,16 @@ from pathlib import Path
 
 import grpc
 
-from prewarm.resolve.digest import sha256_digest
 from prewarm.errors import ConfigError, ContainerdError, ContainerdUnavailable, StoreError
-from prewarm.runtime.images import ImageRecord
-from prewarm.store.layout import Layout
+from prewarm.resolve.digest import sha256_digest
 from prewarm.resolve.reference import parse_reference
 from prewarm.resolve.registry.client import RegistryClient
+from prewarm.runtime.images import ImageRecord
 from prewarm.runtime.shim._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from prewarm.runtime.shim._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from prewarm.runtime.shim._proto.containerd.services.snapshots.v1 import (
+    snapshots_pb2_grpc as pb_grpc,
+)
+from prewarm.store.layout import Layout
 
 #: The proxy plugin name of the shim in containerd's config (deploy/containerd/config.toml).
 SNAPSHOTTER = "prewarm"

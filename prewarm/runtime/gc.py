@@ -28,9 +28,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from prewarm.runtime.images import list_records
-from prewarm.store.layout import Layout
 from prewarm.store.atomic import atomic_write
 from prewarm.store.content import ContentStore
+from prewarm.store.layout import Layout
 
 #: A partial layer untouched for this long, and unlocked, belongs to no running job.
 PARTIAL_GRACE_SECONDS = 3600

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from prewarm.errors import DiffIdMismatch, StoreError
+from prewarm.fleet.plan import ImagePlan
 from prewarm.store.atomic import atomic_write
 from prewarm.store.layout import Layout, chain_ids
-from prewarm.fleet.plan import ImagePlan
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,8 +19,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from prewarm.errors import (CorruptContent, DiffIdMismatch, DigestMismatch, InsufficientSpace, PrewarmError,
-                            StoreError)
+from prewarm.errors import (
+    CorruptContent,
+    DiffIdMismatch,
+    DigestMismatch,
+    InsufficientSpace,
+    PrewarmError,
+    StoreError,
+)
 from prewarm.index.tarindex import TarIndexer
 from prewarm.index.ztoc import FileEntry
 from prewarm.resolve.digest import parse_digest

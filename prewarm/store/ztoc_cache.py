@@ -14,11 +14,11 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from prewarm.store.atomic import atomic_write
-from prewarm.resolve.digest import sha256_digest, verify
 from prewarm.errors import BadZtoc
-from prewarm.store.layout import Layout
 from prewarm.index.ztoc import Ztoc, parse_ztoc
+from prewarm.resolve.digest import sha256_digest, verify
+from prewarm.store.atomic import atomic_write
+from prewarm.store.layout import Layout
 
 #: A zTOC larger than this is refused before it is fetched (about 4,000 GB of layer).
 MAX_ZTOC_BYTES = 1 << 30

@@ -50,7 +50,6 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from prewarm.config import Settings
-from prewarm.resolve.digest import is_digest, new_hasher, parse_digest, sha256_digest, verify
 from prewarm.errors import (
     BlobNotFound,
     CorruptContent,
@@ -61,6 +60,7 @@ from prewarm.errors import (
     RegistryUnavailable,
     UnsupportedManifest,
 )
+from prewarm.resolve.digest import is_digest, new_hasher, parse_digest, sha256_digest, verify
 from prewarm.resolve.manifest import (
     IMAGE_INDEXES,
     IMAGE_MANIFESTS,

@@ -18,7 +18,9 @@ from pathlib import Path
 import grpc
 
 from prewarm.errors import ConfigError
-from prewarm.runtime.shim._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from prewarm.runtime.shim._proto.containerd.services.snapshots.v1 import (
+    snapshots_pb2_grpc as pb_grpc,
+)
 from prewarm.runtime.shim.service import SnapshotsService
 from prewarm.runtime.snapshot.overlay import OverlaySnapshotter
 

@@ -18,8 +18,15 @@ from google.protobuf.empty_pb2 import Empty
 
 from prewarm.errors import PrewarmError, SnapshotExists
 from prewarm.runtime.shim._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from prewarm.runtime.shim._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from prewarm.runtime.shim.convert import info_from_proto, info_to_proto, mounts_to_proto, status_code
+from prewarm.runtime.shim._proto.containerd.services.snapshots.v1 import (
+    snapshots_pb2_grpc as pb_grpc,
+)
+from prewarm.runtime.shim.convert import (
+    info_from_proto,
+    info_to_proto,
+    mounts_to_proto,
+    status_code,
+)
 from prewarm.runtime.snapshot.snapshotter import Snapshotter
 
 log = logging.getLogger(__name__)

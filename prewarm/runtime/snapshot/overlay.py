@@ -25,10 +25,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from prewarm.errors import FailedPrecondition, InvalidSnapshotRequest, SnapshotExists
-from prewarm.store.layout import Layout, secure_root
 from prewarm.runtime.snapshot.filters import matches_any, parse_filters
 from prewarm.runtime.snapshot.metastore import MetaStore, Record, Transaction
-from prewarm.store.content import ContentStore
 from prewarm.runtime.snapshot.prewarmed import PrewarmedLayer, lookup_chain, served_as
 from prewarm.runtime.snapshot.snapshotter import (
     LABEL_CRI_LAYER_DIGEST,
@@ -39,6 +37,8 @@ from prewarm.runtime.snapshot.snapshotter import (
     Mount,
     Usage,
 )
+from prewarm.store.content import ContentStore
+from prewarm.store.layout import Layout, secure_root
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from prewarm.resolve.digest import is_digest
 from prewarm.errors import StoreError
+from prewarm.resolve.digest import is_digest
 from prewarm.store.atomic import atomic_write
 from prewarm.store.layout import Layout, chain_ids
 
