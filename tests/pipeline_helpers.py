@@ -104,6 +104,21 @@ def start_worker(env: dict[str, str], log: Path, *extra: str, registered: bool =
     return Worker(proc, log)
 
 
+def register_node(env: dict[str, str]) -> None:
+    """Register the env's node in Redis as its worker would (same identity), before the worker starts.
+
+    A schedule names only registered nodes; a test that queues a job before starting the
+    node's worker (the worker then finds the messages waiting) registers the node first.
+    """
+    import redis
+
+    from prewarm.fleet.nodes import heartbeat
+
+    r = redis.Redis.from_url(env["PREWARM_BROKER_URL"])
+    heartbeat(r, env["PREWARM_NODE_NAME"], labels={}, root=Path(env["PREWARM_ROOT"]), layers=frozenset())
+    r.close()
+
+
 def wait_job(job: str, env: dict[str, str], timeout: float = 240) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -25,6 +25,7 @@ from tests.pipeline_helpers import (
     clean_env,
     prewarm,
     push,
+    register_node,
     start_worker,
     wait_job,
 )
@@ -136,6 +137,8 @@ def test_a_429_with_retry_after_makes_every_worker_back_off(
         env = envs["r1"]
         ref = f"{proxy.host}/{REPO}:{image.tag}"
         prewarm("budget", proxy.host, "--rate", "30MB", "--burst", "2MB", env=env, check=True)
+        for e in envs.values():
+            register_node(e)
         job = prewarm("schedule", ref, "--node", "r1", "--node", "r2", env=env, check=True).stdout.strip()
         workers: list[Worker] = [start_worker(e, tmp_path / f"{n}.log", "-c", "2", "--hostname", f"w@{n}")
                                  for n, e in envs.items()]

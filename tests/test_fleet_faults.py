@@ -34,6 +34,7 @@ from tests.pipeline_helpers import (
     clean_env,
     prewarm,
     push,
+    register_node,
     start_worker,
     wait_job,
 )
@@ -268,6 +269,7 @@ def test_a_span_corrupted_in_transit_is_refetched_never_committed(tmp_path: Path
     with FaultProxy(registry.host) as proxy:
         env = node_env(tmp_path, "n1", redis_url, proxy, registry)
         ref = f"{proxy.host}/{REPO}:{odd.tag}"
+        register_node(env)
         job = prewarm("schedule", ref, "--node", "n1", env=env, check=True).stdout.strip()
         # Given the first three span responses to the node corrupted in transit (one byte flipped)
         layers = "|".join(layer["digest"] for layer in image_manifest(odd)["layers"] if layer["size"] >= 1 << 20)
@@ -341,6 +343,7 @@ def test_a_whole_layer_corrupted_in_transit_is_fetched_again(tmp_path: Path, reg
         ref = f"{proxy.host}/{REPO}:{odd.tag}"
         # Given every layer fetched whole (no zTOC) and, once scheduled, the first two layer
         # downloads corrupted in transit (one byte flipped mid-body)
+        register_node(env)
         job = prewarm("schedule", ref, "--node", "n1", "--index", "none", env=env, check=True).stdout.strip()
         layers = "|".join(layer["digest"] for layer in image_manifest(odd)["layers"])
         corrupt = proxy.add(Fault("corrupt", path=f"/blobs/({layers})", method="GET", first=2))
