@@ -83,7 +83,10 @@ def test_transient_errors_are_retried_as_configured_then_the_layer_fails_with_th
 
     image = simple_image(tmp_path / "oci")
     push(image, registry, "bounds/retries")
+    layers = "|".join(layer.digest for layer in image.layers)
     with FaultProxy(registry.host) as proxy:
+        # Given every request for a layer blob answered 503, from before the job starts
+        fault = proxy.add(Fault("status", path=f"/blobs/({layers})", method="GET", status=503))
         env = clean_env(tmp_path / "store", PREWARM_BROKER_URL=redis_url, PREWARM_NODE_NAME="b3",
                         PREWARM_INSECURE_REGISTRIES=f"{proxy.host},{registry.host}",
                         PREWARM_TRANSIENT_RETRIES="5", PREWARM_RETRY_MAX_DELAY="1", **SPANS)
@@ -91,8 +94,6 @@ def test_transient_errors_are_retried_as_configured_then_the_layer_fails_with_th
         worker = start_worker(env, tmp_path / "w.log", "-c", "1", "--hostname", "w@b3")
         try:
             job = prewarm("schedule", ref, "--node", "b3", "--index", "none", env=env, check=True).stdout.strip()
-            # Given every blob request answered 503 from the moment the job runs
-            fault = proxy.add(Fault("status", path="/blobs/", method="GET", status=503))
             final = wait_job(job, env, timeout=240)
         finally:
             worker.stop()

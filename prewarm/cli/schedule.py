@@ -148,7 +148,7 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
         if dry_run:
             from prewarm.node import local
 
-            _print_dry_run(*local.dry_run(settings, image), image, as_json)
+            _print_dry_run(*local.dry_run(settings, image), image, as_json)  # one node: no sharing
             return
         _schedule_embedded(settings, image, window, index, concurrency, as_json, quiet,
                            (containerd_socket, namespace) if containerd_socket else None)
@@ -162,7 +162,8 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
 
     choice = submit.NodeChoice(names=nodes, every=all_nodes, selectors=selectors)
     if dry_run:
-        _print_dry_run(*submit.dry_run(settings, image, choice), image, as_json)
+        lines, egress = submit.dry_run(settings, image, choice)
+        _print_dry_run(lines, egress, image, as_json, sharing=sum(1 for line in lines if line.shares))
         return
     progress = _Progress() if wait and not quiet else None
     job = submit.submit(settings, image, choice, index=cast("IndexPolicy", index), window=window, keep=keep,
@@ -178,7 +179,8 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
     _finish(job.status, as_json)
 
 
-def _print_dry_run(lines, egress: int, image: str, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+def _print_dry_run(lines, egress: int, image: str, as_json: bool,  # type: ignore[no-untyped-def]
+                   sharing: int = 0) -> None:
     from prewarm.fleet.progress import human_bytes, human_seconds
 
     if as_json:
@@ -192,7 +194,7 @@ def _print_dry_run(lines, egress: int, image: str, as_json: bool) -> None:  # ty
         click.echo(f"{l.node:<24} {human_bytes(l.present_bytes):>10} {human_bytes(l.fetch_bytes):>10} "
                    f"{free:>11} {human_seconds(l.seconds):>9}")
     click.echo(f"registry egress: {human_bytes(egress)} for {image}"
-               + (f" ({len(sharing)} node(s) share spans: each layer about once for them)" if sharing else ""))
+               + (f" ({sharing} node(s) share spans: each layer about once for them)" if sharing else ""))
 
 
 @click.command()

@@ -319,6 +319,8 @@ class DryRunLine:
     fetch_bytes: int
     free_after: int | None
     seconds: float
+    #: the node takes spans from its peers (span sharing on)
+    shares: bool = False
 
 
 def dry_run(plan: ImagePlan, nodes: Sequence[tuple[str, frozenset[str], int | None]],
@@ -341,7 +343,8 @@ def dry_run(plan: ImagePlan, nodes: Sequence[tuple[str, frozenset[str], int | No
             shared_need |= {l.digest for l in plan.layers if l.digest not in held}
         else:
             egress += fetch
-        lines.append(DryRunLine(name, present, fetch, None if free is None else free - unpacked, 0.0))
+        lines.append(DryRunLine(name, present, fetch, None if free is None else free - unpacked, 0.0,
+                                name in sharing))
     egress += sum(l.size for l in plan.layers if l.digest in shared_need)
     fetching = sum(1 for line in lines if line.fetch_bytes)
     rate = float(NOMINAL_NODE_RATE)
