@@ -9,6 +9,7 @@ traceback.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
@@ -16,12 +17,38 @@ import click
 from prewarm.errors import PrewarmError
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the main thread is, so every cleanup runs as for Ctrl-C.
+
+    A BaseException, like KeyboardInterrupt: ``except Exception`` must not swallow it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
 class PrewarmGroup(click.Group):
-    """A click group that turns our errors into one-line messages and exit codes."""
+    """A click group that turns our errors into one-line messages and exit codes.
+
+    SIGTERM (a Job's pod deleted, ``timeout``) and SIGHUP end a command the way Ctrl-C
+    does: the embedded Redis, workers and temp folder are stopped and removed by the same
+    ``finally`` blocks, and the exit code is 128 plus the signal's number.  Commands that
+    handle signals themselves (the worker's Celery, the shim) set their own handlers later.
+    """
 
     def invoke(self, ctx: click.Context) -> object:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _terminated)
         try:
             return super().invoke(ctx)
+        except Terminated as stop:
+            click.echo(f"prewarm: stopped by {signal.Signals(stop.signum).name}", err=True)
+            sys.exit(128 + stop.signum)
         except PrewarmError as err:
             if ctx.obj and ctx.obj.get("debug"):
                 raise

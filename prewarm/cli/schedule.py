@@ -212,7 +212,10 @@ def status_cmd(job: str | None, as_json: bool, broker_url: str | None, root: Pat
     if not settings.broker_url:
         from prewarm.node.local import saved_summaries
 
-        for text in saved_summaries(settings.root, job):
+        summaries = list(saved_summaries(settings.root, job))
+        if not summaries and not job:
+            _say_empty(as_json, f"no job has run on this machine yet (store {settings.root})")
+        for text in summaries:
             data = json.loads(text)
             click.echo(text if as_json else
                        f"{data['job']}  {data['state']:<10} {data['image']}  "
@@ -220,6 +223,8 @@ def status_cmd(job: str | None, as_json: bool, broker_url: str | None, root: Pat
         return
     r = redis_client(settings.broker_url)
     ids = [job] if job else jobs.list_jobs(r)
+    if not ids:
+        _say_empty(as_json, "no job in the fleet (prewarm schedule IMAGE starts one)")
     for job_id in ids:
         status = jobs.job_status(r, job_id)
         if as_json:
@@ -236,6 +241,11 @@ def status_cmd(job: str | None, as_json: bool, broker_url: str | None, root: Pat
                            + (f", {ns.peer_bad} bad peer(s)" if ns.peer_bad else ""))
             for line in status.failures():
                 click.echo(f"  failed: {line}")
+
+
+def _say_empty(as_json: bool, what: str) -> None:
+    """An empty listing still answers: ``[]`` for JSON, one line otherwise."""
+    click.echo("[]" if as_json else what)
 
 
 @click.command()

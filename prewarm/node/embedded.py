@@ -83,6 +83,63 @@ def default_concurrency() -> int:
     return (os.cpu_count() or 1) + 2
 
 
+#: The private cluster's run folders under the temp directory, one per embedded run.
+RUN_DIR_PREFIX = "prewarm-embedded-"
+
+
+def _die_with_parent() -> None:
+    """In a child of the embedded cluster: be sent SIGTERM when the command that started it dies.
+
+    Why: a command killed outright (SIGKILL, the OOM killer) runs no cleanup; without this
+    its private redis-server and workers would run on, orphaned.
+    """
+    import ctypes
+
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP while the cleanup runs; the first one comes after it.
+
+    The handlers are swapped for one that only remembers (a blocked mask would not do:
+    CPython runs a handler in the main thread whichever thread the kernel picked).  Outside
+    the main thread, where handlers cannot be set, nothing is held.
+    """
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    pending: list[int] = []
+    try:
+        old = {sig: signal.signal(sig, lambda signum, _frame: pending.append(signum)) for sig in held}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if pending:
+            os.kill(os.getpid(), pending[0])  # now to the handler the command had
+
+
+def _remove_orphaned_run_dirs() -> None:
+    """Remove run folders of embedded runs whose command is gone (killed before its cleanup ran)."""
+    for folder in Path(tempfile.gettempdir()).glob(RUN_DIR_PREFIX + "*"):
+        try:
+            pid = int((folder / "pid").read_text())
+        except (OSError, ValueError):
+            continue  # another version's folder, or one being made: not ours to judge
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            continue
+
+
 @contextlib.contextmanager
 def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
                      workers: int = 1) -> Iterator[EmbeddedCluster]:
@@ -98,23 +155,29 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
             "or set PREWARM_BROKER_URL to use a fleet's Redis"
         )
     settings.root.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(tempfile.mkdtemp(prefix="prewarm-embedded-"))
+    _remove_orphaned_run_dirs()
+    run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
     sock = run_dir / "redis.sock"
-    redis_proc = subprocess.Popen(
-        [redis_server, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
-         "--save", "", "--appendonly", "no", "--dir", str(run_dir), "--daemonize", "no",
-         "--logfile", str(run_dir / "redis.log")],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
     broker_url = f"unix://{sock}"
-    # The private cluster signs its tasks too: its Redis socket is root's alone, but a
-    # worker that runs only signed tasks is the same code path everywhere.
-    key, cert = ensure_keypair(settings.root / "keys")
-    env = {**os.environ, **dataclasses.replace(settings, broker_url=broker_url, trusted_certs=str(cert)).to_env()}
-    env.setdefault("PREWARM_VISIBILITY_TIMEOUT", "300")
+    redis_proc: subprocess.Popen[bytes] | None = None
     procs: list[subprocess.Popen[bytes]] = []
-    cluster = EmbeddedCluster(run_dir, redis_proc, procs, broker_url, TaskSigner.from_files(key, cert))
+    cluster: EmbeddedCluster | None = None
     try:
+        (run_dir / "pid").write_text(str(os.getpid()))
+        redis_proc = subprocess.Popen(
+            [redis_server, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+             "--save", "", "--appendonly", "no", "--dir", str(run_dir), "--daemonize", "no",
+             "--logfile", str(run_dir / "redis.log")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+        # The private cluster signs its tasks too: its Redis socket is root's alone, but a
+        # worker that runs only signed tasks is the same code path everywhere.
+        key, cert = ensure_keypair(settings.root / "keys")
+        env = {**os.environ,
+               **dataclasses.replace(settings, broker_url=broker_url, trusted_certs=str(cert)).to_env()}
+        env.setdefault("PREWARM_VISIBILITY_TIMEOUT", "300")
+        cluster = EmbeddedCluster(run_dir, redis_proc, procs, broker_url, TaskSigner.from_files(key, cert))
         with open(run_dir / "worker.log", "ab") as log:
             for i in range(workers):
                 procs.append(subprocess.Popen(
@@ -125,22 +188,27 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
                      # no Flower to send task events to (~6% of a cold run's profile samples)
                      "--no-task-events", "--without-mingle", "--without-gossip"],
                     env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True,
+                    start_new_session=True, preexec_fn=_die_with_parent,
                 ))
         yield cluster
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                if cluster.job_over:
-                    # Why: Celery's shutdown takes ~2 s of a ~14 s cold pre-warm.  Once the
-                    # job is over nothing is left to finish: every task's writes are safe
-                    # against kill -9 (the store's contract) and the private broker is
-                    # thrown away with its messages.
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                else:
-                    proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            stop_process(proc, 10)
-        stop_process(redis_proc, 5)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        # Whatever ends the run (success, an error, Ctrl-C, SIGTERM), and a second signal
+        # while this runs: the cleanup finishes first, the signal is taken after it.
+        with _signals_held():
+            over = cluster is not None and cluster.job_over
+            for proc in procs:
+                if proc.poll() is None:
+                    if over:
+                        # Why: Celery's shutdown takes ~2 s of a ~14 s cold pre-warm.  Once the
+                        # job is over nothing is left to finish: every task's writes are safe
+                        # against kill -9 (the store's contract) and the private broker is
+                        # thrown away with its messages.
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(proc.pid, signal.SIGKILL)
+                    else:
+                        proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                stop_process(proc, 10)
+            if redis_proc is not None:
+                stop_process(redis_proc, 5)
+            shutil.rmtree(run_dir, ignore_errors=True)
