@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 
@@ -20,11 +20,22 @@ def registry_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def root_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--root", type=click.Path(file_okay=False, path_type=Path),
+    # A plain path: the store is checked by settings_from(store=...), the same way whether it
+    # came from --root or PREWARM_ROOT.
+    return click.option("--root", type=click.Path(path_type=Path),
                         help="Content store (default PREWARM_ROOT or /var/lib/prewarm).")(fn)
 
 
-def settings_from(**flags: Any) -> Settings:
-    """Settings from the environment with the command's flags on top (flags win)."""
+def settings_from(store: Literal["read", "write"] | None = None, **flags: Any) -> Settings:
+    """Settings from the environment with the command's flags on top (flags win).
+
+    ``store``: the command reads or writes the node's store, which is checked here, once
+    (prewarm.store.layout.check_root): a clear StoreError instead of a traceback later.
+    """
     insecure = flags.pop("insecure_registries", None) or None
-    return Settings.from_env(insecure_registries=frozenset(insecure) if insecure else None, **flags)
+    settings = Settings.from_env(insecure_registries=frozenset(insecure) if insecure else None, **flags)
+    if store is not None:
+        from prewarm.store.layout import check_root
+
+        check_root(settings.root, writable=store == "write")
+    return settings

@@ -43,13 +43,14 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
     from prewarm.fleet import keys
     from prewarm.node.embedded import default_concurrency
 
-    settings = settings_from(insecure_registries=insecure_registries, ca_bundle=ca_bundle, root=root,
-                             broker_url=broker_url, node_name=node, containerd_address=containerd_socket,
-                             containerd_namespace=containerd_namespace)
+    # the store is checked before the worker says it is ready: one that cannot be written
+    # refuses to start, with the reason, instead of failing every job
+    settings = settings_from(store="write", insecure_registries=insecure_registries, ca_bundle=ca_bundle,
+                             root=root, broker_url=broker_url, node_name=node,
+                             containerd_address=containerd_socket, containerd_namespace=containerd_namespace)
     if not settings.broker_url:
         raise ConfigError("prewarm worker needs a broker: set PREWARM_BROKER_URL or --broker-url "
                           "(redis://host:port/db, rediss://..., unix:///path)")
-    settings.root.mkdir(parents=True, exist_ok=True)
     os.environ.update(settings.to_env())
     os.environ["PREWARM_TASK_EVENTS"] = "1" if task_events else "0"
     metrics_port = os.environ.get("PREWARM_METRICS_PORT")
@@ -170,7 +171,7 @@ def mounts_cmd(image: str, target: str, root: Path | None) -> None:
     from prewarm.store.content import ContentStore
     from prewarm.store.layout import Layout
 
-    settings = settings_from(root=root)
+    settings = settings_from(store="read", root=root)
     layout = Layout(settings.root)
     record = find_record(layout, image)
     if record is None:
@@ -201,7 +202,7 @@ def images_cmd(as_json: bool, root: Path | None) -> None:
     from prewarm.store.content import ContentStore
     from prewarm.store.layout import Layout
 
-    settings = settings_from(root=root)
+    settings = settings_from(store="read", root=root)
     store = ContentStore(settings.root)
     records = list_records(Layout(settings.root))
     if as_json:
@@ -228,7 +229,7 @@ def rm_cmd(image: str, root: Path | None) -> None:
     from prewarm.runtime.images import find_record, remove_record
     from prewarm.store.layout import Layout
 
-    settings = settings_from(root=root)
+    settings = settings_from(store="write", root=root)
     layout = Layout(settings.root)
     record = find_record(layout, image)
     if record is None:
@@ -246,7 +247,7 @@ def gc_cmd(dry_run: bool, root: Path | None) -> None:
     from prewarm.runtime.gc import collect
     from prewarm.store.layout import Layout
 
-    settings = settings_from(root=root)
+    settings = settings_from(store="write", root=root)
     removed = collect(Layout(settings.root), dry_run=dry_run)
     for digest in removed:
         click.echo(("would remove " if dry_run else "removed ") + digest)

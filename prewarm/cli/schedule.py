@@ -145,6 +145,9 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
     if not settings.broker_url:
         if nodes or all_nodes or selectors or keep:
             raise ConfigError("--node, --all-nodes, --selector and --keep need a fleet: set PREWARM_BROKER_URL")
+        from prewarm.store.layout import check_root
+
+        check_root(settings.root, writable=not dry_run)  # this machine's store: checked before anything else
         if dry_run:
             from prewarm.node import local
 
@@ -211,6 +214,9 @@ def status_cmd(job: str | None, as_json: bool, broker_url: str | None, root: Pat
     settings = settings_from(root=root, broker_url=broker_url)
     if not settings.broker_url:
         from prewarm.node.local import saved_summaries
+        from prewarm.store.layout import check_root
+
+        check_root(settings.root, writable=False)
 
         summaries = list(saved_summaries(settings.root, job))
         if not summaries and not job:

@@ -24,7 +24,7 @@ def snapshotter(address: Path, root: Path | None, log_level: str, isolate_namesp
     """Serve containerd's snapshot API over pre-warmed layers (a proxy snapshotter)."""
     from prewarm.runtime.shim.server import run
 
-    settings = settings_from(root=root)
+    settings = settings_from(store="write", root=root)
     level = getattr(logging, log_level.upper())
     for name in ("prewarm.runtime.shim", "prewarm.runtime.snapshot"):
         logging.getLogger(name).setLevel(level)

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from prewarm.runtime.images import list_records
+from prewarm.runtime.images import digests_in_unreadable_records, list_records
 from prewarm.store.atomic import atomic_write
 from prewarm.store.content import ContentStore
 from prewarm.store.layout import Layout
@@ -93,7 +93,7 @@ def snapshot_sources(layout: Layout) -> set[str]:
 
 def layers_in_use(layout: Layout) -> set[str]:
     used = {d for record in list_records(layout) for d in record.layer_digests}
-    return used | snapshot_sources(layout) | pinned(layout)
+    return used | digests_in_unreadable_records(layout) | snapshot_sources(layout) | pinned(layout)
 
 
 def _recently_changed(layout: Layout, digest: str) -> bool:

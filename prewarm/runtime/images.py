@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import re
 import time
 from pathlib import Path
 
-from prewarm.errors import DiffIdMismatch, StoreError
+from prewarm.errors import CorruptContent, DiffIdMismatch, StoreError
 from prewarm.fleet.plan import ImagePlan
 from prewarm.store.atomic import atomic_write
 from prewarm.store.layout import Layout, chain_ids
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,18 +48,50 @@ def write_record(layout: Layout, record: ImageRecord) -> None:
 
 
 def read_record(path: Path) -> ImageRecord:
-    raw = json.loads(path.read_text())
-    for key in ("layer_digests", "diff_ids", "sizes"):
-        raw[key] = tuple(raw[key])
-    return ImageRecord(**raw)
+    """Raises: CorruptContent: the record is not one we wrote (naming its file)."""
+    try:
+        raw = json.loads(path.read_text())
+        for key in ("layer_digests", "diff_ids", "sizes"):
+            raw[key] = tuple(raw[key])
+        return ImageRecord(**raw)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise CorruptContent(f"image record {path} is corrupt ({type(err).__name__}: {err}); remove it "
+                             "and schedule the image again") from None
 
 
 def list_records(layout: Layout) -> list[ImageRecord]:
+    """Every readable image record; a corrupt one is skipped with a warning naming its file."""
     out = []
     if layout.images_dir().is_dir():
         for path in sorted(layout.images_dir().glob("*.json")):
-            out.append(read_record(path))
+            try:
+                out.append(read_record(path))
+            except CorruptContent as err:
+                log.warning("skipping it: %s", err)
     return sorted(out, key=lambda r: r.name)
+
+
+def digests_in_unreadable_records(layout: Layout) -> set[str]:
+    """Every digest written anywhere in an image record that does not parse.
+
+    gc keeps these: a corrupt record's image cannot be listed, but its layers are not
+    garbage for that (what can still be read of it names them).
+    """
+    out: set[str] = set()
+    if not layout.images_dir().is_dir():
+        return out
+    for path in layout.images_dir().glob("*.json"):
+        try:
+            read_record(path)
+        except CorruptContent:
+            try:
+                out.update(_DIGEST.findall(path.read_bytes().decode("utf-8", "replace")))
+            except OSError:
+                continue
+    return out
+
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def find_record(layout: Layout, name: str) -> ImageRecord | None:

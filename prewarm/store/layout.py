@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from prewarm.errors import StoreError
@@ -118,3 +119,28 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
         else:
             out.append("sha256:" + hashlib.sha256(f"{out[-1]} {diff_id}".encode()).hexdigest())
     return out
+
+
+def check_root(root: Path, *, writable: bool) -> None:
+    """The store root is usable, checked once when a command starts, the same for --root and PREWARM_ROOT.
+
+    It is a directory, or does not exist yet (an empty store: made, private, by a command
+    that writes); a command that writes must be able to create a file in it (a read-only
+    mount or missing permission shows here, not as a traceback from the first write).
+
+    Raises:
+        StoreError: naming the path and what to do (exit 7).
+    """
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"the store root {root} is not a directory; point PREWARM_ROOT (or --root) at a folder")
+    if not writable:
+        return
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=ROOT_MODE)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise StoreError(f"the store root {root} is not writable ({err.strerror}); this command writes to it: "
+                         "mount it read-write, fix its permissions, or point PREWARM_ROOT elsewhere") from None
+    secure_root(root)

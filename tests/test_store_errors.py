@@ -1,0 +1,115 @@
+"""Store failures end in one clear line and exit 7; a corrupt record never takes a command down (issue 19 items 1-3).
+
+Real stores: a regular file where the root should be (as PREWARM_ROOT and as --root alike),
+a read-only bind mount, and a corrupt image record beside a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.containerd import install_prewarmed, make_layer
+from tests.pipeline_helpers import REPO_ROOT, clean_env
+
+COMMANDS = {
+    "images": ["images"],
+    "mounts": ["mounts", "reg.example/app:1", "/mnt/x"],
+    "rm": ["rm", "reg.example/app:1"],
+    "gc": ["gc"],
+    "status": ["status"],
+    "schedule": ["schedule", "127.0.0.1:1/app:1", "--wait"],
+}
+WRITERS = {"rm", "gc", "schedule"}
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "prewarm", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO_ROOT)
+
+
+def _one_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("given", ["env", "flag"])
+def test_a_regular_file_as_the_root_is_a_store_error_however_it_is_given(tmp_path: Path, command: str,
+                                                                        given: str) -> None:
+    root = tmp_path / "not-a-dir"
+    root.write_text("x")
+    env = clean_env(tmp_path / "unused")
+    args = COMMANDS[command]
+    if given == "env":
+        env["PREWARM_ROOT"] = str(root)
+    else:
+        args = [*args, "--root", str(root)]
+    proc = _run(args, env)
+    assert proc.returncode == 7, (proc.returncode, proc.stderr)
+    line = _one_line(proc)
+    assert str(root) in line and "not a directory" in line
+    assert root.read_text() == "x"
+
+
+@pytest.fixture()
+def read_only_store(tmp_path: Path) -> Iterator[Path]:
+    root = tmp_path / "store"
+    root.mkdir()
+    subprocess.run(["mount", "--bind", str(root), str(root)], check=True)
+    subprocess.run(["mount", "-o", "remount,ro,bind", str(root)], check=True)
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+@pytest.mark.parametrize("command", sorted(WRITERS))
+def test_a_read_only_store_stops_a_writing_command_before_it_starts(tmp_path: Path, read_only_store: Path,
+                                                                   command: str) -> None:
+    proc = _run(COMMANDS[command], clean_env(read_only_store))
+    assert proc.returncode == 7, (proc.returncode, proc.stderr)
+    line = _one_line(proc)
+    assert str(read_only_store) in line and "not writable" in line
+
+
+def test_a_worker_on_a_read_only_store_refuses_to_start(tmp_path: Path, read_only_store: Path,
+                                                        redis_url: str) -> None:
+    env = clean_env(read_only_store, PREWARM_BROKER_URL=redis_url, PREWARM_NODE_NAME="ro")
+    proc = _run(["worker", "-c", "1"], env, timeout=120)
+    assert proc.returncode == 7, (proc.returncode, proc.stderr[-2000:])
+    assert "not writable" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_corrupt_image_record_is_skipped_by_listings_and_named_when_asked_for(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    layer = make_layer({"etc/a": b"a\n"})
+    install_prewarmed(root, [layer])
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    good = {"name": "reg.example/good:1", "reference": "reg.example/good@sha256:" + "1" * 64,
+            "manifest_digest": "sha256:" + "1" * 64, "config_digest": "sha256:" + "2" * 64, "platform": "",
+            "layer_digests": [layer.digest], "diff_ids": [layer.diff_id], "sizes": [1], "created": 0.0}
+    from prewarm.store.layout import Layout
+
+    Layout(root).image(good["name"]).write_text(json.dumps(good))
+    bad = images / "0000-corrupt.json"
+    bad.write_text('{"name": "reg.example/bad:1", "layer_digests": ["' + layer.digest + '"')  # cut short
+    env = clean_env(root)
+    # Then images lists the good one and warns, naming the corrupt file
+    listed = _run(["images", "--json"], env)
+    assert listed.returncode == 0, listed.stderr
+    assert [r["name"] for r in json.loads(listed.stdout)] == ["reg.example/good:1"]
+    assert str(bad) in listed.stderr
+    # And gc keeps the layer the corrupt record still names
+    gc = _run(["gc"], env)
+    assert gc.returncode == 0 and "nothing to remove" in gc.stdout, (gc.stdout, gc.stderr)
+    # And rm of the good image works beside it
+    rm = _run(["rm", "reg.example/good:1"], env)
+    assert rm.returncode == 0, rm.stderr
