@@ -102,3 +102,26 @@ def test_an_unsigned_job_for_a_node_that_runs_only_signed_tasks_is_refused_at_la
         worker.stop()
     assert proc.returncode == 2 and "PREWARM_SIGNING_KEY" in proc.stderr and "s3" in proc.stderr, proc.stderr
     assert not redis.Redis.from_url(redis_url).zcard(keys.JOBS)
+
+
+def test_runs_making_the_embedded_key_pair_at_once_share_one_matching_pair(tmp_path: Path) -> None:
+    import threading
+
+    from kombu.serialization import loads
+
+    from prewarm.fleet.signing import SIGNED_CONTENT_TYPE, install_verifier
+
+    folder = tmp_path / "keys"
+    made: list[tuple[Path, Path]] = []
+    threads = [threading.Thread(target=lambda: made.append(ensure_keypair(folder))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(made)) == 1 and sorted(p.name for p in folder.iterdir()) == ["signing.crt", "signing.key"]
+    key, cert = made[0]
+    refused: list[str] = []
+    install_verifier(str(cert), refused.append)
+    body = TaskSigner.from_files(key, cert).sign({"job": "j"})
+    assert loads(body, SIGNED_CONTENT_TYPE, "utf-8", accept=[SIGNED_CONTENT_TYPE])[1]["job"] == "j"
+    assert refused == []

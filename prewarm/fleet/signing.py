@@ -26,6 +26,8 @@ from __future__ import annotations
 import datetime
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -109,16 +111,22 @@ def ensure_keypair(folder: Path) -> tuple[Path, Path]:
                    .not_valid_before(now - datetime.timedelta(minutes=5))
                    .not_valid_after(now + datetime.timedelta(days=3650))
                    .sign(private, hashes.SHA256()))
+    # The pair is written into a folder of its own, renamed into place whole: two runs that
+    # make a pair at once never leave one's key beside the other's certificate.
     try:
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp_key, tmp_cert = key.with_suffix(".key.tmp"), cert.with_suffix(".crt.tmp")
-        fd = os.open(tmp_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        fd = os.open(staging / key.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))
-        tmp_cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-        os.replace(tmp_cert, cert)
-        os.replace(tmp_key, key)
+        (staging / cert.name).write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        try:
+            os.rename(staging, folder)  # fails if another run's pair (or an old folder) is there
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not (key.is_file() and cert.is_file()):
+                raise
     except OSError as err:
         raise ConfigError(f"cannot write a task-signing key in {folder}: {err.strerror}") from None
     return key, cert
