@@ -29,7 +29,7 @@ from typing import BinaryIO
 from redis import Redis
 
 from prewarm.config import Settings
-from prewarm.errors import BadZtoc, ConfigError, PlanMismatch, PrewarmError, RateLimited
+from prewarm.errors import BadZtoc, ConfigError, PlanMismatch, PrewarmError, RateLimited, Transient
 from prewarm.fleet import jobs, peers
 from prewarm.fleet.budget import RegistryBudget
 from prewarm.fleet.plan import ImagePlan, LayerPlan
@@ -476,6 +476,11 @@ def complete_image(ctx: NodeContext, job: str, name: str, *, name_signed: bool =
     return True
 
 
+#: Tries to resolve an image name at the end of a job (a registry that fails now and then
+#: must not cost the image its name): 8 tries, 0.2 s doubling to 2 s between them.
+NAME_TRIES = 8
+
+
 def _verified_name(ctx: NodeContext, name: str, plan: ImagePlan) -> str:
     """``name`` if it names the plan's manifest here and now, else the plan's pinned reference."""
     try:
@@ -483,7 +488,14 @@ def _verified_name(ctx: NodeContext, name: str, plan: ImagePlan) -> str:
         if ref.digest is not None:
             named = ref.digest
         else:
-            named = ctx.client.resolve(ref, plan.platform or None).manifest_digest
+            for attempt in range(NAME_TRIES):
+                try:
+                    named = ctx.client.resolve(ref, plan.platform or None).manifest_digest
+                    break
+                except Transient:
+                    if attempt == NAME_TRIES - 1:
+                        raise
+                    time.sleep(min(2.0, 0.2 * 2**attempt))
     except PrewarmError as err:
         log.warning("image name %r of job for %s cannot be verified (%s); recording it as %s",
                     name, plan.manifest_digest, err, plan.reference)
