@@ -147,7 +147,9 @@ class NodeContext:
         if ref.digest != plan.manifest_digest:
             raise PlanMismatch(f"the job's image {plan.reference} is not pinned to its manifest "
                                f"{plan.manifest_digest}")
-        resolved = self.client.resolve(ref, plan.platform or None)
+        # within the fleet's budget and its 429 back-off, like every request of a worker
+        with _fleet_backoff_on_429(self, ref.registry), self.budget.request(ref.registry, 0):
+            resolved = self.client.resolve(ref, plan.platform or None)
         wrong = [what for what, ours, theirs in (
             ("manifest digest", plan.manifest_digest, resolved.manifest_digest),
             ("config digest", plan.config_digest, resolved.config_digest),
@@ -490,7 +492,8 @@ def _verified_name(ctx: NodeContext, name: str, plan: ImagePlan) -> str:
         else:
             for attempt in range(NAME_TRIES):
                 try:
-                    named = ctx.client.resolve(ref, plan.platform or None).manifest_digest
+                    with _fleet_backoff_on_429(ctx, ref.registry), ctx.budget.request(ref.registry, 0):
+                        named = ctx.client.resolve(ref, plan.platform or None).manifest_digest
                     break
                 except Transient:
                     if attempt == NAME_TRIES - 1:
