@@ -29,7 +29,7 @@ SPANS = {"PREWARM_SPAN_SIZE": str(256 * 1024), "PREWARM_MIN_LAYER_SIZE": str(1 <
 
 
 def run_mode(tmp: Path, registry, redis_url: str, ref: str, layers: dict[str, int], *,  # type: ignore[no-untyped-def]
-             nodes: int, peers: bool, processes: int, budget_mb: float) -> dict:
+             nodes: int, peers: bool, processes: int, budget_mb: float, tag: str) -> dict:
     import redis
 
     from prewarm.fleet import jobs
@@ -39,14 +39,14 @@ def run_mode(tmp: Path, registry, redis_url: str, ref: str, layers: dict[str, in
     r = redis.Redis.from_url(redis_url)
     r.flushall()
     names = [f"b{i}" for i in range(nodes)]
-    envs = {n: clean_env(tmp / f"{'p' if peers else 'r'}-{n}", PREWARM_BROKER_URL=redis_url,
+    envs = {n: clean_env(tmp / f"{tag}-{n}", PREWARM_BROKER_URL=redis_url,
                          PREWARM_INSECURE_REGISTRIES=registry.host, PREWARM_NODE_NAME=n,
                          PREWARM_PEER_PORT=str(free_port()) if peers else "0", PREWARM_PEER_BIND="127.0.0.1",
                          PREWARM_TASK_EVENTS="0", **SPANS) for n in names}
     env = envs[names[0]]
     if budget_mb:
         prewarm("budget", registry.host, "--rate", f"{budget_mb}MB", "--burst", "2MB", env=env, check=True)
-    workers = [start_worker(envs[n], tmp / f"{'p' if peers else 'r'}-{n}.log", "-c", str(processes),
+    workers = [start_worker(envs[n], tmp / f"{tag}-{n}.log", "-c", str(processes),
                             "--hostname", f"w@{n}") for n in names]
     try:
         deadline = time.monotonic() + 120
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--processes", type=int, default=1, help="worker processes per node")
     parser.add_argument("--budget-mb", type=float, default=0.0, help="fleet registry budget in MB/s (0: none)")
+    parser.add_argument("--workdir", type=Path, help="keep the stores and worker logs here (default: a temp folder)")
+    parser.add_argument("--modes", default="peers,no peers,one node", help="comma-separated subset of the modes")
     args = parser.parse_args(argv)
 
     from tests.images import odd_image
@@ -88,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="prewarm-bench-p2p-") as d:
         tmp = Path(d)
+        if args.workdir:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix="run-", dir=args.workdir))
         with run_redis(tmp / "redis") as redis_server, run_registry(tmp / "registry") as registry:
             image = odd_image(tmp / "oci")
             ref = push(image, registry, "bench/p2p")
@@ -100,10 +105,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{f'{args.budget_mb} MB/s' if args.budget_mb else 'none'}", flush=True)
             print(f"{'mode':<10} {'egress/image':>12} {'job wall s':>10} {'node s med':>10} {'node s max':>10} "
                   f"{'MB registry':>11} {'MB peers':>9}")
-            for peers in (True, False):
-                res = run_mode(tmp, registry, redis_server.url, ref, layers, nodes=args.nodes, peers=peers,
-                               processes=args.processes, budget_mb=args.budget_mb)
-                print(f"{'peers' if peers else 'no peers':<10} {res['egress_ratio']:>12.2f} {res['wall_s']:>10.1f} "
+            modes = [("peers", args.nodes, True), ("no peers", args.nodes, False), ("one node", 1, True)]
+            for tag, (label, nodes, peers) in enumerate(modes):
+                if label not in args.modes.split(","):
+                    continue
+                res = run_mode(tmp, registry, redis_server.url, ref, layers, nodes=nodes, peers=peers,
+                               processes=args.processes, budget_mb=args.budget_mb, tag=f"m{tag}")
+                print(f"{label:<10} {res['egress_ratio']:>12.2f} {res['wall_s']:>10.1f} "
                       f"{res['node_s_median']:>10.1f} {res['node_s_max']:>10.1f} "
                       f"{res['from_registry'] / 1e6:>11.1f} {res['from_peers'] / 1e6:>9.1f}", flush=True)
     return 0

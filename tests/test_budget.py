@@ -156,3 +156,22 @@ def test_a_lease_is_returned_across_a_redis_restart(redis_server: RedisServer, r
     # Then the lease was returned: the slot is free at once, not after LEASE_SECONDS
     assert not ending.is_alive()
     assert r.zcard(inflight) == 0
+
+
+def test_byte_requests_are_served_in_the_order_they_ask(r: redis.Redis) -> None:
+    # Given 1 MB/s with a 0.5 MB burst, nearly used up
+    set_budget(r, "reg:fifo", rate=1e6, burst=5e5, concurrency=0)
+    first = RegistryBudget(r, sleep=lambda s: None)
+    first.take("reg:fifo", 450_000)
+    # When a large request asks first (it cannot go yet) and small ones ask after it
+    large: list[float] = []
+    RegistryBudget(r, sleep=large.append).take("reg:fifo", 2_000_000)
+    small: list[float] = []
+    for _ in range(3):
+        RegistryBudget(r, sleep=small.append).take("reg:fifo", 10_000)
+    # Then the large one booked its turn at once (one wait, no polling), and each small one
+    # waits behind it instead of taking the tokens that refill in the meantime
+    assert len(large) == 1 and 0.3 < large[0] < 0.6
+    assert len(small) == 3
+    assert all(wait > large[0] + 1.5 for wait in small)
+    assert small == sorted(small)

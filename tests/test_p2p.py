@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 
-from prewarm.fleet import peers
+from prewarm.fleet import jobs, peers
 from prewarm.fleet.plan import ImagePlan, LayerPlan
 from prewarm.imagebuild import BuiltImage
 from prewarm.node.peercache import PeerCache
@@ -105,8 +106,12 @@ def test_four_nodes_take_each_span_from_the_registry_about_once(
         before = layer_bytes(registry, layers)
         # When the image is scheduled on the four nodes
         job = prewarm("schedule", ref, "--all-nodes", env=envs["n1"], check=True).stdout.strip()
+        ztocs = {lp.ztoc_digest: lp.ztoc_size for lp in jobs.load_plan(redis.Redis.from_url(redis_url), job).layers
+                 if lp.ztoc_digest is not None}
+        ztoc_before = {d: registry.bytes_served(f"/v2/p2p/odd/blobs/{d}") for d in ztocs}
         final = wait_job(job, envs["n1"], timeout=180)
         sent = layer_bytes(registry, layers) - before
+        ztoc_sent = sum(registry.bytes_served(f"/v2/p2p/odd/blobs/{d}") - ztoc_before[d] for d in ztocs)
     finally:
         for w in workers.values():
             w.stop()
@@ -117,6 +122,10 @@ def test_four_nodes_take_each_span_from_the_registry_about_once(
     print(f"4 nodes: registry layer bytes / image size = {sent / size:.2f}; per node {counts}")
     # Then the registry sent the image's layers about once, not four times
     assert sent <= 1.1 * size, f"registry sent {sent} layer bytes for a {size}-byte image on 4 nodes: {counts}"
+    # And the zTOCs (a window per span: megabytes here) came from the registry at most once
+    # more for all the nodes (the scheduler on n1 fetched them already and n1 offers them)
+    assert len(ztocs) == 2 and all(ztocs.values()), ztocs
+    assert ztoc_sent <= sum(ztocs.values()), f"registry sent {ztoc_sent} zTOC bytes for zTOCs of {ztocs}"
     # And the nodes took the rest from each other, and say so
     assert sum(c.get("bytes_peers", 0) for c in counts.values()) >= 2 * size, counts
     assert all(c.get("peer_bad", 0) == 0 for c in counts.values()), counts
@@ -276,7 +285,7 @@ def test_peer_cache_evicts_least_recently_used_and_reports_what_it_dropped(tmp_p
     kept, evicted = cache.put(DIGEST, 3, b"x" * 100_000)
     assert kept and [(e.layer, e.span) for e in evicted] == [(DIGEST, 1)]
     assert sorted(i.span for i in cache.items()) == [0, 2, 3]
-    assert cache.size() == 300_000
+    assert cache.size() == 300_000 == sum(i.size for i in cache.items())
     # larger than the whole cache: not kept, nothing evicted for it
     assert cache.put(DIGEST, 4, b"y" * 300_001) == (False, [])
     # bad names are refused, not turned into paths
@@ -374,7 +383,7 @@ def test_downloads_from_peers_keep_to_the_nodes_rate_and_wrong_bytes_mark_the_pe
         holder.put(layer, None, data)
         r.hset("prewarm:node:h", mapping={"heartbeat": time.time()})
         peers.advertise(r, "h", address)
-        peers.add_holder(r, layer, None, "h")
+        peers.add_holders(r, layer, [None], "h")
         set_budget(r, download_budget("me"), rate=2 << 20, burst=1 << 20, concurrency=8)
         me = Sharing("me", r, PeerCache(tmp_path / "me", limit=64 << 20), None, 5.0, download=RegistryBudget(r))
         # When it takes the layer from h, twice
@@ -390,10 +399,37 @@ def test_downloads_from_peers_keep_to_the_nodes_rate_and_wrong_bytes_mark_the_pe
         # And a holder whose bytes do not match the digest is marked bad for the job and skipped
         bad = "sha256:" + "cd" * 32
         holder.put(bad, None, data)
-        peers.add_holder(r, bad, None, "h")
+        peers.add_holders(r, bad, [None], "h")
         assert me.take_blob("job1", bad, len(data)) is None
         assert peers.bad_peers(r, "job1", "me") == {"h"}
         assert me.take_blob("job1", layer, len(data)) is None  # skipped for the rest of the job
         assert me.take_blob("job2", layer, len(data)) is not None
     finally:
         server.stop()
+
+
+def test_peer_cache_books_puts_in_a_shared_counter_instead_of_scanning_its_folder(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a cache (a worker process's view) and a second one on the same folder (another process)
+    cache, other = PeerCache(tmp_path, limit=1_000_000), PeerCache(tmp_path, limit=1_000_000)
+    scans: list[int] = []
+    real_items = PeerCache.items
+
+    def counted(self: PeerCache) -> list:  # type: ignore[type-arg]
+        scans.append(1)
+        return real_items(self)
+
+    monkeypatch.setattr(PeerCache, "items", counted)
+    # When both put spans well under the limit
+    for i in range(8):
+        assert (cache if i % 2 else other).put(DIGEST, i, b"s" * 100_000) == (True, [])
+    # Then no put scanned the folder (a stat per item, thousands for a big image), and both see the total
+    assert scans == []
+    assert cache.size() == other.size() == 800_000
+    # And a put past the limit scans once and evicts what the shared counter says it must
+    kept, evicted = other.put(DIGEST, 8, b"t" * 300_000)
+    assert kept and len(evicted) == 1 and scans == [1]
+    assert cache.size() == 1_000_000 == sum(i.size for i in real_items(cache))
+    # And a counter that drifted (a process died between its write and its booking) is set right by a recount
+    (tmp_path / "peers" / ".size").write_bytes((5).to_bytes(8, "big"))
+    assert cache.size() == 5 and cache.recount() == 1_000_000

@@ -89,12 +89,13 @@ def sharing_nodes(r: redis.Redis, names: Iterable[str]) -> frozenset[str]:
     return frozenset(n for n, address in zip(names, pipe.execute()) if address)
 
 
-def add_holder(r: redis.Redis, layer: str, span: int | None, node: str) -> None:
-    """The node holds verified bytes of ``span`` of ``layer`` (None: the whole layer blob)."""
-    key = keys.peer_holders(layer, span)
+def add_holders(r: redis.Redis, layer: str, spans: Sequence[int | None], node: str) -> None:
+    """The node holds verified bytes of ``spans`` of ``layer`` (None: the whole layer blob)."""
     pipe = r.pipeline(transaction=False)
-    pipe.sadd(key, node)
-    pipe.expire(key, HOLDERS_TTL)
+    for span in spans:
+        key = keys.peer_holders(layer, span)
+        pipe.sadd(key, node)
+        pipe.expire(key, HOLDERS_TTL)
     pipe.execute()
 
 

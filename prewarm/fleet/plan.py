@@ -41,6 +41,8 @@ class SpanLayer(NamedTuple):
     num_spans: int
     uncompressed_size: int
     num_files: int = 0
+    #: Bytes of the zTOC (0: unknown); nodes fetch it from peers by this length.
+    ztoc_size: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,8 @@ class LayerPlan:
     spans_per_task: int = 1
     #: TOC entries (what preparing the layer costs).
     num_files: int = 0
+    #: Bytes of the zTOC (0: unknown): the length a node asks peers for (bounded by the node).
+    ztoc_size: int = 0
 
     def __post_init__(self) -> None:
         if self.mode == "whole" and self.num_spans != 1:
@@ -206,7 +210,8 @@ def plan_image(
             if digest in span_layers:
                 z = SpanLayer(*span_layers[digest])
                 plans.append(LayerPlan(digest, size, media_type, diff_id, "spans", z.num_spans,
-                                       z.ztoc_digest, z.uncompressed_size, spans_per_task, z.num_files))
+                                       z.ztoc_digest, z.uncompressed_size, spans_per_task, z.num_files,
+                                       z.ztoc_size))
             else:
                 plans.append(LayerPlan(digest, size, media_type, diff_id, "whole", 1))
         order.append(index_of[digest])

@@ -80,7 +80,8 @@ def find_ztocs(settings: Settings, client: RegistryClient, resolved: ResolvedIma
         desc = index.ztoc_for_layer(layer.digest) if index is not None else None
         if desc is not None and layer.digest not in out:
             z = cache.get(desc.digest, client, ref.registry, ref.repository)
-            out[layer.digest] = SpanLayer(desc.digest, z.num_spans, z.uncompressed_archive_size, len(z.files))
+            out[layer.digest] = SpanLayer(desc.digest, z.num_spans, z.uncompressed_archive_size, len(z.files),
+                                          desc.size)
             from_registry.append(layer.digest)
     built: dict[str, bytes] = {}
     if build and len(out) < len({l.digest for l in resolved.layers}):
@@ -102,7 +103,7 @@ def find_ztocs(settings: Settings, client: RegistryClient, resolved: ResolvedIma
         for digest, data in built.items():
             zdigest = cache.put(data)
             z = cache.get(zdigest)
-            out[digest] = SpanLayer(zdigest, z.num_spans, z.uncompressed_archive_size, len(z.files))
+            out[digest] = SpanLayer(zdigest, z.num_spans, z.uncompressed_archive_size, len(z.files), len(data))
     whole = tuple(l.digest for l in resolved.layers if l.digest not in out)
     return out, IndexChoice(tuple(from_registry), tuple(built), whole)
 

@@ -16,12 +16,14 @@ unlinks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from prewarm.config import DEFAULT_PEER_CACHE_CAP
@@ -34,6 +36,26 @@ DEFAULT_SHARE = 0.10
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^(?:0|[1-9][0-9]{0,8}|blob)$")
 BLOB = "blob"
+
+
+#: File in the cache folder holding the bytes held, as 8 bytes (big endian), under flock.
+COUNTER = ".size"
+
+
+class _Counter:
+    """The shared size counter, valid while its file is locked."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        raw = os.pread(fd, 8, 0)
+        self.total = max(0, int.from_bytes(raw, "big", signed=True)) if len(raw) == 8 else 0
+
+    def add(self, n: int) -> None:
+        self.set(self.total + n)
+
+    def set(self, total: int) -> None:
+        self.total = max(0, total)
+        os.pwrite(self.fd, self.total.to_bytes(8, "big", signed=True), 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,14 +112,20 @@ class PeerCache:
         """Keep verified ``data`` as ``span`` of ``layer``; returns (kept, items evicted to make room).
 
         Not kept (False) when it is larger than the cache or the disk is too full: the
-        cache is an extra, never a reason to fail a task.
+        cache is an extra, never a reason to fail a task.  Room is booked in the size
+        counter before the bytes are written, so processes writing at once never overshoot.
         """
         final = self.path(layer, span)
-        if len(data) > self.limit:
+        n = len(data)
+        if n > self.limit:
             return False, []
-        evicted = self.make_room(len(data))
-        if shutil.disk_usage(self.root).free - len(data) < self.reserve:
-            return False, evicted
+        if final.exists():  # a redelivered span: already held
+            return True, []
+        with self._counter() as counter:
+            evicted = self._fit(counter, n)
+            if shutil.disk_usage(self.root).free - n < self.reserve:
+                return False, evicted
+            counter.add(n)
         final.parent.mkdir(exist_ok=True)
         tmp = final.parent / f".tmp-{uuid.uuid4().hex}"
         try:
@@ -106,6 +134,8 @@ class PeerCache:
             os.replace(tmp, final)
         except OSError:
             tmp.unlink(missing_ok=True)
+            with self._counter() as counter:
+                counter.add(-n)
             return False, evicted
         return True, evicted
 
@@ -121,8 +151,14 @@ class PeerCache:
         if size > self.limit:
             staged.unlink(missing_ok=True)
             return False, []
-        evicted = self.make_room(size, staged=size)
-        os.replace(staged, self.path(layer, None))
+        final = self.path(layer, None)
+        with self._counter() as counter:
+            evicted = self._fit(counter, size, staged=size)
+            if final.exists():
+                staged.unlink(missing_ok=True)
+                return True, evicted
+            os.replace(staged, final)
+            counter.add(size)
         return True, evicted
 
     def items(self) -> list[Item]:
@@ -150,24 +186,24 @@ class PeerCache:
         return out
 
     def size(self) -> int:
-        return sum(item.size for item in self.items())
+        """Bytes held (the shared counter: no scan of the folder)."""
+        with self._counter() as counter:
+            return counter.total
+
+    def recount(self) -> int:
+        """Set the counter from a scan of the folder (a worker starting: it may have died
+        between a write and its booking); returns the bytes held."""
+        with self._counter() as counter:
+            counter.set(sum(i.size for i in self.items()))
+            return counter.total
 
     def make_room(self, nbytes: int, *, staged: int = 0) -> list[Item]:
         """Evict least recently used items until ``nbytes`` more fit under the limit and the reserve.
 
         ``staged``: bytes of the incoming item already on disk (not counted against free space).
         """
-        items = sorted(self.items(), key=lambda i: i.used)
-        state = {"total": sum(i.size for i in items), "free": shutil.disk_usage(self.root).free + staged}
-
-        def short() -> bool:
-            return state["total"] + nbytes > self.limit or state["free"] - nbytes < self.reserve
-
-        def gone(item: Item) -> None:
-            state["total"] -= item.size
-            state["free"] += item.size
-
-        return self._evict(items, short, gone)
+        with self._counter() as counter:
+            return self._fit(counter, nbytes, staged=staged, force=True)
 
     def give_back(self, nbytes: int) -> list[Item]:
         """Evict until the store can take ``nbytes`` and still leave the reserve free.
@@ -175,23 +211,58 @@ class PeerCache:
         Called before landing: the store's own data comes first, the peer cache only uses
         space the store does not need.
         """
-        free = shutil.disk_usage(self.root).free
-        if free - nbytes >= self.reserve:
+        if shutil.disk_usage(self.root).free - nbytes >= self.reserve:
             return []
-        state = {"free": free}
+        with self._counter() as counter:
+            state = {"free": shutil.disk_usage(self.root).free}
+            items = sorted(self.items(), key=lambda i: i.used)
+            counter.set(sum(i.size for i in items))
+
+            def short() -> bool:
+                return state["free"] - nbytes < self.reserve
+
+            def gone(item: Item) -> None:
+                state["free"] += item.size
+                counter.add(-item.size)
+
+            return self._evict(items, short, gone)
+
+    def remove_layer(self, layer: str) -> list[Item]:
+        """Drop every item of ``layer`` (e.g. it failed to verify as a whole)."""
+        with self._counter() as counter:
+            evicted = self._evict([i for i in self.items() if i.layer == layer], lambda: True,
+                                  lambda item: counter.add(-item.size))
+            return evicted
+
+    def _fit(self, counter: _Counter, nbytes: int, *, staged: int = 0, force: bool = False) -> list[Item]:
+        """Under the counter's lock: evict until ``nbytes`` more fit.  The folder is scanned
+        only when the counter says the limit would be passed or the disk is short, so a put
+        costs a few system calls, not a stat of every item (thousands for a 20 GB image)."""
+        free = shutil.disk_usage(self.root).free + staged
+        if not force and counter.total + nbytes <= self.limit and free - nbytes >= self.reserve:
+            return []
         items = sorted(self.items(), key=lambda i: i.used)
+        counter.set(sum(i.size for i in items))
+        state = {"free": free}
 
         def short() -> bool:
-            return state["free"] - nbytes < self.reserve
+            return counter.total + nbytes > self.limit or state["free"] - nbytes < self.reserve
 
         def gone(item: Item) -> None:
+            counter.add(-item.size)
             state["free"] += item.size
 
         return self._evict(items, short, gone)
 
-    def remove_layer(self, layer: str) -> list[Item]:
-        """Drop every item of ``layer`` (e.g. it failed to verify as a whole)."""
-        return self._evict([i for i in self.items() if i.layer == layer], lambda: True, lambda item: None)
+    @contextlib.contextmanager
+    def _counter(self) -> Iterator[_Counter]:
+        """The bytes-held counter shared by the node's worker processes, locked for the block."""
+        fd = os.open(self.dir / COUNTER, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield _Counter(fd)
+        finally:
+            os.close(fd)  # releases the lock
 
     @staticmethod
     def _evict(items: list[Item], more: Callable[[], bool], gone: Callable[[Item], None]) -> list[Item]:

@@ -60,6 +60,8 @@ class Sharing:
     download: RegistryBudget | None = None
     #: peer name -> monotonic time until which this process does not ask it (see COOLDOWN)
     _resting: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: small blobs from elsewhere on the node already offered to peers by this process
+    _offered: set[str] = dataclasses.field(default_factory=set)
 
     @classmethod
     def from_settings(cls, settings: Settings, r: Redis) -> Sharing | None:
@@ -124,6 +126,21 @@ class Sharing:
             return staged
         return None
 
+    def take_small_blob(self, job: str, digest: str, size: int, *, what: str) -> bytes | None:
+        """A small blob (a zTOC) from a peer, in memory, verified against ``digest``; None if
+        no peer delivered it."""
+        bad = set(peers.bad_peers(self.redis, job, self.node))
+        candidates = peers.holders(self.redis, digest, [None], me=self.node,
+                                   skip=frozenset(bad) | self._rested()).get(None, [])
+        random.shuffle(candidates)
+        for peer in candidates:
+            if peer.name in bad or self._is_resting(peer.name):
+                continue
+            data = self._from(job, peer, f"blobs/{digest}", size, digest, bad, what)
+            if data is not None:
+                return data
+        return None
+
     def _from(self, job: str, peer: peers.Peer, what: str, expected: int, digest: str, bad: set[str],
               label: str) -> bytes | None:
         try:
@@ -174,12 +191,17 @@ class Sharing:
 
     # === keeping and announcing ===
 
-    def keep_span(self, layer: str, index: int, body: bytes | memoryview) -> None:
-        """Keep a span's verified bytes for peers and announce them (a full disk only skips it)."""
-        kept, evicted = self.cache.put(layer, index, body)
-        self._forget(evicted)
+    def keep_spans(self, layer: str, bodies: dict[int, memoryview]) -> None:
+        """Keep spans' verified bytes for peers and announce them in one round trip (a full
+        disk only skips them)."""
+        kept = []
+        for index, body in bodies.items():
+            ok, evicted = self.cache.put(layer, index, body)
+            self._forget(evicted)
+            if ok:
+                kept.append(index)
         if kept:
-            peers.add_holder(self.redis, layer, index, self.node)
+            peers.add_holders(self.redis, layer, kept, self.node)
 
     def blob_fits(self, size: int) -> bool:
         return size <= self.cache.limit // BLOB_SHARE
@@ -189,7 +211,34 @@ class Sharing:
         kept, evicted = self.cache.adopt(layer, staged)
         self._forget(evicted)
         if kept:
-            peers.add_holder(self.redis, layer, None, self.node)
+            peers.add_holders(self.redis, layer, [None], self.node)
+
+    def keep_small_blob(self, digest: str, data: bytes) -> None:
+        """Keep a verified small blob (a zTOC) for peers and announce it."""
+        if not self.blob_fits(len(data)):
+            return
+        kept, evicted = self.cache.put(digest, None, data)
+        self._forget(evicted)
+        if kept:
+            peers.add_holders(self.redis, digest, [None], self.node)
+
+    def offer_cached(self, digest: str, path: Path) -> None:
+        """Keep and announce a small blob this node already holds elsewhere (a zTOC in its
+        cache, trusted: written only after its digest was verified), once per process."""
+        if digest in self._offered:
+            return
+        self._offered.add(digest)
+        if self.cache.lookup(digest, None) is None:
+            try:
+                size = path.stat().st_size
+                if not self.blob_fits(size):
+                    return
+                data = path.read_bytes()
+            except OSError:
+                return
+            self.keep_small_blob(digest, data)
+        else:
+            peers.add_holders(self.redis, digest, [None], self.node)
 
     def give_back(self, nbytes: int) -> None:
         """Before landing ``nbytes``: evict from the peer cache if the store would run short."""
@@ -198,9 +247,12 @@ class Sharing:
     def announce_all(self) -> int:
         """Announce everything in the cache (a worker starting with a cache from before)."""
         items = self.cache.items()
+        by_layer: dict[str, list[int | None]] = {}
         for item in items:
-            peers.add_holder(self.redis, item.layer, item.span, self.node)
-        PEER_CACHE_BYTES.set(sum(i.size for i in items))
+            by_layer.setdefault(item.layer, []).append(item.span)
+        for layer, spans in by_layer.items():
+            peers.add_holders(self.redis, layer, spans, self.node)
+        PEER_CACHE_BYTES.set(self.cache.recount())
         return len(items)
 
     def _forget(self, evicted: list[Item]) -> None:

@@ -46,7 +46,7 @@ from prewarm.runtime import gc
 from prewarm.runtime.images import ImageRecord, record_prewarmed_image
 from prewarm.store.content import ContentStore, fetch_range
 from prewarm.store.layout import Layout
-from prewarm.store.ztoc_cache import ZtocCache
+from prewarm.store.ztoc_cache import MAX_ZTOC_BYTES, ZtocCache
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,12 @@ class NodeContext:
                          for layer in plan.layers if layer.digest not in begun)
             if needed:
                 self.store.check_space(needed)
+            if self.sharing is not None:
+                # zTOCs this node already has (an earlier job, a scheduler run here) go to
+                # the peers that need them now, instead of one more copy from the registry.
+                for layer in plan.layers:
+                    if layer.ztoc_digest is not None and self.ztocs.has(layer.ztoc_digest):
+                        self.sharing.offer_cached(layer.ztoc_digest, self.ztocs.path(layer.ztoc_digest))
         if last is None or now - last >= PIN_REFRESH:
             gc.pin(self.layout, job_id, (layer.digest for layer in plan.layers))
             self._pinned[job_id] = now
@@ -216,7 +222,7 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
         raise ValueError(f"task names layer {layer} but the job's plan has {lp.digest} at {layer_index}")
     ctx.pin(job, plan)
     ref = ctx.reference(image)
-    z = _ztoc(ctx, ref, ztoc)
+    z = _ztoc(ctx, ref, ztoc, job=job, size=lp.ztoc_size, patient=patient)
     if not (count >= 1 and 0 <= span and span + count <= z.num_spans):
         raise ValueError(f"task names spans {span}..{span + count - 1} of layer {layer}, which has "
                          f"{z.num_spans}")
@@ -274,7 +280,7 @@ def _fetch_and_land(ctx: NodeContext, plan: ImagePlan, lp: LayerPlan, ref: Refer
     if ctx.sharing is not None:
         ctx.sharing.give_back(sum(z.span(i).uncompressed_end - z.span(i).uncompressed_start for i in todo))
     whole = memoryview(data)
-    ready = False
+    bodies: dict[int, tuple[memoryview, memoryview]] = {}  # span -> (its compressed bytes, what inflates it)
     for i in todo:
         s = z.span(i)
         lo, hi = fetch_range(s)
@@ -286,6 +292,15 @@ def _fetch_and_land(ctx: NodeContext, plan: ImagePlan, lp: LayerPlan, ref: Refer
             compressed = whole[lo - start:hi - start]
             body = compressed[s.compressed_start - lo:]
             verify(body, s.digest, what=f"span {i} of layer {layer} ({ref.registry}/{ref.repository})")
+        bodies[i] = (body, compressed)
+    if ctx.sharing is not None:
+        # Verified: served to the nodes waiting for this group before it is even inflated,
+        # and announced in one round trip for the whole group.
+        ctx.sharing.keep_spans(layer, {i: body for i, (body, _) in bodies.items()})
+    ready = False
+    for i in todo:
+        s = z.span(i)
+        body, compressed = bodies.pop(i)
         next_window = z.checkpoint(i + 1).window if i + 1 < z.num_spans and s.checkpoint else None
         with INFLATE_SECONDS.time():
             # The last span keeps the zero padding after the archive end: the diff_id covers it.
@@ -296,9 +311,7 @@ def _fetch_and_land(ctx: NodeContext, plan: ImagePlan, lp: LayerPlan, ref: Refer
         store.prepare_layer(layer, z, diff_id=lp.diff_id)
         ready = store.land_span(layer, z, i, compressed, out).ready
         SPANS.labels("fetched").inc()
-        if ctx.sharing is not None:
-            ctx.sharing.keep_span(layer, i, body)
-    prepare_ahead(ctx, plan, layer_index, ref)
+    prepare_ahead(ctx, plan, job, layer_index, ref)
     if ready:
         LAYERS.labels("ready").inc()
     return Outcome(nbytes, True, ready)
@@ -331,15 +344,48 @@ def _registry_range(ctx: NodeContext, ref: Reference, layer: str, start: int, en
     return data
 
 
-def _ztoc(ctx: NodeContext, ref: Reference, digest: str) -> Ztoc:
-    """The zTOC ``digest``, from the node's cache or fetched within the fleet's registry budget.
+def _ztoc(ctx: NodeContext, ref: Reference, digest: str, *, job: str | None = None, size: int = 0,
+          patient: bool = False) -> Ztoc:
+    """The zTOC ``digest``: from the node's cache, from a peer, or from the registry.
 
-    Why: zTOCs are registry egress too (a 32 KiB window per span, megabytes per layer), so
-    their size (a HEAD) is charged to the byte budget before they are fetched, and a 429 on
-    them backs the whole fleet off like one on a span.
+    Why peers: zTOCs are registry egress too (a 32 KiB window per span, megabytes per
+    layer), and every node of a job needs every one of them at its start; from the
+    registry that is one more copy per node.  With span sharing on (and the plan giving the
+    zTOC's size), peers are asked first, the first node to need it claims the registry
+    fetch, and a ``patient`` task of another node raises ``ClaimedElsewhere`` to come back
+    for it from that node.  Whatever a peer sends is checked against ``digest`` first.
+
+    Raises:
+        ClaimedElsewhere: another node is fetching it from the registry (``patient`` only).
     """
+    sharing = ctx.sharing
     if ctx.ztocs.has(digest):
+        if sharing is not None:  # cached by an earlier job or a scheduler on this node: offer it once
+            sharing.offer_cached(digest, ctx.ztocs.path(digest))
         return ctx.ztocs.get(digest)
+    if sharing is None or job is None or not 0 < size <= MAX_ZTOC_BYTES:
+        return _ztoc_from_registry(ctx, ref, digest)
+    data = sharing.take_small_blob(job, digest, size, what=f"zTOC {digest}")
+    if data is not None:
+        ctx.ztocs.put(data, digest)
+        sharing.keep_small_blob(digest, data)
+        return ctx.ztocs.get(digest)
+    owner = sharing.claim(digest, None)
+    if owner != sharing.node and patient:
+        raise peers.ClaimedElsewhere(f"zTOC {digest} is being fetched from the registry by node {owner}; "
+                                     "taking it from there later")
+    try:
+        z = _ztoc_from_registry(ctx, ref, digest)
+        sharing.keep_small_blob(digest, ctx.ztocs.path(digest).read_bytes())
+        return z
+    finally:
+        if owner == sharing.node:
+            sharing.release(digest, None)
+
+
+def _ztoc_from_registry(ctx: NodeContext, ref: Reference, digest: str) -> Ztoc:
+    """Fetch the zTOC within the fleet's registry budget: its size (a HEAD) is charged
+    before it is fetched, and a 429 on it backs the whole fleet off like one on a span."""
     with _fleet_backoff_on_429(ctx, ref.registry):
         with ctx.budget.request(ref.registry, 0):
             size = ctx.client.blob_exists(ref.registry, ref.repository, digest) or 0
@@ -361,14 +407,16 @@ def _fleet_backoff_on_429(ctx: NodeContext, registry: str) -> Iterator[None]:
         raise
 
 
-def prepare_ahead(ctx: NodeContext, plan: ImagePlan, layer_index: int, ref: Reference) -> None:
+def prepare_ahead(ctx: NodeContext, plan: ImagePlan, job: str, layer_index: int, ref: Reference) -> None:
     """Prepare the job's next span layer (in work order) while this one is still landing (once per process).
 
     Why: preparing a layer (checking its TOC, creating its tree) takes seconds for 70,000
     files, and every span of it waits for that; done ahead by one process, it overlaps the
     others' work on this layer.  :func:`prewarm.node.prepare.prepare_layers_ahead` does it
     (never waiting for the lock, leaving failures to the layer's own tasks); its zTOC is
-    fetched within the fleet's registry budget.
+    fetched within the fleet's registry budget, or from a peer; when another node is
+    fetching it from the registry, the layer is not prepared ahead (its tasks take the
+    zTOC from that node later) rather than fetched a second time.
     """
     nxt = plan.next_span_layer(layer_index)
     if nxt is None or nxt.digest in ctx._ahead or nxt.ztoc_digest is None:
@@ -376,7 +424,8 @@ def prepare_ahead(ctx: NodeContext, plan: ImagePlan, layer_index: int, ref: Refe
     ctx._ahead.add(nxt.digest)
     if len(ctx._ahead) > 256:
         ctx._ahead.clear()
-    prepare_layers_ahead(ctx.store, [nxt], lambda digest: _ztoc(ctx, ref, digest))
+    prepare_layers_ahead(ctx.store, [nxt], lambda digest: _ztoc(ctx, ref, digest, job=job, size=nxt.ztoc_size,
+                                                                 patient=True))
 
 
 def warm_layer(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index: int,
