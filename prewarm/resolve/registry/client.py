@@ -376,10 +376,8 @@ class RegistryClient:
         with self._lock:
             if ca in self._bundles:
                 return self._bundles[ca]
-        import certifi
-
         parts = []
-        for f in (Path(self._verify) if isinstance(self._verify, str) else Path(certifi.where()), *ca):
+        for f in (Path(self._verify) if isinstance(self._verify, str) else _system_cas(), *ca):
             try:
                 with open(f, "rb") as fh:
                     data = fh.read(MAX_CA_FILE + 1)
@@ -1093,6 +1091,18 @@ class RegistryClient:
                             f"{repository}:{tag} after {FALLBACK_TAG_ATTEMPTS} writes; another pusher "
                             "overwrites the fallback tag", registry=registry, repository=repository,
                             digest=subject_digest)
+
+
+def _system_cas() -> Path:
+    """The system's CA bundle (Debian's ca-certificates), else certifi's."""
+    import ssl
+
+    cafile = ssl.get_default_verify_paths().cafile
+    if cafile:
+        return Path(cafile)
+    import certifi
+
+    return Path(certifi.where())
 
 
 def _digest_of(source: bytes | Path) -> str:
