@@ -106,7 +106,13 @@ def _serve_metrics(port: int, broker_url: str, node: str, root: Path) -> None:
     from celery.signals import heartbeat_sent
 
     from prewarm.fleet.broker import redis_client
-    from prewarm.node.metrics import HEALTH_PING_TIMEOUT, Health, JobCollector, StoreCollector, serve
+    from prewarm.node.metrics import (
+        HEALTH_PING_TIMEOUT,
+        Health,
+        JobCollector,
+        StoreCollector,
+        serve,
+    )
 
     # its own client, with short timeouts: a probe or scrape must answer while Redis is away
     probe = redis_client(broker_url, socket_timeout=HEALTH_PING_TIMEOUT, socket_connect_timeout=HEALTH_PING_TIMEOUT,

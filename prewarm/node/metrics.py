@@ -33,11 +33,12 @@ liveness and readiness probes of a worker ask.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -45,10 +46,14 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from prewarm.errors import PrewarmError
+
 if TYPE_CHECKING:
     from redis import Redis
 
     from prewarm.fleet.jobs import JobStatus
+
+log = logging.getLogger(__name__)
 
 BYTES_FETCHED = Counter("prewarm_bytes_fetched", "Bytes fetched from registries", ["registry", "kind"])
 SPANS = Counter("prewarm_spans", "Span tasks by result", ["result"])
@@ -102,7 +107,8 @@ class StoreCollector(Collector):
                         continue
                     try:
                         info = self._store.ready_info(digest)
-                    except Exception:  # noqa: BLE001 - removed meanwhile, or a torn record: not counted
+                    except (PrewarmError, OSError, ValueError) as err:  # removed meanwhile, or a torn record
+                        log.debug("store bytes: layer %s not counted: %s", digest, err)
                         continue
                     size = info.get("uncompressed_size")
                     self._sizes[digest] = size if isinstance(size, int) and size >= 0 else 0
@@ -132,8 +138,8 @@ class JobCollector(Collector):
         """Per active job of this node: (bytes done, bytes total)."""
         from prewarm.fleet import keys
 
-        job_ids = sorted(j.decode() if isinstance(j, bytes) else j
-                         for j in self._redis.smembers(keys.ACTIVE_JOBS))
+        members = cast("set[bytes | str]", self._redis.smembers(keys.ACTIVE_JOBS))
+        job_ids = sorted(j.decode() if isinstance(j, bytes) else j for j in members)
         pipe = self._redis.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hmget(keys.job_node(job_id, self._node), ["bytes_done", "bytes_total"])
@@ -204,7 +210,7 @@ class Health:
 class _QuietHandler(WSGIRequestHandler):
     """No access log line per scrape and probe."""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
