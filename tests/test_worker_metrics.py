@@ -184,3 +184,18 @@ def test_the_scheduler_side_serves_its_job_gauges(path: str) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_taken_metrics_port_is_a_config_error() -> None:
+    from prewarm.errors import ConfigError
+    from prewarm.node import metrics
+
+    # Given a port already served
+    first = metrics.serve(0, multiprocess=False, addr="127.0.0.1")
+    try:
+        # When another server is asked for it, Then the error names the port and the setting
+        with pytest.raises(ConfigError, match=rf"127\.0\.0\.1:{first.server_address[1]}.*PREWARM_METRICS_PORT"):
+            metrics.serve(first.server_address[1], multiprocess=False, addr="127.0.0.1")
+    finally:
+        first.shutdown()
+        first.server_close()

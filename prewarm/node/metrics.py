@@ -46,7 +46,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
-from prewarm.errors import PrewarmError
+from prewarm.errors import ConfigError, PrewarmError
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -74,6 +74,8 @@ JOB_BYTES_TOTAL = Gauge("prewarm_job_bytes_total", "Bytes of a job", ["job"], mu
 #: A worker whose Celery consumer sent no heartbeat for this long is unhealthy (Celery
 #: sends one every 2 s while it is connected to the broker).
 HEALTH_STALE_SECONDS = 10.0
+#: Active jobs a worker reports gauges for (the first by id): a scrape stays a bounded read.
+MAX_JOB_GAUGES = 256
 #: How long /healthz waits for Redis to answer a PING.
 HEALTH_PING_TIMEOUT = 2.0
 
@@ -126,7 +128,8 @@ class JobCollector(Collector):
     """A worker's ``prewarm_job_bytes_done``/``_total``: this node's share of each active job.
 
     Read at scrape time: the members of the active-jobs set, then one pipeline of the
-    node's counters in each (two round trips whatever the number of jobs).  Redis being
+    node's counters in each (two round trips whatever the number of jobs; at most
+    :data:`MAX_JOB_GAUGES` jobs).  Redis being
     down leaves the gauges out of that scrape (and /healthz says why).
     """
 
@@ -139,7 +142,7 @@ class JobCollector(Collector):
         from prewarm.fleet import keys
 
         members = cast("set[bytes | str]", self._redis.smembers(keys.ACTIVE_JOBS))
-        job_ids = sorted(j.decode() if isinstance(j, bytes) else j for j in members)
+        job_ids = sorted(j.decode() if isinstance(j, bytes) else j for j in members)[:MAX_JOB_GAUGES]
         pipe = self._redis.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hmget(keys.job_node(job_id, self._node), ["bytes_done", "bytes_total"])
@@ -237,6 +240,9 @@ def serve(port: int, *, multiprocess: bool, collectors: Iterable[Collector] = ()
 
     All interfaces by default: Prometheus scrapes, and the kubelet probes, the pod IP.
 
+    Raises:
+        ConfigError: the port cannot be bound (taken, or privileged).
+
     Args:
         multiprocess: merge the metrics of every process writing to PROMETHEUS_MULTIPROC_DIR
             (a worker's pool) instead of this process's own.
@@ -253,6 +259,10 @@ def serve(port: int, *, multiprocess: bool, collectors: Iterable[Collector] = ()
         registry = REGISTRY
     for collector in collectors:
         registry.register(collector)
-    server = make_server(addr, port, _app(registry, health), ThreadingWSGIServer, handler_class=_QuietHandler)
+    try:
+        server = make_server(addr, port, _app(registry, health), ThreadingWSGIServer, handler_class=_QuietHandler)
+    except OSError as err:
+        raise ConfigError(f"cannot serve metrics on {addr}:{port} ({err.strerror}); set PREWARM_METRICS_PORT "
+                          "(or --metrics-port) to a free port, or unset it") from None
     threading.Thread(target=server.serve_forever, name="prewarm-metrics", daemon=True).start()
     return server
