@@ -13,6 +13,7 @@ prewarm_spans_total                counter    result (fetched | present | failed
 prewarm_layers_total               counter    result (ready | failed)
 prewarm_inflate_seconds            histogram  -
 prewarm_errors_total               counter    kind (error class name)
+prewarm_tasks_refused_total        counter    reason (unsigned | cancelled | task)
 prewarm_store_bytes                gauge      - (unpacked bytes of ready layers on the node)
 prewarm_peer_bytes_total           counter    direction (in | out): span bytes from / to peers
 prewarm_peer_failures_total        counter    kind (corrupt | stalled | refused | busy | missing | error)
