@@ -178,7 +178,8 @@ class Health:
     has reconnected, so a heartbeat older than :data:`HEALTH_STALE_SECONDS` means the
     consumer is not consuming (not started yet, reconnecting, or wedged).  Redis itself
     is asked too, with a short timeout, because a heartbeat sent just before Redis went
-    away is still fresh for a few seconds.
+    away is still fresh for a few seconds.  (A worker started with Celery's
+    ``--without-heartbeat`` is therefore never healthy: do not pass it.)
 
     Args:
         ping: asks Redis (raises when it does not answer).
