@@ -148,8 +148,13 @@ class Settings:
         allowed = self.registries | self.insecure_registries | DOCKER_HUB_HOSTS
         if host in allowed:
             return True
+        if host in ("_default", "", ".", "..") or "/" in host:
+            return False
+        # containerd's folder for host:port is host_port_ (or host:port)
+        colon = host.rfind(":")
+        names = [host] + ([f"{host[:colon]}_{host[colon + 1:]}_"] if colon > 0 else [])
         try:
-            return (self.containerd_hosts_dir / host).is_dir() and host not in ("_default", "", ".", "..")
+            return any((self.containerd_hosts_dir / name).is_dir() for name in names)
         except OSError:
             return False
     #: Span sharing (prewarm.node.peerserver): port (0: off), where to bind, the address

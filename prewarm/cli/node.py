@@ -89,9 +89,7 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
                      on_beat=on_beat, signed_only=bool(settings.trusted_certs))
     beat.start()
     if metrics_port:
-        from prewarm.node.metrics import serve
-
-        serve(int(metrics_port), multiprocess=True)
+        _serve_metrics(int(metrics_port), settings.broker_url, settings.node_name, settings.root)
 
     argv = ["worker", "-Q", keys.node_queue(settings.node_name),
             "-c", str(concurrency or default_concurrency()),
@@ -101,6 +99,27 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
             # two fewer consumers on the broker connection for a Redis restart to break.
             "--without-gossip", "--without-mingle"]
     _run_celery_worker(app, argv + list(ctx.args), settings.node_name)
+
+
+def _serve_metrics(port: int, broker_url: str, node: str, root: Path) -> None:
+    """The worker's /metrics (its pool's counters, the store, its jobs) and /healthz (consumer and Redis)."""
+    from celery.signals import heartbeat_sent
+
+    from prewarm.fleet.broker import redis_client
+    from prewarm.node.metrics import (
+        HEALTH_PING_TIMEOUT,
+        Health,
+        JobCollector,
+        StoreCollector,
+        serve,
+    )
+
+    # its own client, with short timeouts: a probe or scrape must answer while Redis is away
+    probe = redis_client(broker_url, socket_timeout=HEALTH_PING_TIMEOUT, socket_connect_timeout=HEALTH_PING_TIMEOUT,
+                         health_check_interval=0)
+    health = Health(probe.ping)
+    heartbeat_sent.connect(health.beat, weak=False)
+    serve(port, multiprocess=True, collectors=[StoreCollector(root), JobCollector(probe, node)], health=health)
 
 
 def _run_celery_worker(app, argv: list[str], node: str) -> None:  # type: ignore[no-untyped-def]

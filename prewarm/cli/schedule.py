@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -124,12 +125,16 @@ def _register_in_containerd(settings: Settings, image: str, resolved: ResolvedIm
 @click.option("--node-down-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
               metavar="SECONDS", help="With --wait on a fleet: fail the pending layers of a node whose "
                                       "heartbeat stopped this long ago, instead of waiting for it forever.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, envvar="PREWARM_METRICS_PORT",
+              help="With --wait on a fleet: serve the job's progress as Prometheus metrics on this port "
+                   "(PREWARM_METRICS_PORT; 0: off).")
 @registry_options
 @root_option
 def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str, ...], all_nodes: bool,
                  selectors: tuple[str, ...], keep: bool, dry_run: bool, window: int | None,
                  index: str, concurrency: int | None, broker_url: str | None, as_json: bool, quiet: bool,
                  containerd_socket: Path | None, namespace: str, timeout: float | None, node_down_timeout: float,
+                 metrics_port: int | None,
                  insecure_registries: tuple[str, ...], ca_bundle: str | None, root: Path | None) -> None:
     """Pre-warm IMAGE: resolve it, split its layers into span tasks, and have the nodes fetch them.
 
@@ -169,8 +174,11 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
         _print_dry_run(lines, egress, image, as_json, sharing=sum(1 for line in lines if line.shares))
         return
     progress = _Progress() if wait and not quiet else None
+    on_progress: Callable[[JobStatus], None] | None = progress
+    if wait and metrics_port:
+        on_progress = _with_metrics(metrics_port, progress)
     job = submit.submit(settings, image, choice, index=cast("IndexPolicy", index), window=window, keep=keep,
-                        say=_quiet if quiet else _say, wait=wait, on_progress=progress, timeout=timeout,
+                        say=_quiet if quiet else _say, wait=wait, on_progress=on_progress, timeout=timeout,
                         node_down_limit=node_down_timeout)
     if job.status is None:
         click.echo(job.job_id)
@@ -180,6 +188,20 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
     if progress:
         progress(job.status, final=True)
     _finish(job.status, as_json)
+
+
+def _with_metrics(port: int, progress: _Progress | None) -> Callable[[JobStatus], None]:
+    """Serve the scheduler's metrics on ``port``; the returned callback sets the job gauges at each poll."""
+    from prewarm.node.metrics import observe_job, serve
+
+    serve(port, multiprocess=False)
+
+    def on_progress(status: JobStatus) -> None:
+        observe_job(status)
+        if progress is not None:
+            progress(status)
+
+    return on_progress
 
 
 def _print_dry_run(lines, egress: int, image: str, as_json: bool,  # type: ignore[no-untyped-def]

@@ -232,12 +232,14 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
                       f"{ctx.settings.max_expansion}x its {lp.size} compressed bytes (PREWARM_MAX_EXPANSION)")
     nbytes = sum(span_accounting_bytes(z, i) for i in range(span, span + count))
     if ctx.store.is_ready(layer):
+        SPANS.labels("present").inc(count)
         return Outcome(nbytes, False, True)
     store = ctx.store
     todo = [i for i in range(span, span + count) if not store.span_landed(layer, i)]
     if len(todo) < count:  # a redelivered task (landed bytes of a valid state only)
         store.prepare_layer(layer, z, diff_id=lp.diff_id)
         todo = [i for i in range(span, span + count) if not store.span_landed(layer, i)]
+        SPANS.labels("present").inc(count - len(todo))
         if not todo:
             return Outcome(nbytes, False, store.finish_if_complete(layer, z))
     sharing = ctx.sharing

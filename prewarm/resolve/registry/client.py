@@ -21,6 +21,14 @@ This is the only module that speaks the registry's HTTP API.  Its contract:
 * **Plain HTTP only when asked.**  Registries named in ``insecure_registries`` use
   ``http://``; everything else is HTTPS verified against ``ca_bundle`` (or the
   system store).
+* **The node's mirrors first, as containerd.**  With ``hosts_dir`` (containerd's
+  ``config_path``), manifests and blobs are read from the hosts its ``hosts.toml`` lists
+  for the registry, in order, each with its own CA files, client certificate and
+  ``skip_verify`` (:func:`prewarm.resolve.registry.hosts.registry_endpoints`).  A host
+  that fails (unreachable, an error status, not found) hands the request to the next;
+  one that could not be reached is skipped for :data:`MIRROR_COOLDOWN` seconds.  Only
+  the last host's failure is raised (and retried).  Pushes and referrers go to the
+  registry itself.
 
 The pull pipeline, in the order :meth:`RegistryClient.resolve` runs it::
 
@@ -38,11 +46,13 @@ import json
 import logging
 import random
 import re
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
@@ -52,6 +62,7 @@ from requests.adapters import HTTPAdapter
 from prewarm.config import Settings
 from prewarm.errors import (
     BlobNotFound,
+    ConfigError,
     CorruptContent,
     DigestMismatch,
     ManifestNotFound,
@@ -84,12 +95,19 @@ from prewarm.resolve.manifest import (
 from prewarm.resolve.reference import Reference, registry_api_host
 from prewarm.resolve.registry.auth import RegistryAuth, scope_for
 from prewarm.resolve.registry.dockerconfig import Credential, DockerConfig
-from prewarm.resolve.registry.hosts import redirect_refusal
+from prewarm.resolve.registry.hosts import Endpoint, redirect_refusal, registry_endpoints
 from prewarm.resolve.registry.retry import RetryPolicy
 from prewarm.resolve.registry.status import Kind, error_for_exception, error_for_status
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
+#: Seconds a mirror that could not be reached is skipped (its requests go to the next host).
+MIRROR_COOLDOWN = 30.0
+#: Seconds a registry's hosts.toml is used before it is read again (containerd reads it per pull).
+HOSTS_RELOAD = 10.0
+#: A CA file named by a hosts.toml larger than this is refused.
+MAX_CA_FILE = 4 << 20
 #: Default ceiling for :meth:`RegistryClient.get_blob` (configs, zTOCs).
 DEFAULT_MAX_BLOB = 64 << 20
 #: Image configs bigger than this are refused (real ones are kilobytes).
@@ -206,11 +224,13 @@ class RegistryClient:
         retry: when to retry transient failures; default 5 attempts.
         timeout: seconds to wait for a connection or for the next bytes.
         pool_size: connections kept per host (threads fetching ranges in parallel).
+        hosts_dir: containerd's registry host folder (``/etc/containerd/certs.d``): its
+            mirrors and TLS settings are used for manifests and blobs; None: none.
     """
 
     def __init__(self, *, insecure_registries: frozenset[str] = frozenset(), ca_bundle: str | None = None,
                  docker_config: Path | None = None, retry: RetryPolicy | None = None,
-                 timeout: float = 30.0, pool_size: int = 32) -> None:
+                 timeout: float = 30.0, pool_size: int = 32, hosts_dir: Path | None = None) -> None:
         self.insecure_registries = frozenset(insecure_registries)
         self.retry = retry or RetryPolicy()
         self.timeout = timeout
@@ -226,17 +246,27 @@ class RegistryClient:
         self._session.mount("https://", adapter)
         self._auths: dict[str, RegistryAuth] = {}
         self._lock = threading.Lock()
+        self.hosts_dir = hosts_dir
+        self._endpoints: dict[str, tuple[float, list[Endpoint]]] = {}
+        self._cooling: dict[str, float] = {}  # mirror api root -> monotonic time it may be tried again
+        self._bundles: dict[tuple[Path, ...], str] = {}  # CA files -> combined bundle file
+        self._bundle_dir: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> RegistryClient:
         """A client configured from :class:`prewarm.config.Settings` (insecure registries, CA, config)."""
         kw: dict[str, Any] = {"insecure_registries": settings.insecure_registries,
-                              "ca_bundle": settings.ca_bundle, "docker_config": settings.docker_config}
+                              "ca_bundle": settings.ca_bundle, "docker_config": settings.docker_config,
+                              "hosts_dir": settings.containerd_hosts_dir}
         kw.update(overrides)
         return cls(**kw)
 
     def close(self) -> None:
         self._session.close()
+        if self._bundle_dir is not None:
+            shutil.rmtree(self._bundle_dir, ignore_errors=True)
+            self._bundle_dir = None
+            self._bundles.clear()
 
     # === plumbing: URLs, auth, one request
     def base_url(self, registry: str) -> str:
@@ -264,9 +294,127 @@ class RegistryClient:
                 self._auths[registry] = auth
             return auth
 
+    # === containerd's hosts: mirrors, per-host TLS
+    def _default_endpoint(self, registry: str) -> Endpoint:
+        parts = urlsplit(self.base_url(registry))
+        return Endpoint(scheme=parts.scheme, host=parts.netloc)
+
+    def endpoints(self, registry: str, capability: str) -> list[Endpoint]:
+        """Where ``registry``'s manifests (``resolve``) or blobs (``pull``) are read from, in order.
+
+        Raises:
+            ConfigError: the registry's hosts.toml is malformed, or lists no host that may
+                do ``capability``.
+        """
+        now = time.monotonic()
+        with self._lock:
+            cached = self._endpoints.get(registry)
+        if cached is None or now - cached[0] > HOSTS_RELOAD:
+            found = registry_endpoints(self.hosts_dir, registry, self._default_endpoint(registry))
+            cached = (now, found)
+            with self._lock:
+                self._endpoints[registry] = cached
+        able = [ep for ep in cached[1] if ep.can(capability)]
+        if not able:
+            raise ConfigError(f"containerd's hosts.toml for {registry} (under {self.hosts_dir}) lists no host "
+                              f"with the {capability!r} capability; add it to one, as containerd's own "
+                              "pulls would fail too")
+        return able
+
+    def _on_endpoints(self, registry: str, capability: str, what: str,
+                      attempt: Callable[[Endpoint], _T]) -> _T:
+        """``attempt`` on each host in turn until one answers; the last one's failure is raised.
+
+        A mirror that failed with no status (unreachable, or its connection broke) is
+        skipped for :data:`MIRROR_COOLDOWN` seconds, so a dead mirror costs one failed
+        connection per period, not one per request.
+        """
+        hosts = self.endpoints(registry, capability)
+        now = time.monotonic()
+        with self._lock:
+            usable = [ep for ep in hosts[:-1] if self._cooling.get(ep.api_root, 0.0) <= now] + hosts[-1:]
+        for i, ep in enumerate(usable):
+            if i == len(usable) - 1:
+                return attempt(ep)
+            try:
+                return attempt(ep)
+            except RegistryError as err:
+                if err.status is None and isinstance(err, RegistryUnavailable):
+                    with self._lock:
+                        self._cooling[ep.api_root] = time.monotonic() + MIRROR_COOLDOWN
+                log.info("%s: host %s failed (%s); trying %s", what, ep.host, err, usable[i + 1].host)
+        raise AssertionError("unreachable: the last host returns or raises")
+
+    def _endpoint_url(self, ep: Endpoint, registry: str, repository: str, *parts: str) -> str:
+        url = "/".join([ep.api_root, repository, *parts])
+        return _with_query(url, ns=registry) if ep.mirror else url
+
+    def _tls(self, ep: Endpoint) -> tuple[str | bool, str | tuple[str, str] | None]:
+        """(``verify``, ``cert``) for requests to ``ep``.
+
+        Raises:
+            ConfigError: a CA or client certificate file it names cannot be read.
+        """
+        if ep.skip_verify:
+            verify: str | bool = False
+        elif ep.ca:
+            verify = self._bundle(ep.ca)
+        else:
+            verify = self._verify
+        cert: str | tuple[str, str] | None = None
+        if ep.client:  # requests presents one certificate: the first pair, as it is listed
+            cert_file, key_file = ep.client[0]
+            for f in (cert_file, key_file):
+                if f is not None and not f.is_file():
+                    raise ConfigError(f"client certificate file {f} for registry host {ep.host} (containerd's "
+                                      "hosts.toml) does not exist")
+            cert = (str(cert_file), str(key_file)) if key_file is not None else str(cert_file)
+        return verify, cert
+
+    def _bundle(self, ca: tuple[Path, ...]) -> str:
+        """One file with the default CAs and ``ca``: containerd adds a host's CAs to the system pool."""
+        with self._lock:
+            if ca in self._bundles:
+                return self._bundles[ca]
+        parts = []
+        for f in (Path(self._verify) if isinstance(self._verify, str) else _system_cas(), *ca):
+            try:
+                with open(f, "rb") as fh:
+                    data = fh.read(MAX_CA_FILE + 1)
+            except OSError as err:
+                raise ConfigError(f"CA file {f} (containerd's hosts.toml or --ca-bundle) cannot be read: "
+                                  f"{err.strerror}") from None
+            if len(data) > MAX_CA_FILE:
+                raise ConfigError(f"CA file {f} is more than {MAX_CA_FILE} bytes; is it a certificate?")
+            parts.append(data.rstrip(b"\n") + b"\n")
+        with self._lock:
+            if self._bundle_dir is None:
+                self._bundle_dir = tempfile.mkdtemp(prefix="prewarm-ca-")
+            path = str(Path(self._bundle_dir) / f"bundle-{len(self._bundles)}.pem")
+            Path(path).write_bytes(b"".join(parts))
+            self._bundles[ca] = path
+            return path
+
+    def _endpoint_auth(self, registry: str, ep: Endpoint | None) -> RegistryAuth:
+        if ep is None or (not ep.mirror and ep.api_root == f"{self.base_url(registry)}/v2"):
+            return self.auth_for(registry)
+        key = f"{registry} {ep.api_root}"
+        with self._lock:
+            auth = self._auths.get(key)
+        if auth is None:
+            # a mirror is asked with the node's credential for the mirror; the registry's own
+            # server with the registry's
+            owner = ep.host if ep.mirror else registry
+            auth = RegistryAuth(owner, ep.host, lambda: self._credential(owner), self._session,
+                                timeout=self.timeout, verify=self._tls(ep)[0], scheme=ep.scheme)
+            with self._lock:
+                auth = self._auths.setdefault(key, auth)
+        return auth
+
     def _send(self, method: str, url: str, ctx: _Context, *, ok: tuple[int, ...],
               headers: Mapping[str, str] | None = None, data: Any = None,
-              params: Mapping[str, str] | None = None, stream: bool = False) -> requests.Response:
+              params: Mapping[str, str] | None = None, stream: bool = False,
+              endpoint: Endpoint | None = None) -> requests.Response:
         """One request (no retry), redirects followed by hand; non-``ok`` statuses raise.
 
         Redirects to another origin (host, port or scheme) are followed without our
@@ -279,9 +427,13 @@ class RegistryClient:
             RegistryError: the mapped status or connection failure.
         """
         registry, repository = ctx.registry, ctx.repository
-        api_origin = _origin(self.base_url(registry))
-        auth = self.auth_for(registry).for_scope(scope_for(method, repository))
+        api_origin = _origin(endpoint.api_root if endpoint is not None else self.base_url(registry))
+        auth = self._endpoint_auth(registry, endpoint).for_scope(scope_for(method, repository))
+        verify, cert = self._tls(endpoint) if endpoint is not None else (self._verify, None)
         hdrs = dict(headers or {})
+        if endpoint is not None:
+            for name, value in endpoint.header:
+                hdrs[name] = f"{hdrs[name]}, {value}" if name in hdrs else value
         # A 307/308 means "send the same request there": a file body starts over.
         body_start = data.tell() if hasattr(data, "seek") and hasattr(data, "tell") else None
         for _ in range(MAX_REDIRECTS + 1):
@@ -290,7 +442,8 @@ class RegistryClient:
                 resp = self._session.request(method, url, headers=hdrs, data=data, params=params,
                                              auth=auth if same_host else None,
                                              stream=stream, timeout=self.timeout, allow_redirects=False,
-                                             verify=self._verify)
+                                             verify=verify if same_host else self._verify,
+                                             cert=cert if same_host else None)
             except requests.RequestException as err:
                 raise error_for_exception(err, kind=ctx.kind, registry=registry, repository=repository,
                                           subject=ctx.subject) from None
@@ -298,7 +451,7 @@ class RegistryClient:
                     and resp.status_code not in ok:
                 url = urljoin(resp.url, resp.headers["Location"])
                 resp.close()
-                self._check_target(url, ctx, "redirect")
+                self._check_target(url, ctx, "redirect", endpoint)
                 params = None
                 if resp.status_code == 303 or (resp.status_code in (301, 302) and method == "POST"):
                     method, data = "GET", None
@@ -318,14 +471,15 @@ class RegistryClient:
         raise RegistryError(f"registry {registry}: too many redirects for {ctx.kind} {ctx.subject or ''} "
                             f"in {repository}", **ctx.fields)
 
-    def _check_target(self, url: str, ctx: _Context, what: str) -> None:
+    def _check_target(self, url: str, ctx: _Context, what: str, endpoint: Endpoint | None = None) -> None:
         """Refuse a URL the registry sent us to (a redirect, an upload location).
 
         Raises:
             RegistryError: (final) ``url`` downgrades to http or leads into this node's
                 neighbourhood; the URL itself is not named (it may be signed).
         """
-        refusal = redirect_refusal(self.base_url(ctx.registry), url)
+        origin = endpoint.api_root if endpoint is not None else self.base_url(ctx.registry)
+        refusal = redirect_refusal(origin, url)
         if refusal is not None:
             raise RegistryError(f"registry {ctx.registry}: refusing its {what} for {ctx.kind} "
                                 f"{ctx.subject or ''} in {ctx.repository}: {refusal}", **ctx.fields)
@@ -370,9 +524,9 @@ class RegistryClient:
         where = f"{registry}/{repository}{'@' if is_digest(reference) else ':'}{reference}"
         ctx = _Context(registry, repository, "manifest", reference)
 
-        def once() -> tuple[bytes, str, str]:
-            resp = self._send("GET", self._url(registry, repository, "manifests", reference), ctx, ok=(200,),
-                              headers=_MANIFEST_HEADERS, stream=True)
+        def at(ep: Endpoint) -> tuple[bytes, str, str]:
+            resp = self._send("GET", self._endpoint_url(ep, registry, repository, "manifests", reference), ctx,
+                              ok=(200,), headers=_MANIFEST_HEADERS, stream=True, endpoint=ep)
             with resp:
                 body = self._read_limited(resp, MAX_MANIFEST_BYTES, f"manifest {where}")
                 ctype = resp.headers.get("Content-Type")
@@ -388,6 +542,9 @@ class RegistryClient:
                     verify(body, vouched, what=f"manifest {where} (Docker-Content-Digest)")
             return body, media_type_of(body, ctype, where), digest
 
+        def once() -> tuple[bytes, str, str]:
+            return self._on_endpoints(registry, "resolve", f"GET manifest {where}", at)
+
         return self.retry.run(once, f"GET manifest {where}")
 
     def head_manifest(self, registry: str, repository: str, reference: str) -> Descriptor | None:
@@ -398,12 +555,9 @@ class RegistryClient:
         """
         ctx = _Context(registry, repository, "manifest", reference)
 
-        def once() -> Descriptor | None:
-            try:
-                resp = self._send("HEAD", self._url(registry, repository, "manifests", reference), ctx, ok=(200,),
-                                  headers=_MANIFEST_HEADERS)
-            except ManifestNotFound:
-                return None
+        def at(ep: Endpoint) -> Descriptor:
+            resp = self._send("HEAD", self._endpoint_url(ep, registry, repository, "manifests", reference), ctx,
+                              ok=(200,), headers=_MANIFEST_HEADERS, endpoint=ep)
             with resp:
                 digest = resp.headers.get("Docker-Content-Digest") or (reference if is_digest(reference) else "")
                 size = int(resp.headers.get("Content-Length") or 0)
@@ -412,6 +566,13 @@ class RegistryClient:
                 raise RegistryError(f"registry {registry}: HEAD {repository}:{reference} gave no digest",
                                     registry=registry, repository=repository)
             return Descriptor(media_type, digest, size)
+
+        def once() -> Descriptor | None:
+            try:
+                return self._on_endpoints(registry, "resolve", f"HEAD manifest {registry}/{repository}:{reference}",
+                                          at)
+            except ManifestNotFound:
+                return None
 
         return self.retry.run(once, f"HEAD manifest {registry}/{repository}:{reference}")
 
@@ -485,23 +646,33 @@ class RegistryClient:
             index_digest=index_digest, index_bytes=index_bytes, index=index)
 
     # === blobs
-    def _blob_url(self, registry: str, repository: str, digest: str) -> str:
+    def _blob_url(self, registry: str, repository: str, digest: str, ep: Endpoint | None = None) -> str:
         if not is_digest(digest):
             raise BlobNotFound(f"{digest!r} is not a blob digest (expected sha256:<hex>)",
                                registry=registry, repository=repository, digest=digest)
-        return self._url(registry, repository, "blobs", digest)
+        if ep is None:  # the registry itself (pushes)
+            return self._url(registry, repository, "blobs", digest)
+        return self._endpoint_url(ep, registry, repository, "blobs", digest)
 
-    def blob_exists(self, registry: str, repository: str, digest: str) -> int | None:
-        """The blob's size if the registry has it, else None."""
+    def blob_exists(self, registry: str, repository: str, digest: str, *, upstream: bool = False) -> int | None:
+        """The blob's size if the registry (or a mirror of it) has it, else None.
+
+        ``upstream``: ask the registry itself, not its mirrors (before a push).
+        """
         ctx = _Context(registry, repository, "blob", digest)
+
+        def at(ep: Endpoint | None) -> int:
+            resp = self._send("HEAD", self._blob_url(registry, repository, digest, ep), ctx, ok=(200,), endpoint=ep)
+            with resp:
+                return int(resp.headers.get("Content-Length") or 0)
 
         def once() -> int | None:
             try:
-                resp = self._send("HEAD", self._blob_url(registry, repository, digest), ctx, ok=(200,))
+                if upstream:
+                    return at(None)
+                return self._on_endpoints(registry, "pull", f"HEAD blob {digest}", at)
             except BlobNotFound:
                 return None
-            with resp:
-                return int(resp.headers.get("Content-Length") or 0)
 
         return self.retry.run(once, f"HEAD blob {digest}")
 
@@ -516,11 +687,14 @@ class RegistryClient:
         what = f"blob {digest} in {registry}/{repository}"
         ctx = _Context(registry, repository, "blob", digest)
 
-        def once() -> bytes:
-            resp = self._send("GET", self._blob_url(registry, repository, digest), ctx, ok=(200,), stream=True,
-                              headers={"Accept-Encoding": "identity"})
+        def at(ep: Endpoint) -> bytes:
+            resp = self._send("GET", self._blob_url(registry, repository, digest, ep), ctx, ok=(200,), stream=True,
+                              headers={"Accept-Encoding": "identity"}, endpoint=ep)
             with resp:
                 return self._read_limited(resp, max_size, what)
+
+        def once() -> bytes:
+            return self._on_endpoints(registry, "pull", f"GET {what}", at)
 
         data = self.retry.run(once, f"GET {what}")
         verify(data, digest, what=what)
@@ -545,9 +719,9 @@ class RegistryClient:
         spec = f"bytes={start}-{'' if end is None else end - 1}"
         ctx = _Context(registry, repository, "blob", digest)
 
-        def once() -> bytes:
-            resp = self._send("GET", self._blob_url(registry, repository, digest), ctx, ok=(200, 206), stream=True,
-                              headers={"Range": spec, "Accept-Encoding": "identity"})
+        def at(ep: Endpoint) -> bytes:
+            resp = self._send("GET", self._blob_url(registry, repository, digest, ep), ctx, ok=(200, 206),
+                              stream=True, headers={"Range": spec, "Accept-Encoding": "identity"}, endpoint=ep)
             with resp:
                 if resp.status_code == 206:
                     _, total = self._check_content_range(resp, start, end, what, ctx)
@@ -557,6 +731,9 @@ class RegistryClient:
                     return self._read_exact(resp, 0, want, what)
                 return self._read_exact(resp, start, None if end is None else end - start, what,
                                         whole_blob=True)
+
+        def once() -> bytes:
+            return self._on_endpoints(registry, "pull", f"GET {what}", at)
 
         return self.retry.run(once, f"GET {what}")
 
@@ -628,7 +805,7 @@ class RegistryClient:
             BlobNotFound, RegistryUnavailable (after retries), AuthenticationFailed.
         """
         what = f"blob {digest} in {registry}/{repository}"
-        url = self._blob_url(registry, repository, digest)
+        self._blob_url(registry, repository, digest)  # a digest, or BlobNotFound now
         ctx = _Context(registry, repository, "blob", digest)
         holder: dict[str, requests.Response | None] = {"resp": None}
 
@@ -636,14 +813,19 @@ class RegistryClient:
             headers = {"Accept-Encoding": "identity"}
             if offset:
                 headers["Range"] = f"bytes={offset}-"
-            resp = self._send("GET", url, ctx, ok=(200, 206), stream=True, headers=headers)
-            if resp.status_code == 206:
-                try:
-                    self._check_content_range(resp, offset, None, what, ctx)
-                except RangeNotHonored:
-                    resp.close()
-                    raise
-            return resp
+
+            def at(ep: Endpoint) -> requests.Response:
+                resp = self._send("GET", self._blob_url(registry, repository, digest, ep), ctx, ok=(200, 206),
+                                  stream=True, headers=headers, endpoint=ep)
+                if resp.status_code == 206:
+                    try:
+                        self._check_content_range(resp, offset, None, what, ctx)
+                    except RangeNotHonored:
+                        resp.close()
+                        raise
+                return resp
+
+            return self._on_endpoints(registry, "pull", f"GET {what}", at)
 
         def chunks() -> Generator[bytes, None, None]:
             hasher = new_hasher(digest)
@@ -702,7 +884,7 @@ class RegistryClient:
             raise DigestMismatch(f"blob to push to {registry}/{repository}: expected {digest}, got {actual}",
                                  expected=digest, actual=actual)
         digest = actual
-        if self.blob_exists(registry, repository, digest) is not None:
+        if self.blob_exists(registry, repository, digest, upstream=True) is not None:
             return digest
 
         def once() -> str:
@@ -909,6 +1091,18 @@ class RegistryClient:
                             f"{repository}:{tag} after {FALLBACK_TAG_ATTEMPTS} writes; another pusher "
                             "overwrites the fallback tag", registry=registry, repository=repository,
                             digest=subject_digest)
+
+
+def _system_cas() -> Path:
+    """The system's CA bundle (Debian's ca-certificates), else certifi's."""
+    import ssl
+
+    cafile = ssl.get_default_verify_paths().cafile
+    if cafile:
+        return Path(cafile)
+    import certifi
+
+    return Path(certifi.where())
 
 
 def _digest_of(source: bytes | Path) -> str:
