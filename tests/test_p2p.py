@@ -20,7 +20,7 @@ import pytest
 import redis
 import requests
 
-from prewarm.fleet import jobs, peers
+from prewarm.fleet import jobs, keys, peers
 from prewarm.fleet.plan import ImagePlan, LayerPlan
 from prewarm.imagebuild import BuiltImage
 from prewarm.node.peercache import PeerCache
@@ -433,3 +433,27 @@ def test_peer_cache_books_puts_in_a_shared_counter_instead_of_scanning_its_folde
     # And a counter that drifted (a process died between its write and its booking) is set right by a recount
     (tmp_path / "peers" / ".size").write_bytes((5).to_bytes(8, "big"))
     assert cache.size() == 5 and cache.recount() == 1_000_000
+
+
+def test_a_claim_is_renewed_while_its_fetch_runs_and_lapses_when_its_process_is_gone(
+        tmp_path: Path, redis_url: str) -> None:
+    from prewarm.node.sharing import Sharing
+
+    r = redis.Redis.from_url(redis_url)
+    layer = "sha256:" + "cd" * 32
+    me = Sharing("me", r, PeerCache(tmp_path / "me", limit=1 << 20), None, 0.6)
+    # Given a claim won with a 0.6 s lease, its fetch still under way after three leases
+    assert me.claim(layer, 8) == "me"
+    time.sleep(1.8)
+    # Then it is still this node's: another node asking is told to wait for it
+    assert peers.claim(r, layer, 8, "other", 0.6) == "me"
+    # When the fetch ends, the claim is released and renewed no more
+    me.release(layer, 8)
+    assert peers.claim(r, layer, 8, "other", 0.6) == "other"
+    # And a claim whose holder renews nothing (its process died) lapses after its lease
+    assert peers.claim(r, layer, 9, "dead", 0.6) == "dead"
+    time.sleep(0.9)
+    assert peers.claim(r, layer, 9, "other", 0.6) == "other"
+    # And a renewal never takes back a claim that lapsed to another node
+    assert peers.renew(r, [(layer, 9)], "dead", 0.6) == [False]
+    assert r.get(keys.peer_claim(layer, 9)) == b"other"

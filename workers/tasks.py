@@ -37,9 +37,15 @@ log = logging.getLogger("prewarm.worker")
 
 MAX_CORRUPT_SPAN_RETRIES = 3
 #: Times a task puts itself back while another node fetches its span group from the registry
-#: (about 0.5 s each, other work runs meanwhile); after that it fetches from the registry
-#: itself, so a slow or lost claimant delays the node by at most this much.
-MAX_PEER_WAITS = 60
+#: (other work runs meanwhile); after that it fetches from the registry itself.  A dead
+#: claimant's lease lapses within PREWARM_PEER_LEASE and the group is taken over, so this
+#: only bounds a live claimant that is very slow: about 4.5 minutes of waits in all (see
+#: :func:`peer_wait_delay`), long enough for a claimant queued behind a tight registry
+#: budget, short enough that a job never hangs on one.
+MAX_PEER_WAITS = 100
+#: The wait between two looks grows from 0.3 s to this: at 1,000 nodes with 32 tasks each in
+#: flight, waiting tasks looking every 0.5 s were tens of thousands of messages a second.
+PEER_WAIT_MAX_DELAY = 3.0
 
 _ctx: NodeContext | None = None
 
@@ -93,6 +99,11 @@ def context() -> NodeContext:
         settings = app.conf.prewarm_settings
         _ctx = NodeContext.create(settings, redis_client(app.conf.broker_url))
     return _ctx
+
+
+def peer_wait_delay(waits: int) -> float:
+    """Seconds before a task waiting for another node's registry fetch looks again."""
+    return min(PEER_WAIT_MAX_DELAY, 0.3 * 1.25 ** waits) * random.uniform(0.8, 1.2)
 
 
 def _retry_delay(retries: int, err: BaseException, cap: float) -> float:
@@ -194,7 +205,7 @@ def _run_once(task: Task, fn, ctx: NodeContext, kw: dict, signed: bool,  # type:
         except (Retry, Ignore, *_BROKER_DOWN):
             raise
         except ClaimedElsewhere as err:
-            _retry(task, ctx, kw, signed, err, random.uniform(0.3, 0.7), waits + 1, waits=waits + 1)
+            _retry(task, ctx, kw, signed, err, peer_wait_delay(waits), waits + 1, waits=waits + 1)
         except Exception as err:  # noqa: BLE001 - every failure ends in a retry or a recorded reason
             retries = task.request.retries - waits  # waiting for a peer is not a failed attempt
             if isinstance(err, Transient) and retries < ctx.settings.transient_retries:

@@ -11,9 +11,10 @@ span group about once per fleet and the nodes pass the bytes on among themselves
 * **Claims.** The first node to need a span group that nobody holds claims it with a lease
   (``SET NX PX``) and fetches it from the registry; the others do other work first (the
   task is retried a moment later) and then take the group from a holder.  A claim is
-  only a lease: if its node dies, it expires and the next node to ask takes the group
-  over; and a node that has waited long enough goes to the registry anyway, so nothing
-  waits forever.
+  only a lease, renewed by its process while the fetch is under way (a fetch may queue
+  behind the fleet's registry budget for longer than one lease): if its node dies, it
+  expires and the next node to ask takes the group over; and a node that has waited long
+  enough goes to the registry anyway, so nothing waits forever.
 * **Spread.** Each node starts every layer at its own point (:func:`spread`), so the
   nodes of a job claim different groups from the start instead of queueing on the first.
 
@@ -47,6 +48,11 @@ DEFAULT_LEASE = 30.0
 
 #: ``host:port`` (host name, IPv4, or bracketed IPv6); anything else in Redis is ignored.
 _ADDRESS = re.compile(r"^(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}$")
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -152,6 +158,16 @@ def claim(r: redis.Redis, layer: str, group: int | None, node: str, lease: float
     if owner is None:  # expired between the two calls: try once more
         return node if r.set(key, node, nx=True, px=ms) else _s(r.get(key) or b"")
     return _s(owner)
+
+
+def renew(r: redis.Redis, claims: Sequence[tuple[str, int | None]], node: str, lease: float) -> list[bool]:
+    """Extend the node's claims by ``lease`` seconds (its fetch is still under way); False
+    for a claim the node no longer holds (it expired and another node took it over)."""
+    ms = str(max(1, int(lease * 1000)))
+    pipe = r.pipeline(transaction=False)
+    for layer, group in claims:
+        pipe.eval(_RENEW, 1, keys.peer_claim(layer, group), node, ms)
+    return [bool(int(x)) for x in pipe.execute()]
 
 
 def release(r: redis.Redis, layer: str, group: int | None, node: str) -> None:

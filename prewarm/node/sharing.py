@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +63,10 @@ class Sharing:
     _resting: dict[str, float] = dataclasses.field(default_factory=dict)
     #: small blobs from elsewhere on the node already offered to peers by this process
     _offered: set[str] = dataclasses.field(default_factory=set)
+    #: registry-fetch claims this process holds (renewed by ``_keeper`` until released)
+    _held: set[tuple[str, int | None]] = dataclasses.field(default_factory=set)
+    _claims_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    _keeper: threading.Thread | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, r: Redis) -> Sharing | None:
@@ -183,11 +188,44 @@ class Sharing:
     # === claims ===
 
     def claim(self, layer: str, group: int | None) -> str:
-        """Claim the registry fetch of a group; returns its owner (this node if it is ours)."""
-        return peers.claim(self.redis, layer, group, self.node, self.lease)
+        """Claim the registry fetch of a group; returns its owner (this node if it is ours).
+
+        A claim won is renewed every third of its lease by a thread of this process until
+        :meth:`release`: the fetch may wait behind the fleet's registry budget for longer
+        than a lease, and a claim lost meanwhile would send a second node to the registry.
+        """
+        owner = peers.claim(self.redis, layer, group, self.node, self.lease)
+        if owner == self.node:
+            with self._claims_lock:
+                self._held.add((layer, group))
+                if self._keeper is None or not self._keeper.is_alive():
+                    self._keeper = threading.Thread(target=self._keep_claims, name="prewarm-claims", daemon=True)
+                    self._keeper.start()
+        return owner
 
     def release(self, layer: str, group: int | None) -> None:
+        with self._claims_lock:
+            self._held.discard((layer, group))
         peers.release(self.redis, layer, group, self.node)
+
+    def _keep_claims(self) -> None:
+        """Renew the claims this process holds; ends when it holds none (a new claim restarts it)."""
+        while True:
+            time.sleep(self.lease / 3)
+            with self._claims_lock:
+                held = sorted(self._held, key=lambda c: (c[0], -1 if c[1] is None else c[1]))
+                if not held:
+                    self._keeper = None
+                    return
+            try:
+                kept = peers.renew(self.redis, held, self.node, self.lease)
+            except Exception as err:  # noqa: BLE001 - Redis away: the claims may lapse, which is safe
+                log.info("could not renew span group claims (%s); they may lapse", err)
+                continue
+            lost = [c for c, ok in zip(held, kept) if not ok]
+            if lost:
+                with self._claims_lock:
+                    self._held.difference_update(lost)
 
     # === keeping and announcing ===
 
