@@ -128,3 +128,18 @@ def test_prewarm_prewarms_its_own_image_which_then_runs_on_the_prewarm_snapshott
     # Then it is prewarm's own image, and containerd fetched no layer byte for it
     assert out.stdout.strip() == f"prewarm, version {VERSION}"
     assert registry.bytes_served(f"/blobs/{layer}") == served
+
+
+def test_the_manifests_run_this_image_at_the_package_version() -> None:
+    # Given every container image named in deploy/kubernetes
+    images = {}
+    for manifest in sorted((REPO_ROOT / "deploy" / "kubernetes").glob("*.yaml")):
+        for line in manifest.read_text().splitlines():
+            if line.strip().startswith("image:"):
+                images.setdefault(line.split(":", 1)[1].strip(), []).append(manifest.name)
+    # Then every one but Redis is the image the README tells how to build and push, at this version
+    ours = {name: files for name, files in images.items() if not name.startswith("redis:")}
+    assert list(ours) == [f"registry.example.com/prewarm:{VERSION}"], images
+    # And the worker, the shim, Flower and the schedule job all use it
+    assert len(ours[f"registry.example.com/prewarm:{VERSION}"]) >= 4
+    assert f"registry.example.com/prewarm:{VERSION}" in (REPO_ROOT / "README.md").read_text()
