@@ -25,7 +25,9 @@ from tests.containerd import Containerd, run_containerd
 from tests.pipeline_helpers import clean_env, prewarm
 from tests.services import Registry
 
-pytestmark = pytest.mark.slow
+# The first test to use the image waits for its build (about three minutes here, more on a
+# slow mirror): longer than the suite's 600 s default would allow.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VERSION = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -51,7 +53,7 @@ def built_image(tmp_path_factory: pytest.TempPathFactory, registry: Registry) ->
     out = tmp_path_factory.mktemp("image")
     ref = f"{registry.host}/prewarm/prewarm:{VERSION}"
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "build-image"), "--out", str(out),
-                           "--push", ref, "--insecure"], capture_output=True, text=True, timeout=1200, check=False)
+                           "--push", ref, "--insecure"], capture_output=True, text=True, timeout=1100, check=False)
     assert proc.returncode == 0, f"build-image failed:\n{proc.stderr[-6000:]}\n{proc.stdout}"
     lines = dict(line.split(None, 1) for line in proc.stdout.splitlines() if line.strip())
     return BuiltImage(layout=out / "oci", manifest=lines["manifest"], ref=ref,
