@@ -457,3 +457,44 @@ def test_a_claim_is_renewed_while_its_fetch_runs_and_lapses_when_its_process_is_
     # And a renewal never takes back a claim that lapsed to another node
     assert peers.renew(r, [(layer, 9)], "dead", 0.6) == [False]
     assert r.get(keys.peer_claim(layer, 9)) == b"other"
+
+
+def _job_seconds(redis_url: str, job: str) -> float:
+    """From the first node's start to the last node's last finished task, as the job records them."""
+    status = jobs.job_status(redis.Redis.from_url(redis_url), job)
+    return max(s.updated for s in status.nodes.values()) - min(s.started for s in status.nodes.values())
+
+
+def test_under_a_fleet_registry_budget_four_nodes_finish_about_when_one_node_alone_does(
+        tmp_path: Path, registry: Registry, redis_url: str, odd) -> None:  # type: ignore[no-untyped-def]
+    """The registry budget is the bottleneck of a fleet; with sharing, four nodes need about the
+    registry time of one image, not four (the issue's bound: 1.3x).  2 MB/s keeps the registry,
+    not this machine's two cores landing four copies, the bottleneck, as in a real fleet."""
+    image, ref, layers = odd
+    seconds: dict[int, float] = {}
+    sent: dict[int, int] = {}
+    for names in (("solo",), ("q1", "q2", "q3", "q4")):
+        envs = {n: node_env(tmp_path, n, redis_url, registry) for n in names}
+        first = envs[names[0]]
+        prewarm("budget", registry.host, "--rate", "2MB", "--burst", "1MB", env=first, check=True)
+        workers = {n: start_node(tmp_path, envs[n]) for n in names}
+        try:
+            wait_peers(first, set(names), redis_url)
+            before = layer_bytes(registry, layers)
+            node_args = [a for n in names for a in ("--node", n)]
+            job = prewarm("schedule", ref, *node_args, env=first, check=True).stdout.strip()
+            final = wait_job(job, first, timeout=300)
+            sent[len(names)] = layer_bytes(registry, layers) - before
+        finally:
+            for w in workers.values():
+                w.stop()
+        assert final["state"] == "succeeded", (final, {n: w.log.read_text()[-3000:] for n, w in workers.items()})
+        seconds[len(names)] = _job_seconds(redis_url, job)
+    ratio = seconds[4] / seconds[1]
+    print(f"2 MB/s budget: one node {seconds[1]:.1f} s, four sharing nodes {seconds[4]:.1f} s ({ratio:.2f}x); "
+          f"registry layer bytes {sent[1]} and {sent[4]}")
+    assert sent[4] <= 1.1 * sum(layers.values()), sent
+    assert ratio <= 1.3, f"four nodes took {seconds[4]:.1f} s, one node alone {seconds[1]:.1f} s under the same budget"
+    for n in ("q1", "q4"):
+        (tmp_path / f"cmp-{n}").mkdir()
+        assert_matches_umoci(image, ref, node_env(tmp_path, n, redis_url, registry), tmp_path / f"cmp-{n}")
