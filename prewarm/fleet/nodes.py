@@ -141,6 +141,24 @@ def list_nodes(r: redis.Redis) -> list[NodeInfo]:
     return out
 
 
+def prune_nodes(r: redis.Redis, older_than: float, *, dry_run: bool = False) -> list[str]:
+    """Forget the nodes whose last heartbeat is more than ``older_than`` seconds old.
+
+    A node gone from the fleet (scaled down, renamed) is otherwise listed as down until its
+    record expires, :data:`NODE_RECORD_RETENTION` after its last beat.  A node that beats
+    again registers again.  Returns the names removed (with ``dry_run``: that would be).
+    """
+    cutoff = time.time() - older_than
+    gone = [n.name for n in list_nodes(r) if n.heartbeat < cutoff]
+    if gone and not dry_run:
+        pipe = r.pipeline(transaction=False)
+        for name in gone:
+            pipe.delete(keys.node(name))
+            pipe.srem(keys.NODES, name)
+        pipe.execute()
+    return gone
+
+
 def select_nodes(nodes: list[NodeInfo], selector: Mapping[str, str]) -> list[NodeInfo]:
     return [n for n in nodes if n.up and all(n.labels.get(k) == v for k, v in selector.items())]
 
