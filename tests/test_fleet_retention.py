@@ -162,10 +162,10 @@ def test_prune_removes_old_jobs_that_are_over_and_silent_nodes_only(
     _register(r, "gone", tmp_path, age=8 * 86400)
     # When pruned with the default age, first as a dry run
     dry = prewarm("prune", "--dry-run", env=env, check=True).stdout
-    assert "would remove 2 job(s) and 1 node(s)" in dry and r.exists(keys.job(done)), dry
+    assert "would remove 2 job(s), 1 node(s)" in dry and r.exists(keys.job(done)), dry
     out = prewarm("prune", env=env, check=True).stdout
     # Then the old finished and abandoned jobs are gone with every key, and the silent node
-    assert "removed 2 job(s) and 1 node(s)" in out, out
+    assert "removed 2 job(s), 1 node(s)" in out, out
     for job in (done, abandoned):
         assert r.keys(f"prewarm:job:{job}*") == [] and r.zscore(keys.JOBS, job) is None
         assert not r.sismember(keys.ACTIVE_JOBS, job)

@@ -16,7 +16,7 @@ import redis
 
 from prewarm.fleet import dispatch, keys
 from prewarm.fleet.nodes import NODE_TTL
-from prewarm.fleet.recovery import WorkerInstance, recover, restore
+from prewarm.fleet.recovery import WorkerInstance, prune, recover, restore
 
 QUEUE = keys.node_queue("n1")
 
@@ -172,3 +172,21 @@ def test_one_worker_recovers_while_another_holds_the_lock(r: redis.Redis, redis_
     # And once it is released, the next recovery does it
     lock.release()
     assert [d.restored for d in recover(r)] == [1]
+
+
+def test_prune_forgets_long_dead_workers_and_puts_their_messages_back(r: redis.Redis, redis_url: str) -> None:
+    # Given a worker dead for a day holding a message (no worker of the fleet ran since), and a live one
+    _send(redis_url, 1)
+    dead, live = WorkerInstance(r, "n1"), WorkerInstance(r, "n2")
+    dead.register()
+    live.register()
+    (tag,) = _take(redis_url, 1)
+    dead.hold(tag)
+    _age(r, dead, 86400)
+    # When records older than an hour are pruned, first as a dry run
+    assert prune(r, 3600, dry_run=True) == [dead.id] and r.hexists(keys.KOMBU_UNACKED, tag)
+    assert prune(r, 3600) == [dead.id]
+    # Then its message is back in its queue and its records are gone; the live worker stays
+    assert r.llen(QUEUE) == 1 and not r.hexists(keys.KOMBU_UNACKED, tag)
+    assert not r.exists(keys.worker(dead.id), keys.worker_held(dead.id))
+    assert r.zscore(keys.WORKERS, live.id) is not None and r.exists(keys.worker(live.id))

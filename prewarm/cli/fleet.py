@@ -94,21 +94,24 @@ def prune_cmd(older_than: float, dry_run: bool, broker_url: str) -> None:
 
     Jobs created more than --older-than ago go if they are over (succeeded, failed,
     cancelled) or nothing moved in them since (their nodes are gone); standing schedules
-    stay until cancelled.  Nodes whose last heartbeat is older go from `prewarm nodes`.
-    Without it, finished and cancelled jobs expire 7 days after they end, and node records
+    stay until cancelled.  Nodes whose last heartbeat is older go from `prewarm nodes`,
+    and the records of worker processes that stopped (their unfinished tasks go back to
+    their queues first).  Without it, finished and cancelled jobs expire 7 days after they end, and node records
     7 days after their last heartbeat.
     """
     from prewarm.fleet.broker import redis_client
     from prewarm.fleet.jobs import prune_jobs
     from prewarm.fleet.nodes import prune_nodes
     from prewarm.fleet.progress import human_seconds
+    from prewarm.fleet.recovery import prune as prune_workers
 
     r = redis_client(broker_url, reachable=True)
     gone_jobs = prune_jobs(r, older_than, dry_run=dry_run)
     gone_nodes = prune_nodes(r, older_than, dry_run=dry_run)
+    gone_workers = prune_workers(r, older_than, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
-    click.echo(f"{verb} {len(gone_jobs)} job(s) and {len(gone_nodes)} node(s) older than "
-               f"{human_seconds(older_than)}")
+    click.echo(f"{verb} {len(gone_jobs)} job(s), {len(gone_nodes)} node(s) and {len(gone_workers)} dead "
+               f"worker record(s) older than {human_seconds(older_than)}")
     for job in gone_jobs:
         click.echo(f"  job {job}")
     for node in gone_nodes:

@@ -117,10 +117,9 @@ def heartbeat(r: redis.Redis, name: str, *, labels: Mapping[str, str], root: Pat
     pipe = r.pipeline(transaction=True)
     pipe.sadd(keys.NODES, name)
     pipe.hset(keys.node(name), mapping=fields)
-    pipe.hexists(keys.node(name), "layers")
     pipe.expire(keys.node(name), NODE_RECORD_RETENTION)
-    _, _, has_layers, _ = pipe.execute()
-    return bool(has_layers)
+    _, added, _ = pipe.execute()
+    return layers is not None or not added  # HSET counts the fields it created: all of them, if it was gone
 
 
 def list_nodes(r: redis.Redis) -> list[NodeInfo]:

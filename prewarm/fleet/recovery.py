@@ -64,7 +64,7 @@ from kombu.transport.redis import PRIORITY_STEPS, Channel
 from kombu.utils.json import dumps, loads
 
 from prewarm.fleet import keys
-from prewarm.fleet.nodes import NODE_RECORD_RETENTION, NODE_TTL
+from prewarm.fleet.nodes import NODE_TTL
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +79,11 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
-# KEYS: workers, held, worker record, unacked; ARGV: instance, ttl, retention
+# KEYS: workers, held, unacked; ARGV: instance, ttl
 _BEAT = _NOW + """
 redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-redis.call('EXPIRE', KEYS[3], ARGV[3])
 for _, tag in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if redis.call('HEXISTS', KEYS[4], tag) == 0 then redis.call('SREM', KEYS[2], tag) end
+  if redis.call('HEXISTS', KEYS[3], tag) == 0 then redis.call('SREM', KEYS[2], tag) end
 end
 return #redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]), 'LIMIT', 0, 1)
 """
@@ -138,9 +136,15 @@ class WorkerInstance:
     def __init__(self, r: redis.Redis, node: str, instance: str | None = None) -> None:
         self.r, self.node = r, node
         self.id = instance or uuid.uuid4().hex
+        self._beat = r.register_script(_BEAT)  # EVALSHA: the script's text is not sent every beat
 
     def register(self) -> None:
-        """Record the instance and beat once; called before Celery takes any message."""
+        """Record the instance and beat once; called before Celery takes any message.
+
+        Its records carry no expiry (a beat refreshes nothing but its score): a dead
+        instance's are deleted by :func:`recover`, or by :func:`prune` if no worker of the
+        fleet ever runs again.
+        """
         self.r.hset(keys.worker(self.id), mapping={"node": self.node, "host": socket.gethostname(),
                                                    "pid": os.getpid(), "started": time.time()})
         self.beat()
@@ -151,8 +155,8 @@ class WorkerInstance:
 
     def beat(self) -> bool:
         """Refresh the instance's beat; True if some instance of the fleet is dead."""
-        return bool(self.r.eval(_BEAT, 4, keys.WORKERS, keys.worker_held(self.id), keys.worker(self.id),
-                                keys.KOMBU_UNACKED, self.id, NODE_TTL, NODE_RECORD_RETENTION))
+        return bool(self._beat(keys=[keys.WORKERS, keys.worker_held(self.id), keys.KOMBU_UNACKED],
+                               args=[self.id, NODE_TTL]))
 
 
 def recover(r: redis.Redis, ttl: float = NODE_TTL) -> list[Recovered]:
@@ -183,6 +187,23 @@ def recover(r: redis.Redis, ttl: float = NODE_TTL) -> list[Recovered]:
         except redis.exceptions.LockError:  # it expired meanwhile: another worker may hold it now
             pass
     return out
+
+
+def prune(r: redis.Redis, older_than: float, *, dry_run: bool = False) -> list[str]:
+    """Forget worker instances silent for ``older_than`` seconds, restoring their messages first.
+
+    :func:`recover` does this at the next beat of any live worker; ``prewarm prune`` calls
+    it for a fleet none of whose workers runs any more.  Returns the instances removed.
+    """
+    found = r.eval(_DEAD, 1, keys.WORKERS, max(older_than, NODE_TTL), 1_000_000)
+    gone = [_s(i) for i in found[::2]]
+    if not dry_run:
+        for instance in gone:
+            for tag in r.smembers(keys.worker_held(instance)):
+                restore(r, _s(tag))
+            r.eval(_FORGET, 3, keys.WORKERS, keys.worker_held(instance), keys.worker(instance), instance,
+                   max(older_than, NODE_TTL))
+    return gone
 
 
 def restore(r: redis.Redis, tag: str) -> bool:
