@@ -61,7 +61,7 @@ def test_a_heartbeat_costs_the_same_whatever_the_node_holds(redis_url: str, tmp_
     for held in (10, 20_000):
         # Given a worker's heartbeat on a node holding `held` layers from past jobs
         layers = _digests(held)
-        beat = Heartbeat(r, f"node{held}", {"pool": "gpu"}, tmp_path, lambda: layers,
+        beat = Heartbeat(r, f"node{held}", {"pool": "gpu"}, tmp_path, lambda layers=layers: layers,
                          instance=WorkerInstance(r, f"node{held}"))
         beat.instance.register()  # type: ignore[union-attr]
         beat.beat()  # the first beat sends the layer set
