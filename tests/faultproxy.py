@@ -14,6 +14,8 @@ on a seeded random fraction of them, or on all of them.  Kinds:
                     can check Authorization was not forwarded
 * ``corrupt``       forward, flipping one byte of the body
 * ``stall``         forward half the body, then send nothing for ``stall`` seconds and reset
+* ``slow``          forward the whole body, trickled in 50 pieces over ``stall`` seconds (a long,
+                    healthy download: the client never waits long for the next bytes)
 * ``respond``       answer ``status``/``headers``/``body`` as given (e.g. a schema-1 manifest)
 * ``gzip``          forward, gzip-compressing the body when the request's ``Accept-Encoding``
                     allows it (what a compressing proxy or CDN does)
@@ -306,6 +308,15 @@ class FaultProxy:
                             self.wfile.flush()
                             time.sleep(fault.stall)
                             return self._reset()
+                        if fault is not None and fault.kind == "slow":
+                            piece = max(1, total // 50)
+                            for i in range(0, len(chunk), piece):
+                                self.wfile.write(chunk[i:i + piece])
+                                self.wfile.flush()
+                                time.sleep(fault.stall / 50)
+                            sent += len(chunk)
+                            proxy._count(len(chunk))
+                            continue
                         if fault is not None and fault.kind == "truncate" and sent + len(chunk) > total // 2:
                             self.wfile.write(chunk[: total // 2 - sent])
                             self.wfile.flush()

@@ -10,7 +10,8 @@ Why these options:
 * ``prefetch_multiplier = 1``: a node takes one task per process at a time, so the
   window of released tasks is spread over the nodes' processes, not hoarded.
 * ``visibility_timeout``: longer than the slowest task (a whole-layer task on a large
-  layer), shorter than "the job waits an hour" after a worker dies.
+  layer).  It is the last resort only: a dead worker's messages come back within about a
+  minute of its last heartbeat (:func:`track_deliveries`, :mod:`prewarm.fleet.recovery`).
 * events on (``worker_send_task_events``, ``task_send_sent_event``) so Flower shows the
   span tasks with their names and arguments; off with ``PREWARM_TASK_EVENTS=0`` (what
   ``prewarm worker --no-task-events`` sets), for workers nobody watches.
@@ -20,12 +21,17 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from celery import Celery
 
 from prewarm.config import Settings
 from prewarm.errors import ConfigError
+from prewarm.fleet import keys
 from prewarm.fleet.broker import celery_url
+
+if TYPE_CHECKING:
+    from prewarm.fleet.recovery import WorkerInstance
 
 #: Seconds before an unacknowledged task is delivered to another worker.
 DEFAULT_VISIBILITY_TIMEOUT = 900
@@ -52,6 +58,9 @@ def make_app(settings: Settings | None = None) -> Celery:
             # the scan holds a Redis mutex; one held by a worker killed mid-scan would block
             # every restore for kombu's default 300 s
             "unacked_mutex_expire": max(10, min(300, visibility)),
+            # named here because prewarm.fleet.recovery reads them to restore a dead worker's tasks
+            "unacked_key": keys.KOMBU_UNACKED,
+            "unacked_index_key": keys.KOMBU_UNACKED_INDEX,
         },
         task_serializer="json",
         # json: Celery's own control messages (and unsigned tasks, which a worker with
@@ -81,6 +90,31 @@ def make_app(settings: Settings | None = None) -> Celery:
         except ConfigError as err:
             raise SystemExit(f"prewarm worker: {err}") from None
     return app
+
+
+def track_deliveries(instance: WorkerInstance) -> None:
+    """Record each task message this process's consumer takes in ``instance``'s held set.
+
+    Why: when the worker dies, the fleet puts exactly these messages back in their queue
+    within about a minute (:mod:`prewarm.fleet.recovery`) instead of after the visibility
+    timeout.  Celery sends ``task_received`` in the consumer, after kombu recorded the
+    message as unacknowledged and before the task runs or waits for its ETA.
+    """
+    from celery.signals import task_received
+
+    log = logging.getLogger("prewarm.worker")
+
+    def received(request, **_: object) -> None:  # type: ignore[no-untyped-def]
+        tag = getattr(request.message, "delivery_tag", None)
+        if not tag:
+            return
+        try:
+            instance.hold(str(tag))
+        except Exception as err:  # noqa: BLE001 - Redis away: the visibility timeout still covers it
+            log.warning("could not record task message %s as held by this worker (%s); if the worker dies "
+                        "now, the message returns after the visibility timeout", tag, err)
+
+    task_received.connect(received, weak=False)
 
 
 def _settings() -> Settings:

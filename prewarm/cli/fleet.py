@@ -1,8 +1,28 @@
-"""Fleet commands: ``prewarm nodes`` (membership) and ``prewarm budget`` (registry limits)."""
+"""Fleet commands: ``prewarm nodes`` (membership), ``prewarm budget`` (registry limits), ``prewarm prune``."""
 
 from __future__ import annotations
 
+import re
+
 import click
+
+#: ``prewarm prune``'s default age: the same 7 days after which finished jobs expire by themselves.
+PRUNE_DEFAULT = "7d"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class Duration(click.ParamType):
+    """``90s``, ``30m``, ``12h``, ``7d``, ``2w``, or plain seconds."""
+
+    name = "DURATION"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(value))
+        if not m:
+            self.fail(f"{value!r} is not a duration: give a number with s, m, h, d or w (e.g. 7d, 12h)", param, ctx)
+        return float(m.group(1)) * _UNITS[m.group(2) or "s"]
 
 
 @click.command()
@@ -64,6 +84,41 @@ def nodes_cmd(as_json: bool, broker_url: str) -> None:
                    f"{human_bytes(n.free_bytes):>10} {len(n.layers):>6}  {labels}")
 
 
+@click.command()
+@click.option("--older-than", type=Duration(), default=PRUNE_DEFAULT, show_default=True,
+              help="Age past which jobs that are over (or have not moved since) and silent nodes go.")
+@click.option("--dry-run", is_flag=True, help="Say what would go, remove nothing.")
+@click.option("--broker-url", envvar="PREWARM_BROKER_URL", required=True, help="Redis (PREWARM_BROKER_URL).")
+def prune_cmd(older_than: float, dry_run: bool, broker_url: str) -> None:
+    """Remove old records from the fleet's Redis: jobs and nodes.
+
+    Jobs created more than --older-than ago go if they are over (succeeded, failed,
+    cancelled) or nothing moved in them since (their nodes are gone); standing schedules
+    stay until cancelled.  Nodes whose last heartbeat is older go from `prewarm nodes`,
+    and the records of worker processes that stopped (their unfinished tasks go back to
+    their queues first).  Without it, finished and cancelled jobs expire 7 days after they end, and node records
+    7 days after their last heartbeat.
+    """
+    from prewarm.fleet.broker import redis_client
+    from prewarm.fleet.jobs import prune_jobs
+    from prewarm.fleet.nodes import prune_nodes
+    from prewarm.fleet.progress import human_seconds
+    from prewarm.fleet.recovery import prune as prune_workers
+
+    r = redis_client(broker_url, reachable=True)
+    gone_jobs = prune_jobs(r, older_than, dry_run=dry_run)
+    gone_nodes = prune_nodes(r, older_than, dry_run=dry_run)
+    gone_workers = prune_workers(r, older_than, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {len(gone_jobs)} job(s), {len(gone_nodes)} node(s) and {len(gone_workers)} dead "
+               f"worker record(s) older than {human_seconds(older_than)}")
+    for job in gone_jobs:
+        click.echo(f"  job {job}")
+    for node in gone_nodes:
+        click.echo(f"  node {node}")
+
+
 def register(main: click.Group) -> None:
     main.add_command(budget_cmd, "budget")
     main.add_command(nodes_cmd, "nodes")
+    main.add_command(prune_cmd, "prune")

@@ -61,8 +61,9 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="prewarm-metrics-"))
     from prewarm.fleet.broker import redis_client
     from prewarm.fleet.nodes import Heartbeat, parse_labels
+    from prewarm.fleet.recovery import WorkerInstance
     from prewarm.store.content import ContentStore
-    from workers.app import app  # reads the environment set just above
+    from workers.app import app, track_deliveries  # reads the environment set just above
 
     env_labels = [p for p in os.environ.get("PREWARM_NODE_LABELS", "").split(",") if p.strip()]
     node_labels = parse_labels(env_labels + list(labels))
@@ -84,9 +85,12 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
     store = ContentStore(settings.root)
     r = redis_client(settings.broker_url)
     peer_beat = serve_peers(settings, r)  # span sharing (PREWARM_PEER_PORT): serves before tasks run
+    # the messages this worker takes come back within a minute if it dies (prewarm.fleet.recovery)
+    instance = WorkerInstance(r, settings.node_name)
+    track_deliveries(instance)
     beat = Heartbeat(r, settings.node_name, node_labels, settings.root,
                      lambda: frozenset(d for d in store.list_layers() if store.is_ready(d)),
-                     on_beat=on_beat, signed_only=bool(settings.trusted_certs))
+                     on_beat=on_beat, signed_only=bool(settings.trusted_certs), instance=instance)
     beat.start()
     if metrics_port:
         _serve_metrics(int(metrics_port), settings.broker_url, settings.node_name, settings.root)

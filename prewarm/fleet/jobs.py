@@ -162,19 +162,26 @@ NODE_NAME_LABEL = "prewarm.io/node"
 def standing_jobs_for(r: redis.Redis, labels: dict[str, str]) -> list[str]:
     """Active standing schedules (``--keep``) whose selector matches these node labels.
 
-    A selector value is one label value, or a list of values any of which matches.
+    A selector value is one label value, or a list of values any of which matches.  Two
+    round trips, whatever the number of active jobs (each node's worker asks every beat).
     """
+    ids = _active_jobs(r)
+    pipe = r.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hmget(keys.job(job_id), "keep", "cancelled")
     out = []
-    for raw in r.smembers(keys.ACTIVE_JOBS):
-        job_id = _s(raw)
-        h = r.hmget(keys.job(job_id), "keep", "cancelled")
-        keep, cancelled = _s(h[0]), _s(h[1])
+    for job_id, (raw_keep, raw_cancelled) in zip(ids, pipe.execute()):
+        keep, cancelled = _s(raw_keep), _s(raw_cancelled)
         if not keep or cancelled == "1":
             continue
         selector = json.loads(keep)
         if all(labels.get(k) in v if isinstance(v, list) else labels.get(k) == v for k, v in selector.items()):
             out.append(job_id)
     return sorted(out)
+
+
+def _active_jobs(r: redis.Redis) -> list[str]:
+    return sorted(_s(raw) for raw in r.smembers(keys.ACTIVE_JOBS))
 
 
 def is_signed(r: redis.Redis, job_id: str) -> bool:
@@ -205,15 +212,25 @@ def layer_state(r: redis.Redis, job_id: str, node: str, layer: int) -> str:
 
 def record_span(r: redis.Redis, job_id: str, node: str, layer: int, span: int, nbytes: int) -> bool:
     """Count a finished span once, however often it is reported; True if this call counted it."""
-    old = r.setbit(keys.job_node_spans(job_id, node, layer), span, 1)
+    bitmap = keys.job_node_spans(job_id, node, layer)
+    old = r.setbit(bitmap, span, 1)
     if old:
         return False
     pipe = r.pipeline(transaction=True)
     pipe.hincrby(keys.job_node(job_id, node), "tasks_finished", 1)
     pipe.hincrby(keys.job_node(job_id, node), "bytes_done", nbytes)
     pipe.hset(keys.job_node(job_id, node), "updated", time.time())
-    pipe.execute()
+    pipe.ttl(keys.job(job_id))
+    *_, ttl = pipe.execute()
+    _expire_with_job(r, ttl, bitmap)
     return True
+
+
+def _expire_with_job(r: redis.Redis, job_ttl: int, *created: str) -> None:
+    """A task that ends after its job was cancelled or finished creates keys: they expire with the job."""
+    if job_ttl > 0:
+        for key in created:
+            r.expire(key, job_ttl)
 
 
 def record_layer(r: redis.Redis, job_id: str, node: str, layer: int, state: str,
@@ -228,7 +245,10 @@ def record_layer(r: redis.Redis, job_id: str, node: str, layer: int, state: str,
     else:
         pipe.hdel(keys.job_node_errors(job_id, node), str(layer))
     pipe.hset(keys.job_node(job_id, node), "updated", time.time())
-    pipe.execute()
+    pipe.ttl(keys.job(job_id))
+    *_, ttl = pipe.execute()
+    if state == LAYER_FAILED:
+        _expire_with_job(r, ttl, keys.job_node_errors(job_id, node))
 
 
 def unfinished_tasks(r: redis.Redis, job_id: str, node: str, plan: ImagePlan) -> list[int]:
@@ -260,22 +280,30 @@ def stalled_jobs(r: redis.Redis, node: str, stall_seconds: float) -> list[str]:
     successor after its index was claimed.  Each loss shrinks the node's window by one, so a
     job stalls whether or not every task was released yet.
     """
+    ids = _active_jobs(r)
+    pipe = r.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.sismember(keys.job_nodes(job_id), node)
+        pipe.hget(keys.job(job_id), "cancelled")
+        pipe.hgetall(keys.job_node(job_id, node))
+        pipe.hvals(keys.job_node_layers(job_id, node))
+    raw = pipe.execute()
     out = []
     now = time.time()
-    for raw in r.smembers(keys.ACTIVE_JOBS):
-        job_id = _s(raw)
-        if not r.sismember(keys.job_nodes(job_id), node) or _s(r.hget(keys.job(job_id), "cancelled")) == "1":
+    for i, job_id in enumerate(ids):
+        member, cancelled, raw_h, raw_states = raw[4 * i:4 * i + 4]
+        if not member or _s(cancelled) == "1":
             continue
-        h = {_s(k): _s(v) for k, v in r.hgetall(keys.job_node(job_id, node)).items()}
+        h = {_s(k): _s(v) for k, v in raw_h.items()}
         if not h or int(h.get("cursor", 0)) == 0:
             continue  # nothing released yet: the node's first window is start_own_windows' work
         if now - float(h.get("updated", now)) < stall_seconds:
             continue
-        states = [_s(v) for v in r.hvals(keys.job_node_layers(job_id, node))]
+        states = [_s(v) for v in raw_states]
         if states and all(st in (LAYER_READY, LAYER_FAILED) for st in states):
             continue
         out.append(job_id)
-    return sorted(out)
+    return out
 
 
 def released(r: redis.Redis, job_id: str, node: str) -> int:
@@ -289,15 +317,19 @@ def mark_started(r: redis.Redis, job_id: str, node: str) -> bool:
 
 
 def unstarted_jobs(r: redis.Redis, node: str) -> list[str]:
-    """Active, not cancelled jobs of ``node`` whose first window nobody released yet."""
-    out = []
-    for raw in r.smembers(keys.ACTIVE_JOBS):
-        job_id = _s(raw)
-        if not r.sismember(keys.job_nodes(job_id), node) or _s(r.hget(keys.job(job_id), "cancelled")) == "1":
-            continue
-        if not r.hexists(keys.job_node(job_id, node), "started_release"):
-            out.append(job_id)
-    return sorted(out)
+    """Active, not cancelled jobs of ``node`` whose first window nobody released yet.
+
+    Two round trips, whatever the number of active jobs (each node's worker asks every beat).
+    """
+    ids = _active_jobs(r)
+    pipe = r.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.sismember(keys.job_nodes(job_id), node)
+        pipe.hget(keys.job(job_id), "cancelled")
+        pipe.hexists(keys.job_node(job_id, node), "started_release")
+    raw = pipe.execute()
+    return [job_id for i, job_id in enumerate(ids)
+            if raw[3 * i] and _s(raw[3 * i + 1]) != "1" and not raw[3 * i + 2]]
 
 
 #: :func:`task_refusal`'s answer for a task of a cancelled job (skipped, not an attack).
@@ -346,22 +378,65 @@ def finish_job(r: redis.Redis, job_id: str, retention: float = JOB_RETENTION) ->
     if _s(r.hget(keys.job(job_id), "keep")):
         return
     r.srem(keys.ACTIVE_JOBS, job_id)
-    ttl = max(1, int(retention))
-    plan_layers = None
+    _expire_job(r, job_id, retention)
+
+
+def _job_keys(r: redis.Redis, job_id: str) -> list[str]:
+    """Every key of the job's records (its nodes' included)."""
     nodes = [_s(n) for n in r.smembers(keys.job_nodes(job_id))]
-    pipe = r.pipeline(transaction=False)
-    for key in (keys.job(job_id), keys.job_plan(job_id), keys.job_nodes(job_id), keys.job_signed(job_id)):
-        pipe.expire(key, ttl)
+    raw = r.get(keys.job_plan(job_id))
+    layers = len(ImagePlan.from_json(raw).layers) if raw else 0
+    out = [keys.job(job_id), keys.job_plan(job_id), keys.job_nodes(job_id), keys.job_signed(job_id)]
     for node in nodes:
-        for key in (keys.job_node(job_id, node), keys.job_node_layers(job_id, node),
-                    keys.job_node_errors(job_id, node), keys.job_node_finished(job_id, node)):
-            pipe.expire(key, ttl)
-        if plan_layers is None:
-            raw = r.get(keys.job_plan(job_id))
-            plan_layers = len(ImagePlan.from_json(raw).layers) if raw else 0
-        for layer in range(plan_layers):
-            pipe.expire(keys.job_node_spans(job_id, node, layer), ttl)
+        out += [keys.job_node(job_id, node), keys.job_node_layers(job_id, node), keys.job_node_errors(job_id, node),
+                keys.job_node_finished(job_id, node), keys.job_node_bad_peers(job_id, node)]
+        out += [keys.job_node_spans(job_id, node, layer) for layer in range(layers)]
+    return out
+
+
+def _expire_job(r: redis.Redis, job_id: str, retention: float) -> None:
+    ttl = max(1, int(retention))
+    pipe = r.pipeline(transaction=False)
+    for key in _job_keys(r, job_id):
+        pipe.expire(key, ttl)
     pipe.execute()
+
+
+def delete_job(r: redis.Redis, job_id: str) -> None:
+    """Remove every record of a job now (``prewarm prune``)."""
+    pipe = r.pipeline(transaction=False)
+    pipe.delete(*_job_keys(r, job_id))
+    pipe.zrem(keys.JOBS, job_id)
+    pipe.srem(keys.ACTIVE_JOBS, job_id)
+    pipe.execute()
+
+
+def prune_jobs(r: redis.Redis, older_than: float, *, dry_run: bool = False) -> list[str]:
+    """Remove the jobs created more than ``older_than`` seconds ago that are over or abandoned.
+
+    Over: every layer on every node ready or failed, or cancelled.  Abandoned: no node
+    reported anything for ``older_than`` seconds (its nodes were removed, say), which
+    ``settle`` can then never end.  Standing schedules (``--keep``) stay until cancelled.
+    Returns the ids removed (with ``dry_run``: that would be).
+    """
+    cutoff = time.time() - older_than
+    out = []
+    for raw in r.zrangebyscore(keys.JOBS, "-inf", cutoff):
+        job_id = _s(raw)
+        if not r.exists(keys.job(job_id)):  # expired already: only its entry in the list is left
+            out.append(job_id)
+            if not dry_run:
+                delete_job(r, job_id)
+            continue
+        status = job_status(r, job_id)
+        standing = bool(_s(r.hget(keys.job(job_id), "keep"))) and status.state != "cancelled"
+        last = max([n.updated for n in status.nodes.values()] + [status.created])
+        if standing or not (status.finished or last < cutoff):
+            continue
+        out.append(job_id)
+        if not dry_run:
+            delete_job(r, job_id)
+    return out
 
 
 def settle(r: redis.Redis, job_id: str, node: str) -> bool:
@@ -385,6 +460,7 @@ def cancel_job(r: redis.Redis, job_id: str) -> None:
         raise JobError(f"job {job_id} does not exist (prewarm status lists the jobs)")
     r.hset(keys.job(job_id), "cancelled", "1")
     r.srem(keys.ACTIVE_JOBS, job_id)
+    _expire_job(r, job_id, JOB_RETENTION)  # a cancelled job is over: its records go like a finished one's
 
 
 def node_status(r: redis.Redis, job_id: str, node: str, plan: ImagePlan, cancelled: bool) -> NodeStatus:

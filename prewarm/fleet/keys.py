@@ -35,6 +35,21 @@ NODE = "prewarm:node:{node}"
 #: Set of known node names.
 NODES = "prewarm:nodes"
 
+#: Sorted set of worker instances (one ``prewarm worker`` process each, a random id), scored
+#: by their last beat in Redis's own clock; see :mod:`prewarm.fleet.recovery`.
+WORKERS = "prewarm:workers"
+#: Hash: a worker instance's node, host and pid (for the operator's log line).
+WORKER = "prewarm:worker:{instance}"
+#: Set of delivery tags of the task messages a worker instance took and has not acknowledged.
+WORKER_HELD = "prewarm:worker:{instance}:held"
+#: Lock (redis-py ``Lock``): the one live worker restoring dead workers' messages.
+RECOVERY_LOCK = "prewarm:recovery:lock"
+#: kombu's Redis transport: hash delivery tag -> [message, exchange, routing key] of every
+#: message taken and not acknowledged, and the zset of when each was taken.  Not ours:
+#: ``workers.app`` names them in the transport options so the two cannot drift apart.
+KOMBU_UNACKED = "unacked"
+KOMBU_UNACKED_INDEX = "unacked_index"
+
 #: Set of node names whose peer cache holds verified bytes of span ``span`` of ``layer``
 #: (``span`` is ``blob`` for a whole layer); see :mod:`prewarm.fleet.peers`.
 PEER_HOLDERS = "prewarm:peer:holders:{layer}:{span}"
@@ -100,6 +115,14 @@ def peer_claim(layer: str, group: int | None) -> str:
 
 def node(name: str) -> str:
     return NODE.format(node=name)
+
+
+def worker(instance: str) -> str:
+    return WORKER.format(instance=instance)
+
+
+def worker_held(instance: str) -> str:
+    return WORKER_HELD.format(instance=instance)
 
 
 def node_queue(name: str) -> str:

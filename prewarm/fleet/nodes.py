@@ -16,10 +16,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis
 
 from prewarm.fleet import keys
+
+if TYPE_CHECKING:
+    from prewarm.fleet.recovery import WorkerInstance
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +96,30 @@ def check_name_free(r: redis.Redis, name: str, identity: str) -> None:
 
 
 def heartbeat(r: redis.Redis, name: str, *, labels: Mapping[str, str], root: Path,
-              layers: frozenset[str], identity: str | None = None, signed_only: bool = False) -> None:
+              layers: frozenset[str] | None, identity: str | None = None, signed_only: bool = False) -> bool:
+    """Register the node and refresh its heartbeat: one round trip of constant size.
+
+    ``layers`` None leaves the recorded layer set as it is: the set grows with every image
+    the node ever held, so :class:`Heartbeat` sends it only when it changed.
+
+    Returns:
+        False if ``layers`` was None and the record had to be made anew (it expired, or
+        Redis lost it): the caller must send the layer set now.
+    """
     free = shutil.disk_usage(root).free if root.exists() else 0
+    fields: dict[str, str | int | float] = {
+        "labels": json.dumps(dict(labels), sort_keys=True), "free_bytes": free,
+        "heartbeat": time.time(), "root": str(root),
+        "identity": identity or worker_identity(root), "signed_only": int(signed_only),
+    }
+    if layers is not None:
+        fields["layers"] = json.dumps(sorted(layers))
     pipe = r.pipeline(transaction=True)
     pipe.sadd(keys.NODES, name)
-    pipe.hset(keys.node(name), mapping={
-        "labels": json.dumps(dict(labels), sort_keys=True), "free_bytes": free,
-        "layers": json.dumps(sorted(layers)), "heartbeat": time.time(), "root": str(root),
-        "identity": identity or worker_identity(root), "signed_only": int(signed_only),
-    })
+    pipe.hset(keys.node(name), mapping=fields)
     pipe.expire(keys.node(name), NODE_RECORD_RETENTION)
-    pipe.execute()
+    _, added, _ = pipe.execute()
+    return layers is not None or not added  # HSET counts the fields it created: all of them, if it was gone
 
 
 def list_nodes(r: redis.Redis) -> list[NodeInfo]:
@@ -123,21 +140,48 @@ def list_nodes(r: redis.Redis) -> list[NodeInfo]:
     return out
 
 
+def prune_nodes(r: redis.Redis, older_than: float, *, dry_run: bool = False) -> list[str]:
+    """Forget the nodes whose last heartbeat is more than ``older_than`` seconds old.
+
+    A node gone from the fleet (scaled down, renamed) is otherwise listed as down until its
+    record expires, :data:`NODE_RECORD_RETENTION` after its last beat.  A node that beats
+    again registers again.  Returns the names removed (with ``dry_run``: that would be).
+    """
+    cutoff = time.time() - older_than
+    gone = [n.name for n in list_nodes(r) if n.heartbeat < cutoff]
+    if gone and not dry_run:
+        pipe = r.pipeline(transaction=False)
+        for name in gone:
+            pipe.delete(keys.node(name))
+            pipe.srem(keys.NODES, name)
+        pipe.execute()
+    return gone
+
+
 def select_nodes(nodes: list[NodeInfo], selector: Mapping[str, str]) -> list[NodeInfo]:
     return [n for n in nodes if n.up and all(n.labels.get(k) == v for k, v in selector.items())]
 
 
 class Heartbeat(threading.Thread):
-    """Background thread of a worker's main process: registers the node every few seconds."""
+    """Background thread of a worker's main process: registers the node every few seconds.
+
+    Each beat costs Redis the same whatever the node holds or the fleet ran before: the
+    node's record without its layer set (sent only when it changed), and with ``instance``
+    the worker instance's beat (:mod:`prewarm.fleet.recovery`), which also says when some
+    worker of the fleet died; only then does this thread try to restore its messages.
+    """
 
     def __init__(self, r: redis.Redis, name: str, labels: Mapping[str, str], root: Path,
                  layers: Callable[[], frozenset[str]], interval: float = HEARTBEAT_INTERVAL,
-                 on_beat: Callable[[], object] | None = None, signed_only: bool = False) -> None:
+                 on_beat: Callable[[], object] | None = None, signed_only: bool = False,
+                 instance: WorkerInstance | None = None) -> None:
         super().__init__(name="prewarm-heartbeat", daemon=True)
         self.r, self.node, self.labels, self.root = r, name, dict(labels), root
         self.layers, self.interval, self.on_beat = layers, interval, on_beat
         self.identity = worker_identity(root)
         self.signed_only = signed_only
+        self.instance = instance
+        self._sent: frozenset[str] | None = None  # the layer set Redis holds, as this thread wrote it
         self._halt = threading.Event()
 
     def start(self) -> None:
@@ -147,18 +191,36 @@ class Heartbeat(threading.Thread):
             ConfigError: the name is held by a live worker of another host or store.
         """
         check_name_free(self.r, self.node, self.identity)
+        if self.instance is not None:
+            self.instance.register()
         super().start()
+
+    def beat(self) -> None:
+        """One beat: the node's record, the instance's beat, a recovery if someone died."""
+        current = self.layers()
+        changed = current != self._sent
+        whole = heartbeat(self.r, self.node, labels=self.labels, root=self.root,
+                          layers=current if changed else None, identity=self.identity,
+                          signed_only=self.signed_only)
+        if not whole:
+            heartbeat(self.r, self.node, labels=self.labels, root=self.root, layers=current,
+                      identity=self.identity, signed_only=self.signed_only)
+        self._sent = current
+        if self.instance is not None and self.instance.beat():
+            from prewarm.fleet.recovery import recover
+
+            recover(self.r)
 
     def run(self) -> None:
         while not self._halt.is_set():
             try:
-                heartbeat(self.r, self.node, labels=self.labels, root=self.root, layers=self.layers(),
-                          identity=self.identity, signed_only=self.signed_only)
+                self.beat()
                 if self.on_beat is not None:
                     self.on_beat()
             except redis.exceptions.RedisError:
-                pass  # Redis restarting: the next beat registers again
+                self._sent = None  # Redis restarting: the next beat registers again, layers and all
             except Exception:  # noqa: BLE001 - the heartbeat must outlive any one bad beat
+                self._sent = None
                 log.exception("heartbeat of node %s failed; beating again in %.0fs", self.node, self.interval)
             self._halt.wait(self.interval)
 

@@ -25,7 +25,7 @@ from prewarm.errors import ConfigError
 from prewarm.fleet import schedule
 from prewarm.fleet.broker import redis_client
 from prewarm.fleet.jobs import NODE_NAME_LABEL, JobStatus
-from prewarm.fleet.nodes import NodeInfo, list_nodes, parse_labels, select_nodes
+from prewarm.fleet.nodes import NODE_TTL, NodeInfo, list_nodes, parse_labels, select_nodes
 from prewarm.fleet.plan import ImagePlan, SpanLayer, plan_resolved
 from prewarm.fleet.signing import signer_from
 from prewarm.resolve.reference import parse_reference
@@ -109,6 +109,10 @@ def submit(settings: Settings, image: str, choice: NodeChoice, *, index: IndexPo
     if strict and signer is None:
         raise ConfigError(f"node(s) {', '.join(strict)} run only signed tasks: give the scheduler its signing key "
                           "(PREWARM_SIGNING_KEY and PREWARM_SIGNING_CERT)")
+    skipped = _skipped_down(fleet, choice)
+    if skipped:
+        say(f"skipping node(s) down (no heartbeat for {NODE_TTL:.0f}s): {', '.join(skipped)}; "
+            "`prewarm nodes` lists them")
     down = [n.name for n in fleet if n.name in targets and not n.up]
     if down:
         say(f"node(s) down (no recent heartbeat): {', '.join(down)}; their share waits until their workers "
@@ -136,6 +140,14 @@ def dry_run(settings: Settings, image: str, choice: NodeChoice) -> tuple[list[sc
     from prewarm.fleet.peers import sharing_nodes
 
     return schedule.dry_run(plan_resolved(resolved, {}), rows, sharing=sharing_nodes(r, targets))
+
+
+def _skipped_down(fleet: list[NodeInfo], choice: NodeChoice) -> list[str]:
+    """Nodes ``--all-nodes`` or ``--selector`` would take but for their heartbeat (named nodes are never skipped)."""
+    if not (choice.every or choice.selectors):
+        return []
+    selector = parse_labels(list(choice.selectors))
+    return [n.name for n in fleet if not n.up and all(n.labels.get(k) == v for k, v in selector.items())]
 
 
 def _standing_selector(choice: NodeChoice) -> dict[str, str | list[str]]:
