@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -31,11 +32,19 @@ import requests
 import yaml
 
 from prewarm.fleet.nodes import NodeInfo, parse_labels, select_nodes
-from prewarm.imagebuild import push_layout
+from prewarm.imagebuild import Layer, TarEntry, build_image, push_layout
 from prewarm.node.limits import PARENT_RESERVE, Limits, pool_size
 from prewarm.resolve.registry.client import RegistryClient
 from tests.images import simple_image
-from tests.pipeline_helpers import clean_env, prewarm, start_worker, wait_job
+from tests.pipeline_helpers import (
+    assert_matches_umoci,
+    clean_env,
+    lowerdirs,
+    prewarm,
+    push,
+    start_worker,
+    wait_job,
+)
 from tests.services import Registry, free_port, wait_until
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
@@ -266,6 +275,106 @@ def test_the_shim_probe_passes_on_a_serving_shim_and_fails_without_one(tmp_path:
         proc.wait(20)
     # And once the shim is gone, it fails again (a stale socket file is not a live shim)
     assert run_probe() != 0
+
+
+# === the worker's capabilities, for real
+
+#: security.capability of a file with cap_net_raw permitted and effective (vfs_cap_data v2),
+#: all bytes < 0x80 so it is valid PAX text
+NET_RAW_FCAP = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
+
+
+def _awkward_image(layout: Path):  # type: ignore[no-untyped-def]
+    """Every kind of entry that needs one of the worker's capabilities to land."""
+    base = [
+        TarEntry("home", "dir", mode=0o755),
+        TarEntry("home/alice", "dir", mode=0o750, uid=1000, gid=1000),                   # CHOWN, DAC_OVERRIDE
+        TarEntry("home/alice/notes", data=b"notes\n", mode=0o600, uid=1000, gid=1000),  # FOWNER (after chown)
+        TarEntry("usr", "dir", mode=0o755),
+        TarEntry("usr/sg-like", data=b"setgid\n", mode=0o2755, gid=42),                # FSETID
+        TarEntry("usr/ping-like", data=b"fcaps\n", mode=0o755,
+                 xattrs={"security.capability": NET_RAW_FCAP}),                         # SETFCAP
+        TarEntry("dev", "dir", mode=0o755),
+        TarEntry("dev/null-like", "chardev", mode=0o666, devmajor=1, devminor=3),       # MKNOD
+        TarEntry("opt", "dir", mode=0o755),
+        TarEntry("opt/app", "dir", mode=0o755),
+        TarEntry("opt/app/old", data=b"hidden by the opaque dir\n"),
+        TarEntry("etc", "dir", mode=0o755),
+        TarEntry("etc/gone", data=b"whited out\n"),
+    ]
+    top = [
+        TarEntry("opt", "dir", mode=0o755),
+        TarEntry("opt/app", "dir", mode=0o755),
+        TarEntry("opt/app/.wh..wh..opq"),                                                # SYS_ADMIN (trusted.*)
+        TarEntry("opt/app/new", data=b"new\n"),
+        TarEntry("etc", "dir", mode=0o755),
+        TarEntry("etc/.wh.gone"),                                                        # MKNOD (0:0 whiteout)
+        TarEntry("ro", "dir", mode=0o555),
+        TarEntry("ro/inside", data=b"written into a 0555 dir\n"),                      # DAC_OVERRIDE
+    ]
+    return build_image(layout, [Layer(base, "gzip"), Layer(top, "gzip")], tag="awkward")
+
+
+def _prewarm_with_caps(caps: set[str], ref: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``prewarm schedule REF`` (embedded: its own Redis and workers) as root with only ``caps``.
+
+    Root's capabilities after exec are its bounding set, so limiting that is what a
+    container with ``drop: [ALL]`` and ``add: caps`` gets.
+    """
+    bounding = ",".join(["-all", *(f"+{c.lower()}" for c in sorted(caps))])
+    return subprocess.run(["setpriv", f"--bounding-set={bounding}", "--inh-caps=-all", "--",
+                           sys.executable, "-m", "prewarm", "schedule", ref, "--concurrency", "2", "-q"],
+                          env=env, capture_output=True, text=True, timeout=300, check=False,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+def test_the_worker_lands_every_kind_of_entry_with_only_its_listed_capabilities(
+        tmp_path: Path, registry: Registry) -> None:
+    # Given the worker container's capabilities, from the manifest
+    worker = _containers(_pod(_docs()[("DaemonSet", "prewarm-worker")]))["worker"]
+    caps = set(worker["securityContext"]["capabilities"]["add"])
+    image = _awkward_image(tmp_path / "oci")
+    ref = push(image, registry, "deploy/awkward")
+    env = clean_env(tmp_path / "store", PREWARM_INSECURE_REGISTRIES=registry.host)
+    # When the image is pre-warmed with those capabilities and no other
+    out = _prewarm_with_caps(caps, ref, env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # Then the layers equal umoci's rootfs, owners, modes, devices, whiteouts, opaque dir and all
+    (tmp_path / "cmp").mkdir()
+    assert_matches_umoci(image, ref, env, tmp_path / "cmp")
+    # And the file capability is there (umoci's comparison does not look at security.*)
+    base = Path(lowerdirs(ref, env)[-1])
+    assert os.getxattr(base / "usr/ping-like", "security.capability") == NET_RAW_FCAP
+    assert os.stat(base / "usr/sg-like").st_mode & 0o7777 == 0o2755
+
+
+@pytest.mark.parametrize("missing", sorted(WORKER_CAPS))
+def test_each_of_the_capabilities_is_needed(tmp_path: Path, registry: Registry, missing: str) -> None:
+    # Given the worker's capabilities less one
+    caps = WORKER_CAPS - {missing}
+    image = _awkward_image(tmp_path / "oci")
+    ref = push(image, registry, f"deploy/awkward-{missing.lower()}")
+    env = clean_env(tmp_path / "store", PREWARM_INSECURE_REGISTRIES=registry.host)
+    # When the image is pre-warmed
+    out = _prewarm_with_caps(caps, ref, env)
+    if missing == "FSETID":
+        # Then it lands, but the kernel silently drops the setgid bit of a file whose group
+        # is not root's: the rootfs would differ from the image
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert os.stat(Path(lowerdirs(ref, env)[-1]) / "usr/sg-like").st_mode & 0o7777 == 0o755
+    elif missing == "DAC_OVERRIDE":
+        # Then it lands, but removing it (prewarm rm, gc) fails on the directories whose
+        # image modes deny root's write (ro/ is 0555) or search (home/alice is 0750, uid 1000)
+        assert out.returncode == 0, out.stdout + out.stderr
+        bounding = ",".join(["-all", *(f"+{c.lower()}" for c in sorted(caps))])
+        rm = subprocess.run(["setpriv", f"--bounding-set={bounding}", "--inh-caps=-all", "--",
+                             sys.executable, "-m", "prewarm", "rm", ref], env=env, capture_output=True,
+                            text=True, timeout=120, check=False, cwd=Path(__file__).resolve().parents[1])
+        assert rm.returncode != 0, rm.stdout + rm.stderr
+    else:
+        # Then the layer that needs it fails
+        assert out.returncode != 0, out.stdout + out.stderr
+        assert "Operation not permitted" in out.stderr, out.stderr
 
 
 # === secrets
