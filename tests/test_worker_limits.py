@@ -101,6 +101,14 @@ def test_garbage_in_the_files_counts_as_unlimited(tmp_path: Path) -> None:
     assert read_limits(root, proc) == Limits(cpus=None, memory=None)
 
 
+def test_a_chosen_concurrency_is_kept_and_shares_the_memory() -> None:
+    # Given --concurrency 16 in a 2 GiB container
+    pool = pool_size(Limits(cpus=2, memory=2 * GiB), cpu_count=64, concurrency=16)
+    # Then 16 processes, each with a sixteenth of what is left after the main process
+    assert pool.concurrency == 16
+    assert 16 * (pool.max_memory_per_child_kib << 10) + PARENT_RESERVE <= 2 * GiB
+
+
 def test_a_limit_too_small_still_leaves_one_process_with_its_check_on() -> None:
     pool = pool_size(Limits(cpus=4, memory=200 << 20), cpu_count=4)
     assert pool.concurrency == 1

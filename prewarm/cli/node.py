@@ -55,8 +55,8 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
     os.environ.update(settings.to_env())
     os.environ["PREWARM_TASK_EVENTS"] = "1" if task_events else "0"
     # sized to the container's cgroup limits, not the node's cores (prewarm.node.limits)
-    pool = pool_size(read_limits())
-    concurrency = concurrency or pool.concurrency
+    pool = pool_size(read_limits(), concurrency=concurrency)
+    concurrency = pool.concurrency
     os.environ["PREWARM_MAX_MEMORY_PER_CHILD"] = str(pool.max_memory_per_child_kib)
     metrics_port = os.environ.get("PREWARM_METRICS_PORT")
     if metrics_port:

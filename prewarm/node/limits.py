@@ -130,19 +130,22 @@ def read_limits(cgroup_root: Path = CGROUP_ROOT, proc_self_cgroup: Path = PROC_S
     return Limits(cpus=cpus, memory=int(memory) if memory is not None else None)
 
 
-def pool_size(limits: Limits, cpu_count: int | None = None) -> PoolSize:
+def pool_size(limits: Limits, cpu_count: int | None = None, concurrency: int | None = None) -> PoolSize:
     """The default concurrency and per-child memory ceiling for these limits.
 
     ``cpu_count`` is the node's core count (``os.cpu_count()`` when None); a CPU limit only
-    ever lowers it.
+    ever lowers it.  A ``concurrency`` the operator chose (``--concurrency``) is kept, and
+    the memory is shared among that many processes.
     """
     cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
     cpus = cores if limits.cpus is None else max(1, min(cores, math.ceil(limits.cpus)))
-    concurrency = cpus + EXTRA_PROCESSES
+    chosen = concurrency
+    concurrency = chosen or cpus + EXTRA_PROCESSES
     if limits.memory is None:
         return PoolSize(concurrency, MAX_CHILD_MEMORY >> 10)
     pool_memory = max(0, limits.memory - PARENT_RESERVE)
-    concurrency = max(1, min(concurrency, pool_memory // MIN_CHILD_MEMORY))
+    if not chosen:
+        concurrency = max(1, min(concurrency, pool_memory // MIN_CHILD_MEMORY))
     # a limit below PARENT_RESERVE + MIN_CHILD_MEMORY is too small to run well; the floor keeps
     # Celery's check on (0 would turn it off) and recycles the one process after each task
     share = max(FLOOR_CHILD_MEMORY, min(MAX_CHILD_MEMORY, pool_memory // concurrency))
