@@ -625,6 +625,16 @@ def acl_redis(tmp_path: Path) -> Iterator[tuple[int, dict[str, str]]]:
         proc.wait(20)
 
 
+def test_the_placeholder_acl_cannot_be_used_by_mistake(tmp_path: Path) -> None:
+    # Given the ACL file of 10-secrets.yaml as it is, placeholders unreplaced
+    (tmp_path / "users.acl").write_text(_docs()[("Secret", "prewarm-redis-acl")]["stringData"]["users.acl"])
+    # When Redis starts with it, Then it refuses to start (the placeholders are not hashes)
+    out = subprocess.run(["redis-server", "--port", str(free_port()), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+                          "--save", "", "--aclfile", str(tmp_path / "users.acl")],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode != 0 and "ACL errors" in out.stdout + out.stderr, out
+
+
 def _url(port: int, user: str, password: str) -> str:
     return f"redis://prewarm-{user}:{password}@127.0.0.1:{port}/0"
 
