@@ -37,6 +37,18 @@ if TYPE_CHECKING:
 DEFAULT_VISIBILITY_TIMEOUT = 900
 
 
+def max_memory_per_child() -> int:
+    """Celery's per-child ceiling in KiB, so a leak cannot grow a pool process without bound.
+
+    ``prewarm worker`` sets ``PREWARM_MAX_MEMORY_PER_CHILD`` from the container's memory
+    limit (:func:`prewarm.node.limits.pool_size`), so every process at its ceiling still fits.
+    """
+    from prewarm.node.limits import MAX_CHILD_MEMORY
+
+    value = os.environ.get("PREWARM_MAX_MEMORY_PER_CHILD", "")
+    return int(value) if value.isdigit() and int(value) > 0 else MAX_CHILD_MEMORY >> 10
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
     app = Celery("prewarm", include=["workers.tasks"])
@@ -74,7 +86,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_send_sent_event=events,
         task_default_queue="prewarm.default",
         worker_hijack_root_logger=False,
-        worker_max_memory_per_child=400_000,  # KiB; a leak cannot grow a worker without bound
+        worker_max_memory_per_child=max_memory_per_child(),
     )
     app.conf.prewarm_settings = settings
     if settings.trusted_certs:

@@ -14,7 +14,8 @@ from prewarm.cli._common import registry_options, root_option, settings_from
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--node", help="This node's name (PREWARM_NODE_NAME, NODE_NAME, else the hostname).")
 @click.option("--concurrency", "-c", type=click.IntRange(1, 256), default=None,
-              help="Worker processes (default: cores + 2).")
+              help="Worker processes (default: the container's CPU limit + 2, fewer if its memory "
+              "limit cannot hold them; the node's cores + 2 without limits).")
 @click.option("--hostname", "-n", default=None, help="Celery worker name (default prewarm@NODE).")
 @click.option("--broker-url", envvar="PREWARM_BROKER_URL", help="Redis URL (PREWARM_BROKER_URL).")
 @click.option("--quiet", is_flag=True, help="Warnings and errors only.")
@@ -41,7 +42,7 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
     """
     from prewarm.errors import ConfigError
     from prewarm.fleet import keys
-    from prewarm.node.embedded import default_concurrency
+    from prewarm.node.limits import pool_size, read_limits
 
     # the store is checked before the worker says it is ready: one that cannot be written
     # refuses to start, with the reason, instead of failing every job
@@ -53,6 +54,10 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
                           "(redis://host:port/db, rediss://..., unix:///path)")
     os.environ.update(settings.to_env())
     os.environ["PREWARM_TASK_EVENTS"] = "1" if task_events else "0"
+    # sized to the container's cgroup limits, not the node's cores (prewarm.node.limits)
+    pool = pool_size(read_limits(), concurrency=concurrency)
+    concurrency = pool.concurrency
+    os.environ["PREWARM_MAX_MEMORY_PER_CHILD"] = str(pool.max_memory_per_child_kib)
     metrics_port = os.environ.get("PREWARM_METRICS_PORT")
     if metrics_port:
         # prometheus_client picks its multiprocess mode at import: set the folder first.
@@ -96,7 +101,7 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
         _serve_metrics(int(metrics_port), settings.broker_url, settings.node_name, settings.root)
 
     argv = ["worker", "-Q", keys.node_queue(settings.node_name),
-            "-c", str(concurrency or default_concurrency()),
+            "-c", str(concurrency),
             "-n", hostname or f"prewarm@{settings.node_name}",
             "--loglevel", "WARNING" if quiet else "INFO",  # events: PREWARM_TASK_EVENTS, set above
             # Gossip and mingle are Celery's own membership, which prewarm.fleet.nodes replaces:
