@@ -386,13 +386,16 @@ def _ztoc(ctx: NodeContext, ref: Reference, digest: str, *, job: str | None = No
 
 
 def _ztoc_from_registry(ctx: NodeContext, ref: Reference, digest: str) -> Ztoc:
-    """Fetch the zTOC within the fleet's registry budget: its size (a HEAD) is charged
-    before it is fetched, and a 429 on it backs the whole fleet off like one on a span."""
-    with _fleet_backoff_on_429(ctx, ref.registry):
-        with ctx.budget.request(ref.registry, 0):
-            size = ctx.client.blob_exists(ref.registry, ref.repository, digest) or 0
-        with ctx.budget.request(ref.registry, size):
-            return ctx.ztocs.get(digest, ctx.client, ref.registry, ref.repository)
+    """Fetch the zTOC within the fleet's registry budget, once per node: its size (a HEAD)
+    is charged before it is fetched, and a 429 on it backs the whole fleet off like one on a span."""
+    with ctx.ztocs.fetching(digest):  # one process of the node fetches it, the others wait for it
+        if ctx.ztocs.has(digest):
+            return ctx.ztocs.get(digest)
+        with _fleet_backoff_on_429(ctx, ref.registry):
+            with ctx.budget.request(ref.registry, 0):
+                size = ctx.client.blob_exists(ref.registry, ref.repository, digest) or 0
+            with ctx.budget.request(ref.registry, size):
+                return ctx.ztocs.get(digest, ctx.client, ref.registry, ref.repository)
 
 
 @contextlib.contextmanager

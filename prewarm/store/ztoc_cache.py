@@ -9,8 +9,11 @@ their digest was verified, so a file in the cache is trusted as it is.
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import mmap
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -41,6 +44,24 @@ class ZtocCache:
 
     def has(self, digest: str) -> bool:
         return self.path(digest).is_file()
+
+    @contextlib.contextmanager
+    def fetching(self, digest: str) -> Iterator[None]:
+        """Held by the one process of the node that fetches ``digest``; the node's other
+        processes wait here and then find it cached (check :meth:`has` inside).
+
+        Why: every process of a node needs the layer's zTOC for its first span at the same
+        moment; each fetching it was one copy per process from the registry, and under a
+        fleet budget each booked its bytes, so the copies not made still used the budget.
+        """
+        path = self.path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def put(self, data: bytes, digest: str | None = None) -> str:
         """Store zTOC bytes (verified against ``digest`` when given); returns the digest."""
