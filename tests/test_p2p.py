@@ -443,10 +443,13 @@ def test_a_claim_is_renewed_while_its_fetch_runs_and_lapses_when_its_process_is_
     layer = "sha256:" + "cd" * 32
     me = Sharing("me", r, PeerCache(tmp_path / "me", limit=1 << 20), None, 0.6)
     # Given a claim won with a 0.6 s lease, its fetch still under way after three leases
-    assert me.claim(layer, 8) == "me"
+    assert me.claim(layer, 8) == (True, "me")
     time.sleep(1.8)
-    # Then it is still this node's: another node asking is told to wait for it
-    assert peers.claim(r, layer, 8, "other", 0.6) == "me"
+    # Then it is still this process's: another node asking is told to wait for it, and so is
+    # another process of the same node (a redelivered copy of the task must not fetch it again)
+    assert peers.claim(r, layer, 8, "other", 0.6) == me.claimant
+    twin = Sharing("me", r, PeerCache(tmp_path / "me", limit=1 << 20), None, 0.6)
+    assert twin.claim(layer, 8) == (False, "me")
     # When the fetch ends, the claim is released and renewed no more
     me.release(layer, 8)
     assert peers.claim(r, layer, 8, "other", 0.6) == "other"

@@ -149,7 +149,8 @@ def holders(r: redis.Redis, layer: str, spans: Sequence[int | None], *, me: str,
 
 def claim(r: redis.Redis, layer: str, group: int | None, node: str, lease: float) -> str:
     """Claim the registry fetch of a span group for ``lease`` seconds; returns the claim's owner
-    (``node`` when this call or an earlier one of the node won it)."""
+    (``node`` when this call or an earlier one by the same ``node`` value won it).  Workers
+    claim as ``node#<process token>``, so each process is its own claimant."""
     key = keys.peer_claim(layer, group)
     ms = max(1, int(lease * 1000))
     if r.set(key, node, nx=True, px=ms):

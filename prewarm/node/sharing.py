@@ -18,6 +18,7 @@ import logging
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,6 +68,12 @@ class Sharing:
     _held: set[tuple[str, int | None]] = dataclasses.field(default_factory=set)
     _claims_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     _keeper: threading.Thread | None = None
+    #: what this process writes into the claims it wins: ``node#<random>``
+    claimant: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.claimant:
+            self.claimant = f"{self.node}#{uuid.uuid4().hex[:16]}"
 
     @classmethod
     def from_settings(cls, settings: Settings, r: Redis) -> Sharing | None:
@@ -187,26 +194,31 @@ class Sharing:
 
     # === claims ===
 
-    def claim(self, layer: str, group: int | None) -> str:
-        """Claim the registry fetch of a group; returns its owner (this node if it is ours).
+    def claim(self, layer: str, group: int | None) -> tuple[bool, str]:
+        """Claim the registry fetch of a group: (won by this process, the owning node).
 
-        A claim won is renewed every third of its lease by a thread of this process until
-        :meth:`release`: the fetch may wait behind the fleet's registry budget for longer
-        than a lease, and a claim lost meanwhile would send a second node to the registry.
+        The claim names this process, not just its node: a task redelivered to another
+        process of the node while the first still fetches (a visibility timeout passing
+        during a long wait for the fleet budget) waits for that fetch instead of making a
+        second one.  A claim won is renewed every third of its lease by a thread of this
+        process until :meth:`release`: the fetch may wait behind the fleet's registry
+        budget for longer than a lease, and a claim lost meanwhile would send a second
+        node to the registry.
         """
-        owner = peers.claim(self.redis, layer, group, self.node, self.lease)
-        if owner == self.node:
-            with self._claims_lock:
-                self._held.add((layer, group))
-                if self._keeper is None or not self._keeper.is_alive():
-                    self._keeper = threading.Thread(target=self._keep_claims, name="prewarm-claims", daemon=True)
-                    self._keeper.start()
-        return owner
+        owner = peers.claim(self.redis, layer, group, self.claimant, self.lease)
+        if owner != self.claimant:
+            return False, owner.rpartition("#")[0] or owner
+        with self._claims_lock:
+            self._held.add((layer, group))
+            if self._keeper is None or not self._keeper.is_alive():
+                self._keeper = threading.Thread(target=self._keep_claims, name="prewarm-claims", daemon=True)
+                self._keeper.start()
+        return True, self.node
 
     def release(self, layer: str, group: int | None) -> None:
         with self._claims_lock:
             self._held.discard((layer, group))
-        peers.release(self.redis, layer, group, self.node)
+        peers.release(self.redis, layer, group, self.claimant)
 
     def _keep_claims(self) -> None:
         """Renew the claims this process holds; ends when it holds none (a new claim restarts it)."""
@@ -218,7 +230,7 @@ class Sharing:
                     self._keeper = None
                     return
             try:
-                kept = peers.renew(self.redis, held, self.node, self.lease)
+                kept = peers.renew(self.redis, held, self.claimant, self.lease)
             except Exception as err:  # noqa: BLE001 - Redis away: the claims may lapse, which is safe
                 log.info("could not renew span group claims (%s); they may lapse", err)
                 continue

@@ -248,8 +248,7 @@ def warm_span(ctx: NodeContext, *, job: str, image: str, layer: str, layer_index
     if sharing is not None:
         shared = sharing.take_spans(job, layer, z, todo)
         if len(shared) < len(todo):
-            owner = sharing.claim(layer, span)
-            claimed = owner == sharing.node
+            claimed, owner = sharing.claim(layer, span)
             if not claimed and patient:
                 if shared:  # land what peers already delivered (a group arriving span by span)
                     _fetch_and_land(ctx, plan, lp, ref, z, job, layer, layer_index, sorted(shared), shared, nbytes)
@@ -372,8 +371,8 @@ def _ztoc(ctx: NodeContext, ref: Reference, digest: str, *, job: str | None = No
         ctx.ztocs.put(data, digest)
         sharing.keep_small_blob(digest, data)
         return ctx.ztocs.get(digest)
-    owner = sharing.claim(digest, None)
-    if owner != sharing.node and patient:
+    mine, owner = sharing.claim(digest, None)
+    if not mine and patient:
         raise peers.ClaimedElsewhere(f"zTOC {digest} is being fetched from the registry by node {owner}; "
                                      "taking it from there later")
     try:
@@ -381,7 +380,7 @@ def _ztoc(ctx: NodeContext, ref: Reference, digest: str, *, job: str | None = No
         sharing.keep_small_blob(digest, ctx.ztocs.path(digest).read_bytes())
         return z
     finally:
-        if owner == sharing.node:
+        if mine:
             sharing.release(digest, None)
 
 
@@ -467,8 +466,8 @@ def warm_layer(ctx: NodeContext, *, job: str, image: str, layer: str, layer_inde
         peers.count_bytes(ctx.redis, job, sharing.node, peers=lp.size)
         LAYERS.labels("ready").inc()
         return Outcome(lp.size, True, True)
-    owner = sharing.claim(layer, None)
-    if owner != sharing.node and patient:
+    mine, owner = sharing.claim(layer, None)
+    if not mine and patient:
         raise peers.ClaimedElsewhere(f"layer {layer} is being fetched from the registry by node {owner}; "
                                      "taking it from there later")
     staged = sharing.cache.staging(layer)
@@ -479,7 +478,7 @@ def warm_layer(ctx: NodeContext, *, job: str, image: str, layer: str, layer_inde
         peers.count_bytes(ctx.redis, job, sharing.node, registry=lp.size)
     finally:
         staged.unlink(missing_ok=True)
-        if owner == sharing.node:
+        if mine:
             sharing.release(layer, None)
     return Outcome(lp.size, True, True)
 
