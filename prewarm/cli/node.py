@@ -53,7 +53,7 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
                           "(redis://host:port/db, rediss://..., unix:///path)")
     os.environ.update(settings.to_env())
     os.environ["PREWARM_TASK_EVENTS"] = "1" if task_events else "0"
-    metrics_port = os.environ.get("PREWARM_METRICS_PORT")
+    metrics_port = settings.metrics_port
     if metrics_port:
         # prometheus_client picks its multiprocess mode at import: set the folder first.
         import tempfile
@@ -70,7 +70,7 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
 
     # A lost task message (see prewarm.fleet.jobs.stalled_jobs) is sent again once nothing has
     # finished for two visibility timeouts: redelivery of unacknowledged ones comes first.
-    stall_seconds = 2 * float(os.environ.get("PREWARM_VISIBILITY_TIMEOUT", "900"))
+    stall_seconds = 2.0 * settings.visibility_timeout
 
     from prewarm.node.sharing import serve_peers
 
@@ -91,7 +91,7 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
     if metrics_port:
         from prewarm.node.metrics import serve
 
-        serve(int(metrics_port), multiprocess=True)
+        serve(metrics_port, multiprocess=True)
 
     argv = ["worker", "-Q", keys.node_queue(settings.node_name),
             "-c", str(concurrency or default_concurrency()),

@@ -148,6 +148,14 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
         from prewarm.store.layout import check_root
 
         check_root(settings.root, writable=not dry_run)  # this machine's store: checked before anything else
+        if not dry_run:
+            from prewarm.store.landing import backend
+
+            backend()  # the span writer (PREWARM_LANDING=c: the C extension is built)
+        if containerd_socket:  # registered after the download: checked before it
+            from prewarm.config import unix_socket
+
+            containerd_socket = unix_socket(str(containerd_socket), "--containerd")
         if dry_run:
             from prewarm.node import local
 
