@@ -57,3 +57,22 @@ def settings_from(store: Literal["read", "write"] | None = None, **flags: Any) -
 
         backend()  # the C extension is built (PREWARM_LANDING=c), before any layer needs it
     return settings
+
+
+def nonempty(value: str, what: str) -> str:
+    """``value`` unless it is empty or blank: an empty argument is bad input (exit 2), not "not found".
+
+    Raises:
+        ConfigError: ``value`` is empty; the message says what ``what`` should have been.
+    """
+    if not value.strip():
+        from prewarm.errors import ConfigError
+
+        raise ConfigError(f"the {what} is empty; {_EXAMPLES.get(what, 'give one')}")
+    return value
+
+
+_EXAMPLES = {
+    "job id": "give one that `prewarm status` lists",
+    "image name": "give one that `prewarm images` lists",
+}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from prewarm.cli._common import registry_options, root_option, settings_from
+from prewarm.cli._common import nonempty, registry_options, root_option, settings_from
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -166,16 +166,17 @@ def _run_celery_worker(app, argv: list[str], node: str) -> None:  # type: ignore
 @root_option
 def mounts_cmd(image: str, target: str, root: Path | None) -> None:
     """Print the overlay mount of IMAGE's pre-warmed rootfs, as `ctr snapshots mounts` does."""
-    from prewarm.errors import PrewarmError
+    from prewarm.errors import NotPrewarmed, PrewarmError
     from prewarm.runtime.images import find_record
     from prewarm.store.content import ContentStore
     from prewarm.store.layout import Layout
 
+    nonempty(image, "image name")
     settings = settings_from(store="read", root=root)
     layout = Layout(settings.root)
     record = find_record(layout, image)
     if record is None:
-        raise PrewarmError(f"{image} is not pre-warmed in {settings.root}; run `prewarm schedule {image}` first")
+        raise NotPrewarmed(f"{image} is not pre-warmed in {settings.root}; run `prewarm schedule {image}` first")
     store = ContentStore(settings.root)
     missing = [d for d in record.layer_digests if not store.is_ready(d)]
     if missing:
@@ -224,16 +225,17 @@ def images_cmd(as_json: bool, root: Path | None) -> None:
 @root_option
 def rm_cmd(image: str, root: Path | None) -> None:
     """Forget IMAGE on this node and remove its layers that nothing else uses."""
-    from prewarm.errors import PrewarmError
+    from prewarm.errors import NotPrewarmed
     from prewarm.runtime.gc import collect
     from prewarm.runtime.images import find_record, remove_record
     from prewarm.store.layout import Layout
 
+    nonempty(image, "image name")
     settings = settings_from(store="write", root=root)
     layout = Layout(settings.root)
     record = find_record(layout, image)
     if record is None:
-        raise PrewarmError(f"{image} is not pre-warmed in {settings.root} (prewarm images lists them)")
+        raise NotPrewarmed(f"{image} is not pre-warmed in {settings.root} (prewarm images lists them)")
     remove_record(layout, record)
     removed = collect(layout)
     click.echo(f"removed {image}; {len(removed)} layer(s) no longer used were deleted")

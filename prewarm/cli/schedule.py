@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, cast
 
 import click
 
-from prewarm.cli._common import registry_options, root_option, settings_from
+from prewarm.cli._common import nonempty, registry_options, root_option, settings_from
 from prewarm.config import Settings
 
 if TYPE_CHECKING:
@@ -219,6 +219,8 @@ def status_cmd(job: str | None, as_json: bool, broker_url: str | None, root: Pat
     from prewarm.fleet.broker import redis_client
     from prewarm.fleet.progress import human_bytes
 
+    if job is not None:
+        nonempty(job, "job id")
     settings = settings_from(root=root, broker_url=broker_url)
     if not settings.broker_url:
         from prewarm.node.local import saved_summaries
@@ -227,7 +229,7 @@ def status_cmd(job: str | None, as_json: bool, broker_url: str | None, root: Pat
         check_root(settings.root, writable=False)
 
         summaries = list(saved_summaries(settings.root, job))
-        if not summaries and not job:
+        if not summaries:
             _say_empty(as_json, f"no job has run on this machine yet (store {settings.root})")
         for text in summaries:
             data = json.loads(text)
@@ -270,6 +272,7 @@ def cancel_cmd(job: str, broker_url: str) -> None:
     from prewarm.fleet import jobs
     from prewarm.fleet.broker import redis_client
 
+    nonempty(job, "job id")
     jobs.cancel_job(redis_client(broker_url), job)
     click.echo(f"job {job} cancelled")
 

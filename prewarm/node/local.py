@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prewarm.config import Settings
-from prewarm.errors import JobError, StoreError
+from prewarm.errors import JobNotFound, StoreError
 from prewarm.fleet.plan import plan_resolved
 from prewarm.resolve.reference import parse_reference
 from prewarm.resolve.registry.client import RegistryClient, ResolvedImage
@@ -149,7 +149,7 @@ def saved_summaries(root: Path, job: str | None = None, limit: int = 20) -> list
     without a broker reads these.
 
     Raises:
-        JobError: ``job`` was given and left no summary here.
+        JobNotFound: ``job`` was given and left no summary here.
     """
     folder = _summaries(root)
     files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True) \
@@ -157,7 +157,7 @@ def saved_summaries(root: Path, job: str | None = None, limit: int = 20) -> list
     if job:
         files = [f for f in files if f.stem == job]
         if not files:
-            raise JobError(f"no job {job} in {folder} (and no PREWARM_BROKER_URL to ask a fleet)")
+            raise JobNotFound(f"no job {job} in {folder} (and no PREWARM_BROKER_URL to ask a fleet)")
     return [f.read_text() for f in files[:limit]]
 
 
