@@ -112,7 +112,9 @@ def _run_celery_worker(app, argv: list[str], node: str) -> None:  # type: ignore
 
     from celery.signals import worker_shutting_down
 
-    from prewarm.errors import PrewarmError
+    import click as _click
+
+    from prewarm.errors import ConfigError, PrewarmError
     from prewarm.node.restart import (
         CRASH_WINDOW,
         CRASHES_ENV,
@@ -120,6 +122,7 @@ def _run_celery_worker(app, argv: list[str], node: str) -> None:  # type: ignore
         is_unrecoverable,
         judge_crash,
         kill_children,
+        reason,
         restart_in_place,
     )
 
@@ -136,24 +139,30 @@ def _run_celery_worker(app, argv: list[str], node: str) -> None:  # type: ignore
                       node, what, verdict.delay, verdict.crashes, MAX_CRASHES, CRASH_WINDOW)
             restart_in_place(verdict)  # the pool processes are killed just before
         return (f"the Celery worker of node {node} crashed {verdict.crashes} times in "
-                f"{CRASH_WINDOW:.0f} s (last: {what}); its log above says why: "
-                f"fix that and start `prewarm worker` again")
+                f"{CRASH_WINDOW:.0f} s, last of: {what}; fix that and start `prewarm worker` again")
 
     class _OnUnrecoverable(logging.Handler):
         """Celery's own shutdown after an unrecoverable error can hang: act on its log line."""
 
         def emit(self, record: logging.LogRecord) -> None:
             if is_unrecoverable(record) and not told_to_stop:
-                message = crashed("unrecoverable error")
+                message = crashed(reason(record.exc_info[1] if record.exc_info else None,
+                                         record.getMessage().splitlines()[0]))
                 kill_children()
-                print(f"prewarm: error: {message}", file=sys.stderr, flush=True)
+                # fd 2 itself: Celery has redirected sys.stderr into its logger by now
+                os.write(2, f"prewarm: error: {message}\n".encode())
                 os._exit(PrewarmError.exit_code)
 
     logging.getLogger("celery.worker").addHandler(_OnUnrecoverable(logging.CRITICAL))
     try:
         code = app.start(argv=argv)
-    except Exception:  # Celery failed to start: logged, then started again below
+    except _click.UsageError as err:
+        # An option Celery does not take: a restart would fail the same way, so stop at once.
+        raise ConfigError(f"celery worker: {err.format_message()} (check the options after `prewarm worker`)") from None
+    except Exception as err:  # Celery failed to start: logged, then started again below
         log.exception("the Celery worker of node %s failed", node)
+        if not told_to_stop:
+            raise PrewarmError(crashed(reason(err, "failed to start"))) from None
         code = 1
     if code and not told_to_stop:
         raise PrewarmError(crashed(f"exit code {code}"))
