@@ -113,3 +113,69 @@ def test_a_corrupt_image_record_is_skipped_by_listings_and_named_when_asked_for(
     # And rm of the good image works beside it
     rm = _run(["rm", "reg.example/good:1"], env)
     assert rm.returncode == 0, rm.stderr
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    root = tmp_path / "store"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(root)], check=True)
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+def fill(root: Path) -> None:
+    """Write a file in ``root`` until its filesystem answers ENOSPC."""
+    import errno
+
+    with open(root / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as err:
+            assert err.errno == errno.ENOSPC, err
+
+
+def _plan(name: str, layers: list) -> object:  # type: ignore[type-arg]
+    from prewarm.fleet.plan import ImagePlan, LayerPlan
+
+    plans = tuple(LayerPlan(layer.digest, len(layer.blob), "application/vnd.oci.image.layer.v1.tar+gzip",
+                            layer.diff_id, "whole", 1) for layer in layers)
+    return ImagePlan(name, "sha256:" + "4" * 64, "sha256:" + "5" * 64, plans, tuple(range(len(plans))),
+                     tuple(layer.diff_id for layer in layers))
+
+
+def test_a_record_that_cannot_be_written_leaves_the_store_as_before_the_job(small_tmpfs: Path) -> None:
+    from prewarm.errors import InsufficientSpace
+    from prewarm.node.local import StoreBefore
+    from prewarm.runtime.images import find_record, list_records, record_prewarmed_image
+    from prewarm.store.content import ContentStore
+    from prewarm.store.layout import Layout
+
+    root, layout = small_tmpfs, Layout(small_tmpfs)
+    # Given a store on a small tmpfs holding one pre-warmed image
+    old = make_layer({"etc/old": b"old\n"})
+    install_prewarmed(root, [old])
+    record_prewarmed_image(layout, "reg.example/old:1", _plan("reg.example/old:1", [old]))  # type: ignore[arg-type]
+    before = StoreBefore(root, "reg.example/new:1", frozenset(ContentStore(root).list_layers()), recorded=False)
+    # And a job that made its layer ready, after which the disk filled up
+    new = make_layer({"etc/new": b"new\n"})
+    install_prewarmed(root, [new])
+    fill(root)
+    # When the job writes its image record
+    with pytest.raises(InsufficientSpace) as err:
+        record_prewarmed_image(layout, "reg.example/new:1", _plan("reg.example/new:1", [new]))  # type: ignore[arg-type]
+    # Then the error names the store and the record, and no half-written file is left
+    assert str(root) in str(err.value) and str(layout.image("reg.example/new:1")) in str(err.value)
+    assert sorted(p.name for p in layout.images_dir().iterdir()) == [layout.image("reg.example/old:1").name]
+    # And the job takes back what it added: its layer and chains go, the older image stays whole
+    raised = before.restore("job-1", err.value)
+    assert isinstance(raised, InsufficientSpace)
+    assert set(ContentStore(root).list_layers()) == {old.digest}
+    assert [r.name for r in list_records(layout)] == ["reg.example/old:1"]
+    assert find_record(layout, "reg.example/new:1") is None
+    chains = [json.loads(p.read_text())["layer_digest"] for p in layout.chains_dir().rglob("*.json")]
+    assert chains == [old.digest]

@@ -114,6 +114,8 @@ def _run_job(settings: Settings, image: str, client: RegistryClient, store: Cont
     schedule.check_space_before_download(store, client, resolved)
     plan = plan_job(settings, client, resolved, index=index, fleet=False, say=say)
     present = {i for i, layer in enumerate(plan.layers) if store.is_ready(layer.digest)}
+    before = StoreBefore(settings.root, image, frozenset(store.list_layers()),
+                      Layout(settings.root).image(image).is_file())
     # The scheduler is idle while its workers start: it prepares the layers meanwhile.
     preparer = threading.Thread(target=prepare_layers_ahead, name="prepare-layers", daemon=True,
                                 args=(store, plan.layers, ZtocCache(store.layout).get))
@@ -123,12 +125,49 @@ def _run_job(settings: Settings, image: str, client: RegistryClient, store: Cont
     job_id = schedule.launch(r, cluster.broker_url, plan, image, [settings.node_name], window=window,
                              present={settings.node_name: present}, signer=cluster.signer)
     status = schedule.wait_for_job(r, job_id, on_update=on_progress, alive=cluster.check_workers)
-    if status.state == "succeeded":
-        # A worker records it too, but may be killed before it has: the record is ours.
-        record_prewarmed_image(Layout(settings.root), image, plan)
     preparer.join(timeout=30)
-    _save_summary(settings.root, status)
+    try:
+        if status.state == "succeeded":
+            # A worker records it too, but may be killed before it has: the record is ours.
+            record_prewarmed_image(Layout(settings.root), image, plan)
+        _save_summary(settings.root, status)
+    except (StoreError, OSError) as err:
+        raise before.restore(job_id, err) from None
     return status
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreBefore:
+    """What the store held before an embedded job: its layers and whether ``image`` had a record.
+
+    Why: the job's records (the image record, its chains, the job summary) are written
+    after its layers are ready.  If one of them cannot be written (a full disk after the
+    space check passed, a read-only remount), :meth:`restore` takes back what the job
+    added, so no ready layer is left without the record that names it.
+    """
+
+    root: Path
+    image: str
+    layers: frozenset[str]
+    recorded: bool
+
+    def restore(self, job_id: str, err: Exception) -> StoreError:
+        """Remove this job's new layers (those no other record, pin or snapshot uses), its
+        image record if it made it, and its summary; the StoreError to raise.
+        """
+        from prewarm.runtime import gc
+        from prewarm.store.atomic import write_failed
+
+        layout = Layout(self.root)
+        record = layout.image(self.image)
+        if not self.recorded:
+            record.unlink(missing_ok=True)
+        (_summaries(self.root) / f"{job_id}.json").unlink(missing_ok=True)
+        gc.unpin(layout, job_id)
+        gc.collect(layout, only=set(ContentStore(self.root).list_layers()) - self.layers)
+        if isinstance(err, OSError):
+            return write_failed(Path(err.filename or self.root), err, self.root)
+        return err if isinstance(err, StoreError) else StoreError(str(err))
 
 
 def _summaries(root: Path) -> Path:

@@ -9,15 +9,26 @@ reboot skips the fsyncs on its hot path.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
 
+from prewarm.errors import InsufficientSpace, StoreError
+
 
 def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace ``path`` with ``data`` atomically (temp file + rename); fsync with ``durable``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """Replace ``path`` with ``data`` atomically (temp file + rename); fsync with ``durable``.
+
+    Raises:
+        OSError: the write failed (its ``filename`` is ``path``); ``path`` is as it was
+            and no temporary file is left.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
@@ -25,6 +36,9 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
             if durable:
                 os.fsync(out.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -34,3 +48,17 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def write_failed(path: Path, err: OSError, root: Path) -> StoreError:
+    """A failed record write as the StoreError the CLI reports (exit 7), naming the file.
+
+    ENOSPC and EDQUOT become :class:`InsufficientSpace`; EROFS, EACCES and the rest say
+    what the operating system said.  The caller has already put the store back as it was.
+    """
+    what = err.strerror or type(err).__name__
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientSpace(f"no space left in {root} writing {path} ({what}); nothing of this job was "
+                                 "kept: free space in the store and schedule the image again")
+    return StoreError(f"cannot write {path} ({what}); nothing of this job was kept: check that {root} is "
+                      "writable and schedule the image again")
