@@ -214,7 +214,10 @@ def _print_dry_run(lines, egress: int, image: str, as_json: bool,  # type: ignor
 @click.option("--broker-url", envvar="PREWARM_BROKER_URL")
 @root_option
 def status_cmd(job: str | None, as_json: bool, broker_url: str | None, root: Path | None) -> None:
-    """Show a job (or list recent jobs): per node and layer state, bytes, and why a layer failed."""
+    """Show a job (or list recent jobs): per node and layer state, bytes, and why a layer failed.
+
+    With --json: JOB's summary as one object; the listing as one array ([] when empty).
+    """
     from prewarm.fleet import jobs
     from prewarm.fleet.broker import redis_client
     from prewarm.fleet.progress import human_bytes
@@ -229,6 +232,9 @@ def status_cmd(job: str | None, as_json: bool, broker_url: str | None, root: Pat
         check_root(settings.root, writable=False)
 
         summaries = list(saved_summaries(settings.root, job))
+        if as_json and not job:  # a listing: one JSON array, [] when empty
+            click.echo(json.dumps([json.loads(text) for text in summaries], indent=2))
+            return
         if not summaries:
             _say_empty(as_json, f"no job has run on this machine yet (store {settings.root})")
         for text in summaries:
@@ -239,6 +245,9 @@ def status_cmd(job: str | None, as_json: bool, broker_url: str | None, root: Pat
         return
     r = redis_client(settings.broker_url)
     ids = [job] if job else jobs.list_jobs(r)
+    if as_json and not job:  # a listing: one JSON array, [] when empty
+        click.echo(json.dumps([json.loads(jobs.job_summary_json(jobs.job_status(r, i))) for i in ids], indent=2))
+        return
     if not ids:
         _say_empty(as_json, "no job in the fleet (prewarm schedule IMAGE starts one)")
     for job_id in ids:
