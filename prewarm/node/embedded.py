@@ -54,8 +54,11 @@ class EmbeddedCluster:
 
     def _check_redis(self) -> None:
         if self.redis.poll() is not None:
-            log = (self.dir / "redis.log").read_text(errors="replace")[-1000:]
-            raise PrewarmError(f"the private redis-server exited at start-up: {log}")
+            lines = (self.dir / "redis.log").read_text(errors="replace").strip().splitlines() or ["(no log)"]
+            # redis logs its reason last, as "pid:M date # reason": that line alone, so the error stays one line
+            reason = lines[-1].split(" # ", 1)[-1].strip()
+            raise PrewarmError(f"the private redis-server exited at start-up: {reason} "
+                               f"(its log: {self.dir / 'redis.log'})")
 
     def check_workers(self) -> None:
         for proc in self.workers:
@@ -140,6 +143,10 @@ def _remove_orphaned_run_dirs() -> None:
             continue
 
 
+#: sun_path's size on Linux (the terminating NUL included).
+MAX_SOCKET_PATH = 108
+
+
 @contextlib.contextmanager
 def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
                      workers: int = 1) -> Iterator[EmbeddedCluster]:
@@ -158,6 +165,10 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
     _remove_orphaned_run_dirs()
     run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
     sock = run_dir / "redis.sock"
+    if len(os.fsencode(sock)) >= MAX_SOCKET_PATH:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise ConfigError(f"the private Redis's socket {sock} would be longer than a unix socket path may be "
+                          f"({MAX_SOCKET_PATH - 1} bytes): set TMPDIR to a shorter folder")
     broker_url = f"unix://{sock}"
     redis_proc: subprocess.Popen[bytes] | None = None
     procs: list[subprocess.Popen[bytes]] = []
@@ -177,6 +188,9 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
         env = {**os.environ,
                **dataclasses.replace(settings, broker_url=broker_url, trusted_certs=str(cert)).to_env()}
         env.setdefault("PREWARM_VISIBILITY_TIMEOUT", "300")
+        # the workers' own temp files (their pools' pymp-* folders) go in the run folder, which
+        # the cleanup removes: a worker stopped outright cannot remove them itself
+        env["TMPDIR"] = str(run_dir)
         cluster = EmbeddedCluster(run_dir, redis_proc, procs, broker_url, TaskSigner.from_files(key, cert))
         with open(run_dir / "worker.log", "ab") as log:
             for i in range(workers):

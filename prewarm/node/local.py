@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import logging
 import shutil
 import threading
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prewarm.config import Settings
-from prewarm.errors import JobNotFound, StoreError
+from prewarm.errors import CorruptContent, JobNotFound, StoreError
 from prewarm.fleet.plan import plan_resolved
 from prewarm.resolve.reference import parse_reference
 from prewarm.resolve.registry.client import RegistryClient, ResolvedImage
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
     from prewarm.fleet.submit import IndexPolicy
     from prewarm.node.embedded import EmbeddedCluster
     from prewarm.runtime.containerd import Registration
+
+
+log = logging.getLogger(__name__)
 
 
 def _silent(msg: str) -> None:
@@ -187,8 +192,13 @@ def saved_summaries(root: Path, job: str | None = None, limit: int = 20) -> list
     Why: the private Redis of an embedded job is gone once it ends, so ``prewarm status``
     without a broker reads these.
 
+    A summary that is not a JSON object with the fields ``prewarm status`` shows is skipped
+    with a warning naming its file, as corrupt image records are; asked for by its id, it is
+    CorruptContent naming the file.
+
     Raises:
         JobNotFound: ``job`` was given and left no summary here.
+        CorruptContent: ``job``'s own summary is corrupt.
     """
     folder = _summaries(root)
     files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True) \
@@ -197,7 +207,35 @@ def saved_summaries(root: Path, job: str | None = None, limit: int = 20) -> list
         files = [f for f in files if f.stem == job]
         if not files:
             raise JobNotFound(f"no job {job} in {folder} (and no PREWARM_BROKER_URL to ask a fleet)")
-    return [f.read_text() for f in files[:limit]]
+    out = []
+    for path in files[:limit]:
+        try:
+            out.append(_read_summary(path))
+        except CorruptContent as err:
+            if job:
+                raise
+            log.warning("skipping it: %s", err)
+    return out
+
+
+_SUMMARY_FIELDS = {"job": str, "state": str, "image": str, "bytes_done": int, "bytes_total": int}
+
+
+def _read_summary(path: Path) -> str:
+    """A summary's text once it parses as one we wrote.
+
+    Raises:
+        CorruptContent: it does not (naming the file).
+    """
+    try:
+        text = path.read_text()
+        data = json.loads(text)
+        bad = [k for k, kind in _SUMMARY_FIELDS.items() if not isinstance(data.get(k), kind)]
+    except (OSError, ValueError, AttributeError) as err:
+        raise CorruptContent(f"job summary {path} is corrupt ({type(err).__name__}); remove it") from None
+    if bad:
+        raise CorruptContent(f"job summary {path} is corrupt (no valid {', '.join(bad)}); remove it")
+    return text
 
 
 def register_in_containerd(settings: Settings, image: str, resolved: ResolvedImage, address: Path,

@@ -20,6 +20,7 @@ except for the root itself (:func:`secure_root`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -106,6 +107,8 @@ def secure_root(root: Path) -> None:
         if mode & ~ROOT_MODE:
             os.chmod(root, mode & ROOT_MODE)
     except OSError as err:
+        if err.errno == errno.EROFS and root.is_dir():
+            return  # a read-only mount: nothing can be written there, and commands that write refuse it (check_root)
         raise StoreError(f"cannot make the store root {root} private (mode {ROOT_MODE:o}): {err.strerror}; "
                          "check PREWARM_ROOT and that prewarm runs as the root's owner") from None
 
