@@ -160,6 +160,9 @@ def _settings_rows() -> list[Row]:
             ("--clear", "--rate"), env=(("PREWARM_BROKER_URL", "{redis}"),)),
         Row("worker", "PREWARM_VISIBILITY_TIMEOUT=x", ("worker", "-c", "1"), 2, ("PREWARM_VISIBILITY_TIMEOUT",),
             env=(("PREWARM_BROKER_URL", "{redis}"), ("PREWARM_VISIBILITY_TIMEOUT", "x"))),
+        Row("worker", "PREWARM_TRUSTED_CERTS matches nothing", ("worker", "-c", "1"), 2,
+            ("PREWARM_TRUSTED_CERTS", "matches no certificate"),
+            env=(("PREWARM_BROKER_URL", "{redis}"), ("PREWARM_TRUSTED_CERTS", "/nonexistent/*.crt"))),
         Row("worker", "option Celery does not take", ("worker", "-c", "1", "--no-such-option"), 2,
             ("--no-such-option",), env=(("PREWARM_BROKER_URL", "{redis}"),)),
     ]
@@ -182,6 +185,8 @@ def _lookup_rows() -> list[Row]:
         Row("schedule (embedded)", "TMPDIR too long for a socket", ("schedule", "{image}", "--insecure-registry",
                                                                     "{registry}"), 2, ("TMPDIR", "shorter"),
             env=(("TMPDIR", "{longdir}"),)),
+        Row("inspect", "image not in the registry", ("inspect", "{registry}/matrix/nope:1", "--insecure-registry",
+                                                     "{registry}"), 1, ("not found", "matrix/nope")),
         Row("inspect", "registry unreachable", ("inspect", "127.0.0.1:1/app:1", "--insecure-registry",
                                                 "127.0.0.1:1"), 5, ("127.0.0.1:1", "unreachable")),
     ]
@@ -510,6 +515,31 @@ def test_every_command_under_every_failure_ends_in_one_line_and_its_exit_code(tm
               for o in outcomes if o.problems]
     assert not failed, "\n".join(failed)
     assert took < MATRIX_SECONDS, f"the matrix took {took:.0f} s"
+
+
+@pytest.mark.parametrize("variable,flag,args,value", [
+    ("PREWARM_CA_BUNDLE", "--ca-bundle", ["inspect", "127.0.0.1:1/a:1"], "/nonexistent/ca.pem"),
+    ("PREWARM_INSECURE_REGISTRIES", "--insecure-registry", ["inspect", "127.0.0.1:1/a:1"], "not a host!!"),
+    ("PREWARM_SPAN_SIZE", "--span-size", ["index", "127.0.0.1:1/a:1"], "12abc"),
+    ("PREWARM_MIN_LAYER_SIZE", "--min-layer-size", ["index", "127.0.0.1:1/a:1"], "1e30"),
+])
+def test_a_variable_and_its_flag_fail_with_the_same_one_line_message(tmp_path: Path, variable: str, flag: str,
+                                                                     args: list[str], value: str) -> None:
+    from click.testing import CliRunner
+
+    from prewarm.cli import main
+
+    env = {k: "" for k in os.environ if k.startswith("PREWARM_")} | {"PREWARM_ROOT": str(tmp_path)}
+    # Given the same malformed value once as the variable and once as the flag
+    by_env = CliRunner().invoke(main, args, env={**env, variable: value})
+    by_flag = CliRunner().invoke(main, [*args, flag, value], env=env)
+    # Then both are exit 2 before anything is fetched, in one line that names what was given
+    for result, name in ((by_env, variable), (by_flag, flag)):
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and f"{name}={value!r}" in lines[0], result.output
+    # And the message is the same but for the name
+    assert by_env.output.replace(variable, "NAME") == by_flag.output.replace(flag, "NAME")
 
 
 def test_the_readme_table_lists_every_exit_code_the_matrix_asserts() -> None:

@@ -51,6 +51,10 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
     if not settings.broker_url:
         raise ConfigError("prewarm worker needs a broker: set PREWARM_BROKER_URL or --broker-url "
                           "(redis://host:port/db, rediss://..., unix:///path)")
+    if settings.trusted_certs:
+        from prewarm.fleet.signing import trusted_store
+
+        trusted_store(settings.trusted_certs)  # checked here, before Celery: one line, exit 2
     os.environ.update(settings.to_env())
     os.environ["PREWARM_TASK_EVENTS"] = "1" if task_events else "0"
     metrics_port = settings.metrics_port

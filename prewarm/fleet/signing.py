@@ -140,6 +140,27 @@ def ensure_keypair(folder: Path) -> tuple[Path, Path]:
     return key, cert
 
 
+def trusted_store(trusted: str) -> Any:
+    """Celery's certificate store of the certificates matching ``trusted`` (a glob).
+
+    ``prewarm worker`` calls it before it starts anything, so a wrong PREWARM_TRUSTED_CERTS
+    is one line and exit 2 rather than a Celery worker that fails to start.
+
+    Raises:
+        ConfigError: no certificate matches ``trusted``, or one is unreadable or expired.
+    """
+    from celery.security.certificate import FSCertStore
+
+    try:
+        store = FSCertStore(trusted)
+    except Exception as err:  # noqa: BLE001 - celery's SecurityError and cryptography's errors
+        raise ConfigError(f"PREWARM_TRUSTED_CERTS={trusted!r}: {err}; give the scheduler's certificate(s)") from None
+    if not list(store.itercerts()):
+        raise ConfigError(f"PREWARM_TRUSTED_CERTS={trusted!r} matches no certificate; give the path of the "
+                          "scheduler's certificate (a glob may name several)")
+    return store
+
+
 def install_verifier(trusted: str, on_refused: Callable[[str], None]) -> None:
     """Make this process verify ``auth`` bodies against the certificates matching ``trusted`` (a glob).
 
@@ -150,17 +171,10 @@ def install_verifier(trusted: str, on_refused: Callable[[str], None]) -> None:
         ConfigError: no certificate matches ``trusted``, or one is unreadable or expired.
     """
     from celery.exceptions import SecurityError
-    from celery.security.certificate import FSCertStore
     from celery.security.serialization import SecureSerializer
     from kombu.serialization import registry
 
-    try:
-        store = FSCertStore(trusted)
-    except Exception as err:  # noqa: BLE001 - celery's SecurityError and cryptography's errors
-        raise ConfigError(f"PREWARM_TRUSTED_CERTS={trusted!r}: {err}; give the scheduler's certificate(s)") from None
-    if not list(store.itercerts()):
-        raise ConfigError(f"PREWARM_TRUSTED_CERTS={trusted!r} matches no certificate; give the path of the "
-                          "scheduler's certificate (a glob may name several)")
+    store = trusted_store(trusted)
     verifier = SecureSerializer(None, None, store, digest="sha256")
 
     def refuse_to_sign(_: object) -> bytes:
