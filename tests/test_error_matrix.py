@@ -107,7 +107,8 @@ def _store_rows() -> list[Row]:
     for command, args, writes in (("images", ("images",), False), ("mounts", ("mounts", IMAGE), False),
                                   ("status", ("status",), False), ("rm", ("rm", IMAGE), True),
                                   ("gc", ("gc",), True), ("schedule", ("schedule", "{image}"), True),
-                                  ("worker", ("worker", "-c", "1"), True)):
+                                  ("worker", ("worker", "-c", "1"), True),
+                                  ("snapshotter", ("snapshotter", "--address", "/run/prewarm-matrix-unused.sock"), True)):
         rows.append(Row(command, "root is a regular file", args, 7, ("{root}", "not a directory"), store="file",
                         env=(("PREWARM_BROKER_URL", "{redis}"),) if command == "worker" else ()))
         if writes:

@@ -7,6 +7,7 @@ a read-only bind mount, and a corrupt image record beside a good one.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -179,3 +180,22 @@ def test_a_record_that_cannot_be_written_leaves_the_store_as_before_the_job(smal
     assert find_record(layout, "reg.example/new:1") is None
     chains = [json.loads(p.read_text())["layer_digest"] for p in layout.chains_dir().rglob("*.json")]
     assert chains == [old.digest]
+
+
+def test_temp_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    from prewarm.store.atomic import atomic_write, remove_orphaned_temps
+    from prewarm.store.layout import Layout
+
+    layout = Layout(tmp_path)
+    atomic_write(layout.pins_dir() / "job.json", b"[]")
+    # Given a temp file of a writer that was killed before its rename, and one of a live writer
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = layout.pins_dir() / f".job.json.{dead.pid}-abcd1234"
+    live = layout.pins_dir() / f".job.json.{os.getpid()}-efgh5678"
+    orphan.write_bytes(b"[")
+    live.write_bytes(b"[")
+    # When the store's record folders are swept
+    removed = remove_orphaned_temps(layout.record_folders())
+    # Then only the dead writer's litter goes; the record is untouched
+    assert removed == [orphan] and live.exists() and (layout.pins_dir() / "job.json").read_bytes() == b"[]"

@@ -226,3 +226,11 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
             if redis_proc is not None:
                 stop_process(redis_proc, 5)
             shutil.rmtree(run_dir, ignore_errors=True)
+            if procs:  # a worker stopped mid-write leaves its temp file beside a whole record
+                from prewarm.store.atomic import remove_orphaned_temps
+                from prewarm.store.layout import Layout
+
+                for proc in procs:  # the pool processes of each worker's session, whatever is left of them
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                remove_orphaned_temps(Layout(settings.root).record_folders(), wait=2.0)

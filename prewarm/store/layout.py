@@ -85,6 +85,15 @@ class Layout:
     def snapshots(self) -> Path:
         return self.root / "snapshots"
 
+    def record_folders(self) -> list[Path]:
+        """The folders records are written into with atomic_write (images, pins, job summaries,
+        chains, layers' ready markers and zTOC cache), for :func:`prewarm.store.atomic.remove_orphaned_temps`."""
+        folders = [self.images_dir(), self.pins_dir(), self.root / "jobs"]
+        for area in ("chains", "layers", "ztoc"):
+            folders += [p for p in (self.root / area).glob("*") if p.is_dir()]
+        folders += [p for p in self.layers_dir().glob("*/*") if p.is_dir()]
+        return folders
+
     def tmp(self) -> Path:
         return self.root / "tmp"
 
