@@ -170,10 +170,10 @@ def unix_socket(raw: str, name: str) -> Path:
     try:
         is_socket = stat.S_ISSOCK(path.stat().st_mode)
     except OSError as err:
-        raise ConfigError(f"{name}={raw!r}: {err.strerror.lower() if err.strerror else err}; "
-                          "give containerd's socket (e.g. /run/containerd/containerd.sock)") from None
+        raise ConfigError(f"{name}={raw!r}: {err.strerror.lower() if err.strerror else err}; start containerd, "
+                          "or give its socket (e.g. /run/containerd/containerd.sock)") from None
     if not is_socket:
-        raise ConfigError(f"{name}={raw!r} is not a socket; give containerd's socket "
+        raise ConfigError(f"{name}={raw!r} is not a socket; start containerd, or give its socket "
                           "(e.g. /run/containerd/containerd.sock)")
     return path
 

@@ -543,6 +543,20 @@ def test_a_variable_and_its_flag_fail_with_the_same_one_line_message(tmp_path: P
     assert by_env.output.replace(variable, "NAME") == by_flag.output.replace(flag, "NAME")
 
 
+@pytest.mark.parametrize("condition,args,env", [
+    ("root is a regular file", ["status"], {}),
+    ("redis unreachable", ["status"], {"PREWARM_BROKER_URL": "redis://127.0.0.1:1/0"}),
+])
+def test_debug_still_shows_the_traceback(tmp_path: Path, condition: str, args: list[str],
+                                         env: dict[str, str]) -> None:
+    root = tmp_path / "root"
+    if condition == "root is a regular file":
+        root.write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "prewarm", "--debug", *args], env=clean_env(root, **env),
+                          capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert proc.returncode != 0 and "Traceback (most recent call last)" in proc.stderr, proc.stderr
+
+
 def test_the_readme_table_lists_every_exit_code_the_matrix_asserts() -> None:
     from prewarm import errors
 
