@@ -334,7 +334,7 @@ class Settings:
             if value is None:
                 continue
             if key == "insecure_registries":
-                value = values["insecure_registries"] | frozenset(value)  # type: ignore[operator, arg-type]
+                value = values["insecure_registries"] | frozenset(value)  # type: ignore[operator, arg-type, call-overload]
             values[key] = value
         return cls(**values)  # type: ignore[arg-type]
 

@@ -49,7 +49,7 @@ import pytest
 from tests.containerd import install_prewarmed, make_layer
 from tests.images import odd_image
 from tests.pipeline_helpers import REPO_ROOT, clean_env, push
-from tests.services import Registry, RedisServer, run_redis, run_registry
+from tests.services import RedisServer, Registry, run_redis, run_registry
 
 #: The total wall time the matrix may take (the CI suite must stay well under 20 minutes).
 MATRIX_SECONDS = 120.0
@@ -233,7 +233,7 @@ class _NotJsonRegistry(http.server.ThreadingHTTPServer):
             def log_message(self, *args: object) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 body = b"{}" if self.path == "/v2/" else b"not json"
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json" if self.path == "/v2/"
@@ -242,7 +242,7 @@ class _NotJsonRegistry(http.server.ThreadingHTTPServer):
                 self.end_headers()
                 self.wfile.write(body)
 
-            do_HEAD = do_GET  # noqa: N815
+            do_HEAD = do_GET
 
         super().__init__(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -552,7 +552,7 @@ def test_debug_still_shows_the_traceback(tmp_path: Path, condition: str, args: l
     root = tmp_path / "root"
     if condition == "root is a regular file":
         root.write_text("x")
-    proc = subprocess.run([sys.executable, "-m", "prewarm", "--debug", *args], env=clean_env(root, **env),
+    proc = subprocess.run([sys.executable, "-m", "prewarm", "--debug", *args], env=clean_env(root, **env), check=False,
                           capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert proc.returncode != 0 and "Traceback (most recent call last)" in proc.stderr, proc.stderr
 

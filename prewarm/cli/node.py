@@ -116,8 +116,6 @@ def _run_celery_worker(app, argv: list[str], node: str) -> None:  # type: ignore
 
     from celery.signals import worker_shutting_down
 
-    import click as _click
-
     from prewarm.errors import ConfigError, PrewarmError
     from prewarm.node.restart import (
         CRASH_WINDOW,
@@ -160,7 +158,7 @@ def _run_celery_worker(app, argv: list[str], node: str) -> None:  # type: ignore
     logging.getLogger("celery.worker").addHandler(_OnUnrecoverable(logging.CRITICAL))
     try:
         code = app.start(argv=argv)
-    except _click.UsageError as err:
+    except click.UsageError as err:
         # An option Celery does not take: a restart would fail the same way, so stop at once.
         raise ConfigError(f"celery worker: {err.format_message()} (check the options after `prewarm worker`)") from None
     except Exception as err:  # Celery failed to start: logged, then started again below
