@@ -65,8 +65,8 @@ class Row:
     must be somewhere in its output).  ``store``: which store the command
     gets (``fresh``: an empty folder of its own).  ``warns``: an exit-0 row that must also
     print exactly one warning on stderr holding these words.  ``stop``: a signal sent at
-    a moment (``cluster``: the embedded run folder exists; ``fetching``: a layer has
-    landed in the store).
+    a moment (``folder``: the embedded run folder exists, nothing started yet; ``cluster``:
+    its Redis socket exists; ``fetching``: a layer has landed in the store).
     """
 
     command: str
@@ -211,8 +211,9 @@ def _empty_rows() -> list[Row]:
 def _signal_rows() -> list[Row]:
     rows = []
     for sig, code, words in ((signal.SIGTERM, 143, ("stopped by SIGTERM",)), (signal.SIGINT, 130, ("interrupted",))):
-        for moment in ("cluster", "fetching"):
-            rows.append(Row("schedule (embedded)", f"{sig.name} once {'the cluster starts' if moment == 'cluster' else 'a layer lands'}",
+        for moment, when in (("folder", "its run folder is made"), ("cluster", "its Redis listens"),
+                             ("fetching", "a layer lands")):
+            rows.append(Row("schedule (embedded)", f"{sig.name} once {when}",
                             ("schedule", "{image}", "--wait", "--quiet", "--insecure-registry",
                              "{registry}"), code, words, stop=(sig, moment), bound=60.0,
                             env=(("PREWARM_SPAN_SIZE", str(256 * 1024)), ("PREWARM_MIN_LAYER_SIZE", str(1 << 20)))))
@@ -386,6 +387,8 @@ def _files(root: Path) -> dict[str, int]:
 
 def _wait_moment(proc: subprocess.Popen[str], moment: str, tmpdir: Path, root: Path, deadline: float) -> None:
     def reached() -> bool:
+        if moment == "folder":
+            return any(tmpdir.glob("prewarm-embedded-*"))
         if moment == "cluster":
             return any(tmpdir.glob("prewarm-embedded-*/redis.sock"))
         return any(root.glob("layers/*/*/fs"))

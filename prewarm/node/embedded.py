@@ -163,25 +163,31 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
         )
     settings.root.mkdir(parents=True, exist_ok=True)
     _remove_orphaned_run_dirs()
-    run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
-    sock = run_dir / "redis.sock"
-    if len(os.fsencode(sock)) >= MAX_SOCKET_PATH:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise ConfigError(f"the private Redis's socket {sock} would be longer than a unix socket path may be "
-                          f"({MAX_SOCKET_PATH - 1} bytes): set TMPDIR to a shorter folder")
-    broker_url = f"unix://{sock}"
+    sock_path = Path(tempfile.gettempdir()) / f"{RUN_DIR_PREFIX}xxxxxxxx" / "redis.sock"
+    if len(os.fsencode(sock_path)) >= MAX_SOCKET_PATH:
+        raise ConfigError(f"the private Redis's socket {sock_path} would be longer than a unix socket path may "
+                          f"be ({MAX_SOCKET_PATH - 1} bytes): set TMPDIR to a shorter folder")
+    run_dir: Path | None = None
     redis_proc: subprocess.Popen[bytes] | None = None
     procs: list[subprocess.Popen[bytes]] = []
     cluster: EmbeddedCluster | None = None
     try:
+        with _signals_held():  # a signal right after mkdtemp still finds the folder to remove
+            run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
+        sock = run_dir / "redis.sock"
+        broker_url = f"unix://{sock}"
         (run_dir / "pid").write_text(str(os.getpid()))
-        redis_proc = subprocess.Popen(
-            [redis_server, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
-             "--save", "", "--appendonly", "no", "--dir", str(run_dir), "--daemonize", "no",
-             "--logfile", str(run_dir / "redis.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
-        )
+        # Held while forking: a signal taken inside CPython's at-fork handlers is printed and
+        # then ignored (the run would go on), and one between the fork and the assignment would
+        # leave a child the cleanup does not know.  It is taken right after instead.
+        with _signals_held():
+            redis_proc = subprocess.Popen(
+                [redis_server, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+                 "--save", "", "--appendonly", "no", "--dir", str(run_dir), "--daemonize", "no",
+                 "--logfile", str(run_dir / "redis.log")],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
         # The private cluster signs its tasks too: its Redis socket is root's alone, but a
         # worker that runs only signed tasks is the same code path everywhere.
         key, cert = ensure_keypair(settings.root / "keys")
@@ -194,16 +200,17 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
         cluster = EmbeddedCluster(run_dir, redis_proc, procs, broker_url, TaskSigner.from_files(key, cert))
         with open(run_dir / "worker.log", "ab") as log:
             for i in range(workers):
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "prewarm", "worker",
-                     "--concurrency", str(concurrency or default_concurrency()),
-                     "--hostname", f"embedded{i}-{os.getpid()}@{settings.node_name}", "--quiet",
-                     # a private broker has no other workers to sync with or gossip to, and
-                     # no Flower to send task events to (~6% of a cold run's profile samples)
-                     "--no-task-events", "--without-mingle", "--without-gossip"],
-                    env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, preexec_fn=_die_with_parent,
-                ))
+                with _signals_held():  # as for redis-server above
+                    procs.append(subprocess.Popen(
+                        [sys.executable, "-m", "prewarm", "worker",
+                         "--concurrency", str(concurrency or default_concurrency()),
+                         "--hostname", f"embedded{i}-{os.getpid()}@{settings.node_name}", "--quiet",
+                         # a private broker has no other workers to sync with or gossip to, and
+                         # no Flower to send task events to (~6% of a cold run's profile samples)
+                         "--no-task-events", "--without-mingle", "--without-gossip"],
+                        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                        start_new_session=True, preexec_fn=_die_with_parent,
+                    ))
         yield cluster
     finally:
         # Whatever ends the run (success, an error, Ctrl-C, SIGTERM), and a second signal
@@ -225,7 +232,8 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
                 stop_process(proc, 10)
             if redis_proc is not None:
                 stop_process(redis_proc, 5)
-            shutil.rmtree(run_dir, ignore_errors=True)
+            if run_dir is not None:
+                shutil.rmtree(run_dir, ignore_errors=True)
             if procs:  # a worker stopped mid-write leaves its temp file beside a whole record
                 from prewarm.store.atomic import remove_orphaned_temps
                 from prewarm.store.layout import Layout
