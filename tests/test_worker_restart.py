@@ -111,6 +111,12 @@ def test_an_option_celery_does_not_take_stops_the_worker_at_once_with_exit_2(tmp
     errors = [line for line in log.splitlines() if line.startswith("prewarm: error:")]
     assert len(errors) == 1 and "--no-such-celery-option" in errors[0], log[-3000:]
     assert time.monotonic() - started < 20
+    # And the node never registered (no heartbeat names a worker that is not there)
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    assert not client.exists("prewarm:node:typo")
+    client.close()
 
 
 _CRASH_ONCE = """

@@ -85,6 +85,15 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
         join_standing_jobs(r, app, settings.node_name, node_labels, store.is_ready)
         resend_stalled(r, app, settings.node_name, stall_seconds)
 
+    argv = ["worker", "-Q", keys.node_queue(settings.node_name),
+            "-c", str(concurrency or default_concurrency()),
+            "-n", hostname or f"prewarm@{settings.node_name}",
+            "--loglevel", "WARNING" if quiet else "INFO",  # events: PREWARM_TASK_EVENTS, set above
+            # Gossip and mingle are Celery's own membership, which prewarm.fleet.nodes replaces:
+            # two fewer consumers on the broker connection for a Redis restart to break.
+            "--without-gossip", "--without-mingle", *ctx.args]
+    _check_celery_options(app, argv[1:])  # before the node registers or serves anything
+
     store = ContentStore(settings.root)
     r = redis_client(settings.broker_url)
     peer_beat = serve_peers(settings, r)  # span sharing (PREWARM_PEER_PORT): serves before tasks run
@@ -97,14 +106,27 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
 
         serve(metrics_port, multiprocess=True)
 
-    argv = ["worker", "-Q", keys.node_queue(settings.node_name),
-            "-c", str(concurrency or default_concurrency()),
-            "-n", hostname or f"prewarm@{settings.node_name}",
-            "--loglevel", "WARNING" if quiet else "INFO",  # events: PREWARM_TASK_EVENTS, set above
-            # Gossip and mingle are Celery's own membership, which prewarm.fleet.nodes replaces:
-            # two fewer consumers on the broker connection for a Redis restart to break.
-            "--without-gossip", "--without-mingle"]
-    _run_celery_worker(app, argv + list(ctx.args), settings.node_name)
+    _run_celery_worker(app, argv, settings.node_name)
+
+
+def _check_celery_options(app, args: list[str]) -> None:  # type: ignore[no-untyped-def]
+    """Parse the options for Celery's worker as Celery will, without running it.
+
+    Why: an option Celery does not take would fail every restart the same way; found here
+    it is one line and exit 2, before the node registers, serves peers or starts a pool.
+
+    Raises:
+        ConfigError: Celery's worker refuses an option or its value.
+    """
+    from celery.bin.base import CLIContext
+    from celery.bin.worker import worker
+
+    from prewarm.errors import ConfigError
+
+    try:
+        worker.make_context("worker", list(args), obj=CLIContext(app=app, no_color=True, workdir=None, quiet=True))
+    except click.UsageError as err:
+        raise ConfigError(f"celery worker: {err.format_message()} (check the options after `prewarm worker`)") from None
 
 
 def _run_celery_worker(app, argv: list[str], node: str) -> None:  # type: ignore[no-untyped-def]
