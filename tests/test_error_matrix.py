@@ -4,7 +4,8 @@ One table drives it: each row is a command, a condition it meets, the exit code 
 README's table promises and the words its one line must hold.  The conditions are real:
 
 * broker: a port nothing listens on, TLS spoken to a plain Redis port, an ACL user with
-  too few rights, a database number Redis does not have (a real ``redis-server``);
+  too few rights, a database number Redis does not have (a real ``redis-server``), and a
+  server that is not Redis (the registry's HTTP port);
 * store: a regular file as the root, a read-only bind mount (``mount --bind`` then
   ``mount -o remount,ro,bind``), a full tmpfs, corrupt image records and job summaries;
 * settings: malformed ``PREWARM_*`` values and flags, checked before anything is fetched;
@@ -97,6 +98,7 @@ def _broker_rows() -> list[Row]:
         "redis TLS to plain port": ("rediss://127.0.0.1:{redis_port}/0", ("TLS",)),
         "redis ACL too few rights": ("redis://weak:weakpw@127.0.0.1:{redis_port}/0", ("ACL", "weak:***")),
         "redis wrong DB": ("redis://127.0.0.1:{redis_port}/999", ("database", "999")),
+        "not Redis (an HTTP port)": ("redis://{registry}/0", ("{registry}",)),
     }
     return [Row(command, condition, args, 10, words, env=(("PREWARM_BROKER_URL", url),))
             for condition, (url, words) in conditions.items() for command, args in commands.items()]
@@ -268,7 +270,8 @@ class Conditions:
 
     def fill(self, text: str, root: Path) -> str:
         return text.format(root=root, redis=self.redis.url, redis_port=self.redis.port, registry=self.registry.host,
-                           notjson=self.notjson.host, image=self.image, longdir=self.base / ("d" * 100), redis_empty=self.redis.url.rsplit("/", 1)[0] + "/5")
+                           notjson=self.notjson.host, image=self.image, longdir=self.base / ("d" * 100),
+                           redis_empty=self.redis.url.rsplit("/", 1)[0] + "/5")
 
 
 def _mount(*args: str) -> None:
