@@ -199,3 +199,34 @@ def test_temp_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_path: P
     removed = remove_orphaned_temps(layout.record_folders())
     # Then only the dead writer's litter goes; the record is untouched
     assert removed == [orphan] and live.exists() and (layout.pins_dir() / "job.json").read_bytes() == b"[]"
+
+
+def test_an_embedded_job_whose_record_cannot_be_written_takes_back_its_layers(tmp_path: Path,
+                                                                             registry) -> None:  # type: ignore[no-untyped-def]
+    from prewarm.store.content import ContentStore
+    from prewarm.store.layout import Layout
+    from tests.images import simple_image
+    from tests.pipeline_helpers import push
+
+    ref = push(simple_image(tmp_path / "oci"), registry, "store-errors/rollback")
+    root = tmp_path / "store"
+    root.mkdir(mode=0o700)
+    # Given a store where the job's summary cannot be written (its folder's name taken by a file),
+    # which stands in for any record write failing after the layers are ready
+    (root / "jobs").write_text("not a folder")
+    env = clean_env(root)
+    # When an embedded job pre-warms an image into it
+    proc = _run(["schedule", ref, "--wait", "--quiet", "--insecure-registry", registry.host], env, timeout=120)
+    # Then it fails with the store's code, in one line naming the record it could not write
+    assert proc.returncode == 7, (proc.returncode, proc.stderr[-3000:])
+    line = _one_line(proc)
+    assert str(root / "jobs") in line and "nothing of this job was kept" in line
+    # And the store is as before the job: no layer, ready or not, no image record, no chain
+    assert ContentStore(root).list_layers() == []
+    assert not list(Layout(root).images_dir().glob("*.json"))
+    assert not list(Layout(root).chains_dir().rglob("*.json"))
+    # And once the folder is free again the image is pre-warmed in full
+    (root / "jobs").unlink()
+    again = _run(["schedule", ref, "--wait", "--quiet", "--json", "--insecure-registry", registry.host], env,
+                 timeout=120)
+    assert again.returncode == 0 and json.loads(again.stdout)["state"] == "succeeded", again.stderr

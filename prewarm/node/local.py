@@ -164,11 +164,13 @@ class StoreBefore:
         from prewarm.store.atomic import write_failed
 
         layout = Layout(self.root)
-        record = layout.image(self.image)
+        # each step on its own: the store that failed one write may fail these too
+        made = [_summaries(self.root) / f"{job_id}.json", layout.pins_dir() / f"{job_id}.json"]
         if not self.recorded:
-            record.unlink(missing_ok=True)
-        (_summaries(self.root) / f"{job_id}.json").unlink(missing_ok=True)
-        gc.unpin(layout, job_id)
+            made.append(layout.image(self.image))
+        for path in made:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
         gc.collect(layout, only=set(ContentStore(self.root).list_layers()) - self.layers)
         if isinstance(err, OSError):
             return write_failed(Path(err.filename or self.root), err, self.root)
