@@ -30,7 +30,7 @@ WRITERS = {"rm", "gc", "schedule"}
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "prewarm", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "prewarm", *args], env=env, capture_output=True, text=True, check=False,
                           timeout=timeout, cwd=REPO_ROOT)
 
 
