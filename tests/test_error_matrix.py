@@ -100,8 +100,12 @@ def _broker_rows() -> list[Row]:
         "redis wrong DB": ("redis://127.0.0.1:{redis_port}/999", ("database", "999")),
         "not Redis (an HTTP port)": ("redis://{registry}/0", ("{registry}",)),
     }
-    return [Row(command, condition, args, 10, words, env=(("PREWARM_BROKER_URL", url),))
+    rows = [Row(command, condition, args, 10, words, env=(("PREWARM_BROKER_URL", url),))
             for condition, (url, words) in conditions.items() for command, args in commands.items()]
+    # given by flag rather than variable, the URL is still the one named, its password masked
+    return rows + [Row("budget --broker-url", "redis unreachable", ("budget", "reg.example:5000", "--rate", "1MB",
+                                                                    "--broker-url", "redis://u:pw1@127.0.0.1:1/0"),
+                       10, ("redis://u:***@127.0.0.1:1/0",))]
 
 
 def _store_rows() -> list[Row]:

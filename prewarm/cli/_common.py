@@ -48,6 +48,8 @@ def settings_from(store: Literal["read", "write"] | None = None, **flags: Any) -
     if flags.get("ca_bundle"):
         flags["ca_bundle"] = str(existing_file(flags["ca_bundle"], "--ca-bundle"))
     settings = Settings.from_env(**flags)
+    if settings.broker_url:
+        remember_broker(settings.broker_url)
     if store is not None:
         from prewarm.store.layout import check_root
 
@@ -76,3 +78,11 @@ _EXAMPLES = {
     "job id": "give one that `prewarm status` lists",
     "image name": "give one that `prewarm images` lists",
 }
+
+
+def remember_broker(url: str) -> None:
+    """Note the broker URL this command uses, given by flag or variable, so a Redis error
+    that reaches the CLI's error boundary (prewarm.cli.PrewarmGroup) names it."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.find_root().ensure_object(dict)["broker_url"] = url

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from prewarm.cli._common import remember_broker
+
 
 @click.command()
 @click.argument("registry", metavar="HOST[:PORT]")
@@ -33,6 +35,7 @@ def budget_cmd(registry: str, rate: str | None, burst: str | None, concurrency: 
             raise ConfigError(f"{name}={text!r} is out of range; give at most 1PiB ({MAX_NUMBER} bytes)")
         return value
 
+    remember_broker(broker_url)
     r = redis_client(broker_url)
     if clear:
         clear_budget(r, registry)
@@ -63,6 +66,7 @@ def nodes_cmd(as_json: bool, broker_url: str) -> None:
     from prewarm.fleet.nodes import list_nodes
     from prewarm.fleet.progress import human_bytes, human_seconds
 
+    remember_broker(broker_url)
     nodes = list_nodes(redis_client(broker_url))
     if as_json:
         click.echo(json.dumps([{"name": n.name, "up": n.up, "labels": n.labels, "free_bytes": n.free_bytes,

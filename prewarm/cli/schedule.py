@@ -8,7 +8,13 @@ from typing import TYPE_CHECKING, cast
 
 import click
 
-from prewarm.cli._common import nonempty, registry_options, root_option, settings_from
+from prewarm.cli._common import (
+    nonempty,
+    registry_options,
+    remember_broker,
+    root_option,
+    settings_from,
+)
 from prewarm.config import Settings
 
 if TYPE_CHECKING:
@@ -282,6 +288,7 @@ def cancel_cmd(job: str, broker_url: str) -> None:
     from prewarm.fleet.broker import redis_client
 
     nonempty(job, "job id")
+    remember_broker(broker_url)
     jobs.cancel_job(redis_client(broker_url), job)
     click.echo(f"job {job} cancelled")
 
