@@ -8,8 +8,11 @@ environment itself.  The defaults below are the documented ones.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import socket
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -48,49 +51,151 @@ DEFAULT_PEER_PORT = 0
 DEFAULT_PEER_CACHE_CAP = 20 << 30
 #: Concurrent uploads a peer server takes before it answers 503 (the asker tries another holder).
 DEFAULT_PEER_UPLOADS = 8
+#: Seconds before an unacknowledged task is delivered to another worker (PREWARM_VISIBILITY_TIMEOUT).
+DEFAULT_VISIBILITY_TIMEOUT = 900
 #: Build-tool identifier written into the zTOCs we build.
 BUILD_TOOL_IDENTIFIER = "prewarm"
 
 
-def _split_csv(value: str | None) -> frozenset[str]:
+# === Converters ==========================================================================
+# One converter per kind of value.  Each takes the raw text and the name it came under
+# (``PREWARM_SPAN_SIZE`` or ``--span-size``) and raises ConfigError naming that name, so an
+# environment variable and its flag fail with the same one-line message (exit 2).
+
+#: Largest number any count or size setting takes: 2**50 (1 PiB).  Bigger is a typo
+#: (``1e30``), and would overflow the 64-bit integers of Redis and of the store's records.
+MAX_NUMBER = 1 << 50
+
+
+def split_csv(value: str | None) -> frozenset[str]:
+    """``"a, b,,c"`` -> {"a", "b", "c"}."""
     if not value:
         return frozenset()
     return frozenset(part.strip() for part in value.split(",") if part.strip())
 
 
-def _int_env(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
+def whole_number(raw: str, name: str, *, minimum: int = 1, maximum: int = MAX_NUMBER) -> int:
+    """A whole number in [minimum, maximum] (decimal, or 0x.. hex).
+
+    Raises:
+        ConfigError: not a whole number, or out of range; the message names ``name``.
+    """
     try:
-        value = int(raw, 0)
+        value = int(raw.strip(), 0)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a whole number; set it to a positive integer") from None
-    if value <= 0:
-        raise ConfigError(f"{name}={raw!r} must be positive")
+        raise ConfigError(f"{name}={raw!r} is not a whole number; give one from {minimum} to {maximum}") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name}={raw!r} is out of range; give a whole number from {minimum} to {maximum}")
     return value
 
 
-def _port_env(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    if not raw.isdigit() or not 0 <= int(raw) < 65536:
-        raise ConfigError(f"{name}={raw!r} is not a port number (0 turns it off)")
+def port_number(raw: str, name: str) -> int:
+    """A TCP port, 0 meaning off.
+
+    Raises:
+        ConfigError: not a port number.
+    """
+    if not raw.strip().isdigit() or not 0 <= int(raw) < 65536:
+        raise ConfigError(f"{name}={raw!r} is not a port number (1-65535; 0 turns it off)")
     return int(raw)
 
 
-def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
+def seconds(raw: str, name: str, *, maximum: float = 30 * 86400.0) -> float:
+    """A positive number of seconds, at most ``maximum`` (30 days by default).
+
+    Raises:
+        ConfigError: not a number, not positive, not finite or too large.
+    """
     try:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
-    if not value > 0:
-        raise ConfigError(f"{name}={raw!r} must be positive")
+    if not 0 < value <= maximum:
+        raise ConfigError(f"{name}={raw!r} is out of range; give seconds above 0, at most {maximum:g}")
     return value
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def registry_host(raw: str, name: str) -> str:
+    """``HOST[:PORT]`` as a registry is named in an image reference: a DNS name, an IPv4
+    address or a bracketed IPv6 address, and an optional port 1-65535.
+
+    Raises:
+        ConfigError: anything else (empty, spaces, a scheme, a path).
+    """
+    text = raw.strip()
+    host, port = text, None
+    if text.startswith("["):
+        end = text.find("]")
+        host, rest = text[1:end] if end > 0 else "", text[end + 1:] if end > 0 else ""
+        if rest:
+            port = rest[1:] if rest.startswith(":") else "x"
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            host = ""
+    elif ":" in text:
+        host, _, port = text.rpartition(":")
+    if host and not text.startswith("[") and not all(_HOST_LABEL.fullmatch(p) for p in host.split(".")):
+        host = ""
+    if not host or (port is not None and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise ConfigError(f"{name}={raw!r} is not a registry HOST[:PORT] (e.g. registry.example:5000, "
+                          "10.0.0.5:5000, [::1]:5000)")
+    return text
+
+
+def existing_file(raw: str, name: str) -> Path:
+    """A path that names a readable regular file (a CA bundle, a key, a certificate).
+
+    Raises:
+        ConfigError: missing, not a file, or unreadable.
+    """
+    path = Path(raw)
+    if not path.is_file():
+        raise ConfigError(f"{name}={raw!r}: no such file; give the path of an existing file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{name}={raw!r}: the file is not readable by this user")
+    return path
+
+
+def unix_socket(raw: str, name: str) -> Path:
+    """A path that names a unix socket now (containerd's, checked before anything is fetched).
+
+    Raises:
+        ConfigError: missing or not a socket.
+    """
+    path = Path(raw)
+    try:
+        is_socket = stat.S_ISSOCK(path.stat().st_mode)
+    except OSError as err:
+        raise ConfigError(f"{name}={raw!r}: {err.strerror.lower() if err.strerror else err}; start containerd, "
+                          "or give its socket (e.g. /run/containerd/containerd.sock)") from None
+    if not is_socket:
+        raise ConfigError(f"{name}={raw!r} is not a socket; start containerd, or give its socket "
+                          "(e.g. /run/containerd/containerd.sock)")
+    return path
+
+
+def one_of(raw: str, name: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (case and surrounding blanks ignored).
+
+    Raises:
+        ConfigError: anything else, naming the choices.
+    """
+    value = raw.strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _env(env: Mapping[str, str], name: str, convert, default, **kw):  # type: ignore[no-untyped-def]
+    """The converted value of ``name`` in ``env``, or ``default`` when it is unset or empty."""
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    return convert(raw, name, **kw)
 
 
 def default_node_name(env: Mapping[str, str]) -> str:
@@ -170,43 +275,63 @@ class Settings:
     peer_rate: int | None = None
     peer_uploads: int = DEFAULT_PEER_UPLOADS
     peer_lease: float = 30.0
+    #: Checked here once, read again by the modules that use them (prewarm.store.landing,
+    #: prewarm.index.zran, workers.app, the worker's metrics), which children inherit through
+    #: the environment: the span writer (``c`` or ``python``), the zTOC inflater (None: zlib-ng
+    #: if installed), seconds before an unacknowledged task is redelivered, the metrics port (0: none).
+    landing: str = "c"
+    zran: str | None = None
+    visibility_timeout: int = 900
+    metrics_port: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
-        """Build settings from the environment; keyword arguments that are not None win."""
+        """Build settings from the environment; keyword arguments that are not None win.
+
+        Raises:
+            ConfigError: a variable's value is malformed or out of range (the message names it).
+        """
         env = os.environ if env is None else env
         docker_config = env.get("DOCKER_CONFIG")
         values: dict[str, object] = {
             "root": Path(env.get("PREWARM_ROOT") or DEFAULT_ROOT),
             "broker_url": env.get("PREWARM_BROKER_URL") or None,
-            "insecure_registries": _split_csv(env.get("PREWARM_INSECURE_REGISTRIES")),
-            "ca_bundle": env.get("PREWARM_CA_BUNDLE") or None,
+            "insecure_registries": frozenset(registry_host(h, "PREWARM_INSECURE_REGISTRIES")
+                                             for h in split_csv(env.get("PREWARM_INSECURE_REGISTRIES"))),
+            "ca_bundle": str(_env(env, "PREWARM_CA_BUNDLE", existing_file, None) or "") or None,
             "docker_config": Path(docker_config) if docker_config else None,
             "node_name": default_node_name(env),
-            "span_size": _int_env(env, "PREWARM_SPAN_SIZE", DEFAULT_SPAN_SIZE),
-            "min_layer_size": _int_env(env, "PREWARM_MIN_LAYER_SIZE", DEFAULT_MIN_LAYER_SIZE),
-            "spans_per_task": _int_env(env, "PREWARM_SPANS_PER_TASK", DEFAULT_SPANS_PER_TASK),
+            "span_size": _env(env, "PREWARM_SPAN_SIZE", whole_number, DEFAULT_SPAN_SIZE),
+            "min_layer_size": _env(env, "PREWARM_MIN_LAYER_SIZE", whole_number, DEFAULT_MIN_LAYER_SIZE),
+            "spans_per_task": _env(env, "PREWARM_SPANS_PER_TASK", whole_number, DEFAULT_SPANS_PER_TASK,
+                                   maximum=1024),
             "platform": env.get("PREWARM_PLATFORM") or None,
             "containerd_address": Path(env["PREWARM_CONTAINERD_ADDRESS"])
             if env.get("PREWARM_CONTAINERD_ADDRESS") else None,
             "containerd_namespace": env.get("PREWARM_CONTAINERD_NAMESPACE") or "k8s.io",
-            "max_span_bytes": _int_env(env, "PREWARM_MAX_SPAN", DEFAULT_MAX_SPAN_BYTES),
-            "max_expansion": _int_env(env, "PREWARM_MAX_EXPANSION", DEFAULT_MAX_EXPANSION),
-            "transient_retries": _int_env(env, "PREWARM_TRANSIENT_RETRIES", 10),
-            "retry_max_delay": float(_int_env(env, "PREWARM_RETRY_MAX_DELAY", 60)),
-            "signing_key": Path(env["PREWARM_SIGNING_KEY"]) if env.get("PREWARM_SIGNING_KEY") else None,
-            "signing_cert": Path(env["PREWARM_SIGNING_CERT"]) if env.get("PREWARM_SIGNING_CERT") else None,
+            "max_span_bytes": _env(env, "PREWARM_MAX_SPAN", whole_number, DEFAULT_MAX_SPAN_BYTES),
+            "max_expansion": _env(env, "PREWARM_MAX_EXPANSION", whole_number, DEFAULT_MAX_EXPANSION),
+            "transient_retries": _env(env, "PREWARM_TRANSIENT_RETRIES", whole_number, 10, maximum=1000),
+            "retry_max_delay": _env(env, "PREWARM_RETRY_MAX_DELAY", seconds, 60.0, maximum=86400.0),
+            "signing_key": _env(env, "PREWARM_SIGNING_KEY", existing_file, None),
+            "signing_cert": _env(env, "PREWARM_SIGNING_CERT", existing_file, None),
             "trusted_certs": env.get("PREWARM_TRUSTED_CERTS") or None,
-            "registries": _split_csv(env.get("PREWARM_REGISTRIES")),
+            "registries": frozenset(h if h == "*" else registry_host(h, "PREWARM_REGISTRIES")
+                                    for h in split_csv(env.get("PREWARM_REGISTRIES"))),
             "containerd_hosts_dir": Path(env.get("PREWARM_CONTAINERD_HOSTS_DIR") or DEFAULT_CONTAINERD_HOSTS_DIR),
-            "peer_port": _port_env(env, "PREWARM_PEER_PORT", DEFAULT_PEER_PORT),
+            "peer_port": _env(env, "PREWARM_PEER_PORT", port_number, DEFAULT_PEER_PORT),
             "peer_bind": env.get("PREWARM_PEER_BIND") or "0.0.0.0",
             "peer_address": env.get("PREWARM_PEER_ADDRESS") or env.get("POD_IP") or None,
             "peer_token": env.get("PREWARM_PEER_TOKEN") or None,
-            "peer_cache": _int_env(env, "PREWARM_PEER_CACHE", 1) if env.get("PREWARM_PEER_CACHE") else None,
-            "peer_rate": _int_env(env, "PREWARM_PEER_RATE", 1) if env.get("PREWARM_PEER_RATE") else None,
-            "peer_uploads": _int_env(env, "PREWARM_PEER_UPLOADS", DEFAULT_PEER_UPLOADS),
-            "peer_lease": _float_env(env, "PREWARM_PEER_LEASE", 30.0),
+            "peer_cache": _env(env, "PREWARM_PEER_CACHE", whole_number, None),
+            "peer_rate": _env(env, "PREWARM_PEER_RATE", whole_number, None),
+            "peer_uploads": _env(env, "PREWARM_PEER_UPLOADS", whole_number, DEFAULT_PEER_UPLOADS, maximum=4096),
+            "peer_lease": _env(env, "PREWARM_PEER_LEASE", seconds, 30.0),
+            "landing": _env(env, "PREWARM_LANDING", one_of, "c", choices=("c", "python")),
+            "zran": _env(env, "PREWARM_ZRAN", one_of, None, choices=("zlib-ng", "zlib")),
+            "visibility_timeout": _env(env, "PREWARM_VISIBILITY_TIMEOUT", whole_number,
+                                       DEFAULT_VISIBILITY_TIMEOUT, maximum=30 * 86400),
+            "metrics_port": _env(env, "PREWARM_METRICS_PORT", port_number, 0),
         }
         for key, value in overrides.items():
             if key not in values:
@@ -214,7 +339,7 @@ class Settings:
             if value is None:
                 continue
             if key == "insecure_registries":
-                value = values["insecure_registries"] | frozenset(value)  # type: ignore[operator, arg-type]
+                value = values["insecure_registries"] | frozenset(value)  # type: ignore[operator, arg-type, call-overload]
             values[key] = value
         return cls(**values)  # type: ignore[arg-type]
 

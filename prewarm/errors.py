@@ -13,6 +13,7 @@ ones are worth a retry::
      |    |    +-- ManifestNotFound
      |    |    +-- BlobNotFound
      |    +-- UnsupportedManifest    schema 1, unknown media type, no matching platform
+     |    |    +-- MalformedManifest  a manifest or config that is not JSON (exit 3, not 2)
      |    +-- RateLimited            (Transient) 429, carries retry_after
      |    +-- RegistryUnavailable    (Transient) connection errors, 5xx, timeouts
      |    +-- RangeNotHonored        the server cannot serve the byte range asked for
@@ -27,7 +28,9 @@ ones are worth a retry::
      +-- StoreError                  the node's content store
      |    +-- InsufficientSpace
      +-- BrokerError                 the fleet's Redis cannot be reached or refused what we asked
+     +-- NotPrewarmed                an image this node's store does not hold (exit 1, "not found")
      +-- JobError                    a pre-warm job failed or was cancelled
+     |    +-- JobNotFound            no job by that id (exit 1, "not found")
      |    +-- JobTimeout             --timeout passed before the job ended (it goes on)
      +-- SnapshotError
      |    +-- SnapshotNotFound
@@ -96,6 +99,13 @@ class BlobNotFound(NotFound):
 
 class UnsupportedManifest(RegistryError):
     exit_code = 2
+
+
+class MalformedManifest(UnsupportedManifest):
+    """The registry answered a manifest or config request with bytes that are not a JSON
+    object: the registry's fault, not the user's input, so exit 3 rather than 2."""
+
+    exit_code = 3
 
 
 class RegistryUnavailable(Transient, RegistryError):
@@ -168,6 +178,18 @@ class BrokerError(PrewarmError):
 
 class JobError(PrewarmError):
     exit_code = 8
+
+
+class JobNotFound(JobError):
+    """No job by that id (never existed, or expired): "not found", exit 1 like an unknown image."""
+
+    exit_code = 1
+
+
+class NotPrewarmed(PrewarmError):
+    """The image is not in this node's store (rm, mounts): "not found", exit 1."""
+
+    exit_code = 1
 
 
 class JobTimeout(JobError):

@@ -193,18 +193,22 @@ def test_merged_rootfs_of_registered_image_equals_umoci(node: Containerd, regist
 
 
 def test_unreachable_containerd_is_a_clear_error(tmp_path: Path, registry: Registry, repo_name: str) -> None:
-    # Given a pre-warmed image and a containerd socket that does not exist
+    # Given an image and a containerd socket that does not exist
     image = simple_image(tmp_path / "oci")
     ref = push(image, registry, repo_name)
     env = clean_env(tmp_path / "store")
+    served = registry.bytes_served("/blobs/")
     # When schedule is asked to register it there
     proc = prewarm("schedule", ref, "--wait", "--quiet", "--insecure-registry", registry.host,
                    "--containerd", str(tmp_path / "nope.sock"), env=env)
-    # Then it fails with one line naming the socket and what to do, no traceback
-    assert proc.returncode != 0
+    # Then it refuses before anything is fetched (exit 2), in one line naming the socket and what to do
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "nope.sock" in proc.stderr and "start containerd" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    # And the library raises the Transient subclass
+    assert registry.bytes_served("/blobs/") == served
+    assert find_record(Layout(tmp_path / "store"), ref) is None
+    # And once the image is pre-warmed, the library raises the Transient subclass for that socket
+    prewarm("schedule", ref, "--wait", "--quiet", "--insecure-registry", registry.host, env=env, check=True)
     record = find_record(Layout(tmp_path / "store"), ref)
     assert record is not None
     with pytest.raises(ContainerdUnavailable):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from prewarm.errors import UnsupportedManifest
+from prewarm.errors import MalformedManifest, UnsupportedManifest
 from prewarm.resolve.manifest import (
     DOCKER_MANIFEST_LIST,
     OCI_INDEX,
@@ -156,3 +156,13 @@ def test_registry_words_are_not_reflected(evil: str) -> None:
         assert evil[:20] not in message and "\n" not in message and len(message) < 400
         assert "not shown" in message
     assert shown("application/vnd.oci.image.manifest.v1+json") == "application/vnd.oci.image.manifest.v1+json"
+
+
+@pytest.mark.parametrize("body", [b"not json", b"\xff\xfe", b"[1]", b'"a string"'])
+def test_a_manifest_that_is_not_a_json_object_is_the_registrys_fault_not_bad_input(body: bytes) -> None:
+    # Given a registry answering a manifest request with bytes that are not a JSON object
+    # When they are read
+    with pytest.raises(MalformedManifest) as err:
+        media_type_of(body, OCI_MANIFEST, "img")
+    # Then it is a registry error (exit 3), not the user's bad input (2)
+    assert err.value.exit_code == 3

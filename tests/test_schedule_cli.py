@@ -44,6 +44,8 @@ def test_schedule_then_status_without_a_broker(tmp_path: Path, registry: Registr
     # Then the embedded job's saved summary is what it shows
     assert listed.startswith(f"{job}  succeeded  {ref}  ")
     assert json.loads(shown) == json.loads(first.stdout)
-    # And an unknown job is a clear error with JobError's exit code
+    # And the listing as JSON is one array of those summaries
+    assert json.loads(prewarm("status", "--json", env=env, check=True).stdout) == [json.loads(first.stdout)]
+    # And an unknown job is a clear error with the not-found exit code (1)
     missing = prewarm("status", "no-such-job", env=env)
-    assert missing.returncode == 8 and "no job no-such-job in" in missing.stderr
+    assert missing.returncode == 1 and "no job no-such-job in" in missing.stderr

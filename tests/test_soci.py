@@ -226,4 +226,4 @@ def test_index_cli_without_push_and_bad_span(registry: Registry, repo_name: str,
     result = CliRunner().invoke(main, ["index", f"{registry.host}/{repo_name}:t"], env=env)
     assert result.exit_code == 0 and "no zTOC: " in result.output and "not pushed" in result.output
     result = CliRunner().invoke(main, ["index", f"{registry.host}/{repo_name}:t", "--span-size", "0"], env=env)
-    assert result.exit_code == 2 and "--span-size must be a positive" in result.output
+    assert result.exit_code == 2 and "--span-size='0' is out of range" in result.output

@@ -7,6 +7,7 @@ a read-only bind mount, and a corrupt image record beside a good one.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ WRITERS = {"rm", "gc", "schedule"}
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "prewarm", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "prewarm", *args], env=env, capture_output=True, text=True, check=False,
                           timeout=timeout, cwd=REPO_ROOT)
 
 
@@ -113,3 +114,119 @@ def test_a_corrupt_image_record_is_skipped_by_listings_and_named_when_asked_for(
     # And rm of the good image works beside it
     rm = _run(["rm", "reg.example/good:1"], env)
     assert rm.returncode == 0, rm.stderr
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    root = tmp_path / "store"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(root)], check=True)
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+def fill(root: Path) -> None:
+    """Write a file in ``root`` until its filesystem answers ENOSPC."""
+    import errno
+
+    with open(root / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as err:
+            assert err.errno == errno.ENOSPC, err
+
+
+def _plan(name: str, layers: list) -> object:  # type: ignore[type-arg]
+    from prewarm.fleet.plan import ImagePlan, LayerPlan
+
+    plans = tuple(LayerPlan(layer.digest, len(layer.blob), "application/vnd.oci.image.layer.v1.tar+gzip",
+                            layer.diff_id, "whole", 1) for layer in layers)
+    return ImagePlan(name, "sha256:" + "4" * 64, "sha256:" + "5" * 64, plans, tuple(range(len(plans))),
+                     tuple(layer.diff_id for layer in layers))
+
+
+def test_a_record_that_cannot_be_written_leaves_the_store_as_before_the_job(small_tmpfs: Path) -> None:
+    from prewarm.errors import InsufficientSpace
+    from prewarm.node.local import StoreBefore
+    from prewarm.runtime.images import find_record, list_records, record_prewarmed_image
+    from prewarm.store.content import ContentStore
+    from prewarm.store.layout import Layout
+
+    root, layout = small_tmpfs, Layout(small_tmpfs)
+    # Given a store on a small tmpfs holding one pre-warmed image
+    old = make_layer({"etc/old": b"old\n"})
+    install_prewarmed(root, [old])
+    record_prewarmed_image(layout, "reg.example/old:1", _plan("reg.example/old:1", [old]))  # type: ignore[arg-type]
+    before = StoreBefore(root, "reg.example/new:1", frozenset(ContentStore(root).list_layers()), recorded=False)
+    # And a job that made its layer ready, after which the disk filled up
+    new = make_layer({"etc/new": b"new\n"})
+    install_prewarmed(root, [new])
+    fill(root)
+    # When the job writes its image record
+    with pytest.raises(InsufficientSpace) as err:
+        record_prewarmed_image(layout, "reg.example/new:1", _plan("reg.example/new:1", [new]))  # type: ignore[arg-type]
+    # Then the error names the store and the record, and no half-written file is left
+    assert str(root) in str(err.value) and str(layout.image("reg.example/new:1")) in str(err.value)
+    assert sorted(p.name for p in layout.images_dir().iterdir()) == [layout.image("reg.example/old:1").name]
+    # And the job takes back what it added: its layer and chains go, the older image stays whole
+    raised = before.restore("job-1", err.value)
+    assert isinstance(raised, InsufficientSpace)
+    assert set(ContentStore(root).list_layers()) == {old.digest}
+    assert [r.name for r in list_records(layout)] == ["reg.example/old:1"]
+    assert find_record(layout, "reg.example/new:1") is None
+    chains = [json.loads(p.read_text())["layer_digest"] for p in layout.chains_dir().rglob("*.json")]
+    assert chains == [old.digest]
+
+
+def test_temp_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    from prewarm.store.atomic import atomic_write, remove_orphaned_temps
+    from prewarm.store.layout import Layout
+
+    layout = Layout(tmp_path)
+    atomic_write(layout.pins_dir() / "job.json", b"[]")
+    # Given a temp file of a writer that was killed before its rename, and one of a live writer
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = layout.pins_dir() / f".job.json.{dead.pid}-abcd1234"
+    live = layout.pins_dir() / f".job.json.{os.getpid()}-efgh5678"
+    orphan.write_bytes(b"[")
+    live.write_bytes(b"[")
+    # When the store's record folders are swept
+    removed = remove_orphaned_temps(layout.record_folders())
+    # Then only the dead writer's litter goes; the record is untouched
+    assert removed == [orphan] and live.exists() and (layout.pins_dir() / "job.json").read_bytes() == b"[]"
+
+
+def test_an_embedded_job_whose_record_cannot_be_written_takes_back_its_layers(tmp_path: Path,
+                                                                             registry) -> None:  # type: ignore[no-untyped-def]
+    from prewarm.store.content import ContentStore
+    from prewarm.store.layout import Layout
+    from tests.images import simple_image
+    from tests.pipeline_helpers import push
+
+    ref = push(simple_image(tmp_path / "oci"), registry, "store-errors/rollback")
+    root = tmp_path / "store"
+    root.mkdir(mode=0o700)
+    # Given a store where the job's summary cannot be written (its folder's name taken by a file),
+    # which stands in for any record write failing after the layers are ready
+    (root / "jobs").write_text("not a folder")
+    env = clean_env(root)
+    # When an embedded job pre-warms an image into it
+    proc = _run(["schedule", ref, "--wait", "--quiet", "--insecure-registry", registry.host], env, timeout=120)
+    # Then it fails with the store's code, in one line naming the record it could not write
+    assert proc.returncode == 7, (proc.returncode, proc.stderr[-3000:])
+    line = _one_line(proc)
+    assert str(root / "jobs") in line and "nothing of this job was kept" in line
+    # And the store is as before the job: no layer, ready or not, no image record, no chain
+    assert ContentStore(root).list_layers() == []
+    assert not list(Layout(root).images_dir().glob("*.json"))
+    assert not list(Layout(root).chains_dir().rglob("*.json"))
+    # And once the folder is free again the image is pre-warmed in full
+    (root / "jobs").unlink()
+    again = _run(["schedule", ref, "--wait", "--quiet", "--json", "--insecure-registry", registry.host], env,
+                 timeout=120)
+    assert again.returncode == 0 and json.loads(again.stdout)["state"] == "succeeded", again.stderr

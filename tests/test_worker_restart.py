@@ -88,6 +88,35 @@ def test_a_crash_loop_ends_the_worker_with_a_clear_error(tmp_path: Path, redis_u
     assert log.count("starting it again") == 1
     assert f"crashed {MAX_CRASHES} times in {CRASH_WINDOW:.0f} s" in log
     assert "prewarm: error:" in log and "start `prewarm worker` again" in log
+    # And each restart and the final error name the exception that ended Celery, not only an exit code
+    restart = next(line for line in log.splitlines() if "starting it again" in line)
+    assert "stopped (exit code" not in restart and "Error" in restart.split("stopped (", 1)[1], restart
+    final = next(line for line in log.splitlines() if line.startswith("prewarm: error:"))
+    assert "last of: " in final and "Error" in final.split("last of: ", 1)[1], final
+
+
+def test_an_option_celery_does_not_take_stops_the_worker_at_once_with_exit_2(tmp_path: Path, redis_url: str) -> None:
+    # Given a worker started with an option that Celery's worker does not have
+    env = clean_env(tmp_path / "store", PREWARM_BROKER_URL=redis_url, PREWARM_NODE_NAME="typo")
+    started = time.monotonic()
+    worker = start_worker(env, tmp_path / "w.log", "-c", "1", "--no-such-celery-option", registered=False)
+    try:
+        code = worker.proc.wait(60)
+    finally:
+        worker.stop()
+    # Then it exits 2 at once, without a restart, with one line naming the option
+    log = worker.log.read_text()
+    assert code == 2, log[-3000:]
+    assert "starting it again" not in log and "Traceback" not in log, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("prewarm: error:")]
+    assert len(errors) == 1 and "--no-such-celery-option" in errors[0], log[-3000:]
+    assert time.monotonic() - started < 20
+    # And the node never registered (no heartbeat names a worker that is not there)
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    assert not client.exists("prewarm:node:typo")
+    client.close()
 
 
 _CRASH_ONCE = """
@@ -124,4 +153,6 @@ def test_a_worker_whose_celery_logs_an_unrecoverable_error_is_started_again_at_o
     finally:
         worker.stop()
     log = worker.log.read_text()
-    assert log.count("starting it again") == 1 and "(unrecoverable error)" in log
+    # And the restart names what ended Celery
+    assert log.count("starting it again") == 1
+    assert "stopped (Unrecoverable error: RuntimeError('stand-in')) without being asked to" in log, log[-3000:]

@@ -55,7 +55,7 @@ class PrewarmGroup(click.Group):
             click.echo(f"prewarm: error: {err}", err=True)
             sys.exit(err.exit_code)
         except Exception as err:  # noqa: BLE001 - the broker's own errors, turned into ours once, here
-            mapped = _broker_error(err)
+            mapped = _broker_error(err, (ctx.obj or {}).get("broker_url"))
             if mapped is None or (ctx.obj and ctx.obj.get("debug")):
                 raise
             click.echo(f"prewarm: error: {mapped}", err=True)
@@ -65,8 +65,9 @@ class PrewarmGroup(click.Group):
             sys.exit(130)
 
 
-def _broker_error(err: BaseException) -> PrewarmError | None:
-    """redis-py's and kombu's errors as a BrokerError naming the (masked) URL; None for others."""
+def _broker_error(err: BaseException, url: str | None) -> PrewarmError | None:
+    """redis-py's and kombu's errors as a BrokerError naming the (masked) URL the command
+    used (its flag or PREWARM_BROKER_URL); None for others."""
     module = type(err).__module__.split(".")[0]
     if module not in ("redis", "kombu", "amqp"):
         return None
@@ -74,7 +75,7 @@ def _broker_error(err: BaseException) -> PrewarmError | None:
 
     from prewarm.fleet.broker import broker_error
 
-    return broker_error(err, os.environ.get("PREWARM_BROKER_URL"))
+    return broker_error(err, url or os.environ.get("PREWARM_BROKER_URL"))
 
 
 @click.group(cls=PrewarmGroup, context_settings={"help_option_names": ["-h", "--help"]})

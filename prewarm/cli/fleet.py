@@ -6,6 +6,8 @@ import re
 
 import click
 
+from prewarm.cli._common import remember_broker
+
 #: ``prewarm prune``'s default age: the same 7 days after which finished jobs expire by themselves.
 PRUNE_DEFAULT = "7d"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -35,18 +37,33 @@ class Duration(click.ParamType):
 def budget_cmd(registry: str, rate: str | None, burst: str | None, concurrency: int | None, clear: bool,
                broker_url: str) -> None:
     """Show or set the registry budget every worker of the fleet obeys."""
+    from prewarm.config import MAX_NUMBER, registry_host
+    from prewarm.errors import ConfigError
     from prewarm.fleet.broker import redis_client
     from prewarm.fleet.budget import clear_budget, get_budget, parse_size, set_budget
     from prewarm.fleet.progress import human_bytes
 
+    registry = registry_host(registry, "HOST[:PORT]")
+    if clear and (rate is not None or burst is not None or concurrency is not None):
+        raise ConfigError("--clear removes the budget: give it alone, or --rate/--burst/--concurrency without it")
+    if burst is not None and rate is None and concurrency is None:
+        raise ConfigError("--burst sizes the bucket of a --rate: give --rate with it")
+
+    def size(text: str, name: str) -> int:
+        value = parse_size(text)
+        if value > MAX_NUMBER:
+            raise ConfigError(f"{name}={text!r} is out of range; give at most 1PiB ({MAX_NUMBER} bytes)")
+        return value
+
+    remember_broker(broker_url)
     r = redis_client(broker_url)
     if clear:
         clear_budget(r, registry)
     elif rate is not None or concurrency is not None:
         current = get_budget(r, registry)
         set_budget(r, registry,
-                   rate=parse_size(rate) if rate is not None else (current.rate if current else 0),
-                   burst=parse_size(burst) if burst else None,
+                   rate=size(rate, "--rate") if rate is not None else (current.rate if current else 0),
+                   burst=size(burst, "--burst") if burst else None,
                    concurrency=concurrency if concurrency is not None else (current.concurrency if current else 0))
     cfg = get_budget(r, registry)
     if cfg is None:
@@ -69,6 +86,7 @@ def nodes_cmd(as_json: bool, broker_url: str) -> None:
     from prewarm.fleet.nodes import list_nodes
     from prewarm.fleet.progress import human_bytes, human_seconds
 
+    remember_broker(broker_url)
     nodes = list_nodes(redis_client(broker_url))
     if as_json:
         click.echo(json.dumps([{"name": n.name, "up": n.up, "labels": n.labels, "free_bytes": n.free_bytes,

@@ -20,8 +20,8 @@ from prewarm.cli._common import registry_options, settings_from
 
 @click.command()
 @click.argument("image")
-@click.option("--span-size", type=int, help="Uncompressed bytes per span (default PREWARM_SPAN_SIZE or 4 MiB).")
-@click.option("--min-layer-size", type=int,
+@click.option("--span-size", metavar="BYTES", help="Uncompressed bytes per span (default PREWARM_SPAN_SIZE or 4 MiB).")
+@click.option("--min-layer-size", metavar="BYTES",
               help="Layers smaller than this get no zTOC (default PREWARM_MIN_LAYER_SIZE or 10 MiB).")
 @click.option("--push", is_flag=True, help="Push the zTOCs and a SOCI index v1 to the image's repository.")
 @click.option("--platform", metavar="OS/ARCH[/VARIANT]", help="Platform to index (default: this host's).")
@@ -32,21 +32,20 @@ from prewarm.cli._common import registry_options, settings_from
               help="Also write each zTOC to DIR/<layer hex>.ztoc.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @registry_options
-def index_cmd(image: str, span_size: int | None, min_layer_size: int | None, push: bool, platform: str | None,
+def index_cmd(image: str, span_size: str | None, min_layer_size: str | None, push: bool, platform: str | None,
               jobs: int, build_tool_identifier: str | None, output: Path | None, as_json: bool,
               **flags: Any) -> None:
     """Build zTOCs for IMAGE's layers; with --push, publish them as a SOCI index."""
-    from prewarm.config import BUILD_TOOL_IDENTIFIER
-    from prewarm.errors import ConfigError
+    from prewarm.config import BUILD_TOOL_IDENTIFIER, whole_number
     from prewarm.index.soci import build_layer_ztocs, push_soci_index
     from prewarm.resolve.digest import digest_hex, sha256_digest
     from prewarm.resolve.reference import parse_reference
     from prewarm.resolve.registry.client import RegistryClient
 
-    for name, value in (("--span-size", span_size), ("--min-layer-size", min_layer_size)):
-        if value is not None and value <= 0:
-            raise ConfigError(f"{name} must be a positive number of bytes, not {value}")
-    settings = settings_from(span_size=span_size, min_layer_size=min_layer_size, **flags)
+    # the converter of PREWARM_SPAN_SIZE and PREWARM_MIN_LAYER_SIZE: the same bounds and message
+    settings = settings_from(span_size=whole_number(span_size, "--span-size") if span_size else None,
+                             min_layer_size=whole_number(min_layer_size, "--min-layer-size")
+                             if min_layer_size else None, **flags)
     tool = build_tool_identifier or BUILD_TOOL_IDENTIFIER
     ref = parse_reference(image)
     client = RegistryClient.from_settings(settings)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from prewarm.cli._common import registry_options, root_option, settings_from
+from prewarm.cli._common import nonempty, registry_options, root_option, settings_from
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -52,13 +52,17 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
     if not settings.broker_url:
         raise ConfigError("prewarm worker needs a broker: set PREWARM_BROKER_URL or --broker-url "
                           "(redis://host:port/db, rediss://..., unix:///path)")
+    if settings.trusted_certs:
+        from prewarm.fleet.signing import trusted_store
+
+        trusted_store(settings.trusted_certs)  # checked here, before Celery: one line, exit 2
     os.environ.update(settings.to_env())
     os.environ["PREWARM_TASK_EVENTS"] = "1" if task_events else "0"
     # sized to the container's cgroup limits, not the node's cores (prewarm.node.limits)
     pool = pool_size(read_limits(), concurrency=concurrency)
     concurrency = pool.concurrency
     os.environ["PREWARM_MAX_MEMORY_PER_CHILD"] = str(pool.max_memory_per_child_kib)
-    metrics_port = os.environ.get("PREWARM_METRICS_PORT")
+    metrics_port = settings.metrics_port
     if metrics_port:
         # prometheus_client picks its multiprocess mode at import: set the folder first.
         import tempfile
@@ -76,9 +80,9 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
 
     # A lost task message (see prewarm.fleet.jobs.stalled_jobs) is sent again once nothing has
     # finished for two visibility timeouts: redelivery of unacknowledged ones comes first.
-    stall_seconds = 2 * float(os.environ.get("PREWARM_VISIBILITY_TIMEOUT", "900"))
+    stall_seconds = 2.0 * settings.visibility_timeout
 
-    from prewarm.node.sharing import serve_peers
+    from prewarm.node.sharing import serve_peers, withdraw_peers
 
     def on_beat() -> None:
         if peer_beat is not None:
@@ -86,6 +90,15 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
         start_own_windows(r, app, settings.node_name)
         join_standing_jobs(r, app, settings.node_name, node_labels, store.is_ready)
         resend_stalled(r, app, settings.node_name, stall_seconds)
+
+    argv = ["worker", "-Q", keys.node_queue(settings.node_name),
+            "-c", str(concurrency),
+            "-n", hostname or f"prewarm@{settings.node_name}",
+            "--loglevel", "WARNING" if quiet else "INFO",  # events: PREWARM_TASK_EVENTS, set above
+            # Gossip and mingle are Celery's own membership, which prewarm.fleet.nodes replaces:
+            # two fewer consumers on the broker connection for a Redis restart to break.
+            "--without-gossip", "--without-mingle", *ctx.args]
+    _check_celery_options(app, argv[1:])  # before the node registers or serves anything
 
     store = ContentStore(settings.root)
     r = redis_client(settings.broker_url)
@@ -98,16 +111,34 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
                      on_beat=on_beat, signed_only=bool(settings.trusted_certs), instance=instance)
     beat.start()
     if metrics_port:
-        _serve_metrics(int(metrics_port), settings.broker_url, settings.node_name, settings.root)
+        _serve_metrics(metrics_port, settings.broker_url, settings.node_name, settings.root)
 
-    argv = ["worker", "-Q", keys.node_queue(settings.node_name),
-            "-c", str(concurrency),
-            "-n", hostname or f"prewarm@{settings.node_name}",
-            "--loglevel", "WARNING" if quiet else "INFO",  # events: PREWARM_TASK_EVENTS, set above
-            # Gossip and mingle are Celery's own membership, which prewarm.fleet.nodes replaces:
-            # two fewer consumers on the broker connection for a Redis restart to break.
-            "--without-gossip", "--without-mingle"]
-    _run_celery_worker(app, argv + list(ctx.args), settings.node_name)
+    try:
+        _run_celery_worker(app, argv, settings.node_name)
+    finally:
+        if peer_beat is not None:  # stopping: peers stop asking this node at once, not a heartbeat TTL later
+            beat.stop()
+            withdraw_peers(r, settings.node_name)
+
+
+def _check_celery_options(app, args: list[str]) -> None:  # type: ignore[no-untyped-def]
+    """Parse the options for Celery's worker as Celery will, without running it.
+
+    Why: an option Celery does not take would fail every restart the same way; found here
+    it is one line and exit 2, before the node registers, serves peers or starts a pool.
+
+    Raises:
+        ConfigError: Celery's worker refuses an option or its value.
+    """
+    from celery.bin.base import CLIContext
+    from celery.bin.worker import worker
+
+    from prewarm.errors import ConfigError
+
+    try:
+        worker.make_context("worker", list(args), obj=CLIContext(app=app, no_color=True, workdir=None, quiet=True))
+    except click.UsageError as err:
+        raise ConfigError(f"celery worker: {err.format_message()} (check the options after `prewarm worker`)") from None
 
 
 def _serve_metrics(port: int, broker_url: str, node: str, root: Path) -> None:
@@ -140,7 +171,7 @@ def _run_celery_worker(app, argv: list[str], node: str) -> None:  # type: ignore
 
     from celery.signals import worker_shutting_down
 
-    from prewarm.errors import PrewarmError
+    from prewarm.errors import ConfigError, PrewarmError
     from prewarm.node.restart import (
         CRASH_WINDOW,
         CRASHES_ENV,
@@ -148,6 +179,7 @@ def _run_celery_worker(app, argv: list[str], node: str) -> None:  # type: ignore
         is_unrecoverable,
         judge_crash,
         kill_children,
+        reason,
         restart_in_place,
     )
 
@@ -164,24 +196,30 @@ def _run_celery_worker(app, argv: list[str], node: str) -> None:  # type: ignore
                       node, what, verdict.delay, verdict.crashes, MAX_CRASHES, CRASH_WINDOW)
             restart_in_place(verdict)  # the pool processes are killed just before
         return (f"the Celery worker of node {node} crashed {verdict.crashes} times in "
-                f"{CRASH_WINDOW:.0f} s (last: {what}); its log above says why: "
-                f"fix that and start `prewarm worker` again")
+                f"{CRASH_WINDOW:.0f} s, last of: {what}; fix that and start `prewarm worker` again")
 
     class _OnUnrecoverable(logging.Handler):
         """Celery's own shutdown after an unrecoverable error can hang: act on its log line."""
 
         def emit(self, record: logging.LogRecord) -> None:
             if is_unrecoverable(record) and not told_to_stop:
-                message = crashed("unrecoverable error")
+                message = crashed(reason(record.exc_info[1] if record.exc_info else None,
+                                         record.getMessage().splitlines()[0]))
                 kill_children()
-                print(f"prewarm: error: {message}", file=sys.stderr, flush=True)
+                # fd 2 itself: Celery has redirected sys.stderr into its logger by now
+                os.write(2, f"prewarm: error: {message}\n".encode())
                 os._exit(PrewarmError.exit_code)
 
     logging.getLogger("celery.worker").addHandler(_OnUnrecoverable(logging.CRITICAL))
     try:
         code = app.start(argv=argv)
-    except Exception:  # Celery failed to start: logged, then started again below
+    except click.UsageError as err:
+        # An option Celery does not take: a restart would fail the same way, so stop at once.
+        raise ConfigError(f"celery worker: {err.format_message()} (check the options after `prewarm worker`)") from None
+    except Exception as err:  # Celery failed to start: logged, then started again below
         log.exception("the Celery worker of node %s failed", node)
+        if not told_to_stop:
+            raise PrewarmError(crashed(reason(err, "failed to start"))) from None
         code = 1
     if code and not told_to_stop:
         raise PrewarmError(crashed(f"exit code {code}"))
@@ -194,16 +232,17 @@ def _run_celery_worker(app, argv: list[str], node: str) -> None:  # type: ignore
 @root_option
 def mounts_cmd(image: str, target: str, root: Path | None) -> None:
     """Print the overlay mount of IMAGE's pre-warmed rootfs, as `ctr snapshots mounts` does."""
-    from prewarm.errors import PrewarmError
+    from prewarm.errors import NotPrewarmed, PrewarmError
     from prewarm.runtime.images import find_record
     from prewarm.store.content import ContentStore
     from prewarm.store.layout import Layout
 
+    nonempty(image, "image name")
     settings = settings_from(store="read", root=root)
     layout = Layout(settings.root)
     record = find_record(layout, image)
     if record is None:
-        raise PrewarmError(f"{image} is not pre-warmed in {settings.root}; run `prewarm schedule {image}` first")
+        raise NotPrewarmed(f"{image} is not pre-warmed in {settings.root}; run `prewarm schedule {image}` first")
     store = ContentStore(settings.root)
     missing = [d for d in record.layer_digests if not store.is_ready(d)]
     if missing:
@@ -252,16 +291,17 @@ def images_cmd(as_json: bool, root: Path | None) -> None:
 @root_option
 def rm_cmd(image: str, root: Path | None) -> None:
     """Forget IMAGE on this node and remove its layers that nothing else uses."""
-    from prewarm.errors import PrewarmError
+    from prewarm.errors import NotPrewarmed
     from prewarm.runtime.gc import collect
     from prewarm.runtime.images import find_record, remove_record
     from prewarm.store.layout import Layout
 
+    nonempty(image, "image name")
     settings = settings_from(store="write", root=root)
     layout = Layout(settings.root)
     record = find_record(layout, image)
     if record is None:
-        raise PrewarmError(f"{image} is not pre-warmed in {settings.root} (prewarm images lists them)")
+        raise NotPrewarmed(f"{image} is not pre-warmed in {settings.root} (prewarm images lists them)")
     remove_record(layout, record)
     removed = collect(layout)
     click.echo(f"removed {image}; {len(removed)} layer(s) no longer used were deleted")

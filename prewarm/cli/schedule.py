@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, cast
 
 import click
 
-from prewarm.cli._common import registry_options, root_option, settings_from
+from prewarm.cli._common import (
+    nonempty,
+    registry_options,
+    remember_broker,
+    root_option,
+    settings_from,
+)
 from prewarm.config import Settings
 
 if TYPE_CHECKING:
@@ -153,6 +159,14 @@ def schedule_cmd(image: str, platform: str | None, wait: bool, nodes: tuple[str,
         from prewarm.store.layout import check_root
 
         check_root(settings.root, writable=not dry_run)  # this machine's store: checked before anything else
+        if not dry_run:
+            from prewarm.store.landing import backend
+
+            backend()  # the span writer (PREWARM_LANDING=c: the C extension is built)
+        if containerd_socket:  # registered after the download: checked before it
+            from prewarm.config import unix_socket
+
+            containerd_socket = unix_socket(str(containerd_socket), "--containerd")
         if dry_run:
             from prewarm.node import local
 
@@ -228,11 +242,16 @@ def _print_dry_run(lines, egress: int, image: str, as_json: bool,  # type: ignor
 @click.option("--broker-url", envvar="PREWARM_BROKER_URL")
 @root_option
 def status_cmd(job: str | None, as_json: bool, broker_url: str | None, root: Path | None) -> None:
-    """Show a job (or list recent jobs): per node and layer state, bytes, and why a layer failed."""
+    """Show a job (or list recent jobs): per node and layer state, bytes, and why a layer failed.
+
+    With --json: JOB's summary as one object; the listing as one array ([] when empty).
+    """
     from prewarm.fleet import jobs
     from prewarm.fleet.broker import redis_client
     from prewarm.fleet.progress import human_bytes
 
+    if job is not None:
+        nonempty(job, "job id")
     settings = settings_from(root=root, broker_url=broker_url)
     if not settings.broker_url:
         from prewarm.node.local import saved_summaries
@@ -241,7 +260,10 @@ def status_cmd(job: str | None, as_json: bool, broker_url: str | None, root: Pat
         check_root(settings.root, writable=False)
 
         summaries = list(saved_summaries(settings.root, job))
-        if not summaries and not job:
+        if as_json and not job:  # a listing: one JSON array, [] when empty
+            click.echo(json.dumps([json.loads(text) for text in summaries], indent=2))
+            return
+        if not summaries:
             _say_empty(as_json, f"no job has run on this machine yet (store {settings.root})")
         for text in summaries:
             data = json.loads(text)
@@ -251,6 +273,9 @@ def status_cmd(job: str | None, as_json: bool, broker_url: str | None, root: Pat
         return
     r = redis_client(settings.broker_url)
     ids = [job] if job else jobs.list_jobs(r)
+    if as_json and not job:  # a listing: one JSON array, [] when empty
+        click.echo(json.dumps([json.loads(jobs.job_summary_json(jobs.job_status(r, i))) for i in ids], indent=2))
+        return
     if not ids:
         _say_empty(as_json, "no job in the fleet (prewarm schedule IMAGE starts one)")
     for job_id in ids:
@@ -284,6 +309,8 @@ def cancel_cmd(job: str, broker_url: str) -> None:
     from prewarm.fleet import jobs
     from prewarm.fleet.broker import redis_client
 
+    nonempty(job, "job id")
+    remember_broker(broker_url)
     jobs.cancel_job(redis_client(broker_url), job)
     click.echo(f"job {job} cancelled")
 

@@ -55,6 +55,25 @@ def redis_url(url: str) -> str:
     return url
 
 
+class _TlsConnection(redis.connection.SSLConnection):
+    """A TLS connection whose handshake counts as connecting: bounded by the connect timeout.
+
+    redis-py does the handshake under the read timeout (30 s), and a plain Redis port never
+    answers a ClientHello: ``rediss://`` against it would sit silent for 30 s before saying so.
+    """
+
+    def _connect(self):  # type: ignore[no-untyped-def]
+        sock = redis.connection.Connection._connect(self)
+        sock.settimeout(self.socket_connect_timeout)
+        try:
+            tls = self._wrap_socket_with_ssl(sock)
+        except (OSError, redis.exceptions.RedisError):
+            sock.close()
+            raise
+        tls.settimeout(self.socket_timeout)
+        return tls
+
+
 def redis_client(url: str, *, reachable: bool = False, **kwargs: object) -> redis.Redis:
     """A redis-py client for the broker URL (TLS, ACL user and password come from the URL).
 
@@ -73,6 +92,8 @@ def redis_client(url: str, *, reachable: bool = False, **kwargs: object) -> redi
     kwargs.setdefault("socket_timeout", READ_TIMEOUT)
     if not url.startswith("unix://"):
         kwargs.setdefault("socket_keepalive", True)  # TCP only: unix sockets take no such option
+    if url.startswith("rediss://"):
+        kwargs.setdefault("connection_class", _TlsConnection)
     client = redis.Redis.from_url(url, **kwargs)  # type: ignore[arg-type]
     try:
         client.ping()

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 
 import redis
 
-from prewarm.errors import JobError
+from prewarm.errors import JobError, JobNotFound
 from prewarm.fleet import keys, peers
 from prewarm.fleet.plan import ImagePlan
 
@@ -196,7 +196,7 @@ def signed_body(r: redis.Redis, job_id: str, field: str) -> bytes | None:
 def load_plan(r: redis.Redis, job_id: str) -> ImagePlan:
     raw = r.get(keys.job_plan(job_id))
     if raw is None:
-        raise JobError(f"job {job_id} does not exist (prewarm status lists the jobs)")
+        raise JobNotFound(f"job {job_id} does not exist (prewarm status lists the jobs)")
     return ImagePlan.from_json(raw)
 
 
@@ -457,7 +457,7 @@ def settle(r: redis.Redis, job_id: str, node: str) -> bool:
 
 def cancel_job(r: redis.Redis, job_id: str) -> None:
     if not r.exists(keys.job(job_id)):
-        raise JobError(f"job {job_id} does not exist (prewarm status lists the jobs)")
+        raise JobNotFound(f"job {job_id} does not exist (prewarm status lists the jobs)")
     r.hset(keys.job(job_id), "cancelled", "1")
     r.srem(keys.ACTIVE_JOBS, job_id)
     _expire_job(r, job_id, JOB_RETENTION)  # a cancelled job is over: its records go like a finished one's
@@ -527,10 +527,10 @@ def job_status(r: redis.Redis, job_id: str, plan: ImagePlan | None = None) -> Jo
     raw_job, members, *raw_plan = pipe.execute()
     h = {_s(k): _s(v) for k, v in raw_job.items()}
     if not h:
-        raise JobError(f"job {job_id} does not exist (prewarm status lists the jobs)")
+        raise JobNotFound(f"job {job_id} does not exist (prewarm status lists the jobs)")
     if plan is None:
         if raw_plan[0] is None:
-            raise JobError(f"job {job_id} does not exist (prewarm status lists the jobs)")
+            raise JobNotFound(f"job {job_id} does not exist (prewarm status lists the jobs)")
         plan = ImagePlan.from_json(raw_plan[0])
     cancelled = h.get("cancelled") == "1"
     names = sorted(_s(n) for n in members)

@@ -24,6 +24,7 @@ store root, which only root can read); a fleet gets one from a Kubernetes Secret
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 import secrets
 import shutil
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from prewarm.config import Settings
-from prewarm.errors import ConfigError
+from prewarm.errors import ConfigError, InsufficientSpace, StoreError
 
 #: The content type of an ``auth``-serialized (signed) message body.
 SIGNED_CONTENT_TYPE = "application/data"
@@ -93,7 +94,8 @@ def ensure_keypair(folder: Path) -> tuple[Path, Path]:
     """The key and certificate in ``folder``, made the first time (RSA 2048, self-signed, key 0600).
 
     Raises:
-        ConfigError: the folder cannot be written.
+        StoreError: the folder cannot be written (InsufficientSpace: the disk is full);
+            nothing is left half-written.
     """
     key, cert = folder / "signing.key", folder / "signing.crt"
     if key.is_file() and cert.is_file():
@@ -113,6 +115,7 @@ def ensure_keypair(folder: Path) -> tuple[Path, Path]:
                    .sign(private, hashes.SHA256()))
     # The pair is written into a folder of its own, renamed into place whole: two runs that
     # make a pair at once never leave one's key beside the other's certificate.
+    staging: Path | None = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
@@ -128,8 +131,34 @@ def ensure_keypair(folder: Path) -> tuple[Path, Path]:
             if not (key.is_file() and cert.is_file()):
                 raise
     except OSError as err:
-        raise ConfigError(f"cannot write a task-signing key in {folder}: {err.strerror}") from None
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)  # a full disk leaves no half-written pair
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientSpace(f"no space left in {folder.parent} to write a task-signing key "
+                                    f"({err.strerror}); free some space or point PREWARM_ROOT elsewhere") from None
+        raise StoreError(f"cannot write a task-signing key in {folder}: {err.strerror}") from None
     return key, cert
+
+
+def trusted_store(trusted: str) -> Any:
+    """Celery's certificate store of the certificates matching ``trusted`` (a glob).
+
+    ``prewarm worker`` calls it before it starts anything, so a wrong PREWARM_TRUSTED_CERTS
+    is one line and exit 2 rather than a Celery worker that fails to start.
+
+    Raises:
+        ConfigError: no certificate matches ``trusted``, or one is unreadable or expired.
+    """
+    from celery.security.certificate import FSCertStore
+
+    try:
+        store = FSCertStore(trusted)
+    except Exception as err:  # noqa: BLE001 - celery's SecurityError and cryptography's errors
+        raise ConfigError(f"PREWARM_TRUSTED_CERTS={trusted!r}: {err}; give the scheduler's certificate(s)") from None
+    if not list(store.itercerts()):
+        raise ConfigError(f"PREWARM_TRUSTED_CERTS={trusted!r} matches no certificate; give the path of the "
+                          "scheduler's certificate (a glob may name several)")
+    return store
 
 
 def install_verifier(trusted: str, on_refused: Callable[[str], None]) -> None:
@@ -142,17 +171,10 @@ def install_verifier(trusted: str, on_refused: Callable[[str], None]) -> None:
         ConfigError: no certificate matches ``trusted``, or one is unreadable or expired.
     """
     from celery.exceptions import SecurityError
-    from celery.security.certificate import FSCertStore
     from celery.security.serialization import SecureSerializer
     from kombu.serialization import registry
 
-    try:
-        store = FSCertStore(trusted)
-    except Exception as err:  # noqa: BLE001 - celery's SecurityError and cryptography's errors
-        raise ConfigError(f"PREWARM_TRUSTED_CERTS={trusted!r}: {err}; give the scheduler's certificate(s)") from None
-    if not list(store.itercerts()):
-        raise ConfigError(f"PREWARM_TRUSTED_CERTS={trusted!r} matches no certificate; give the path of the "
-                          "scheduler's certificate (a glob may name several)")
+    store = trusted_store(trusted)
     verifier = SecureSerializer(None, None, store, digest="sha256")
 
     def refuse_to_sign(_: object) -> bytes:

@@ -54,8 +54,11 @@ class EmbeddedCluster:
 
     def _check_redis(self) -> None:
         if self.redis.poll() is not None:
-            log = (self.dir / "redis.log").read_text(errors="replace")[-1000:]
-            raise PrewarmError(f"the private redis-server exited at start-up: {log}")
+            lines = (self.dir / "redis.log").read_text(errors="replace").strip().splitlines() or ["(no log)"]
+            # redis logs its reason last, as "pid:M date # reason": that line alone, so the error stays one line
+            reason = lines[-1].split(" # ", 1)[-1].strip()
+            raise PrewarmError(f"the private redis-server exited at start-up: {reason} "
+                               f"(its log: {self.dir / 'redis.log'})")
 
     def check_workers(self) -> None:
         for proc in self.workers:
@@ -140,6 +143,10 @@ def _remove_orphaned_run_dirs() -> None:
             continue
 
 
+#: sun_path's size on Linux (the terminating NUL included).
+MAX_SOCKET_PATH = 108
+
+
 @contextlib.contextmanager
 def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
                      workers: int = 1) -> Iterator[EmbeddedCluster]:
@@ -156,40 +163,54 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
         )
     settings.root.mkdir(parents=True, exist_ok=True)
     _remove_orphaned_run_dirs()
-    run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
-    sock = run_dir / "redis.sock"
-    broker_url = f"unix://{sock}"
+    sock_path = Path(tempfile.gettempdir()) / f"{RUN_DIR_PREFIX}xxxxxxxx" / "redis.sock"
+    if len(os.fsencode(sock_path)) >= MAX_SOCKET_PATH:
+        raise ConfigError(f"the private Redis's socket {sock_path} would be longer than a unix socket path may "
+                          f"be ({MAX_SOCKET_PATH - 1} bytes): set TMPDIR to a shorter folder")
+    run_dir: Path | None = None
     redis_proc: subprocess.Popen[bytes] | None = None
     procs: list[subprocess.Popen[bytes]] = []
     cluster: EmbeddedCluster | None = None
     try:
+        with _signals_held():  # a signal right after mkdtemp still finds the folder to remove
+            run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
+        sock = run_dir / "redis.sock"
+        broker_url = f"unix://{sock}"
         (run_dir / "pid").write_text(str(os.getpid()))
-        redis_proc = subprocess.Popen(
-            [redis_server, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
-             "--save", "", "--appendonly", "no", "--dir", str(run_dir), "--daemonize", "no",
-             "--logfile", str(run_dir / "redis.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
-        )
+        # Held while forking: a signal taken inside CPython's at-fork handlers is printed and
+        # then ignored (the run would go on), and one between the fork and the assignment would
+        # leave a child the cleanup does not know.  It is taken right after instead.
+        with _signals_held():
+            redis_proc = subprocess.Popen(
+                [redis_server, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+                 "--save", "", "--appendonly", "no", "--dir", str(run_dir), "--daemonize", "no",
+                 "--logfile", str(run_dir / "redis.log")],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
         # The private cluster signs its tasks too: its Redis socket is root's alone, but a
         # worker that runs only signed tasks is the same code path everywhere.
         key, cert = ensure_keypair(settings.root / "keys")
         env = {**os.environ,
                **dataclasses.replace(settings, broker_url=broker_url, trusted_certs=str(cert)).to_env()}
         env.setdefault("PREWARM_VISIBILITY_TIMEOUT", "300")
+        # the workers' own temp files (their pools' pymp-* folders) go in the run folder, which
+        # the cleanup removes: a worker stopped outright cannot remove them itself
+        env["TMPDIR"] = str(run_dir)
         cluster = EmbeddedCluster(run_dir, redis_proc, procs, broker_url, TaskSigner.from_files(key, cert))
         with open(run_dir / "worker.log", "ab") as log:
             for i in range(workers):
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "prewarm", "worker",
-                     "--concurrency", str(concurrency or default_concurrency()),
-                     "--hostname", f"embedded{i}-{os.getpid()}@{settings.node_name}", "--quiet",
-                     # a private broker has no other workers to sync with or gossip to, and
-                     # no Flower to send task events to (~6% of a cold run's profile samples)
-                     "--no-task-events", "--without-mingle", "--without-gossip"],
-                    env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, preexec_fn=_die_with_parent,
-                ))
+                with _signals_held():  # as for redis-server above
+                    procs.append(subprocess.Popen(
+                        [sys.executable, "-m", "prewarm", "worker",
+                         "--concurrency", str(concurrency or default_concurrency()),
+                         "--hostname", f"embedded{i}-{os.getpid()}@{settings.node_name}", "--quiet",
+                         # a private broker has no other workers to sync with or gossip to, and
+                         # no Flower to send task events to (~6% of a cold run's profile samples)
+                         "--no-task-events", "--without-mingle", "--without-gossip"],
+                        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                        start_new_session=True, preexec_fn=_die_with_parent,
+                    ))
         yield cluster
     finally:
         # Whatever ends the run (success, an error, Ctrl-C, SIGTERM), and a second signal
@@ -211,4 +232,13 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
                 stop_process(proc, 10)
             if redis_proc is not None:
                 stop_process(redis_proc, 5)
-            shutil.rmtree(run_dir, ignore_errors=True)
+            if run_dir is not None:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            if procs:  # a worker stopped mid-write leaves its temp file beside a whole record
+                from prewarm.store.atomic import remove_orphaned_temps
+                from prewarm.store.layout import Layout
+
+                for proc in procs:  # the pool processes of each worker's session, whatever is left of them
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                remove_orphaned_temps(Layout(settings.root).record_folders(), wait=2.0)

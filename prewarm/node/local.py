@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import logging
 import shutil
 import threading
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prewarm.config import Settings
-from prewarm.errors import JobError, StoreError
+from prewarm.errors import CorruptContent, JobNotFound, StoreError
 from prewarm.fleet.plan import plan_resolved
 from prewarm.resolve.reference import parse_reference
 from prewarm.resolve.registry.client import RegistryClient, ResolvedImage
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
     from prewarm.fleet.submit import IndexPolicy
     from prewarm.node.embedded import EmbeddedCluster
     from prewarm.runtime.containerd import Registration
+
+
+log = logging.getLogger(__name__)
 
 
 def _silent(msg: str) -> None:
@@ -114,6 +119,8 @@ def _run_job(settings: Settings, image: str, client: RegistryClient, store: Cont
     schedule.check_space_before_download(store, client, resolved)
     plan = plan_job(settings, client, resolved, index=index, fleet=False, say=say)
     present = {i for i, layer in enumerate(plan.layers) if store.is_ready(layer.digest)}
+    before = StoreBefore(settings.root, image, frozenset(store.list_layers()),
+                      Layout(settings.root).image(image).is_file())
     # The scheduler is idle while its workers start: it prepares the layers meanwhile.
     preparer = threading.Thread(target=prepare_layers_ahead, name="prepare-layers", daemon=True,
                                 args=(store, plan.layers, ZtocCache(store.layout).get))
@@ -123,12 +130,51 @@ def _run_job(settings: Settings, image: str, client: RegistryClient, store: Cont
     job_id = schedule.launch(r, cluster.broker_url, plan, image, [settings.node_name], window=window,
                              present={settings.node_name: present}, signer=cluster.signer)
     status = schedule.wait_for_job(r, job_id, on_update=on_progress, alive=cluster.check_workers)
-    if status.state == "succeeded":
-        # A worker records it too, but may be killed before it has: the record is ours.
-        record_prewarmed_image(Layout(settings.root), image, plan)
     preparer.join(timeout=30)
-    _save_summary(settings.root, status)
+    try:
+        if status.state == "succeeded":
+            # A worker records it too, but may be killed before it has: the record is ours.
+            record_prewarmed_image(Layout(settings.root), image, plan)
+        _save_summary(settings.root, status)
+    except (StoreError, OSError) as err:
+        raise before.restore(job_id, err) from None
     return status
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreBefore:
+    """What the store held before an embedded job: its layers and whether ``image`` had a record.
+
+    Why: the job's records (the image record, its chains, the job summary) are written
+    after its layers are ready.  If one of them cannot be written (a full disk after the
+    space check passed, a read-only remount), :meth:`restore` takes back what the job
+    added, so no ready layer is left without the record that names it.
+    """
+
+    root: Path
+    image: str
+    layers: frozenset[str]
+    recorded: bool
+
+    def restore(self, job_id: str, err: Exception) -> StoreError:
+        """Remove this job's new layers (those no other record, pin or snapshot uses), its
+        image record if it made it, and its summary; the StoreError to raise.
+        """
+        from prewarm.runtime import gc
+        from prewarm.store.atomic import write_failed
+
+        layout = Layout(self.root)
+        # each step on its own: the store that failed one write may fail these too
+        made = [_summaries(self.root) / f"{job_id}.json", layout.pins_dir() / f"{job_id}.json"]
+        if not self.recorded:
+            made.append(layout.image(self.image))
+        for path in made:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        gc.collect(layout, only=set(ContentStore(self.root).list_layers()) - self.layers)
+        if isinstance(err, OSError):
+            return write_failed(Path(err.filename or self.root), err, self.root)
+        return err if isinstance(err, StoreError) else StoreError(str(err))
 
 
 def _summaries(root: Path) -> Path:
@@ -148,8 +194,13 @@ def saved_summaries(root: Path, job: str | None = None, limit: int = 20) -> list
     Why: the private Redis of an embedded job is gone once it ends, so ``prewarm status``
     without a broker reads these.
 
+    A summary that is not a JSON object with the fields ``prewarm status`` shows is skipped
+    with a warning naming its file, as corrupt image records are; asked for by its id, it is
+    CorruptContent naming the file.
+
     Raises:
-        JobError: ``job`` was given and left no summary here.
+        JobNotFound: ``job`` was given and left no summary here.
+        CorruptContent: ``job``'s own summary is corrupt.
     """
     folder = _summaries(root)
     files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True) \
@@ -157,8 +208,36 @@ def saved_summaries(root: Path, job: str | None = None, limit: int = 20) -> list
     if job:
         files = [f for f in files if f.stem == job]
         if not files:
-            raise JobError(f"no job {job} in {folder} (and no PREWARM_BROKER_URL to ask a fleet)")
-    return [f.read_text() for f in files[:limit]]
+            raise JobNotFound(f"no job {job} in {folder} (and no PREWARM_BROKER_URL to ask a fleet)")
+    out = []
+    for path in files[:limit]:
+        try:
+            out.append(_read_summary(path))
+        except CorruptContent as err:
+            if job:
+                raise
+            log.warning("skipping it: %s", err)
+    return out
+
+
+_SUMMARY_FIELDS = {"job": str, "state": str, "image": str, "bytes_done": int, "bytes_total": int}
+
+
+def _read_summary(path: Path) -> str:
+    """A summary's text once it parses as one we wrote.
+
+    Raises:
+        CorruptContent: it does not (naming the file).
+    """
+    try:
+        text = path.read_text()
+        data = json.loads(text)
+        bad = [k for k, kind in _SUMMARY_FIELDS.items() if not isinstance(data.get(k), kind)]
+    except (OSError, ValueError, AttributeError) as err:
+        raise CorruptContent(f"job summary {path} is corrupt ({type(err).__name__}); remove it") from None
+    if bad:
+        raise CorruptContent(f"job summary {path} is corrupt (no valid {', '.join(bad)}); remove it")
+    return text
 
 
 def register_in_containerd(settings: Settings, image: str, resolved: ResolvedImage, address: Path,

@@ -62,6 +62,19 @@ def is_unrecoverable(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.CRITICAL and record.getMessage().startswith("Unrecoverable error")
 
 
+def reason(exc: BaseException | None, fallback: str) -> str:
+    """One line saying what ended Celery: the exception's type and the first line of its
+    message (``ConnectionError: Error 111 connecting to ...``), else ``fallback``.
+
+    Logged with each restart and repeated in the crash-loop error, so the operator reads
+    the cause where the verdict is, not only in a traceback further up.
+    """
+    if exc is None:
+        return fallback
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 def children_of(pid: int) -> list[int]:
     """PIDs whose parent is ``pid`` (zombies included), from /proc."""
     out = []

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import redis
 import requests
 from redis import Redis
 
@@ -353,3 +354,13 @@ def serve_peers(settings: Settings, r: Redis) -> Callable[[], None] | None:
             PEER_CACHE_BYTES.set(cache.size())
 
     return beat
+
+
+def withdraw_peers(r: Redis, node: str) -> None:
+    """The worker is stopping: take its peer address out of its registration, so that other
+    nodes stop asking it for what it holds (best effort: a dead Redis cannot be told)."""
+    try:
+        peers.advertise(r, node, None)
+    except redis.exceptions.RedisError as err:
+        log.info("could not withdraw node %s's peer address (%s); peers skip it once its heartbeat is old",
+                 node, err)

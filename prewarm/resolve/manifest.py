@@ -22,7 +22,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from prewarm.errors import UnsupportedManifest
+from prewarm.errors import MalformedManifest, UnsupportedManifest
 from prewarm.resolve.digest import is_digest
 
 #: A registry's words we repeat in messages: media types, platform parts.  Anything
@@ -215,9 +215,9 @@ def _load(body: bytes, what: str) -> dict[str, Any]:
     try:
         raw = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UnsupportedManifest(f"{what} is not valid JSON ({err.__class__.__name__}: {err})") from None
+        raise MalformedManifest(f"{what} is not valid JSON ({err.__class__.__name__}: {err})") from None
     if not isinstance(raw, dict):
-        raise UnsupportedManifest(f"{what} is not a JSON object")
+        raise MalformedManifest(f"{what} is not a JSON object")
     return raw
 
 

@@ -103,15 +103,20 @@ def _recently_changed(layout: Layout, digest: str) -> bool:
         return False
 
 
-def collect(layout: Layout, *, dry_run: bool = False) -> list[str]:
-    """Remove unused layers (and their chain records); returns the digests removed."""
+def collect(layout: Layout, *, dry_run: bool = False, only: Iterable[str] | None = None) -> list[str]:
+    """Remove unused layers (and their chain records); returns the digests removed.
+
+    ``only``: consider these layers alone, partial ones included whatever their age (a job
+    taking back what it made: :func:`prewarm.node.local` when its records cannot be written).
+    """
     store = ContentStore(layout.root)
     used = layers_in_use(layout)
     removed = []
-    for digest in sorted(store.list_layers()):
+    candidates = set(store.list_layers()) if only is None else set(only) & set(store.list_layers())
+    for digest in sorted(candidates):
         if digest in used:
             continue
-        if not store.is_ready(digest) and _recently_changed(layout, digest):
+        if only is None and not store.is_ready(digest) and _recently_changed(layout, digest):
             continue
         with store.layer_lock(digest, wait=False) as locked:
             # A writer holds it (a job is landing it), or, decided again under the lock, a

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prewarm.errors import CorruptContent, DiffIdMismatch, StoreError
 from prewarm.fleet.plan import ImagePlan
-from prewarm.store.atomic import atomic_write
+from prewarm.store.atomic import atomic_write, write_failed
 from prewarm.store.layout import Layout, chain_ids
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,9 @@ def record_prewarmed_image(layout: Layout, name: str, plan: ImagePlan) -> ImageR
     Raises:
         DiffIdMismatch: a layer's commit record holds another diff_id than the image config
             gives for it (nothing is written).
-        StoreError: a layer is not ready (removed while the job ran).
+        StoreError: a layer is not ready (removed while the job ran), or the record could
+            not be written (InsufficientSpace for a full disk); the previous record, if
+            any, is left whole (atomic_write).
     """
     from prewarm.runtime.snapshot.prewarmed import proven_diff_id, register_chains
 
@@ -144,15 +146,18 @@ def record_prewarmed_image(layout: Layout, name: str, plan: ImagePlan) -> ImageR
                                  f"image config says {diff_id}; no chain or image record was written (an image "
                                  "config that names diff_ids that are not its layers' is refused)",
                                  expected=diff_id, actual=held)
-    register_chains(layout, digests, list(plan.diff_ids))
     sizes = [plan.layers[i].size for i in plan.layer_order]
     record = new_record(name, plan.reference, plan.manifest_digest, plan.config_digest, plan.platform,
                         digests, list(plan.diff_ids), sizes)
     existing = find_record(layout, name)
-    if existing is None or existing.manifest_digest != plan.manifest_digest or existing.name != name:
-        write_record(layout, record)
-    else:
-        record = existing
+    try:
+        register_chains(layout, digests, list(plan.diff_ids))
+        if existing is None or existing.manifest_digest != plan.manifest_digest or existing.name != name:
+            write_record(layout, record)
+        else:
+            record = existing
+    except OSError as err:  # a full disk, a read-only remount: the old record (if any) stays whole
+        raise write_failed(Path(err.filename or layout.image(name)), err, layout.root) from None
     missing = [d for d in digests if not layout.layer_ready(d).is_file()]
     if missing:
         raise StoreError(f"image {name}: layer(s) {', '.join(missing)} were removed from {layout.root} while "

@@ -20,6 +20,7 @@ except for the root itself (:func:`secure_root`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -84,6 +85,15 @@ class Layout:
     def snapshots(self) -> Path:
         return self.root / "snapshots"
 
+    def record_folders(self) -> list[Path]:
+        """The folders records are written into with atomic_write (images, pins, job summaries,
+        chains, layers' ready markers and zTOC cache), for :func:`prewarm.store.atomic.remove_orphaned_temps`."""
+        folders = [self.images_dir(), self.pins_dir(), self.root / "jobs"]
+        for area in ("chains", "layers", "ztoc"):
+            folders += [p for p in (self.root / area).glob("*") if p.is_dir()]
+        folders += [p for p in self.layers_dir().glob("*/*") if p.is_dir()]
+        return folders
+
     def tmp(self) -> Path:
         return self.root / "tmp"
 
@@ -106,6 +116,8 @@ def secure_root(root: Path) -> None:
         if mode & ~ROOT_MODE:
             os.chmod(root, mode & ROOT_MODE)
     except OSError as err:
+        if err.errno == errno.EROFS and root.is_dir():
+            return  # a read-only mount: nothing can be written there, and commands that write refuse it (check_root)
         raise StoreError(f"cannot make the store root {root} private (mode {ROOT_MODE:o}): {err.strerror}; "
                          "check PREWARM_ROOT and that prewarm runs as the root's owner") from None
 

@@ -65,6 +65,7 @@ from prewarm.errors import (
     ConfigError,
     CorruptContent,
     DigestMismatch,
+    MalformedManifest,
     ManifestNotFound,
     RangeNotHonored,
     RegistryError,
@@ -615,9 +616,9 @@ class RegistryClient:
         try:
             config = json.loads(config_bytes)
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise UnsupportedManifest(f"{where}: config {manifest.config.digest} is not JSON") from None
+            raise MalformedManifest(f"{where}: config {manifest.config.digest} is not JSON") from None
         if not isinstance(config, dict):
-            raise UnsupportedManifest(f"{where}: config {manifest.config.digest} is not a JSON object")
+            raise MalformedManifest(f"{where}: config {manifest.config.digest} is not a JSON object")
         rootfs = config.get("rootfs") if isinstance(config.get("rootfs"), dict) else {}
         diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
         if not isinstance(diff_ids, list) or len(diff_ids) != len(manifest.layers) \
