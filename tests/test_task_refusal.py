@@ -23,9 +23,13 @@ SPANS = {"PREWARM_SPAN_SIZE": str(256 * 1024), "PREWARM_MIN_LAYER_SIZE": str(1 <
 
 
 def _prewarm_keys(r: redis.Redis) -> dict[bytes, object]:
-    """Every prewarm key with its content (Celery's own bookkeeping left out)."""
+    """Every prewarm key with its content (Celery's own bookkeeping left out, and so are the worker
+    processes' records of the messages they took, prewarm.fleet.recovery's, which every delivery
+    writes, refused or not, and which name no job)."""
     out: dict[bytes, object] = {}
     for key in r.scan_iter(match="prewarm:*"):
+        if key.startswith((b"prewarm:worker:", b"prewarm:workers")):
+            continue
         kind = r.type(key).decode()
         out[key] = (r.hgetall(key) if kind == "hash" else r.smembers(key) if kind == "set"
                     else r.zrange(key, 0, -1) if kind == "zset" else r.get(key) if kind == "string" else kind)

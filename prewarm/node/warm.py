@@ -548,8 +548,10 @@ def _verified_name(ctx: NodeContext, name: str, plan: ImagePlan) -> str:
                     with _fleet_backoff_on_429(ctx, ref.registry), ctx.budget.request(ref.registry, 0):
                         named = ctx.client.resolve(ref, plan.platform or None).manifest_digest
                     break
-                except Transient:
-                    if attempt == NAME_TRIES - 1:
+                except PrewarmError as err:
+                    # Transient is a mixin, not an exception class: `except Transient` raised a
+                    # TypeError as soon as anything failed, and the task died with the name unrecorded
+                    if not isinstance(err, Transient) or attempt == NAME_TRIES - 1:
                         raise
                     time.sleep(min(2.0, 0.2 * 2**attempt))
     except PrewarmError as err:
@@ -595,10 +597,15 @@ def account(ctx: NodeContext, *, job: str, node: str, layer_index: int, span: in
     if outcome is not None:
         jobs.record_span(r, job, node, layer_index, span, outcome.nbytes)
         if outcome.layer_ready:
-            jobs.record_layer(r, job, node, layer_index, jobs.LAYER_READY)
+            # The image record is written before the layer counts as ready in the job: the
+            # job reads "succeeded" only once `prewarm mounts IMAGE` works on the node (a
+            # caller that stopped the worker at "succeeded" found no image record).
             image = name or jobs.job_image_name(r, job)
-            if complete_image(ctx, job, image, name_signed=name is not None):
-                log.info("image %s complete on %s", image, node)
+            try:
+                if complete_image(ctx, job, image, name_signed=name is not None):
+                    log.info("image %s complete on %s", image, node)
+            finally:
+                jobs.record_layer(r, job, node, layer_index, jobs.LAYER_READY)
             jobs.settle(r, job, node)
     else:
         jobs.record_span(r, job, node, layer_index, span, 0)
