@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from bench.probes import Pin, RssSampler, StoreWatch, busy_seconds
+from bench.probes import Pin, StoreWatch, TreeSampler, busy_seconds
 from bench.scratch import drop_caches, scratch_fs
 
 STEPS = ("w", "e", "prewarm-no-index", "prewarm-spans")
@@ -73,6 +73,9 @@ class Figure:
     first_layer: float | None = None
     spans: int = 0
     rss_mb: float = 0.0
+    cores: str = ""  # the cores the step's processes were allowed on
+    again_wall: float | None = None  # prewarm-spans: a second schedule of the same image, same store
+    again_bytes: int | None = None  # and the layer bytes the registry served for it
     diffs: int | None = None  # None: not compared
     note: str = ""
 
@@ -147,18 +150,18 @@ class Bench:
                 while src.read(1 << 24):
                     pass
         dests = [mnt / "w" / str(i) for i in range(len(img.tars))]
-        with pin.running([self.reg.proc.pid]), clock() as c:  # type: ignore[attr-defined]
+        with self.step(pin) as fig:
             for d in dests:
                 d.mkdir(parents=True)
             _wait_all([subprocess.Popen(pin.cmd(["tar", "-x", "--numeric-owner", "-f", str(tar), "-C", str(d)]))
                        for tar, d in zip(img.tars, dests)], "tar -x")
             subprocess.run(pin.cmd(["sync"]), check=True)
-        return Figure(c["wall"], c["cpu"]), dests[::-1]
+        return fig, dests[::-1]
 
     def e(self, img: Image, mnt: Path, pin: Pin) -> tuple[Figure, list[Path]]:
         dests = [mnt / "e" / str(i) for i in range(len(img.layers))]
         drop_caches()
-        with pin.running([self.reg.proc.pid]), clock() as c:  # type: ignore[attr-defined]
+        with self.step(pin) as fig:
             procs = []
             for (digest, _, _), d in zip(img.layers, dests):
                 d.mkdir(parents=True)
@@ -167,35 +170,48 @@ class Bench:
                     f"curl -sSf {img.blob_url(digest)} | pigz -d | tar -x --numeric-owner -C {d}"])))
             _wait_all(procs, "curl | pigz -d | tar -x")
             subprocess.run(pin.cmd(["sync"]), check=True)
-        return Figure(c["wall"], c["cpu"]), dests[::-1]
+        return fig, dests[::-1]
 
-    def _schedule(self, ref: str, root: Path, pin: Pin) -> tuple[subprocess.CompletedProcess[str], float]:
+    @contextlib.contextmanager
+    def step(self, pin: Pin, watch: StoreWatch | None = None) -> Iterator[Figure]:
+        """Time the block (wall and machine CPU) with every process pinned, sampling the process tree."""
+        fig = Figure(0.0, 0.0)
+        with pin.running([self.reg.proc.pid]):  # type: ignore[attr-defined]
+            sampler = TreeSampler("prewarm worker")
+            sampler.start()
+            if watch is not None:
+                watch.start()
+            try:
+                with clock() as c:
+                    yield fig
+            finally:
+                if watch is not None:
+                    watch.stop()
+                peak, allowed = sampler.stop()
+        fig.wall, fig.cpu, fig.rss_mb = c["wall"], c["cpu"], peak / 1e6
+        fig.cores = ",".join(str(i) for i in sorted(allowed))
+        if watch is not None:
+            fig.first_span, fig.first_layer, fig.spans = watch.first_span, watch.first_layer, sum(watch.spans.values())
+
+    def _schedule(self, ref: str, root: Path, pin: Pin) -> float:
         env = {**os.environ, "PREWARM_ROOT": str(root)}
         env.pop("PREWARM_BROKER_URL", None)
         t0 = time.monotonic()
-        out = subprocess.run(pin.cmd([sys.executable, "-m", "prewarm", "schedule", ref, "--wait", "--quiet", "--json",
-                                      "--insecure-registry", self.host]),
-                             env=env, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            raise RuntimeError(f"prewarm schedule {ref} failed (exit {out.returncode}): {out.stderr.strip()[-2000:]}")
-        return out, time.monotonic() - t0
+        _check(pin.cmd([sys.executable, "-m", "prewarm", "schedule", ref, "--wait", "--quiet", "--json",
+                        "--insecure-registry", self.host]), env)
+        return time.monotonic() - t0
 
     def _prewarm(self, ref: str, img: Image, mnt: Path, pin: Pin, again: bool) -> tuple[Figure, list[Path]]:
         root = mnt / "store"
         drop_caches()
-        watch, rss = StoreWatch(root), RssSampler("prewarm worker")
-        rss.start()
-        with pin.running([self.reg.proc.pid]):  # type: ignore[attr-defined]
-            watch.start()
-            with clock() as c:
-                self._schedule(ref, root, pin)
-            watch.stop()
-            fig = Figure(c["wall"], c["cpu"], watch.first_span, watch.first_layer, sum(watch.spans.values()),
-                         rss.stop() / 1e6)
-            if again:
+        with self.step(pin, StoreWatch(root)) as fig:
+            self._schedule(ref, root, pin)
+        if again:
+            with pin.running([self.reg.proc.pid]):  # type: ignore[attr-defined]
                 before = self._layer_bytes(img)
-                _, wall2 = self._schedule(ref, root, pin)
-                fig.note = f"second schedule {wall2:.2f} s, {self._layer_bytes(img) - before} layer bytes fetched"
+                fig.again_wall = self._schedule(ref, root, pin)
+                fig.again_bytes = self._layer_bytes(img) - before
+                fig.note = f"second schedule {fig.again_wall:.2f} s, {fig.again_bytes} layer bytes fetched"
         lines = _check([sys.executable, "-m", "prewarm", "mounts", ref, "/x", "--root", str(root)])
         return fig, _lowerdirs(lines)
 
@@ -274,7 +290,7 @@ def print_table(img: Image, pin: Pin, run: int, figs: dict[str, Figure]) -> None
     total = sum(s for _, s, _ in img.layers)
     print(f"\n{img.name}: {len(img.layers)} layer(s), {total / 1e6:.0f} MB gzip; {pin.label}; run {run}")
     print(f"  {'step':<17} {'wall s':>7} {'CPU-s':>7} {'wall/e':>6} {'wall/w':>6} {'CPU/e':>6} {'CPU/w':>6}"
-          f" {'1st span s':>10} {'spans':>6} {'RSS MB':>6}  tree")
+          f" {'1st span s':>10} {'spans':>6} {'RSS MB':>6} {'cores':>5}  tree")
     e, w = figs.get("e"), figs.get("w")
     for step, f in figs.items():
         first = f.first_span if f.first_span is not None else f.first_layer
@@ -282,10 +298,38 @@ def print_table(img: Image, pin: Pin, run: int, figs: dict[str, Figure]) -> None
         tree = "not compared" if f.diffs is None else ("= reference" if f.diffs == 0 else f"{f.diffs} DIFFERENCES")
         print(f"  {step:<17} {f.wall:7.2f} {f.cpu:7.2f} {_ratio(f.wall, e and e.wall)} {_ratio(f.wall, w and w.wall)}"
               f" {_ratio(f.cpu, e and e.cpu)} {_ratio(f.cpu, w and w.cpu)} {first_s:>10}"
-              f" {f.spans or '-':>6} {f'{f.rss_mb:.0f}' if f.rss_mb else '-':>6}  {tree}")
+              f" {f.spans or '-':>6} {f'{f.rss_mb:.0f}' if f.rss_mb else '-':>6} {f.cores or '-':>5}  {tree}")
         if f.note:
             print(f"  {'':<17} ({f.note})")
-    print("  (wall/e > 1 is slower than e; '(L)': no span landed, the time is to the first layer ready)")
+    print("  (wall/e > 1 is slower than e; '(L)': no span landed, the time is to the first layer ready;"
+          " cores: those the step's processes were allowed on)")
+    print_targets(figs)
+
+
+def print_targets(figs: dict[str, Figure]) -> None:
+    """Issue 16's targets that one table can check (the scaling one needs --cpus 1,2)."""
+    e, w = figs.get("e"), figs.get("w")
+    spans, plain = figs.get("prewarm-spans"), figs.get("prewarm-no-index")
+    checks: list[tuple[str, float | None, float, bool]] = []  # (what, measured, limit, lower is better)
+    if spans and e:
+        checks += [("spans: wall/e (1.5x faster than e)", spans.wall / e.wall, 1 / 1.5, True),
+                   ("spans: CPU/e", spans.cpu / e.cpu, 0.8, True)]
+    if spans and w:
+        checks.append(("spans: wall/w", spans.wall / w.wall, 1.5, True))
+    if plain and e:
+        checks.append(("no index: wall/e (1.2x faster than e)", plain.wall / e.wall, 1 / 1.2, True))
+    for name, f in (("spans", spans), ("no index", plain)):
+        if f and f.rss_mb:
+            checks.append((f"{name}: worker peak RSS MB", f.rss_mb, 300, True))
+    if spans:
+        checks.append(("spans: first span landed, s", spans.first_span, 1.0, True))
+        if spans.again_wall is not None:
+            checks += [("spans: second schedule, s", spans.again_wall, 1.0, True),
+                       ("spans: second schedule, layer bytes", float(spans.again_bytes or 0), 0, True)]
+    for what, value, limit, _ in checks:
+        verdict = "n/a" if value is None else ("met" if value <= limit else "NOT met")
+        shown = "-" if value is None else f"{value:.2f}"
+        print(f"  target {what:<40} {shown:>7} <= {limit:<6.2f} {verdict}")
 
 
 def print_scaling(img: Image, by_cpus: dict[int | None, dict[str, Figure]]) -> None:
@@ -321,8 +365,11 @@ def print_projection(img: Image, by_cpus: dict[int | None, dict[str, Figure]], c
         n = f.spans
         how = (f"from one {n_cores}-core run: P = its machine CPU-s (all of it counted as per-span work), "
                f"S = wall - P/{n_cores}")
-    if not n or parallel <= 0:
-        print(f"\n{img.name}: no projection (no spans landed, or no parallel part measured)")
+    if not n:
+        print(f"\n{img.name}: no projection (no span landed)")
+        return
+    if parallel <= 0:
+        print(f"\n{img.name}: no projection (the pinned runs show no parallel part: more cores were not faster)")
         return
     per_span = parallel / n
     print(f"\n{img.name}: PROJECTION, not a measurement: T(N) = S + max(n*c/N, c), {how}")

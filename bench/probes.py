@@ -12,7 +12,8 @@
 - :class:`StoreWatch` polls a prewarm store for the first landed span (``work/landed``
   has one byte per span, non-zero once landed) or the first finished layer (``ready``),
   and keeps the largest span count seen per layer, for the per-span projection.
-- :class:`RssSampler` samples the peak RSS of processes matching a command line.
+- :class:`TreeSampler` samples the processes the benchmark started: the workers' peak RSS,
+  and the cores they were allowed on (the evidence that a pinned step stayed pinned).
 """
 
 from __future__ import annotations
@@ -63,16 +64,23 @@ class Pin:
 
     @contextlib.contextmanager
     def running(self, pids: Sequence[int]) -> Iterator[None]:
-        """Re-pin already running processes (all their threads) for the duration of the step."""
+        """Re-pin already running processes (all their threads), and this thread, for the step.
+
+        The benchmark's own probe threads (started inside the block) inherit the pin, so
+        their small polling cost lands on the pinned cores too.
+        """
         if not self.cpus:
             yield
             return
-        everything = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+        mine = os.sched_getaffinity(0)
+        everything = ",".join(str(c) for c in sorted(mine))
         for pid in pids:
             subprocess.run(["taskset", "-a", "-p", "-c", self.cpu_list, str(pid)], check=True, capture_output=True)
+        os.sched_setaffinity(0, self.cores)  # this thread, and the probe threads it starts during the step
         try:
             yield
         finally:
+            os.sched_setaffinity(0, mine)
             for pid in pids:
                 subprocess.run(["taskset", "-a", "-p", "-c", everything, str(pid)], check=False, capture_output=True)
 
@@ -106,37 +114,69 @@ class StoreWatch(threading.Thread):
                             self.first_span = now
                     if self.first_layer is None and (layers / d / "ready").exists():
                         self.first_layer = now
-            self._halt.wait(self.interval)
+            self._halt.wait(self.interval if self.first_span is None and self.first_layer is None else 0.1)
 
     def stop(self) -> None:
         self._halt.set()
         self.join()
 
 
-class RssSampler(threading.Thread):
-    """Peak RSS of processes whose command line contains ``needle`` (sampled every 50 ms)."""
+class TreeSampler(threading.Thread):
+    """Every 50 ms, the processes descended from this one: the workers' peak RSS, and the cores allowed.
+
+    ``needle`` picks the processes whose RSS counts (``prewarm worker``); the allowed cores
+    (``Cpus_allowed_list``) are collected from every descendant, so a pinned step shows
+    that nothing it started ran outside the pin.
+    """
 
     def __init__(self, needle: str) -> None:
         super().__init__(daemon=True)
-        self.needle, self.peak, self._halt = needle, 0, threading.Event()
+        self.needle, self.peak, self.allowed = needle, 0, set[int]()
+        self._me = os.getpid()
+        self._halt = threading.Event()
+
+    def _descendants(self) -> list[str]:
+        parent: dict[str, str] = {}
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                with contextlib.suppress(OSError, IndexError):
+                    stat = Path(f"/proc/{pid}/stat").read_text()
+                    parent[pid] = stat.rsplit(")", 1)[1].split()[1]
+        inside, out = {str(self._me)}, []
+        changed = True
+        while changed:
+            changed = False
+            for pid, ppid in parent.items():
+                if ppid in inside and pid not in inside:
+                    inside.add(pid)
+                    out.append(pid)
+                    changed = True
+        return out
 
     def run(self) -> None:
         while not self._halt.is_set():
-            for pid in os.listdir("/proc"):
-                if not pid.isdigit():
-                    continue
+            for pid in self._descendants():
                 try:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                    if self.needle not in cmd:
-                        continue
                     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                        if line.startswith("VmRSS:"):
+                        if line.startswith("VmRSS:") and self.needle in cmd:
                             self.peak = max(self.peak, int(line.split()[1]) * 1024)
-                except OSError:
+                        elif line.startswith("Cpus_allowed_list:"):
+                            self.allowed |= _cpu_set(line.split()[1])
+                except (OSError, IndexError, ValueError):
                     continue
             self._halt.wait(0.05)
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, set[int]]:
+        """(peak RSS in bytes of the ``needle`` processes, cores any descendant was allowed on)."""
         self._halt.set()
         self.join()
-        return self.peak
+        return self.peak, self.allowed
+
+
+def _cpu_set(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
