@@ -55,9 +55,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.probes import Pin, StoreWatch, TreeSampler, busy_seconds
 from bench.scratch import drop_caches, scratch_fs
+
+if TYPE_CHECKING:
+    from tests.services import Registry
 
 STEPS = ("w", "e", "prewarm-no-index", "prewarm-spans")
 PROJECTED_CORES = (16, 64)
@@ -137,9 +141,9 @@ def _lowerdirs(mounts: str) -> list[Path]:
 class Bench:
     """The steps, for one registry and one reference tree."""
 
-    def __init__(self, tmp: Path, registry: object, reference: Path | None) -> None:
+    def __init__(self, tmp: Path, registry: Registry, reference: Path | None) -> None:
         self.tmp, self.reg, self.reference = tmp, registry, reference
-        self.host: str = registry.host  # type: ignore[attr-defined]
+        self.host = registry.host
 
     # === the steps: each gets a fresh mounted filesystem, returns its Figure and the tree's lowerdirs ===
 
@@ -176,7 +180,7 @@ class Bench:
     def step(self, pin: Pin, watch: StoreWatch | None = None) -> Iterator[Figure]:
         """Time the block (wall and machine CPU) with every process pinned, sampling the process tree."""
         fig = Figure(0.0, 0.0)
-        with pin.running([self.reg.proc.pid]):  # type: ignore[attr-defined]
+        with pin.running([self.reg.proc.pid]):
             sampler = TreeSampler("prewarm worker")
             sampler.start()
             if watch is not None:
@@ -207,7 +211,7 @@ class Bench:
         with self.step(pin, StoreWatch(root)) as fig:
             self._schedule(ref, root, pin)
         if again:
-            with pin.running([self.reg.proc.pid]):  # type: ignore[attr-defined]
+            with pin.running([self.reg.proc.pid]):
                 before = self._layer_bytes(img)
                 fig.again_wall = self._schedule(ref, root, pin)
                 fig.again_bytes = self._layer_bytes(img) - before
@@ -216,7 +220,7 @@ class Bench:
         return fig, _lowerdirs(lines)
 
     def _layer_bytes(self, img: Image) -> int:
-        return sum(self.reg.bytes_served(f"/blobs/{d}") for d, _, _ in img.layers)  # type: ignore[attr-defined]
+        return sum(self.reg.bytes_served(f"/blobs/{d}") for d, _, _ in img.layers)
 
     def prewarm_no_index(self, img: Image, mnt: Path, pin: Pin) -> tuple[Figure, list[Path]]:
         return self._prewarm(img.plain_ref, img, mnt, pin, again=False)
@@ -251,7 +255,7 @@ class Bench:
 SMALL_INDEX_OPTIONS = ("--min-layer-size", "1", "--span-size", str(256 << 10))
 
 
-def prepare(layout: Path, reg: object, tmp: Path, index_options: tuple[str, ...] = ()) -> Image:
+def prepare(layout: Path, reg: Registry, tmp: Path, index_options: tuple[str, ...] = ()) -> Image:
     """Push the image twice (plain and with a SOCI index) and inflate its layers for ``w``."""
     from isal import igzip
 
@@ -265,7 +269,7 @@ def prepare(layout: Path, reg: object, tmp: Path, index_options: tuple[str, ...]
     env.pop("PREWARM_BROKER_URL", None)
     t0 = time.monotonic()
     _check([sys.executable, "-m", "prewarm", "index", soci_ref, "--push", *index_options,
-            "--insecure-registry", reg.host], env)  # type: ignore[attr-defined]
+            "--insecure-registry", reg.host], env)
     print(f"  {name}: SOCI index pushed for {soci_ref} in {time.monotonic() - t0:.1f} s (not timed)", flush=True)
     tars = []
     for digest, _, _ in layers:
@@ -274,7 +278,7 @@ def prepare(layout: Path, reg: object, tmp: Path, index_options: tuple[str, ...]
         with igzip.open(blob_path(layout, digest)) as src, open(tar, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
         tars.append(tar)
-    url = reg.url  # type: ignore[attr-defined]
+    url = reg.url
     return Image(name, layout, plain_ref, soci_ref, layers,
                  lambda d: f"{url}/v2/bench/{name}/blobs/{d}", tars)
 
@@ -296,8 +300,8 @@ def print_table(img: Image, pin: Pin, run: int, figs: dict[str, Figure]) -> None
         first = f.first_span if f.first_span is not None else f.first_layer
         first_s = "-" if first is None else f"{first:.2f}" + ("" if f.first_span is not None else " (L)")
         tree = "not compared" if f.diffs is None else ("= reference" if f.diffs == 0 else f"{f.diffs} DIFFERENCES")
-        print(f"  {step:<17} {f.wall:7.2f} {f.cpu:7.2f} {_ratio(f.wall, e and e.wall)} {_ratio(f.wall, w and w.wall)}"
-              f" {_ratio(f.cpu, e and e.cpu)} {_ratio(f.cpu, w and w.cpu)} {first_s:>10}"
+        print(f"  {step:<17} {f.wall:7.2f} {f.cpu:7.2f} {_ratio(f.wall, e.wall if e else None)} {_ratio(f.wall, w.wall if w else None)}"
+              f" {_ratio(f.cpu, e.cpu if e else None)} {_ratio(f.cpu, w.cpu if w else None)} {first_s:>10}"
               f" {f.spans or '-':>6} {f'{f.rss_mb:.0f}' if f.rss_mb else '-':>6} {f.cores or '-':>5}  {tree}")
         if f.note:
             print(f"  {'':<17} ({f.note})")
