@@ -108,13 +108,18 @@ def clock() -> Iterator[dict[str, float]]:
         out["wall"], out["cpu"] = time.monotonic() - t0, busy_seconds() - cpu0
 
 
+def _start(args: list[str]) -> subprocess.Popen[bytes]:
+    """A step's command in its own process group, so that :func:`_wait_all` can stop a whole pipeline."""
+    return subprocess.Popen(args, start_new_session=True)
+
+
 def _wait_all(procs: list[subprocess.Popen[bytes]], what: str) -> None:
     try:
         codes = [p.wait() for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
     if any(codes):
         raise RuntimeError(f"{what} failed: exit codes {codes}")
@@ -157,7 +162,7 @@ class Bench:
         with self.step(pin) as fig:
             for d in dests:
                 d.mkdir(parents=True)
-            _wait_all([subprocess.Popen(pin.cmd(["tar", "-x", "--numeric-owner", "-f", str(tar), "-C", str(d)]))
+            _wait_all([_start(pin.cmd(["tar", "-x", "--numeric-owner", "-f", str(tar), "-C", str(d)]))
                        for tar, d in zip(img.tars, dests)], "tar -x")
             subprocess.run(pin.cmd(["sync"]), check=True)
         return fig, dests[::-1]
@@ -169,7 +174,7 @@ class Bench:
             procs = []
             for (digest, _, _), d in zip(img.layers, dests):
                 d.mkdir(parents=True)
-                procs.append(subprocess.Popen(pin.cmd([
+                procs.append(_start(pin.cmd([
                     "bash", "-o", "pipefail", "-c",
                     f"curl -sSf {img.blob_url(digest)} | pigz -d | tar -x --numeric-owner -C {d}"])))
             _wait_all(procs, "curl | pigz -d | tar -x")
