@@ -80,6 +80,7 @@ class Figure:
     cores: str = ""  # the cores the step's processes were allowed on
     again_wall: float | None = None  # prewarm-spans: a second schedule of the same image, same store
     again_bytes: int | None = None  # and the layer bytes the registry served for it
+    background: float = 0.0  # cores busy on average in the half second before the step: other load
     diffs: int | None = None  # None: not compared
     note: str = ""
 
@@ -106,6 +107,21 @@ def clock() -> Iterator[dict[str, float]]:
         yield out
     finally:
         out["wall"], out["cpu"] = time.monotonic() - t0, busy_seconds() - cpu0
+
+
+#: Cores busy before a step above which its table warns that something else was running.
+BUSY_MACHINE = 0.15
+
+
+def background_load(seconds: float = 0.5) -> float:
+    """Average cores busy over ``seconds`` while the benchmark waits: the load of everything else.
+
+    Machine CPU-seconds count every process, so a step measured beside another job is
+    inflated; this figure, taken just before each step, says whether the machine was idle.
+    """
+    cpu0 = busy_seconds()
+    time.sleep(seconds)
+    return (busy_seconds() - cpu0) / seconds
 
 
 def _start(args: list[str]) -> subprocess.Popen[bytes]:
@@ -184,7 +200,7 @@ class Bench:
     @contextlib.contextmanager
     def step(self, pin: Pin, watch: StoreWatch | None = None) -> Iterator[Figure]:
         """Time the block (wall and machine CPU) with every process pinned, sampling the process tree."""
-        fig = Figure(0.0, 0.0)
+        fig = Figure(0.0, 0.0, background=background_load())
         with pin.running([self.reg.proc.pid]):
             sampler = TreeSampler("prewarm worker")
             sampler.start()
@@ -299,7 +315,7 @@ def print_table(img: Image, pin: Pin, run: int, figs: dict[str, Figure]) -> None
     total = sum(s for _, s, _ in img.layers)
     print(f"\n{img.name}: {len(img.layers)} layer(s), {total / 1e6:.0f} MB gzip; {pin.label}; run {run}")
     print(f"  {'step':<17} {'wall s':>7} {'CPU-s':>7} {'wall/e':>6} {'wall/w':>6} {'CPU/e':>6} {'CPU/w':>6}"
-          f" {'1st span s':>10} {'spans':>6} {'RSS MB':>6} {'cores':>5}  tree")
+          f" {'1st span s':>10} {'spans':>6} {'RSS MB':>6} {'cores':>5} {'bg':>4}  tree")
     e, w = figs.get("e"), figs.get("w")
     for step, f in figs.items():
         first = f.first_span if f.first_span is not None else f.first_layer
@@ -307,11 +323,15 @@ def print_table(img: Image, pin: Pin, run: int, figs: dict[str, Figure]) -> None
         tree = "not compared" if f.diffs is None else ("= reference" if f.diffs == 0 else f"{f.diffs} DIFFERENCES")
         print(f"  {step:<17} {f.wall:7.2f} {f.cpu:7.2f} {_ratio(f.wall, e.wall if e else None)} {_ratio(f.wall, w.wall if w else None)}"
               f" {_ratio(f.cpu, e.cpu if e else None)} {_ratio(f.cpu, w.cpu if w else None)} {first_s:>10}"
-              f" {f.spans or '-':>6} {f'{f.rss_mb:.0f}' if f.rss_mb else '-':>6} {f.cores or '-':>5}  {tree}")
+              f" {f.spans or '-':>6} {f'{f.rss_mb:.0f}' if f.rss_mb else '-':>6} {f.cores or '-':>5} {f.background:4.2f}  {tree}")
         if f.note:
             print(f"  {'':<17} ({f.note})")
-    print("  (wall/e > 1 is slower than e; '(L)': no span landed, the time is to the first layer ready;"
-          " cores: those the step's processes were allowed on)")
+    if busy := [step for step, f in figs.items() if f.background > BUSY_MACHINE]:
+        print(f"  WARNING: the machine was not idle before {', '.join(busy)} (bg = cores busy just before the "
+              "step); their CPU-s include other work and their wall times are suspect: run again")
+    print("  (wall/e > 1: slower than e.  1st span: from `prewarm schedule` to the first span landed;"
+          " '(L)': no span landed,\n   the time is to the first layer ready.  cores: those the step's processes"
+          " were allowed on.\n   bg: cores busy in the half second before the step, ~0 on an idle machine)")
     print_targets(figs)
 
 
