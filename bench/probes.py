@@ -1,0 +1,182 @@
+"""What the pipeline benchmark measures besides wall time: machine CPU, pinning, first span, RSS.
+
+- :func:`busy_seconds` reads the machine's busy time from ``/proc/stat`` (user + nice +
+  system + irq + softirq + steal, all CPUs).  It counts the registry, kernel writeback,
+  the loop device's worker and everyone else alike, which is why the issue asks for it
+  instead of a process tree's rusage: a tool that moves work into the kernel or another
+  process cannot hide it.  The machine should be otherwise idle.
+- :class:`Pin` runs a step's processes on the first N cores with ``taskset``: new
+  commands are started under ``taskset -c``; already running ones (the registry) are
+  re-pinned with ``taskset -a -p`` for the step and set back afterwards.  Kernel threads
+  (writeback, jbd2, loop workers) are not pinned: no user-space tool can pin them.
+- :class:`StoreWatch` polls a prewarm store for the first landed span (``work/landed``
+  has one byte per span, non-zero once landed) or the first finished layer (``ready``),
+  and keeps the largest span count seen per layer, for the per-span projection.
+- :class:`TreeSampler` samples the processes the benchmark started: the workers' peak RSS,
+  and the cores they were allowed on (the evidence that a pinned step stayed pinned).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+_BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system [idle iowait] irq softirq steal
+
+
+def busy_seconds() -> float:
+    """Busy CPU-seconds of the whole machine since boot (all CPUs), from ``/proc/stat``."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    if fields[0] != "cpu":
+        raise RuntimeError(f"/proc/stat starts with {fields[0]!r}, not the 'cpu' total line")
+    ticks = [int(v) for v in fields[1:]]
+    return sum(ticks[i] for i in _BUSY_FIELDS) / os.sysconf("SC_CLK_TCK")
+
+
+class Pin:
+    """Run a step's processes on cores ``0..cpus-1`` (``cpus`` None: no pinning)."""
+
+    def __init__(self, cpus: int | None) -> None:
+        available = sorted(os.sched_getaffinity(0))
+        if cpus is not None and not 1 <= cpus <= len(available):
+            raise ValueError(f"--cpus {cpus}: this machine lets us use {len(available)} core(s)")
+        self.cpus = cpus
+        self.cores = available[:cpus] if cpus else available
+        self.cpu_list = ",".join(str(c) for c in self.cores)
+
+    @property
+    def label(self) -> str:
+        return f"pinned to {self.cpus} core(s)" if self.cpus else f"all {len(self.cores)} cores"
+
+    def cmd(self, args: Sequence[str]) -> list[str]:
+        """``args`` prefixed with ``taskset -c`` when pinning."""
+        return ["taskset", "-c", self.cpu_list, *args] if self.cpus else list(args)
+
+    def shell(self, script: str) -> list[str]:
+        """A shell pipeline whose every process inherits the pinning (taskset on the shell)."""
+        return self.cmd(["sh", "-c", script])
+
+    @contextlib.contextmanager
+    def running(self, pids: Sequence[int]) -> Iterator[None]:
+        """Re-pin already running processes (all their threads), and this thread, for the step.
+
+        The benchmark's own probe threads (started inside the block) inherit the pin, so
+        their small polling cost lands on the pinned cores too.
+        """
+        if not self.cpus:
+            yield
+            return
+        mine = os.sched_getaffinity(0)
+        everything = ",".join(str(c) for c in sorted(mine))
+        for pid in pids:
+            subprocess.run(["taskset", "-a", "-p", "-c", self.cpu_list, str(pid)], check=True, capture_output=True)
+        os.sched_setaffinity(0, self.cores)  # this thread, and the probe threads it starts during the step
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, mine)
+            for pid in pids:
+                subprocess.run(["taskset", "-a", "-p", "-c", everything, str(pid)], check=False, capture_output=True)
+
+
+class StoreWatch(threading.Thread):
+    """Poll a prewarm store root: when did the first span (or whole layer) land, and how many spans."""
+
+    def __init__(self, root: Path, interval: float = 0.01) -> None:
+        super().__init__(daemon=True)
+        self.root, self.interval = root, interval
+        self.t0 = time.monotonic()
+        self.first_span: float | None = None
+        self.first_layer: float | None = None
+        self.spans: dict[str, int] = {}
+        self._halt = threading.Event()
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+        super().start()
+
+    def run(self) -> None:
+        layers = self.root / "layers" / "sha256"
+        while not self._halt.is_set():
+            now = time.monotonic() - self.t0
+            with contextlib.suppress(OSError):
+                for d in os.listdir(layers):
+                    with contextlib.suppress(OSError):
+                        landed = (layers / d / "work" / "landed").read_bytes()
+                        self.spans[d] = max(self.spans.get(d, 0), len(landed))
+                        if self.first_span is None and any(landed):
+                            self.first_span = now
+                    if self.first_layer is None and (layers / d / "ready").exists():
+                        self.first_layer = now
+            self._halt.wait(self.interval if self.first_span is None and self.first_layer is None else 0.1)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+class TreeSampler(threading.Thread):
+    """Every 50 ms, the processes descended from this one: the workers' peak RSS, and the cores allowed.
+
+    ``needle`` picks the processes whose RSS counts (``prewarm worker``); the allowed cores
+    (``Cpus_allowed_list``) are collected from every descendant, so a pinned step shows
+    that nothing it started ran outside the pin.
+    """
+
+    def __init__(self, needle: str) -> None:
+        super().__init__(daemon=True)
+        self.needle, self.peak, self.allowed = needle, 0, set[int]()
+        self._me = os.getpid()
+        self._halt = threading.Event()
+
+    def _descendants(self) -> list[str]:
+        parent: dict[str, str] = {}
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                with contextlib.suppress(OSError, IndexError):
+                    stat = Path(f"/proc/{pid}/stat").read_text()
+                    parent[pid] = stat.rsplit(")", 1)[1].split()[1]
+        inside, out = {str(self._me)}, []
+        changed = True
+        while changed:
+            changed = False
+            for pid, ppid in parent.items():
+                if ppid in inside and pid not in inside:
+                    inside.add(pid)
+                    out.append(pid)
+                    changed = True
+        return out
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            for pid in self._descendants():
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmRSS:") and self.needle in cmd:
+                            self.peak = max(self.peak, int(line.split()[1]) * 1024)
+                        elif line.startswith("Cpus_allowed_list:"):
+                            self.allowed |= _cpu_set(line.split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+            self._halt.wait(0.05)
+
+    def stop(self) -> tuple[int, set[int]]:
+        """(peak RSS in bytes of the ``needle`` processes, cores any descendant was allowed on)."""
+        self._halt.set()
+        self.join()
+        return self.peak, self.allowed
+
+
+def _cpu_set(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
