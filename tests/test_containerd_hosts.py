@@ -215,3 +215,13 @@ def test_arbitrary_bytes_raise_only_config_error(data: bytes) -> None:
         parse_hosts_toml(data, REG, Path("/x"), DEFAULT)
     except ConfigError:
         pass
+
+
+def test_an_unbalanced_bracket_is_a_config_error_and_a_refused_realm_or_redirect() -> None:
+    # hypothesis found `server = "["`: urlsplit raises ValueError ("Invalid IPv6 URL")
+    with pytest.raises(ConfigError, match="not a valid URL"):
+        parse('server = "["')
+    from prewarm.resolve.registry.hosts import realm_refusal, redirect_refusal
+
+    assert realm_refusal("https://[", resolve=lambda host: []) == "it is not a valid URL"
+    assert redirect_refusal("https://reg.example", "https://[x/v2/", resolve=lambda host: []) is not None

@@ -92,7 +92,10 @@ def is_internal(addr: Address) -> bool:
 
 def realm_refusal(realm: str, resolve: Resolver = addresses) -> str | None:
     """Why a token realm URL may not be asked, or None if it may."""
-    parts = urlsplit(realm)
+    try:
+        parts = urlsplit(realm)  # a registry's header: "[" alone raises
+    except ValueError:
+        return "it is not a valid URL"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "it is not an http(s) URL"
     if any(is_link_local(a) for a in resolve(parts.hostname)):
@@ -108,7 +111,10 @@ def redirect_refusal(origin: str, target: str, resolve: Resolver = addresses) ->
         target: where the redirect points.
         resolve: name resolution (tests pass a table).
     """
-    o, t = urlsplit(origin), urlsplit(target)
+    try:
+        o, t = urlsplit(origin), urlsplit(target)  # a registry's Location header: "[" alone raises
+    except ValueError:
+        return "it does not point to a valid URL"
     if t.scheme not in ("http", "https") or not t.hostname:
         return "it does not point to an http(s) URL"
     if o.scheme == "https" and t.scheme == "http":
@@ -301,11 +307,11 @@ def _endpoint(url: str, table: dict[str, Any], registry: str, folder: Path, wher
         if "://" in url:
             raise ConfigError(f"{where}: {url!r} must be an http or https URL")
         url = "https://" + url
-    parts = urlsplit(url)
     try:
+        parts = urlsplit(url)  # raises on an unbalanced [ or ] ("Invalid IPv6 URL")
         parts.port  # noqa: B018 - raises on a port that is not a number
     except ValueError:
-        raise ConfigError(f"{where}: {url!r} has an invalid port") from None
+        raise ConfigError(f"{where}: {url!r} is not a valid URL (invalid port or host)") from None
     if not parts.hostname or parts.query or parts.fragment or "@" in parts.netloc:
         raise ConfigError(f"{where}: {url!r} must be scheme://host[:port][/path], without user, query or fragment")
     options = _options(table, folder, where)
