@@ -197,14 +197,6 @@ class PeerCache:
             counter.set(sum(i.size for i in self.items()))
             return counter.total
 
-    def make_room(self, nbytes: int, *, staged: int = 0) -> list[Item]:
-        """Evict least recently used items until ``nbytes`` more fit under the limit and the reserve.
-
-        ``staged``: bytes of the incoming item already on disk (not counted against free space).
-        """
-        with self._counter() as counter:
-            return self._fit(counter, nbytes, staged=staged, force=True)
-
     def give_back(self, nbytes: int) -> list[Item]:
         """Evict until the store can take ``nbytes`` and still leave the reserve free.
 
@@ -234,12 +226,12 @@ class PeerCache:
                                   lambda item: counter.add(-item.size))
             return evicted
 
-    def _fit(self, counter: _Counter, nbytes: int, *, staged: int = 0, force: bool = False) -> list[Item]:
+    def _fit(self, counter: _Counter, nbytes: int, *, staged: int = 0) -> list[Item]:
         """Under the counter's lock: evict until ``nbytes`` more fit.  The folder is scanned
         only when the counter says the limit would be passed or the disk is short, so a put
         costs a few system calls, not a stat of every item (thousands for a 20 GB image)."""
         free = shutil.disk_usage(self.root).free + staged
-        if not force and counter.total + nbytes <= self.limit and free - nbytes >= self.reserve:
+        if counter.total + nbytes <= self.limit and free - nbytes >= self.reserve:
             return []
         items = sorted(self.items(), key=lambda i: i.used)
         counter.set(sum(i.size for i in items))

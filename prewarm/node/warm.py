@@ -359,11 +359,9 @@ def _ztoc(ctx: NodeContext, ref: Reference, digest: str, *, job: str | None = No
     Raises:
         ClaimedElsewhere: another node is fetching it from the registry (``patient`` only).
     """
-    sharing = ctx.sharing
-    if ctx.ztocs.has(digest):
-        if sharing is not None:  # cached by an earlier job or a scheduler on this node: offer it once
-            sharing.offer_cached(digest, ctx.ztocs.path(digest))
+    if ctx.ztocs.has(digest):  # (one cached before this job was offered to peers when it was admitted)
         return ctx.ztocs.get(digest)
+    sharing = ctx.sharing
     if sharing is None or job is None or not 0 < size <= MAX_ZTOC_BYTES:
         return _ztoc_from_registry(ctx, ref, digest)
     data = sharing.take_small_blob(job, digest, size, what=f"zTOC {digest}")
