@@ -122,7 +122,12 @@ class StoreWatch(threading.Thread):
 
 
 class TreeSampler(threading.Thread):
-    """Every 50 ms, the processes descended from this one: the workers' peak RSS, and the cores allowed.
+    """Every 250 ms, the processes descended from this one: the workers' peak RSS, and the cores allowed.
+
+    The peak is each process's own high-water mark (``VmHWM``), so a coarse interval loses
+    no peak of a process alive at a sample; the interval was 50 ms, and the scans of
+    ``/proc`` cost a visible share of the machine CPU-seconds that every step is charged
+    (py-spy: more samples than the prewarm CLI itself during a spans step).
 
     ``needle`` picks the processes whose RSS counts (``prewarm worker``); the allowed cores
     (``Cpus_allowed_list``) are collected from every descendant, so a pinned step shows
@@ -159,13 +164,13 @@ class TreeSampler(threading.Thread):
                 try:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                        if line.startswith("VmRSS:") and self.needle in cmd:
+                        if line.startswith("VmHWM:") and self.needle in cmd:
                             self.peak = max(self.peak, int(line.split()[1]) * 1024)
                         elif line.startswith("Cpus_allowed_list:"):
                             self.allowed |= _cpu_set(line.split()[1])
                 except (OSError, IndexError, ValueError):
                     continue
-            self._halt.wait(0.05)
+            self._halt.wait(0.25)
 
     def stop(self) -> tuple[int, set[int]]:
         """(peak RSS in bytes of the ``needle`` processes, cores any descendant was allowed on)."""

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from prewarm.errors import (
     CorruptContent,
@@ -151,6 +153,58 @@ def test_ingest_stream_every_compression(tmp_path: Path, kind: str) -> None:
     assert store.list_layers() == [digest]
     # And a second ingest of a ready layer does nothing (not even reading the stream)
     store.ingest_stream(digest, iter(()), media_type=media, diff_id=sha(tar))
+
+
+def test_ingest_stream_large_files_written_beside_the_landing_keep_links_and_replacements(tmp_path: Path) -> None:
+    # Given a layer whose large files go to the data lanes (written while the landing goes
+    # on): one kept only by a hard link after its path is replaced, one replaced outright
+    big = [big_data(1_500_000, seed) for seed in (3, 4, 5)]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        _add(tf, "a", data=big[0], mode=0o600, uid=7)
+        _add(tf, "b", tarfile.LNKTYPE, linkname="a")
+        _add(tf, "a", data=b"small a")
+        _add(tf, "c", data=big[1], mode=0o755)
+        _add(tf, "c", data=big[2], mode=0o640, uid=9)
+        for i in range(50):
+            _add(tf, f"many/{i}", data=big_data(300_000 if i % 7 == 0 else 100, i))
+    tar = buf.getvalue()
+    blob = gzip.compress(tar[:len(tar) // 3], mtime=0) + gzip.compress(tar[len(tar) // 3:], mtime=0) + bytes(9)
+    store = ContentStore(tmp_path / "root")
+    # When it is streamed in small chunks
+    store.ingest_stream(sha(blob), chunked(blob, 4099), media_type=GZIP, diff_id=sha(tar))
+    # Then each path has the data and metadata of its last entry, the link the first a's
+    fs = store.layout.layer_fs(sha(blob))
+    assert (fs / "b").read_bytes() == big[0] and os.lstat(fs / "b").st_uid == 7
+    assert stat.S_IMODE(os.lstat(fs / "b").st_mode) == 0o600
+    assert (fs / "a").read_bytes() == b"small a" and os.lstat(fs / "a").st_ino != os.lstat(fs / "b").st_ino
+    assert (fs / "c").read_bytes() == big[2] and os.lstat(fs / "c").st_uid == 9
+    assert stat.S_IMODE(os.lstat(fs / "c").st_mode) == 0o640
+    for i in range(50):
+        assert (fs / f"many/{i}").read_bytes() == big_data(300_000 if i % 7 == 0 else 100, i)
+        assert os.lstat(fs / f"many/{i}").st_mtime_ns == MTIME * 10**9
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 300_000), min_size=1, max_size=4), chunk=st.integers(1, 70_000),
+       padding=st.integers(0, 40))
+def test_gunzip_inflates_members_in_any_chunking(sizes: list[int], chunk: int, padding: int) -> None:
+    from prewarm.store.ingest import STREAM_READ, _gunzip
+
+    parts = [big_data(n, n) for n in sizes]
+    blob = b"".join(gzip.compress(p, mtime=0) for p in parts) + bytes(padding)
+    pieces = list(_gunzip(chunked(blob, max(chunk, len(blob) // 200))))
+    assert b"".join(pieces) == b"".join(parts)
+    assert all(len(p) <= STREAM_READ for p in pieces)
+
+
+@pytest.mark.parametrize("blob", [b"", bytes(10), gzip.compress(b"x" * 1000)[:-3], b"\x1f\x8bnot gzip at all"],
+                         ids=["empty", "zeros", "truncated", "garbage"])
+def test_gunzip_refuses_what_is_not_a_whole_gzip_stream(blob: bytes) -> None:
+    from prewarm.store.ingest import _gunzip
+
+    with pytest.raises(CorruptContent, match="gzip stream"):
+        b"".join(_gunzip(iter([blob])))
 
 
 @pytest.mark.parametrize("which", ["digest", "diff_id"])

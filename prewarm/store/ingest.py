@@ -11,11 +11,14 @@ to :meth:`prewarm.store.content.ContentStore.ingest_stream`.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import io
 import os
-from collections.abc import Callable, Iterable
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +34,17 @@ from prewarm.index.tarindex import TarIndexer
 from prewarm.index.ztoc import FileEntry
 from prewarm.resolve.digest import parse_digest
 from prewarm.store.directio import DirectWriter
-from prewarm.store.layerfs import EntryChecker, LayerWriter, entry_meta
+from prewarm.store.layerfs import EntryChecker, LayerWriter, Meta, apply_meta, entry_meta
 from prewarm.store.syscalls import syncfs
 
 #: Bytes read from the decompressor at a time (memory bound).
 STREAM_READ = 1 << 20
+#: Chunks of STREAM_READ bytes inflated ahead of the landing (memory bound: 8 MiB).
+PIPELINE_DEPTH = 8
+#: Files at least this large have their data written by a lane (:class:`_DataLanes`).
+LANE_MIN_FILE = 256 << 10
+#: Bytes queued in the lanes at most (the chunks they keep alive; memory bound).
+LANE_BYTES = 32 << 20
 
 
 def compression_of(media_type: str) -> str:
@@ -79,63 +88,63 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
         OSError: ENOSPC or EDQUOT (the caller names the store).
     """
     raw = _HashingReader(chunks, hashlib.new(parse_digest(digest)[0]))
-    reader: io.RawIOBase | io.BufferedIOBase
-    if compression == "gzip":
-        from isal import igzip
-
-        reader = igzip.IGzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
-    elif compression == "zstd":
-        import zstandard
-
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[assignment,arg-type]
-    else:
-        reader = raw
     # Without a diff_id to check, the one the stream hashes to is recorded (never a claim).
     tar_hash = hashlib.new(parse_digest(diff_id)[0] if diff_id else "sha256")
     indexer = TarIndexer()
     entries: list[FileEntry] = []
+    metas: list[Meta] = []
+    done = bytearray()  # entries whose metadata is on already (files, when their data was in)
     checker = EntryChecker()
     offset = 0
-    current: tuple[int, int, int] | None = None  # fd, data start, data end
+    current: _OpenFile | None = None
+    inflater = _Inflater(raw, compression, tar_hash, digest, max_uncompressed)
+    lanes = _DataLanes(direct.enabled)
     with LayerWriter(fs) as writer:
         try:
-            while True:
-                chunk = reader.read(STREAM_READ)
-                if not chunk:
-                    break
-                if max_uncompressed is not None and offset + len(chunk) > max_uncompressed:
-                    raise ExpansionLimit(f"layer {digest} unpacks to more than {max_uncompressed} bytes, the cap for "
-                                         f"its size (PREWARM_MAX_EXPANSION times its compressed bytes); refused")
+            inflater.start()
+            lanes.start()
+            for chunk in inflater:
                 if check_space is not None and offset // SPACE_CHECK_EVERY != (offset + len(chunk)) // SPACE_CHECK_EVERY:
                     check_space(SPACE_CHECK_EVERY)
-                tar_hash.update(chunk)
                 new = indexer.feed(chunk)
                 mv = memoryview(chunk)
                 end = offset + len(chunk)
-                current = _write_from(direct, mv, offset, end, current)
+                lanes.check()
+                current = _write_from(direct, lanes, mv, offset, end, current, done)
                 for e in new:
                     placement = checker.check(e)
-                    writer.create(e, placement)
+                    meta = entry_meta(e)
                     entries.append(e)
-                    if placement.kind == "reg" and e.uncompressed_size:
-                        if current is not None:
-                            os.close(current[0])
-                        fd = writer.open_data(placement.path)
-                        current = _write_from(direct, mv, offset, end, (fd, e.uncompressed_offset,
-                                                                        e.uncompressed_offset + e.uncompressed_size))
+                    metas.append(meta)
+                    done.append(0)
+                    if placement.kind != "reg":
+                        writer.create(e, placement)
+                        continue
+                    if current is not None:  # (the tar parser yields an entry only after the data before it)
+                        raise CorruptContent(f"layer {digest}: tar entry {e.name!r} begins inside another "
+                                             "file's data")
+                    opened = _OpenFile(writer.create_file(e, placement), e.uncompressed_offset,
+                                       e.uncompressed_offset + e.uncompressed_size, len(entries) - 1, meta,
+                                       lanes.lane_for(e.uncompressed_size))
+                    current = _write_from(direct, lanes, mv, offset, end, opened, done)
                 offset = end
             indexer.finish()
             if current is not None:
                 raise CorruptContent(f"layer {digest}: the tar stream ends inside a file's data")
+            lanes.stop()  # every file's data and metadata are on (or its error is raised)
         except Exception as err:
+            inflater.stop()  # before anything else reads the registry stream
+            lanes.stop(check=False)
             if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise
             if isinstance(err, (ExpansionLimit, InsufficientSpace)):
                 raise
             raise _blame(digest, raw, err) from err
         finally:
-            if current is not None:
-                os.close(current[0])
+            inflater.stop(timeout=5.0)  # (already stopped, unless a BaseException is on its way out)
+            lanes.stop(check=False)
+            if current is not None and current.lane is None:
+                current.close()
         raw.drain()
         actual = f"{raw.hash.name}:{raw.hash.hexdigest()}"
         if actual != digest:
@@ -145,10 +154,142 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
         if diff_id is not None and got != diff_id:
             raise DiffIdMismatch(f"layer {digest}: its tar stream hashes to {got}, the image config "
                                  f"says diff_id {diff_id}", expected=diff_id, actual=got)
-        writer.apply_metadata(checker.placements, list(map(entry_meta, entries)))
+        writer.apply_metadata(checker.placements, metas, done=done)
         syncfs(writer.root_fd)
     return {"digest": digest, "diff_id": got, "mode": "whole", "size": raw.size,
             "uncompressed_size": offset, "files": len(entries)}
+
+
+class _Inflater(threading.Thread):
+    """The first stage of a whole layer: read it from the registry, hash it, inflate it, hash the tar.
+
+    Why a thread: a whole layer was one stream on one core (download, sha256, inflate,
+    sha256 again, then tar parsing and the file writes, one after the other), slower than
+    ``curl | pigz -d | tar -x``, which is three processes.  The socket reads, both hashes and
+    ISA-L's inflate release the GIL, so this stage runs beside the landing (tar headers,
+    file creation, ``pwrite``) in the caller's thread.  At most :data:`PIPELINE_DEPTH`
+    chunks wait between the two: memory stays bounded.
+    """
+
+    def __init__(self, raw: _HashingReader, compression: str, tar_hash: hashlib._Hash, digest: str,
+                 max_uncompressed: int | None) -> None:
+        super().__init__(name="prewarm-inflate", daemon=True)
+        self._raw, self._compression, self._tar_hash = raw, compression, tar_hash
+        self._digest, self._max = digest, max_uncompressed
+        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(PIPELINE_DEPTH)
+        self._halt = threading.Event()
+
+    def _reader(self) -> io.RawIOBase | io.BufferedIOBase:
+        if self._compression == "zstd":
+            import zstandard
+
+            return zstandard.ZstdDecompressor().stream_reader(self._raw, read_across_frames=True)  # type: ignore[return-value,arg-type]
+        return self._raw
+
+    def _read(self) -> Iterator[bytes]:
+        if self._compression == "gzip":
+            yield from _gunzip(self._raw.chunks())
+            return
+        reader = self._reader()
+        while chunk := reader.read(STREAM_READ):
+            yield chunk
+
+    def run(self) -> None:
+        try:
+            produced = 0
+            for chunk in self._read():
+                if self._halt.is_set():
+                    return
+                produced += len(chunk)
+                if self._max is not None and produced > self._max:
+                    raise ExpansionLimit(f"layer {self._digest} unpacks to more than {self._max} bytes, the cap "
+                                         "for its size (PREWARM_MAX_EXPANSION times its compressed bytes); refused")
+                self._tar_hash.update(chunk)
+                self._put(chunk)
+            self._put(None)
+        except BaseException as err:  # noqa: BLE001 - handed to the landing thread, which raises it
+            self._put(err)
+
+    def _put(self, item: bytes | BaseException | None) -> None:
+        while not self._halt.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the stage and wait for it: only then may anyone else read the registry stream."""
+        self._halt.set()
+        if self.is_alive():
+            self.join(timeout)
+
+
+def _gunzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Inflate a gzip stream of one or more members (pigz, concatenated layers) with ISA-L.
+
+    Each call inflates a whole registry chunk into at most :data:`STREAM_READ` bytes with
+    the GIL released; the file-object stack of ``igzip.IGzipFile`` over a reader of the
+    chunks spent as long in the interpreter per MiB as ISA-L did inflating it.  Trailer
+    CRC and length are checked for every member (``wbits=31``); zero padding after the
+    last member is allowed, as gzip(1) and Python's ``gzip`` allow it; anything else after
+    a member must be another member.
+
+    Raises:
+        CorruptContent: corrupt deflate data, a bad header or trailer, the stream ends
+            inside a member or has none.
+    """
+    from isal import isal_zlib
+
+    try:
+        yield from _gunzip_members(chunks, isal_zlib)
+    except isal_zlib.error as err:  # type: ignore[misc]
+        raise CorruptContent(f"the gzip stream is corrupt ({err})") from None
+
+
+def _gunzip_members(chunks: Iterator[bytes], isal_zlib: Any) -> Iterator[bytes]:
+
+    d: Any = None  # the member being inflated; None between members
+    members = 0
+    for chunk in chunks:
+        data: bytes | memoryview = chunk
+        while data:
+            if d is None:
+                if members:
+                    data = bytes(data).lstrip(b"\0")  # padding after a member
+                    if not data:
+                        break
+                d = isal_zlib.decompressobj(31)
+                members += 1
+            out = d.decompress(data, STREAM_READ)
+            if out:
+                yield out
+            while d.unconsumed_tail or (not d.eof and len(out) == STREAM_READ):
+                out = d.decompress(d.unconsumed_tail, STREAM_READ)
+                if not out:
+                    break
+                yield out
+            if d.eof:
+                data = d.unused_data
+                d = None
+            else:
+                data = b""
+    if d is not None:
+        while not d.eof and (out := d.flush()):
+            yield out
+        if not d.eof:
+            raise CorruptContent("the gzip stream ends inside a member (truncated layer)")
+    if not members:
+        raise CorruptContent("the gzip stream is empty")
 
 
 def _blame(digest: str, raw: _HashingReader, err: Exception) -> Exception:
@@ -176,19 +317,151 @@ def _blame(digest: str, raw: _HashingReader, err: Exception) -> Exception:
     return err if isinstance(err, PrewarmError) else CorruptContent(f"layer {digest}: {err}")
 
 
-def _write_from(writer: DirectWriter, mv: memoryview, start: int, end: int,
-                current: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
-    """pwrite the part of ``mv`` (stream [start, end)) that is the current file's data."""
+@dataclasses.dataclass
+class _OpenFile:
+    """The regular file whose data the stream is in: its fd, its data's stream range, its entry.
+
+    A large file's data and its metadata go through its ``lane`` (:class:`_DataLanes`),
+    which closes it; a small file's are written in the landing thread.
+    """
+
+    fd: int
+    start: int
+    end: int
+    index: int
+    meta: Meta
+    lane: int | None = None
+    closed: bool = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+    def finish(self, done: bytearray) -> None:
+        """Metadata on (owner, mode, xattrs, then the mtime, after the last write), then close."""
+        try:
+            apply_meta(self.fd, "reg", self.meta)
+        finally:
+            self.close()
+        done[self.index] = 1
+
+
+def _write_from(writer: DirectWriter, lanes: _DataLanes, mv: memoryview, start: int, end: int,
+                current: _OpenFile | None, done: bytearray) -> _OpenFile | None:
+    """Write the part of ``mv`` (stream [start, end)) that is the current file's data.
+
+    A file whose data is all written gets its metadata on the same fd and is closed; its
+    entry is marked in ``done``.
+    """
     if current is None:
         return None
-    fd, dstart, dend = current
-    lo, hi = max(start, dstart), min(end, dend)
+    lo, hi = max(start, current.start), min(end, current.end)
+    last = current.end <= end
+    if current.lane is not None:
+        if lo < hi:
+            lanes.write(current, mv[lo - start:hi - start], lo - current.start)
+        if last:
+            lanes.finish(current, done)
+            return None
+        return current
     if lo < hi:
-        writer.pwrite(fd, mv[lo - start:hi - start], lo - dstart)
-    if dend <= end:
-        os.close(fd)
+        writer.pwrite(current.fd, mv[lo - start:hi - start], lo - current.start)
+    if last:
+        current.finish(done)
         return None
     return current
+
+
+class _DataLanes:
+    """Threads that write large files' data (O_DIRECT) while the landing thread goes on.
+
+    Why: a direct write returns when the device has the bytes, so one thread writing a
+    whole layer waited for the disk once per MiB (py-spy: ``pwrite`` was a third of the
+    landing thread, and the inflating thread sat waiting for it).  Each lane has its own
+    :class:`DirectWriter` (its scratch buffer and the fd's O_DIRECT flag are not shared)
+    and takes every piece of a file, then its metadata and close, in order.  At most
+    :data:`LANE_BYTES` wait in the lanes: memory stays bounded.
+    """
+
+    def __init__(self, direct: bool, lanes: int = 3) -> None:
+        self._direct = direct
+        self._queues: list[queue.SimpleQueue[tuple[_OpenFile, memoryview | None, int, bytearray | None] | None]] = [
+            queue.SimpleQueue() for _ in range(lanes if direct else 0)]
+        self._threads = [threading.Thread(target=self._run, args=(q,), name=f"prewarm-data-{i}", daemon=True)
+                         for i, q in enumerate(self._queues)]
+        self._next = 0
+        self._pending = 0
+        self._room = threading.Condition()
+        self._error: BaseException | None = None
+        self._files: list[_OpenFile] = []  # given to a lane and not yet closed by it
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def lane_for(self, size: int) -> int | None:
+        """The lane of a file this large, or None: written by the caller (small, or no O_DIRECT)."""
+        if not self._queues or size < LANE_MIN_FILE:
+            return None
+        self._next = (self._next + 1) % len(self._queues)
+        return self._next
+
+    def write(self, f: _OpenFile, data: memoryview, offset: int) -> None:
+        assert f.lane is not None
+        with self._room:
+            while self._pending + len(data) > LANE_BYTES and self._pending and self._error is None:
+                self._room.wait()
+            self._pending += len(data)
+        if not self._files or self._files[-1] is not f:
+            self._files.append(f)
+            if len(self._files) > 4096:
+                self._files = [g for g in self._files if not g.closed]
+        self._queues[f.lane].put((f, data, offset, None))
+
+    def finish(self, f: _OpenFile, done: bytearray) -> None:
+        assert f.lane is not None
+        if not self._files or self._files[-1] is not f:
+            self._files.append(f)
+        self._queues[f.lane].put((f, None, 0, done))
+
+    def check(self) -> None:
+        """Raise what a lane failed with (ENOSPC, EIO, ...)."""
+        if self._error is not None:
+            raise self._error
+
+    def _run(self, q: queue.SimpleQueue[tuple[_OpenFile, memoryview | None, int, bytearray | None] | None]) -> None:
+        writer = DirectWriter(enabled=self._direct)
+        while (item := q.get()) is not None:
+            f, data, offset, done = item
+            try:
+                if self._error is None:
+                    if data is not None:
+                        writer.pwrite(f.fd, data, offset)
+                    elif done is not None:
+                        f.finish(done)
+            except BaseException as err:  # noqa: BLE001 - raised in the landing thread
+                if self._error is None:
+                    self._error = err
+            finally:
+                if data is not None:
+                    with self._room:
+                        self._pending -= len(data)
+                        self._room.notify_all()
+
+    def stop(self, check: bool = True) -> None:
+        """Wait for every lane to finish its queue; close what a failure left open."""
+        for q, t in zip(self._queues, self._threads):
+            if t.is_alive():
+                q.put(None)
+        for t in self._threads:
+            t.join()
+        self._queues, self._threads = [], []
+        for f in self._files:
+            f.close()
+        self._files = []
+        if check:
+            self.check()
 
 
 class _HashingReader(io.RawIOBase):
@@ -204,6 +477,20 @@ class _HashingReader(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def chunks(self) -> Iterator[bytes]:
+        """The chunks as they come, hashed (instead of read through a file object)."""
+        while True:
+            try:
+                chunk = next(self._it, None)
+            except Exception as err:
+                self.source_error = err
+                raise
+            if chunk is None:
+                return
+            self.hash.update(chunk)
+            self.size += len(chunk)
+            yield chunk
 
     def readinto(self, b: Any) -> int:
         while not self._buf:
