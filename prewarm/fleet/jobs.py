@@ -367,6 +367,8 @@ def touch(r: redis.Redis, job_id: str, node: str) -> None:
 
 #: How long a finished job's records stay in Redis for ``prewarm status`` (seconds).
 JOB_RETENTION = 7 * 24 * 3600
+#: How long the wake-up tokens of a job's waiting scheduler are kept (nobody may be waiting).
+WAKE_RETENTION = 600
 
 
 def finish_job(r: redis.Redis, job_id: str, retention: float = JOB_RETENTION) -> None:
@@ -449,6 +451,12 @@ def settle(r: redis.Redis, job_id: str, node: str) -> bool:
     states = [_s(v) for v in r.hvals(keys.job_node_layers(job_id, node))]
     if not states or any(s == LAYER_PENDING for s in states):
         return False
+    # A scheduler waiting on the job (`--wait`) wakes now instead of at its next poll, which
+    # is up to MAX_POLL_INTERVAL away while a layer's last span commits and no bytes move.
+    pipe = r.pipeline(transaction=False)
+    pipe.lpush(keys.job_wake(job_id), node)
+    pipe.expire(keys.job_wake(job_id), WAKE_RETENTION)
+    pipe.execute()
     if not job_status(r, job_id).finished:
         return False
     finish_job(r, job_id)

@@ -27,6 +27,7 @@ JOB_NODE_ERRORS = "prewarm:job:{job}:node:{node}:errors"
 JOB_NODE_SPANS = "prewarm:job:{job}:node:{node}:spans:{layer}"
 #: Hash: per-node count of finished (done or failed) spans per layer index.
 JOB_NODE_FINISHED = "prewarm:job:{job}:node:{node}:finished"
+JOB_WAKE = "prewarm:job:{job}:wake"  # a token per node that reached its end: a waiting scheduler BLPOPs it
 #: Set of job ids that are still handing out work (standing schedules included).
 ACTIVE_JOBS = "prewarm:jobs:active"
 
@@ -99,6 +100,10 @@ def job_node_spans(job_id: str, node: str, layer: int) -> str:
 
 def job_node_finished(job_id: str, node: str) -> str:
     return JOB_NODE_FINISHED.format(job=job_id, node=node)
+
+
+def job_wake(job_id: str) -> str:
+    return JOB_WAKE.format(job=job_id)
 
 
 def job_node_bad_peers(job_id: str, node: str) -> str:

@@ -252,7 +252,10 @@ def wait_for_job(r: redis.Redis, job_id: str, *, on_update: Callable[[jobs.JobSt
         floor = max(interval, POLL_SECONDS_PER_NODE * len(status.nodes))
         pause = floor if status.bytes_done != last_done else min(max(MAX_POLL_INTERVAL, floor), pause * 1.5)
         last_done = status.bytes_done
-        time.sleep(pause)
+        try:  # woken early when a node reaches its end (jobs.settle)
+            r.blpop([keys.job_wake(job_id)], timeout=max(pause, 0.01))
+        except redis.exceptions.ConnectionError:
+            time.sleep(pause)  # the next poll reports the outage
 
 
 def timeout_report(status: jobs.JobStatus, timeout: float) -> str:
