@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from prewarm.errors import BadSpan, DigestMismatch, StoreError
+from prewarm.errors import BadSpan, DiffIdMismatch, DigestMismatch, StoreError
 from prewarm.index.ztoc import Ztoc, parse_ztoc, serialize_ztoc
 from prewarm.index.ztoc_build import build_tar_ztoc
 from prewarm.store.content import ContentStore
@@ -240,8 +240,13 @@ def test_a_crash_mid_layer_then_resume_still_checks_the_diff_id(tmp_path: Path, 
     assert_every_kind_tree(store.layout.layer_fs(digest), CRASH_BIG)
 
 
-def test_a_spooled_span_that_no_longer_inflates_is_a_clear_error(tmp_path: Path) -> None:
-    # Given span 2 spooled (it came early), then its spooled bytes overwritten
+def test_a_spooled_span_that_no_longer_inflates_is_a_clear_error(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given span 2 spooled (it came early, with no ring slot for its inflated output), then
+    # its spooled bytes overwritten
+    from prewarm.store import inorder
+
+    monkeypatch.setattr(inorder, "RING_SLOTS", 0)
     blob, z, diff_id = _layer(1, 0)
     digest = sha(blob)
     store = ContentStore(tmp_path / "root")
@@ -255,3 +260,29 @@ def test_a_spooled_span_that_no_longer_inflates_is_a_clear_error(tmp_path: Path)
     with pytest.raises(StoreError, match="no longer inflates"):
         land(store, digest, z, blob, [1])
     assert not store.is_ready(digest)
+
+
+@pytest.mark.parametrize("what", ["ring", "spool"])
+def test_a_parked_span_whose_bytes_changed_fails_the_layer_at_commit(tmp_path: Path, what: str) -> None:
+    # Given span 2 parked (it came early: compressed in the spool, inflated in the ring),
+    # then the one or the other overwritten
+    blob, z, diff_id = _layer(1, 0)
+    digest = sha(blob)
+    store = ContentStore(tmp_path / "root")
+    land(store, digest, z, blob, [2], diff_id=diff_id)
+    work = store.layout.layer_work(digest)
+    assert (work / "ring").exists()
+    s = z.span(2)
+    if what == "ring":  # span 2's slot: the ring ends with it (slots 0 and 1 are unwritten)
+        at = (work / "ring").stat().st_size - len(fetch_and_inflate(z, blob, 2)[1]) + 100
+    else:
+        at = s.compressed_start + 10
+    with open(work / what, "r+b") as f:
+        f.seek(at)
+        f.write(b"\xff" * 64)
+    # When every span is in, Then the layer is refused and wiped: the diff_id (ring) or the
+    # layer digest (spool) does not match
+    with pytest.raises(DigestMismatch) as info:
+        land(store, digest, z, blob, [i for i in range(z.num_spans) if i != 2])
+    assert type(info.value) is (DiffIdMismatch if what == "ring" else DigestMismatch)
+    assert store.layer_state(digest) == "absent"

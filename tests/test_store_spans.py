@@ -360,3 +360,28 @@ def test_a_different_toc_restarts_the_partial_layer(tmp_path: Path) -> None:
     assert honest.missing_spans(sha(blob), z) == list(range(z.num_spans))
     assert land(honest, sha(blob), z, blob, list(range(z.num_spans)))[-1] is True
     assert_every_kind_tree(honest.layout.layer_fs(sha(blob)))
+
+
+@pytest.mark.parametrize("ring", [4, 0])
+def test_spans_ahead_of_the_hashed_front_are_parked_inflated_not_inflated_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ring: int) -> None:
+    # Given a layer of many spans, and spans landing in reverse order: every span but the
+    # first is ahead of the hashed front when it lands
+    from prewarm.store import inorder
+
+    tar = every_kind_tar(400_000)
+    blob, z = make_layer(tar, span_size=16384)
+    assert z.num_spans > 6
+    digest = sha(blob)
+    store = ContentStore(tmp_path / "root")
+    monkeypatch.setattr(inorder, "RING_SLOTS", ring)
+    again: list[int] = []
+    real = inorder.inflate_span
+    monkeypatch.setattr(inorder, "inflate_span", lambda s, *a, **k: again.append(s.index) or real(s, *a, **k))
+    # When they land
+    ready = land(store, digest, z, blob, list(range(z.num_spans))[::-1], diff_id=sha(tar))
+    # Then the layer is verified against its diff_id and its tree is right
+    assert ready[-1] and store.ready_info(digest)["diff_id"] == sha(tar)
+    assert_every_kind_tree(store.layout.layer_fs(digest), 400_000)
+    # And only spans that were more than the ring's slots ahead were inflated a second time
+    assert sorted(again) == [i for i in range(1, z.num_spans) if i >= ring]

@@ -124,6 +124,8 @@ def create_job(r: redis.Redis, plan: ImagePlan, nodes: Iterable[str], *, window:
         "image": image, "reference": plan.reference, "manifest_digest": plan.manifest_digest,
         "window": window, "created": now, "cancelled": "0",
         "keep": json.dumps(keep) if keep is not None else "", "signed": "1" if signed else "",
+        # one node and no standing schedule: its tasks go in plain plan order (dispatch.send_task)
+        "alone": "1" if len(nodes) == 1 and keep is None else "",
     })
     if signed:
         pipe.hset(keys.job_signed(job_id), mapping=signed)
@@ -186,6 +188,12 @@ def _active_jobs(r: redis.Redis) -> list[str]:
 
 def is_signed(r: redis.Redis, job_id: str) -> bool:
     return _s(r.hget(keys.job(job_id), "signed")) == "1"
+
+
+def dispatch_flags(r: redis.Redis, job_id: str) -> tuple[bool, bool]:
+    """(the job's tasks are signed, the job is for one node alone), in one round trip."""
+    signed, alone = r.hmget(keys.job(job_id), ["signed", "alone"])
+    return _s(signed) == "1", _s(alone) == "1"
 
 
 def signed_body(r: redis.Redis, job_id: str, field: str) -> bytes | None:
