@@ -788,9 +788,54 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(create_file_doc,
+"create_file(dir_fd, name, data, uid, gid, mode, mtime_ns, direct, min_direct) -> (errno, direct)\n\n"
+"Create the regular file ``name`` in ``dir_fd`` (O_EXCL, nothing followed) with all of\n"
+"``data``, then its owner, mode and mtime, and close it, with the GIL released: the\n"
+"whole-layer path's small files (prewarm.store.ingest), as create_whole does for spans.\n"
+"``errno`` is 0, or what failed (EEXIST: something is there; the caller clears it and\n"
+"calls again); ``direct`` says whether O_DIRECT is still on.");
+
+static PyObject *create_file(PyObject *self, PyObject *args) {
+    int dir_fd, direct;
+    const char *name;
+    Py_buffer data;
+    unsigned int uid, gid;
+    long long mode, mtime_ns, min_direct;
+    if (!PyArg_ParseTuple(args, "isy*IILLpL", &dir_fd, &name, &data, &uid, &gid, &mode, &mtime_ns, &direct,
+                          &min_direct))
+        return NULL;
+    writer_t w;
+    memset(&w, 0, sizeof w);
+    w.root_fd = dir_fd;
+    w.direct = direct;
+    w.min_direct = min_direct;
+    w.parent_fd = -1;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    int fd = openat(dir_fd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        err = errno;
+    } else {
+        struct timespec times[2];
+        int64_t secs = mtime_ns / 1000000000LL, ns = mtime_ns % 1000000000LL;
+        if (ns < 0) { ns += 1000000000LL; secs -= 1; }
+        times[0].tv_sec = times[1].tv_sec = (time_t)secs;
+        times[0].tv_nsec = times[1].tv_nsec = (long)ns;
+        if ((data.len && write_data(&w, fd, (const uint8_t *)data.buf, (size_t)data.len, 0) < 0) ||
+            fchown(fd, uid, gid) < 0 || fchmod(fd, (mode_t)(mode & 07777)) < 0 || futimens(fd, times) < 0)
+            err = errno ? errno : EIO;
+        if (close(fd) < 0 && !err) err = errno;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&data);
+    return Py_BuildValue("(iO)", err, w.direct ? Py_True : Py_False);
+}
+
 static PyMethodDef methods[] = {
     {"build_table", build_table, METH_VARARGS, build_table_doc},
     {"check_headers", check_headers, METH_VARARGS, check_headers_doc},
+    {"create_file", create_file, METH_VARARGS, create_file_doc},
     {"write_pieces", write_pieces, METH_VARARGS, write_pieces_doc},
     {NULL, NULL, 0, NULL},
 };

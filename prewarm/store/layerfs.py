@@ -527,6 +527,19 @@ class LayerWriter:
             self._clear(pfd, base, keep_dir=False)
             return os.open(base, flags, 0o600, dir_fd=pfd)
 
+    def parent_dir(self, entry: FileEntry, placement: Placement) -> tuple[int, str]:
+        """(fd of the directory the entry's node is created in, its name there); missing directories are made.
+
+        Raises:
+            UnsafeArchive: the entry would escape the layer.
+        """
+        parent, _, base = placement.created_at.rpartition("/")
+        return self._parent_fd(parent, entry.name, create=True), base
+
+    def clear(self, pfd: int, base: str) -> None:
+        """Remove what is at ``base`` in ``pfd`` (a later tar entry replaces it)."""
+        self._clear(pfd, base, keep_dir=False)
+
     def create_file(self, entry: FileEntry, placement: Placement) -> int:
         """Create the regular file of one entry (a ``reg`` placement) and return it open for writing.
 
