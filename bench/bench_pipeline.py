@@ -3,6 +3,7 @@
 Run by hand, as root, from the repository root, on an otherwise idle machine::
 
     .venv/bin/python -m bench.bench_pipeline [--runs 2] [--cpus 1,2] [--small] [--images 3,1]
+    .venv/bin/python -m bench.bench_pipeline --files 40000,160000,1000000 [--steps e,prewarm-spans]
 
 Two images (``bench.images``, built once and cached): the AI-style image in three gzip
 layers (runtime, packages, PyTorch), and its single-layer twin, the same files in one
@@ -33,6 +34,23 @@ layer ready), the span count and the workers' peak RSS.  Each step's tree, overl
 newest layer first, is compared with the reference (``umoci unpack`` of the 3-layer image,
 made once, outside the timing); the single-layer twin must give the same tree.
 
+``--files 40000,160000,1000000`` (issue 20) runs the many-file images instead of the AI ones:
+per count N, one gzip layer of N small text files (``bench.manyfiles``: 200 B to 8 KiB,
+2.15 KB on average, a thousand to a directory, from a seeded generator, built once per N
+under ``--cache``).  Each is pushed plain and with a SOCI index (``prewarm index --push
+--min-layer-size 1``: the default 4 MiB spans, and an index even for a layer under 10 MiB);
+the index's wall time and peak RSS are printed though not timed.  Its reference tree is
+``umoci unpack`` of its own layout.  Every step above runs on it, each on a scratch ext4
+grown by 16 KiB per file (room, and one more inode per file); ``--steps`` picks fewer.
+Each count gets the usual table; then, per step, the cost per extra file: the slope of
+wall and CPU-seconds between the counts, in microseconds per file.
+
+Under every table: each step's peak RSS per process kind (``bench.probes.process_kind``:
+the ``prewarm schedule`` CLI, the worker, the largest of its pool processes and how many
+distinct pool processes came and went (Celery recycles one at its memory ceiling),
+``curl``, ``pigz``, ``tar``, ``redis-server``), sampled every 250 ms: a process living
+less than that can be missed, so the counts are lower bounds.
+
 ``--cpus 1,2`` runs every step once per value with all its processes pinned to that many
 cores (``taskset``: commands started under it, the running registry re-pinned), then
 prints the speed-up of each step and a *projection* for 16 and 64 cores from the measured
@@ -45,6 +63,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -58,7 +77,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.probes import Pin, StoreWatch, TreeSampler, busy_seconds
-from bench.scratch import drop_caches, scratch_fs
+from bench.scratch import DEFAULT_SIZE, drop_caches, scratch_fs
 
 if TYPE_CHECKING:
     from tests.services import Registry
@@ -83,6 +102,8 @@ class Figure:
     background: float = 0.0  # cores busy on average in the half second before the step: other load
     diffs: int | None = None  # None: not compared
     note: str = ""
+    #: process kind (bench.probes.process_kind) -> (largest peak RSS in MB, distinct processes seen)
+    rss_by_kind: dict[str, tuple[float, int]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +117,10 @@ class Image:
     layers: list[tuple[str, int, str]]
     blob_url: Callable[[str], str]
     tars: list[Path]  # the inflated layers, input of ``w``
+    reference: Path | None  # the tree every step must give (None: not compared)
+    index_wall: float  # ``prewarm index --push``, not timed in the steps: wall seconds
+    index_rss_mb: float  # and its peak RSS
+    files: int | None = None  # a many-file image (--files): its file count
 
 
 @contextlib.contextmanager
@@ -149,6 +174,31 @@ def _check(args: list[str], env: dict[str, str] | None = None) -> str:
     return proc.stdout
 
 
+def _check_measured(args: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """Run a command that must succeed; its wall seconds and peak RSS in bytes.
+
+    The RSS is ``wait4``'s ``ru_maxrss`` of this one child (the largest of it and the
+    descendants it waited for), not the running maximum over all children that
+    ``RUSAGE_CHILDREN`` would give.
+    """
+    with tempfile.TemporaryFile() as err:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        wall = time.monotonic() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(args)} failed (exit {proc.returncode}): "
+                               f"{err.read().decode(errors='replace').strip()[-2000:]}")
+    return wall, usage.ru_maxrss * 1024
+
+
 def _lowerdirs(mounts: str) -> list[Path]:
     """The layer directories, newest first, from ``prewarm mounts`` (an overlay, or a bind of one layer)."""
     words = mounts.split()
@@ -159,11 +209,16 @@ def _lowerdirs(mounts: str) -> list[Path]:
     raise RuntimeError(f"cannot read the layer directories from `prewarm mounts`: {mounts.strip()!r}")
 
 
-class Bench:
-    """The steps, for one registry and one reference tree."""
+#: Scratch filesystem bytes added per file of a many-file image: room for its blocks, and
+#: (ext4 makes one inode per 16 KiB) one more inode each, beyond the default's million.
+FS_BYTES_PER_FILE = 16 << 10
 
-    def __init__(self, tmp: Path, registry: Registry, reference: Path | None) -> None:
-        self.tmp, self.reg, self.reference = tmp, registry, reference
+
+class Bench:
+    """The steps, for one registry; each image brings its reference tree."""
+
+    def __init__(self, tmp: Path, registry: Registry) -> None:
+        self.tmp, self.reg = tmp, registry
         self.host = registry.host
 
     # === the steps: each gets a fresh mounted filesystem, returns its Figure and the tree's lowerdirs ===
@@ -214,6 +269,7 @@ class Bench:
                     watch.stop()
                 peak, allowed = sampler.stop()
         fig.wall, fig.cpu, fig.rss_mb = c["wall"], c["cpu"], peak / 1e6
+        fig.rss_by_kind = {kind: (seen.peak / 1e6, len(seen.pids)) for kind, seen in sampler.kinds.items()}
         fig.cores = ",".join(str(i) for i in sorted(allowed))
         if watch is not None:
             fig.first_span, fig.first_layer, fig.spans = watch.first_span, watch.first_layer, sum(watch.spans.values())
@@ -253,14 +309,14 @@ class Bench:
 
     def run(self, step: str, img: Image, pin: Pin) -> Figure:
         body = getattr(self, step.replace("-", "_"))
-        with scratch_fs(step) as mnt:
+        with scratch_fs(step, size=DEFAULT_SIZE + (img.files or 0) * FS_BYTES_PER_FILE) as mnt:
             fig, lowers = body(img, mnt, pin)
-            if self.reference is not None:
+            if img.reference is not None:
                 from tests.rootfs import overlay_mount
                 from tests.treecompare import compare_trees
 
                 with overlay_mount(lowers, self.tmp / "merged") as merged:
-                    diffs = compare_trees(self.reference, merged)
+                    diffs = compare_trees(img.reference, merged)
                 fig.diffs = len(diffs)
                 if diffs:
                     print(f"    {step}: tree differs from the reference in {len(diffs)} place(s): "
@@ -274,10 +330,18 @@ class Bench:
 #: ``prewarm index`` options for the small self-check image, whose layers are far below the
 #: default 10 MiB minimum and 4 MiB span: without them it would have no spans to check.
 SMALL_INDEX_OPTIONS = ("--min-layer-size", "1", "--span-size", str(256 << 10))
+#: ``prewarm index`` options for the many-file images: the default span size, but an index
+#: for a layer below the 10 MiB minimum too (a few thousand files make ~2 MB of gzip).
+FILES_INDEX_OPTIONS = ("--min-layer-size", "1")
 
 
-def prepare(layout: Path, reg: Registry, tmp: Path, index_options: tuple[str, ...] = ()) -> Image:
-    """Push the image twice (plain and with a SOCI index) and inflate its layers for ``w``."""
+def prepare(layout: Path, reg: Registry, tmp: Path, index_options: tuple[str, ...] = (), *,
+            reference: Path | None = None, files: int | None = None) -> Image:
+    """Push the image twice (plain and with a SOCI index) and inflate its layers for ``w``.
+
+    The index is built and pushed outside any timing; its wall time and peak RSS are
+    measured all the same (issue 20: 26 s and 943 MB at a million files).
+    """
     from isal import igzip
 
     from bench.images import push_ai_image
@@ -288,10 +352,10 @@ def prepare(layout: Path, reg: Registry, tmp: Path, index_options: tuple[str, ..
     soci_ref, _ = push_ai_image(layout, reg, f"bench/{name}")
     env = {**os.environ, "PREWARM_ROOT": str(tmp / f"index-root-{name}")}
     env.pop("PREWARM_BROKER_URL", None)
-    t0 = time.monotonic()
-    _check([sys.executable, "-m", "prewarm", "index", soci_ref, "--push", *index_options,
-            "--insecure-registry", reg.host], env)
-    print(f"  {name}: SOCI index pushed for {soci_ref} in {time.monotonic() - t0:.1f} s (not timed)", flush=True)
+    index_wall, index_rss = _check_measured([sys.executable, "-m", "prewarm", "index", soci_ref, "--push",
+                                             *index_options, "--insecure-registry", reg.host], env)
+    print(f"  {name}: SOCI index pushed for {soci_ref} in {index_wall:.1f} s, "
+          f"peak RSS {index_rss / 1e6:.0f} MB (not timed)", flush=True)
     tars = []
     for digest, _, _ in layers:
         tar = tmp / "inflated" / f"{digest.split(':')[1]}.tar"
@@ -301,7 +365,7 @@ def prepare(layout: Path, reg: Registry, tmp: Path, index_options: tuple[str, ..
         tars.append(tar)
     url = reg.url
     return Image(name, layout, plain_ref, soci_ref, layers,
-                 lambda d: f"{url}/v2/bench/{name}/blobs/{d}", tars)
+                 lambda d: f"{url}/v2/bench/{name}/blobs/{d}", tars, reference, index_wall, index_rss / 1e6, files)
 
 
 # === reporting ===============================================================
@@ -313,7 +377,9 @@ def _ratio(a: float, b: float | None) -> str:
 
 def print_table(img: Image, pin: Pin, run: int, figs: dict[str, Figure]) -> None:
     total = sum(s for _, s, _ in img.layers)
-    print(f"\n{img.name}: {len(img.layers)} layer(s), {total / 1e6:.0f} MB gzip; {pin.label}; run {run}")
+    files = f", {img.files} files" if img.files else ""
+    print(f"\n{img.name}: {len(img.layers)} layer(s){files}, {total / 1e6:.0f} MB gzip; {pin.label}; run {run}")
+    print(f"  (prewarm index --push, not timed: {img.index_wall:.1f} s, peak RSS {img.index_rss_mb:.0f} MB)")
     print(f"  {'step':<17} {'wall s':>7} {'CPU-s':>7} {'wall/e':>6} {'wall/w':>6} {'CPU/e':>6} {'CPU/w':>6}"
           f" {'1st span s':>10} {'spans':>6} {'RSS MB':>6} {'cores':>5} {'bg':>4}  tree")
     e, w = figs.get("e"), figs.get("w")
@@ -332,7 +398,22 @@ def print_table(img: Image, pin: Pin, run: int, figs: dict[str, Figure]) -> None
     print("  (wall/e > 1: slower than e.  1st span: from `prewarm schedule` to the first span landed;"
           " '(L)': no span landed,\n   the time is to the first layer ready.  cores: those the step's processes"
           " were allowed on.\n   bg: cores busy in the half second before the step, ~0 on an idle machine)")
+    print_rss_by_kind(figs)
     print_targets(figs)
+
+
+#: Process kinds not worth a column: launchers and ``sync``, a few MB each.
+_DULL_KINDS = frozenset({"taskset", "sync", "sh", "bash"})
+
+
+def print_rss_by_kind(figs: dict[str, Figure]) -> None:
+    """Each step's peak RSS per process kind, and how many processes of the kind were seen."""
+    print("  peak RSS per process kind, MB (xN: N distinct processes seen, sampled every 250 ms: a lower bound)")
+    for step, f in figs.items():
+        shown = sorted(((kind, mb, n) for kind, (mb, n) in f.rss_by_kind.items() if kind not in _DULL_KINDS),
+                       key=lambda k: -k[1])
+        text = ", ".join(f"{kind} {mb:.0f}" + (f" x{n}" if n > 1 else "") for kind, mb, n in shown)
+        print(f"    {step:<17} {text or '-'}")
 
 
 def print_targets(figs: dict[str, Figure]) -> None:
@@ -359,6 +440,32 @@ def print_targets(figs: dict[str, Figure]) -> None:
         verdict = "n/a" if value is None else ("met" if value <= limit else "NOT met")
         shown = "-" if value is None else f"{value:.2f}"
         print(f"  target {what:<40} {shown:>7} <= {limit:<6.2f} {verdict}")
+
+
+def print_file_costs(pin: Pin, run: int, by_count: dict[int, dict[str, Figure]]) -> None:
+    """Issue 20's cost per extra file: the slope of wall and CPU-seconds between file counts.
+
+    For each step, (figure at the larger count - figure at the smaller) / (file difference),
+    in microseconds per file: smallest to largest count, then each neighbouring pair when
+    there are more than two counts.
+    """
+    counts = sorted(by_count)
+    if len(counts) < 2:
+        return
+    pairs = [(counts[0], counts[-1])] + (list(itertools.pairwise(counts)) if len(counts) > 2 else [])
+    print(f"\ncost per extra file, microseconds (slope between file counts); {pin.label}; run {run}")
+    print(f"  {'step':<17}" + "".join(f" {f'{a}->{b} wall':>22} {'CPU':>7}" for a, b in pairs))
+    for step in by_count[counts[0]]:
+        cells = []
+        for a, b in pairs:
+            fa, fb = by_count[a].get(step), by_count[b].get(step)
+            if fa is None or fb is None:
+                cells.append(f" {'-':>22} {'-':>7}")
+                continue
+            per = 1e6 / (b - a)
+            cells.append(f" {(fb.wall - fa.wall) * per:22.2f} {(fb.cpu - fa.cpu) * per:7.2f}")
+        print(f"  {step:<17}" + "".join(cells))
+    print("  (machine CPU-seconds, as in the tables: registry and kernel writeback included)")
 
 
 def print_scaling(img: Image, by_cpus: dict[int | None, dict[str, Figure]]) -> None:
@@ -421,11 +528,24 @@ def _cpus_list(text: str) -> list[int | None]:
         raise argparse.ArgumentTypeError(f"--cpus {text!r}: give core counts like 1,2") from None
 
 
+def _files_list(text: str) -> list[int]:
+    try:
+        counts = sorted({int(v) for v in text.split(",") if v})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--files {text!r}: give file counts like 40000,160000,1000000") from None
+    if not counts or counts[0] <= 0:
+        raise argparse.ArgumentTypeError(f"--files {text!r}: file counts must be positive")
+    return counts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", type=Path, default=Path("/var/tmp/prewarm-bench"))
     ap.add_argument("--small", action="store_true", help="the small self-check image (seconds), not the AI one")
-    ap.add_argument("--images", default="3,1", help="3: the 3-layer image, 1: its single-layer twin (default 3,1)")
+    ap.add_argument("--images", help="3: the 3-layer image, 1: its single-layer twin (default 3,1)")
+    ap.add_argument("--files", type=_files_list, default=[],
+                    help="run the many-file images (bench.manyfiles) of these file counts, e.g. "
+                         "40000,160000,1000000, instead of the AI images; prints the cost per extra file")
     ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {', '.join(STEPS)}")
     ap.add_argument("--cpus", type=_cpus_list, default=[None],
                     help="pin every step to this many cores with taskset; a list (1,2) runs each in turn "
@@ -437,32 +557,50 @@ def main() -> None:
     steps = [s for s in args.steps.split(",") if s]
     if unknown := set(steps) - set(STEPS):
         ap.error(f"unknown step(s) {', '.join(sorted(unknown))}; choose from {', '.join(STEPS)}")
+    if args.files and (args.small or args.images):
+        ap.error("--files runs the many-file images instead of the AI ones: leave out --small and --images")
     if os.geteuid() != 0:
         ap.error("run as root: it drops the page cache, makes loop devices and mounts filesystems")
     pins = [Pin(c) for c in args.cpus]
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
 
     from bench.images import build_ai_image, build_single_layer, build_small_image
+    from bench.manyfiles import build_many_files
+    from tests.rootfs import umoci_unpack
     from tests.services import run_registry
 
     print(f"building (or reusing) the images in {args.cache} ...", flush=True)
-    three = build_small_image(args.cache) if args.small else build_ai_image(args.cache)
-    layouts = {"3": three, "1": build_single_layer(three)}
-    wanted = [layouts[k] for k in args.images.split(",") if k in layouts]
+    if args.files:
+        wanted = [build_many_files(args.cache, n) for n in args.files]
+        three = None
+    else:
+        three = build_small_image(args.cache) if args.small else build_ai_image(args.cache)
+        layouts = {"3": three, "1": build_single_layer(three)}
+        wanted = [layouts[k] for k in (args.images or "3,1").split(",") if k in layouts]
     results: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="prewarm-bench-", dir="/var/tmp") as tmp_s, \
             run_registry(Path(tmp_s) / "registry") as reg:
         tmp = Path(tmp_s)
-        reference = None
-        if not args.no_compare:
-            from tests.rootfs import umoci_unpack
-
-            reference = umoci_unpack(three, "latest", tmp / "reference")
-            print(f"reference tree: umoci unpack of {three.name} (not timed)", flush=True)
-        images = [prepare(layout, reg, tmp, SMALL_INDEX_OPTIONS if args.small else ()) for layout in wanted]
-        bench = Bench(tmp, reg, reference)
+        images = []
+        if args.files:
+            for n, layout in zip(args.files, wanted):
+                reference = None
+                if not args.no_compare:
+                    reference = umoci_unpack(layout, "latest", tmp / f"reference-{n}")
+                    print(f"reference tree: umoci unpack of {layout.name} (not timed)", flush=True)
+                images.append(prepare(layout, reg, tmp, FILES_INDEX_OPTIONS, reference=reference, files=n))
+        else:
+            assert three is not None
+            reference = None
+            if not args.no_compare:
+                reference = umoci_unpack(three, "latest", tmp / "reference")
+                print(f"reference tree: umoci unpack of {three.name} (not timed)", flush=True)
+            images = [prepare(layout, reg, tmp, SMALL_INDEX_OPTIONS if args.small else (), reference=reference)
+                      for layout in wanted]
+        bench = Bench(tmp, reg)
         cores = len(os.sched_getaffinity(0))
         for run in range(1, args.runs + 1):
+            by_count: dict[int | None, dict[int, dict[str, Figure]]] = {pin.cpus: {} for pin in pins}
             for img in images:
                 by_cpus: dict[int | None, dict[str, Figure]] = {}
                 for pin in pins:
@@ -470,12 +608,16 @@ def main() -> None:
                     for step in steps:
                         print(f"  [{img.name}, {pin.label}, run {run}] {step} ...", flush=True)
                         figs[step] = bench.run(step, img, pin)
-                        results.append({"image": img.name, "cpus": pin.cpus, "run": run, "step": step,
-                                        **dataclasses.asdict(figs[step])})
+                        results.append({"image": img.name, "files": img.files, "cpus": pin.cpus, "run": run,
+                                        "step": step, **dataclasses.asdict(figs[step])})
                     by_cpus[pin.cpus] = figs
+                    if img.files:
+                        by_count[pin.cpus][img.files] = figs
                     print_table(img, pin, run, figs)
                 print_scaling(img, by_cpus)
                 print_projection(img, by_cpus, cores)
+            for pin in pins:
+                print_file_costs(pin, run, by_count[pin.cpus])
     print("\nfigures from a shared VM are noisy: compare ratios within one run, and repeat (--runs 2)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -109,7 +109,7 @@ def ai_layers(torch_dir: Path) -> list[Layer]:
     ]
 
 
-def _build_cached(layout: Path, layers: Iterator[Layer] | list[Layer]) -> Path:
+def build_cached(layout: Path, layers: Iterator[Layer] | list[Layer]) -> Path:
     """Build ``layers`` into ``layout`` unless a complete build is there; a half-built one is redone."""
     if (layout / "complete").is_file():
         return layout
@@ -136,7 +136,7 @@ def build_ai_image(cache: Path) -> Path:
     layout = cache / LAYOUT_NAME
     if (layout / "complete").is_file():
         return layout
-    return _build_cached(layout, ai_layers(install_torch(cache)))
+    return build_cached(layout, ai_layers(install_torch(cache)))
 
 
 def small_layers() -> list[Layer]:
@@ -149,7 +149,7 @@ def small_layers() -> list[Layer]:
 def build_small_image(cache: Path) -> Path:
     """Build (or reuse) the small 3-layer image (seconds, not minutes); returns its layout."""
     cache.mkdir(parents=True, exist_ok=True)
-    return _build_cached(cache / SMALL_LAYOUT_NAME, small_layers())
+    return build_cached(cache / SMALL_LAYOUT_NAME, small_layers())
 
 
 def _layer_members(layout: Path, digest: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
@@ -227,7 +227,7 @@ def build_single_layer(source: Path) -> Path:
     Raises:
         ConfigError: see :func:`merged_entries`.
     """
-    return _build_cached(source.with_name(source.name + SINGLE_SUFFIX),
+    return build_cached(source.with_name(source.name + SINGLE_SUFFIX),
                          [Layer(merged_entries(source), "gzip", level=6,  # type: ignore[arg-type]
                                 created_by=f"COPY {source.name} (all layers as one)")])
 

@@ -12,13 +12,16 @@
 - :class:`StoreWatch` polls a prewarm store for the first landed span (``work/landed``
   has one byte per span, non-zero once landed) or the first finished layer (``ready``),
   and keeps the largest span count seen per layer, for the per-span projection.
-- :class:`TreeSampler` samples the processes the benchmark started: the workers' peak RSS,
-  and the cores they were allowed on (the evidence that a pinned step stayed pinned).
+- :class:`TreeSampler` samples the processes the benchmark started: the peak RSS of each
+  kind of process (the ``prewarm schedule`` CLI, the worker, its pool processes and how many
+  of them came and went, ``curl``, ``pigz``, ``tar``), and the cores they were allowed on
+  (the evidence that a pinned step stayed pinned).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import subprocess
 import threading
@@ -121,26 +124,60 @@ class StoreWatch(threading.Thread):
         self.join()
 
 
+#: The kind of a pool process: a ``prewarm worker`` forked by another one (Celery's prefork
+#: pool forks without exec, so a pool process has its parent's command line).
+POOL_KIND = "prewarm worker pool"
+
+
+def process_kind(args: Sequence[str], parent_kind: str | None) -> str:
+    """What a process is, from its command line: ``prewarm <command>``, a worker's pool, or its program.
+
+    ``python -m prewarm schedule ...`` is ``prewarm schedule``; a ``prewarm worker`` whose
+    parent is one too is :data:`POOL_KIND`; anything else is its program's name (``curl``,
+    ``pigz``, ``tar``, ``redis-server``).
+    """
+    for i, arg in enumerate(args[:-2]):
+        if arg == "-m" and args[i + 1] == "prewarm":
+            kind = f"prewarm {args[i + 2]}"
+            return POOL_KIND if kind == "prewarm worker" and parent_kind in (kind, POOL_KIND) else kind
+    return os.path.basename(args[0]) if args else "?"
+
+
+@dataclasses.dataclass
+class KindPeak:
+    """The processes of one kind seen during a step: the largest peak RSS, and how many there were."""
+
+    peak: int = 0  # bytes, the largest VmHWM of any of them
+    pids: set[int] = dataclasses.field(default_factory=set)
+
+
 class TreeSampler(threading.Thread):
-    """Every 250 ms, the processes descended from this one: the workers' peak RSS, and the cores allowed.
+    """Every 250 ms, the processes descended from this one: peak RSS per process kind, and the cores allowed.
 
     The peak is each process's own high-water mark (``VmHWM``), so a coarse interval loses
     no peak of a process alive at a sample; the interval was 50 ms, and the scans of
     ``/proc`` cost a visible share of the machine CPU-seconds that every step is charged
-    (py-spy: more samples than the prewarm CLI itself during a spans step).
+    (py-spy: more samples than the prewarm CLI itself during a spans step).  What a process
+    grows in its last 250 ms, and a process that lives less than that, can be missed: the
+    count of distinct processes per kind is a lower bound (issue 20 saw ~90 pool processes
+    come and go at 1M files, recycled at Celery's per-child memory ceiling).
 
-    ``needle`` picks the processes whose RSS counts (``prewarm worker``); the allowed cores
-    (``Cpus_allowed_list``) are collected from every descendant, so a pinned step shows
-    that nothing it started ran outside the pin.
+    ``needle`` picks the processes whose RSS makes :attr:`peak` (``prewarm worker``: the
+    worker and its pool); :attr:`kinds` has every descendant's by :func:`process_kind`
+    (the ``prewarm schedule`` CLI, the pool processes, ``curl``, ``tar`` ...).  The allowed
+    cores (``Cpus_allowed_list``) are collected from every descendant, so a pinned step
+    shows that nothing it started ran outside the pin.
     """
 
     def __init__(self, needle: str) -> None:
         super().__init__(daemon=True)
         self.needle, self.peak, self.allowed = needle, 0, set[int]()
+        self.kinds: dict[str, KindPeak] = {}
         self._me = os.getpid()
         self._halt = threading.Event()
 
-    def _descendants(self) -> list[str]:
+    def _descendants(self) -> list[tuple[str, str]]:
+        """(pid, parent pid) of every descendant, each after its parent."""
         parent: dict[str, str] = {}
         for pid in os.listdir("/proc"):
             if pid.isdigit():
@@ -154,22 +191,37 @@ class TreeSampler(threading.Thread):
             for pid, ppid in parent.items():
                 if ppid in inside and pid not in inside:
                     inside.add(pid)
-                    out.append(pid)
+                    out.append((pid, ppid))
                     changed = True
         return out
 
+    def sample(self) -> None:
+        """One look at the process tree."""
+        kinds: dict[str, str] = {}
+        for pid, ppid in self._descendants():
+            try:
+                raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+                args = raw.decode(errors="replace").split("\0")[:-1]
+                kind = kinds[pid] = process_kind(args, kinds.get(ppid))
+                hwm = 0
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        hwm = int(line.split()[1]) * 1024
+                    elif line.startswith("Cpus_allowed_list:"):
+                        self.allowed |= _cpu_set(line.split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if not raw:  # a kernel thread, or a process between fork and exec's end
+                continue
+            seen = self.kinds.setdefault(kind, KindPeak())
+            seen.pids.add(int(pid))
+            seen.peak = max(seen.peak, hwm)
+            if self.needle in " ".join(args):
+                self.peak = max(self.peak, hwm)
+
     def run(self) -> None:
         while not self._halt.is_set():
-            for pid in self._descendants():
-                try:
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                        if line.startswith("VmHWM:") and self.needle in cmd:
-                            self.peak = max(self.peak, int(line.split()[1]) * 1024)
-                        elif line.startswith("Cpus_allowed_list:"):
-                            self.allowed |= _cpu_set(line.split()[1])
-                except (OSError, IndexError, ValueError):
-                    continue
+            self.sample()
             self._halt.wait(0.25)
 
     def stop(self) -> tuple[int, set[int]]:
