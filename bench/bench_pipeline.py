@@ -402,8 +402,9 @@ def print_table(img: Image, pin: Pin, run: int, figs: dict[str, Figure]) -> None
     print_targets(figs)
 
 
-#: Process kinds not worth a column: launchers and ``sync``, a few MB each.
-_DULL_KINDS = frozenset({"taskset", "sync", "sh", "bash"})
+#: Process kinds not worth showing: launchers and ``sync``, a few MB each, and the bench's own
+#: registry, alive across all steps (its high-water mark is its lifetime's, not the step's).
+_DULL_KINDS = frozenset({"taskset", "sync", "sh", "bash", "docker-registry"})
 
 
 def print_rss_by_kind(figs: dict[str, Figure]) -> None:

@@ -140,7 +140,9 @@ def process_kind(args: Sequence[str], parent_kind: str | None) -> str:
         if arg == "-m" and args[i + 1] == "prewarm":
             kind = f"prewarm {args[i + 2]}"
             return POOL_KIND if kind == "prewarm worker" and parent_kind in (kind, POOL_KIND) else kind
-    return os.path.basename(args[0]) if args else "?"
+    # a program that rewrote its title (redis-server) has spaces in its first word
+    program = args[0].split(" ", 1)[0] if args else ""
+    return os.path.basename(program) or "?"
 
 
 @dataclasses.dataclass

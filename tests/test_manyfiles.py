@@ -104,6 +104,9 @@ def test_process_kinds_tell_the_cli_the_worker_and_its_pool_apart() -> None:
     assert process_kind([py, "-m", "prewarm", "worker", "-c", "4"], "prewarm worker") == POOL_KIND
     assert process_kind(["/usr/bin/pigz", "-d"], "bash") == "pigz"
     assert process_kind([], None) == "?"
+    # redis-server rewrites its title into one argument with spaces
+    assert process_kind(["/usr/bin/redis-server unixsocket:/tmp/x/redis.sock", "", ""], "prewarm schedule") \
+        == "redis-server"
 
 
 def test_tree_sampler_counts_distinct_processes_and_their_peak_rss() -> None:
