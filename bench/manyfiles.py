@@ -13,6 +13,8 @@ writes fixed mtimes and zero gzip timestamps, so one (N, seed) gives one layer d
 The layer is written streaming: the entries come from a generator, one file's bytes at a
 time, out of one shared 1 MiB text corpus (each file is its own header line, then a
 window of the corpus at a random offset), so a million files never sit in memory.
+(``prewarm.imagebuild``'s ``tarfile`` does keep each member's header until the layer is
+written, ~0.7 KB a file measured at 5,000: ~0.7 GB at a million files, once per build.)
 
 The tree: ``opt/venv/lib/python3/site-packages/pkgNNNN/modM/``, :data:`FILES_PER_DIR`
 files per ``modM`` directory and :data:`DIRS_PER_PACKAGE` of those per package: five
