@@ -124,10 +124,11 @@ def test_a_node_joining_a_standing_schedule_gets_its_own_cursor(r: redis.Redis) 
     assert jobs.standing_jobs_for(r, {"gpu": "true"}) == []
 
 
-def test_a_lost_task_is_found_after_a_stall_and_only_then(r: redis.Redis) -> None:
+@pytest.mark.parametrize("nodes", [["a"], ["a", "b"]], ids=["alone", "fleet"])
+def test_a_lost_task_is_found_after_a_stall_and_only_then(r: redis.Redis, nodes: list[str]) -> None:
     # Given every task released to node a, all finished but span 2 of layer 0 (its message lost)
     plan = _plan()
-    job = jobs.create_job(r, plan, ["a"], window=8, image="x")
+    job = jobs.create_job(r, plan, nodes, window=8, image="x")
     while jobs.claim_next(r, job, "a") is not None:
         pass
     jobs.record_layer(r, job, "a", 1, jobs.LAYER_READY)
@@ -138,9 +139,17 @@ def test_a_lost_task_is_found_after_a_stall_and_only_then(r: redis.Redis) -> Non
     # But once nothing finished for the stall time, the job is stalled on a, and only span 2 is missing
     r.hset(keys.job_node(job, "a"), "updated", 0)
     assert jobs.stalled_jobs(r, "a", stall_seconds=60) == [job]
-    from prewarm.fleet.peers import spread  # unfinished tasks count in the node's order
+    from prewarm.fleet.peers import node_order, spread  # unfinished tasks count in the node's order
 
-    assert [plan.task_at(spread(plan, k, "a")) for k in jobs.unfinished_tasks(r, job, "a", plan)] == [(0, 2)]
+    # (the order dispatch.send_task sends them in: the plan's for a node alone, spread in a fleet)
+    alone = len(nodes) == 1
+    assert jobs.dispatch_flags(r, job) == (False, alone)
+    unfinished = jobs.unfinished_tasks(r, job, "a", plan)
+    assert [plan.task_at(node_order(plan, k, "a", alone)) for k in unfinished] == [(0, 2)]
+    if not alone:
+        assert [plan.task_at(spread(plan, k, "a")) for k in unfinished] == [(0, 2)]
+    else:
+        assert unfinished == [next(k for k in range(plan.task_count) if plan.task_at(k) == (0, 2))]
     # And when it lands the job is not stalled any more, and a finished job leaves the active set
     jobs.record_span(r, job, "a", 0, 2, 10)
     jobs.record_layer(r, job, "a", 0, jobs.LAYER_READY)
@@ -154,14 +163,14 @@ def test_a_stall_before_every_task_was_released_refills_the_window(r: redis.Redi
     # Given a window of 2 on node a: task 0 finished but its successor's send was lost, and
     # task 1's message was lost too (a Redis restart), so nothing is queued any more
     from prewarm.fleet import dispatch
-    from prewarm.fleet.peers import spread
+    from prewarm.fleet.peers import node_order
     from prewarm.fleet.schedule import resend_stalled
 
     plan = _plan(spans=(4,))
     assert [plan.task_at(k) for k in range(4)] == [(0, s) for s in range(4)]
-    # node a does the layer's four spans from its own starting point (span sharing spreads nodes)
-    order = [plan.task_at(spread(plan, k, "a"))[1] for k in range(4)]
-    assert sorted(order) == [0, 1, 2, 3]
+    # node a, alone in the job, does the layer's four spans in stream order
+    order = [plan.task_at(node_order(plan, k, "a", alone=True))[1] for k in range(4)]
+    assert order == [0, 1, 2, 3]
     job = jobs.create_job(r, plan, ["a"], window=2, image="x")
     queue = keys.node_queue("a")
     assert [jobs.claim_next(r, job, "a") for _ in range(3)] == [0, 1, 2]

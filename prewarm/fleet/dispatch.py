@@ -94,12 +94,7 @@ def send_task(app: celery.Celery, r: redis.Redis, plan: ImagePlan, job_id: str, 
         JobError: the job is signed but its signed body for this task is missing.
     """
     signed, alone = jobs.dispatch_flags(r, job_id)
-    # A node alone has nobody to spread over: in plan order, each layer's spans land in
-    # stream order and its in-order hashes advance as they land.  Rotated, every span before
-    # the node's starting point landed last, the hashed front waited at span 0 the whole
-    # job, and every later span was spooled and inflated a second time (325 of 352 spans of
-    # the bench's single-layer image, most of them by one process, under the layer lock).
-    index = k if alone else peers.spread(plan, k, node)
+    index = peers.node_order(plan, k, node, alone)
     if signed:
         field = signed_field(*plan.task_at(index))
         body = jobs.signed_body(r, job_id, field)

@@ -263,10 +263,11 @@ def unfinished_tasks(r: redis.Redis, job_id: str, node: str, plan: ImagePlan) ->
     """Task indexes (in the node's order, see ``dispatch.send_task``) not finished on the node:
     spans whose bit is unset, whole layers not ready, in layers neither ready nor failed."""
     layers = {int(_s(k)): _s(v) for k, v in r.hgetall(keys.job_node_layers(job_id, node)).items()}
+    alone = dispatch_flags(r, job_id)[1]
     bitmaps: dict[int, bytes] = {}
     out = []
     for k in range(plan.task_count):
-        li, span = plan.task_at(peers.spread(plan, k, node))
+        li, span = plan.task_at(peers.node_order(plan, k, node, alone))
         if layers.get(li) in (LAYER_READY, LAYER_FAILED):
             continue
         if plan.layers[li].mode == "spans":

@@ -203,6 +203,19 @@ def count_bytes(r: redis.Redis, job: str, node: str, *, registry: int = 0, peers
 _inverse: dict[int, tuple[ImagePlan, dict[tuple[int, int], int]]] = {}
 
 
+def node_order(plan: ImagePlan, k: int, node: str, alone: bool) -> int:
+    """The task index the node does k-th: the plan's order for a node alone, else :func:`spread`.
+
+    Why a node alone keeps the plan's order: it has nobody to spread over, and in plan
+    order each layer's spans land in stream order, so its in-order hashes advance as they
+    land.  Rotated, every span before the node's starting point landed last, the hashed
+    front waited at span 0 the whole job, and every later span was spooled and inflated a
+    second time (325 of 352 spans of the bench's single-layer image, most of them by one
+    process, under the layer lock).
+    """
+    return k if alone else spread(plan, k, node)
+
+
 def spread(plan: ImagePlan, k: int, node: str) -> int:
     """The task index the node does k-th: the plan's order, each layer started at a node's own point.
 
