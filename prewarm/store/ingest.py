@@ -517,12 +517,13 @@ class _HashingReader(io.RawIOBase):
         self.size = 0
         #: What the chunk source raised, if it failed (not the decompressor or tar parser).
         self.source_error: Exception | None = None
+        self._chunks: Iterator[bytes] | None = None
 
     def readable(self) -> bool:
         return True
 
     def chunks(self) -> Iterator[bytes]:
-        """The chunks as they come, hashed (instead of read through a file object)."""
+        """The chunks as they come, hashed (the gzip path reads them so, not through ``readinto``)."""
         while True:
             try:
                 chunk = next(self._it, None)
@@ -536,16 +537,12 @@ class _HashingReader(io.RawIOBase):
             yield chunk
 
     def readinto(self, b: Any) -> int:
+        if self._chunks is None:
+            self._chunks = self.chunks()
         while not self._buf:
-            try:
-                chunk = next(self._it, None)
-            except Exception as err:
-                self.source_error = err
-                raise
+            chunk = next(self._chunks, None)
             if chunk is None:
                 return 0
-            self.hash.update(chunk)
-            self.size += len(chunk)
             self._buf = memoryview(chunk).cast("B")
         n = min(len(b), len(self._buf))
         b[:n] = self._buf[:n]
