@@ -282,3 +282,22 @@ def test_a_cancelled_job_refuses_its_queued_tasks(r: redis.Redis) -> None:
     assert jobs.task_refusal(r, job, "a", 0, "a") is None
     jobs.cancel_job(r, job)
     assert jobs.task_refusal(r, job, "a", 0, "a") == jobs.CANCELLED
+
+
+def test_waiting_for_a_job_outlasts_a_client_read_timeout_shorter_than_its_pauses(redis_url: str) -> None:
+    # Given a job that makes no progress, watched through a client whose read timeout is
+    # shorter than the pauses between polls (they grow to 2 s; in a large fleet, a
+    # millisecond per node)
+    from prewarm.errors import JobTimeout
+    from prewarm.fleet.schedule import wait_for_job
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=0.4)
+    job = jobs.create_job(client, _plan(), ["a"], window=8, image="x")
+    # When the scheduler waits on it, Then it times out as a job, not as a socket
+    with pytest.raises(JobTimeout):
+        wait_for_job(client, job, interval=0.3, timeout=2.5)
+    # And a node reaching its end still wakes a waiter at once
+    for i, layer in enumerate(_plan().layers):
+        jobs.record_layer(client, job, "a", i, jobs.LAYER_READY)
+    assert jobs.settle(client, job, "a")
+    assert client.llen(keys.job_wake(job)) == 1

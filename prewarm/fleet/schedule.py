@@ -252,10 +252,25 @@ def wait_for_job(r: redis.Redis, job_id: str, *, on_update: Callable[[jobs.JobSt
         floor = max(interval, POLL_SECONDS_PER_NODE * len(status.nodes))
         pause = floor if status.bytes_done != last_done else min(max(MAX_POLL_INTERVAL, floor), pause * 1.5)
         last_done = status.bytes_done
-        try:  # woken early when a node reaches its end (jobs.settle)
-            r.blpop([keys.job_wake(job_id)], timeout=max(pause, 0.01))
-        except redis.exceptions.ConnectionError:
-            time.sleep(pause)  # the next poll reports the outage
+        _pause_until_woken(r, job_id, pause)
+
+
+def _pause_until_woken(r: redis.Redis, job_id: str, pause: float) -> None:
+    """Wait ``pause`` seconds, or less if a node of the job reaches its end (:func:`jobs.settle`).
+
+    The wait in Redis (BLPOP) stays under half the client's own read timeout: a longer one
+    is a ``TimeoutError`` from redis-py, not an empty pop (the pause grows with the fleet,
+    a millisecond per node); the rest of a longer pause is slept.
+    """
+    read_timeout = r.connection_pool.connection_kwargs.get("socket_timeout")
+    blocked = min(pause, read_timeout / 2) if read_timeout else pause
+    start = time.monotonic()
+    try:
+        if r.blpop([keys.job_wake(job_id)], timeout=max(blocked, 0.01)) is not None:
+            return
+    except redis.exceptions.ConnectionError:
+        pass  # the next poll reports the outage
+    time.sleep(max(0.0, pause - (time.monotonic() - start)))
 
 
 def timeout_report(status: jobs.JobStatus, timeout: float) -> str:
