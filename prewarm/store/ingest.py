@@ -123,18 +123,15 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
                     if placement.kind != "reg":
                         writer.create(e, placement)
                         continue
+                    if current is not None:  # (the tar parser yields an entry only after the data before it)
+                        raise CorruptContent(f"layer {digest}: tar entry {e.name!r} begins inside another "
+                                             "file's data")
                     if fast is not None and e.uncompressed_offset + e.uncompressed_size <= end \
                             and e.uncompressed_size < LANE_MIN_FILE and _plain(meta):
-                        if current is not None:
-                            raise CorruptContent(f"layer {digest}: tar entry {e.name!r} begins inside another "
-                                                 "file's data")
                         at = e.uncompressed_offset - offset
                         _create_small_file(fast, writer, direct, e, placement, mv[at:at + e.uncompressed_size], meta)
                         done[-1] = 1
                         continue
-                    if current is not None:  # (the tar parser yields an entry only after the data before it)
-                        raise CorruptContent(f"layer {digest}: tar entry {e.name!r} begins inside another "
-                                             "file's data")
                     opened = _OpenFile(writer.create_file(e, placement), e.uncompressed_offset,
                                        e.uncompressed_offset + e.uncompressed_size, len(entries) - 1, meta,
                                        lanes.lane_for(e.uncompressed_size))
@@ -146,7 +143,6 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
             lanes.stop()  # every file's data and metadata are on (or its error is raised)
         except Exception as err:
             inflater.stop()  # before anything else reads the registry stream
-            lanes.stop(check=False)
             if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise
             if isinstance(err, (ExpansionLimit, InsufficientSpace)):
@@ -191,18 +187,16 @@ class _Inflater(threading.Thread):
         self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(PIPELINE_DEPTH)
         self._halt = threading.Event()
 
-    def _reader(self) -> io.RawIOBase | io.BufferedIOBase:
-        if self._compression == "zstd":
-            import zstandard
-
-            return zstandard.ZstdDecompressor().stream_reader(self._raw, read_across_frames=True)  # type: ignore[return-value,arg-type]
-        return self._raw
-
     def _read(self) -> Iterator[bytes]:
+        """The tar stream, inflated."""
         if self._compression == "gzip":
             yield from _gunzip(self._raw.chunks())
             return
-        reader = self._reader()
+        reader: io.RawIOBase | io.BufferedIOBase = self._raw
+        if self._compression == "zstd":
+            import zstandard
+
+            reader = zstandard.ZstdDecompressor().stream_reader(self._raw, read_across_frames=True)  # type: ignore[assignment,arg-type]
         while chunk := reader.read(STREAM_READ):
             yield chunk
 
@@ -269,7 +263,6 @@ def _gunzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def _gunzip_members(chunks: Iterator[bytes], isal_zlib: Any) -> Iterator[bytes]:
-
     d: Any = None  # the member being inflated; None between members
     members = 0
     for chunk in chunks:
@@ -456,17 +449,20 @@ class _DataLanes:
             while self._pending + len(data) > LANE_BYTES and self._pending and self._error is None:
                 self._room.wait()
             self._pending += len(data)
-        if not self._files or self._files[-1] is not f:
-            self._files.append(f)
-            if len(self._files) > 4096:
-                self._files = [g for g in self._files if not g.closed]
+        self._track(f)
         self._queues[f.lane].put((f, data, offset, None))
 
     def finish(self, f: _OpenFile, done: bytearray) -> None:
         assert f.lane is not None
+        self._track(f)
+        self._queues[f.lane].put((f, None, 0, done))
+
+    def _track(self, f: _OpenFile) -> None:
+        """Remember a file given to a lane, so that :meth:`stop` closes it if its lane could not."""
         if not self._files or self._files[-1] is not f:
             self._files.append(f)
-        self._queues[f.lane].put((f, None, 0, done))
+            if len(self._files) > 4096:
+                self._files = [g for g in self._files if not g.closed]
 
     def check(self) -> None:
         """Raise what a lane failed with (ENOSPC, EIO, ...)."""

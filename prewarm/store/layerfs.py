@@ -481,8 +481,7 @@ class LayerWriter:
         if placement.kind == "opaque":
             os.setxattr(self._parent_fd(placement.path, entry.name, create=True), OPAQUE_XATTR, b"y")
             return
-        parent, _, base = placement.created_at.rpartition("/")
-        pfd = self._parent_fd(parent, entry.name, create=True)
+        pfd, base = self.parent_dir(entry, placement)
         kind = placement.kind
         if kind == "dir":
             try:
@@ -551,8 +550,7 @@ class LayerWriter:
         Raises:
             UnsafeArchive: the entry would escape the layer.
         """
-        parent, _, base = placement.created_at.rpartition("/")
-        return self._new_file(self._parent_fd(parent, entry.name, create=True), base)
+        return self._new_file(*self.parent_dir(entry, placement))
 
     def _dir_fd_of(self, path: str, name: str) -> int:
         try:
