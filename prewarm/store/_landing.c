@@ -451,6 +451,20 @@ static int open_data(writer_t *w, const char *path, Py_ssize_t k) {
     return fd;
 }
 
+/* A new file's data, then its metadata in layerfs.apply_meta's order: owner, mode (chown
+ * clears set-id bits), then the mtime, after the last write. */
+static int fill_file(writer_t *w, int fd, const uint8_t *data, size_t len, unsigned int uid, unsigned int gid,
+                     int64_t mode, int64_t mtime_ns) {
+    struct timespec times[2];
+    int64_t secs = mtime_ns / 1000000000LL, ns = mtime_ns % 1000000000LL;
+    if (ns < 0) { ns += 1000000000LL; secs -= 1; }
+    times[0].tv_sec = times[1].tv_sec = (time_t)secs;
+    times[0].tv_nsec = times[1].tv_nsec = (long)ns;
+    if (len && write_data(w, fd, data, len, 0) < 0) return -1;
+    if (fchown(fd, uid, gid) < 0 || fchmod(fd, (mode_t)(mode & 07777)) < 0 || futimens(fd, times) < 0) return -1;
+    return 0;
+}
+
 /* As LayerWriter.create_whole: the file with all its data and metadata, in one open; the
  * metadata in layerfs.apply_meta's order (owner, mode, then mtime; a file with xattrs is
  * never created here). */
@@ -465,13 +479,7 @@ static int create_whole(writer_t *w, const record_t *r, const char *path, const 
         fd = open_data(w, path, k); /* left by an interrupted landing of this span */
         if (fd < 0) return -1;
     }
-    struct timespec times[2];
-    int64_t secs = r->mtime_ns / 1000000000LL, ns = r->mtime_ns % 1000000000LL;
-    if (ns < 0) { ns += 1000000000LL; secs -= 1; }
-    times[0].tv_sec = times[1].tv_sec = (time_t)secs;
-    times[0].tv_nsec = times[1].tv_nsec = (long)ns;
-    if (write_data(w, fd, data, (size_t)r->size, 0) < 0 || fchown(fd, r->uid, r->gid) < 0 ||
-        fchmod(fd, (mode_t)(r->mode & 07777)) < 0 || futimens(fd, times) < 0) {
+    if (fill_file(w, fd, data, (size_t)r->size, r->uid, r->gid, r->mode, r->mtime_ns) < 0) {
         int saved = errno;
         close(fd);
         errno = saved;
@@ -817,13 +825,7 @@ static PyObject *create_file(PyObject *self, PyObject *args) {
     if (fd < 0) {
         err = errno;
     } else {
-        struct timespec times[2];
-        int64_t secs = mtime_ns / 1000000000LL, ns = mtime_ns % 1000000000LL;
-        if (ns < 0) { ns += 1000000000LL; secs -= 1; }
-        times[0].tv_sec = times[1].tv_sec = (time_t)secs;
-        times[0].tv_nsec = times[1].tv_nsec = (long)ns;
-        if ((data.len && write_data(&w, fd, (const uint8_t *)data.buf, (size_t)data.len, 0) < 0) ||
-            fchown(fd, uid, gid) < 0 || fchmod(fd, (mode_t)(mode & 07777)) < 0 || futimens(fd, times) < 0)
+        if (fill_file(&w, fd, (const uint8_t *)data.buf, (size_t)data.len, uid, gid, mode, mtime_ns) < 0)
             err = errno ? errno : EIO;
         if (close(fd) < 0 && !err) err = errno;
     }
