@@ -42,7 +42,7 @@ def test_only_the_schedulers_signed_tasks_run(tmp_path: Path, registry: Registry
         job = prewarm("schedule", ref, "--node", "s1", env=scheduler, check=True).stdout.strip()
         final = wait_job(job, env)
         assert final["state"] == "succeeded", (final, worker.log.read_text()[-3000:])
-        assert jobs.is_signed(r, job)
+        assert jobs.dispatch_flags(r, job)[0]
         field = dispatch.signed_field(0, 0)
         body = jobs.signed_body(r, job, field)
         assert body is not None

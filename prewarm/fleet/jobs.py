@@ -186,10 +186,6 @@ def _active_jobs(r: redis.Redis) -> list[str]:
     return sorted(_s(raw) for raw in r.smembers(keys.ACTIVE_JOBS))
 
 
-def is_signed(r: redis.Redis, job_id: str) -> bool:
-    return _s(r.hget(keys.job(job_id), "signed")) == "1"
-
-
 def dispatch_flags(r: redis.Redis, job_id: str) -> tuple[bool, bool]:
     """(the job's tasks are signed, the job is for one node alone), in one round trip."""
     signed, alone = r.hmget(keys.job(job_id), ["signed", "alone"])
