@@ -77,8 +77,8 @@ def _table_checks(tmp_path: Path, tar: bytes, mutate: tuple[int, str] | None = N
         files[k] = dataclasses.replace(e, **{field: changed})
         if field == "name" and e.xattrs == (("path", e.name),):  # a TOC that lies consistently
             files[k] = dataclasses.replace(files[k], xattrs=(("path", changed),))
-    table, heap = landing.build_table(files, prep.placements, prep.born, list(map(entry_meta, files)),
-                                      prep.header_starts)
+    table, heap = landing.build_table(files, prep.placements, bytes(prep.born), list(map(entry_meta, files)),
+                                      list(prep.header_starts))
     out = memoryview(tar[:z.uncompressed_archive_size])
     return landing.check_headers(_C, table, heap, out, 0), files
 
@@ -137,11 +137,12 @@ def test_the_c_table_builder_matches_the_python_one_or_hands_it_over(tmp_path: P
     files = list(z.files)
 
     def table(entries: list) -> tuple[bytes, bytes] | None:  # type: ignore[type-arg]
-        return _C.build_table(entries, prep.placements, prep.born, list(map(entry_meta, entries)), prep.header_starts)
+        return _C.build_table(entries, prep.placements, bytes(prep.born), list(map(entry_meta, entries)),
+                              list(prep.header_starts))
 
     def reference(entries: list) -> tuple[bytes, bytes]:  # type: ignore[type-arg]
-        return landing.build_table_python(entries, prep.placements, prep.born, list(map(entry_meta, entries)),
-                                          prep.header_starts)
+        return landing.build_table_python(entries, prep.placements, bytes(prep.born), list(map(entry_meta, entries)),
+                                          list(prep.header_starts))
 
     # Then C builds exactly the Python builder's records and heap
     assert table(files) == reference(files)

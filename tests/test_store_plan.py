@@ -91,7 +91,7 @@ def test_other_processes_load_the_plan_and_decode_only_their_entries(tmp_path: P
     # plan's entry keys without decoding a single TOC entry
     assert _decoded(z2) == 0
     loaded, derived = second._tables[digest].placements, first._tables[digest].placements
-    assert list(loaded) == derived and len(loaded) == len(derived)
+    assert list(loaded) == list(derived) and len(loaded) == len(derived)
     assert [loaded[i] for i in (0, 299, -1)] == [derived[i] for i in (0, 299, -1)]
     assert loaded[10:20] == derived[10:20]
     assert second._tables[digest].spanmap.arrays() == first._tables[digest].spanmap.arrays()

@@ -217,8 +217,8 @@ tar = pathlib.Path(sys.argv[2]).read_bytes()
 blob = gzip.compress(tar, mtime=0)
 z = build_ztoc([blob], span_size=1 << 20, build_tool_identifier="prewarm-test")
 t = LandingTable.derive(z)
-heap = t.heap.replace(b"xx/f", b"../f")
-assert heap != t.heap
+heap = bytes(t.heap).replace(b"xx/f", b"../f")
+assert heap != bytes(t.heap)
 with LayerWriter(fs) as w:
     try:
         landing.write_pieces(landing.backend(), t.records, heap, w.root_fd, memoryview(tar[:z.uncompressed_archive_size]),

@@ -62,6 +62,7 @@ enum {
     F_CHECKABLE = 4, /* a one-block header chain can be compared with it here */
     F_CREATABLE = 8, /* born, and its metadata is plain (no xattrs): created here */
     F_PAX_PATH = 16, /* checkable, behind a PAX header whose one record is path=<name> */
+    F_PLAIN = 32,    /* the record's uid, gid, mode and mtime are the entry's metadata */
 };
 
 enum {
@@ -733,7 +734,7 @@ static PyObject *build_table(PyObject *self, PyObject *args) {
         int plain = fits && uid >= 0 && uid <= 0xFFFFFFFFLL && gid >= 0 && gid <= 0xFFFFFFFFLL;
         int is_final = PyObject_IsTrue(final);
         if (is_final < 0) { fallback = 1; goto next; }
-        uint8_t flags = 0;
+        uint8_t flags = plain ? F_PLAIN : 0;
         /* as Python: the TOC size's sign decides, even for a size beyond 64 bits */
         if (PyUnicode_CompareWithASCIIString(kind, "reg") == 0 && is_final && size_sign > 0) flags |= F_WRITE;
         if (born[i]) {
@@ -855,6 +856,7 @@ PyMODINIT_FUNC PyInit__landing(void) {
               PyModule_AddIntConstant(m, "F_BORN", F_BORN) < 0 ||
               PyModule_AddIntConstant(m, "F_CHECKABLE", F_CHECKABLE) < 0 ||
               PyModule_AddIntConstant(m, "F_CREATABLE", F_CREATABLE) < 0 ||
+              PyModule_AddIntConstant(m, "F_PLAIN", F_PLAIN) < 0 ||
               PyModule_AddIntConstant(m, "F_PAX_PATH", F_PAX_PATH) < 0)) {
         Py_DECREF(m);
         return NULL;

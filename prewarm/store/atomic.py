@@ -20,7 +20,7 @@ from pathlib import Path
 from prewarm.errors import InsufficientSpace, StoreError
 
 
-def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+def atomic_write(path: Path, data: bytes | bytearray | memoryview, *, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` atomically (temp file + rename); fsync with ``durable``.
 
     Raises:

@@ -45,7 +45,7 @@ from prewarm.store.layerfs import (
 #: One entry's record; keep in step with ``record_t`` in ``_landing.c``.
 RECORD = struct.Struct("<7q8I2B6x")
 
-F_WRITE, F_BORN, F_CHECKABLE, F_CREATABLE, F_PAX_PATH = 1, 2, 4, 8, 16
+F_WRITE, F_BORN, F_CHECKABLE, F_CREATABLE, F_PAX_PATH, F_PLAIN = 1, 2, 4, 8, 16, 32
 
 _TYPE_FLAGS = {"reg": b"0", "hardlink": b"1", "symlink": b"2", "char": b"3", "block": b"4", "dir": b"5",
                "fifo": b"6"}
@@ -122,7 +122,7 @@ def build_table_python(files: Sequence[FileEntry], placements: Sequence[Placemen
             raise BadZtoc(f"tar entry {e.name!r} has a name that cannot be encoded: {err}") from None
         plain = (uid in _UINT32 and gid in _UINT32 and mode in _INT64 and mtime_ns in _INT64
                  and e.devmajor in _INT64 and e.devminor in _INT64 and e.uncompressed_size in _INT64)
-        flags = 0
+        flags = F_PLAIN if plain else 0
         if p.kind == "reg" and p.final and e.uncompressed_size > 0:
             flags |= F_WRITE
         if born[i]:

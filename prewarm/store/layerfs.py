@@ -602,8 +602,11 @@ class LayerWriter:
         already have theirs (files born whole when their span landed, see :meth:`create_whole`).
         """
         dirs: list[tuple[Placement, Meta]] = []
-        for i, placement in enumerate(placements):
-            if not placement.final or placement.kind in ("skip", "opaque", "hardlink") or (done and done[i]):
+        for i in range(len(placements)):
+            if done and done[i]:
+                continue  # most files of a many-file layer: no Placement made for them
+            placement = placements[i]
+            if not placement.final or placement.kind in ("skip", "opaque", "hardlink"):
                 continue
             if placement.kind == "dir":
                 dirs.append((placement, meta[i]))

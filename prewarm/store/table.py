@@ -16,13 +16,17 @@ counts, unreadable) is ignored and derived again.
 
 from __future__ import annotations
 
+import array
 import bisect
 import dataclasses
 import hashlib
 import marshal
+import mmap
+import os
+import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from prewarm.errors import BadZtoc
 from prewarm.index.ztoc import WINDOW_SIZE, FileEntry, Span
@@ -40,7 +44,7 @@ from prewarm.store.layerfs import (
 from prewarm.store.spanmap import SpanMap
 
 #: Version of a saved table; another version is ignored and the table derived again.
-FORMAT = 5  # 5: metadata without trusted.* / user.overlay.* xattrs; superseded hard-link targets
+FORMAT = 6  # 6: one flat file of columns, mapped by the processes that load it
 #: Bytes of an entry key (see :func:`entry_key`).
 KEY_SIZE = 16
 #: The key of an entry whose header C checks (never a BLAKE2b digest in practice).
@@ -73,24 +77,60 @@ class SpanRange:
     uncompressed_end: int
 
 
-@dataclasses.dataclass
 class LandingTable:
-    """Per-layer facts derived from its zTOC once per node (cheap repeated span calls)."""
+    """Per-layer facts derived from its zTOC once per node (cheap repeated span calls).
 
-    ztoc: ZtocView
-    fingerprint: str
-    placements: Sequence[Placement]
-    spanmap: SpanMap
-    data_starts: list[int]      # entry i's data offset (sorted)
-    header_starts: list[int]    # where entry i's header chain starts
-    archive_data_end: int       # padded end of the last entry: zeros from here on
-    spans: list[SpanRange]
-    windowed: bool              # spans carry checkpoint windows (gzip)
-    keys: bytes                 # entry i's entry_key at [16 i, 16 i + 16) (zeros: C checks it)
-    born: bytes                 # born[i]: file i is created whole when its span lands
-    meta: list[Meta]            # entry i's metadata (layerfs.entry_meta): no entry decoded to apply it
-    records: bytes              # the C records (prewarm.store.landing): b"" with the Python reference
-    heap: bytes
+    Every column is a view of one flat buffer (see :func:`_encode`): a table derived here
+    holds it in memory, one loaded from ``work/`` maps the saved file.  Why: a worker
+    process landing a few spans of a layer of a million files touches only those spans'
+    records, so its memory does not grow with the file count (a table of Python objects
+    was ~1 KB per entry in every process).
+    """
+
+    __slots__ = ("_buf", "_smap", "archive_data_end", "born", "data_starts", "fingerprint", "finals",
+                 "header_starts", "heap", "keys", "kinds", "meta", "placements", "records", "spans", "windowed",
+                 "ztoc")
+
+    def __init__(self, ztoc: ZtocView, buf: bytearray | mmap.mmap, fingerprint: str | None = None) -> None:
+        """The table in ``buf`` (what :meth:`derive` encodes or :meth:`save` wrote) for ``ztoc``.
+
+        Raises:
+            _Unfit: ``buf`` is not a table of this format for this zTOC (and ``fingerprint``).
+        """
+        head, sections = _parse(buf)
+        fp = head.fingerprint.decode("ascii", "replace")
+        n, nspans = len(ztoc.files), ztoc.num_spans
+        if fingerprint is not None and fp != fingerprint:
+            raise _Unfit("another zTOC's table")
+        if head.n != n or head.nspans != nspans:
+            raise _Unfit(f"a table of {head.n} entries and {head.nspans} spans, the zTOC has {n} and {nspans}")
+        if landing.backend() is None and not head.flags & _ALL_KEYS:
+            raise _Unfit("keys for the C landing only")
+        mv = memoryview(buf)
+        col = {name: mv[a:b] for name, (a, b) in sections.items()}
+        try:
+            made_at, xattrs, override = marshal.loads(col["extras"])
+        except (ValueError, EOFError, TypeError) as err:
+            raise _Unfit(f"extras: {err}") from None
+        if not all(isinstance(d, dict) for d in (made_at, xattrs, override)):
+            raise _Unfit("extras are not three maps")
+        if bytes(col["kinds"]).translate(None, _KIND_CODES):
+            raise _Unfit("an unknown placement kind")
+        self._buf = buf
+        self.ztoc = ztoc
+        self.fingerprint = fp
+        self.windowed = bool(head.flags & _WINDOWED)
+        self.archive_data_end: int = head.data_end
+        self.records, self.heap, self.keys = col["records"], col["heap"], col["keys"]
+        self.born, self.kinds, self.finals = col["born"], col["kinds"], col["finals"]
+        fields = self.records.cast("q")
+        self.data_starts: Sequence[int] = fields[0::_QS_PER_RECORD]
+        self.header_starts: Sequence[int] = fields[1::_QS_PER_RECORD]
+        s = col["spans"].cast("q")
+        self.spans = list(map(SpanRange, s[0::4], s[1::4], s[2::4], s[3::4]))
+        self.placements: Sequence[Placement] = _Placements(self, made_at)
+        self.meta: Sequence[Meta] = _Metas(self, xattrs, override)
+        self._smap: SpanMap | None = None
 
     @classmethod
     def derive(cls, ztoc: ZtocView) -> LandingTable:
@@ -138,33 +178,47 @@ class LandingTable:
         checker = check_archive(files, usize)
         placements = checker.placements
         smap = SpanMap(data_extents(files, placements))
-        data_starts, header_starts = [], []
+        header_starts = []
         pos = 0
         for e in files:
             if e.uncompressed_offset < pos + 512:
                 raise BadZtoc(f"tar entry {e.name!r} at {e.uncompressed_offset} leaves no room for its header "
                               f"after the previous entry (ends at {pos})")
             header_starts.append(pos)
-            data_starts.append(e.uncompressed_offset)
             pos = e.uncompressed_offset + _padded(_data_len(e))
         if pos > usize:
             raise BadZtoc(f"the last tar entry ends at {pos}, past the {usize}-byte archive")
         born = _born_at_landing(files, placements, checker.fresh, spans)
         meta = list(map(entry_meta, files))
-        records, heap = b"", b""
-        if landing.backend() is None:
+        records, heap = landing.build_table(files, placements, born, meta, header_starts)
+        all_keys = landing.backend() is None
+        if all_keys:
             keys = b"".join(map(entry_key, files))
         else:
             # C checks the headers of the rest; a zero key only means "decode it if asked"
-            records, heap = landing.build_table(files, placements, born, meta, header_starts)
             need = set(landing.unchecked_entries(records))
+            data_starts = memoryview(records).cast("q")[0::_QS_PER_RECORD]
             for r in spans[1:]:  # header chains across a span boundary are checked in Python
                 k = _straddler(data_starts, header_starts, r.uncompressed_start)
                 if k is not None:
                     need.add(k)
+            del data_starts
             keys = b"".join(entry_key(e) if i in need else _NO_KEY for i, e in enumerate(files))
-        return cls(ztoc, known or fp.hexdigest(), placements, smap, data_starts, header_starts, pos, spans,
-                   windowed, keys, born, meta, records, heap)
+        extras = ({i: p.made_at for i, p in enumerate(placements) if p.made_at},
+                  {i: m[4] for i, m in enumerate(meta) if m[4]},
+                  {i: meta[i] for i in _unset(records[RECORD_FLAGS::landing.RECORD.size], landing.F_PLAIN)})
+        buf = _encode(known or fp.hexdigest(), (_WINDOWED if windowed else 0) | (_ALL_KEYS if all_keys else 0),
+                      pos, spans, records, heap, keys, born, smap.arrays(),
+                      bytes(_KIND_CODE[p.kind] for p in placements), bytes(p.final for p in placements),
+                      marshal.dumps(extras))
+        return cls(ztoc, buf)
+
+    @property
+    def spanmap(self) -> SpanMap:
+        """The data extents by stream offset (the Python landing's; C reads the records)."""
+        if self._smap is None:
+            self._smap = SpanMap.from_arrays(*map(list, _smap_arrays(self._buf)))
+        return self._smap
 
     def save(self, path: Path) -> None:
         """Persist the table at ``path``, so the node's other processes skip :meth:`derive`.
@@ -172,49 +226,30 @@ class LandingTable:
         The caller writes it before the layer's state.json (or under the layer lock when
         state.json is already there).
         """
-        data = marshal.dumps((
-            FORMAT, self.fingerprint, *_columns(self.placements),
-            *self.spanmap.arrays(), self.data_starts, self.header_starts, self.archive_data_end,
-            [r.compressed_start for r in self.spans], [r.compressed_end for r in self.spans],
-            [r.uncompressed_start for r in self.spans], [r.uncompressed_end for r in self.spans],
-            self.windowed, self.keys, self.born, self.meta, self.records, self.heap,
-        ))
-        atomic_write(path, data, durable=False)
+        atomic_write(path, memoryview(self._buf), durable=False)
 
     @classmethod
     def load(cls, path: Path, ztoc: ZtocView, fingerprint: str) -> LandingTable | None:
-        """The table saved at ``path`` for this zTOC, or None (then :meth:`derive` it).
+        """The table saved at ``path`` for this zTOC, mapped (not read), or None (then :meth:`derive` it).
 
         A table that does not fit the zTOC (other counts, another format or backend,
         unreadable) is ignored, never trusted.
         """
         try:
-            raw = path.read_bytes()
-            (fmt, fp, kinds, paths, finals, made_at, m_starts, m_ends, m_ids, data_starts, header_starts,
-             data_end, cs, ce, us, ue, windowed, keys, born, meta, records, heap) = marshal.loads(raw)
-            n, nspans = len(ztoc.files), ztoc.num_spans
-            if (fmt != FORMAT or fp != fingerprint
-                    or not len(kinds) == len(paths) == len(finals) == len(data_starts) == len(header_starts) == n
-                    or not len(cs) == len(ce) == len(us) == len(ue) == nspans
-                    or not isinstance(keys, bytes) or len(keys) != KEY_SIZE * n
-                    or not isinstance(born, bytes) or len(born) != n
-                    or not isinstance(meta, list) or len(meta) != n
-                    or not isinstance(records, bytes) or len(records) not in (0, landing.RECORD.size * n)
-                    or not isinstance(heap, bytes) or bool(records) != (landing.backend() is not None)):
-                return None
-            smap = SpanMap.from_arrays(m_starts, m_ends, m_ids)
-        except (OSError, ValueError, EOFError, TypeError, BadZtoc):
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < _HEAD.size:
+                    return None
+                buf = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        except (OSError, ValueError):
             return None
-        if not all(isinstance(x, list) for x in (kinds, paths, finals)) or not isinstance(made_at, dict):
+        try:
+            return cls(ztoc, buf, fingerprint)
+        except _Unfit:
             return None
-        placements = _PlacementColumns(kinds, paths, finals, made_at)
-        spans = list(map(SpanRange, cs, ce, us, ue))
-        return cls(ztoc, fingerprint, placements, smap, data_starts, header_starts, data_end, spans,
-                   bool(windowed), keys, born, meta, records, heap)
 
     def key(self, k: int) -> bytes:
         """Entry ``k``'s :func:`entry_key` (zeros when C checks its header)."""
-        return self.keys[KEY_SIZE * k:KEY_SIZE * (k + 1)]
+        return bytes(self.keys[KEY_SIZE * k:KEY_SIZE * (k + 1)])
 
     def straddler(self, boundary: int) -> int | None:
         """The entry whose header chain crosses stream offset ``boundary``, if any."""
@@ -225,41 +260,168 @@ class LandingTable:
         return self.windowed and boundary - self.header_starts[k] <= WINDOW_SIZE
 
 
-class _PlacementColumns(Sequence[Placement]):
-    """Saved placements as three columns; entry i's :class:`Placement` is made when asked for.
+class _Unfit(Exception):
+    """A saved table that is not this format's, or not for this zTOC (derive it again)."""
 
-    Why: every worker process loads each layer's table, and making 50,000 objects of
-    which C landing reads none (it asks only for a piece it hands back, or an entry to
-    name in an error) was most of a load's 0.16 s.
+
+#: Placement kinds by their one-byte code in the ``kinds`` column.
+_KINDS = ("reg", "dir", "symlink", "hardlink", "char", "block", "fifo", "whiteout", "opaque", "skip")
+_KIND_CODE = {k: i for i, k in enumerate(_KINDS)}
+_KIND_CODES = bytes(range(len(_KINDS)))
+_MAGIC = b"PWLANDT\0"
+_WINDOWED, _ALL_KEYS = 1, 2
+#: magic, format, flags, entries, spans, span-map extents, archive data end, heap and extras sizes, fingerprint
+_HEAD = struct.Struct("<8sIIQQQqQQ64s")
+
+
+class _Head(NamedTuple):
+    magic: bytes
+    format: int
+    flags: int
+    n: int
+    nspans: int
+    m: int
+    data_end: int
+    heap_len: int
+    extras_len: int
+    fingerprint: bytes
+
+
+_QS_PER_RECORD = landing.RECORD.size // 8
+#: Where ``record_t.flags`` lies in a record; then its mode, mtime_ns, uid and gid; its path's offset and length.
+RECORD_FLAGS = 89
+_META_AT = struct.Struct("<24xq16xqII")
+_PATH_AT = struct.Struct("<80xII")
+
+
+def _sections(h: _Head) -> dict[str, tuple[int, int]]:
+    """Where each column lies in a table with header ``h`` (8-byte aligned, in this order)."""
+    sizes = (("records", landing.RECORD.size * h.n), ("keys", KEY_SIZE * h.n), ("spans", 32 * h.nspans),
+             ("smap", 24 * h.m), ("born", h.n), ("kinds", h.n), ("finals", h.n), ("heap", h.heap_len),
+             ("extras", h.extras_len))
+    out, at = {}, _HEAD.size + (-_HEAD.size & 7)
+    for name, size in sizes:
+        out[name] = (at, at + size)
+        at += size + (-size & 7)
+    out["end"] = (at, at)
+    return out
+
+
+def _parse(buf: bytearray | mmap.mmap) -> tuple[_Head, dict[str, tuple[int, int]]]:
+    if len(buf) < _HEAD.size:
+        raise _Unfit("shorter than its header")
+    h = _Head(*_HEAD.unpack_from(buf, 0))
+    if h.magic != _MAGIC or h.format != FORMAT:
+        raise _Unfit("another format")
+    if max(h.n, h.nspans, h.m, h.heap_len, h.extras_len) > len(buf):
+        raise _Unfit("counts beyond its size")
+    sections = _sections(h)
+    if sections.pop("end")[0] != len(buf):
+        raise _Unfit("its size is not what its header says")
+    return h, sections
+
+
+def _encode(fingerprint: str, flags: int, data_end: int, spans: Sequence[SpanRange], records: bytes, heap: bytes,
+            keys: bytes, born: bytes, smap: tuple[list[int], list[int], list[int]], kinds: bytes, finals: bytes,
+            extras: bytes) -> bytearray:
+    """The flat table: a header, then the columns where :func:`_sections` puts them."""
+    starts, ends, ids = smap
+    h = _Head(_MAGIC, FORMAT, flags, len(born), len(spans), len(starts), data_end, len(heap), len(extras),
+              fingerprint.encode("ascii"))
+    where = _sections(h)
+    buf = bytearray(where["end"][0])
+    _HEAD.pack_into(buf, 0, *h)
+    span_cols = array.array("q", [x for s in spans for x in (s.compressed_start, s.compressed_end,
+                                                              s.uncompressed_start, s.uncompressed_end)])
+    smap_cols = array.array("q", starts) + array.array("q", ends) + array.array("q", ids)
+    for name, data in (("records", records), ("keys", keys), ("spans", span_cols), ("smap", smap_cols),
+                       ("born", born), ("kinds", kinds), ("finals", finals), ("heap", heap), ("extras", extras)):
+        a, b = where[name]
+        buf[a:b] = memoryview(data).cast("B")
+    return buf
+
+
+def _smap_arrays(buf: bytearray | mmap.mmap) -> tuple[Sequence[int], Sequence[int], Sequence[int]]:
+    h, where = _parse(buf)
+    a, b = where["smap"]
+    q = memoryview(buf)[a:b].cast("q")
+    return q[0:h.m], q[h.m:2 * h.m], q[2 * h.m:3 * h.m]
+
+
+def _unset(column: bytes, bit: int) -> Iterator[int]:
+    """Indices of the bytes in ``column`` without ``bit`` (few: found at C speed)."""
+    marks = column.translate(bytes(0 if b & bit else 1 for b in range(256)))
+    k = marks.find(1)
+    while k >= 0:
+        yield k
+        k = marks.find(1, k + 1)
+
+
+class _Placements(Sequence[Placement]):
+    """Entry i's :class:`Placement`, made from the table's columns when asked for.
+
+    Why: C landing reads none of them (it asks only for an entry to name in an error, or
+    a piece it hands back), and a million Placement objects would be most of a worker's
+    memory.
     """
 
-    __slots__ = ("finals", "kinds", "made_at", "paths")
+    __slots__ = ("_heap", "_made_at", "_n", "_records", "finals", "kinds")
 
-    def __init__(self, kinds: list[str], paths: list[str], finals: list[bool], made_at: dict[int, str]) -> None:
-        self.kinds, self.paths, self.finals, self.made_at = kinds, paths, finals, made_at
+    def __init__(self, table: LandingTable, made_at: dict[int, str]) -> None:
+        self._records, self._heap, self.kinds, self.finals = table.records, table.heap, table.kinds, table.finals
+        self._made_at, self._n = made_at, len(table.kinds)
 
     def __len__(self) -> int:
-        return len(self.kinds)
+        return self._n
 
     def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
         if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self.kinds)))]
-        if i < 0:
-            i += len(self.kinds)
-        return Placement(self.kinds[i], self.paths[i], self.finals[i], self.made_at.get(i, ""))
+            return [self[k] for k in range(*i.indices(self._n))]
+        i = _index(i, self._n)
+        off, size = _PATH_AT.unpack_from(self._records, landing.RECORD.size * i)
+        path = os.fsdecode(bytes(self._heap[off:off + size]))
+        return Placement(_KINDS[self.kinds[i]], path, bool(self.finals[i]), self._made_at.get(i, ""))
 
     def __iter__(self) -> Iterator[Placement]:
-        if self.made_at:
-            return (self[i] for i in range(len(self.kinds)))
-        return map(Placement, self.kinds, self.paths, self.finals)
+        return (self[i] for i in range(self._n))
 
 
-def _columns(placements: Sequence[Placement]) -> tuple[list[str], list[str], list[bool], dict[int, str]]:
-    """The placements as columns; ``made_at`` (rare: hard-linked nodes whose path was replaced) sparse."""
-    if isinstance(placements, _PlacementColumns):
-        return placements.kinds, placements.paths, placements.finals, placements.made_at
-    return ([p.kind for p in placements], [p.path for p in placements], [p.final for p in placements],
-            {i: p.made_at for i, p in enumerate(placements) if p.made_at})
+class _Metas(Sequence[Meta]):
+    """Entry i's metadata (:func:`~prewarm.store.layerfs.entry_meta`), from its record.
+
+    The rare entry whose numbers a record cannot hold (its flags lack ``F_PLAIN``), and
+    the kept xattrs of every entry that has some, are kept aside by entry.
+    """
+
+    __slots__ = ("_n", "_override", "_records", "_xattrs")
+
+    def __init__(self, table: LandingTable, xattrs: dict[int, tuple[tuple[str, str], ...]],
+                 override: dict[int, Meta]) -> None:
+        self._records, self._xattrs, self._override, self._n = table.records, xattrs, override, len(table.kinds)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self._n))]
+        i = _index(i, self._n)
+        m = self._override.get(i)
+        if m is not None:
+            return m
+        mode, mtime_ns, uid, gid = _META_AT.unpack_from(self._records, landing.RECORD.size * i)
+        return uid, gid, mode, mtime_ns, self._xattrs.get(i, ())
+
+    def __iter__(self) -> Iterator[Meta]:
+        return (self[i] for i in range(self._n))
+
+
+def _index(i: int, n: int) -> int:
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(f"landing table entry {i} out of range ({n} entries)")
+    return i
 
 
 def fingerprint_of(ztoc: ZtocView) -> str | None:

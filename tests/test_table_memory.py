@@ -1,0 +1,118 @@
+"""A worker's memory does not grow with the number of files in a layer (issue 20).
+
+The layer here has 200,000 entries.  One process prepares it (checks the TOC, saves the
+landing table); a second, as a worker process would, opens the node's cached zTOC and
+the saved table and lands one span from the middle.  The second process's anonymous
+memory is measured (``/proc/self/status``), not timed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prewarm.imagebuild import TarEntry, write_layer_tar
+from prewarm.index.ztoc import serialize_ztoc
+from prewarm.index.ztoc_build import build_ztoc_from_file
+from prewarm.resolve.digest import sha256_digest
+from prewarm.store.layout import Layout
+from prewarm.store.ztoc_cache import ZtocCache
+
+ENTRIES = 200_000
+FILES_PER_DIR = 1000
+#: Bytes of anonymous memory a worker may add per entry of the layer it lands a span of.
+PER_ENTRY = 150
+#: What landing one span costs whatever the layer (the span, its inflated bytes, the interpreter's caches).
+FIXED = 24 << 20
+
+_WORKER = r"""
+import json, sys
+from pathlib import Path
+
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) << 10
+
+from prewarm.index.inflate import inflate_span
+from prewarm.store.content import ContentStore
+from prewarm.store.layout import Layout
+from prewarm.store.ztoc_cache import ZtocCache
+
+root, zdigest, layer, digest, role = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4], sys.argv[5]
+store = ContentStore(root)
+before = anon()
+z = ZtocCache(Layout(root)).get(zdigest)
+if role == "prepare":
+    store.prepare_layer(digest, z)
+else:
+    k = z.num_spans // 2
+    span = z.span(k)
+    with open(layer, "rb") as f:
+        f.seek(span.compressed_start)
+        compressed = f.read(span.compressed_end - span.compressed_start)
+    store.land_span(digest, z, k, compressed, inflate_span(span, compressed))
+    assert store.span_landed(digest, k)
+decoded = len(z.files) if z.files._all is not None else sum(e is not None for e in z.files._cache)
+print(json.dumps({"grew": anon() - before, "decoded": decoded}))
+"""
+
+
+def _tar_entries() -> list[TarEntry]:
+    out = [TarEntry("data", "dir", mode=0o755)]
+    for d in range(ENTRIES // FILES_PER_DIR):
+        out.append(TarEntry(f"data/d{d:03d}", "dir", mode=0o755))
+        out.extend(TarEntry(f"data/d{d:03d}/f{i:04d}.txt", data=b"%d %d\n" % (d, i) * (i % 7))
+                   for i in range(FILES_PER_DIR))
+    return out
+
+
+@pytest.fixture(scope="module")
+def big_layer(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str, Path, int]:
+    """A gzip layer of ~200,000 small files, its zTOC in a fresh node's cache."""
+    from isal import igzip
+
+    base = tmp_path_factory.mktemp("manyentries")
+    entries = _tar_entries()
+    tar = base / "layer.tar"
+    with open(tar, "wb") as out:
+        write_layer_tar(entries, out)
+    layer = base / "layer.tar.gz"
+    with open(tar, "rb") as src, igzip.open(layer, "wb", compresslevel=1) as dst:
+        while chunk := src.read(1 << 22):
+            dst.write(chunk)
+    tar.unlink()
+    z = build_ztoc_from_file(layer, span_size=4 << 20, build_tool_identifier="prewarm-test")
+    assert len(z.files) >= ENTRIES
+    root = base / "root"
+    zdigest = ZtocCache(Layout(root)).put(serialize_ztoc(z))
+    with open(layer, "rb") as f:
+        digest = sha256_digest(f.read())
+    return root, zdigest, digest, layer, len(z.files)
+
+
+def _run(role: str, root: Path, zdigest: str, layer: Path, digest: str) -> dict[str, int]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", _WORKER, str(root), zdigest, str(layer), digest, role],
+                         capture_output=True, text=True, env=env, check=False, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return dict(json.loads(run.stdout.strip().splitlines()[-1]))
+
+
+def test_a_worker_landing_a_span_of_a_layer_of_200k_entries_holds_its_memory_bound(
+        big_layer: tuple[Path, str, str, Path, int]) -> None:
+    root, zdigest, digest, layer, n = big_layer
+    # Given the layer prepared by one process (it checked every entry and saved the table)
+    prepared = _run("prepare", root, zdigest, layer, digest)
+    assert prepared["decoded"] == n
+    # When another process lands a span from the middle of the layer
+    worker = _run("land", root, zdigest, layer, digest)
+    # Then it decoded none of the TOC's entries (the saved table answered) and its anonymous
+    # memory grew by at most 150 bytes per entry of the layer, plus what one span costs
+    assert worker["decoded"] == 0
+    assert worker["grew"] <= PER_ENTRY * n + FIXED, (worker["grew"], n)
