@@ -39,7 +39,7 @@ def _cached(root: Path, z: Ztoc) -> str:
 def _decoded(z: Ztoc) -> int:
     files = z.files
     assert isinstance(files, LazyFiles)
-    return sum(e is not None for e in files._cache) if files._all is None else len(files)
+    return files.decoded
 
 
 @pytest.mark.parametrize("name", ["meta", "multi-basic", "many-l6-s4096", "empty"])
@@ -201,7 +201,7 @@ z = ZtocCache(Layout(root)).get(zdigest)
 sys.stdin.readline()  # start together
 ContentStore(root).prepare_layer(digest, z)
 files = z.files
-print(len(files) if files._all is not None else sum(e is not None for e in files._cache), flush=True)
+print(files.decoded, flush=True)
 """
 
 

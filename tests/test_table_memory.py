@@ -58,7 +58,7 @@ else:
         compressed = f.read(span.compressed_end - span.compressed_start)
     store.land_span(digest, z, k, compressed, inflate_span(span, compressed))
     assert store.span_landed(digest, k)
-decoded = len(z.files) if z.files._all is not None else sum(e is not None for e in z.files._cache)
+decoded = z.files.decoded
 print(json.dumps({"grew": anon() - before, "decoded": decoded}))
 """
 

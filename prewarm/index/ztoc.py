@@ -705,7 +705,7 @@ class LazyFiles(Sequence[FileEntry]):
     (``_check_entries``) once, raising BadZtoc as an eager parse would.
     """
 
-    __slots__ = ("_all", "_allowance", "_cache", "_left", "_n", "_reader", "_start", "_usize")
+    __slots__ = ("_all", "_allowance", "_cache", "_left", "_n", "_reader", "_start", "_usize", "decoded")
 
     def __init__(self, reader: _Reader, start: int, n: int, usize: int, allowance: int) -> None:
         self._reader = reader
@@ -715,6 +715,8 @@ class LazyFiles(Sequence[FileEntry]):
         self._allowance = self._left = allowance
         self._cache: list[FileEntry | None] = [None] * n
         self._all: tuple[FileEntry, ...] | None = None
+        #: Entries decoded so far, counting each decoding (what a process paid for its TOC).
+        self.decoded = 0
 
     def __len__(self) -> int:
         return self._n
@@ -745,6 +747,7 @@ class LazyFiles(Sequence[FileEntry]):
                 e, cost = _read_entry(r, at + _U32(r.buf, at)[0], k, self._left)
             self._left -= cost
             self._cache[k] = e
+            self.decoded += 1
         return e
 
     def materialize(self) -> tuple[FileEntry, ...]:
@@ -757,11 +760,22 @@ class LazyFiles(Sequence[FileEntry]):
             entries = tuple(_read_entries(self._reader, self._start, self._n, self._allowance)[0])
             _check_entries(entries, self._usize)
             self._all = entries
+            self.decoded += len(entries)
             self._cache = []  # the tuple holds them now
         return self._all
 
     def __iter__(self) -> Iterator[FileEntry]:
         return iter(self.materialize())
+
+    def forget(self) -> None:
+        """Drop the decoded entries (they are decoded again if asked for).
+
+        Why: the process that prepares a layer decodes its whole TOC once, ~400 B per
+        entry; it keeps the zTOC (a node cache holds 16) but then asks for an entry only
+        to name it in an error.
+        """
+        self._all = None
+        self._cache = [None] * self._n
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (LazyFiles, tuple, list)):

@@ -70,6 +70,7 @@ from prewarm.errors import (
     InsufficientSpace,
     StoreError,
 )
+from prewarm.index.ztoc import LazyFiles
 from prewarm.resolve.digest import parse_digest
 from prewarm.store import inorder, spans
 from prewarm.store.atomic import atomic_write
@@ -308,17 +309,27 @@ class ContentStore:
             if self._resumable(state, table.fingerprint):
                 self._claim_diff_id(digest, diff_id)
                 table.save(self._table_path(digest))  # missing or unusable: the next process loads this one
-                self._tables[digest] = table
-                return True
-            self._wipe(digest)
-            with self._disk_errors(digest):
-                try:
-                    self._create_skeleton(digest, ztoc, table, diff_id)
-                except BaseException:
-                    self._wipe(digest)
-                    raise
-            self._tables[digest] = table
+            else:
+                self._wipe(digest)
+                with self._disk_errors(digest):
+                    try:
+                        self._create_skeleton(digest, ztoc, table, diff_id)
+                    except BaseException:
+                        self._wipe(digest)
+                        raise
+            self._tables[digest] = self._mapped(digest, table)
             return True
+
+    def _mapped(self, digest: str, table: LandingTable) -> LandingTable:
+        """The table just derived and saved, as the saved file mapped; the TOC's decoded entries dropped.
+
+        Why: the preparing process (the embedded run, a worker preparing ahead) keeps both for
+        the rest of its life otherwise, ~1.5 KB per entry of the layer, while landing needs
+        only the mapped columns.
+        """
+        if isinstance(table.ztoc.files, LazyFiles):
+            table.ztoc.files.forget()
+        return LandingTable.load(self._table_path(digest), table.ztoc, table.fingerprint) or table
 
     def _create_skeleton(self, digest: str, ztoc: ZtocView, table: LandingTable, diff_id: str | None) -> None:
         """Create work/ and the tree; state.json last (its presence means prepared)."""
