@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import calendar
 import ctypes
-import dataclasses
 import errno
 import functools
 import os
@@ -36,7 +35,7 @@ import stat
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 from prewarm.errors import BadZtoc, CorruptContent, UnsafeArchive
 from prewarm.index.ztoc import ENTRY_TYPES, FileEntry
@@ -52,9 +51,10 @@ _RFC3339 = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NODE_TYPES = {"char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}
 
+_ENTRY_TYPES = frozenset(ENTRY_TYPES)
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Placement:
+
+class Placement(NamedTuple):
     """What one TOC entry becomes in the layer dir, and where (a column of the landing table).
 
     ``kind`` is the entry type, or ``"whiteout"`` / ``"opaque"`` / ``"skip"``; ``path``
@@ -92,13 +92,15 @@ def split_name(name: str, what: str = "entry") -> list[str]:
         raise UnsafeArchive(f"tar {what} {name!r} contains a NUL byte")
     if name.startswith("/"):
         raise UnsafeArchive(f"tar {what} {name!r} is an absolute path: it would write outside the layer")
-    parts = [p for p in name.split("/") if p and p != "."]
+    parts = name.split("/")
+    if "" in parts or "." in parts:
+        parts = [p for p in parts if p and p != "."]
     if ".." in parts:
         raise UnsafeArchive(f"tar {what} {name!r} contains '..': it would write outside the layer")
-    for p in parts:
-        # A str of n characters encodes to at most 4n bytes: encode only the long ones.
-        if len(p) > 63 and len(os.fsencode(p)) > 255:
-            raise UnsafeArchive(f"tar {what} {name!r} has a path component longer than 255 bytes")
+    if len(name) > 63:  # a str of n characters encodes to at most 4n bytes: look only at long ones
+        for p in parts:
+            if len(p) > 63 and len(os.fsencode(p)) > 255:
+                raise UnsafeArchive(f"tar {what} {name!r} has a path component longer than 255 bytes")
     return parts
 
 
@@ -182,7 +184,7 @@ class EntryChecker:
             UnsafeArchive, BadZtoc: as :func:`check_entries`.
         """
         kinds = self._kinds
-        if e.type not in ENTRY_TYPES:
+        if e.type not in _ENTRY_TYPES:
             raise BadZtoc(f"tar entry {e.name!r} has unknown type {e.type!r}")
         if e.uncompressed_size < 0 or e.uncompressed_offset < 0 or (
                 self.archive_size is not None and e.type == "reg"
@@ -264,7 +266,7 @@ class EntryChecker:
         """The node at ``path`` is replaced: its entry is no longer final, unless a hard link keeps it."""
         prev = self._last.pop(path, None)
         if prev is not None:
-            self.placements[prev] = dataclasses.replace(self.placements[prev], final=False)
+            self.placements[prev] = self.placements[prev]._replace(final=False)
         node = self._node.pop(path, None)
         if node is None or node not in self._links:
             return
@@ -272,8 +274,8 @@ class EntryChecker:
         paths.remove(path)
         p = self.placements[node]
         if p.path == path:  # where its data and metadata go: another link that holds it, or nowhere
-            self.placements[node] = (dataclasses.replace(p, path=paths[0], final=True, made_at=p.created_at)
-                                     if paths else dataclasses.replace(p, final=False))
+            self.placements[node] = (p._replace(path=paths[0], final=True, made_at=p.created_at)
+                                     if paths else p._replace(final=False))
 
     def _forget_below(self, path: str) -> None:
         """A path replaced by a non-directory takes its old subtree with it."""
