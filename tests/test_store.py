@@ -382,3 +382,46 @@ def test_disk_full_while_streaming_is_insufficient_space(small_fs: Path) -> None
         store.ingest_stream(sha(blob), chunked(blob), media_type=GZIP, diff_id=sha(tar))
     assert store.layer_state(sha(blob)) == "absent"
     assert os.statvfs(small_fs).f_bfree * os.statvfs(small_fs).f_frsize > 1_900_000
+
+
+def test_a_whole_layer_of_small_files_across_directories_lands_in_tar_order(tmp_path: Path) -> None:
+    # Given a tar of small files in 40 directories visited twice each, where later entries link to,
+    # replace and hide files that may still be waiting to be created by the landing's creating thread
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for rnd in range(2):
+            for d in range(40):
+                if rnd == 0:
+                    _add(tf, f"d{d}/", tarfile.DIRTYPE, mode=0o755)
+                for i in range(30):
+                    _add(tf, f"d{d}/f{rnd}-{i}", data=b"%d/%d/%d\n" % (rnd, d, i) * (i + 1), mode=0o600 + i)
+                if rnd == 1 and d >= 20:  # a directory made elsewhere between two directories' files
+                    _add(tf, f"d{d - 20}/s{d}/", tarfile.DIRTYPE, mode=0o755)
+        _add(tf, "d0/link", tarfile.LNKTYPE, linkname="d39/f1-29")
+        _add(tf, "d1/f1-29", data=b"replaced\n", mode=0o640)
+        _add(tf, "d2/.wh.f1-29")
+        _add(tf, "d3/", tarfile.DIRTYPE, mode=0o700)
+        _add(tf, "d4", data=b"a file where a directory was\n")
+    tar = buf.getvalue()
+    blob = gzip.compress(tar, mtime=0)
+    store = ContentStore(tmp_path / "root")
+    # When it is streamed in, in chunks that cut through files
+    store.ingest_stream(sha(blob), chunked(blob, 3001), media_type=GZIP, diff_id=sha(tar))
+    fs = store.layout.layer_fs(sha(blob))
+    # Then every file is where the tar puts it, with its bytes and mode, and later entries won
+    for rnd in range(2):
+        for d in range(5, 40):
+            for i in range(30):
+                f = fs / f"d{d}" / f"f{rnd}-{i}"
+                assert f.read_bytes() == b"%d/%d/%d\n" % (rnd, d, i) * (i + 1), f
+                assert stat.S_IMODE(f.stat().st_mode) == 0o600 + i
+    assert os.path.samefile(fs / "d0/link", fs / "d39/f1-29")
+    assert (fs / "d1/f1-29").read_bytes() == b"replaced\n"
+    hidden = os.lstat(fs / "d2/f1-29")  # an overlay whiteout now
+    assert stat.S_ISCHR(hidden.st_mode) and hidden.st_rdev == 0 and (fs / "d2/f1-28").is_file()
+    assert stat.S_IMODE((fs / "d3").stat().st_mode) == 0o700 and (fs / "d3/f1-0").is_file()
+    assert (fs / "d4").read_bytes() == b"a file where a directory was\n"
+    assert sorted(os.listdir(fs)) == sorted([f"d{d}" for d in range(40)])
+    for d in range(5, 20):
+        assert sorted(os.listdir(fs / f"d{d}")) == sorted([f"f{r}-{i}" for r in range(2) for i in range(30)]
+                                                          + [f"s{d + 20}"])

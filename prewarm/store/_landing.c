@@ -835,10 +835,72 @@ static PyObject *create_file(PyObject *self, PyObject *args) {
     return Py_BuildValue("(iO)", err, w.direct ? Py_True : Py_False);
 }
 
+PyDoc_STRVAR(create_files_doc,
+"create_files(dir_fd, files, direct, min_direct) -> (failed, errno, direct)\n\n"
+"create_file for each (name, data, uid, gid, mode, mtime_ns) of ``files``, all in ``dir_fd``,\n"
+"in order, with the GIL released for the whole batch. ``failed`` is the index of the file\n"
+"that failed with ``errno`` (-1, 0: none); the files after it are not created.");
+
+typedef struct {
+    const char *name;
+    Py_buffer data;
+    unsigned int uid, gid;
+    long long mode, mtime_ns;
+} new_file_t;
+
+static PyObject *create_files(PyObject *self, PyObject *args) {
+    int dir_fd, direct;
+    PyObject *files;
+    long long min_direct;
+    if (!PyArg_ParseTuple(args, "iO!pL", &dir_fd, &PyList_Type, &files, &direct, &min_direct)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(files), got = 0;
+    new_file_t *todo = PyMem_Calloc(n ? (size_t)n : 1, sizeof(new_file_t));
+    if (!todo) return PyErr_NoMemory();
+    PyObject *result = NULL;
+    for (; got < n; got++) {
+        PyObject *item = PyList_GET_ITEM(files, got);
+        new_file_t *f = &todo[got];
+        if (!PyTuple_Check(item) ||
+            !PyArg_ParseTuple(item, "yy*IILL", &f->name, &f->data, &f->uid, &f->gid, &f->mode, &f->mtime_ns)) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "create_files takes a list of tuples");
+            goto done;
+        }
+    }
+    writer_t w;
+    memset(&w, 0, sizeof w);
+    w.root_fd = dir_fd;
+    w.direct = direct;
+    w.min_direct = min_direct;
+    w.parent_fd = -1;
+    Py_ssize_t failed = -1;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n && failed < 0; i++) {
+        new_file_t *f = &todo[i];
+        int fd = openat(dir_fd, f->name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+        if (fd < 0) {
+            err = errno;
+        } else {
+            if (fill_file(&w, fd, (const uint8_t *)f->data.buf, (size_t)f->data.len, f->uid, f->gid, f->mode,
+                          f->mtime_ns) < 0)
+                err = errno ? errno : EIO;
+            if (close(fd) < 0 && !err) err = errno;
+        }
+        if (err) failed = i;
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(niO)", failed, err, w.direct ? Py_True : Py_False);
+done:
+    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&todo[i].data);
+    PyMem_Free(todo);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"build_table", build_table, METH_VARARGS, build_table_doc},
     {"check_headers", check_headers, METH_VARARGS, check_headers_doc},
     {"create_file", create_file, METH_VARARGS, create_file_doc},
+    {"create_files", create_files, METH_VARARGS, create_files_doc},
     {"write_pieces", write_pieces, METH_VARARGS, write_pieces_doc},
     {NULL, NULL, 0, NULL},
 };
