@@ -425,3 +425,28 @@ def test_a_whole_layer_of_small_files_across_directories_lands_in_tar_order(tmp_
     for d in range(5, 20):
         assert sorted(os.listdir(fs / f"d{d}")) == sorted([f"f{r}-{i}" for r in range(2) for i in range(30)]
                                                           + [f"s{d + 20}"])
+
+
+def test_a_directory_removed_and_made_again_gets_the_files_after_it(tmp_path: Path) -> None:
+    # Given a tar that lands files in a/b, replaces a with a file, then makes a/b again with other files
+    # (the writer keeps recently used directories open: the first a/b must not be written into)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name in ("a/", "a/b/", "c/"):
+            _add(tf, name, tarfile.DIRTYPE, mode=0o755)
+        _add(tf, "a/b/old", data=b"old\n")
+        _add(tf, "c/x", data=b"x\n")
+        _add(tf, "a", data=b"a file now\n")
+        _add(tf, "c/y", data=b"y\n")
+        _add(tf, "a/", tarfile.DIRTYPE, mode=0o755)
+        _add(tf, "a/b/", tarfile.DIRTYPE, mode=0o750)
+        _add(tf, "a/b/new", data=b"new\n")
+    tar = buf.getvalue()
+    store = ContentStore(tmp_path / "root")
+    # When it lands whole
+    store.ingest_stream(sha(tar), chunked(tar, 4096), media_type=TAR, diff_id=sha(tar))
+    # Then the second a/b holds only its own file
+    fs = store.layout.layer_fs(sha(tar))
+    assert os.listdir(fs / "a/b") == ["new"] and (fs / "a/b/new").read_bytes() == b"new\n"
+    assert stat.S_IMODE((fs / "a/b").stat().st_mode) == 0o750
+    assert sorted(os.listdir(fs / "c")) == ["x", "y"]

@@ -50,6 +50,8 @@ TAR_BLOCK = 512
 _RFC3339 = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})$")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NODE_TYPES = {"char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}
+#: Directory fds a LayerWriter keeps open (a tar visits a directory, its subdirectories, then it again).
+_DIR_FDS = 16
 
 _ENTRY_TYPES = frozenset(ENTRY_TYPES)
 
@@ -388,7 +390,8 @@ class LayerWriter:
             if err.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise UnsafeArchive(f"layer directory {root} is not a plain directory") from None
             raise
-        self._parent: tuple[str, int] | None = None
+        #: fds of directories landed in lately, by relative path (most recent last)
+        self._dirs: dict[str, int] = {}
 
     def __enter__(self) -> Self:
         return self
@@ -397,9 +400,7 @@ class LayerWriter:
         self.close()
 
     def close(self) -> None:
-        if self._parent is not None:
-            os.close(self._parent[1])
-            self._parent = None
+        self._forget_dirs()
         if self._root_fd >= 0:
             os.close(self._root_fd)
             self._root_fd = -1
@@ -412,8 +413,9 @@ class LayerWriter:
         """The fd of directory ``parent`` (relative), creating missing directories 0755."""
         if not parent:
             return self._root_fd
-        if self._parent is not None and self._parent[0] == parent:
-            return self._parent[1]
+        cached = self._dirs.get(parent)
+        if cached is not None:
+            return cached
         try:
             fd = open_beneath(self._root_fd, parent, _DIR_FLAGS)
         except FileNotFoundError:
@@ -424,10 +426,18 @@ class LayerWriter:
             if err.errno in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
                 raise unsafe_parent(name, parent) from None
             raise
-        if self._parent is not None:
-            os.close(self._parent[1])
-        self._parent = (parent, fd)
+        if len(self._dirs) >= _DIR_FDS:
+            os.close(self._dirs.pop(next(iter(self._dirs))))
+        self._dirs[parent] = fd
         return fd
+
+    def _forget_dirs(self, keep: int = -1) -> None:
+        """Close the cached directory fds but ``keep`` (a removed tree may have held any of them)."""
+        kept = {p: fd for p, fd in self._dirs.items() if fd == keep}
+        for fd in self._dirs.values():
+            if fd != keep:
+                os.close(fd)
+        self._dirs = kept
 
     def _make_dirs(self, parent: str, name: str) -> int:
         fd = os.dup(self._root_fd)
@@ -460,9 +470,7 @@ class LayerWriter:
             if keep_dir:
                 return True
             shutil.rmtree(base, dir_fd=pfd)
-            if self._parent is not None and self._parent[1] != pfd:
-                os.close(self._parent[1])  # it may have been inside the removed tree
-                self._parent = None
+            self._forget_dirs(keep=pfd)  # they may have been inside the removed tree
         else:
             os.unlink(base, dir_fd=pfd)
         return False

@@ -87,9 +87,25 @@ class LandingTable:
     was ~1 KB per entry in every process).
     """
 
-    __slots__ = ("_buf", "_smap", "archive_data_end", "born", "data_starts", "fingerprint", "finals",
-                 "header_starts", "heap", "keys", "kinds", "meta", "placements", "records", "spans", "windowed",
-                 "ztoc")
+    __slots__ = (
+        "_buf",
+        "_smap",
+        "archive_data_end",
+        "born",
+        "data_starts",
+        "finals",
+        "fingerprint",
+        "header_starts",
+        "heap",
+        "keys",
+        "kinds",
+        "meta",
+        "placements",
+        "records",
+        "spans",
+        "windowed",
+        "ztoc",
+    )
 
     def __init__(self, ztoc: ZtocView, buf: bytearray | mmap.mmap, fingerprint: str | None = None) -> None:
         """The table in ``buf`` (what :meth:`derive` encodes or :meth:`save` wrote) for ``ztoc``.
