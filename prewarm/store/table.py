@@ -227,7 +227,10 @@ class LandingTable:
                       pos, spans, records, heap, keys, born, smap.arrays(),
                       bytes(_KIND_CODE[p.kind] for p in placements), bytes(p.final for p in placements),
                       marshal.dumps(extras))
-        return cls(ztoc, buf)
+        table = cls(ztoc, buf)
+        # the process that derived the table has these as objects already: its skeleton reads them all
+        table.placements, table.meta = placements, meta
+        return table
 
     @property
     def spanmap(self) -> SpanMap:
