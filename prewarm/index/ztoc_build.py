@@ -20,7 +20,10 @@ the same thread, straight from the output buffer before it slides.  (A second th
 them was measured no faster on an idle 2-core machine: the two threads convoy on the GIL
 each time inflate returns; and it cost 8% more CPU, which a busy node does not have.)
 
-Memory is bounded by the output buffers plus the zTOC itself (33 KB per span).
+Memory is bounded by the output buffers plus the zTOC itself: a :class:`FileEntry` per
+tar entry, 33 KB per span (:func:`build_ztoc`); or, with :func:`build_ztoc_file`, by
+the output buffers and a few MiB whatever the layer's size and file count, the TOC and
+checkpoints spooled to disk (:mod:`prewarm.index.ztoc_spool`).
 """
 
 from __future__ import annotations
@@ -324,20 +327,24 @@ def build_ztoc_file(chunks: Iterable[bytes], out: Path, *, span_size: int, build
     Raises:
         CorruptContent: the bytes are not a complete gzip stream.
         BadTarHeader: the uncompressed stream is not a tar archive soci can index.
-        ConfigError: ``span_size`` is not positive, or ``compression`` is neither
-            ``"gzip"`` nor ``"uncompressed"``.
-        OSError: ``out``'s folder cannot be written.
+        ConfigError: ``span_size`` is not positive, ``compression`` is neither
+            ``"gzip"`` nor ``"uncompressed"``, or ``out`` (or its temporary files beside
+            it) cannot be written.
     """
     if compression not in COMPRESSIONS:
         raise ConfigError(f"zTOC compression {compression!r} is not one of {COMPRESSIONS}")
     _check_span_size(span_size)
-    with TocSpool(out.parent) as spool:
-        index = _index_gzip if compression == "gzip" else _index_tar
-        found = index(chunks, span_size, spool)
-        return spool.write(out, version=ZTOC_VERSION, build_tool_identifier=build_tool_identifier,
-                           compressed_archive_size=found.compressed_archive_size,
-                           uncompressed_archive_size=found.uncompressed_archive_size,
-                           compression=compression, span_digests=found.span_digests)
+    index = _index_gzip if compression == "gzip" else _index_tar
+    try:
+        with TocSpool(out.parent) as spool:
+            found = index(chunks, span_size, spool)
+            return spool.write(out, version=ZTOC_VERSION, build_tool_identifier=build_tool_identifier,
+                               compressed_archive_size=found.compressed_archive_size,
+                               uncompressed_archive_size=found.uncompressed_archive_size,
+                               compression=compression, span_digests=found.span_digests)
+    except OSError as err:  # the registry client turns its own into RegistryError: these are files
+        raise ConfigError(f"cannot write zTOC {out}: {err.strerror or err} (its folder needs room for "
+                          f"about three times the zTOC while it is built)") from err
 
 
 def read_chunks(path: Path, chunk_size: int = READ_CHUNK) -> Iterable[bytes]:
@@ -385,7 +392,7 @@ def build_ztoc_file_from_file(path: str | Path, out: Path, *, span_size: int,
     Raises:
         ConfigError: the layer cannot be read, or it is zstd (soci indexes no zstd layer).
         CorruptContent: the layer is not a valid gzip stream or tar archive.
-        OSError: ``out``'s folder cannot be written.
+        ConfigError: also when ``out`` cannot be written.
     """
     p = Path(path)
     return build_ztoc_file(read_chunks(p), out, span_size=span_size,

@@ -29,6 +29,7 @@ the output, whose folder needs room for about three times the zTOC while it is b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import marshal
@@ -41,7 +42,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Self
 
 from prewarm.errors import BadZtoc, CorruptContent
 from prewarm.index.ztoc import (
@@ -113,15 +114,13 @@ class TocSpool:
         """
         self.folder = folder
         self.num_files = 0
-        self._entries = tempfile.TemporaryFile(dir=folder)
-        try:
-            self._checkpoints = tempfile.TemporaryFile(dir=folder)
-        except BaseException:
-            self._entries.close()
-            raise
+        with contextlib.ExitStack() as stack:
+            self._entries = stack.enter_context(tempfile.TemporaryFile(dir=folder))
+            self._checkpoints = stack.enter_context(tempfile.TemporaryFile(dir=folder))
+            self._files = stack.pop_all()  # closed by close(); both closed here on an error
         self._batch: list[tuple[object, ...]] = []
 
-    def __enter__(self) -> TocSpool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
@@ -129,8 +128,7 @@ class TocSpool:
         self.close()
 
     def close(self) -> None:
-        self._entries.close()
-        self._checkpoints.close()
+        self._files.close()
 
     # ---- while the layer is read --------------------------------------------------
 
@@ -246,10 +244,10 @@ class TocSpool:
             b.prep(4, 4 * n)
             left = n
             while left:
-                chunk = array("I")
-                chunk.fromfile(positions, min(OFFSETS_BATCH, left))
-                left -= len(chunk)
-                b.prepend_uoffsets(chunk)
+                tables = array("I")
+                tables.fromfile(positions, min(OFFSETS_BATCH, left))
+                left -= len(tables)
+                b.prepend_uoffsets(tables)
                 spill()
             b.rev += n.to_bytes(4, "big")
         toc = _write_toc(b, b.offset())
