@@ -11,7 +11,6 @@ memory flat on a layer of 200,000 files, measured in a child process.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -24,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prewarm.errors import ConfigError, CorruptContent, DigestMismatch
+from prewarm.errors import BadZtoc, ConfigError, CorruptContent, DigestMismatch
 from prewarm.imagebuild import TarEntry, write_layer_tar
 from prewarm.index import ztoc_spool
 from prewarm.index.ztoc import ENTRY_TYPES, FileEntry, Ztoc, parse_ztoc, serialize_ztoc
@@ -222,6 +221,19 @@ def test_an_output_folder_that_cannot_be_written_is_a_clear_error(tmp_path: Path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_ztoc_past_the_flatbuffer_limit_is_refused_and_nothing_is_left(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a FlatBuffers limit (2 GiB) scaled down to 64 KiB, and spills of 4 KiB
+    monkeypatch.setattr(ztoc_spool, "MAX_FLATBUFFER_BYTES", 64 << 10)
+    monkeypatch.setattr(ztoc_spool, "SPILL_BYTES", 4096)
+    comp = _gzip_layer([TarEntry(f"file-{i:05d}", data=b"x") for i in range(2000)])
+    # When a layer whose zTOC is larger is indexed
+    with pytest.raises(BadZtoc, match="2 GiB limit: no zTOC can index it"):
+        build_ztoc_file([comp], tmp_path / "z.ztoc", span_size=1 << 20, build_tool_identifier="t")
+    # Then no output and no temporary file is left
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_built_ztoc_file_is_cached_verified(tmp_path: Path) -> None:
     # Given a zTOC built to a file
     comp = _gzip_layer([TarEntry(f"f{i}", data=bytes(3000)) for i in range(10)])
@@ -283,7 +295,7 @@ _CHILD = textwrap.dedent("""
 def _measure(layer: Path, out: Path, mode: str, warm: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(layer), str(out), mode, str(warm)], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 

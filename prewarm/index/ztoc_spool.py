@@ -195,8 +195,8 @@ class TocSpool:
         :func:`~prewarm.index.ztoc.serialize_ztoc` gives for the same entries and blob.
 
         Raises:
-            CorruptContent: the zTOC does not parse back (a builder bug), or it would pass
-                FlatBuffers' 2 GiB.
+            BadZtoc: the zTOC would pass FlatBuffers' 2 GiB.
+            CorruptContent: the zTOC does not parse back (a builder bug).
             OSError: writing failed; ``out`` is as it was and no temporary file is left.
         """
         fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}-")
@@ -225,8 +225,8 @@ class TocSpool:
             if force or len(b.rev) >= SPILL_BYTES:
                 rev.write(b.spill())
                 if b.base > MAX_FLATBUFFER_BYTES:
-                    raise CorruptContent(f"the zTOC of this layer ({self.num_files} entries) would "
-                                         f"pass FlatBuffers' 2 GiB limit")
+                    raise BadZtoc(f"the zTOC of this layer ({self.num_files} entries) would pass "
+                                  f"FlatBuffers' 2 GiB limit: no zTOC can index it (pull it whole)")
 
         strings = _write_strings(b, version, tool)
         with tempfile.TemporaryFile(dir=self.folder) as positions:
