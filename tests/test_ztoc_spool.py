@@ -244,6 +244,12 @@ def test_a_built_ztoc_file_is_cached_verified(tmp_path: Path) -> None:
         cache.put_file(made.path, "sha256:" + "0" * 64)
     assert not cache.has(made.digest)
     assert list(cache.path(made.digest).parent.iterdir()) == []
+    # (nor when the file is missing, and no descriptor stays open)
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(FileNotFoundError):
+        cache.put_file(tmp_path / "missing.ztoc")
+    assert list(cache.path(made.digest).parent.iterdir()) == []
+    assert len(os.listdir("/proc/self/fd")) == fds
     # When it is put with its own digest (or none), Then the cache holds its bytes and parses them
     assert cache.put_file(made.path, made.digest) == made.digest
     assert cache.put_file(made.path) == made.digest

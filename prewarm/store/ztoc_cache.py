@@ -100,7 +100,7 @@ class ZtocCache:
         tmp = Path(tmp_name)
         try:
             hasher = new_hasher(digest or _ANY_SHA256)
-            with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+            with os.fdopen(fd, "wb") as dst, open(source, "rb") as src:
                 while block := src.read(_COPY_CHUNK):
                     hasher.update(block)
                     dst.write(block)
