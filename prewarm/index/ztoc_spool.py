@@ -194,6 +194,10 @@ class TocSpool:
         """Write the zTOC to ``out`` (temporary name, checked, renamed); byte for byte what
         :func:`~prewarm.index.ztoc.serialize_ztoc` gives for the same entries and blob.
 
+        Not fsynced: a zTOC is derived data, mostly pushed or copied on (the node cache
+        copies it with an fsync, :meth:`~prewarm.store.ztoc_cache.ZtocCache.put_file`),
+        and flushing hundreds of MB on a busy disk cost seconds.
+
         Raises:
             BadZtoc: the zTOC would pass FlatBuffers' 2 GiB.
             CorruptContent: the zTOC does not parse back (a builder bug).
@@ -207,8 +211,6 @@ class TocSpool:
                     self._lay_out(rev, version, build_tool_identifier, compressed_archive_size,
                                   uncompressed_archive_size, compression, span_digests)
                     digest, size = _copy_reversed(rev, dst)
-                dst.flush()
-                os.fsync(dst.fileno())
             num_spans = _check_written(tmp, out)
             os.replace(tmp, out)
         except BaseException:
