@@ -221,6 +221,20 @@ def test_an_output_folder_that_cannot_be_written_is_a_clear_error(tmp_path: Path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_layer_whose_stream_goes_on_past_its_tar_is_refused_as_in_memory(tmp_path: Path) -> None:
+    # Given a gzip layer whose stream runs 3 MiB past its tar's end marker (checkpoints there
+    # lie past the archive plus any tar padding: parse_ztoc would refuse the zTOC)
+    tar = _layer([TarEntry("a", data=b"x" * 1000)])
+    comp = gzip.compress(tar + os.urandom(3 << 20), compresslevel=1, mtime=0)
+    # When its zTOC is built in memory and to a file, Then both refuse it the same way
+    with pytest.raises(CorruptContent, match="built zTOC is inconsistent: .*past the uncompressed size"):
+        build_ztoc([comp], span_size=65_536, build_tool_identifier="t")
+    with pytest.raises(CorruptContent, match="built zTOC .*z.ztoc is inconsistent: .*past the uncompressed size"):
+        build_ztoc_file([comp], tmp_path / "z.ztoc", span_size=65_536, build_tool_identifier="t")
+    # And nothing is left
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_ztoc_past_the_flatbuffer_limit_is_refused_and_nothing_is_left(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a FlatBuffers limit (2 GiB) scaled down to 64 KiB, and spills of 4 KiB

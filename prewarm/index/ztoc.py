@@ -92,7 +92,7 @@ import bisect
 import re
 import struct
 from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from prewarm.errors import BadZtoc
 
@@ -120,6 +120,14 @@ _DIGEST_RE = re.compile(rb"sha256:[0-9a-f]{64}\Z")
 _CP_HEAD = struct.Struct("<qqB")
 _ZINFO_HEAD = struct.Struct("<iq")
 _LEGACY_FIRST = (10, 0, 0)
+
+
+class ByteSlices(Protocol):
+    """Bytes read by slice: bytes, a memoryview (of an mmap), or a file read on demand."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key: slice, /) -> bytes | bytearray | memoryview: ...
 
 
 def _text(raw: bytes) -> str:
@@ -162,8 +170,11 @@ class Ztoc:
 
     def __init__(self, *, version: str, build_tool_identifier: str, compressed_archive_size: int,
                  uncompressed_archive_size: int, files: Sequence[FileEntry], compression: str,
-                 span_digests: Sequence[str], checkpoints_blob: bytes | bytearray | memoryview) -> None:
+                 span_digests: Sequence[str], checkpoints_blob: ByteSlices) -> None:
         """Assemble a zTOC; ``checkpoints_blob`` is soci's zinfo blob (or TarZinfo).
+
+        The blob is read by slices only (17 bytes per 32 KiB checkpoint here, a window
+        when asked for), so it may be a file read on demand as well as bytes or a view.
 
         Raises:
             BadZtoc: the checkpoint blob does not agree with the rest.
@@ -187,17 +198,17 @@ class Ztoc:
         self._cp_bits: list[int] = []
         self._cp_base = ZINFO_HEADER_SIZE
         if compression == "gzip":
-            self.span_size = self._read_zinfo(memoryview(checkpoints_blob))
+            self.span_size = self._read_zinfo(checkpoints_blob)
         else:
-            self.span_size = self._read_tar_zinfo(bytes(checkpoints_blob))
+            self.span_size = self._read_tar_zinfo(bytes(checkpoints_blob[0:len(checkpoints_blob)]))
 
     # ---- checkpoint table ----------------------------------------------------------
 
-    def _read_zinfo(self, blob: memoryview) -> int:
+    def _read_zinfo(self, blob: ByteSlices) -> int:
         if len(blob) < ZINFO_HEADER_SIZE:
             raise BadZtoc(f"zTOC checkpoint blob is {len(blob)} bytes, shorter than its "
                           f"{ZINFO_HEADER_SIZE}-byte header")
-        count, span_size = _ZINFO_HEAD.unpack_from(blob, 0)
+        count, span_size = _ZINFO_HEAD.unpack(blob[0:ZINFO_HEADER_SIZE])
         body = len(blob) - ZINFO_HEADER_SIZE
         if count < 1 or count > body // CHECKPOINT_RECORD_SIZE + 1:
             raise BadZtoc(f"zTOC says {count} checkpoints but its blob of {len(blob)} bytes "
@@ -218,7 +229,8 @@ class Ztoc:
             cout.append(_LEGACY_FIRST[1])
             cbits.append(_LEGACY_FIRST[2])
         for i in range(stored):
-            a, b, c = _CP_HEAD.unpack_from(blob, ZINFO_HEADER_SIZE + i * CHECKPOINT_RECORD_SIZE)
+            at = ZINFO_HEADER_SIZE + i * CHECKPOINT_RECORD_SIZE
+            a, b, c = _CP_HEAD.unpack(blob[at:at + _CP_HEAD.size])
             cin.append(a)
             cout.append(b)
             cbits.append(c)
@@ -908,7 +920,7 @@ class _GoFlatBuilder:
         self.rev += len(data).to_bytes(4, "big")
         return self.base + len(self.rev)
 
-    def create_byte_vector(self, data: bytes | memoryview) -> int:
+    def create_byte_vector(self, data: bytes | bytearray | memoryview) -> int:
         self.prep(4, len(data))
         self.rev += bytes(data)[::-1]
         self.rev += len(data).to_bytes(4, "big")
@@ -1007,7 +1019,7 @@ def serialize_ztoc(z: Ztoc) -> bytes:
     for k in range(len(z.files) - 1, -1, -1):
         offsets[k] = _write_entry(b, z.files[k])
     toc = _write_toc(b, b.offset_vector(offsets))
-    checkpoints = b.create_byte_vector(z.checkpoints_blob)
+    checkpoints = b.create_byte_vector(z.checkpoints_blob[0:len(z.checkpoints_blob)])
     return b.finish(_write_root(b, strings, toc, checkpoints, z.span_digests, z.compression,
                                 z.compressed_archive_size, z.uncompressed_archive_size))
 

@@ -16,9 +16,10 @@ layer of a million small files needs a Python object per entry and then the whol
    each entry table (the TOC's offset vector wants them in the order they were made)
    to a fourth.
 3. The reversed output is read back from its end into the zTOC, chunk by chunk and
-   hashed on the way, under a temporary name beside the output; checked
-   (:func:`~prewarm.index.ztoc.parse_ztoc`: header, checkpoints, digests); then
-   renamed into place.  A failure removes it: the output is whole or absent.
+   hashed on the way, under a temporary name beside the output, then renamed into
+   place.  A failure removes it: the output is whole or absent.  (Before any of it, the
+   checkpoints are checked as :class:`~prewarm.index.ztoc.Ztoc` checks them, read from
+   their spool file by ``pread``: an mmap would fault in 64 KiB around each record.)
 
 What stays in memory: one batch of entries, a few MiB of output, one (position, field
 offsets) pair per distinct vtable (a few dozen: FlatBuffers shares them), and the span
@@ -33,7 +34,6 @@ import contextlib
 import dataclasses
 import hashlib
 import marshal
-import mmap
 import operator
 import os
 import struct
@@ -47,12 +47,12 @@ from typing import IO, Self
 from prewarm.errors import BadZtoc, CorruptContent
 from prewarm.index.ztoc import (
     FileEntry,
+    Ztoc,
     _GoFlatBuilder,
     _write_entry,
     _write_root,
     _write_strings,
     _write_toc,
-    parse_ztoc,
 )
 
 #: Entries per spooled batch: one ``marshal`` call each way.
@@ -86,6 +86,23 @@ class ZtocFile:
     size: int
     num_spans: int
     num_files: int
+
+
+class _FileSlices:
+    """A file's bytes, read (``pread``) when sliced: a blob that is not in memory."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd = fd
+        self._size = size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, key: slice, /) -> bytes:
+        start, stop, step = key.indices(self._size)
+        if step != 1:
+            raise ValueError("a file is sliced with step 1 only")
+        return _pread_exact(self._fd, max(0, stop - start), start)
 
 
 def _pread_exact(fd: int, n: int, at: int) -> bytes:
@@ -203,20 +220,38 @@ class TocSpool:
             CorruptContent: the zTOC does not parse back (a builder bug).
             OSError: writing failed; ``out`` is as it was and no temporary file is left.
         """
+        self._check(out, version, build_tool_identifier, compressed_archive_size, uncompressed_archive_size,
+                    compression, span_digests)
         fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}-")
         tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as dst:
-                with tempfile.TemporaryFile(dir=self.folder) as rev:
-                    self._lay_out(rev, version, build_tool_identifier, compressed_archive_size,
-                                  uncompressed_archive_size, compression, span_digests)
-                    digest, size = _copy_reversed(rev, dst)
-            num_spans = _check_written(tmp, out)
+            with os.fdopen(fd, "wb") as dst, tempfile.TemporaryFile(dir=self.folder) as rev:
+                self._lay_out(rev, version, build_tool_identifier, compressed_archive_size,
+                              uncompressed_archive_size, compression, span_digests)
+                digest, size = _copy_reversed(rev, dst)
             os.replace(tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return ZtocFile(out, digest, size, num_spans, self.num_files)
+        return ZtocFile(out, digest, size, len(span_digests), self.num_files)
+
+    def _check(self, out: Path, version: str, tool: str, csize: int, usize: int, compression: str,
+               span_digests: Sequence[str]) -> None:
+        """What :class:`Ztoc` checks of a built zTOC (checkpoints in order and inside the
+        layer, one digest per span), the blob read from its spool file 17 bytes a record.
+
+        Raises:
+            CorruptContent: they disagree: a layer whose stream goes on far past its tar's
+                end marker, say.
+        """
+        self._checkpoints.flush()
+        fd = self._checkpoints.fileno()
+        try:
+            Ztoc(version=version, build_tool_identifier=tool, compressed_archive_size=csize,
+                 uncompressed_archive_size=usize, files=(), compression=compression, span_digests=span_digests,
+                 checkpoints_blob=_FileSlices(fd, os.fstat(fd).st_size))
+        except BadZtoc as err:
+            raise CorruptContent(f"built zTOC {out} is inconsistent: {err}") from err
 
     def _lay_out(self, rev: IO[bytes], version: str, tool: str, csize: int, usize: int, compression: str,
                  span_digests: Sequence[str]) -> None:
@@ -278,17 +313,3 @@ def _copy_reversed(src: IO[bytes], dst: IO[bytes]) -> tuple[str, int]:
         h.update(chunk)
         dst.write(chunk)
     return "sha256:" + h.hexdigest(), size
-
-
-def _check_written(path: Path, out: Path) -> int:
-    """Parse the written zTOC's header, checkpoints and digests; its span count.
-
-    Raises:
-        CorruptContent: it does not parse (the builder's bug, never the layer's).
-    """
-    with open(path, "rb") as f:
-        buf = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)  # unmapped once unreferenced
-    try:
-        return parse_ztoc(memoryview(buf), lazy_files=True).num_spans
-    except BadZtoc as err:  # pragma: no cover - would be a builder bug
-        raise CorruptContent(f"built zTOC {out} is inconsistent: {err}") from err
