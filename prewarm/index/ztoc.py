@@ -170,15 +170,35 @@ class Ztoc:
 
     def __init__(self, *, version: str, build_tool_identifier: str, compressed_archive_size: int,
                  uncompressed_archive_size: int, files: Sequence[FileEntry], compression: str,
-                 span_digests: Sequence[str], checkpoints_blob: ByteSlices) -> None:
+                 span_digests: Sequence[str], checkpoints_blob: bytes | bytearray | memoryview) -> None:
         """Assemble a zTOC; ``checkpoints_blob`` is soci's zinfo blob (or TarZinfo).
-
-        The blob is read by slices only (17 bytes per 32 KiB checkpoint here, a window
-        when asked for), so it may be a file read on demand as well as bytes or a view.
 
         Raises:
             BadZtoc: the checkpoint blob does not agree with the rest.
         """
+        self._assign(version, build_tool_identifier, compressed_archive_size, uncompressed_archive_size, files,
+                     compression, span_digests)
+        self.checkpoints_blob = checkpoints_blob
+        self._load_checkpoints(checkpoints_blob)
+
+    @classmethod
+    def check_checkpoint_blob(cls, blob: ByteSlices, *, compressed_archive_size: int,
+                              uncompressed_archive_size: int, compression: str, span_digests: Sequence[str]) -> None:
+        """The constructor's checks of a checkpoint blob that is not in memory (a file read by
+        slices: :mod:`prewarm.index.ztoc_spool`), keeping nothing.
+
+        The blob is read by slices only: its header, then 17 bytes per 32 KiB checkpoint.
+
+        Raises:
+            BadZtoc: the checkpoint blob does not agree with the rest.
+        """
+        z = cls.__new__(cls)
+        z._assign("", "", compressed_archive_size, uncompressed_archive_size, (), compression, span_digests)
+        z._load_checkpoints(blob)
+
+    def _assign(self, version: str, build_tool_identifier: str, compressed_archive_size: int,
+                uncompressed_archive_size: int, files: Sequence[FileEntry], compression: str,
+                span_digests: Sequence[str]) -> None:
         if compression not in COMPRESSIONS:
             raise BadZtoc(f"zTOC compression {compression!r} is not one of {COMPRESSIONS}")
         self.version = version
@@ -191,16 +211,17 @@ class Ztoc:
         self.digest: str | None = None
         self.compression = compression
         self.span_digests: tuple[str, ...] = tuple(span_digests)
-        self.checkpoints_blob = checkpoints_blob
         self.legacy_checkpoints = False
         self._cp_in: list[int] = []
         self._cp_out: list[int] = []
         self._cp_bits: list[int] = []
         self._cp_base = ZINFO_HEADER_SIZE
-        if compression == "gzip":
-            self.span_size = self._read_zinfo(checkpoints_blob)
+
+    def _load_checkpoints(self, blob: ByteSlices) -> None:
+        if self.compression == "gzip":
+            self.span_size = self._read_zinfo(blob)
         else:
-            self.span_size = self._read_tar_zinfo(bytes(checkpoints_blob[0:len(checkpoints_blob)]))
+            self.span_size = self._read_tar_zinfo(bytes(blob[0:len(blob)]))
 
     # ---- checkpoint table ----------------------------------------------------------
 
@@ -1019,7 +1040,7 @@ def serialize_ztoc(z: Ztoc) -> bytes:
     for k in range(len(z.files) - 1, -1, -1):
         offsets[k] = _write_entry(b, z.files[k])
     toc = _write_toc(b, b.offset_vector(offsets))
-    checkpoints = b.create_byte_vector(z.checkpoints_blob[0:len(z.checkpoints_blob)])
+    checkpoints = b.create_byte_vector(z.checkpoints_blob)
     return b.finish(_write_root(b, strings, toc, checkpoints, z.span_digests, z.compression,
                                 z.compressed_archive_size, z.uncompressed_archive_size))
 

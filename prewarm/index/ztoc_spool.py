@@ -220,8 +220,7 @@ class TocSpool:
             CorruptContent: the zTOC does not parse back (a builder bug).
             OSError: writing failed; ``out`` is as it was and no temporary file is left.
         """
-        self._check(out, version, build_tool_identifier, compressed_archive_size, uncompressed_archive_size,
-                    compression, span_digests)
+        self._check(out, compressed_archive_size, uncompressed_archive_size, compression, span_digests)
         fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}-")
         tmp = Path(tmp_name)
         try:
@@ -235,8 +234,7 @@ class TocSpool:
             raise
         return ZtocFile(out, digest, size, len(span_digests), self.num_files)
 
-    def _check(self, out: Path, version: str, tool: str, csize: int, usize: int, compression: str,
-               span_digests: Sequence[str]) -> None:
+    def _check(self, out: Path, csize: int, usize: int, compression: str, span_digests: Sequence[str]) -> None:
         """What :class:`Ztoc` checks of a built zTOC (checkpoints in order and inside the
         layer, one digest per span), the blob read from its spool file 17 bytes a record.
 
@@ -247,9 +245,9 @@ class TocSpool:
         self._checkpoints.flush()
         fd = self._checkpoints.fileno()
         try:
-            Ztoc(version=version, build_tool_identifier=tool, compressed_archive_size=csize,
-                 uncompressed_archive_size=usize, files=(), compression=compression, span_digests=span_digests,
-                 checkpoints_blob=_FileSlices(fd, os.fstat(fd).st_size))
+            Ztoc.check_checkpoint_blob(_FileSlices(fd, os.fstat(fd).st_size), compressed_archive_size=csize,
+                                       uncompressed_archive_size=usize, compression=compression,
+                                       span_digests=span_digests)
         except BadZtoc as err:
             raise CorruptContent(f"built zTOC {out} is inconsistent: {err}") from err
 
