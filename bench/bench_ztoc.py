@@ -13,6 +13,9 @@ process so that its peak RSS is its own:
   zlib-ng  the same with zlib-ng, the inflater the build drives (for reference)
   isal     the same with ISA-L (what workers use for spans; for reference)
   build    ``build_ztoc`` (4 MiB spans): checkpoints + span digests + TOC, one pass
+  file     ``build_ztoc_file``: the same pass, the TOC spooled to disk and the zTOC
+           written to a file, as ``prewarm index`` does (serialising included; its peak
+           RSS should not grow with the layer's file count)
 
 and prints MB/s of compressed input, the ratio build/zlib (target >= 0.8) in wall-clock
 and in CPU time, the build's own overhead over its inflater (build / zlib-ng), and peak
@@ -111,6 +114,15 @@ def measure(kind: str, paths: list[str]) -> dict[str, Any]:
                 if d.eof and chunk:
                     d = mod.decompressobj(31)
         result: dict[str, Any] = {"uncompressed": out}
+    elif kind == "file":
+        import tempfile
+
+        from prewarm.index.ztoc_build import build_ztoc_file
+
+        with tempfile.TemporaryDirectory(prefix="bench-ztoc-") as folder:
+            made = build_ztoc_file(_chunks(paths), Path(folder) / "ztoc", span_size=4 << 20,
+                                   build_tool_identifier="bench")
+        result = {"spans": made.num_spans, "files": made.num_files, "ztoc_bytes": made.size}
     else:
         from prewarm.index.zran import backend
         from prewarm.index.ztoc import serialize_ztoc
@@ -152,7 +164,7 @@ def main() -> None:
     print(f"layer: {layer} ({csize / 1e6:.1f} MB compressed)")
     best: dict[str, dict[str, Any]] = {}
     for _ in range(args.runs):
-        for kind in ("zlib", "zlib-ng", "isal", "build"):
+        for kind in ("zlib", "zlib-ng", "isal", "build", "file"):
             r = in_child(kind, [str(layer)])
             if kind not in best or r["seconds"] < best[kind]["seconds"]:
                 best[kind] = r
@@ -167,6 +179,10 @@ def main() -> None:
           f"(target >= 0.8); {best['zlib']['cpu_seconds'] / b['cpu_seconds']:.2f} in CPU time")
     print(f"ratio build / zlib-ng inflate: {best['zlib-ng']['seconds'] / b['seconds']:.2f} wall-clock "
           f"(what checkpoints, span digests and the TOC cost on top of the inflate)")
+    f = best["file"]
+    print(f"build to a file (serialised, written): {f['seconds']:.2f} s, peak RSS {f['maxrss_mb']:.0f} MB, "
+          f"zTOC {f['ztoc_bytes'] / 1e6:.1f} MB (in memory: build + serialize_ztoc "
+          f"{b['seconds'] + b['serialize_seconds']:.2f} s, peak RSS {b['maxrss_mb']:.0f} MB)")
     half = make_layer(args.cache, args.size_mb // 2)
     small = in_child("build", [str(half)])
     print(f"build of a layer half the size ({half.stat().st_size / 1e6:.0f} MB): peak RSS "

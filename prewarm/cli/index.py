@@ -1,15 +1,18 @@
 """``prewarm index IMAGE``: build the zTOCs of an image's layers and push a SOCI index.
 
 Layers are streamed from the registry in parallel, each read once; layers under
-``--min-layer-size`` and zstd layers get no zTOC (as soci leaves them).  With
-``--push`` the zTOCs and a SOCI index v1 (subject = the image manifest) are pushed to
-the image's repository and listed under the referrers fallback tag; the image itself
-is not changed.  ``--output DIR`` keeps the zTOCs as files for ``prewarm ztoc info``.
+``--min-layer-size`` and zstd layers get no zTOC (as soci leaves them).  Each zTOC is
+built on disk, in memory that does not grow with the layer's file count (a temporary
+folder in ``TMPDIR``, or ``--output``).  With ``--push`` the zTOCs and a SOCI index v1
+(subject = the image manifest) are pushed to the image's repository and listed under
+the referrers fallback tag; the image itself is not changed.  ``--output DIR`` keeps the zTOCs as files for ``prewarm ztoc info``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +40,8 @@ def index_cmd(image: str, span_size: str | None, min_layer_size: str | None, pus
               **flags: Any) -> None:
     """Build zTOCs for IMAGE's layers; with --push, publish them as a SOCI index."""
     from prewarm.config import BUILD_TOOL_IDENTIFIER, whole_number
+    from prewarm.errors import ConfigError
     from prewarm.index.soci import build_layer_ztocs, push_soci_index
-    from prewarm.resolve.digest import digest_hex, sha256_digest
     from prewarm.resolve.reference import parse_reference
     from prewarm.resolve.registry.client import RegistryClient
 
@@ -50,27 +53,35 @@ def index_cmd(image: str, span_size: str | None, min_layer_size: str | None, pus
     ref = parse_reference(image)
     client = RegistryClient.from_settings(settings)
     resolved = client.resolve(ref, platform or settings.platform)
-    built = build_layer_ztocs(client, resolved, span_size=settings.span_size,
-                              min_layer_size=settings.min_layer_size, build_tool_identifier=tool, workers=jobs)
-    if output is not None:
-        output.mkdir(parents=True, exist_ok=True)
-        for layer, data in built.ztocs.items():
-            (output / f"{digest_hex(layer)}.ztoc").write_bytes(data)
-    index_digest = None
-    if push and built.ztocs:
-        index_digest = push_soci_index(client, resolved, built.ztocs, settings.span_size, tool)
+    # the zTOCs are built on disk (bounded memory at any file count): into --output, or a
+    # temporary folder that goes once they are pushed
+    with contextlib.ExitStack() as stack:
+        if output is not None:
+            try:
+                output.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ConfigError(f"cannot create --output folder {output}: {err.strerror or err}") from err
+            into = output
+        else:
+            into = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="prewarm-index-")))
+        built = build_layer_ztocs(client, resolved, into=into, span_size=settings.span_size,
+                                  min_layer_size=settings.min_layer_size, build_tool_identifier=tool, workers=jobs)
+        index_digest = None
+        if push and built.ztocs:
+            index_digest = push_soci_index(client, resolved, {layer: z.path for layer, z in built.ztocs.items()},
+                                           settings.span_size, tool)
     if as_json:
         click.echo(json.dumps({
             "image": str(ref), "manifest_digest": resolved.manifest_digest, "span_size": settings.span_size,
-            "ztocs": {layer: {"digest": sha256_digest(data), "size": len(data)} for layer, data in built.ztocs.items()},
+            "ztocs": {layer: {"digest": z.digest, "size": z.size} for layer, z in built.ztocs.items()},
             "skipped": built.skipped, "soci_index": index_digest,
         }, indent=2))
     else:
         click.echo(f"{ref} ({resolved.manifest_digest}, {resolved.platform})")
         for desc in resolved.layers:
             if desc.digest in built.ztocs:
-                data = built.ztocs[desc.digest]
-                click.echo(f"  {desc.digest}  zTOC {sha256_digest(data)} ({len(data)} bytes)")
+                z = built.ztocs[desc.digest]
+                click.echo(f"  {desc.digest}  zTOC {z.digest} ({z.size} bytes)")
             else:
                 click.echo(f"  {desc.digest}  no zTOC: {built.skipped.get(desc.digest, 'duplicate layer')}")
         if index_digest:

@@ -10,8 +10,6 @@ mismatch.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -54,24 +52,14 @@ def build_cmd(layer: Path, span_size: int | None, build_tool_identifier: str | N
     """Build the zTOC of LAYER (a .tar.gz or .tar file), reading it once."""
     from prewarm.cli._common import settings_from
     from prewarm.config import BUILD_TOOL_IDENTIFIER
-    from prewarm.index.ztoc import serialize_ztoc
-    from prewarm.index.ztoc_build import build_ztoc_from_file
-    from prewarm.resolve.digest import sha256_digest
+    from prewarm.index.ztoc_build import build_ztoc_file_from_file
 
     size = span_size or settings_from().span_size
-    z = build_ztoc_from_file(layer, span_size=size,
-                             build_tool_identifier=build_tool_identifier or BUILD_TOOL_IDENTIFIER)
-    data = serialize_ztoc(z)
-    out_dir = output.resolve().parent
-    try:
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{output.name}.")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, output)
-    except OSError as err:
-        raise ConfigError(f"cannot write {output}: {err.strerror or err}") from err
-    click.echo(f"{output}: {sha256_digest(data)} ({len(data)} bytes, {z.num_spans} spans, "
-               f"{len(z.files)} files, span size {size})")
+    # built on disk beside OUTPUT (temporary files, then a rename): memory stays flat at any file count
+    made = build_ztoc_file_from_file(layer, output, span_size=size,
+                                     build_tool_identifier=build_tool_identifier or BUILD_TOOL_IDENTIFIER)
+    click.echo(f"{output}: {made.digest} ({made.size} bytes, {made.num_spans} spans, "
+               f"{made.num_files} files, span size {size})")
 
 
 def _shown(text: str) -> str:

@@ -16,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import cast
 
 import redis
@@ -83,29 +85,44 @@ def find_ztocs(settings: Settings, client: RegistryClient, resolved: ResolvedIma
             out[layer.digest] = SpanLayer(desc.digest, z.num_spans, z.uncompressed_archive_size, len(z.files),
                                           desc.size)
             from_registry.append(layer.digest)
-    built: dict[str, bytes] = {}
+    built: list[str] = []
     if build and len(out) < len({l.digest for l in resolved.layers}):
         missing = [l for l in resolved.layers if l.digest not in out]
         if any(layer_ztoc_kind(l, settings.min_layer_size)[0] for l in missing):
             say("building zTOCs (the registry has no SOCI index for these layers)")
-            made = build_layer_ztocs(client, resolved, span_size=settings.span_size,
-                                     min_layer_size=settings.min_layer_size,
-                                     build_tool_identifier=BUILD_TOOL_IDENTIFIER,
-                                     workers=max(1, os.cpu_count() or 1))
-            built = {d: data for d, data in made.ztocs.items() if d not in out}
+            built = _build_ztocs(settings, client, resolved, cache, out, push=push, say=say)
+    whole = tuple(l.digest for l in resolved.layers if l.digest not in out)
+    return out, IndexChoice(tuple(from_registry), tuple(built), whole)
+
+
+def _build_ztocs(settings: Settings, client: RegistryClient, resolved: ResolvedImage, cache: ZtocCache,
+                 out: dict[str, SpanLayer], *, push: bool, say: Callable[[str], None]) -> list[str]:
+    """Build the zTOCs of the layers not in ``out``, push them (``push``), cache them, add them to ``out``.
+
+    The zTOCs are built as files in a temporary folder under the store's ``tmp/`` (memory
+    does not grow with a layer's file count) and copied into the node's zTOC cache; the
+    folder goes when this returns.  Returns the layers built.
+    """
+    scratch = Layout(settings.root).tmp()
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="ztoc-build-") as folder:
+        made = build_layer_ztocs(client, resolved, into=Path(folder), span_size=settings.span_size,
+                                 min_layer_size=settings.min_layer_size, build_tool_identifier=BUILD_TOOL_IDENTIFIER,
+                                 workers=max(1, os.cpu_count() or 1))
+        built = {d: z for d, z in made.ztocs.items() if d not in out}
         if built and push:
             try:
-                push_soci_index(client, resolved, built, settings.span_size, BUILD_TOOL_IDENTIFIER)
+                push_soci_index(client, resolved, {d: z.path for d, z in built.items()}, settings.span_size,
+                                BUILD_TOOL_IDENTIFIER)
                 say("pushed a SOCI index with them, so the nodes fetch the zTOCs by digest")
             except AuthenticationFailed as err:
                 say(f"cannot push the SOCI index ({err}); those layers go whole to the fleet")
-                built = {}
-        for digest, data in built.items():
-            zdigest = cache.put(data)
+                return []
+        for digest, made_one in built.items():
+            zdigest = cache.put_file(made_one.path, made_one.digest)
             z = cache.get(zdigest)
-            out[digest] = SpanLayer(zdigest, z.num_spans, z.uncompressed_archive_size, len(z.files), len(data))
-    whole = tuple(l.digest for l in resolved.layers if l.digest not in out)
-    return out, IndexChoice(tuple(from_registry), tuple(built), whole)
+            out[digest] = SpanLayer(zdigest, z.num_spans, z.uncompressed_archive_size, len(z.files), made_one.size)
+    return list(built)
 
 
 def estimate_unpacked_size(client: RegistryClient, ref: Reference, digest: str, size: int, media_type: str) -> int:

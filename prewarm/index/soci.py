@@ -29,10 +29,12 @@ import concurrent.futures
 import dataclasses
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from prewarm.errors import BadZtoc, ManifestNotFound, UnsupportedManifest
-from prewarm.resolve.digest import sha256_digest
+from prewarm.index.ztoc_spool import ZtocFile
+from prewarm.resolve.digest import digest_hex, sha256_digest
 from prewarm.resolve.manifest import (
     OCI_MANIFEST,
     Descriptor,
@@ -151,7 +153,7 @@ def soci_index_manifest(layers: list[tuple[Descriptor, str, int]], span_size: in
                          annotations={ANN_BUILD_TOOL: build_tool_identifier})
 
 
-def push_soci_index(client: RegistryClient, resolved: ResolvedImage, ztocs: Mapping[str, bytes],
+def push_soci_index(client: RegistryClient, resolved: ResolvedImage, ztocs: Mapping[str, bytes | Path],
                     span_size: int, build_tool_identifier: str) -> str:
     """Push the zTOCs and a v1 SOCI index for ``resolved``; returns the index digest.
 
@@ -161,7 +163,9 @@ def push_soci_index(client: RegistryClient, resolved: ResolvedImage, ztocs: Mapp
     is not changed.
 
     Args:
-        ztocs: serialized zTOC per image-layer digest; layers missing here are un-indexed.
+        ztocs: serialized zTOC per image-layer digest, as bytes or as a file (read from
+            disk as it is pushed: :func:`build_layer_ztocs` makes files); layers missing
+            here are un-indexed.
 
     Raises:
         BadZtoc: a key of ``ztocs`` is not a layer of the image, or there are none.
@@ -182,7 +186,7 @@ def push_soci_index(client: RegistryClient, resolved: ResolvedImage, ztocs: Mapp
         seen.add(layer.digest)
         data = ztocs[layer.digest]
         digest = client.push_blob(ref.registry, ref.repository, data)
-        entries.append((layer, digest, len(data)))
+        entries.append((layer, digest, data.stat().st_size if isinstance(data, Path) else len(data)))
     client.push_blob(ref.registry, ref.repository, EMPTY_CONFIG, digest=EMPTY_CONFIG_DIGEST)
     body = soci_index_manifest(entries, span_size, build_tool_identifier, resolved.manifest_descriptor)
     index = SociIndex(sha256_digest(body), body, "v1", (), {ANN_BUILD_TOOL: build_tool_identifier})
@@ -194,9 +198,9 @@ def push_soci_index(client: RegistryClient, resolved: ResolvedImage, ztocs: Mapp
 
 @dataclasses.dataclass(frozen=True)
 class LayerZtocs:
-    """What :func:`build_layer_ztocs` made: zTOC bytes per layer, and why others got none."""
+    """What :func:`build_layer_ztocs` made: a zTOC file per layer, and why others got none."""
 
-    ztocs: dict[str, bytes]
+    ztocs: dict[str, ZtocFile]
     skipped: dict[str, str]
 
 
@@ -213,21 +217,23 @@ def layer_ztoc_kind(layer: Descriptor, min_layer_size: int) -> tuple[str | None,
     return None, f"media type {layer.media_type} is not a tar layer"
 
 
-def build_layer_ztocs(client: RegistryClient, resolved: ResolvedImage, *, span_size: int, min_layer_size: int,
-                      build_tool_identifier: str, workers: int = 4) -> LayerZtocs:
-    """Build the zTOC of every indexable layer, layers in parallel, each streamed once.
+def build_layer_ztocs(client: RegistryClient, resolved: ResolvedImage, *, into: Path, span_size: int,
+                      min_layer_size: int, build_tool_identifier: str, workers: int = 4) -> LayerZtocs:
+    """Build the zTOC of every indexable layer into ``into/<layer hex>.ztoc``, layers in parallel.
 
     Each layer is streamed from the registry straight into the one-pass builder
-    (:func:`prewarm.index.ztoc_build.build_ztoc`), so memory does not grow with layer size,
-    and the layer's digest is checked when its stream ends.
+    (:func:`prewarm.index.ztoc_build.build_ztoc_file`), and its digest is checked when
+    its stream ends.  Memory grows with neither the layer's size nor its file count: the
+    TOC waits in temporary files in ``into`` (room for about three times each zTOC),
+    and the zTOCs stay on disk for the caller to push, cache or keep.
 
     Raises:
         CorruptContent: a layer is not the gzip/tar stream its media type says, or
-            does not match its digest.
+            does not match its digest (its zTOC file is removed).
         RegistryError: fetching a layer failed (after retries).
+        ConfigError: ``into`` cannot be written.
     """
-    from prewarm.index.ztoc import serialize_ztoc
-    from prewarm.index.ztoc_build import build_tar_ztoc, build_ztoc
+    from prewarm.index.ztoc_build import build_ztoc_file
 
     ref = resolved.reference
     todo: dict[str, tuple[Descriptor, str]] = {}
@@ -239,16 +245,22 @@ def build_layer_ztocs(client: RegistryClient, resolved: ResolvedImage, *, span_s
         else:
             todo.setdefault(layer.digest, (layer, kind))
 
-    def one(layer: Descriptor, kind: str) -> bytes:
-        builder = build_ztoc if kind == "gzip" else build_tar_ztoc
+    def one(layer: Descriptor, kind: str) -> ZtocFile:
+        path = into / f"{digest_hex(layer.digest)}.ztoc"
         with client.stream_blob(ref.registry, ref.repository, layer.digest) as chunks:
-            ztoc = builder(chunks, span_size=span_size, build_tool_identifier=build_tool_identifier)
-            for _ in chunks:  # drain: the digest is verified when the stream ends
-                pass
-        log.info("built zTOC for %s (%d spans)", layer.digest, ztoc.num_spans)
-        return serialize_ztoc(ztoc)
+            made = build_ztoc_file(chunks, path, span_size=span_size, build_tool_identifier=build_tool_identifier,
+                                   compression="gzip" if kind == "gzip" else "uncompressed")
+            try:
+                for _ in chunks:  # drain: the digest is verified when the stream ends
+                    pass
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+        log.info("built zTOC for %s (%d spans, %d files, %d bytes)", layer.digest, made.num_spans,
+                 made.num_files, made.size)
+        return made
 
-    out: dict[str, bytes] = {}
+    out: dict[str, ZtocFile] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers),
                                                thread_name_prefix="prewarm-index") as pool:
         futures = {digest: pool.submit(one, layer, kind) for digest, (layer, kind) in todo.items()}

@@ -92,7 +92,7 @@ import bisect
 import re
 import struct
 from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from prewarm.errors import BadZtoc
 
@@ -120,6 +120,14 @@ _DIGEST_RE = re.compile(rb"sha256:[0-9a-f]{64}\Z")
 _CP_HEAD = struct.Struct("<qqB")
 _ZINFO_HEAD = struct.Struct("<iq")
 _LEGACY_FIRST = (10, 0, 0)
+
+
+class ByteSlices(Protocol):
+    """Bytes read by slice: bytes, a memoryview (of an mmap), or a file read on demand."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key: slice, /) -> bytes | bytearray | memoryview: ...
 
 
 def _text(raw: bytes) -> str:
@@ -168,6 +176,29 @@ class Ztoc:
         Raises:
             BadZtoc: the checkpoint blob does not agree with the rest.
         """
+        self._assign(version, build_tool_identifier, compressed_archive_size, uncompressed_archive_size, files,
+                     compression, span_digests)
+        self.checkpoints_blob = checkpoints_blob
+        self._load_checkpoints(checkpoints_blob)
+
+    @classmethod
+    def check_checkpoint_blob(cls, blob: ByteSlices, *, compressed_archive_size: int,
+                              uncompressed_archive_size: int, compression: str, span_digests: Sequence[str]) -> None:
+        """The constructor's checks of a checkpoint blob that is not in memory (a file read by
+        slices: :mod:`prewarm.index.ztoc_spool`), keeping nothing.
+
+        The blob is read by slices only: its header, then 17 bytes per 32 KiB checkpoint.
+
+        Raises:
+            BadZtoc: the checkpoint blob does not agree with the rest.
+        """
+        z = cls.__new__(cls)
+        z._assign("", "", compressed_archive_size, uncompressed_archive_size, (), compression, span_digests)
+        z._load_checkpoints(blob)
+
+    def _assign(self, version: str, build_tool_identifier: str, compressed_archive_size: int,
+                uncompressed_archive_size: int, files: Sequence[FileEntry], compression: str,
+                span_digests: Sequence[str]) -> None:
         if compression not in COMPRESSIONS:
             raise BadZtoc(f"zTOC compression {compression!r} is not one of {COMPRESSIONS}")
         self.version = version
@@ -180,24 +211,25 @@ class Ztoc:
         self.digest: str | None = None
         self.compression = compression
         self.span_digests: tuple[str, ...] = tuple(span_digests)
-        self.checkpoints_blob = checkpoints_blob
         self.legacy_checkpoints = False
         self._cp_in: list[int] = []
         self._cp_out: list[int] = []
         self._cp_bits: list[int] = []
         self._cp_base = ZINFO_HEADER_SIZE
-        if compression == "gzip":
-            self.span_size = self._read_zinfo(memoryview(checkpoints_blob))
+
+    def _load_checkpoints(self, blob: ByteSlices) -> None:
+        if self.compression == "gzip":
+            self.span_size = self._read_zinfo(blob)
         else:
-            self.span_size = self._read_tar_zinfo(bytes(checkpoints_blob))
+            self.span_size = self._read_tar_zinfo(bytes(blob[0:len(blob)]))
 
     # ---- checkpoint table ----------------------------------------------------------
 
-    def _read_zinfo(self, blob: memoryview) -> int:
+    def _read_zinfo(self, blob: ByteSlices) -> int:
         if len(blob) < ZINFO_HEADER_SIZE:
             raise BadZtoc(f"zTOC checkpoint blob is {len(blob)} bytes, shorter than its "
                           f"{ZINFO_HEADER_SIZE}-byte header")
-        count, span_size = _ZINFO_HEAD.unpack_from(blob, 0)
+        count, span_size = _ZINFO_HEAD.unpack(blob[0:ZINFO_HEADER_SIZE])
         body = len(blob) - ZINFO_HEADER_SIZE
         if count < 1 or count > body // CHECKPOINT_RECORD_SIZE + 1:
             raise BadZtoc(f"zTOC says {count} checkpoints but its blob of {len(blob)} bytes "
@@ -218,7 +250,8 @@ class Ztoc:
             cout.append(_LEGACY_FIRST[1])
             cbits.append(_LEGACY_FIRST[2])
         for i in range(stored):
-            a, b, c = _CP_HEAD.unpack_from(blob, ZINFO_HEADER_SIZE + i * CHECKPOINT_RECORD_SIZE)
+            at = ZINFO_HEADER_SIZE + i * CHECKPOINT_RECORD_SIZE
+            a, b, c = _CP_HEAD.unpack(blob[at:at + _CP_HEAD.size])
             cin.append(a)
             cout.append(b)
             cbits.append(c)
@@ -873,40 +906,60 @@ class _GoFlatBuilder:
     package also compares object sizes, which can differ).  Bytes are appended to a
     reversed buffer (prepending, in effect) with one operation per field, so a TOC of
     100,000 entries serialises in about a second.  Method names follow the builders.
+
+    A position is the number of bytes written so far (Go's ``Offset()``).  :meth:`spill`
+    hands over the bytes written so far and keeps counting from there, so a writer can
+    move a large buffer to disk piece by piece between objects
+    (:mod:`prewarm.index.ztoc_spool`); what stays in memory is the unspilled tail and one
+    (position, field offsets) pair per distinct vtable.
     """
 
-    __slots__ = ("minalign", "object_end", "rev", "vt_list", "vtable", "vtables")
+    __slots__ = ("base", "minalign", "object_end", "rev", "vt_list", "vtable", "vtables")
 
     def __init__(self) -> None:
         self.rev = bytearray()
+        self.base = 0  # bytes handed over by spill() before rev
         self.minalign = 1
         self.vtable: list[int] = []
         self.object_end = 0
         self.vtables: dict[tuple[int, ...], int] = {}
         self.vt_list: list[tuple[int, tuple[int, ...]]] = []
 
+    def offset(self) -> int:
+        return self.base + len(self.rev)
+
+    def spill(self) -> bytearray:
+        """The bytes written since the last spill, reversed (the last byte of the buffer first).
+
+        Only between objects: :meth:`end_object` patches the bytes of its own object.
+        """
+        out = self.rev
+        self.base += len(out)
+        self.rev = bytearray()
+        return out
+
     def prep(self, size: int, additional: int) -> None:
         self.minalign = max(self.minalign, size)
-        pad = -(len(self.rev) + additional) & (size - 1)
+        pad = -(self.base + len(self.rev) + additional) & (size - 1)
         if pad:
             self.rev += bytes(pad)
 
     def prepend_uoffset(self, off: int) -> None:
         self.prep(4, 0)
-        self.rev += (len(self.rev) - off + 4).to_bytes(4, "big")
+        self.rev += (self.base + len(self.rev) - off + 4).to_bytes(4, "big")
 
     def create_string(self, data: bytes) -> int:
         self.prep(4, len(data) + 1)
         self.rev += b"\0"
         self.rev += data[::-1]
         self.rev += len(data).to_bytes(4, "big")
-        return len(self.rev)
+        return self.base + len(self.rev)
 
-    def create_byte_vector(self, data: bytes | memoryview) -> int:
+    def create_byte_vector(self, data: bytes | bytearray | memoryview) -> int:
         self.prep(4, len(data))
         self.rev += bytes(data)[::-1]
         self.rev += len(data).to_bytes(4, "big")
-        return len(self.rev)
+        return self.base + len(self.rev)
 
     def offset_vector(self, offsets: Sequence[int]) -> int:
         """StartVector(4, n, 4), PrependUOffsetT of each from the last, EndVector."""
@@ -915,27 +968,28 @@ class _GoFlatBuilder:
         for off in reversed(offsets):
             self.prepend_uoffset(off)
         self.rev += n.to_bytes(4, "big")
-        return len(self.rev)
+        return self.base + len(self.rev)
 
     def start_object(self, numfields: int) -> None:
         self.vtable = [0] * numfields
-        self.object_end = len(self.rev)
+        self.object_end = self.base + len(self.rev)
 
     def add_offset(self, slot: int, off: int) -> None:
         if off:
             self.prepend_uoffset(off)
-            self.vtable[slot] = len(self.rev)
+            self.vtable[slot] = self.base + len(self.rev)
 
     def add_int(self, slot: int, value: int, size: int, default: int = 0) -> None:
         if value != default:
             self.prep(size, 0)
             self.rev += value.to_bytes(size, "big", signed=value < 0)
-            self.vtable[slot] = len(self.rev)
+            self.vtable[slot] = self.base + len(self.rev)
 
     def end_object(self) -> int:
         self.prep(4, 0)
         self.rev += bytes(4)  # soffset to the vtable, patched below
-        obj = len(self.rev)
+        at = len(self.rev)
+        obj = self.base + at
         vt = self.vtable
         n = len(vt)
         while n and not vt[n - 1]:
@@ -951,10 +1005,10 @@ class _GoFlatBuilder:
             self.rev += (obj - self.object_end).to_bytes(2, "big")
             self.prep(2, 0)
             self.rev += ((n + 2) * 2).to_bytes(2, "big")
-            existing = len(self.rev)
+            existing = self.base + len(self.rev)
             self.vtables.setdefault(key, existing)
             self.vt_list.append((existing, key))
-        self.rev[obj - 4:obj] = (existing - obj).to_bytes(4, "big", signed=True)
+        self.rev[at - 4:at] = (existing - obj).to_bytes(4, "big", signed=True)
         return obj
 
     def _find_vtable(self, obj: int, raw: list[int], key: tuple[int, ...]) -> int | None:
@@ -967,9 +1021,22 @@ class _GoFlatBuilder:
                 return voff
         return None
 
-    def finish(self, root: int) -> bytes:
+    def prepend_uoffsets(self, offsets: Sequence[int]) -> None:
+        """PrependUOffsetT of each of ``offsets`` in order, inside a vector of offsets.
+
+        The vector's ``prep(4, 4 * n)`` aligned the builder to 4 bytes and each offset
+        keeps it so, so no padding falls between them: one pack for the lot.
+        """
+        at = self.base + len(self.rev) + 4
+        self.rev += struct.pack(f">{len(offsets)}I", *[at + 4 * j - off for j, off in enumerate(offsets)])
+
+    def end(self, root: int) -> None:
+        """Go's ``Finish`` without the copy: the root offset, aligned to the largest scalar."""
         self.prep(self.minalign, 4)
         self.prepend_uoffset(root)
+
+    def finish(self, root: int) -> bytes:
+        self.end(root)
         return bytes(self.rev[::-1])
 
 
@@ -978,34 +1045,51 @@ def serialize_ztoc(z: Ztoc) -> bytes:
 
     FlatBuffers output depends on the order objects are created in, so this follows
     soci's ``ztocToFlatbuffer``: version and build tool strings; the file tables from the
-    last to the first; the checkpoint bytes; the digest strings; the tables.
+    last to the first; the checkpoint bytes; the digest strings; the tables.  (The same
+    order, entries read back from disk, is :meth:`prewarm.index.ztoc_spool.TocSpool.write`.)
     """
     b = _GoFlatBuilder()
-    version = b.create_string(_raw(z.version))
-    tool = b.create_string(_raw(z.build_tool_identifier))
+    strings = _write_strings(b, z.version, z.build_tool_identifier)
     offsets = [0] * len(z.files)
     for k in range(len(z.files) - 1, -1, -1):
         offsets[k] = _write_entry(b, z.files[k])
-    metadata = b.offset_vector(offsets)
+    toc = _write_toc(b, b.offset_vector(offsets))
+    checkpoints = b.create_byte_vector(z.checkpoints_blob)
+    return b.finish(_write_root(b, strings, toc, checkpoints, z.span_digests, z.compression,
+                                z.compressed_archive_size, z.uncompressed_archive_size))
+
+
+def _write_strings(b: _GoFlatBuilder, version: str, build_tool_identifier: str) -> tuple[int, int]:
+    """The zTOC's first objects: its version and build tool strings."""
+    return b.create_string(_raw(version)), b.create_string(_raw(build_tool_identifier))
+
+
+def _write_toc(b: _GoFlatBuilder, metadata: int) -> int:
+    """The TOC table around the vector of entry tables."""
     b.start_object(1)
     b.add_offset(0, metadata)
-    toc = b.end_object()
-    checkpoints = b.create_byte_vector(z.checkpoints_blob)
-    digests = b.offset_vector([b.create_string(d.encode("ascii")) for d in z.span_digests])
+    return b.end_object()
+
+
+def _write_root(b: _GoFlatBuilder, strings: tuple[int, int], toc: int, checkpoints: int,
+                span_digests: Sequence[str], compression: str, compressed_archive_size: int,
+                uncompressed_archive_size: int) -> int:
+    """The zTOC's last objects, after the checkpoint bytes: digests, compression info, root."""
+    digests = b.offset_vector([b.create_string(d.encode("ascii")) for d in span_digests])
     b.start_object(4)
-    b.add_int(1, z.max_span_id, 4)
+    b.add_int(1, len(span_digests) - 1, 4)
     b.add_offset(2, digests)
     b.add_offset(3, checkpoints)
-    b.add_int(0, _ALGO_GZIP if z.compression == "gzip" else _ALGO_UNCOMPRESSED, 1, _ALGO_GZIP)
+    b.add_int(0, _ALGO_GZIP if compression == "gzip" else _ALGO_UNCOMPRESSED, 1, _ALGO_GZIP)
     info = b.end_object()
     b.start_object(6)
-    b.add_offset(0, version)
-    b.add_offset(1, tool)
+    b.add_offset(0, strings[0])
+    b.add_offset(1, strings[1])
     b.add_offset(4, toc)
-    b.add_int(2, z.compressed_archive_size, 8)
-    b.add_int(3, z.uncompressed_archive_size, 8)
+    b.add_int(2, compressed_archive_size, 8)
+    b.add_int(3, uncompressed_archive_size, 8)
     b.add_offset(5, info)
-    return b.finish(b.end_object())
+    return b.end_object()
 
 
 def _write_entry(b: _GoFlatBuilder, f: FileEntry) -> int:

@@ -20,16 +20,21 @@ the same thread, straight from the output buffer before it slides.  (A second th
 them was measured no faster on an idle 2-core machine: the two threads convoy on the GIL
 each time inflate returns; and it cost 8% more CPU, which a busy node does not have.)
 
-Memory is bounded by the output buffers plus the zTOC itself (33 KB per span).
+Memory is bounded by the output buffers plus the zTOC itself: a :class:`FileEntry` per
+tar entry, 33 KB per span (:func:`build_ztoc`); or, with :func:`build_ztoc_file`, by
+the output buffers and a few MiB whatever the layer's size and file count, the TOC and
+checkpoints spooled to disk (:mod:`prewarm.index.ztoc_spool`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from prewarm.errors import BadZtoc, ConfigError, CorruptContent
 from prewarm.index.tarindex import TarIndexer
@@ -42,6 +47,7 @@ from prewarm.index.zran import (
     BlockInflater,
 )
 from prewarm.index.ztoc import (
+    COMPRESSIONS,
     WINDOW_SIZE,
     ZINFO_HEADER_SIZE,
     ZTOC_VERSION,
@@ -49,6 +55,7 @@ from prewarm.index.ztoc import (
     Ztoc,
     tar_zinfo_bytes,
 )
+from prewarm.index.ztoc_spool import TocSpool, ZtocFile
 
 #: Uncompressed bytes inflated between two slides of the output buffer.
 OUTPUT_CHUNK = 2 << 20
@@ -110,8 +117,47 @@ class _SpanHasher:
             self._h = None
 
 
+class _TocSink(Protocol):
+    """Where a build puts the TOC entries and checkpoint blob: memory or a :class:`TocSpool`."""
+
+    def add_files(self, files: Sequence[FileEntry]) -> None: ...
+
+    def extend_checkpoints(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    def patch_checkpoints(self, at: int, data: bytes) -> None: ...
+
+
+class _MemoryToc:
+    """The TOC and checkpoint blob in memory, for a :class:`Ztoc` object."""
+
+    def __init__(self) -> None:
+        self.files: list[FileEntry] = []
+        self.blob = bytearray()
+
+    def add_files(self, files: Sequence[FileEntry]) -> None:
+        self.files.extend(files)
+
+    def extend_checkpoints(self, data: bytes | bytearray | memoryview) -> None:
+        self.blob += data
+
+    def patch_checkpoints(self, at: int, data: bytes) -> None:
+        self.blob[at:at + len(data)] = data
+
+
+@dataclasses.dataclass(frozen=True)
+class _Indexed:
+    """What one pass over a layer found besides its TOC and checkpoints."""
+
+    compressed_archive_size: int
+    uncompressed_archive_size: int
+    span_digests: list[str]
+
+
 def build_ztoc(chunks: Iterable[bytes], *, span_size: int, build_tool_identifier: str) -> Ztoc:
     """Build the zTOC of a gzip tar layer from its compressed bytes, read once.
+
+    The whole TOC is kept in memory (a :class:`FileEntry` per entry): for small layers
+    and tools; :func:`build_ztoc_file` writes the same zTOC in bounded memory.
 
     Args:
         chunks: the layer's compressed bytes in order, in chunks of any size (a file,
@@ -124,6 +170,24 @@ def build_ztoc(chunks: Iterable[bytes], *, span_size: int, build_tool_identifier
         BadTarHeader: the uncompressed stream is not a tar archive soci can index.
         ConfigError: ``span_size`` is not positive.
     """
+    toc = _MemoryToc()
+    found = _index_gzip(chunks, span_size, toc)
+    return _ztoc(found, toc, "gzip", build_tool_identifier)
+
+
+def _ztoc(found: _Indexed, toc: _MemoryToc, compression: str, build_tool_identifier: str) -> Ztoc:
+    try:
+        return Ztoc(version=ZTOC_VERSION, build_tool_identifier=build_tool_identifier,
+                    compressed_archive_size=found.compressed_archive_size,
+                    uncompressed_archive_size=found.uncompressed_archive_size, files=toc.files,
+                    compression=compression, span_digests=found.span_digests,
+                    checkpoints_blob=bytes(toc.blob))
+    except BadZtoc as err:  # pragma: no cover - would be a builder bug
+        raise CorruptContent(f"built zTOC is inconsistent: {err}") from err
+
+
+def _index_gzip(chunks: Iterable[bytes], span_size: int, toc: _TocSink) -> _Indexed:
+    """The one pass over a gzip layer: entries and checkpoints go to ``toc``."""
     _check_span_size(span_size)
     hist = WINDOW_SIZE
     out = (ctypes.c_ubyte * (hist + OUTPUT_CHUNK))()
@@ -131,9 +195,8 @@ def build_ztoc(chunks: Iterable[bytes], *, span_size: int, build_tool_identifier
     out_mv = memoryview(out).cast("B")
     wpos = fed = hist
     indexer = TarIndexer()
-    files: list[FileEntry] = []
     hasher = _SpanHasher()
-    blob = bytearray(ZINFO_HEADER_SIZE)
+    toc.extend_checkpoints(bytes(ZINFO_HEADER_SIZE))  # count and span size, patched at the end
     count = 0
     totin = totout = last = 0
     chunk_start = 0
@@ -155,7 +218,7 @@ def build_ztoc(chunks: Iterable[bytes], *, span_size: int, build_tool_identifier
                     inf.reset()
                     member_done = False
                 if wpos == len(out_mv):
-                    files.extend(indexer.feed(out_mv[fed:wpos]))
+                    toc.add_files(indexer.feed(out_mv[fed:wpos]))
                     ctypes.memmove(out_addr, out_addr + wpos - hist, hist)
                     wpos = fed = hist
                 room = len(out_mv) - wpos
@@ -181,8 +244,8 @@ def build_ztoc(chunks: Iterable[bytes], *, span_size: int, build_tool_identifier
                         totout == 0 or totout - last > span_size):
                     bits = dt & 7
                     hasher.checkpoint(chunk, chunk_start, totin, bits)
-                    blob += _CP_HEAD.pack(totin, totout, bits)
-                    blob += out_mv[wpos - hist:wpos]
+                    toc.extend_checkpoints(_CP_HEAD.pack(totin, totout, bits))
+                    toc.extend_checkpoints(out_mv[wpos - hist:wpos])
                     count += 1
                     last = totout
                     started = True
@@ -193,22 +256,16 @@ def build_ztoc(chunks: Iterable[bytes], *, span_size: int, build_tool_identifier
         if not member_done:
             raise CorruptContent(f"gzip stream ends early: {chunk_start} compressed bytes, "
                                  f"no gzip trailer (truncated layer?)")
-        files.extend(indexer.feed(out_mv[fed:wpos]))
-        files.extend(indexer.finish())
+        toc.add_files(indexer.feed(out_mv[fed:wpos]))
+        toc.add_files(indexer.finish())
     finally:
         inf.close()
     hasher.finish()
     if count == 0:
         raise CorruptContent("gzip stream has no deflate data to index")
-    blob[0:ZINFO_HEADER_SIZE] = struct.pack("<iq", count, span_size)
+    toc.patch_checkpoints(0, struct.pack("<iq", count, span_size))
     usize = indexer.ended_at if indexer.ended_at is not None else indexer.offset
-    try:
-        return Ztoc(version=ZTOC_VERSION, build_tool_identifier=build_tool_identifier,
-                    compressed_archive_size=chunk_start, uncompressed_archive_size=usize,
-                    files=files, compression="gzip", span_digests=hasher.digests,
-                    checkpoints_blob=bytes(blob))
-    except BadZtoc as err:  # pragma: no cover - would be a builder bug
-        raise CorruptContent(f"built zTOC is inconsistent: {err}") from err
+    return _Indexed(chunk_start, usize, hasher.digests)
 
 
 def build_tar_ztoc(chunks: Iterable[bytes], *, span_size: int,
@@ -219,9 +276,15 @@ def build_tar_ztoc(chunks: Iterable[bytes], *, span_size: int,
         BadTarHeader: the bytes are not a tar archive soci can index.
         ConfigError: ``span_size`` is not positive.
     """
+    toc = _MemoryToc()
+    found = _index_tar(chunks, span_size, toc)
+    return _ztoc(found, toc, "uncompressed", build_tool_identifier)
+
+
+def _index_tar(chunks: Iterable[bytes], span_size: int, toc: _TocSink) -> _Indexed:
+    """The one pass over an uncompressed layer: entries and the TarZinfo go to ``toc``."""
     _check_span_size(span_size)
     indexer = TarIndexer()
-    files: list[FileEntry] = []
     digests: list[str] = []
     h = hashlib.sha256()
     in_span = 0
@@ -229,7 +292,7 @@ def build_tar_ztoc(chunks: Iterable[bytes], *, span_size: int,
     for raw in chunks:
         if not raw:
             continue
-        files.extend(indexer.feed(raw))
+        toc.add_files(indexer.feed(raw))
         mv = memoryview(raw)
         while len(mv):
             take = min(len(mv), span_size - in_span)
@@ -241,15 +304,47 @@ def build_tar_ztoc(chunks: Iterable[bytes], *, span_size: int,
                 h = hashlib.sha256()
                 in_span = 0
         total += len(raw)
-    files.extend(indexer.finish())
+    toc.add_files(indexer.finish())
     if in_span:
         digests.append("sha256:" + h.hexdigest())
+    toc.extend_checkpoints(tar_zinfo_bytes(span_size, total))
     # as soci: the layer's size for the spans, the tar end marker's for the archive
     usize = indexer.ended_at if indexer.ended_at is not None else indexer.offset
-    return Ztoc(version=ZTOC_VERSION, build_tool_identifier=build_tool_identifier,
-                compressed_archive_size=total, uncompressed_archive_size=usize, files=files,
-                compression="uncompressed", span_digests=digests,
-                checkpoints_blob=tar_zinfo_bytes(span_size, total))
+    return _Indexed(total, usize, digests)
+
+
+def build_ztoc_file(chunks: Iterable[bytes], out: Path, *, span_size: int, build_tool_identifier: str,
+                    compression: str = "gzip") -> ZtocFile:
+    """Build the zTOC of a layer into the file ``out``, in memory bounded whatever its file count.
+
+    The same one pass, and the same bytes, as :func:`build_ztoc` (or
+    :func:`build_tar_ztoc` with ``compression="uncompressed"``) then
+    :func:`~prewarm.index.ztoc.serialize_ztoc`; but the entries wait in temporary files
+    beside ``out`` instead of in memory (:mod:`prewarm.index.ztoc_spool`), so a layer of
+    a million files costs a few MiB, not a GiB.  ``out`` is written under a temporary
+    name and renamed: it is whole or as it was.
+
+    Raises:
+        CorruptContent: the bytes are not a complete gzip stream.
+        BadTarHeader: the uncompressed stream is not a tar archive soci can index.
+        ConfigError: ``span_size`` is not positive, ``compression`` is neither
+            ``"gzip"`` nor ``"uncompressed"``, or ``out`` (or its temporary files beside
+            it) cannot be written.
+    """
+    if compression not in COMPRESSIONS:
+        raise ConfigError(f"zTOC compression {compression!r} is not one of {COMPRESSIONS}")
+    _check_span_size(span_size)
+    index = _index_gzip if compression == "gzip" else _index_tar
+    try:
+        with TocSpool(out.parent) as spool:
+            found = index(chunks, span_size, spool)
+            return spool.write(out, version=ZTOC_VERSION, build_tool_identifier=build_tool_identifier,
+                               compressed_archive_size=found.compressed_archive_size,
+                               uncompressed_archive_size=found.uncompressed_archive_size,
+                               compression=compression, span_digests=found.span_digests)
+    except OSError as err:  # the registry client turns its own into RegistryError: these are files
+        raise ConfigError(f"cannot write zTOC {out}: {err.strerror or err} (its folder needs room for "
+                          f"about three times the zTOC while it is built)") from err
 
 
 def read_chunks(path: Path, chunk_size: int = READ_CHUNK) -> Iterable[bytes]:
@@ -257,6 +352,24 @@ def read_chunks(path: Path, chunk_size: int = READ_CHUNK) -> Iterable[bytes]:
     with open(path, "rb") as f:
         while chunk := f.read(chunk_size):
             yield chunk
+
+
+def _layer_kind(p: Path) -> str:
+    """"gzip" or "uncompressed" from a local layer's first bytes.
+
+    Raises:
+        ConfigError: the file cannot be read, or it is zstd.
+    """
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        raise ConfigError(f"cannot read layer {p}: {err.strerror or err}") from err
+    kind = detect_compression(head)
+    if kind == "zstd":
+        raise ConfigError(f"layer {p} is zstd-compressed: SOCI builds no zTOC for zstd layers "
+                          f"(they are pulled whole)")
+    return kind
 
 
 def build_ztoc_from_file(path: str | Path, *, span_size: int,
@@ -268,17 +381,22 @@ def build_ztoc_from_file(path: str | Path, *, span_size: int,
         CorruptContent: the layer is not a valid gzip stream or tar archive.
     """
     p = Path(path)
-    try:
-        with open(p, "rb") as f:
-            head = f.read(4)
-    except OSError as err:
-        raise ConfigError(f"cannot read layer {p}: {err.strerror or err}") from err
-    kind = detect_compression(head)
-    if kind == "zstd":
-        raise ConfigError(f"layer {p} is zstd-compressed: SOCI builds no zTOC for zstd layers "
-                          f"(they are pulled whole)")
-    build = build_ztoc if kind == "gzip" else build_tar_ztoc
+    build = build_ztoc if _layer_kind(p) == "gzip" else build_tar_ztoc
     return build(read_chunks(p), span_size=span_size, build_tool_identifier=build_tool_identifier)
+
+
+def build_ztoc_file_from_file(path: str | Path, out: Path, *, span_size: int,
+                              build_tool_identifier: str) -> ZtocFile:
+    """Build the zTOC of a local layer file (gzip or tar) into ``out``, as :func:`build_ztoc_file`.
+
+    Raises:
+        ConfigError: the layer cannot be read, or it is zstd (soci indexes no zstd layer).
+        CorruptContent: the layer is not a valid gzip stream or tar archive.
+        ConfigError: also when ``out`` cannot be written.
+    """
+    p = Path(path)
+    return build_ztoc_file(read_chunks(p), out, span_size=span_size,
+                           build_tool_identifier=build_tool_identifier, compression=_layer_kind(p))
 
 
 # ==== checking a zTOC against a layer =====================================================

@@ -13,18 +13,22 @@ import contextlib
 import fcntl
 import mmap
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from prewarm.errors import BadZtoc
+from prewarm.errors import BadZtoc, DigestMismatch
 from prewarm.index.ztoc import Ztoc, parse_ztoc
-from prewarm.resolve.digest import sha256_digest, verify
+from prewarm.resolve.digest import new_hasher, sha256_digest, verify
 from prewarm.store.atomic import atomic_write
 from prewarm.store.layout import Layout
 
 #: A zTOC larger than this is refused before it is fetched (about 4,000 GB of layer).
 MAX_ZTOC_BYTES = 1 << 30
+#: Bytes per read when a zTOC file is copied in (:meth:`ZtocCache.put_file`).
+_COPY_CHUNK = 1 << 20
+_ANY_SHA256 = "sha256:" + "0" * 64
 
 
 class BlobSource(Protocol):
@@ -74,6 +78,43 @@ class ZtocCache:
             return digest
         atomic_write(path, data)
         return digest
+
+    def put_file(self, source: Path, digest: str | None = None) -> str:
+        """Store a zTOC file (one built on disk: ``build_ztoc_file``) by copying it in; returns its digest.
+
+        Why a copy: it is hashed as it is written, so what lands in the cache is exactly
+        what was verified (against ``digest`` when given), whatever happens to ``source``
+        meanwhile; and memory stays at one chunk for a zTOC of hundreds of MB.  The copy
+        is written under a temporary name in the cache folder, flushed, and renamed.
+
+        Raises:
+            DigestMismatch: the file is not ``digest`` (nothing is stored).
+            OSError: reading ``source`` or writing the cache failed (no temporary file is left).
+        """
+        if digest is not None and self.has(digest):
+            return digest  # nothing of source is stored, so nothing of it needs trusting
+        folder = self.path(digest or _ANY_SHA256).parent  # put names zTOCs by their sha256
+        folder.mkdir(parents=True, exist_ok=True)
+        # the writer's PID in the name, as atomic_write: remove_orphaned_temps knows a killed writer's file
+        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".put.{os.getpid()}-")
+        tmp = Path(tmp_name)
+        try:
+            hasher = new_hasher(digest or _ANY_SHA256)
+            with os.fdopen(fd, "wb") as dst, open(source, "rb") as src:
+                while block := src.read(_COPY_CHUNK):
+                    hasher.update(block)
+                    dst.write(block)
+                dst.flush()
+                os.fsync(dst.fileno())
+            actual = f"{hasher.name}:{hasher.hexdigest()}"
+            if digest is not None and actual != digest:
+                raise DigestMismatch(f"zTOC file {source}: expected {digest}, got {actual}",
+                                     expected=digest, actual=actual)
+            if not self.path(actual).is_file():
+                os.replace(tmp, self.path(actual))
+        finally:
+            tmp.unlink(missing_ok=True)
+        return actual
 
     def get(self, digest: str, source: BlobSource | None = None, registry: str = "",
             repository: str = "") -> Ztoc:
