@@ -706,7 +706,7 @@ def entry_meta(e: FileEntry) -> Meta:
     Raises:
         BadZtoc: the modification time is not RFC 3339.
     """
-    return e.uid, e.gid, e.mode, parse_mod_time(e.mod_time), kept_xattrs(e.real_xattrs)
+    return e.uid, e.gid, e.mode, parse_mod_time(e.mod_time), kept_xattrs(e.real_xattrs) if e.xattrs else ()
 
 
 #: xattr namespaces a layer's tar never sets on the node.

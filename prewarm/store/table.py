@@ -481,13 +481,16 @@ def _born_at_landing(files: Sequence[FileEntry], placements: Sequence[Placement]
     the skeleton and written piece by piece.
     """
     targets = {"/".join(split_name(e.linkname)) for e, p in zip(files, placements) if p.kind == "hardlink"}
-    starts = [s.uncompressed_start for s in spans]
+    ends = [s.uncompressed_end for s in spans]
     born = bytearray(len(files))
+    k = 0  # the span holding the entry's data start (entries are in stream order)
     for i, (e, p) in enumerate(zip(files, placements)):
         size = e.uncompressed_size
         if p.kind == "reg" and p.final and size > 0 and fresh[i] and p.created_at not in targets:
             d = e.uncompressed_offset
-            if bisect.bisect_right(starts, d) == bisect.bisect_right(starts, d + size - 1):
+            while k + 1 < len(ends) and ends[k] <= d:
+                k += 1
+            if d + size <= ends[k]:
                 born[i] = 1
     return bytes(born)
 
