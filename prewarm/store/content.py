@@ -340,11 +340,16 @@ class ContentStore:
         fs.mkdir(mode=0o755)
         born = table.born
         with LayerWriter(fs) as writer:
+            made = None  # the directory the last born files are in, made since the last other entry
             for i, (entry, placement) in enumerate(zip(ztoc.files, table.placements)):
                 if born[i]:
-                    writer.make_parent(placement.path, entry.name)  # the file comes with its span
+                    parent = placement.path.rpartition("/")[0]
+                    if parent != made:
+                        writer.make_parent(placement.path, entry.name)  # the file comes with its span
+                        made = parent
                 else:
                     writer.create(entry, placement)
+                    made = None
         (work / "landed").write_bytes(bytes(ztoc.num_spans))
         inorder.start(work)
         table.save(self._table_path(digest))
