@@ -797,49 +797,12 @@ done:
     return result;
 }
 
-PyDoc_STRVAR(create_file_doc,
-"create_file(dir_fd, name, data, uid, gid, mode, mtime_ns, direct, min_direct) -> (errno, direct)\n\n"
-"Create the regular file ``name`` in ``dir_fd`` (O_EXCL, nothing followed) with all of\n"
-"``data``, then its owner, mode and mtime, and close it, with the GIL released: the\n"
-"whole-layer path's small files (prewarm.store.ingest), as create_whole does for spans.\n"
-"``errno`` is 0, or what failed (EEXIST: something is there; the caller clears it and\n"
-"calls again); ``direct`` says whether O_DIRECT is still on.");
-
-static PyObject *create_file(PyObject *self, PyObject *args) {
-    int dir_fd, direct;
-    const char *name;
-    Py_buffer data;
-    unsigned int uid, gid;
-    long long mode, mtime_ns, min_direct;
-    if (!PyArg_ParseTuple(args, "isy*IILLpL", &dir_fd, &name, &data, &uid, &gid, &mode, &mtime_ns, &direct,
-                          &min_direct))
-        return NULL;
-    writer_t w;
-    memset(&w, 0, sizeof w);
-    w.root_fd = dir_fd;
-    w.direct = direct;
-    w.min_direct = min_direct;
-    w.parent_fd = -1;
-    int err = 0;
-    Py_BEGIN_ALLOW_THREADS
-    int fd = openat(dir_fd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-    if (fd < 0) {
-        err = errno;
-    } else {
-        if (fill_file(&w, fd, (const uint8_t *)data.buf, (size_t)data.len, uid, gid, mode, mtime_ns) < 0)
-            err = errno ? errno : EIO;
-        if (close(fd) < 0 && !err) err = errno;
-    }
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&data);
-    return Py_BuildValue("(iO)", err, w.direct ? Py_True : Py_False);
-}
-
 PyDoc_STRVAR(create_files_doc,
 "create_files(dir_fd, files, direct, min_direct) -> (failed, errno, direct)\n\n"
-"create_file for each (name, data, uid, gid, mode, mtime_ns) of ``files``, all in ``dir_fd``,\n"
-"in order, with the GIL released for the whole batch. ``failed`` is the index of the file\n"
-"that failed with ``errno`` (-1, 0: none); the files after it are not created.");
+"Create each (name, data, uid, gid, mode, mtime_ns) of ``files`` in ``dir_fd`` (O_EXCL, no symlink\n"
+"followed) with its data, owner, mode and mtime, in order, the GIL released for the whole batch.\n"
+"``failed`` is the index of the file that failed with ``errno`` (-1, 0: none); the files after it\n"
+"are not created. ``direct`` says whether O_DIRECT is still worth trying.");
 
 typedef struct {
     const char *name;
@@ -899,7 +862,6 @@ done:
 static PyMethodDef methods[] = {
     {"build_table", build_table, METH_VARARGS, build_table_doc},
     {"check_headers", check_headers, METH_VARARGS, check_headers_doc},
-    {"create_file", create_file, METH_VARARGS, create_file_doc},
     {"create_files", create_files, METH_VARARGS, create_files_doc},
     {"write_pieces", write_pieces, METH_VARARGS, write_pieces_doc},
     {NULL, NULL, 0, NULL},

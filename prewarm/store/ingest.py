@@ -407,7 +407,7 @@ def _create_small_file(fast: ModuleType, writer: LayerWriter, direct: DirectWrit
     """A file whose data is all in the chunk at hand: created, written and given its metadata in one C call.
 
     Why: the landing thread spent most of its time in the interpreter around the eight
-    system calls of each small file (a layer of 70,000 files); ``_landing.create_file``
+    system calls of each small file (a layer of 70,000 files); ``_landing.create_files``
     makes them with the GIL released, so the inflating thread runs meanwhile.
 
     Raises:
@@ -417,8 +417,8 @@ def _create_small_file(fast: ModuleType, writer: LayerWriter, direct: DirectWrit
     pfd, base = writer.parent_dir(e, placement)
     uid, gid, mode, mtime_ns, _ = meta
     for attempt in (0, 1):
-        err, direct.enabled = fast.create_file(pfd, base, data, uid, gid, mode, mtime_ns, direct.enabled,
-                                               direct.min_direct)
+        _, err, direct.enabled = fast.create_files(pfd, [(os.fsencode(base), data, uid, gid, mode, mtime_ns)],
+                                                   direct.enabled, direct.min_direct)
         if err != errno.EEXIST or attempt:
             break
         writer.clear(pfd, base)  # a later tar entry replaces an earlier one

@@ -26,7 +26,7 @@ import os
 import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeVar
 
 from prewarm.errors import BadZtoc
 from prewarm.index.ztoc import WINDOW_SIZE, FileEntry, Span
@@ -50,6 +50,8 @@ KEY_SIZE = 16
 #: The key of an entry whose header C checks (never a BLAKE2b digest in practice).
 _NO_KEY = bytes(KEY_SIZE)
 _HEADER_ONLY = frozenset(("dir", "symlink", "hardlink", "char", "block", "fifo"))
+
+_T = TypeVar("_T")
 
 
 class ZtocView(Protocol):
@@ -376,7 +378,34 @@ def _unset(column: bytes, bit: int) -> Iterator[int]:
         k = marks.find(1, k + 1)
 
 
-class _Placements(Sequence[Placement]):
+class _Column(Sequence[_T]):
+    """A column of the table made of Python objects only when an entry is asked for (:meth:`_at`)."""
+
+    __slots__ = ("_n",)
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+        if isinstance(i, slice):
+            return [self._at(k) for k in range(*i.indices(self._n))]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"landing table entry {i} out of range ({self._n} entries)")
+        return self._at(i)
+
+    def __iter__(self) -> Iterator[_T]:
+        return map(self._at, range(self._n))
+
+    def _at(self, i: int) -> _T:
+        raise NotImplementedError
+
+
+class _Placements(_Column[Placement]):
     """Entry i's :class:`Placement`, made from the table's columns when asked for.
 
     Why: C landing reads none of them (it asks only for an entry to name in an error, or
@@ -384,63 +413,39 @@ class _Placements(Sequence[Placement]):
     memory.
     """
 
-    __slots__ = ("_heap", "_made_at", "_n", "_records", "finals", "kinds")
+    __slots__ = ("_heap", "_made_at", "_records", "finals", "kinds")
 
     def __init__(self, table: LandingTable, made_at: dict[int, str]) -> None:
+        super().__init__(len(table.kinds))
         self._records, self._heap, self.kinds, self.finals = table.records, table.heap, table.kinds, table.finals
-        self._made_at, self._n = made_at, len(table.kinds)
+        self._made_at = made_at
 
-    def __len__(self) -> int:
-        return self._n
-
-    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(self._n))]
-        i = _index(i, self._n)
+    def _at(self, i: int) -> Placement:
         off, size = _PATH_AT.unpack_from(self._records, landing.RECORD.size * i)
         path = os.fsdecode(bytes(self._heap[off:off + size]))
         return Placement(_KINDS[self.kinds[i]], path, bool(self.finals[i]), self._made_at.get(i, ""))
 
-    def __iter__(self) -> Iterator[Placement]:
-        return (self[i] for i in range(self._n))
 
-
-class _Metas(Sequence[Meta]):
+class _Metas(_Column[Meta]):
     """Entry i's metadata (:func:`~prewarm.store.layerfs.entry_meta`), from its record.
 
     The rare entry whose numbers a record cannot hold (its flags lack ``F_PLAIN``), and
     the kept xattrs of every entry that has some, are kept aside by entry.
     """
 
-    __slots__ = ("_n", "_override", "_records", "_xattrs")
+    __slots__ = ("_override", "_records", "_xattrs")
 
     def __init__(self, table: LandingTable, xattrs: dict[int, tuple[tuple[str, str], ...]],
                  override: dict[int, Meta]) -> None:
-        self._records, self._xattrs, self._override, self._n = table.records, xattrs, override, len(table.kinds)
+        super().__init__(len(table.kinds))
+        self._records, self._xattrs, self._override = table.records, xattrs, override
 
-    def __len__(self) -> int:
-        return self._n
-
-    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(self._n))]
-        i = _index(i, self._n)
+    def _at(self, i: int) -> Meta:
         m = self._override.get(i)
         if m is not None:
             return m
         mode, mtime_ns, uid, gid = _META_AT.unpack_from(self._records, landing.RECORD.size * i)
         return uid, gid, mode, mtime_ns, self._xattrs.get(i, ())
-
-    def __iter__(self) -> Iterator[Meta]:
-        return (self[i] for i in range(self._n))
-
-
-def _index(i: int, n: int) -> int:
-    if i < 0:
-        i += n
-    if not 0 <= i < n:
-        raise IndexError(f"landing table entry {i} out of range ({n} entries)")
-    return i
 
 
 def fingerprint_of(ztoc: ZtocView) -> str | None:
