@@ -230,3 +230,40 @@ def test_an_embedded_job_whose_record_cannot_be_written_takes_back_its_layers(tm
     again = _run(["schedule", ref, "--wait", "--quiet", "--json", "--insecure-registry", registry.host], env,
                  timeout=120)
     assert again.returncode == 0 and json.loads(again.stdout)["state"] == "succeeded", again.stderr
+
+
+def test_a_whole_layer_of_small_files_that_fills_the_disk_is_insufficient_space_and_discarded(
+        small_tmpfs: Path) -> None:
+    import gzip
+    import hashlib
+    import io
+    import tarfile
+
+    from prewarm.errors import InsufficientSpace
+    from prewarm.store.content import ContentStore
+
+    # Given a store on a 4 MiB tmpfs and a layer of 3,000 small files (12 MB) that gzip shrinks to little
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for d in range(3):
+            info = tarfile.TarInfo(f"d{d}")
+            info.type = tarfile.DIRTYPE
+            tf.addfile(info)
+            for i in range(1000):
+                data = b"%d %d\n" % (d, i) * 800
+                info = tarfile.TarInfo(f"d{d}/f{i}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    tar = buf.getvalue()
+    blob = gzip.compress(tar, mtime=0)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    store = ContentStore(small_tmpfs)
+    # When it is streamed in (its small files are created by the landing's creating thread)
+    with pytest.raises(InsufficientSpace) as err:
+        store.ingest_stream(digest, [blob[i:i + 65536] for i in range(0, len(blob), 65536)],
+                            media_type="application/vnd.oci.image.layer.v1.tar+gzip",
+                            diff_id="sha256:" + hashlib.sha256(tar).hexdigest())
+    # Then the error names the store, and nothing of the layer is left
+    assert str(small_tmpfs) in str(err.value)
+    assert store.layer_state(digest) == "absent"
+    assert not store.layout.layer_fs(digest).exists() and not store.layout.layer_work(digest).exists()
