@@ -97,8 +97,9 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
     # Without a diff_id to check, the one the stream hashes to is recorded (never a claim).
     tar_hash = hashlib.new(parse_digest(diff_id)[0] if diff_id else "sha256")
     indexer = TarIndexer()
-    entries: list[FileEntry] = []
-    metas: list[Meta] = []
+    # The metadata of entries whose node may not have it yet (a small file gets its own when it
+    # is created, and is marked done at once): kept by entry, not for all of a million files.
+    metas: dict[int, Meta] = {}
     done = bytearray()  # entries whose metadata is on already (files, when their data was in)
     checker = EntryChecker()
     offset = 0
@@ -124,8 +125,8 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
                 for e in new:
                     placement = checker.check(e)
                     meta = entry_meta(e)
-                    entries.append(e)
-                    metas.append(meta)
+                    k = len(done)
+                    metas[k] = meta
                     done.append(0)
                     if creator is not None and (not checker.fresh[-1] or placement.kind == "hardlink"):
                         creator.drain()  # it replaces, or links to, what may still be waiting to be created
@@ -144,9 +145,10 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
                         else:
                             _create_small_file(fast, writer, direct, e, placement, data, meta)
                         done[-1] = 1
+                        del metas[k]
                         continue
                     opened = _OpenFile(writer.create_file(e, placement), e.uncompressed_offset,
-                                       e.uncompressed_offset + e.uncompressed_size, len(entries) - 1, meta,
+                                       e.uncompressed_offset + e.uncompressed_size, k, meta,
                                        lanes.lane_for(e.uncompressed_size))
                     current = _write_from(direct, lanes, mv, offset, end, opened, done)
                 offset = end
@@ -182,7 +184,7 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
         writer.apply_metadata(checker.placements, metas, done=done)
         syncfs(writer.root_fd)
     return {"digest": digest, "diff_id": got, "mode": "whole", "size": raw.size,
-            "uncompressed_size": offset, "files": len(entries)}
+            "uncompressed_size": offset, "files": len(done)}
 
 
 class _Inflater(threading.Thread):

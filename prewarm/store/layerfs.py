@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple, Self
@@ -602,10 +602,11 @@ class LayerWriter:
             raise not_regular(path)
         return fd
 
-    def apply_metadata(self, placements: Sequence[Placement], meta: Sequence[Meta], done: bytes | None = None) -> None:
+    def apply_metadata(self, placements: Sequence[Placement], meta: Sequence[Meta] | Mapping[int, Meta],
+                       done: bytes | None = None) -> None:
         """Owners, modes, xattrs and mtimes of every final entry; directories last.
 
-        ``meta[i]`` is entry i's :func:`entry_meta`.  Hard links share their target's
+        ``meta[i]`` is entry i's :func:`entry_meta` (a mapping may hold only the entries not ``done``).  Hard links share their target's
         inode (the target's metadata wins, applied at ``path``: the link that keeps it when
         the target's own path was replaced); whiteouts keep 0/0 and get the entry's owner,
         as containerd's overlay applier does.  Entries whose byte in ``done`` is set
