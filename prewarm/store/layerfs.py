@@ -167,7 +167,7 @@ class EntryChecker:
         self.archive_size = archive_size
         self.placements: list[Placement] = []
         #: fresh[i]: entry i's path held nothing before it (creating it replaces nothing).
-        self.fresh: list[bool] = []
+        self.fresh = bytearray()  # a byte per entry, not a pointer
         self._kinds: dict[str, str] = {"": "dir"}  # path -> "dir" | "symlink" | "reg" | "other"
         self._last: dict[str, int] = {}
         #: path -> the entry that created the node there (hard links: their target's creator)

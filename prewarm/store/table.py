@@ -478,7 +478,7 @@ def entry_key(e: FileEntry) -> bytes:
     return hashlib.blake2b(repr(fields).encode("utf-8", "surrogateescape"), digest_size=KEY_SIZE).digest()
 
 
-def _born_at_landing(files: Sequence[FileEntry], placements: Sequence[Placement], fresh: Sequence[bool],
+def _born_at_landing(files: Sequence[FileEntry], placements: Sequence[Placement], fresh: bytes | bytearray,
                      spans: Sequence[SpanRange]) -> bytes:
     """Which regular files are created whole by the span that holds all their data.
 
