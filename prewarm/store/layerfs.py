@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple, Self
@@ -729,11 +729,11 @@ def kept_xattrs(xattrs: dict[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple((k, v) for k, v in xattrs.items() if not k.startswith(DROPPED_XATTR_PREFIXES))
 
 
-def data_extents(entries: Iterable[FileEntry], placements: Sequence[Placement]) -> list[tuple[int, int]]:
+def data_extents(entries: Iterable[FileEntry], placements: Sequence[Placement]) -> Iterator[tuple[int, int]]:
     """(stream offset, size) of every entry's data the layer keeps (final regular files only).
 
     Superseded regular files (a later entry of the same path) get an empty extent: their
     bytes are not written anywhere.
     """
-    return [(e.uncompressed_offset, e.uncompressed_size if p.kind == "reg" and p.final else 0)
-            for e, p in zip(entries, placements)]
+    return ((e.uncompressed_offset, e.uncompressed_size if p.kind == "reg" and p.final else 0)
+            for e, p in zip(entries, placements))

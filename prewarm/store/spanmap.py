@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterable, Sequence
 
 from prewarm.errors import BadZtoc
 
@@ -33,35 +34,36 @@ class SpanMap:
     stream; empty extents are allowed and never yield pieces.
     """
 
-    def __init__(self, extents: Sequence[tuple[int, int]]) -> None:
-        """Index the extents.
+    def __init__(self, extents: Iterable[tuple[int, int]]) -> None:
+        """Index the extents (8 bytes per number: a layer may have a million).
 
         Raises:
             BadZtoc: extents out of order, overlapping or with negative offset/size: a TOC
                 that says two files share bytes is lying.
         """
-        self._starts: list[int] = []
-        self._ends: list[int] = []
-        self._ids: list[int] = []
+        self._starts: array[int] = array("q")
+        self._ends: array[int] = array("q")
+        self._ids: array[int] = array("q")
+        starts, ends, ids = self._starts, self._ends, self._ids
         last_end = 0
         for i, (start, size) in enumerate(extents):
-            if start < 0 or size < 0:
-                raise BadZtoc(f"data extent {i} has negative offset or size ({start}, {size})")
+            if start < 0 or size < 0 or start + size >= 1 << 63:
+                raise BadZtoc(f"data extent {i} has a negative or too large offset or size ({start}, {size})")
             if size == 0:
                 continue
             if start < last_end:
                 raise BadZtoc(f"data extent {i} at {start} overlaps or precedes the one ending at {last_end}")
-            self._starts.append(start)
-            self._ends.append(start + size)
-            self._ids.append(i)
+            starts.append(start)
+            ends.append(start + size)
+            ids.append(i)
             last_end = start + size
 
-    def arrays(self) -> tuple[list[int], list[int], list[int]]:
-        """The index as three plain lists (starts, ends, extent ids), e.g. to persist it."""
+    def arrays(self) -> tuple[Sequence[int], Sequence[int], Sequence[int]]:
+        """The index as three columns (starts, ends, extent ids), e.g. to persist it."""
         return self._starts, self._ends, self._ids
 
     @classmethod
-    def from_arrays(cls, starts: list[int], ends: list[int], ids: list[int]) -> SpanMap:
+    def from_arrays(cls, starts: Sequence[int], ends: Sequence[int], ids: Sequence[int]) -> SpanMap:
         """Rebuild an index saved with :meth:`arrays`, checking it as the constructor does.
 
         Why: re-deriving the extents needs the whole TOC; a saved index is loaded in
@@ -78,7 +80,10 @@ class SpanMap:
                 raise BadZtoc(f"saved span map has an extent [{s}, {e}) after one ending at {last_end}")
             last_end = e
         smap = cls(())
-        smap._starts, smap._ends, smap._ids = list(starts), list(ends), list(ids)
+        try:
+            smap._starts, smap._ends, smap._ids = array("q", starts), array("q", ends), array("q", ids)
+        except OverflowError:
+            raise BadZtoc("saved span map has an offset beyond 64 bits") from None
         return smap
 
     def pieces(self, start: int, end: int) -> list[Piece]:

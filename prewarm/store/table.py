@@ -344,7 +344,7 @@ def _parse(buf: bytearray | mmap.mmap) -> tuple[_Head, dict[str, tuple[int, int]
 
 
 def _encode(fingerprint: str, flags: int, data_end: int, spans: Sequence[SpanRange], records: bytes, heap: bytes,
-            keys: bytes, born: bytes, smap: tuple[list[int], list[int], list[int]], kinds: bytes, finals: bytes,
+            keys: bytes, born: bytes, smap: tuple[Sequence[int], Sequence[int], Sequence[int]], kinds: bytes, finals: bytes,
             extras: bytes) -> bytearray:
     """The flat table: a header, then the columns where :func:`_sections` puts them."""
     starts, ends, ids = smap
