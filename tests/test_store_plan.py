@@ -247,3 +247,21 @@ def test_preparing_ahead_never_waits_for_the_lock(tmp_path: Path) -> None:
     assert store.layer_state(digest) == "partial"
     assert land(store, digest, z, blob, list(range(z.num_spans)))[-1] is True
     assert_every_kind_tree(store.layout.layer_fs(digest))
+
+
+def test_a_table_derived_in_a_spill_folder_is_mapped_from_a_file_and_leaves_nothing_there(tmp_path: Path) -> None:
+    from prewarm.store.table import LandingTable
+
+    # Given a layer's zTOC
+    _, z = make_layer(header_dense_tar(), span_size=16384)
+    spill = tmp_path / "tmp"
+    spill.mkdir()
+    # When its table is derived in a spill folder, and once in memory
+    spilled, in_memory = LandingTable.derive(z, spill), LandingTable.derive(z)
+    # Then the two are the same table, the spilled one a mapped file, and the folder is empty
+    assert bytes(spilled.records) == bytes(in_memory.records) and bytes(spilled.heap) == bytes(in_memory.heap)
+    assert list(spilled.placements) == list(in_memory.placements)
+    spilled.save(tmp_path / "a")
+    in_memory.save(tmp_path / "b")
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
+    assert os.listdir(spill) == []

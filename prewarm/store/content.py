@@ -301,8 +301,10 @@ class ContentStore:
             # Validated under the lock: the node's other processes wait for this one and
             # load its table, instead of all checking the same 70,000 entries at once.
             try:
-                with long_lived():
-                    table = LandingTable.derive(ztoc)
+                with long_lived(), self._disk_errors(digest):
+                    spill = self.layout.tmp()  # the table is built in a file there, not in memory
+                    spill.mkdir(exist_ok=True)
+                    table = LandingTable.derive(ztoc, spill)
             except BadZtoc as err:
                 raise BadZtoc(f"layer {digest}: {err}") from None
             state = self._state(digest)

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import array
 import bisect
+import contextlib
 import dataclasses
 import hashlib
 import marshal
 import mmap
 import os
 import struct
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple, Protocol, TypeVar
+from typing import BinaryIO, NamedTuple, Protocol, TypeVar
 
 from prewarm.errors import BadZtoc
 from prewarm.index.ztoc import WINDOW_SIZE, FileEntry, Span
@@ -151,8 +153,11 @@ class LandingTable:
         self._smap: SpanMap | None = None
 
     @classmethod
-    def derive(cls, ztoc: ZtocView) -> LandingTable:
+    def derive(cls, ztoc: ZtocView, spill: Path | None = None) -> LandingTable:
         """Check the span chain and the TOC; index them for landing.
+
+        With ``spill`` (a folder), the table is built in an unnamed file there and mapped,
+        not in memory.
 
         Raises:
             BadZtoc: the span chain or the TOC cannot describe a layer.
@@ -226,10 +231,12 @@ class LandingTable:
         extras = ({i: p.made_at for i, p in enumerate(placements) if p.made_at},
                   {i: m[4] for i, m in enumerate(meta) if m[4]},
                   {i: meta[i] for i in _unset(records[RECORD_FLAGS::landing.RECORD.size], landing.F_PLAIN)})
-        buf = _encode(known or fp.hexdigest(), (_WINDOWED if windowed else 0) | (_ALL_KEYS if all_keys else 0),
-                      pos, spans, records, heap, keys, born, smap.arrays(),
-                      bytes(_KIND_CODE[p.kind] for p in placements), bytes(p.final for p in placements),
-                      marshal.dumps(extras))
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(tempfile.TemporaryFile(dir=spill)) if spill is not None else None
+            buf = _encode(known or fp.hexdigest(), (_WINDOWED if windowed else 0) | (_ALL_KEYS if all_keys else 0),
+                          pos, spans, records, heap, keys, born, smap.arrays(),
+                          bytes(_KIND_CODE[p.kind] for p in placements), bytes(p.final for p in placements),
+                          marshal.dumps(extras), out)
         table = cls(ztoc, buf)
         # the process that derived the table has these as objects already: its skeleton reads them all
         table.placements, table.meta = placements, meta
@@ -345,22 +352,39 @@ def _parse(buf: bytearray | mmap.mmap) -> tuple[_Head, dict[str, tuple[int, int]
 
 def _encode(fingerprint: str, flags: int, data_end: int, spans: Sequence[SpanRange], records: bytes, heap: bytes,
             keys: bytes, born: bytes, smap: tuple[Sequence[int], Sequence[int], Sequence[int]], kinds: bytes, finals: bytes,
-            extras: bytes) -> bytearray:
-    """The flat table: a header, then the columns where :func:`_sections` puts them."""
+            extras: bytes, spill: BinaryIO | None) -> bytearray | mmap.mmap:
+    """The flat table: a header, then the columns where :func:`_sections` puts them.
+
+    With ``spill`` (an empty temporary file) the table is written there and mapped: the
+    columns are not copied into a second buffer in memory (~200 B per entry).
+    """
     starts, ends, ids = smap
     h = _Head(_MAGIC, FORMAT, flags, len(born), len(spans), len(starts), data_end, len(heap), len(extras),
               fingerprint.encode("ascii"))
     where = _sections(h)
-    buf = bytearray(where["end"][0])
-    _HEAD.pack_into(buf, 0, *h)
+    end = where["end"][0]
     span_cols = array.array("q", [x for s in spans for x in (s.compressed_start, s.compressed_end,
                                                               s.uncompressed_start, s.uncompressed_end)])
     smap_cols = array.array("q", starts) + array.array("q", ends) + array.array("q", ids)
-    for name, data in (("records", records), ("keys", keys), ("spans", span_cols), ("smap", smap_cols),
-                       ("born", born), ("kinds", kinds), ("finals", finals), ("heap", heap), ("extras", extras)):
+    columns = (("records", records), ("keys", keys), ("spans", span_cols), ("smap", smap_cols), ("born", born),
+               ("kinds", kinds), ("finals", finals), ("heap", heap), ("extras", extras))
+    if spill is None:
+        buf = bytearray(end)
+        _HEAD.pack_into(buf, 0, *h)
+        for name, data in columns:
+            a, b = where[name]
+            buf[a:b] = memoryview(data).cast("B")
+        return buf
+    spill.write(_HEAD.pack(*h))
+    at = _HEAD.size
+    for name, data in columns:  # (in the order _sections lays them out)
         a, b = where[name]
-        buf[a:b] = memoryview(data).cast("B")
-    return buf
+        spill.write(bytes(a - at))
+        spill.write(memoryview(data).cast("B"))
+        at = b
+    spill.write(bytes(end - at))
+    spill.flush()
+    return mmap.mmap(spill.fileno(), 0, prot=mmap.PROT_READ)
 
 
 def _smap_arrays(buf: bytearray | mmap.mmap) -> tuple[Sequence[int], Sequence[int], Sequence[int]]:
