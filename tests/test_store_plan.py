@@ -265,3 +265,22 @@ def test_a_table_derived_in_a_spill_folder_is_mapped_from_a_file_and_leaves_noth
     in_memory.save(tmp_path / "b")
     assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
     assert os.listdir(spill) == []
+
+
+def test_a_process_drops_the_table_of_a_layer_another_process_finished(tmp_path: Path) -> None:
+    # Given two layers in the node cache, and a process that landed one span of the first
+    tar = header_dense_tar()
+    root = tmp_path / "root"
+    (blob1, built1), (blob2, built2) = make_layer(tar, span_size=16384), make_layer(tar + bytes(1024), span_size=16384)
+    z1digest, z2digest = _cached(root, built1), _cached(root, built2)
+    first, z1 = _process(root, z1digest)
+    assert land(first, sha(blob1), z1, blob1, [0]) == [False]
+    assert sha(blob1) in first._tables
+    # When another process lands the rest and commits the layer (its work/ and table file go)
+    other, z1b = _process(root, z1digest)
+    assert land(other, sha(blob1), z1b, blob1, list(range(1, z1b.num_spans)))[-1] is True
+    # And the first process moves on to the second layer
+    z2 = ZtocCache(Layout(root)).get(z2digest)
+    first.prepare_layer(sha(blob2), z2)
+    # Then it no longer holds the finished layer's table (nor its deleted file mapped)
+    assert sha(blob1) not in first._tables and sha(blob2) in first._tables

@@ -284,6 +284,7 @@ class ContentStore:
             return True
         if self.is_ready(digest):
             return True
+        self._forget_finished()
         known = fingerprint_of(ztoc)
         with self._locked(digest, wait=wait) as locked:
             if not locked:
@@ -321,6 +322,16 @@ class ContentStore:
                         raise
             self._tables[digest] = self._mapped(digest, table)
             return True
+
+    def _forget_finished(self) -> None:
+        """Drop the tables of layers that are ready or gone (another process finished or removed them).
+
+        Why: a worker keeps a table per layer it landed a span of; a layer that another
+        process committed would keep its (deleted) table file mapped, its disk space held,
+        for the life of the worker.
+        """
+        for digest in [d for d in self._tables if not self.layout.layer_work(d).is_dir()]:
+            del self._tables[digest]
 
     def _mapped(self, digest: str, table: LandingTable) -> LandingTable:
         """The table just derived and saved, as the saved file mapped; the TOC's decoded entries dropped.
