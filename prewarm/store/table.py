@@ -238,8 +238,7 @@ class LandingTable:
                           bytes(_KIND_CODE[p.kind] for p in placements), bytes(p.final for p in placements),
                           marshal.dumps(extras), out)
         table = cls(ztoc, buf)
-        # the process that derived the table has these as objects already: its skeleton reads them all
-        table.placements, table.meta = placements, meta
+        table.placements = placements  # (objects already: the skeleton that comes next reads them all)
         return table
 
     @property
