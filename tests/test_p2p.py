@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from prewarm.node.peerserver import PeerFailure, PeerServer, fetch
 from tests.faultproxy import Fault, FaultProxy
 from tests.images import odd_image
 from tests.pipeline_helpers import (
+    REPO_ROOT,
     Worker,
     assert_matches_umoci,
     clean_env,
@@ -501,3 +504,13 @@ def test_under_a_fleet_registry_budget_four_nodes_finish_about_when_one_node_alo
     for n in ("q1", "q4"):
         (tmp_path / f"cmp-{n}").mkdir()
         assert_matches_umoci(image, ref, node_env(tmp_path, n, redis_url, registry), tmp_path / f"cmp-{n}")
+
+
+def test_a_worker_process_imports_no_aiohttp_until_it_serves_peers() -> None:
+    # Given a fresh interpreter importing the Celery tasks, as each worker process does at start
+    code = "import sys, workers.tasks; print('aiohttp' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, cwd=str(REPO_ROOT))
+    # Then aiohttp (a quarter of a second: its connector builds an SSL context) is not loaded yet
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "False"

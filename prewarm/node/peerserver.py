@@ -24,6 +24,7 @@ the bytes against the zTOC's digest before anything lands.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import os
@@ -163,7 +164,8 @@ class PeerServer:
                 os.utime(path)  # served: recently used, evicted last
             except FileNotFoundError:
                 raise web.HTTPNotFound(text="not held here\n") from None
-            response = _SentFile(path, chunk_size=256 << 10, headers={"Content-Type": "application/octet-stream"})
+            response = _sent_file_class()(path, chunk_size=256 << 10,
+                                          headers={"Content-Type": "application/octet-stream"})
             await response.prepare(request)  # sent here, so the upload slot is held while it is
             PEER_BYTES.labels("out").inc(size)
             return response
@@ -181,7 +183,10 @@ class PeerServer:
             await asyncio.sleep(start - now)
 
 
+@functools.cache
 def _sent_file_class():  # type: ignore[no-untyped-def]
+    """Made when first served: importing aiohttp costs a worker ~0.25 s of its start-up
+    (its connector builds an SSL context), and a node without peers never serves."""
     from aiohttp import web
 
     class SentFile(web.FileResponse):
@@ -195,8 +200,6 @@ def _sent_file_class():  # type: ignore[no-untyped-def]
 
     return SentFile
 
-
-_SentFile = _sent_file_class()
 
 
 def fetch(session: requests.Session, address: str, what: str, expected: int, *, token: str | None,
