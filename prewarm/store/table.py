@@ -85,7 +85,8 @@ class LandingTable:
     """Per-layer facts derived from its zTOC once per node (cheap repeated span calls).
 
     Every column is a view of one flat buffer (see :func:`_encode`): a table derived here
-    holds it in memory, one loaded from ``work/`` maps the saved file.  Why: a worker
+    holds it in memory or maps the unnamed file it was built in (derive's ``spill``), one
+    loaded from ``work/`` maps the saved file.  Why: a worker
     process landing a few spans of a layer of a million files touches only those spans'
     records, so its memory does not grow with the file count (a table of Python objects
     was ~1 KB per entry in every process).
