@@ -26,7 +26,7 @@ import mmap
 import os
 import struct
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, Protocol, TypeVar
 
@@ -227,7 +227,6 @@ class LandingTable:
                 k = _straddler(data_starts, header_starts, r.uncompressed_start)
                 if k is not None:
                     need.add(k)
-            del data_starts
             keys = b"".join(entry_key(e) if i in need else _NO_KEY for i, e in enumerate(files))
         extras = ({i: p.made_at for i, p in enumerate(placements) if p.made_at},
                   {i: m[4] for i, m in enumerate(meta) if m[4]},
@@ -246,7 +245,7 @@ class LandingTable:
     def spanmap(self) -> SpanMap:
         """The data extents by stream offset (the Python landing's; C reads the records)."""
         if self._smap is None:
-            self._smap = SpanMap.from_arrays(*map(list, _smap_arrays(self._buf)))
+            self._smap = SpanMap.from_arrays(*_smap_arrays(self._buf))
         return self._smap
 
     def save(self, path: Path) -> None:
@@ -368,21 +367,18 @@ def _encode(fingerprint: str, flags: int, data_end: int, spans: Sequence[SpanRan
     smap_cols = array.array("q", starts) + array.array("q", ends) + array.array("q", ids)
     columns = (("records", records), ("keys", keys), ("spans", span_cols), ("smap", smap_cols), ("born", born),
                ("kinds", kinds), ("finals", finals), ("heap", heap), ("extras", extras))
-    if spill is None:
-        buf = bytearray(end)
-        _HEAD.pack_into(buf, 0, *h)
-        for name, data in columns:
-            a, b = where[name]
-            buf[a:b] = memoryview(data).cast("B")
-        return buf
-    spill.write(_HEAD.pack(*h))
+    buf = bytearray()
+    write: Callable[[bytes | memoryview], object] = buf.extend if spill is None else spill.write
+    write(_HEAD.pack(*h))
     at = _HEAD.size
     for name, data in columns:  # (in the order _sections lays them out)
         a, b = where[name]
-        spill.write(bytes(a - at))
-        spill.write(memoryview(data).cast("B"))
+        write(bytes(a - at))
+        write(memoryview(data).cast("B"))
         at = b
-    spill.write(bytes(end - at))
+    write(bytes(end - at))
+    if spill is None:
+        return buf
     spill.flush()
     return mmap.mmap(spill.fileno(), 0, prot=mmap.PROT_READ)
 
