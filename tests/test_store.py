@@ -450,3 +450,37 @@ def test_a_directory_removed_and_made_again_gets_the_files_after_it(tmp_path: Pa
     assert os.listdir(fs / "a/b") == ["new"] and (fs / "a/b/new").read_bytes() == b"new\n"
     assert stat.S_IMODE((fs / "a/b").stat().st_mode) == 0o750
     assert sorted(os.listdir(fs / "c")) == ["x", "y"]
+
+
+def test_a_stage_backlog_holds_the_landing_thread_at_its_bound_until_bytes_are_written_or_it_failed() -> None:
+    import threading
+
+    from prewarm.store.ingest import _Backlog
+
+    backlog = _Backlog(100)
+    backlog.take(150, lambda: False)  # one item past the bound still goes, alone
+    failed = threading.Event()
+    took = threading.Event()
+
+    def landing() -> None:
+        backlog.take(10, failed.is_set)
+        took.set()
+
+    # Given 150 bytes out, a landing thread that wants 10 more waits
+    t = threading.Thread(target=landing, daemon=True)
+    t.start()
+    assert not took.wait(0.3)
+    # When the writer gives back what it wrote, the landing thread goes on
+    backlog.give(150)
+    assert took.wait(10)
+    t.join(10)
+    # And a landing thread waiting on a writer that failed is let go (nothing comes back)
+    took.clear()
+    backlog.give(10)
+    backlog.take(95, lambda: False)
+    t = threading.Thread(target=landing, daemon=True)
+    t.start()
+    assert not took.wait(0.3)
+    failed.set()
+    backlog.give(0)  # (the failing writer's notify)
+    assert took.wait(10)

@@ -428,6 +428,30 @@ def _create_small_file(fast: ModuleType, writer: LayerWriter, direct: DirectWrit
         raise OSError(err, os.strerror(err), placement.path)
 
 
+class _Backlog:
+    """Bytes handed to a thread and not yet written by it: the bound on what waits in a stage.
+
+    :meth:`take` waits while more than ``limit`` bytes would be out (one item larger than the
+    limit still goes, alone), unless ``failed()``: then nothing will be given back.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._out = 0
+        self._room = threading.Condition()
+
+    def take(self, size: int, failed: Callable[[], bool]) -> None:
+        with self._room:
+            while self._out + size > self._limit and self._out and not failed():
+                self._room.wait()
+            self._out += size
+
+    def give(self, size: int) -> None:
+        with self._room:
+            self._out -= size
+            self._room.notify_all()
+
+
 class _Creator:
     """A thread that creates the layer's new small files, in tar order, while the landing thread parses on.
 
@@ -452,12 +476,14 @@ class _Creator:
         self._batch_fd = -1
         self._batch_dir: str | None = None  # its directory in the layer (an fd number is reused)
         self._batch_bytes = 0
-        self._pending = 0
-        self._room = threading.Condition()
+        self._backlog = _Backlog(CREATE_BYTES)
         self._error: BaseException | None = None
 
     def start(self) -> None:
         self._thread.start()
+
+    def _failed(self) -> bool:
+        return self._error is not None
 
     def add(self, pfd: int, base: str, placement: Placement, data: memoryview, meta: Meta) -> None:
         """Queue the new file ``base`` of directory ``pfd`` (the writer's: duplicated, it may close it)."""
@@ -476,10 +502,7 @@ class _Creator:
         if not self._batch:
             return
         size = self._batch_bytes
-        with self._room:
-            while self._pending + size > CREATE_BYTES and self._pending and self._error is None:
-                self._room.wait()
-            self._pending += size
+        self._backlog.take(size, self._failed)
         self._queue.put((self._batch_fd, self._batch, self._paths, size))
         self._batch, self._paths, self._batch_fd, self._batch_dir, self._batch_bytes = [], [], -1, None, 0
 
@@ -503,9 +526,7 @@ class _Creator:
                     self._error = err
             finally:
                 os.close(fd)
-                with self._room:
-                    self._pending -= size
-                    self._room.notify_all()
+                self._backlog.give(size)
                 self._queue.task_done()
         self._queue.task_done()
 
@@ -545,14 +566,16 @@ class _DataLanes:
         self._threads = [threading.Thread(target=self._run, args=(q,), name=f"prewarm-data-{i}", daemon=True)
                          for i, q in enumerate(self._queues)]
         self._next = 0
-        self._pending = 0
-        self._room = threading.Condition()
+        self._backlog = _Backlog(LANE_BYTES)
         self._error: BaseException | None = None
         self._files: list[_OpenFile] = []  # given to a lane and not yet closed by it
 
     def start(self) -> None:
         for t in self._threads:
             t.start()
+
+    def _failed(self) -> bool:
+        return self._error is not None
 
     def lane_for(self, size: int) -> int | None:
         """The lane of a file this large, or None: written by the caller (small, or no O_DIRECT)."""
@@ -563,10 +586,7 @@ class _DataLanes:
 
     def write(self, f: _OpenFile, data: memoryview, offset: int) -> None:
         assert f.lane is not None
-        with self._room:
-            while self._pending + len(data) > LANE_BYTES and self._pending and self._error is None:
-                self._room.wait()
-            self._pending += len(data)
+        self._backlog.take(len(data), self._failed)
         self._track(f)
         self._queues[f.lane].put((f, data, offset, None))
 
@@ -602,9 +622,7 @@ class _DataLanes:
                     self._error = err
             finally:
                 if data is not None:
-                    with self._room:
-                        self._pending -= len(data)
-                        self._room.notify_all()
+                    self._backlog.give(len(data))
 
     def stop(self, check: bool = True) -> None:
         """Wait for every lane to finish its queue; close what a failure left open."""
