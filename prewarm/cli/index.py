@@ -5,7 +5,8 @@ Layers are streamed from the registry in parallel, each read once; layers under
 built on disk, in memory that does not grow with the layer's file count (a temporary
 folder in ``TMPDIR``, or ``--output``).  With ``--push`` the zTOCs and a SOCI index v1
 (subject = the image manifest) are pushed to the image's repository and listed under
-the referrers fallback tag; the image itself is not changed.  ``--output DIR`` keeps the zTOCs as files for ``prewarm ztoc info``.
+the referrers fallback tag; the image itself is not changed.  ``--output DIR`` keeps the
+zTOCs as files for ``prewarm ztoc info``.
 """
 
 from __future__ import annotations

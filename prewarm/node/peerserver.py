@@ -201,7 +201,6 @@ def _sent_file_class():  # type: ignore[no-untyped-def]
     return SentFile
 
 
-
 def fetch(session: requests.Session, address: str, what: str, expected: int, *, token: str | None,
           stall: float = STALL_SECONDS, sink: BinaryIO | None = None) -> bytes:
     """GET ``what`` (``spans/<digest>/<i>`` or ``blobs/<digest>``) from the peer at ``address``.

@@ -606,11 +606,12 @@ class LayerWriter:
                        done: bytes | None = None) -> None:
         """Owners, modes, xattrs and mtimes of every final entry; directories last.
 
-        ``meta[i]`` is entry i's :func:`entry_meta` (a mapping may hold only the entries not ``done``).  Hard links share their target's
-        inode (the target's metadata wins, applied at ``path``: the link that keeps it when
-        the target's own path was replaced); whiteouts keep 0/0 and get the entry's owner,
-        as containerd's overlay applier does.  Entries whose byte in ``done`` is set
-        already have theirs (files born whole when their span landed, see :meth:`create_whole`).
+        ``meta[i]`` is entry i's :func:`entry_meta` (a mapping may hold only the entries
+        not ``done``).  Hard links share their target's inode (the target's metadata wins,
+        applied at ``path``: the link that keeps it when the target's own path was
+        replaced); whiteouts keep 0/0 and get the entry's owner, as containerd's overlay
+        applier does.  Entries whose byte in ``done`` is set already have theirs (files
+        born whole when their span landed, see :meth:`create_whole`).
         """
         dirs: list[tuple[Placement, Meta]] = []
         for i in range(len(placements)):

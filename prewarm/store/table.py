@@ -350,8 +350,8 @@ def _parse(buf: bytearray | mmap.mmap) -> tuple[_Head, dict[str, tuple[int, int]
 
 
 def _encode(fingerprint: str, flags: int, data_end: int, spans: Sequence[SpanRange], records: bytes, heap: bytes,
-            keys: bytes, born: bytes, smap: tuple[Sequence[int], Sequence[int], Sequence[int]], kinds: bytes, finals: bytes,
-            extras: bytes, spill: BinaryIO | None) -> bytearray | mmap.mmap:
+            keys: bytes, born: bytes, smap: tuple[Sequence[int], Sequence[int], Sequence[int]], kinds: bytes,
+            finals: bytes, extras: bytes, spill: BinaryIO | None) -> bytearray | mmap.mmap:
     """The flat table: a header, then the columns where :func:`_sections` puts them.
 
     With ``spill`` (an empty temporary file) the table is written there and mapped: the
