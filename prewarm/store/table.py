@@ -16,6 +16,7 @@ counts, unreadable) is ignored and derived again.
 
 from __future__ import annotations
 
+import abc
 import array
 import bisect
 import contextlib
@@ -422,8 +423,9 @@ class _Column(Sequence[_T]):
     def __iter__(self) -> Iterator[_T]:
         return map(self._at, range(self._n))
 
+    @abc.abstractmethod
     def _at(self, i: int) -> _T:
-        raise NotImplementedError
+        """Entry i of the column (``0 <= i < len``)."""
 
 
 class _Placements(_Column[Placement]):
