@@ -120,8 +120,12 @@ class build_with_protos(build):
 
 setup(
     ext_modules=[
-        Extension("prewarm.store._landing", ["prewarm/store/_landing.c"], extra_compile_args=_FLAGS),  # prewarm.store.landing
-        Extension("prewarm.index._ztoc", ["prewarm/index/_ztoc.c"], extra_compile_args=_FLAGS),  # prewarm.index.ztoc
+        Extension("prewarm.store._landing", ["prewarm/store/_landing.c"], depends=["prewarm/index/_flatbuf.h"],
+                  extra_compile_args=_FLAGS),  # prewarm.store.landing
+        Extension("prewarm.index._ztoc", ["prewarm/index/_ztoc.c"], depends=["prewarm/index/_flatbuf.h"],
+                  extra_compile_args=_FLAGS),  # prewarm.index.ztoc
+        Extension("prewarm.store._tree", ["prewarm/store/_tree.c"], depends=["prewarm/index/_flatbuf.h"],
+                  extra_compile_args=_FLAGS),  # prewarm.store.layerfs
     ],
     cmdclass={"build": build_with_protos, "build_protos": build_protos},
 )

@@ -17,68 +17,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_flatbuf.h"
+
 #define MAX_NAME_BYTES (1 << 16)  /* ztoc._MAX_NAME_BYTES */
 #define MAX_SHORT_STRING (1 << 12) /* ztoc._MAX_SHORT_STRING */
 #define ENTRY_COST 256             /* ztoc._ENTRY_COST */
 #define XATTR_COST 128             /* ztoc._XATTR_COST */
-
-typedef struct {
-    const uint8_t *b;
-    int64_t n;
-} buf_t;
-
-static uint32_t u32(const buf_t *B, int64_t at) {
-    uint32_t v;
-    memcpy(&v, B->b + at, 4);
-    return v;
-}
-
-static int32_t i32(const buf_t *B, int64_t at) {
-    int32_t v;
-    memcpy(&v, B->b + at, 4);
-    return v;
-}
-
-static uint16_t u16(const buf_t *B, int64_t at) {
-    uint16_t v;
-    memcpy(&v, B->b + at, 2);
-    return v;
-}
-
-/* The absolute positions of a table's `count` fields (0 when absent) into `pos`, each
- * ending inside the table (`widths`), the table inside the buffer: ztoc._table_fields.
- * 0 when Python must judge. */
-static int table_fields(const buf_t *B, int64_t t, int count, const int *widths, int64_t *pos) {
-    if (t < 0 || t > B->n - 4) return 0;
-    int64_t vt = t - i32(B, t);
-    if (vt < 0 || vt > B->n - 4) return 0;
-    int64_t vsize = u16(B, vt), tsize = u16(B, vt + 2);
-    if (vt + vsize > B->n || t + tsize > B->n || tsize < 4) return 0;
-    int64_t k = vsize < 4 ? 0 : (vsize - 4) / 2;
-    if (k > count) k = count;
-    for (int i = 0; i < count; i++) {
-        int64_t off = i < k ? u16(B, vt + 4 + 2 * i) : 0;
-        if (off && off + widths[i] > tsize) return 0;
-        pos[i] = off ? t + off : 0;
-    }
-    return 1;
-}
-
-/* The string referenced at `at` (empty when `at` is 0), if it lies in the buffer and is
- * at most `limit` bytes: ztoc._Reader.string_at. */
-static int string_at(const buf_t *B, int64_t at, int64_t limit, const uint8_t **p, int64_t *len) {
-    *p = (const uint8_t *)"";
-    *len = 0;
-    if (!at) return 1;
-    if (at < 0 || at > B->n - 4) return 0;
-    int64_t v = at + u32(B, at);
-    if (v > B->n - 4) return 0;
-    int64_t length = u32(B, v);
-    if (length > B->n - v - 4 || length > limit) return 0;
-    *p = B->b + v + 4;
-    *len = length;
-    return 1;
-}
 
 static PyObject *text(const uint8_t *p, int64_t len) {
     return PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)len, "surrogateescape");
