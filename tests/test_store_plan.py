@@ -21,6 +21,7 @@ from prewarm.index.ztoc import LazyFiles, Ztoc, parse_ztoc, serialize_ztoc
 from prewarm.store.content import ContentStore
 from prewarm.store.layout import Layout
 from prewarm.store.spanmap import SpanMap
+from prewarm.store.table import LandingTable
 from prewarm.store.ztoc_cache import ZtocCache
 from tests.test_store import assert_every_kind_tree, every_kind_tar, sha
 from tests.test_store_spans import _with_files, header_dense_tar, land, make_layer
@@ -34,6 +35,19 @@ def _process(root: Path, zdigest: str) -> tuple[ContentStore, Ztoc]:
 
 def _cached(root: Path, z: Ztoc) -> str:
     return ZtocCache(Layout(root)).put(serialize_ztoc(z))
+
+
+def _derived(monkeypatch: pytest.MonkeyPatch) -> list[Ztoc]:
+    """The zTOCs whose landing table is derived (validated) from now on, in this process."""
+    calls: list[Ztoc] = []
+    derive = LandingTable.derive.__func__  # type: ignore[attr-defined]
+
+    def spy(cls: type[LandingTable], ztoc: Ztoc, spill: Path | None = None) -> LandingTable:
+        calls.append(ztoc)
+        return derive(cls, ztoc, spill)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(LandingTable, "derive", classmethod(spy))
+    return calls
 
 
 def _decoded(z: Ztoc) -> int:
@@ -72,28 +86,30 @@ def test_lazy_files_check_what_an_eager_parse_checks(shared_dir: Path, change, m
         list(lazy.files)
 
 
-def test_other_processes_load_the_plan_and_decode_only_their_entries(tmp_path: Path) -> None:
+def test_other_processes_load_the_plan_and_decode_only_their_entries(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a layer of 600 small files in many spans, whose zTOC is in the node cache
     tar = header_dense_tar()
     blob, built = make_layer(tar, span_size=16384)
     digest, root = sha(blob), tmp_path / "root"
     zdigest = _cached(root, built)
     first, z1 = _process(root, zdigest)
+    derived = _derived(monkeypatch)
     # When the first process prepares the layer (validating the whole TOC)...
     first.prepare_layer(digest, z1)
     assert (first.layout.layer_work(digest) / "plan").is_file()
-    assert _decoded(z1) == len(z1.files) == 600
+    assert derived == [z1] and len(z1.files) == 600
     # ...and another process lands one span
     second, z2 = _process(root, zdigest)
     span = z2.num_spans // 2
     assert land(second, digest, z2, blob, [span]) == [False]
     # Then the second process loaded the plan: it checked the span's real headers against the
     # plan's entry keys without decoding a single TOC entry
-    assert _decoded(z2) == 0
-    loaded, derived = second._tables[digest].placements, first._tables[digest].placements
-    assert list(loaded) == list(derived) and len(loaded) == len(derived)
-    assert [loaded[i] for i in (0, 299, -1)] == [derived[i] for i in (0, 299, -1)]
-    assert loaded[10:20] == derived[10:20]
+    assert _decoded(z2) == 0 and derived == [z1]
+    loaded, made = second._tables[digest].placements, first._tables[digest].placements
+    assert list(loaded) == list(made) and len(loaded) == len(made)
+    assert [loaded[i] for i in (0, 299, -1)] == [made[i] for i in (0, 299, -1)]
+    assert loaded[10:20] == made[10:20]
     assert second._tables[digest].spanmap.arrays() == first._tables[digest].spanmap.arrays()
     # And the layer completes across processes with every file's bytes and xattrs
     third, z3 = _process(root, zdigest)
@@ -110,7 +126,7 @@ def test_other_processes_load_the_plan_and_decode_only_their_entries(tmp_path: P
 
 
 @pytest.mark.parametrize("damage", [b"", b"garbage", "other-counts"])
-def test_an_unusable_plan_is_derived_again(tmp_path: Path, damage: object) -> None:
+def test_an_unusable_plan_is_derived_again(tmp_path: Path, damage: object, monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a prepared layer whose saved plan is damaged (or belongs to other counts)
     blob, built = make_layer(every_kind_tar(), span_size=16384)
     digest, root = sha(blob), tmp_path / "root"
@@ -130,8 +146,9 @@ def test_an_unusable_plan_is_derived_again(tmp_path: Path, damage: object) -> No
         plan_path.write_bytes(damage)
     # When another process prepares it, Then it validates the TOC itself and saves a good plan
     second, z2 = _process(root, zdigest)
+    derived = _derived(monkeypatch)
     second.prepare_layer(digest, z2)
-    assert _decoded(z2) == len(z2.files)
+    assert derived == [z2]
     third, z3 = _process(root, zdigest)
     assert land(third, digest, z3, blob, list(range(z3.num_spans)))[-1] is True
     assert _decoded(z3) == 0  # the plan carries every entry's metadata: even the last span decodes none
@@ -161,7 +178,7 @@ def test_a_lying_toc_is_caught_in_processes_that_loaded_the_plan(tmp_path: Path)
     assert not first.is_ready(digest)
 
 
-def test_another_ztoc_does_not_use_the_saved_plan(tmp_path: Path) -> None:
+def test_another_ztoc_does_not_use_the_saved_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a layer prepared and partly landed from a lying zTOC in the cache
     blob, honest = make_layer(every_kind_tar(), span_size=65536)
     files = list(honest.files)
@@ -172,10 +189,11 @@ def test_another_ztoc_does_not_use_the_saved_plan(tmp_path: Path) -> None:
     land(liar_store, digest, liar, blob, [honest.num_spans - 1])
     # When a process prepares it with the honest zTOC (another digest)
     store, z = _process(root, _cached(root, honest))
+    derived = _derived(monkeypatch)
     store.prepare_layer(digest, z)
     # Then the layer starts over, validated from that zTOC, and completes
     assert store.missing_spans(digest, z) == list(range(z.num_spans))
-    assert _decoded(z) == len(z.files)
+    assert derived == [z]
     assert land(store, digest, z, blob, list(range(z.num_spans)))[-1] is True
     assert_every_kind_tree(store.layout.layer_fs(digest))
 

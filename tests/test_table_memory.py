@@ -42,10 +42,14 @@ def anon():
 from prewarm.index.inflate import inflate_span
 from prewarm.store.content import ContentStore
 from prewarm.store.layout import Layout
+from prewarm.store.table import LandingTable
 from prewarm.store.ztoc_cache import ZtocCache
 
 root, zdigest, layer, digest, role = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4], sys.argv[5]
 store = ContentStore(root)
+derived = []
+_derive = LandingTable.derive.__func__
+LandingTable.derive = classmethod(lambda cls, z, spill=None: derived.append(1) or _derive(cls, z, spill))
 before = anon()
 z = ZtocCache(Layout(root)).get(zdigest)
 if role == "prepare":
@@ -59,7 +63,7 @@ else:
     store.land_span(digest, z, k, compressed, inflate_span(span, compressed))
     assert store.span_landed(digest, k)
 decoded = z.files.decoded
-print(json.dumps({"grew": anon() - before, "decoded": decoded}))
+print(json.dumps({"grew": anon() - before, "decoded": decoded, "derived": len(derived)}))
 """
 
 
@@ -109,7 +113,7 @@ def test_a_worker_landing_a_span_of_a_layer_of_200k_entries_holds_its_memory_bou
     root, zdigest, digest, layer, n = big_layer
     # Given the layer prepared by one process (it checked every entry and saved the table)
     prepared = _run("prepare", root, zdigest, layer, digest)
-    assert prepared["decoded"] == n
+    assert prepared["derived"] == 1
     # When another process lands a span from the middle of the layer
     worker = _run("land", root, zdigest, layer, digest)
     # Then it decoded none of the TOC's entries (the saved table answered) and its anonymous

@@ -17,7 +17,9 @@
  * side turns into the same exceptions as its own writer.
  *
  * ``build_table`` builds those records (the same bytes as the Python builder, which takes
- * over, and words the errors, for any entry C does not take as plainly).
+ * over, and words the errors, for any entry C does not take as plainly).  ``toc_records``
+ * and ``place_records`` build them straight from the zTOC flatbuffer and the C tree check
+ * (prewarm.store._tree), without a Python object per entry.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -31,6 +33,8 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include "../index/_flatbuf.h"
 
 #ifndef SYS_openat2
 #define SYS_openat2 437
@@ -797,6 +801,308 @@ done:
     return result;
 }
 
+/* ---------------------------------------------------------------- records straight from the zTOC */
+
+#define MAX_NAME_BYTES (1 << 16)  /* ztoc._MAX_NAME_BYTES */
+#define MAX_SHORT_STRING (1 << 12) /* ztoc._MAX_SHORT_STRING */
+#define ENTRY_COST 256             /* ztoc._ENTRY_COST */
+#define XATTR_COST 128             /* ztoc._XATTR_COST */
+#define HEAP_LIMIT ((Py_ssize_t)1 << 32)
+
+static int digits(const uint8_t *p, int n, int *out) {
+    int v = 0;
+    for (int i = 0; i < n; i++) {
+        if (p[i] < '0' || p[i] > '9') return 0;
+        v = v * 10 + (p[i] - '0');
+    }
+    *out = v;
+    return 1;
+}
+
+/* Days from 1970-01-01 to y-m-d of the proleptic Gregorian calendar (Howard Hinnant's days_from_civil). */
+static int64_t days_from_civil(int64_t y, int64_t m, int64_t d) {
+    y -= m <= 2;
+    int64_t era = (y >= 0 ? y : y - 399) / 400;
+    int64_t yoe = y - era * 400;
+    int64_t doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    int64_t doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+/* layerfs.parse_mod_time for the form every builder writes, "YYYY-MM-DDTHH:MM:SS[.frac]Z", with
+ * datetime's range checks; 0 for anything else (Python parses it, or words why not). */
+static int utc_time_ns(const uint8_t *p, int64_t len, int64_t *ns) {
+    if (len == 0) { *ns = 0; return 1; }
+    if (len < 20 || (p[len - 1] != 'Z' && p[len - 1] != 'z')) return 0;
+    int y, mo, d, h, mi, s;
+    if (!digits(p, 4, &y) || p[4] != '-' || !digits(p + 5, 2, &mo) || p[7] != '-' || !digits(p + 8, 2, &d) ||
+        p[10] != 'T' || !digits(p + 11, 2, &h) || p[13] != ':' || !digits(p + 14, 2, &mi) || p[16] != ':' ||
+        !digits(p + 17, 2, &s))
+        return 0;
+    int64_t frac = 0;
+    int64_t rest = len - 20; /* between the seconds and the Z */
+    if (rest) {
+        if (p[19] != '.' || rest < 2 || rest > 10) return 0;
+        for (int64_t i = 20; i < len - 1; i++) {
+            if (p[i] < '0' || p[i] > '9') return 0;
+            frac = frac * 10 + (p[i] - '0');
+        }
+        for (int64_t i = rest - 1; i < 9; i++) frac *= 10;
+    }
+    static const int dim[12] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    int leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    if (y < 1 || mo < 1 || mo > 12 || d < 1 || d > dim[mo - 1] + (mo == 2 && leap) || h > 23 || mi > 59 || s > 59)
+        return 0;
+    int64_t secs = days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + s;
+    /* a record holds int64 ns (1677-2262); beyond it Python keeps the entry's metadata aside */
+    if (secs > INT64_MAX / 1000000000 - 1 || secs < INT64_MIN / 1000000000 + 1) return 0;
+    *ns = secs * 1000000000 + frac;
+    return 1;
+}
+
+/* Append len bytes to the heap bytearray; its offset, or -1 (an error set, or -2: over 4 GiB). */
+static Py_ssize_t heap_add(PyObject *heap, const void *data, Py_ssize_t len) {
+    Py_ssize_t off = PyByteArray_GET_SIZE(heap);
+    if (off + len >= HEAP_LIMIT) return -2;
+    if (len == 0) return 0;
+    if (PyByteArray_Resize(heap, off + len) < 0) return -1;
+    memcpy(PyByteArray_AS_STRING(heap) + off, data, (size_t)len);
+    return off;
+}
+
+PyDoc_STRVAR(toc_records_doc,
+"toc_records(buf, start, count, archive_size, allowance, parse_mod_time) -> (records, heap, rich, data_end) or None\n\n"
+"The landing records of the TOC vector at ``start`` of the zTOC in ``buf``, read from the\n"
+"flatbuffer (no Python object per entry): data and header offsets, size, mode, devices,\n"
+"mtime, uid, gid, name, link name, type, and the flags F_PLAIN, F_CHECKABLE, F_PAX_PATH.\n"
+"Paths and the flags that need the tree check are left to place_records.  ``rich`` lists the\n"
+"entries with PAX records other than Go's long-name ``path`` (their xattrs are Python's).\n"
+"``parse_mod_time`` parses a time C does not (then the next entry with the same string\n"
+"reuses it).  None for anything the Python derive must take and word: an entry not plainly\n"
+"well-formed, past the decoding ``allowance``, a time out of a record's range, a header\n"
+"chain that does not fit the archive, a heap over 4 GiB.");
+
+static PyObject *toc_records(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t start, count;
+    long long usize, allowance;
+    PyObject *parse;
+    if (!PyArg_ParseTuple(args, "y*nnLLO", &view, &start, &count, &usize, &allowance, &parse)) return NULL;
+    buf_t B = {view.buf, view.len};
+    PyObject *records = NULL, *heap = NULL, *rich = NULL, *result = NULL;
+    const uint8_t *last_time = NULL;
+    int64_t last_time_len = -1, last_ns = 0;
+    if (start < 0 || count < 0 || count > (B.n - start) / 4) {
+        PyErr_SetString(PyExc_ValueError, "TOC vector lies outside the buffer");
+        goto done;
+    }
+    records = PyByteArray_FromStringAndSize(NULL, count * (Py_ssize_t)sizeof(record_t));
+    heap = PyByteArray_FromStringAndSize(NULL, 0);
+    rich = PyList_New(0);
+    if (!records || !heap || !rich) goto done;
+    record_t *rec = (record_t *)PyByteArray_AS_STRING(records);
+    memset(rec, 0, (size_t)count * sizeof(record_t));
+    static const int widths[14] = {4, 4, 8, 8, 4, 8, 4, 4, 4, 4, 4, 8, 8, 4};
+    static const int sidx[6] = {0, 1, 4, 8, 9, 10}; /* name, type, linkname, uname, gname, mod_time */
+    static const int64_t limit[6] = {MAX_NAME_BYTES, 16, MAX_NAME_BYTES, MAX_SHORT_STRING, MAX_SHORT_STRING, 64};
+    static const char *types[7] = {"reg", "hardlink", "symlink", "char", "block", "dir", "fifo"};
+    int64_t spent = 0, pos = 0;
+    int unsure = 0;
+    for (Py_ssize_t k = 0; k < count && !unsure; k++) {
+        int64_t t = toc_entry_at(&B, start, k), o[14];
+        const uint8_t *sp[6];
+        int64_t sl[6];
+        if (t < 0 || !table_fields(&B, t, 14, widths, o)) { unsure = 1; break; }
+        for (int i = 0; i < 6 && !unsure; i++)
+            if (!string_at(&B, o[sidx[i]], limit[i], &sp[i], &sl[i])) unsure = 1;
+        if (unsure) break;
+        const uint8_t *name = sp[0], *link = sp[2];
+        int64_t name_len = sl[0], link_len = sl[2];
+        if (name_len == 0 || memchr(name, 0, (size_t)name_len) || memchr(link, 0, (size_t)link_len)) {
+            unsure = 1;
+            break;
+        }
+        int type = -1;
+        for (int i = 0; i < 7; i++)
+            if ((size_t)sl[1] == strlen(types[i]) && memcmp(sp[1], types[i], (size_t)sl[1]) == 0) type = i;
+        if (type < 0) { unsure = 1; break; }
+        int64_t cost = ENTRY_COST + sl[0] + sl[2] + sl[3] + sl[4] + sl[5];
+        int pax_path = 0, has_xattrs = 0;
+        if (o[13]) { /* every PAX record: ztoc._read_xattrs' cost; Go's long name alone is plain */
+            int64_t v = o[13] + u32(&B, o[13]);
+            if (v > B.n - 4) { unsure = 1; break; }
+            int64_t nx = u32(&B, v);
+            if (nx * 4 > B.n - v - 4) { unsure = 1; break; }
+            cost += nx * XATTR_COST;
+            for (int64_t j = 0; j < nx && cost <= allowance - spent; j++) {
+                static const int xw[2] = {4, 4};
+                int64_t ref = v + 4 + 4 * j, f[2], kl, vl;
+                const uint8_t *kp, *vp;
+                if (!table_fields(&B, ref + u32(&B, ref), 2, xw, f) || !string_at(&B, f[0], MAX_SHORT_STRING, &kp, &kl) ||
+                    !string_at(&B, f[1], MAX_NAME_BYTES, &vp, &vl)) {
+                    unsure = 1;
+                    break;
+                }
+                cost += kl + vl;
+                if (nx == 1 && kl == 4 && memcmp(kp, "path", 4) == 0 && vl == name_len && memcmp(vp, name, (size_t)vl) == 0)
+                    pax_path = 1;
+            }
+            if (unsure) break;
+            has_xattrs = nx > 0 && !pax_path;
+        }
+        spent += cost;
+        if (spent > allowance) { unsure = 1; break; }
+        int64_t ints[5] = {0, 0, 0, 0, 0}; /* offset, size, mode, devmajor, devminor */
+        static const int iidx[5] = {2, 3, 5, 11, 12};
+        for (int i = 0; i < 5; i++)
+            if (o[iidx[i]]) memcpy(&ints[i], B.b + o[iidx[i]], 8);
+        int64_t off = ints[0], size = ints[1];
+        /* the tree check's bounds and derive's header chain: anything else is Python's to word */
+        if (off < 0 || size < 0 || off > usize || (type == 0 && size > usize - off) || off < pos + 512) {
+            unsure = 1;
+            break;
+        }
+        int64_t data = type == 0 ? size : 0;
+        record_t *r = &rec[k];
+        r->header_start = pos;
+        pos = off + data + (-data & 511);
+        if (pos > usize) { unsure = 1; break; }
+        int64_t ns;
+        if (sl[5] == last_time_len && memcmp(sp[5], last_time, (size_t)sl[5]) == 0) {
+            ns = last_ns;
+        } else if (!utc_time_ns(sp[5], sl[5], &ns)) {
+            PyObject *text = PyUnicode_DecodeUTF8((const char *)sp[5], (Py_ssize_t)sl[5], "surrogateescape");
+            PyObject *v = text ? PyObject_CallOneArg(parse, text) : NULL;
+            Py_XDECREF(text);
+            int overflow = 0;
+            ns = v && PyLong_Check(v) ? PyLong_AsLongLongAndOverflow(v, &overflow) : 0;
+            Py_XDECREF(v);
+            if (!v || overflow || PyErr_Occurred()) { PyErr_Clear(); unsure = 1; break; }
+        }
+        last_time = sp[5];
+        last_time_len = sl[5];
+        last_ns = ns;
+        Py_ssize_t name_off = heap_add(heap, name, (Py_ssize_t)name_len);
+        Py_ssize_t link_off = name_off < 0 ? name_off : heap_add(heap, link, (Py_ssize_t)link_len);
+        if (link_off == -1) goto done;
+        if (link_off < 0) { unsure = 1; break; }
+        r->data_start = off;
+        r->size = size;
+        r->mode = ints[2];
+        r->devmajor = ints[3];
+        r->devminor = ints[4];
+        r->mtime_ns = ns;
+        r->uid = o[6] ? u32(&B, o[6]) : 0;
+        r->gid = o[7] ? u32(&B, o[7]) : 0;
+        r->name_off = (uint32_t)name_off;
+        r->name_len = (uint32_t)name_len;
+        r->link_off = (uint32_t)link_off;
+        r->link_len = (uint32_t)link_len;
+        r->type = (uint8_t)('0' + type);
+        r->flags = F_PLAIN | (has_xattrs ? 0 : F_CHECKABLE) | (pax_path ? F_PAX_PATH : 0);
+        if (has_xattrs) {
+            PyObject *i = PyLong_FromSsize_t(k);
+            int bad = !i || PyList_Append(rich, i) < 0;
+            Py_XDECREF(i);
+            if (bad) goto done;
+        }
+    }
+    if (unsure)
+        result = Py_NewRef(Py_None);
+    else
+        result = Py_BuildValue("(OOOL)", records, heap, rich, (long long)pos);
+done:
+    Py_XDECREF(records);
+    Py_XDECREF(heap);
+    Py_XDECREF(rich);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* Where a path already lies in the heap within its entry's name (a name "./a/b" or "a/b/" holds
+ * the path "a/b"), or -1. */
+static Py_ssize_t within_name(const char *heap, const record_t *r, const char *path, uint32_t len) {
+    if (len > r->name_len) return -1;
+    const char *name = heap + r->name_off;
+    if (memcmp(name, path, len) == 0) return r->name_off;
+    if (memcmp(name + r->name_len - len, path, len) == 0) return r->name_off + r->name_len - len;
+    return -1;
+}
+
+PyDoc_STRVAR(place_records_doc,
+"place_records(records, heap, kinds, finals, fresh, linked, paths, path_index, span_ends) -> (born, extents)\n\n"
+"Complete toc_records' records with the tree check's placements (prewarm.store._tree.check_toc):\n"
+"each record's path (added to ``heap`` unless its name holds it), F_WRITE, F_BORN and\n"
+"F_CREATABLE; ``born`` as table._born_at_landing says it, and the span map's extents\n"
+"(int64 starts, then ends, then entry ids: SpanMap.arrays) of the files the layer keeps.");
+
+static PyObject *place_records(PyObject *self, PyObject *args) {
+    PyObject *records, *heap;
+    Py_buffer kinds, finals, fresh, linked, paths, index, ends;
+    if (!PyArg_ParseTuple(args, "O!O!y*y*y*y*y*y*y*", &PyByteArray_Type, &records, &PyByteArray_Type, &heap, &kinds,
+                          &finals, &fresh, &linked, &paths, &index, &ends))
+        return NULL;
+    PyObject *born = NULL, *extents = NULL, *result = NULL;
+    Py_ssize_t n = PyByteArray_GET_SIZE(records) / (Py_ssize_t)sizeof(record_t);
+    Py_ssize_t nspans = ends.len / 8;
+    int64_t *starts_out = NULL;
+    if (kinds.len != n || finals.len != n || fresh.len != n || linked.len != n || index.len != 8 * n || nspans < 1) {
+        PyErr_SetString(PyExc_ValueError, "place_records: the columns differ in length");
+        goto done;
+    }
+    born = PyBytes_FromStringAndSize(NULL, n);
+    starts_out = PyMem_Malloc((size_t)(n ? n : 1) * 3 * sizeof(int64_t));
+    if (!born || !starts_out) { PyErr_NoMemory(); goto done; }
+    char *b = PyBytes_AS_STRING(born);
+    const uint8_t *kind = kinds.buf, *final = finals.buf, *fr = fresh.buf, *lk = linked.buf;
+    const char *pathb = paths.buf;
+    const int64_t *span_end = ends.buf;
+    Py_ssize_t m = 0, s = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t at[2];
+        memcpy(at, (const char *)index.buf + 8 * i, 8);
+        if ((Py_ssize_t)at[0] + at[1] > paths.len) {
+            PyErr_SetString(PyExc_ValueError, "place_records: a path lies outside the paths");
+            goto done;
+        }
+        record_t *r = (record_t *)PyByteArray_AS_STRING(records) + i;
+        Py_ssize_t off = within_name(PyByteArray_AS_STRING(heap), r, pathb + at[0], at[1]);
+        if (off < 0) off = heap_add(heap, pathb + at[0], at[1]);
+        if (off == -1) goto done;
+        if (off == -2) { result = Py_NewRef(Py_None); goto done; }
+        r = (record_t *)PyByteArray_AS_STRING(records) + i; /* (the heap moved, not the records) */
+        r->path_off = (uint32_t)off;
+        r->path_len = at[1];
+        b[i] = 0;
+        if (kind[i] == 0 && final[i] && r->size > 0) {
+            r->flags |= F_WRITE;
+            starts_out[m] = r->data_start;
+            starts_out[n + m] = r->data_start + r->size;
+            starts_out[2 * n + m] = i;
+            m++;
+            if (fr[i] && !lk[i]) {
+                while (s + 1 < nspans && span_end[s] <= r->data_start) s++;
+                if (r->data_start + r->size <= span_end[s]) {
+                    b[i] = 1;
+                    r->flags |= F_BORN | F_CREATABLE; /* (Python clears it for kept xattrs) */
+                }
+            }
+        }
+    }
+    extents = PyBytes_FromStringAndSize(NULL, 3 * m * (Py_ssize_t)sizeof(int64_t));
+    if (!extents) goto done;
+    for (int c = 0; c < 3; c++)
+        memcpy(PyBytes_AS_STRING(extents) + c * m * 8, starts_out + c * n, (size_t)m * 8);
+    result = PyTuple_Pack(2, born, extents);
+done:
+    PyMem_Free(starts_out);
+    Py_XDECREF(born);
+    Py_XDECREF(extents);
+    PyBuffer_Release(&kinds); PyBuffer_Release(&finals); PyBuffer_Release(&fresh); PyBuffer_Release(&linked);
+    PyBuffer_Release(&paths); PyBuffer_Release(&index); PyBuffer_Release(&ends);
+    return result;
+}
+
 PyDoc_STRVAR(create_files_doc,
 "create_files(dir_fd, files, direct, min_direct) -> (failed, errno, direct)\n\n"
 "Create each (name, data, uid, gid, mode, mtime_ns) of ``files`` in ``dir_fd`` (O_EXCL, no symlink\n"
@@ -863,6 +1169,8 @@ static PyMethodDef methods[] = {
     {"build_table", build_table, METH_VARARGS, build_table_doc},
     {"check_headers", check_headers, METH_VARARGS, check_headers_doc},
     {"create_files", create_files, METH_VARARGS, create_files_doc},
+    {"place_records", place_records, METH_VARARGS, place_records_doc},
+    {"toc_records", toc_records, METH_VARARGS, toc_records_doc},
     {"write_pieces", write_pieces, METH_VARARGS, write_pieces_doc},
     {NULL, NULL, 0, NULL},
 };

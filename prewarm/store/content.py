@@ -76,7 +76,7 @@ from prewarm.store import inorder, spans
 from prewarm.store.atomic import atomic_write
 from prewarm.store.directio import DirectWriter
 from prewarm.store.ingest import compression_of, unpack_stream
-from prewarm.store.layerfs import LayerWriter, data_extents
+from prewarm.store.layerfs import LayerWriter
 from prewarm.store.layout import Layout, secure_root
 from prewarm.store.longlived import long_lived
 from prewarm.store.spans import fetch_range
@@ -347,21 +347,21 @@ class ContentStore:
     def _create_skeleton(self, digest: str, ztoc: ZtocView, table: LandingTable, diff_id: str | None) -> None:
         """Create work/ and the tree; state.json last (its presence means prepared)."""
         compressed = table.spans[-1].compressed_end
-        self.check_space(sum(n for _, n in data_extents(ztoc.files, table.placements)) + compressed)
+        self.check_space(table.data_size + compressed)
         work, fs = self.layout.layer_work(digest), self.layout.layer_fs(digest)
         work.mkdir(parents=True)
         fs.mkdir(mode=0o755)
         born = table.born
         with LayerWriter(fs) as writer:
             made = None  # the directory the last born files are in, made since the last other entry
-            for i, (entry, placement) in enumerate(zip(ztoc.files, table.placements)):
+            for i, placement in enumerate(table.placements):
                 if born[i]:
                     parent = placement.path.rpartition("/")[0]
                     if parent != made:
-                        writer.make_parent(placement.path, entry.name)  # the file comes with its span
+                        writer.make_parent(placement.path, table.name(i))  # the file comes with its span
                         made = parent
-                else:
-                    writer.create(entry, placement)
+                else:  # (from its record: the TOC is not decoded here)
+                    writer.create(table.node_entry(i), placement)
                     made = None
         (work / "landed").write_bytes(bytes(ztoc.num_spans))
         inorder.start(work)

@@ -47,7 +47,8 @@ RECORD = struct.Struct("<7q8I2B6x")
 
 F_WRITE, F_BORN, F_CHECKABLE, F_CREATABLE, F_PAX_PATH, F_PLAIN = 1, 2, 4, 8, 16, 32
 
-_TYPE_FLAGS = {"reg": b"0", "hardlink": b"1", "symlink": b"2", "char": b"3", "block": b"4", "dir": b"5",
+#: The tar type flag a record holds for each TOC entry type.
+TYPE_FLAGS = {"reg": b"0", "hardlink": b"1", "symlink": b"2", "char": b"3", "block": b"4", "dir": b"5",
                "fifo": b"6"}
 _INT64 = range(-(1 << 63), 1 << 63)
 _UINT32 = range(1 << 32)
@@ -129,7 +130,7 @@ def build_table_python(files: Sequence[FileEntry], placements: Sequence[Placemen
             flags |= F_BORN
             if plain and not xattrs:
                 flags |= F_CREATABLE
-        if plain and e.type in _TYPE_FLAGS:
+        if plain and e.type in TYPE_FLAGS:
             if not e.xattrs:
                 flags |= F_CHECKABLE
             elif len(e.xattrs) == 1 and e.xattrs[0] == ("path", e.name):  # Go's long names
@@ -140,7 +141,7 @@ def build_table_python(files: Sequence[FileEntry], placements: Sequence[Placemen
             pack(records, RECORD.size * i, e.uncompressed_offset, header_starts[i],
                  e.uncompressed_size if plain else 0, mode, e.devmajor if plain else 0,
                  e.devminor if plain else 0, mtime_ns, uid, gid, place(name), len(name), place(link), len(link),
-                 place(path), len(path), _TYPE_FLAGS.get(e.type, b"?")[0], flags)
+                 place(path), len(path), TYPE_FLAGS.get(e.type, b"?")[0], flags)
         except struct.error as err:  # a number beyond what a record holds (the zTOC is not a tar's)
             raise BadZtoc(f"tar entry {e.name!r} has a field a landing table cannot hold: {err}") from None
     if len(heap) >= 1 << 32:

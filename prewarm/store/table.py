@@ -21,6 +21,7 @@ import array
 import bisect
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import marshal
 import mmap
@@ -29,6 +30,7 @@ import struct
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import BinaryIO, NamedTuple, Protocol, TypeVar
 
 from prewarm.errors import BadZtoc
@@ -195,6 +197,10 @@ class LandingTable:
                               f"but the previous span ends at {prev_c}")
         if spans[-1].uncompressed_end != usize:
             raise BadZtoc(f"spans end at {spans[-1].uncompressed_end}, the archive at {usize}")
+        if known is not None:
+            fast = _derive_in_c(ztoc, known, spans, windowed, spill)
+            if fast is not None:
+                return cls(ztoc, fast)
         files = ztoc.files
         for e in files if known is None else ():  # a skeleton made from another TOC must not be reused
             fp.update(f"{e.name}\0{e.type}\0{e.uncompressed_offset}\0{e.uncompressed_size}\0{e.linkname}\0"
@@ -276,6 +282,33 @@ class LandingTable:
         except _Unfit:
             return None
 
+    @property
+    def data_size(self) -> int:
+        """Bytes of file data the finished layer holds (what its files take on disk, before blocks)."""
+        starts, ends, _ = _smap_arrays(self._buf)
+        return sum(ends) - sum(starts)
+
+    def node_entry(self, k: int) -> FileEntry:
+        """Entry ``k`` as far as creating its node needs (name, type, size, link, devices, owner, mode).
+
+        Why: the skeleton creates every node not born with its span (directories, empty
+        files, links); decoding each of them from the zTOC cost ~400 B a piece, the record
+        has them.  Without its mtime and xattrs (metadata comes from :attr:`meta`); an entry
+        whose numbers its record cannot hold (no ``F_PLAIN``) is decoded from the zTOC.
+        """
+        r = landing.RECORD.unpack_from(self.records, landing.RECORD.size * k)
+        if not r[16] & landing.F_PLAIN or r[15] not in _TYPE_OF_FLAG:
+            return self.ztoc.files[k]
+        heap = self.heap
+        return FileEntry(bytes(heap[r[9]:r[9] + r[10]]).decode("utf-8", "surrogateescape"), _TYPE_OF_FLAG[r[15]], r[0],
+                         r[2], bytes(heap[r[11]:r[11] + r[12]]).decode("utf-8", "surrogateescape"), r[3], r[7], r[8],
+                         devmajor=r[4], devminor=r[5])
+
+    def name(self, k: int) -> str:
+        """Entry ``k``'s tar name, from its record (to name it in an error without decoding the TOC)."""
+        off, size = _NAME_AT.unpack_from(self.records, landing.RECORD.size * k)
+        return bytes(self.heap[off:off + size]).decode("utf-8", "surrogateescape")
+
     def key(self, k: int) -> bytes:
         """Entry ``k``'s :func:`entry_key` (zeros when C checks its header)."""
         return bytes(self.keys[KEY_SIZE * k:KEY_SIZE * (k + 1)])
@@ -321,6 +354,9 @@ _QS_PER_RECORD = landing.RECORD.size // 8
 RECORD_FLAGS = 89
 _META_AT = struct.Struct("<24xq16xqII")
 _PATH_AT = struct.Struct("<80xII")
+_NAME_AT = struct.Struct("<64xII")
+#: TOC entry types by the tar type flag a record holds.
+_TYPE_OF_FLAG = {ord(flag): type_ for type_, flag in landing.TYPE_FLAGS.items()}
 
 
 def _sections(h: _Head) -> dict[str, tuple[int, int]]:
@@ -382,6 +418,78 @@ def _encode(fingerprint: str, flags: int, data_end: int, spans: Sequence[SpanRan
         return buf
     spill.flush()
     return mmap.mmap(spill.fileno(), 0, prot=mmap.PROT_READ)
+
+
+def _derive_in_c(ztoc: ZtocView, fingerprint: str, spans: list[SpanRange], windowed: bool,
+                 spill: Path | None) -> bytearray | mmap.mmap | None:
+    """:meth:`LandingTable.derive`'s table, built in C from the zTOC buffer; None when Python must.
+
+    Why: derived in Python, a TOC costs a decoded entry, a Placement and the checker's
+    maps of every path, ~1.4 KB per entry while the table is built (1.4 GB for a layer of
+    a million files).  C reads the entries where they lie in the zTOC and keeps ~150 B per
+    entry.  It takes only what it can say as Python would: any entry it is not sure of
+    (malformed, refused, an mtime beyond a record) makes it return None, and the Python
+    derive then builds the table, or words the error.  Entries with xattrs are decoded here
+    for their metadata, as are the few whose headers C does not check, for their keys.
+    """
+    files = ztoc.files
+    c, tree = landing.backend(), _tree()
+    vector = getattr(files, "vector", None)
+    if c is None or tree is None or vector is None:
+        return None
+    buf, start, n, allowance = vector()
+    usize = ztoc.uncompressed_archive_size
+    if n * 512 > usize:
+        return None
+    built = c.toc_records(buf, start, n, usize, allowance, parse_mod_time)
+    if built is None:
+        return None
+    records, heap, rich, data_end = built
+    checked = tree.check_toc(buf, start, n, usize)
+    if checked is None:
+        return None
+    kinds, finals, fresh, paths, path_index, made_at, linked = checked
+    ends = array.array("q", [s.uncompressed_end for s in spans])
+    placed = c.place_records(records, heap, kinds, finals, fresh, linked, paths, path_index, ends)
+    if placed is None:
+        return None
+    del fresh, linked, paths, path_index
+    born, extents = placed
+    kept = {}
+    size = landing.RECORD.size
+    for k in rich:  # their PAX records: the kept xattrs are their metadata's, and keep them from C's creation
+        xattrs = entry_meta(files[k])[4]
+        if xattrs:
+            kept[k] = xattrs
+            records[size * k + RECORD_FLAGS] &= ~landing.F_CREATABLE
+    need = set(landing.unchecked_entries(records))
+    data_starts = memoryview(records).cast("q")[0::_QS_PER_RECORD]
+    header_starts = memoryview(records).cast("q")[1::_QS_PER_RECORD]
+    for r in spans[1:]:  # header chains across a span boundary are checked in Python
+        k = _straddler(data_starts, header_starts, r.uncompressed_start)
+        if k is not None:
+            need.add(k)
+    del data_starts, header_starts
+    keys = bytearray(KEY_SIZE * n)
+    for k in need:
+        keys[KEY_SIZE * k:KEY_SIZE * (k + 1)] = entry_key(files[k])
+    m = len(extents) // 24
+    smap = memoryview(extents).cast("q")
+    extras = ({k: os.fsdecode(p) for k, p in made_at.items()}, kept, {})
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(tempfile.TemporaryFile(dir=spill)) if spill is not None else None
+        return _encode(fingerprint, _WINDOWED if windowed else 0, data_end, spans, records, heap, keys, born,
+                       (smap[:m], smap[m:2 * m], smap[2 * m:]), kinds, finals, marshal.dumps(extras), out)
+
+
+@functools.cache
+def _tree() -> ModuleType | None:
+    """The C tree check (``prewarm.store._tree``), or None where it was not built."""
+    try:
+        from prewarm.store import _tree as tree  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return tree if hasattr(tree, "check_toc") else None
 
 
 def _smap_arrays(buf: bytearray | mmap.mmap) -> tuple[Sequence[int], Sequence[int], Sequence[int]]:
