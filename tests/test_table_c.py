@@ -12,17 +12,19 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from collections.abc import Iterator
+import tracemalloc
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prewarm.errors import PrewarmError
-from prewarm.index.ztoc import FileEntry, Ztoc, parse_ztoc, serialize_ztoc
+from prewarm.errors import BadZtoc, PrewarmError
+from prewarm.index.ztoc import FileEntry, Ztoc, decode_budget, parse_ztoc, serialize_ztoc
 from prewarm.store import landing, table
 from prewarm.store.table import LandingTable
 from tests.test_store_spans import _with_files, make_layer
+from tests.test_ztoc_hostile import many_entries_one_name, many_xattrs_one_value
 
 pytestmark = pytest.mark.skipif(landing.backend() is None or table._tree() is None,
                                 reason="the C extensions are not built")
@@ -170,3 +172,23 @@ def test_a_plain_layer_goes_through_c(monkeypatch: pytest.MonkeyPatch) -> None:
     c = LandingTable.derive(_parsed(files))
     assert_same_table(c, py)
     assert c.placements[7].path == "d/x" and c.meta[7][4] == (("user.k", "v"),)
+
+
+@pytest.mark.parametrize("make", [lambda: many_entries_one_name(2000), lambda: many_xattrs_one_value(200, 10)],
+                         ids=["entries-share-a-name", "entries-share-xattrs"])
+def test_shared_strings_cannot_multiply_what_c_builds(make: Callable[[], bytes]) -> None:
+    # Given a zTOC of under 160 KB whose references repeat one 64 KiB string 2,000 times
+    raw = make()
+    z = parse_ztoc(raw, lazy_files=True)
+    z.digest = "sha256:" + "cd" * 32
+    budget = decode_budget(len(raw))
+    tracemalloc.start()
+    try:
+        # When its landing table is derived, Then C builds nothing from it and the derive
+        # refuses it, naming the budget, before more than the budget is allocated
+        with pytest.raises(BadZtoc, match=f"past {budget} bytes"):
+            LandingTable.derive(z)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < budget + 2 * len(raw), (peak, budget)

@@ -800,7 +800,7 @@ class LazyFiles(Sequence[FileEntry]):
     def __iter__(self) -> Iterator[FileEntry]:
         return iter(self.materialize())
 
-    def vector(self) -> tuple[memoryview, int, int, int]:
+    def vector(self) -> tuple[bytes | bytearray | memoryview, int, int, int]:
         """The TOC in the zTOC buffer (the buffer, the vector's start, its count, the decoding
         allowance of all its entries), for C that walks it without decoding an entry to Python."""
         return self._reader.buf, self._start, self._n, self._allowance

@@ -870,6 +870,111 @@ static Py_ssize_t heap_add(PyObject *heap, const void *data, Py_ssize_t len) {
     return off;
 }
 
+/* One TOC entry as the flatbuffer holds it (strings point into the zTOC). */
+typedef struct {
+    const uint8_t *name, *link, *mtime;
+    int64_t name_len, link_len, mtime_len;
+    int64_t offset, size, mode, devmajor, devminor;
+    uint32_t uid, gid;
+    int type;       /* index into toc_types: the tar type flag is '0' + type */
+    int pax_path;   /* its one PAX record is Go's long name: path=<name> */
+    int has_xattrs; /* other PAX records (Python keeps their xattrs) */
+    int64_t cost;   /* what ztoc._read_entry charges it against the decoding budget */
+} toc_entry_t;
+
+static const char *toc_types[7] = {"reg", "hardlink", "symlink", "char", "block", "dir", "fifo"};
+
+/* TOC entry k read as decode_one in prewarm/index/_ztoc.c takes it; 0 when Python must (not
+ * plainly well-formed: a field outside its table, a string over its limit, an unknown type, a
+ * NUL in a name, an empty name), or when it costs more than `left` of the budget. */
+static int read_toc_entry(const buf_t *B, int64_t start, int64_t k, int64_t left, toc_entry_t *e) {
+    static const int widths[14] = {4, 4, 8, 8, 4, 8, 4, 4, 4, 4, 4, 8, 8, 4};
+    static const int sidx[6] = {0, 1, 4, 8, 9, 10}; /* name, type, linkname, uname, gname, mod_time */
+    static const int64_t limit[6] = {MAX_NAME_BYTES, 16, MAX_NAME_BYTES, MAX_SHORT_STRING, MAX_SHORT_STRING, 64};
+    static const int iidx[5] = {2, 3, 5, 11, 12}; /* offset, size, mode, devmajor, devminor */
+    int64_t t = toc_entry_at(B, start, k), o[14], sl[6];
+    const uint8_t *sp[6];
+    if (t < 0 || !table_fields(B, t, 14, widths, o)) return 0;
+    for (int i = 0; i < 6; i++)
+        if (!string_at(B, o[sidx[i]], limit[i], &sp[i], &sl[i])) return 0;
+    e->name = sp[0], e->name_len = sl[0], e->link = sp[2], e->link_len = sl[2], e->mtime = sp[5], e->mtime_len = sl[5];
+    if (e->name_len == 0 || memchr(e->name, 0, (size_t)e->name_len) || memchr(e->link, 0, (size_t)e->link_len))
+        return 0;
+    e->type = -1;
+    for (int i = 0; i < 7; i++)
+        if ((size_t)sl[1] == strlen(toc_types[i]) && memcmp(sp[1], toc_types[i], (size_t)sl[1]) == 0) e->type = i;
+    if (e->type < 0) return 0;
+    int64_t cost = ENTRY_COST + sl[0] + sl[2] + sl[3] + sl[4] + sl[5];
+    e->pax_path = e->has_xattrs = 0;
+    if (o[13]) { /* every PAX record: ztoc._read_xattrs' cost */
+        int64_t v = o[13] + u32(B, o[13]);
+        if (v > B->n - 4) return 0;
+        int64_t nx = u32(B, v);
+        if (nx * 4 > B->n - v - 4) return 0;
+        cost += nx * XATTR_COST;
+        for (int64_t j = 0; j < nx && cost <= left; j++) {
+            static const int xw[2] = {4, 4};
+            int64_t ref = v + 4 + 4 * j, f[2], kl, vl;
+            const uint8_t *kp, *vp;
+            if (!table_fields(B, ref + u32(B, ref), 2, xw, f) || !string_at(B, f[0], MAX_SHORT_STRING, &kp, &kl) ||
+                !string_at(B, f[1], MAX_NAME_BYTES, &vp, &vl))
+                return 0;
+            cost += kl + vl;
+            if (nx == 1 && kl == 4 && memcmp(kp, "path", 4) == 0 && vl == e->name_len &&
+                memcmp(vp, e->name, (size_t)vl) == 0)
+                e->pax_path = 1;
+        }
+        e->has_xattrs = nx > 0 && !e->pax_path;
+    }
+    if (cost > left) return 0;
+    e->cost = cost;
+    int64_t ints[5] = {0, 0, 0, 0, 0};
+    for (int i = 0; i < 5; i++)
+        if (o[iidx[i]]) memcpy(&ints[i], B->b + o[iidx[i]], 8);
+    e->offset = ints[0], e->size = ints[1], e->mode = ints[2], e->devmajor = ints[3], e->devminor = ints[4];
+    e->uid = o[6] ? u32(B, o[6]) : 0;
+    e->gid = o[7] ? u32(B, o[7]) : 0;
+    return 1;
+}
+
+/* The TOC vector's Py_buffer and bounds, as toc_cost and toc_records take them. */
+static int toc_vector(const Py_buffer *view, Py_ssize_t start, Py_ssize_t count, buf_t *B) {
+    B->b = view->buf;
+    B->n = view->len;
+    if (start < 0 || count < 0 || count > (B->n - start) / 4) {
+        PyErr_SetString(PyExc_ValueError, "TOC vector lies outside the buffer");
+        return 0;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(toc_cost_doc,
+"toc_cost(buf, start, count, allowance) -> bool\n\n"
+"Whether every entry of the TOC vector at ``start`` is plainly well-formed and all of them\n"
+"together cost at most ``allowance`` (ztoc's decoding budget): what must hold before\n"
+"anything is built per entry from names a zTOC may repeat.");
+
+static PyObject *toc_cost(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t start, count;
+    long long allowance;
+    if (!PyArg_ParseTuple(args, "y*nnL", &view, &start, &count, &allowance)) return NULL;
+    buf_t B;
+    PyObject *result = NULL;
+    if (toc_vector(&view, start, count, &B)) {
+        int64_t spent = 0;
+        toc_entry_t e;
+        Py_ssize_t k = 0;
+        while (k < count && read_toc_entry(&B, start, k, allowance - spent, &e)) {
+            spent += e.cost;
+            k++;
+        }
+        result = PyBool_FromLong(k == count);
+    }
+    PyBuffer_Release(&view);
+    return result;
+}
+
 PyDoc_STRVAR(toc_records_doc,
 "toc_records(buf, start, count, archive_size, allowance, parse_mod_time) -> (records, heap, rich, data_end) or None\n\n"
 "The landing records of the TOC vector at ``start`` of the zTOC in ``buf``, read from the\n"
@@ -888,90 +993,39 @@ static PyObject *toc_records(PyObject *self, PyObject *args) {
     long long usize, allowance;
     PyObject *parse;
     if (!PyArg_ParseTuple(args, "y*nnLLO", &view, &start, &count, &usize, &allowance, &parse)) return NULL;
-    buf_t B = {view.buf, view.len};
+    buf_t B;
     PyObject *records = NULL, *heap = NULL, *rich = NULL, *result = NULL;
     const uint8_t *last_time = NULL;
     int64_t last_time_len = -1, last_ns = 0;
-    if (start < 0 || count < 0 || count > (B.n - start) / 4) {
-        PyErr_SetString(PyExc_ValueError, "TOC vector lies outside the buffer");
-        goto done;
-    }
+    if (!toc_vector(&view, start, count, &B)) goto done;
     records = PyByteArray_FromStringAndSize(NULL, count * (Py_ssize_t)sizeof(record_t));
     heap = PyByteArray_FromStringAndSize(NULL, 0);
     rich = PyList_New(0);
     if (!records || !heap || !rich) goto done;
     record_t *rec = (record_t *)PyByteArray_AS_STRING(records);
     memset(rec, 0, (size_t)count * sizeof(record_t));
-    static const int widths[14] = {4, 4, 8, 8, 4, 8, 4, 4, 4, 4, 4, 8, 8, 4};
-    static const int sidx[6] = {0, 1, 4, 8, 9, 10}; /* name, type, linkname, uname, gname, mod_time */
-    static const int64_t limit[6] = {MAX_NAME_BYTES, 16, MAX_NAME_BYTES, MAX_SHORT_STRING, MAX_SHORT_STRING, 64};
-    static const char *types[7] = {"reg", "hardlink", "symlink", "char", "block", "dir", "fifo"};
     int64_t spent = 0, pos = 0;
     int unsure = 0;
-    for (Py_ssize_t k = 0; k < count && !unsure; k++) {
-        int64_t t = toc_entry_at(&B, start, k), o[14];
-        const uint8_t *sp[6];
-        int64_t sl[6];
-        if (t < 0 || !table_fields(&B, t, 14, widths, o)) { unsure = 1; break; }
-        for (int i = 0; i < 6 && !unsure; i++)
-            if (!string_at(&B, o[sidx[i]], limit[i], &sp[i], &sl[i])) unsure = 1;
-        if (unsure) break;
-        const uint8_t *name = sp[0], *link = sp[2];
-        int64_t name_len = sl[0], link_len = sl[2];
-        if (name_len == 0 || memchr(name, 0, (size_t)name_len) || memchr(link, 0, (size_t)link_len)) {
-            unsure = 1;
-            break;
-        }
-        int type = -1;
-        for (int i = 0; i < 7; i++)
-            if ((size_t)sl[1] == strlen(types[i]) && memcmp(sp[1], types[i], (size_t)sl[1]) == 0) type = i;
-        if (type < 0) { unsure = 1; break; }
-        int64_t cost = ENTRY_COST + sl[0] + sl[2] + sl[3] + sl[4] + sl[5];
-        int pax_path = 0, has_xattrs = 0;
-        if (o[13]) { /* every PAX record: ztoc._read_xattrs' cost; Go's long name alone is plain */
-            int64_t v = o[13] + u32(&B, o[13]);
-            if (v > B.n - 4) { unsure = 1; break; }
-            int64_t nx = u32(&B, v);
-            if (nx * 4 > B.n - v - 4) { unsure = 1; break; }
-            cost += nx * XATTR_COST;
-            for (int64_t j = 0; j < nx && cost <= allowance - spent; j++) {
-                static const int xw[2] = {4, 4};
-                int64_t ref = v + 4 + 4 * j, f[2], kl, vl;
-                const uint8_t *kp, *vp;
-                if (!table_fields(&B, ref + u32(&B, ref), 2, xw, f) || !string_at(&B, f[0], MAX_SHORT_STRING, &kp, &kl) ||
-                    !string_at(&B, f[1], MAX_NAME_BYTES, &vp, &vl)) {
-                    unsure = 1;
-                    break;
-                }
-                cost += kl + vl;
-                if (nx == 1 && kl == 4 && memcmp(kp, "path", 4) == 0 && vl == name_len && memcmp(vp, name, (size_t)vl) == 0)
-                    pax_path = 1;
-            }
-            if (unsure) break;
-            has_xattrs = nx > 0 && !pax_path;
-        }
-        spent += cost;
-        if (spent > allowance) { unsure = 1; break; }
-        int64_t ints[5] = {0, 0, 0, 0, 0}; /* offset, size, mode, devmajor, devminor */
-        static const int iidx[5] = {2, 3, 5, 11, 12};
-        for (int i = 0; i < 5; i++)
-            if (o[iidx[i]]) memcpy(&ints[i], B.b + o[iidx[i]], 8);
-        int64_t off = ints[0], size = ints[1];
+    for (Py_ssize_t k = 0; k < count; k++) {
+        toc_entry_t e;
+        if (!read_toc_entry(&B, start, k, allowance - spent, &e)) { unsure = 1; break; }
+        spent += e.cost;
         /* the tree check's bounds and derive's header chain: anything else is Python's to word */
-        if (off < 0 || size < 0 || off > usize || (type == 0 && size > usize - off) || off < pos + 512) {
+        if (e.offset < 0 || e.size < 0 || e.offset > usize || (e.type == 0 && e.size > usize - e.offset) ||
+            e.offset < pos + 512) {
             unsure = 1;
             break;
         }
-        int64_t data = type == 0 ? size : 0;
+        int64_t data = e.type == 0 ? e.size : 0;
         record_t *r = &rec[k];
         r->header_start = pos;
-        pos = off + data + (-data & 511);
+        pos = e.offset + data + (-data & 511);
         if (pos > usize) { unsure = 1; break; }
         int64_t ns;
-        if (sl[5] == last_time_len && memcmp(sp[5], last_time, (size_t)sl[5]) == 0) {
+        if (e.mtime_len == last_time_len && memcmp(e.mtime, last_time, (size_t)e.mtime_len) == 0) {
             ns = last_ns;
-        } else if (!utc_time_ns(sp[5], sl[5], &ns)) {
-            PyObject *text = PyUnicode_DecodeUTF8((const char *)sp[5], (Py_ssize_t)sl[5], "surrogateescape");
+        } else if (!utc_time_ns(e.mtime, e.mtime_len, &ns)) {
+            PyObject *text = PyUnicode_DecodeUTF8((const char *)e.mtime, (Py_ssize_t)e.mtime_len, "surrogateescape");
             PyObject *v = text ? PyObject_CallOneArg(parse, text) : NULL;
             Py_XDECREF(text);
             int overflow = 0;
@@ -979,28 +1033,28 @@ static PyObject *toc_records(PyObject *self, PyObject *args) {
             Py_XDECREF(v);
             if (!v || overflow || PyErr_Occurred()) { PyErr_Clear(); unsure = 1; break; }
         }
-        last_time = sp[5];
-        last_time_len = sl[5];
+        last_time = e.mtime;
+        last_time_len = e.mtime_len;
         last_ns = ns;
-        Py_ssize_t name_off = heap_add(heap, name, (Py_ssize_t)name_len);
-        Py_ssize_t link_off = name_off < 0 ? name_off : heap_add(heap, link, (Py_ssize_t)link_len);
+        Py_ssize_t name_off = heap_add(heap, e.name, (Py_ssize_t)e.name_len);
+        Py_ssize_t link_off = name_off < 0 ? name_off : heap_add(heap, e.link, (Py_ssize_t)e.link_len);
         if (link_off == -1) goto done;
         if (link_off < 0) { unsure = 1; break; }
-        r->data_start = off;
-        r->size = size;
-        r->mode = ints[2];
-        r->devmajor = ints[3];
-        r->devminor = ints[4];
+        r->data_start = e.offset;
+        r->size = e.size;
+        r->mode = e.mode;
+        r->devmajor = e.devmajor;
+        r->devminor = e.devminor;
         r->mtime_ns = ns;
-        r->uid = o[6] ? u32(&B, o[6]) : 0;
-        r->gid = o[7] ? u32(&B, o[7]) : 0;
+        r->uid = e.uid;
+        r->gid = e.gid;
         r->name_off = (uint32_t)name_off;
-        r->name_len = (uint32_t)name_len;
+        r->name_len = (uint32_t)e.name_len;
         r->link_off = (uint32_t)link_off;
-        r->link_len = (uint32_t)link_len;
-        r->type = (uint8_t)('0' + type);
-        r->flags = F_PLAIN | (has_xattrs ? 0 : F_CHECKABLE) | (pax_path ? F_PAX_PATH : 0);
-        if (has_xattrs) {
+        r->link_len = (uint32_t)e.link_len;
+        r->type = (uint8_t)('0' + e.type);
+        r->flags = F_PLAIN | (e.has_xattrs ? 0 : F_CHECKABLE) | (e.pax_path ? F_PAX_PATH : 0);
+        if (e.has_xattrs) {
             PyObject *i = PyLong_FromSsize_t(k);
             int bad = !i || PyList_Append(rich, i) < 0;
             Py_XDECREF(i);
@@ -1170,6 +1224,7 @@ static PyMethodDef methods[] = {
     {"check_headers", check_headers, METH_VARARGS, check_headers_doc},
     {"create_files", create_files, METH_VARARGS, create_files_doc},
     {"place_records", place_records, METH_VARARGS, place_records_doc},
+    {"toc_cost", toc_cost, METH_VARARGS, toc_cost_doc},
     {"toc_records", toc_records, METH_VARARGS, toc_records_doc},
     {"write_pieces", write_pieces, METH_VARARGS, write_pieces_doc},
     {NULL, NULL, 0, NULL},

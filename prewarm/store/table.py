@@ -441,21 +441,25 @@ def _derive_in_c(ztoc: ZtocView, fingerprint: str, spans: list[SpanRange], windo
     usize = ztoc.uncompressed_archive_size
     if n * 512 > usize:
         return None
-    built = c.toc_records(buf, start, n, usize, allowance, parse_mod_time)
-    if built is None:
+    # The budget first: the tree check keeps every path, and names may repeat one string.  The
+    # check next, so its maps are gone before the records are made (the peak is one of them).
+    if not c.toc_cost(buf, start, n, allowance):
         return None
-    records, heap, rich, data_end = built
     checked = tree.check_toc(buf, start, n, usize)
     if checked is None:
         return None
     kinds, finals, fresh, paths, path_index, made_at, linked = checked
+    built = c.toc_records(buf, start, n, usize, allowance, parse_mod_time)
+    if built is None:
+        return None
+    records, heap, rich, data_end = built
     ends = array.array("q", [s.uncompressed_end for s in spans])
     placed = c.place_records(records, heap, kinds, finals, fresh, linked, paths, path_index, ends)
     if placed is None:
         return None
     del fresh, linked, paths, path_index
     born, extents = placed
-    kept = {}
+    kept: dict[int, tuple[tuple[str, str], ...]] = {}
     size = landing.RECORD.size
     for k in rich:  # their PAX records: the kept xattrs are their metadata's, and keep them from C's creation
         xattrs = entry_meta(files[k])[4]
@@ -475,7 +479,8 @@ def _derive_in_c(ztoc: ZtocView, fingerprint: str, spans: list[SpanRange], windo
         keys[KEY_SIZE * k:KEY_SIZE * (k + 1)] = entry_key(files[k])
     m = len(extents) // 24
     smap = memoryview(extents).cast("q")
-    extras = ({k: os.fsdecode(p) for k, p in made_at.items()}, kept, {})
+    extras: tuple[dict[int, str], dict[int, tuple[tuple[str, str], ...]], dict[int, Meta]] = (
+        {k: os.fsdecode(p) for k, p in made_at.items()}, kept, {})
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(tempfile.TemporaryFile(dir=spill)) if spill is not None else None
         return _encode(fingerprint, _WINDOWED if windowed else 0, data_end, spans, records, heap, keys, born,
