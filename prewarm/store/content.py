@@ -72,7 +72,7 @@ from prewarm.errors import (
 )
 from prewarm.index.ztoc import LazyFiles
 from prewarm.resolve.digest import parse_digest
-from prewarm.store import inorder, spans
+from prewarm.store import inorder, landing, spans
 from prewarm.store.atomic import atomic_write
 from prewarm.store.directio import DirectWriter
 from prewarm.store.ingest import compression_of, unpack_stream
@@ -351,10 +351,14 @@ class ContentStore:
         work, fs = self.layout.layer_work(digest), self.layout.layer_fs(digest)
         work.mkdir(parents=True)
         fs.mkdir(mode=0o755)
-        born = table.born
+        born, placements = table.born, table.placements
+        c = landing.backend()
+        visit: Iterable[int] = (memoryview(c.skeleton_entries(table.records, table.heap, born)).cast("q")
+                                if c is not None else range(len(born)))
         with LayerWriter(fs) as writer:
             made = None  # the directory the last born files are in, made since the last other entry
-            for i, placement in enumerate(table.placements):
+            for i in visit:  # (with C, only the entries where there is something to do)
+                placement = placements[i]
                 if born[i]:
                     parent = placement.path.rpartition("/")[0]
                     if parent != made:
