@@ -7,7 +7,9 @@
  * Here a path is interned once in a byte arena (which becomes the `paths` column), found
  * through an open-addressing table of record ids, and a record holds what the Python
  * checker keeps in its dicts (kind, last entry, node entry) plus what the subtree
- * forgetting needs; about 45 bytes per entry beyond the path bytes.
+ * forgetting needs; about 45 bytes per entry beyond the path bytes.  The growing
+ * arrays are anonymous mappings grown by mremap: a realloc on the heap leaves each
+ * outgrown copy resident, about doubling the peak.
  *
  * The rule: never a wrong answer.  Whenever check_archive(ztoc.files, archive_size) would
  * raise, and for anything this file does not handle, check_toc returns None and the
@@ -26,6 +28,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "../index/_flatbuf.h"
 
@@ -74,14 +77,21 @@ typedef struct {
     uint32_t entry, rec;
 } made_t;
 
+/* A growable array in anonymous memory: mremap moves its pages, nothing is copied or
+ * left behind, and munmap gives them back. */
+typedef struct {
+    void *p;
+    size_t cap;
+} region_t;
+
 typedef struct {
     buf_t B;
     int64_t count, archive_size, usize, allowance, spent, next_header;
     /* the output columns (bytes objects of `count` bytes, path_index 8 * count) */
     uint8_t *kinds, *finals, *fresh, *linked;
     uint32_t *pidx; /* while checking: [2i] the record of entry i's path */
-    PyObject *arena;
-    size_t arena_len, arena_cap;
+    region_t arena, recs_r, slots_r;
+    size_t arena_len;
     rec_t *recs;
     uint32_t nrec, rec_cap;
     uint32_t *slots; /* record id + 1, 0 empty */
@@ -101,7 +111,28 @@ enum { OK = 1, LEAVE = 0, NOMEM = -1 };
 static inline uint32_t rec_len(const rec_t *r) { return r->lk >> 8; }
 static inline int rec_kind(const rec_t *r) { return r->lk & P_KIND_MASK; }
 static inline const uint8_t *arena_at(const tree_t *T, uint32_t off) {
-    return (const uint8_t *)PyBytes_AS_STRING(T->arena) + off;
+    return (const uint8_t *)T->arena.p + off;
+}
+
+static int region_grow(region_t *R, size_t need) {
+    if (need <= R->cap) return OK;
+    size_t cap = R->cap ? R->cap : 1 << 16;
+    while (cap < need) {
+        if (cap > SIZE_MAX / 2) return NOMEM;
+        cap *= 2;
+    }
+    void *p = R->p ? mremap(R->p, R->cap, cap, MREMAP_MAYMOVE)
+                   : mmap(NULL, cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return NOMEM;
+    R->p = p;
+    R->cap = cap;
+    return OK;
+}
+
+static void region_free(region_t *R) {
+    if (R->p) munmap(R->p, R->cap);
+    R->p = NULL;
+    R->cap = 0;
 }
 
 static inline uint64_t hash_step(uint64_t h, uint8_t c) { return (h ^ c) * 0x100000001b3ULL; }
@@ -124,15 +155,18 @@ static int grow_slots(tree_t *T) {
     uint32_t cap = T->slot_mask + 1;
     if (cap > (UINT32_MAX >> 2)) return LEAVE;
     uint32_t ncap = cap * 2;
-    uint32_t *slots = calloc(ncap, sizeof *slots);
-    if (!slots) return NOMEM;
+    region_t R = {NULL, 0};
+    int st = region_grow(&R, (size_t)ncap * sizeof(uint32_t)); /* zeroed: all empty */
+    if (st != OK) return st;
+    uint32_t *slots = R.p;
     for (uint32_t id = 0; id < T->nrec; id++) {
         const rec_t *r = &T->recs[id];
         uint32_t at = hash_bytes(arena_at(T, r->off), rec_len(r)) & (ncap - 1);
         while (slots[at]) at = (at + 1) & (ncap - 1);
         slots[at] = id + 1;
     }
-    free(T->slots);
+    region_free(&T->slots_r);
+    T->slots_r = R;
     T->slots = slots;
     T->slot_mask = ncap - 1;
     return OK;
@@ -160,25 +194,13 @@ static int64_t intern(tree_t *T, const uint8_t *p, uint32_t n, uint32_t h, int a
         return -1;
     }
     if (T->nrec == T->rec_cap) {
-        uint32_t ncap = T->rec_cap > (UINT32_MAX >> 2) ? INT32_MAX : T->rec_cap * 2;
-        rec_t *recs = realloc(T->recs, (size_t)ncap * sizeof *recs);
-        if (!recs) {
-            *st = NOMEM;
-            return -1;
-        }
-        T->recs = recs;
-        T->rec_cap = ncap;
+        if ((*st = region_grow(&T->recs_r, ((size_t)T->nrec + 1) * sizeof(rec_t))) != OK) return -1;
+        T->recs = T->recs_r.p;
+        T->rec_cap = (uint32_t)(T->recs_r.cap / sizeof(rec_t) < INT32_MAX ? T->recs_r.cap / sizeof(rec_t) : INT32_MAX);
     }
-    if (T->arena_len + n > T->arena_cap) {
-        size_t ncap = T->arena_cap * 2;
-        if (ncap < T->arena_len + n) ncap = T->arena_len + n;
-        if (_PyBytes_Resize(&T->arena, (Py_ssize_t)ncap) < 0) {
-            *st = NOMEM;
-            return -1;
-        }
-        T->arena_cap = ncap;
-    }
-    memcpy(PyBytes_AS_STRING(T->arena) + T->arena_len, p, n);
+    if ((*st = region_grow(&T->arena, T->arena_len + n)) != OK) return -1;
+    *st = OK;
+    memcpy((uint8_t *)T->arena.p + T->arena_len, p, n);
     uint32_t id = T->nrec++;
     T->recs[id] = (rec_t){(uint32_t)T->arena_len, n << 8 | P_ABSENT, -1, -1, -1, 0, 0};
     T->arena_len += n;
@@ -590,9 +612,9 @@ static int header(tree_t *T) {
 /* === the module function */
 
 static void tree_free(tree_t *T) {
-    Py_CLEAR(T->arena);
-    free(T->recs);
-    free(T->slots);
+    region_free(&T->arena);
+    region_free(&T->recs_r);
+    region_free(&T->slots_r);
     if (T->links)
         for (uint32_t i = 0; i <= T->links_mask; i++) free(T->links[i].recs);
     free(T->links);
@@ -626,7 +648,7 @@ static PyObject *check_toc(PyObject *self, PyObject *args) {
     T.count = count;
     T.archive_size = archive_size;
     T.checked_parent = -1;
-    PyObject *cols[5] = {NULL, NULL, NULL, NULL, NULL}, *made = NULL, *result = NULL;
+    PyObject *cols[5] = {NULL, NULL, NULL, NULL, NULL}, *made = NULL, *paths = NULL, *result = NULL;
     int st = OK;
     if (start < 0 || count < 0 || count > (T.B.n - start) / 4) {
         PyErr_SetString(PyExc_ValueError, "TOC vector lies outside the buffer");
@@ -645,15 +667,11 @@ static PyObject *check_toc(PyObject *self, PyObject *args) {
     T.fresh = (uint8_t *)PyBytes_AS_STRING(cols[2]);
     T.linked = (uint8_t *)PyBytes_AS_STRING(cols[3]);
     T.pidx = (uint32_t *)PyBytes_AS_STRING(cols[4]);
-    T.arena_cap = 4096;
-    T.arena = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)T.arena_cap);
-    T.rec_cap = 1024;
-    T.recs = malloc(T.rec_cap * sizeof *T.recs);
-    T.slot_mask = 2047;
-    T.slots = calloc(T.slot_mask + 1, sizeof *T.slots);
+    T.slot_mask = 1023; /* grow_slots makes the first table, of 2048 */
+    if ((st = grow_slots(&T)) != OK || (st = region_grow(&T.arena, 1)) != OK) goto done;
     T.name = malloc(MAX_NAME_BYTES);
     T.target = malloc(MAX_NAME_BYTES);
-    if (!T.arena || !T.recs || !T.slots || !T.name || !T.target) {
+    if (!T.name || !T.target) {
         st = NOMEM;
         goto done;
     }
@@ -683,13 +701,18 @@ static PyObject *check_toc(PyObject *self, PyObject *args) {
         Py_XDECREF(v);
         if (bad) goto done;
     }
-    if (_PyBytes_Resize(&T.arena, (Py_ssize_t)T.arena_len) < 0) goto done;
-    result = PyTuple_Pack(7, cols[0], cols[1], cols[2], T.arena, cols[4], made, cols[3]);
+    /* the path table is done with: give it back before the paths are copied out */
+    region_free(&T.recs_r);
+    region_free(&T.slots_r);
+    paths = PyBytes_FromStringAndSize(T.arena.p ? (const char *)T.arena.p : "", (Py_ssize_t)T.arena_len);
+    if (!paths) goto done;
+    result = PyTuple_Pack(7, cols[0], cols[1], cols[2], paths, cols[4], made, cols[3]);
 done:
     if (st == NOMEM && !PyErr_Occurred()) PyErr_NoMemory();
     if (st == LEAVE && !PyErr_Occurred()) result = Py_NewRef(Py_None);
     for (int c = 0; c < 5; c++) Py_XDECREF(cols[c]);
     Py_XDECREF(made);
+    Py_XDECREF(paths);
     tree_free(&T);
     PyBuffer_Release(&view);
     return result;
