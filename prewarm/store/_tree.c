@@ -135,18 +135,41 @@ static void region_free(region_t *R) {
     R->cap = 0;
 }
 
-static inline uint64_t hash_step(uint64_t h, uint8_t c) { return (h ^ c) * 0x100000001b3ULL; }
-#define HASH_INIT 0xcbf29ce484222325ULL
-static inline uint32_t hash_end(uint64_t h) {
+/* Paths are hashed component by component, h' = mix(h * K ^ H(component)), H the
+ * interpreter's keyed hash of bytes (SipHash, its key random per process): an archive
+ * cannot be made of paths that collide in the table, and a prefix's hash is a step on
+ * the way to its path's, so walking the parents hashes each byte once. */
+#if PY_VERSION_HEX >= 0x030E0000
+#define KEYED_HASH(p, n) Py_HashBuffer((p), (Py_ssize_t)(n))
+#else
+#define KEYED_HASH(p, n) _Py_HashBytes((p), (Py_ssize_t)(n))
+#endif
+
+static inline uint64_t mix64(uint64_t h) {
     h ^= h >> 33;
     h *= 0xff51afd7ed558ccdULL;
     h ^= h >> 33;
-    return (uint32_t)h;
+    h *= 0xc4ceb9fe1a85ec53ULL;
+    return h ^ (h >> 33);
 }
-static uint32_t hash_bytes(const uint8_t *p, size_t n) {
-    uint64_t h = HASH_INIT;
-    for (size_t i = 0; i < n; i++) h = hash_step(h, p[i]);
-    return hash_end(h);
+
+static inline uint64_t hash_component(uint64_t h, const uint8_t *c, size_t n) {
+    return mix64(h * 0x9e3779b97f4a7c15ULL ^ (uint64_t)KEYED_HASH(c, n));
+}
+
+static inline uint32_t hash_slot(uint64_t h) { return (uint32_t)(h ^ (h >> 32)); }
+
+/* The hash of a normalised path (components joined by single slashes; "" the root). */
+static uint32_t hash_path(const uint8_t *p, size_t n) {
+    uint64_t h = 0;
+    size_t start = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (p[i] != '/') continue;
+        h = hash_component(h, p + start, i - start);
+        start = i + 1;
+    }
+    if (n) h = hash_component(h, p + start, n - start);
+    return hash_slot(h);
 }
 
 /* === the path table: interning, growth */
@@ -161,7 +184,7 @@ static int grow_slots(tree_t *T) {
     uint32_t *slots = R.p;
     for (uint32_t id = 0; id < T->nrec; id++) {
         const rec_t *r = &T->recs[id];
-        uint32_t at = hash_bytes(arena_at(T, r->off), rec_len(r)) & (ncap - 1);
+        uint32_t at = hash_path(arena_at(T, r->off), rec_len(r)) & (ncap - 1);
         while (slots[at]) at = (at + 1) & (ncap - 1);
         slots[at] = id + 1;
     }
@@ -225,7 +248,7 @@ static int set_kind(tree_t *T, uint32_t id, int kind, int32_t parent) {
 
 static links_t *links_find(tree_t *T, int32_t node) {
     if (!T->links) return NULL;
-    uint32_t at = hash_bytes((const uint8_t *)&node, sizeof node) & T->links_mask;
+    uint32_t at = hash_slot(mix64((uint32_t)node)) & T->links_mask;
     for (;;) {
         links_t *L = &T->links[at];
         if (L->node == node) return L;
@@ -242,7 +265,7 @@ static int links_grow(tree_t *T) {
     for (uint32_t i = 0; i < ncap; i++) links[i] = (links_t){-1, 0, 0, NULL};
     for (uint32_t i = 0; i < cap; i++) {
         if (T->links[i].node < 0) continue;
-        uint32_t at = hash_bytes((const uint8_t *)&T->links[i].node, sizeof(int32_t)) & (ncap - 1);
+        uint32_t at = hash_slot(mix64((uint32_t)T->links[i].node)) & (ncap - 1);
         while (links[at].node >= 0) at = (at + 1) & (ncap - 1);
         links[at] = T->links[i];
     }
@@ -273,7 +296,7 @@ static int links_add(tree_t *T, int32_t node, uint32_t rec) {
             int st = links_grow(T);
             if (st != OK) return st;
         }
-        uint32_t at = hash_bytes((const uint8_t *)&node, sizeof node) & T->links_mask;
+        uint32_t at = hash_slot(mix64((uint32_t)node)) & T->links_mask;
         while (T->links[at].node >= 0) at = (at + 1) & T->links_mask;
         L = &T->links[at];
         L->node = node;
@@ -405,15 +428,15 @@ static int starts(const uint8_t *p, int64_t n, const char *s) {
  * ones become directories.  *parent: the record of path[0:n] itself. */
 static int walk_parents(tree_t *T, const uint8_t *p, int64_t n, int32_t *parent) {
     int32_t prev = 0; /* the root */
-    uint64_t h = HASH_INIT;
+    uint64_t h = 0;
+    int64_t start = 0;
     for (int64_t i = 0; i <= n; i++) {
-        if (i < n && p[i] != '/') {
-            h = hash_step(h, p[i]);
-            continue;
-        }
+        if (i < n && p[i] != '/') continue;
         if (i == 0) break; /* the root itself */
+        h = hash_component(h, p + start, (size_t)(i - start));
+        start = i + 1;
         int st = OK;
-        int64_t id = intern(T, p, (uint32_t)i, hash_end(h), 1, &st);
+        int64_t id = intern(T, p, (uint32_t)i, hash_slot(h), 1, &st);
         if (id < 0) return st;
         int kind = rec_kind(&T->recs[id]);
         if (kind == P_ABSENT) {
@@ -422,7 +445,6 @@ static int walk_parents(tree_t *T, const uint8_t *p, int64_t n, int32_t *parent)
             return LEAVE; /* through a symlink or a non-directory */
         }
         prev = (int32_t)id;
-        if (i < n) h = hash_step(h, '/');
     }
     *parent = prev;
     return OK;
@@ -524,7 +546,7 @@ static int check_entry(tree_t *T, int64_t start, int64_t i) {
         parent_len = base ? base - 1 : 0;
     }
     st = OK;
-    int64_t id = intern(T, p, (uint32_t)n, hash_bytes(p, (size_t)n), 1, &st);
+    int64_t id = intern(T, p, (uint32_t)n, hash_path(p, (size_t)n), 1, &st);
     if (id < 0) return st;
     int fresh = rec_kind(&T->recs[id]) == P_ABSENT;
     T->fresh[i] = (uint8_t)fresh;
@@ -551,7 +573,7 @@ static int check_entry(tree_t *T, int64_t start, int64_t i) {
     if (kind == K_HARDLINK) {
         int64_t tn, tbase;
         if (normalise(link, link_len, T->target, &tn, &tbase) != OK || tn == 0) return LEAVE;
-        target = intern(T, T->target, (uint32_t)tn, hash_bytes(T->target, (size_t)tn), 0, &st);
+        target = intern(T, T->target, (uint32_t)tn, hash_path(T->target, (size_t)tn), 0, &st);
         if (target < 0) return LEAVE; /* missing from the layer */
         int tkind = rec_kind(&T->recs[target]);
         if (tkind == P_ABSENT || tkind == P_DIR) return LEAVE;
@@ -675,7 +697,7 @@ static PyObject *check_toc(PyObject *self, PyObject *args) {
         st = NOMEM;
         goto done;
     }
-    int64_t root = intern(&T, (const uint8_t *)"", 0, hash_bytes(NULL, 0), 1, &st);
+    int64_t root = intern(&T, (const uint8_t *)"", 0, hash_path(NULL, 0), 1, &st);
     if (root != 0) goto done;
     set_kind(&T, 0, P_DIR, -1);
     for (int64_t i = 0; i < count && st == OK; i++) st = check_entry(&T, start, i);
