@@ -7,7 +7,8 @@
  * Here a path is interned once in a byte arena (which becomes the `paths` column), found
  * through an open-addressing table of record ids, and a record holds what the Python
  * checker keeps in its dicts (kind, last entry, node entry) plus what the subtree
- * forgetting needs; about 45 bytes per entry beyond the path bytes.  The growing
+ * forgetting needs: about 40 bytes per entry beyond the columns returned (measured on
+ * 200,000 entries; the columns are 12 bytes per entry and the path bytes).  The growing
  * arrays are anonymous mappings grown by mremap: a realloc on the heap leaves each
  * outgrown copy resident, about doubling the peak.
  *
@@ -16,6 +17,9 @@
  * caller runs the Python checker, which raises naming the problem.  That includes what
  * iterating a LazyFiles checks (each entry decoded as ztoc._read_entry decodes it, the
  * decoding budget, ztoc._check_entries on the order and bounds of the entries).
+ * Beyond those, it leaves to Python: a TOC not in stream order (soci sorts it; Python
+ * sorts before checking, here offsets must not decrease), more than 4 GiB of distinct
+ * path bytes or 2^31 entries, and a zTOC header it cannot read (parse_ztoc has).
  *
  * Order matters in one place: _forget_below drops the paths of a subtree in the order
  * the Python dict `_kinds` holds them (the order they last became present), which
@@ -653,7 +657,9 @@ PyDoc_STRVAR(check_toc_doc,
 "paths[off:off + len] where (off, len) = struct.unpack_from('<II', path_index, 8 * i),\n"
 "made_at {i: bytes} where it is not empty, linked[i]: entry i's created_at is the target\n"
 "of a hard link.  None whenever the Python checker must take it: whatever it (or the\n"
-"decoding of the entries) would refuse, and anything this checker leaves to it.\n\n"
+"decoding of the entries) would refuse, and anything this checker leaves to it.\n"
+"`buf` must be the buffer parse_ztoc read (its length sets the decoding budget) and\n"
+"`archive_size` what check_archive is given (the zTOC's uncompressed archive size).\n\n"
 "Raises:\n"
 "    ValueError: the TOC vector lies outside the buffer.\n"
 "    MemoryError: no memory for the columns or the path table.");
