@@ -9,6 +9,7 @@ shows the C keeps no Python object per entry.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import subprocess
@@ -183,6 +184,17 @@ def test_paths_are_shared_and_compact() -> None:
     # Then each path's bytes are stored once (d, d/f, d/g and the root)
     assert len(paths) == len("d") + len("d/f") + len("d/g")
     assert {struct.unpack_from("<II", path_index, 8 * i) for i in range(len(specs))} == {(0, 1), (1, 3), (4, 3)}
+
+
+def test_an_mmap_of_a_cached_ztoc_is_read_in_place(tmp_path: Path) -> None:
+    buf = ztoc_bytes(archive([("d", "dir", ""), ("d/f", "reg", ""), ("d/h", "hardlink", "d/f")]))
+    (tmp_path / "z").write_bytes(buf)
+    with open(tmp_path / "z", "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        view = memoryview(mm)
+        try:
+            assert check_toc(view, *toc(buf)) == c_result(buf) is not None
+        finally:
+            view.release()
 
 
 # === one case per tricky rule
