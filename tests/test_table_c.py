@@ -26,8 +26,6 @@ from prewarm.store.table import LandingTable
 from tests.test_store_spans import _with_files, make_layer
 from tests.test_ztoc_hostile import many_entries_one_name, many_xattrs_one_value
 
-pytestmark = pytest.mark.skipif(landing.backend() is None or table._tree() is None,
-                                reason="the C extensions are not built")
 
 
 def _template() -> Ztoc:
@@ -158,6 +156,7 @@ def _plain_layer() -> list[FileEntry]:
 
 
 def test_a_plain_layer_goes_through_c(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert landing.backend() is not None and table._tree() is not None, "the C extensions are not built"
     # Given a layer of every common kind of entry, and its zTOC as the node cache holds it
     files = _plain_layer()
     z = _parsed(files)
@@ -174,6 +173,11 @@ def test_a_plain_layer_goes_through_c(monkeypatch: pytest.MonkeyPatch) -> None:
     assert c.placements[7].path == "d/x" and c.meta[7][4] == (("user.k", "v"),)
 
 
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith(field + ":"))
+
+
 @pytest.mark.parametrize("make", [lambda: many_entries_one_name(2000), lambda: many_xattrs_one_value(200, 10)],
                          ids=["entries-share-a-name", "entries-share-xattrs"])
 def test_shared_strings_cannot_multiply_what_c_builds(make: Callable[[], bytes]) -> None:
@@ -182,13 +186,18 @@ def test_shared_strings_cannot_multiply_what_c_builds(make: Callable[[], bytes])
     z = parse_ztoc(raw, lazy_files=True)
     z.digest = "sha256:" + "cd" * 32
     budget = decode_budget(len(raw))
+    # When its landing table is derived, Then the derive refuses it, naming the budget...
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak RSS from here
+    before = _rss("VmRSS")
     tracemalloc.start()
     try:
-        # When its landing table is derived, Then C builds nothing from it and the derive
-        # refuses it, naming the budget, before more than the budget is allocated
         with pytest.raises(BadZtoc, match=f"past {budget} bytes"):
             LandingTable.derive(z)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+    # ... before more than the budget was allocated (the 131 MB the references make), in
+    # Python objects or in what C allocates itself
     assert peak < budget + 2 * len(raw), (peak, budget)
+    assert _rss("VmHWM") - before < budget + 2 * len(raw) + (8 << 20)

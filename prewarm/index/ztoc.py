@@ -738,7 +738,8 @@ class LazyFiles(Sequence[FileEntry]):
     (``_check_entries``) once, raising BadZtoc as an eager parse would.
     """
 
-    __slots__ = ("_all", "_allowance", "_cache", "_left", "_n", "_reader", "_start", "_usize", "decoded")
+    __slots__ = ("_all", "_allowance", "_cache", "_left", "_n", "_reader", "_start", "_usize", "decoded",
+                 "file_backed")
 
     def __init__(self, reader: _Reader, start: int, n: int, usize: int, allowance: int) -> None:
         self._reader = reader
@@ -750,6 +751,9 @@ class LazyFiles(Sequence[FileEntry]):
         self._all: tuple[FileEntry, ...] | None = None
         #: Entries decoded so far, counting each decoding (what a process paid for its TOC).
         self.decoded = 0
+        #: The buffer is a read-only mapping of a file (the node cache's): a reader of the whole
+        #: TOC may give its pages back (MADV_DONTNEED), they are read again from the page cache.
+        self.file_backed = False
 
     def __len__(self) -> int:
         return self._n

@@ -30,6 +30,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -937,7 +938,7 @@ static int read_toc_entry(const buf_t *B, int64_t start, int64_t k, int64_t left
     return 1;
 }
 
-/* The TOC vector's Py_buffer and bounds, as toc_cost and toc_records take them. */
+/* The TOC vector's Py_buffer and bounds. */
 static int toc_vector(const Py_buffer *view, Py_ssize_t start, Py_ssize_t count, buf_t *B) {
     B->b = view->buf;
     B->n = view->len;
@@ -948,35 +949,9 @@ static int toc_vector(const Py_buffer *view, Py_ssize_t start, Py_ssize_t count,
     return 1;
 }
 
-PyDoc_STRVAR(toc_cost_doc,
-"toc_cost(buf, start, count, allowance) -> bool\n\n"
-"Whether every entry of the TOC vector at ``start`` is plainly well-formed and all of them\n"
-"together cost at most ``allowance`` (ztoc's decoding budget): what must hold before\n"
-"anything is built per entry from names a zTOC may repeat.");
-
-static PyObject *toc_cost(PyObject *self, PyObject *args) {
-    Py_buffer view;
-    Py_ssize_t start, count;
-    long long allowance;
-    if (!PyArg_ParseTuple(args, "y*nnL", &view, &start, &count, &allowance)) return NULL;
-    buf_t B;
-    PyObject *result = NULL;
-    if (toc_vector(&view, start, count, &B)) {
-        int64_t spent = 0;
-        toc_entry_t e;
-        Py_ssize_t k = 0;
-        while (k < count && read_toc_entry(&B, start, k, allowance - spent, &e)) {
-            spent += e.cost;
-            k++;
-        }
-        result = PyBool_FromLong(k == count);
-    }
-    PyBuffer_Release(&view);
-    return result;
-}
-
 PyDoc_STRVAR(toc_records_doc,
-"toc_records(buf, start, count, archive_size, allowance, parse_mod_time) -> (records, heap, rich, data_end) or None\n\n"
+"toc_records(buf, start, count, archive_size, allowance, parse_mod_time, file_backed=False)\n"
+"    -> (records, heap, rich, data_end) or None\n\n"
 "The landing records of the TOC vector at ``start`` of the zTOC in ``buf``, read from the\n"
 "flatbuffer (no Python object per entry): data and header offsets, size, mode, devices,\n"
 "mtime, uid, gid, name, link name, type, and the flags F_PLAIN, F_CHECKABLE, F_PAX_PATH.\n"
@@ -987,12 +962,22 @@ PyDoc_STRVAR(toc_records_doc,
 "well-formed, past the decoding ``allowance``, a time out of a record's range, a header\n"
 "chain that does not fit the archive, a heap over 4 GiB.");
 
+/* Give back the pages of B within [from, to) (a file mapping: MADV_DONTNEED drops them from this
+ * process, the page cache keeps them). */
+static void give_back(const buf_t *B, int64_t from, int64_t to) {
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t a = ((uintptr_t)(B->b + from) + page - 1) & ~(page - 1), b = (uintptr_t)(B->b + to) & ~(page - 1);
+    if (from < to && b > a) madvise((void *)a, b - a, MADV_DONTNEED);
+}
+
 static PyObject *toc_records(PyObject *self, PyObject *args) {
     Py_buffer view;
     Py_ssize_t start, count;
     long long usize, allowance;
     PyObject *parse;
-    if (!PyArg_ParseTuple(args, "y*nnLLO", &view, &start, &count, &usize, &allowance, &parse)) return NULL;
+    int file_backed = 0;
+    if (!PyArg_ParseTuple(args, "y*nnLLO|p", &view, &start, &count, &usize, &allowance, &parse, &file_backed))
+        return NULL;
     buf_t B;
     PyObject *records = NULL, *heap = NULL, *rich = NULL, *result = NULL;
     const uint8_t *last_time = NULL;
@@ -1005,10 +990,30 @@ static PyObject *toc_records(PyObject *self, PyObject *args) {
     record_t *rec = (record_t *)PyByteArray_AS_STRING(records);
     memset(rec, 0, (size_t)count * sizeof(record_t));
     int64_t spent = 0, pos = 0;
+    /* A zTOC of a million entries is ~190 MB.  Builders lay the entries out in order, each table
+     * with its strings (soci's: ascending), so every 4096 entries what lies more than 1 MiB
+     * behind the last ones read (below them, or above them if the TOC runs down) is done with.
+     * Should an entry lie elsewhere, its pages are read again from the page cache. */
+    int64_t done_below = 0, done_above = B.n, mark = -1, wmin = B.n, wmax = 0;
     int unsure = 0;
     for (Py_ssize_t k = 0; k < count; k++) {
         toc_entry_t e;
         if (!read_toc_entry(&B, start, k, allowance - spent, &e)) { unsure = 1; break; }
+        if (file_backed) {
+            int64_t t = toc_entry_at(&B, start, k);
+            if (t < wmin) wmin = t;
+            if (t > wmax) wmax = t;
+            if ((k & 4095) == 4095) {
+                if (mark >= 0 && t > mark && wmin - (1 << 20) > done_below) {
+                    give_back(&B, done_below, wmin - (1 << 20));
+                    done_below = wmin - (1 << 20);
+                } else if (mark >= 0 && t < mark && wmax + (1 << 20) < done_above) {
+                    give_back(&B, wmax + (1 << 20), done_above);
+                    done_above = wmax + (1 << 20);
+                }
+                mark = t, wmin = B.n, wmax = 0;
+            }
+        }
         spent += e.cost;
         /* the tree check's bounds and derive's header chain: anything else is Python's to word */
         if (e.offset < 0 || e.size < 0 || e.offset > usize || (e.type == 0 && e.size > usize - e.offset) ||
@@ -1279,7 +1284,6 @@ static PyMethodDef methods[] = {
     {"create_files", create_files, METH_VARARGS, create_files_doc},
     {"place_records", place_records, METH_VARARGS, place_records_doc},
     {"skeleton_entries", skeleton_entries, METH_VARARGS, skeleton_entries_doc},
-    {"toc_cost", toc_cost, METH_VARARGS, toc_cost_doc},
     {"toc_records", toc_records, METH_VARARGS, toc_records_doc},
     {"write_pieces", write_pieces, METH_VARARGS, write_pieces_doc},
     {NULL, NULL, 0, NULL},

@@ -401,17 +401,18 @@ def _encode(fingerprint: str, flags: int, data_end: int, spans: Sequence[SpanRan
     end = where["end"][0]
     span_cols = array.array("q", [x for s in spans for x in (s.compressed_start, s.compressed_end,
                                                               s.uncompressed_start, s.uncompressed_end)])
-    smap_cols = array.array("q", starts) + array.array("q", ends) + array.array("q", ids)
-    columns = (("records", records), ("keys", keys), ("spans", span_cols), ("smap", smap_cols), ("born", born),
-               ("kinds", kinds), ("finals", finals), ("heap", heap), ("extras", extras))
+    smap_cols = [_int64s(col) for col in (starts, ends, ids)]  # written one after the other, not joined
+    columns = (("records", [records]), ("keys", [keys]), ("spans", [span_cols]), ("smap", smap_cols),
+               ("born", [born]), ("kinds", [kinds]), ("finals", [finals]), ("heap", [heap]), ("extras", [extras]))
     buf = bytearray()
     write: Callable[[bytes | memoryview], object] = buf.extend if spill is None else spill.write
     write(_HEAD.pack(*h))
     at = _HEAD.size
-    for name, data in columns:  # (in the order _sections lays them out)
+    for name, parts in columns:  # (in the order _sections lays them out)
         a, b = where[name]
         write(bytes(a - at))
-        write(memoryview(data).cast("B"))
+        for data in parts:
+            write(memoryview(data).cast("B"))
         at = b
     write(bytes(end - at))
     if spill is None:
@@ -441,24 +442,29 @@ def _derive_in_c(ztoc: ZtocView, fingerprint: str, spans: list[SpanRange], windo
     usize = ztoc.uncompressed_archive_size
     if n * 512 > usize:
         return None
-    # The budget first: the tree check keeps every path, and names may repeat one string.  The
-    # check next, so its maps are gone before the records are made (the peak is one of them).
-    if not c.toc_cost(buf, start, n, allowance):
-        return None
+    # The tree check first (it also holds the TOC to the decoding budget, before anything is
+    # kept per entry from names a zTOC may repeat), so its maps are gone before the records are
+    # made.  A zTOC the node cache maps gives its pages back after each pass: a million entries
+    # are ~190 MB of it, and each pass reads it all (the records' gives them back as it goes).
+    file_backed = bool(getattr(files, "file_backed", False))
     checked = tree.check_toc(buf, start, n, usize)
+    _give_back(buf, file_backed)
     if checked is None:
         return None
     kinds, finals, fresh, paths, path_index, made_at, linked = checked
-    built = c.toc_records(buf, start, n, usize, allowance, parse_mod_time)
+    del checked  # (each column goes as soon as it is used)
+    built = c.toc_records(buf, start, n, usize, allowance, parse_mod_time, file_backed)
     if built is None:
         return None
     records, heap, rich, data_end = built
+    del built
     ends = array.array("q", [s.uncompressed_end for s in spans])
     placed = c.place_records(records, heap, kinds, finals, fresh, linked, paths, path_index, ends)
+    del fresh, linked, paths, path_index
     if placed is None:
         return None
-    del fresh, linked, paths, path_index
     born, extents = placed
+    del placed
     kept: dict[int, tuple[tuple[str, str], ...]] = {}
     size = landing.RECORD.size
     for k in rich:  # their PAX records: the kept xattrs are their metadata's, and keep them from C's creation
@@ -487,6 +493,13 @@ def _derive_in_c(ztoc: ZtocView, fingerprint: str, spans: list[SpanRange], windo
                        (smap[:m], smap[m:2 * m], smap[2 * m:]), kinds, finals, marshal.dumps(extras), out)
 
 
+def _give_back(buf: object, file_backed: bool) -> None:
+    """Drop the pages of a zTOC that maps a file from this process (the page cache keeps them)."""
+    mapping = memoryview(buf).obj if file_backed else None  # type: ignore[arg-type]
+    if isinstance(mapping, mmap.mmap):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
 @functools.cache
 def _tree() -> ModuleType | None:
     """The C tree check (``prewarm.store._tree``), or None where it was not built."""
@@ -494,7 +507,16 @@ def _tree() -> ModuleType | None:
         from prewarm.store import _tree as tree  # type: ignore[attr-defined]
     except ImportError:
         return None
-    return tree if hasattr(tree, "check_toc") else None
+    return tree
+
+
+def _int64s(column: Sequence[int]) -> memoryview | array.array[int]:
+    """A column of int64 as bytes can be written from: itself when it already is one (no copy)."""
+    if isinstance(column, memoryview) and column.format == "q":
+        return column
+    if isinstance(column, array.array) and column.typecode == "q":
+        return column
+    return array.array("q", column)
 
 
 def _smap_arrays(buf: bytearray | mmap.mmap) -> tuple[Sequence[int], Sequence[int], Sequence[int]]:

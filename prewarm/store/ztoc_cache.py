@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from prewarm.errors import BadZtoc, DigestMismatch
-from prewarm.index.ztoc import Ztoc, parse_ztoc
+from prewarm.index.ztoc import LazyFiles, Ztoc, parse_ztoc
 from prewarm.resolve.digest import new_hasher, sha256_digest, verify
 from prewarm.store.atomic import atomic_write
 from prewarm.store.layout import Layout
@@ -142,6 +142,8 @@ class ZtocCache:
         # digest (verified when the file was cached) names this TOC for the landing table.
         z = parse_ztoc(memoryview(buf), lazy_files=True)
         z.digest = digest
+        if isinstance(z.files, LazyFiles):
+            z.files.file_backed = True
         self._parsed[digest] = z
         while len(self._parsed) > self._capacity:
             self._parsed.popitem(last=False)
