@@ -27,7 +27,6 @@ from tests.test_store_spans import _with_files, make_layer
 from tests.test_ztoc_hostile import many_entries_one_name, many_xattrs_one_value
 
 
-
 def _template() -> Ztoc:
     """A layer of 4 MiB of one file in 16 KiB spans: room and span boundaries for generated TOCs."""
     buf = io.BytesIO()
