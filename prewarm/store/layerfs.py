@@ -164,10 +164,11 @@ class EntryChecker:
 
     Why it is packed: a whole layer of a million files goes through one checker, so
     every byte it keeps per entry counts (issue 20: three maps keyed by every path and a
-    Placement per entry were ~300 B an entry).  Each path maps to one int (its last
-    entry and its node kind, :func:`_packed`); what each entry becomes is kept as
-    columns (:class:`_Placements`) whose paths are the map's own keys; only hard links
-    keep more.  About 150 B an entry, most of it the path itself.
+    Placement per entry were ~300 B an entry).  Each path maps to one int shared by a
+    block of entries (:meth:`_packed`: the block of its last entry, its node kind); what
+    each entry becomes is kept as columns (:class:`_Placements`) whose paths are the
+    map's own keys; only hard links keep more.  About 120 B an entry, most of it the
+    path itself and its slot in the map.
     """
 
     def __init__(self, archive_size: int | None = None) -> None:
@@ -181,6 +182,8 @@ class EntryChecker:
         self.fresh = bytearray()  # a byte per entry, not a pointer
         #: path -> _packed(its last entry, its node kind), or _IMPLICIT_DIR (a parent no entry made)
         self._tree: dict[str, int] = {"": _IMPLICIT_DIR}
+        self._block = -1  # the block of entries _block_ints are for
+        self._block_ints: list[int] = []
         #: hard link path -> the entry that created its node (the others' node is their last entry)
         self._link_node: dict[str, int] = {}
         #: creator -> every path holding its node, for nodes with hard links
@@ -255,15 +258,15 @@ class EntryChecker:
                 if old & 3 == _DIR:
                     self._forget_below(path)
                 self._drop(path, old)
-            tree[path] = _packed(i, _OTHER)
+            tree[path] = self._packed(i, _OTHER)
         elif kind == "dir":
-            tree[path] = _packed(i, _DIR)  # (a directory again keeps what is below it)
+            tree[path] = self._packed(i, _DIR)  # (a directory again keeps what is below it)
             if old is not None:
                 self._drop(path, old)
         elif kind not in ("opaque", "skip"):
             if old is not None and old & 3 == _DIR:
                 self._forget_below(path)
-            tree[path] = _packed(i, _NODE_OF_KIND[code])
+            tree[path] = self._packed(i, _NODE_OF_KIND[code])
             if old is not None:
                 self._drop(path, old)
             if kind == "hardlink":
@@ -277,11 +280,41 @@ class EntryChecker:
         self._paths.append(path)
         return Placement(kind, path)
 
+    def _packed(self, i: int, node_kind: int) -> int:
+        """What the tree holds for a path whose last entry is ``i``: its block and the node kind (low two bits).
+
+        Why blocks: an int per path is 32 bytes more per entry; the ints of a block of
+        :data:`_BLOCK` entries are made once and shared, and :meth:`_last` finds the entry
+        in its block when a path is replaced or linked to (rare, and a C scan of the block).
+        """
+        block = i >> _BLOCK_BITS
+        if block != self._block:
+            self._block, self._block_ints = block, [block << 2 | k for k in range(4)]
+        return self._block_ints[node_kind]
+
+    def _last(self, path: str, packed: int) -> int:
+        """The last entry at ``path`` (``packed`` in the tree): the last in its block whose path is ``path``.
+
+        An opaque marker's path is its directory's, which it does not replace: passed over.
+        (A node a hard link keeps may have taken a link's path, see :meth:`_drop`: it was
+        created before the link, so the link's entry still comes last.)
+        """
+        lo = (packed >> 2) << _BLOCK_BITS
+        hi = min(lo + _BLOCK, len(self._paths))
+        block = self._paths[lo:hi]
+        block.reverse()
+        k = block.index(path)
+        while self._kinds[hi - 1 - k] == _OPAQUE:
+            k = block.index(path, k + 1)
+        return hi - 1 - k
+
     def _node(self, path: str, packed: int | None) -> int | None:
         """The entry that created the node at ``path`` (hard links: their target's creator), if any."""
         if packed is None or packed < 0:
             return None
-        last = packed >> 2
+        return self._node_of(path, self._last(path, packed))
+
+    def _node_of(self, path: str, last: int) -> int | None:
         code = self._kinds[last]
         if code == _KIND_CODE["hardlink"]:
             return self._link_node.get(path)
@@ -292,8 +325,9 @@ class EntryChecker:
         unless a hard link keeps it."""
         if packed < 0:
             return  # a parent no entry made: nothing to drop
-        node = self._node(path, packed)
-        self._finals[packed >> 2] = 0
+        last = self._last(path, packed)
+        node = self._node_of(path, last)
+        self._finals[last] = 0
         self._link_node.pop(path, None)
         if node is None or node not in self._links:
             return
@@ -324,16 +358,12 @@ _NODE_OF_KIND = {_KIND_CODE[k]: (_DIR if k == "dir" else _SYMLINK if k == "symli
                                  else _OTHER) for k in ENTRY_TYPES}
 #: Entries that create no node a hard link could share.
 _NO_NODE = frozenset((_KIND_CODE["dir"], _KIND_CODE["whiteout"]))
+_OPAQUE = _KIND_CODE["opaque"]
 #: A parent directory that no entry created (no last entry; a small int, shared, not one per path).
 _IMPLICIT_DIR = -4
-
-
-def _packed(last: int, node_kind: int) -> int:
-    """A path in :attr:`EntryChecker._tree`: the last entry at it, and its node kind in the low two bits.
-
-    One int (28 bytes below 2**30) instead of an entry in three maps keyed by the path.
-    """
-    return last << 2 | node_kind
+#: Entries whose paths share the ints of the tree (:meth:`EntryChecker._packed`).
+_BLOCK_BITS = 7
+_BLOCK = 1 << _BLOCK_BITS
 
 
 class _Placements(Sequence[Placement]):
