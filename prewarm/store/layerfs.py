@@ -349,7 +349,7 @@ class EntryChecker:
             self._drop(p, tree.pop(p))
 
 
-#: What each entry checked becomes, by code (a byte a entry in :class:`_Placements`).
+#: What each entry checked becomes, by code (a byte an entry in :class:`_Placements`).
 _KINDS = (*ENTRY_TYPES, "whiteout", "opaque", "skip")
 _KIND_CODE = {kind: code for code, kind in enumerate(_KINDS)}
 #: The node kinds the tree walk tells apart (the low two bits of a packed path).
@@ -374,7 +374,7 @@ class _Placements(Sequence[Placement]):
     placements lets the tree go (``LandingTable.derive`` does).
     """
 
-    __slots__ = ("_kinds", "_finals", "_paths", "_made_at")
+    __slots__ = ("_finals", "_kinds", "_made_at", "_paths")
 
     def __init__(self, kinds: bytearray, finals: bytearray, paths: list[str], made_at: dict[int, str]) -> None:
         self._kinds, self._finals, self._paths, self._made_at = kinds, finals, paths, made_at
