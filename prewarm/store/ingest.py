@@ -47,9 +47,12 @@ PIPELINE_DEPTH = 8
 LANE_MIN_FILE = 256 << 10
 #: Bytes queued in the lanes at most (the chunks they keep alive; memory bound).
 LANE_BYTES = 32 << 20
-#: Bytes of small files waiting for the creating thread at most (the chunks they keep alive).
-CREATE_BYTES = 32 << 20
-#: Small files, and bytes of them, handed to the creating thread in one batch at most.
+#: Bytes the small files waiting for the creating thread keep alive at most: the chunks their data is
+#: in, and :data:`CREATE_FILE_COST` each.
+CREATE_BYTES = 8 << 20
+#: What one file waiting for the creating thread holds besides its data (its name, a memoryview, a tuple).
+CREATE_FILE_COST = 512
+#: Small files, and bytes they keep alive, handed to the creating thread in one batch at most.
 CREATE_BATCH, CREATE_BATCH_BYTES = 256, 4 << 20
 
 
@@ -97,8 +100,8 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
     # Without a diff_id to check, the one the stream hashes to is recorded (never a claim).
     tar_hash = hashlib.new(parse_digest(diff_id)[0] if diff_id else "sha256")
     indexer = TarIndexer()
-    # The metadata of entries whose node may not have it yet (a small file gets its own when it
-    # is created, and is marked done at once): kept by entry, not for all of a million files.
+    # The metadata of the entries whose node gets it last (directories, links, devices): every regular
+    # file gets its own when its data is in (and is marked done), so only those are kept by entry.
     metas: dict[int, Meta] = {}
     done = bytearray()  # entries whose metadata is on already (files, when their data was in)
     checker = EntryChecker()
@@ -122,15 +125,17 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
                 end = offset + len(chunk)
                 lanes.check()
                 current = _write_from(direct, lanes, mv, offset, end, current, done)
+                chunk_held = False  # whether a file queued for the creating thread keeps this chunk alive
                 for e in new:
                     placement = checker.check(e)
                     meta = entry_meta(e)
                     k = len(done)
-                    metas[k] = meta
                     done.append(0)
                     if creator is not None and (not checker.fresh[-1] or placement.kind == "hardlink"):
                         creator.drain()  # it replaces, or links to, what may still be waiting to be created
                     if placement.kind != "reg":
+                        if placement.kind not in ("skip", "opaque", "hardlink"):  # (those get none)
+                            metas[k] = meta
                         writer.create(e, placement)
                         continue
                     if current is not None:  # (the tar parser yields an entry only after the data before it)
@@ -141,11 +146,12 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
                         at = e.uncompressed_offset - offset
                         data = mv[at:at + e.uncompressed_size]
                         if creator is not None and checker.fresh[-1]:
-                            creator.add(*writer.parent_dir(e, placement), placement, data, meta)
+                            creator.add(*writer.parent_dir(e, placement), placement, data, meta,
+                                        CREATE_FILE_COST + (0 if chunk_held else len(chunk)))
+                            chunk_held = True
                         else:
                             _create_small_file(fast, writer, direct, e, placement, data, meta)
                         done[-1] = 1
-                        del metas[k]
                         continue
                     opened = _OpenFile(writer.create_file(e, placement), e.uncompressed_offset,
                                        e.uncompressed_offset + e.uncompressed_size, k, meta,
@@ -461,8 +467,9 @@ class _Creator:
     Only files whose path nothing held before (``EntryChecker.fresh``) come here, each
     batch in one directory (a duplicate of its fd) and created in one C call with the
     GIL released; the landing thread :meth:`drain` s the queue before anything that may
-    replace or link to a file still waiting.  At most :data:`CREATE_BYTES` of data
-    wait: memory stays bounded.
+    replace or link to a file still waiting.  The waiting files keep at most
+    :data:`CREATE_BYTES` alive (the chunks their data is in, counted once, and their
+    own objects; see :meth:`add`): memory stays bounded.
     """
 
     def __init__(self, fast: ModuleType, direct: DirectWriter) -> None:
@@ -485,8 +492,14 @@ class _Creator:
     def _failed(self) -> bool:
         return self._error is not None
 
-    def add(self, pfd: int, base: str, placement: Placement, data: memoryview, meta: Meta) -> None:
-        """Queue the new file ``base`` of directory ``pfd`` (the writer's: duplicated, it may close it)."""
+    def add(self, pfd: int, base: str, placement: Placement, data: memoryview, meta: Meta, held: int) -> None:
+        """Queue the new file ``base`` of directory ``pfd`` (the writer's: duplicated, it may close it).
+
+        ``held``: the bytes it keeps alive that no file queued before it does (its chunk, when it is
+        the chunk's first, and :data:`CREATE_FILE_COST`).  Why not the size of its data: a 20-byte
+        file keeps its whole 1 MiB chunk alive, so a bound on data bytes let a layer of tiny files
+        queue all of its tar stream (250 MB for 200,000 files, issue 20).
+        """
         parent = placement.created_at.rpartition("/")[0]
         if parent != self._batch_dir or len(self._batch) >= CREATE_BATCH or self._batch_bytes >= CREATE_BATCH_BYTES:
             self._flush()
@@ -494,7 +507,7 @@ class _Creator:
         uid, gid, mode, mtime_ns, _ = meta
         self._batch.append((os.fsencode(base), data, uid, gid, mode, mtime_ns))
         self._paths.append(placement.path)
-        self._batch_bytes += len(data)
+        self._batch_bytes += held
 
     def _flush(self) -> None:
         if self._error is not None:

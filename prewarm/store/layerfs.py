@@ -35,7 +35,7 @@ import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple, Self, overload
 
 from prewarm.errors import BadZtoc, CorruptContent, UnsafeArchive
 from prewarm.index.ztoc import ENTRY_TYPES, FileEntry
@@ -136,7 +136,7 @@ def check_entries(entries: Sequence[FileEntry], archive_size: int) -> list[Place
         UnsafeArchive: an entry that would write outside the layer (naming it).
         BadZtoc: counts, types, offsets or sizes that cannot belong to this archive.
     """
-    return check_archive(entries, archive_size).placements
+    return list(check_archive(entries, archive_size).placements)
 
 
 def check_archive(entries: Sequence[FileEntry], archive_size: int) -> EntryChecker:
@@ -161,17 +161,31 @@ class EntryChecker:
     each entry checked so far becomes, ``final`` marking the nodes the finished layer
     keeps (the last entry of each path, and nodes hard links keep after their path was
     replaced: see :class:`Placement`).
+
+    Why it is packed: a whole layer of a million files goes through one checker, so
+    every byte it keeps per entry counts (issue 20: three maps keyed by every path and a
+    Placement per entry were ~300 B an entry).  Each path maps to one int shared by a
+    block of entries (:meth:`_packed`: the block of its last entry, its node kind); what
+    each entry becomes is kept as columns (:class:`_Placements`) whose paths are the
+    map's own keys; only hard links keep more.  About 120 B an entry, most of it the
+    path itself and its slot in the map.
     """
 
     def __init__(self, archive_size: int | None = None) -> None:
         self.archive_size = archive_size
-        self.placements: list[Placement] = []
+        self._kinds = bytearray()  # entry -> its placement kind (_KIND_CODE)
+        self._finals = bytearray()  # entry -> 1 if the finished layer keeps its node
+        self._paths: list[str] = []  # entry -> its placement path
+        self._made_at: dict[int, str] = {}  # entry -> made_at, for the rare nodes a hard link keeps
+        self.placements: Sequence[Placement] = _Placements(self._kinds, self._finals, self._paths, self._made_at)
         #: fresh[i]: entry i's path held nothing before it (creating it replaces nothing).
         self.fresh = bytearray()  # a byte per entry, not a pointer
-        self._kinds: dict[str, str] = {"": "dir"}  # path -> "dir" | "symlink" | "reg" | "other"
-        self._last: dict[str, int] = {}
-        #: path -> the entry that created the node there (hard links: their target's creator)
-        self._node: dict[str, int] = {}
+        #: path -> _packed(its last entry, its node kind), or _IMPLICIT_DIR (a parent no entry made)
+        self._tree: dict[str, int] = {"": _IMPLICIT_DIR}
+        self._block = -1  # the block of entries _block_ints are for
+        self._block_ints: list[int] = []
+        #: hard link path -> the entry that created its node (the others' node is their last entry)
+        self._link_node: dict[str, int] = {}
         #: creator -> every path holding its node, for nodes with hard links
         self._links: dict[int, list[str]] = {}
         #: The last parent whose every prefix was found a directory; entries that add new
@@ -185,7 +199,7 @@ class EntryChecker:
         Raises:
             UnsafeArchive, BadZtoc: as :func:`check_entries`.
         """
-        kinds = self._kinds
+        tree = self._tree
         if e.type not in _ENTRY_TYPES:
             raise BadZtoc(f"tar entry {e.name!r} has unknown type {e.type!r}")
         if e.uncompressed_size < 0 or e.uncompressed_offset < 0 or (
@@ -208,7 +222,8 @@ class EntryChecker:
         else:
             kind = e.type
         path = "/".join(parts)
-        fresh = path not in kinds
+        old = tree.get(path)  # (a parent below is never this path: it stays what it is here)
+        fresh = old is None
         self.fresh.append(fresh)
         if kind != "skip":
             # The parents: every proper prefix (for an opaque marker, the directory too).
@@ -220,9 +235,9 @@ class EntryChecker:
                 for part in parent_parts:
                     prefix = f"{prefix}/{part}" if prefix else part
                     prefixes.append(prefix)
-                _check_parents(e.name, prefixes, kinds)
+                _check_parents(e.name, prefixes, tree)
                 for prefix in prefixes:
-                    kinds.setdefault(prefix, "dir")  # created implicitly
+                    tree.setdefault(prefix, _IMPLICIT_DIR)  # created implicitly
                 self._checked_parent = parent
         if not fresh or kind == "whiteout":
             self._checked_parent = None  # a path replaced or hidden: walk again next time
@@ -231,76 +246,176 @@ class EntryChecker:
         target = ""
         if kind == "hardlink":
             target = "/".join(split_name(e.linkname, f"entry {e.name!r} has a hard link target"))
-            tkind = kinds.get(target)
-            if tkind is None or tkind == "dir" or not target:
-                why = "a directory" if tkind == "dir" or not target else "missing from the layer"
+            tnode = tree.get(target)
+            if tnode is None or tnode & 3 == _DIR or not target:
+                why = "a directory" if (tnode is not None and tnode & 3 == _DIR) or not target else \
+                    "missing from the layer"
                 raise UnsafeArchive(f"tar entry {e.name!r} is a hard link to {e.linkname!r}, which is {why}")
-        placement = Placement(kind, path)
-        if kind in ("whiteout", "opaque", "skip"):
-            if kind == "whiteout":
+        i = len(self._paths)
+        code = _KIND_CODE[kind]
+        if kind == "whiteout":
+            if old is not None:
+                if old & 3 == _DIR:
+                    self._forget_below(path)
+                self._drop(path, old)
+            tree[path] = self._packed(i, _OTHER)
+        elif kind == "dir":
+            tree[path] = self._packed(i, _DIR)  # (a directory again keeps what is below it)
+            if old is not None:
+                self._drop(path, old)
+        elif kind not in ("opaque", "skip"):
+            if old is not None and old & 3 == _DIR:
                 self._forget_below(path)
-                self._drop(path)
-                self._last[path] = len(self.placements)
-                kinds[path] = "other"
-            self.placements.append(placement)
-            return placement
-        if kind == "dir":
-            if kinds.get(path) != "dir":
-                self._forget_below(path)
-            kinds[path] = "dir"
-        else:
-            self._forget_below(path)
-            kinds[path] = "symlink" if kind == "symlink" else ("reg" if kind == "reg" else "other")
-        self._drop(path)
-        i = len(self.placements)
-        self._last[path] = i
-        if kind == "hardlink":
-            node = self._node.get(target)
-            if node is not None:
-                self._node[path] = node
-                self._links.setdefault(node, [self.placements[node].path]).append(path)
-        elif kind != "dir":
-            self._node[path] = i
-        self.placements.append(placement)
-        return placement
+            tree[path] = self._packed(i, _NODE_OF_KIND[code])
+            if old is not None:
+                self._drop(path, old)
+            if kind == "hardlink":
+                # (the target's node as it is now: the link may have replaced it, or what was above it)
+                node = None if target == path else self._node(target, tree.get(target))
+                if node is not None:
+                    self._link_node[path] = node
+                    self._links.setdefault(node, [self._paths[node]]).append(path)
+        self._kinds.append(code)
+        self._finals.append(1)
+        self._paths.append(path)
+        return Placement(kind, path)
 
-    def _drop(self, path: str) -> None:
-        """The node at ``path`` is replaced: its entry is no longer final, unless a hard link keeps it."""
-        prev = self._last.pop(path, None)
-        if prev is not None:
-            self.placements[prev] = self.placements[prev]._replace(final=False)
-        node = self._node.pop(path, None)
+    def _packed(self, i: int, node_kind: int) -> int:
+        """What the tree holds for a path whose last entry is ``i``: its block and the node kind (low two bits).
+
+        Why blocks: an int per path is 32 bytes more per entry; the ints of a block of
+        :data:`_BLOCK` entries are made once and shared, and :meth:`_last` finds the entry
+        in its block when a path is replaced or linked to (rare, and a C scan of the block).
+        """
+        block = i >> _BLOCK_BITS
+        if block != self._block:
+            self._block, self._block_ints = block, [block << 2 | k for k in range(4)]
+        return self._block_ints[node_kind]
+
+    def _last(self, path: str, packed: int) -> int:
+        """The last entry at ``path`` (``packed`` in the tree): the last in its block whose path is ``path``.
+
+        An opaque marker's path is its directory's, which it does not replace: passed over.
+        (A node a hard link keeps may have taken a link's path, see :meth:`_drop`: it was
+        created before the link, so the link's entry still comes last.)
+        """
+        lo = (packed >> 2) << _BLOCK_BITS
+        hi = min(lo + _BLOCK, len(self._paths))
+        block = self._paths[lo:hi]
+        block.reverse()
+        k = block.index(path)
+        while self._kinds[hi - 1 - k] == _OPAQUE:
+            k = block.index(path, k + 1)
+        return hi - 1 - k
+
+    def _node(self, path: str, packed: int | None) -> int | None:
+        """The entry that created the node at ``path`` (hard links: their target's creator), if any."""
+        if packed is None or packed < 0:
+            return None
+        return self._node_of(path, self._last(path, packed))
+
+    def _node_of(self, path: str, last: int) -> int | None:
+        code = self._kinds[last]
+        if code == _KIND_CODE["hardlink"]:
+            return self._link_node.get(path)
+        return None if code in _NO_NODE else last
+
+    def _drop(self, path: str, packed: int) -> None:
+        """The node at ``path`` (``packed`` in the tree) is replaced: its entry is no longer final,
+        unless a hard link keeps it."""
+        if packed < 0:
+            return  # a parent no entry made: nothing to drop
+        last = self._last(path, packed)
+        node = self._node_of(path, last)
+        self._finals[last] = 0
+        self._link_node.pop(path, None)
         if node is None or node not in self._links:
             return
         paths = self._links[node]
         paths.remove(path)
-        p = self.placements[node]
-        if p.path == path:  # where its data and metadata go: another link that holds it, or nowhere
-            self.placements[node] = (p._replace(path=paths[0], final=True, made_at=p.created_at)
-                                     if paths else p._replace(final=False))
+        if self._paths[node] == path:  # where its data and metadata go: another link that holds it, or nowhere
+            if paths:
+                self._made_at[node] = self._made_at.get(node) or path
+                self._paths[node] = paths[0]
+                self._finals[node] = 1
+            else:
+                self._finals[node] = 0
 
     def _forget_below(self, path: str) -> None:
-        """A path replaced by a non-directory takes its old subtree with it."""
-        kinds = self._kinds
-        if kinds.get(path) == "dir":
-            prefix = path + "/"
-            for p in [p for p in kinds if p.startswith(prefix)]:
-                del kinds[p]
-                self._drop(p)
+        """A directory replaced by a non-directory takes its old subtree with it."""
+        tree = self._tree
+        prefix = path + "/"
+        for p in [p for p in tree if p.startswith(prefix)]:
+            self._drop(p, tree.pop(p))
 
 
-def _check_parents(name: str, prefixes: list[str], kinds: dict[str, str]) -> None:
+#: What each entry checked becomes, by code (a byte an entry in :class:`_Placements`).
+_KINDS = (*ENTRY_TYPES, "whiteout", "opaque", "skip")
+_KIND_CODE = {kind: code for code, kind in enumerate(_KINDS)}
+#: The node kinds the tree walk tells apart (the low two bits of a packed path).
+_DIR, _SYMLINK, _REG, _OTHER = range(4)
+_NODE_OF_KIND = {_KIND_CODE[k]: (_DIR if k == "dir" else _SYMLINK if k == "symlink" else _REG if k == "reg"
+                                 else _OTHER) for k in ENTRY_TYPES}
+#: Entries that create no node a hard link could share.
+_NO_NODE = frozenset((_KIND_CODE["dir"], _KIND_CODE["whiteout"]))
+_OPAQUE = _KIND_CODE["opaque"]
+#: A parent directory that no entry created (no last entry; a small int, shared, not one per path).
+_IMPLICIT_DIR = -4
+#: Entries whose paths share the ints of the tree (:meth:`EntryChecker._packed`).
+_BLOCK_BITS = 7
+_BLOCK = 1 << _BLOCK_BITS
+
+
+class _Placements(Sequence[Placement]):
+    """:attr:`EntryChecker.placements`: the columns, each Placement made when it is asked for.
+
+    Why: a NamedTuple per entry was ~70 B of the ~300 B a checked entry kept.  The view
+    holds the columns only, not the checker's tree, so a caller that keeps the
+    placements lets the tree go (``LandingTable.derive`` does).
+    """
+
+    __slots__ = ("_finals", "_kinds", "_made_at", "_paths")
+
+    def __init__(self, kinds: bytearray, finals: bytearray, paths: list[str], made_at: dict[int, str]) -> None:
+        self._kinds, self._finals, self._paths, self._made_at = kinds, finals, paths, made_at
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    @overload
+    def __getitem__(self, i: int) -> Placement: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Placement]: ...
+
+    def __getitem__(self, i: int | slice) -> Placement | list[Placement]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self._paths)))]
+        path = self._paths[i]  # (IndexError as a list's)
+        if i < 0:
+            i += len(self._paths)
+        return Placement(_KINDS[self._kinds[i]], path, self._finals[i] == 1, self._made_at.get(i, ""))
+
+    def __iter__(self) -> Iterator[Placement]:
+        made_at = self._made_at
+        for i, (code, path, final) in enumerate(zip(self._kinds, self._paths, self._finals)):
+            yield Placement(_KINDS[code], path, final == 1, made_at.get(i, "") if made_at else "")
+
+
+def _check_parents(name: str, prefixes: list[str], tree: dict[str, int]) -> None:
     """Every parent path of an entry must be a directory created earlier (or implicitly).
 
     Raises:
         UnsafeArchive: a parent is a symlink or a non-directory.
     """
     for prefix in prefixes:
-        kind = kinds.get(prefix)
-        if kind == "symlink":
+        packed = tree.get(prefix)
+        if packed is None:
+            continue
+        if packed & 3 == _SYMLINK:
             raise UnsafeArchive(f"tar entry {name!r} would write through the symlink {prefix!r} "
                                 "created earlier in the layer")
-        if kind is not None and kind != "dir":
+        if packed & 3 != _DIR:
             raise UnsafeArchive(f"tar entry {name!r} has a non-directory {prefix!r} as a parent")
 
 
