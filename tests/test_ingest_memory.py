@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from prewarm.imagebuild import write_layer_tar
 from prewarm.store import ingest
-from tests.test_table_memory import ENTRIES, _tar_entries
+from tests.test_table_memory import ENTRIES, _tar_entries, write_many_file_layer
 
 #: Bytes of anonymous memory the ingest may keep per entry of the layer (the tree check's ~120 B,
 #: a done byte, and what the allocator keeps around the checker's growing map and columns).
@@ -80,23 +79,12 @@ print(json.dumps({"grew": peak[0] - before, "ready": store.is_ready(digest)}))
 @pytest.fixture(scope="module")
 def many_file_layer(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, int]:
     """A gzip layer of ~200,000 small files (tests/test_table_memory.py's), its digest and entry count."""
-    from isal import igzip
-
-    base = tmp_path_factory.mktemp("ingestmemory")
-    entries = _tar_entries()
-    tar = base / "layer.tar"
-    with open(tar, "wb") as out:
-        write_layer_tar(entries, out)
-    layer = base / "layer.tar.gz"
-    with open(tar, "rb") as src, igzip.open(layer, "wb", compresslevel=1) as dst:
-        while chunk := src.read(1 << 22):
-            dst.write(chunk)
-    tar.unlink()
+    layer = write_many_file_layer(tmp_path_factory.mktemp("ingestmemory"))
     h = hashlib.sha256()
     with open(layer, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
-    return layer, f"sha256:{h.hexdigest()}", len(entries)
+    return layer, f"sha256:{h.hexdigest()}", len(_tar_entries())
 
 
 def test_a_whole_layer_of_200k_files_is_ingested_in_150_bytes_per_file(

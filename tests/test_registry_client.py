@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -271,3 +272,21 @@ def test_single_platform_image_of_another_platform_needs_platform(client: Regist
         client.resolve(ref)
     # And with --platform naming it, it resolves
     assert client.resolve(ref, f"linux/{other}").platform == f"linux/{other}"
+
+
+def test_a_large_small_blob_is_held_once_while_read(client: RegistryClient, registry: Registry, repo_name: str,
+                                                    tmp_path: Path) -> None:
+    # Given a 48 MiB blob (a zTOC of a layer of a few hundred thousand files is that size)
+    path = tmp_path / "big"
+    path.write_bytes(os.urandom(1 << 20) * 48)
+    digest = client.push_blob(registry.host, repo_name, path)
+    # When it is read whole
+    tracemalloc.start()
+    try:
+        data = client.get_blob(registry.host, repo_name, digest, max_size=64 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Then it came verified, as bytes, and was never held twice (a bytearray and a bytes copy of it)
+    assert type(data) is bytes and len(data) == 48 << 20
+    assert peak < 1.4 * len(data), peak

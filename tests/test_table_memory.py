@@ -84,21 +84,26 @@ def _tar_entries() -> list[TarEntry]:
     return out
 
 
-@pytest.fixture(scope="module")
-def big_layer(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str, Path, int]:
-    """A gzip layer of ~200,000 small files, its zTOC in a fresh node's cache."""
+def write_many_file_layer(base: Path) -> Path:
+    """``base``/layer.tar.gz: the ~200,000 small files of :func:`_tar_entries`, gzip (isal, level 1)."""
     from isal import igzip
 
-    base = tmp_path_factory.mktemp("manyentries")
-    entries = _tar_entries()
     tar = base / "layer.tar"
     with open(tar, "wb") as out:
-        write_layer_tar(entries, out)
+        write_layer_tar(_tar_entries(), out)
     layer = base / "layer.tar.gz"
     with open(tar, "rb") as src, igzip.open(layer, "wb", compresslevel=1) as dst:
         while chunk := src.read(1 << 22):
             dst.write(chunk)
     tar.unlink()
+    return layer
+
+
+@pytest.fixture(scope="module")
+def big_layer(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str, Path, int]:
+    """A gzip layer of ~200,000 small files, its zTOC in a fresh node's cache."""
+    base = tmp_path_factory.mktemp("manyentries")
+    layer = write_many_file_layer(base)
     z = build_ztoc_from_file(layer, span_size=4 << 20, build_tool_identifier="prewarm-test")
     assert len(z.files) >= ENTRIES
     root = base / "root"
