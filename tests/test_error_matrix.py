@@ -392,6 +392,17 @@ def _files(root: Path) -> dict[str, int]:
     return out
 
 
+def _default_signals() -> None:
+    """SIGINT and SIGTERM as a terminal gives them, whatever this test inherited.
+
+    Why: a suite started in the background of a non-interactive shell (``cmd &``) runs with
+    SIGINT ignored, children inherit that, and Python then leaves it ignored: the SIGINT
+    rows would test the shell, not prewarm.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _wait_moment(proc: subprocess.Popen[str], moment: str, tmpdir: Path, root: Path, deadline: float) -> None:
     def reached() -> bool:
         if moment == "folder":
@@ -419,7 +430,8 @@ def run_row(cond: Conditions, index: int, row: Row) -> Outcome:
     before = _files(root)
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "prewarm", *args], env=env, cwd=REPO_ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            preexec_fn=_default_signals)
     if row.stop is not None:
         _wait_moment(proc, row.stop[1], tmpdir, root, started + row.bound)
         if proc.poll() is None:
