@@ -29,9 +29,7 @@ from prewarm.config import Settings
 from prewarm.errors import CorruptContent, JobNotFound, StoreError
 from prewarm.fleet.plan import plan_resolved
 from prewarm.resolve.reference import parse_reference
-from prewarm.resolve.registry.client import RegistryClient, ResolvedImage
 from prewarm.runtime.images import find_record, record_prewarmed_image
-from prewarm.store.content import ContentStore
 from prewarm.store.layout import Layout
 
 if TYPE_CHECKING:
@@ -39,7 +37,9 @@ if TYPE_CHECKING:
     from prewarm.fleet.schedule import DryRunLine
     from prewarm.fleet.submit import IndexPolicy
     from prewarm.node.embedded import EmbeddedCluster
+    from prewarm.resolve.registry.client import RegistryClient, ResolvedImage
     from prewarm.runtime.containerd import Registration
+    from prewarm.store.content import ContentStore
 
 
 log = logging.getLogger(__name__)
@@ -77,14 +77,18 @@ def run_embedded(settings: Settings, image: str, *, window: int | None = None, i
             worker died.
     """
     ref = parse_reference(image)
-    client = RegistryClient.from_settings(settings)
-    store = ContentStore(settings.root)
     with contextlib.ExitStack() as stack:
         cluster = None
-        if not store.list_layers():
+        if not Layout(settings.root).has_layers():
             # Nothing can be pre-warmed yet: start the private Redis and workers first, so
-            # their start-up (~2 s) overlaps with resolving the image and getting its zTOCs.
+            # their start-up (~0.6 s) overlaps with resolving the image and getting its
+            # zTOCs.  First of all: the registry client and the store are imported after.
             cluster = _start_cluster(stack, settings, concurrency)
+        from prewarm.resolve.registry.client import RegistryClient
+        from prewarm.store.content import ContentStore
+
+        client = RegistryClient.from_settings(settings)
+        store = ContentStore(settings.root)
         resolved = client.resolve(ref, settings.platform)
         if cluster is None:
             if all(store.is_ready(layer.digest) for layer in resolved.layers):
@@ -162,6 +166,7 @@ class StoreBefore:
         """
         from prewarm.runtime import gc
         from prewarm.store.atomic import write_failed
+        from prewarm.store.content import ContentStore
 
         layout = Layout(self.root)
         # each step on its own: the store that failed one write may fail these too
@@ -261,6 +266,8 @@ def register_in_containerd(settings: Settings, image: str, resolved: ResolvedIma
 def dry_run(settings: Settings, image: str) -> tuple[list[DryRunLine], int]:
     """What :func:`run_embedded` would fetch here, and the free disk left after; fetching nothing."""
     from prewarm.fleet import schedule
+    from prewarm.resolve.registry.client import RegistryClient
+    from prewarm.store.content import ContentStore
 
     resolved = RegistryClient.from_settings(settings).resolve(parse_reference(image), settings.platform)
     plan = plan_resolved(resolved, {})

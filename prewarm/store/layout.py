@@ -62,6 +62,14 @@ class Layout:
     def layers_dir(self) -> Path:
         return self.root / "layers"
 
+    def has_layers(self) -> bool:
+        """Whether any layer has anything in the store (ready or partial)."""
+        base = self.layers_dir()
+        try:
+            return any(any(algo.iterdir()) for algo in base.iterdir() if algo.is_dir())
+        except FileNotFoundError:
+            return False
+
     def ztoc(self, digest: str) -> Path:
         return self._by_digest("ztoc", digest)
 

@@ -35,11 +35,13 @@ def _load_libcrypto() -> ctypes.CDLL:
     Raises:
         StoreError: no usable libcrypto on this machine.
     """
-    names = ["libcrypto.so.3", "libcrypto.so"]
-    found = ctypes.util.find_library("crypto")
-    if found:
-        names.insert(0, found)
-    for name in names:
+    # The sonames first: find_library runs ``ldconfig -p`` in a subprocess (~30 ms at
+    # every process start, and each worker and the CLI import this module).
+    for name in ("libcrypto.so.3", "libcrypto.so", "crypto"):
+        if name == "crypto":
+            name = ctypes.util.find_library("crypto") or ""
+            if not name:
+                continue
         try:
             lib = ctypes.CDLL(name)
             lib.SHA256_Init.argtypes = [ctypes.c_void_p]
