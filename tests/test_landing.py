@@ -253,3 +253,49 @@ def test_c_writes_take_the_stores_direct_io_threshold(tmp_path: Path, min_direct
         assert store._writer.direct_bytes > 0
     else:
         assert store._writer.direct_bytes == 0
+
+
+def _owner_and_mode_tar() -> tuple[bytes, dict[str, tuple[int, int, int]]]:
+    """Files of every kind of permission (set-id, sticky, bits a umask cuts, none), owned by
+    root or not, some in a set-gid directory; with each path's expected (uid, gid, mode)."""
+    want: dict[str, tuple[int, int, int]] = {}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        folder = tarfile.TarInfo("sgid")
+        folder.type, folder.mode, folder.uid, folder.gid = tarfile.DIRTYPE, 0o2775, 0, 4321
+        tf.addfile(folder)
+        for parent in ("", "sgid/"):
+            for mode in (0o644, 0o666, 0o777, 0o600, 0o000, 0o4755, 0o2755, 0o6711, 0o1777):
+                for uid, gid in ((0, 0), (1000, 1000), (0, 50)):
+                    info = tarfile.TarInfo(f"{parent}f{mode:o}-{uid}-{gid}")
+                    info.mode, info.uid, info.gid, info.mtime = mode, uid, gid, 1_700_000_000
+                    data = random.Random(info.name).randbytes(mode % 3000)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+                    want[info.name] = (uid, gid, mode)
+    return buf.getvalue(), want
+
+
+@needs_c
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o000])
+def test_c_landing_gives_each_file_its_owner_and_mode_whatever_the_umask(tmp_path: Path, mask: int) -> None:
+    # Given files of every permission and set-id combination, of root's and others', some in
+    # a set-gid directory (whose files are born with its group, not the creator's)
+    tar, want = _owner_and_mode_tar()
+    blob, z = make_layer(tar, span_size=4096)
+    old = os.umask(mask)
+    try:
+        # When the layer lands through C, span by span and as one whole stream
+        spans = ContentStore(tmp_path / "spans")
+        assert land(spans, sha(blob), z, blob, list(range(z.num_spans)))[-1]
+        whole = ContentStore(tmp_path / "whole")
+        whole.ingest_stream(sha(blob), [blob], media_type="application/vnd.oci.image.layer.v1.tar+gzip",
+                            diff_id=sha(tar))
+    finally:
+        os.umask(old)
+    # Then every file has exactly the tar's owner and mode, under any umask
+    for store in (spans, whole):
+        fs = store.layout.layer_fs(sha(blob))
+        got = {name: (st.st_uid, st.st_gid, st.st_mode & 0o7777)
+               for name in want for st in [os.lstat(fs / name)]}
+        assert got == want
