@@ -234,6 +234,10 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
             for proc in procs:
                 stop_process(proc, 10)
             if redis_proc is not None:
+                if over and redis_proc.poll() is None:
+                    # it keeps nothing (no save, no append-only file), and SIGTERM is taken
+                    # only at its next tick: up to 0.1 s of every embedded run
+                    redis_proc.kill()
                 stop_process(redis_proc, 5)
             if run_dir is not None:
                 shutil.rmtree(run_dir, ignore_errors=True)
