@@ -76,7 +76,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench.probes import Pin, StoreWatch, TreeSampler, busy_seconds
+from bench.probes import Pin, StoreWatch, TreeSampler, busy_seconds, run_measured
 from bench.scratch import DEFAULT_SIZE, drop_caches, scratch_fs
 
 if TYPE_CHECKING:
@@ -172,31 +172,6 @@ def _check(args: list[str], env: dict[str, str] | None = None) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return proc.stdout
-
-
-def _check_measured(args: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Run a command that must succeed; its wall seconds and peak RSS in bytes.
-
-    The RSS is ``wait4``'s ``ru_maxrss`` of this one child (the largest of it and the
-    descendants it waited for), not the running maximum over all children that
-    ``RUSAGE_CHILDREN`` would give.
-    """
-    with tempfile.TemporaryFile() as err:
-        t0 = time.monotonic()
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        wall = time.monotonic() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            err.seek(0)
-            raise RuntimeError(f"{' '.join(args)} failed (exit {proc.returncode}): "
-                               f"{err.read().decode(errors='replace').strip()[-2000:]}")
-    return wall, usage.ru_maxrss * 1024
 
 
 def _lowerdirs(mounts: str) -> list[Path]:
@@ -352,8 +327,8 @@ def prepare(layout: Path, reg: Registry, tmp: Path, index_options: tuple[str, ..
     soci_ref, _ = push_ai_image(layout, reg, f"bench/{name}")
     env = {**os.environ, "PREWARM_ROOT": str(tmp / f"index-root-{name}")}
     env.pop("PREWARM_BROKER_URL", None)
-    index_wall, index_rss = _check_measured([sys.executable, "-m", "prewarm", "index", soci_ref, "--push",
-                                             *index_options, "--insecure-registry", reg.host], env)
+    index_wall, index_rss = run_measured([sys.executable, "-m", "prewarm", "index", soci_ref, "--push",
+                                           *index_options, "--insecure-registry", reg.host], env)
     print(f"  {name}: SOCI index pushed for {soci_ref} in {index_wall:.1f} s, "
           f"peak RSS {index_rss / 1e6:.0f} MB (not timed)", flush=True)
     tars = []

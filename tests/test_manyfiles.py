@@ -1,8 +1,9 @@
-"""The many-file benchmark image (bench.manyfiles) and the process kinds the bench samples (bench.probes)."""
+"""The many-file benchmark image (bench.manyfiles) and what the bench measures of processes (bench.probes)."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import statistics
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench import manyfiles
-from bench.probes import POOL_KIND, TreeSampler, process_kind
+from bench.probes import POOL_KIND, TreeSampler, process_kind, run_measured
 from prewarm.imagebuild import blob_path, write_layer_tar
 
 
@@ -125,3 +126,35 @@ def test_tree_sampler_counts_distinct_processes_and_their_peak_rss() -> None:
     assert len(sampler.kinds["sh"].pids) == 1
     # and no process matched the worker needle
     assert peak == 0
+
+
+_MEASURING_PARENT = """
+import json, sys
+from bench.probes import run_measured
+held = bytearray(b"x") * (300 << 20)  # every page touched: the parent's peak is past 300 MB
+del held
+child = "held = bytearray(b'x') * (40 << 20)"
+_, peak = run_measured([sys.executable, "-c", child], {})
+print(json.dumps({"peak": peak}))
+"""
+
+
+def test_a_measured_command_is_charged_its_own_peak_not_the_benchmarks() -> None:
+    # Given a benchmark process whose own peak passed 300 MB (it built an image, say)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # When it measures a command that holds 40 MB
+    run = subprocess.run([sys.executable, "-c", _MEASURING_PARENT], env=env, capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    peak = json.loads(run.stdout)["peak"]
+    # Then the peak is the command's (40 MB and an interpreter), not the 300 MB the caller
+    # once held (wait4's ru_maxrss of a command started by vfork starts at its caller's peak)
+    assert 40 << 20 <= peak < 120 << 20, peak
+
+
+def test_a_measured_command_that_fails_says_how() -> None:
+    # When a measured command exits non-zero, or cannot be started at all
+    with pytest.raises(RuntimeError, match=r"failed \(exit 3\): boom"):
+        run_measured(["sh", "-c", "echo boom >&2; exit 3"], dict(os.environ))
+    with pytest.raises(RuntimeError, match="could not be started: .*FileNotFoundError"):
+        run_measured(["/nonexistent/command"], dict(os.environ))
