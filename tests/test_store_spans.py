@@ -10,10 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from prewarm.errors import BadSpan, BadZtoc, DigestMismatch, InsufficientSpace, UnsafeArchive
+from prewarm.errors import (
+    BadSpan,
+    BadZtoc,
+    DigestMismatch,
+    InsufficientSpace,
+    StoreError,
+    UnsafeArchive,
+)
 from prewarm.index.inflate import inflate_span
 from prewarm.index.ztoc import CHECKPOINT_RECORD_SIZE, ZINFO_HEADER_SIZE, Ztoc, parse_ztoc
 from prewarm.index.ztoc_build import build_ztoc
+from prewarm.store import ingest, writeback
 from prewarm.store.content import ContentStore, fetch_range
 from tests.test_store import _add, assert_every_kind_tree, every_kind_tar, sha
 
@@ -385,3 +393,49 @@ def test_spans_ahead_of_the_hashed_front_are_parked_inflated_not_inflated_again(
     assert_every_kind_tree(store.layout.layer_fs(digest), 400_000)
     # And only spans that were more than the ring's slots ahead were inflated a second time
     assert sorted(again) == [i for i in range(1, z.num_spans) if i >= ring]
+
+
+def _failing_syncfs(fd: int) -> None:
+    raise StoreError("syncfs failed: Input/output error; the layer was not committed")
+
+
+def test_a_failed_early_writeback_keeps_the_layer_from_being_committed(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a layer landing span by span, whose spans start the write-back of what landed,
+    # and one of those write-backs fails (the kernel reports a write-back error once, to
+    # that syncfs alone, not to the commit's)
+    tar = every_kind_tar()
+    blob, z = make_layer(tar)
+    digest = sha(blob)
+    store = ContentStore(tmp_path / "root")
+    monkeypatch.setattr(writeback, "syncfs", _failing_syncfs)
+    assert not any(land(store, digest, z, blob, list(range(z.num_spans - 1))))
+    store._writeback.join()  # the write-back the spans so far started
+    monkeypatch.undo()
+    work = store.layout.layer_work(digest)
+    assert (work / writeback.WRITEBACK_LOCK).is_file()
+    assert "Input/output error" in (work / writeback.WRITEBACK_FAILED).read_text()
+    # When the last span lands (its own early write-back and the commit's syncfs succeed)
+    # Then the layer is not committed: it is discarded, to be fetched again
+    with pytest.raises(StoreError, match="writing it back to disk failed while it landed .*Input/output error"):
+        land(store, digest, z, blob, [z.num_spans - 1])
+    assert store.layer_state(digest) == "absent"
+    # And landed again from the start, it is committed
+    assert land(store, digest, z, blob, list(range(z.num_spans)))[-1]
+    assert_every_kind_tree(store.layout.layer_fs(digest))
+
+
+def test_a_failed_early_writeback_of_a_whole_layer_fails_its_ingest(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a whole layer streamed in, whose early write-backs fail
+    tar = every_kind_tar()
+    blob = gzip.compress(tar, mtime=0)
+    monkeypatch.setattr(ingest, "WRITEBACK_EVERY", 4096)
+    monkeypatch.setattr(writeback, "syncfs", _failing_syncfs)
+    store = ContentStore(tmp_path / "root")
+    # When it is ingested (the commit's own syncfs succeeds)
+    # Then it is not committed
+    with pytest.raises(StoreError, match="writing it back to disk failed while it landed .*Input/output error"):
+        store.ingest_stream(sha(blob), [blob], media_type="application/vnd.oci.image.layer.v1.tar+gzip",
+                            diff_id=sha(tar))
+    assert store.layer_state(sha(blob)) != "ready"

@@ -82,6 +82,7 @@ from prewarm.store.longlived import long_lived
 from prewarm.store.spans import fetch_range
 from prewarm.store.syscalls import syncfs
 from prewarm.store.table import LandingTable, SpanRange, ZtocView, fingerprint_of
+from prewarm.store.writeback import EarlyWriteback
 
 __all__ = ["BOOT_ID_PATH", "ContentStore", "LandResult", "LayerState", "ZtocView", "current_boot_id", "fetch_range"]
 
@@ -126,6 +127,7 @@ class ContentStore:
         self._tables: dict[str, LandingTable] = {}
         self._boot_id = current_boot_id()
         self._writer = DirectWriter()
+        self._writeback = EarlyWriteback()
 
     # === queries
 
@@ -452,6 +454,7 @@ class ContentStore:
         spans.check_headers(digest, table, ztoc.span(index), out)
         with self._disk_errors(digest):
             self._write_pieces(digest, table, span, out)
+        self._writeback.start(self.layout.layer_fs(digest), self.layout.layer_work(digest))
         with self._locked(digest), self._disk_errors(digest):
             if self.is_ready(digest):
                 # another process landed the last span meanwhile and committed the layer
@@ -534,6 +537,12 @@ class ContentStore:
         with LayerWriter(fs) as writer:
             writer.apply_metadata(table.placements, table.meta, done=table.born)
             syncfs(writer.root_fd)
+        why = EarlyWriteback.failure(self.layout.layer_work(digest))
+        if why is not None:
+            self._wipe(digest)
+            self._tables.pop(digest, None)
+            raise StoreError(f"layer {digest}: writing it back to disk failed while it landed ({why}); the layer "
+                             "was discarded and will be fetched again")
         self._commit(digest, {"digest": digest, "diff_id": diff_id, "mode": "spans",
                               "size": p.upto, "uncompressed_size": table.ztoc.uncompressed_archive_size,
                               "files": len(table.ztoc.files), "spans": len(table.spans)})

@@ -19,8 +19,8 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from types import ModuleType
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from prewarm.errors import (
@@ -34,10 +34,11 @@ from prewarm.errors import (
 from prewarm.index.tarindex import TarIndexer
 from prewarm.index.ztoc import FileEntry
 from prewarm.resolve.digest import parse_digest
-from prewarm.store.directio import DirectWriter
 from prewarm.store import landing
+from prewarm.store.directio import DirectWriter
 from prewarm.store.layerfs import EntryChecker, LayerWriter, Meta, Placement, apply_meta, entry_meta
 from prewarm.store.syscalls import syncfs
+from prewarm.store.writeback import EarlyWriteback
 
 #: Bytes read from the decompressor at a time (memory bound).
 STREAM_READ = 1 << 20
@@ -54,6 +55,8 @@ CREATE_BYTES = 8 << 20
 CREATE_FILE_COST = 512
 #: Small files, and bytes they keep alive, handed to the creating thread in one batch at most.
 CREATE_BATCH, CREATE_BATCH_BYTES = 256, 4 << 20
+#: Tar bytes between two early write-backs of the layer (:mod:`prewarm.store.writeback`).
+WRITEBACK_EVERY = 64 << 20
 #: Threads creating a whole layer's new small files (:class:`_Creator`): one per core, as
 #: the kernel's file creation is what they spend their time in.
 CREATORS = max(1, min(4, os.cpu_count() or 1))
@@ -114,6 +117,7 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
     lanes = _DataLanes(direct.enabled)
     fast = landing.backend()
     creator = _Creator(fast, direct) if fast is not None else None
+    early = EarlyWriteback()
     with LayerWriter(fs) as writer:
         try:
             inflater.start()
@@ -123,6 +127,8 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
             for chunk in inflater:
                 if check_space is not None and offset // SPACE_CHECK_EVERY != (offset + len(chunk)) // SPACE_CHECK_EVERY:
                     check_space(SPACE_CHECK_EVERY)
+                if offset // WRITEBACK_EVERY != (offset + len(chunk)) // WRITEBACK_EVERY:
+                    early.start(fs)
                 new = indexer.feed(chunk)
                 mv = memoryview(chunk)
                 end = offset + len(chunk)
@@ -192,6 +198,9 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
                                  f"says diff_id {diff_id}", expected=diff_id, actual=got)
         writer.apply_metadata(checker.placements, metas, done=done)
         syncfs(writer.root_fd)
+        why = early.join()
+        if why is not None:  # (a write-back error the kernel reported to that syncfs alone)
+            raise StoreError(f"layer {digest}: writing it back to disk failed while it landed ({why})")
     return {"digest": digest, "diff_id": got, "mode": "whole", "size": raw.size,
             "uncompressed_size": offset, "files": len(done)}
 
