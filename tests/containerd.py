@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -406,6 +407,28 @@ def push_image(registry_url: str, repository: str, tag: str, image: HandmadeImag
                         headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
     resp.raise_for_status()
     return f"{registry_url.split('://', 1)[1]}/{repository}:{tag}"
+
+
+def cri_pull(images: object, ref: str, *, attempts: int = 3) -> object:
+    """CRI PullImage of ``ref``, tried again when containerd could not dial the shim.
+
+    Why: containerd dials the proxy snapshotter's socket lazily and again after a broken
+    connection, with gRPC's backoff; once in ~30 loaded runs a pull failed UNAVAILABLE
+    with "Error while dialing ... connection refused" although the shim answered before and
+    after.  The kubelet tries a failed pull again; so do the tests, for that error alone.
+    """
+    from prewarm.runtime.shim._proto.runtime.v1 import api_pb2 as cri
+
+    for attempt in range(attempts):
+        try:
+            return images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref)),  # type: ignore[attr-defined]
+                                    timeout=120)
+        except grpc.RpcError as err:
+            redial = err.code() == grpc.StatusCode.UNAVAILABLE and "Error while dialing" in (err.details() or "")
+            if not redial or attempt == attempts - 1:
+                raise
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
 
 
 def cri_images(ctrd: Containerd) -> object:

@@ -14,6 +14,7 @@ from tests.containerd import (
     Containerd,
     HandmadeImage,
     cri_images,
+    cri_pull,
     install_prewarmed,
     make_image,
     make_layer,
@@ -52,7 +53,7 @@ def test_cri_pull_of_prewarmed_image_fetches_no_layer(cri_containerd: Containerd
 
     # When the kubelet's path pulls it (CRI PullImage)
     images = cri_images(cri_containerd)
-    pulled = images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref)), timeout=120)
+    pulled = cri_pull(images, ref)
 
     # Then no layer blob was fetched, the shim answered both layers from the store, CRI has the image
     assert layer_gets(registry, image) == {l.digest: 0 for l in image.layers}
@@ -73,7 +74,7 @@ def test_cri_pull_of_partly_prewarmed_image_fetches_the_rest(cri_containerd: Con
     install_prewarmed(cri_containerd.store, image.layers[:1])
 
     # When CRI pulls it
-    cri_images(cri_containerd).PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref)), timeout=120)
+    cri_pull(cri_images(cri_containerd), ref)
 
     # Then only the missing layer came from the registry and containerd applied it itself
     base, top = image.layers

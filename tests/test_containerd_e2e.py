@@ -26,6 +26,7 @@ from tests.containerd import (
     Containerd,
     HandmadeImage,
     cri_images,
+    cri_pull,
     make_image,
     make_layer,
     push_image,
@@ -90,7 +91,7 @@ def test_registered_image_pulls_with_no_layer_runs_and_survives_a_shim_kill(
 
     # When the kubelet's path pulls it (CRI PullImage)
     started = time.perf_counter()
-    images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref)), timeout=120)
+    cri_pull(images, ref)
     print(f"\nCRI PullImage of the pre-warmed image: {time.perf_counter() - started:.3f}s")
 
     # Then no layer byte left the registry for it
@@ -137,7 +138,7 @@ def test_partly_prewarmed_image_pulls_the_missing_layer_through_containerd(
     before = layer_bytes(registry, image)
 
     # When CRI pulls the full image
-    cri_images(node).PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref)), timeout=120)
+    cri_pull(cri_images(node), ref)
 
     # Then only the missing layer came from the registry, and the image runs
     base, top = image.layers
@@ -242,7 +243,7 @@ def test_fleet_worker_registers_the_image_it_completes(node: Containerd, registr
         worker.stop()
     warmed = layer_bytes(registry, image)
     # And CRI pulls it with no layer byte and it runs on the pre-warmed layers
-    cri_images(node).PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref)), timeout=120)
+    cri_pull(cri_images(node), ref)
     assert layer_bytes(registry, image) == warmed
     assert run(node, ref, "e2e-5")[-1] == "gone-absent"
     # And schedule --containerd with a fleet says where the option belongs instead
