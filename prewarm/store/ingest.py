@@ -482,9 +482,9 @@ class _Creator:
     replace or link to a file still waiting.  So no two queued batches depend on each
     other, and :data:`CREATORS` threads take them: creating a file is kernel work that one
     thread did serially, the whole-layer path's floor on many-file layers (py-spy,
-    40,000 files: the creating thread busy ~2 s of a ~2.8 s task, the parser waiting).  The waiting files keep at most
-    :data:`CREATE_BYTES` alive (the chunks their data is in, counted once, and their
-    own objects; see :meth:`add`): memory stays bounded.
+    40,000 files: the creating thread busy ~2 s of a ~2.8 s task, the parser waiting).
+    The waiting files keep at most :data:`CREATE_BYTES` alive (the chunks their data is
+    in, counted once, and their own objects; see :meth:`add`): memory stays bounded.
     """
 
     def __init__(self, fast: ModuleType, direct: DirectWriter) -> None:
