@@ -484,3 +484,14 @@ def test_a_stage_backlog_holds_the_landing_thread_at_its_bound_until_bytes_are_w
     failed.set()
     backlog.give(0)  # (the failing writer's notify)
     assert took.wait(10)
+
+
+def test_the_store_lists_partial_and_ready_layers_sorted_and_an_empty_store_none(tmp_path: Path) -> None:
+    # Given a store with no layers folder yet, then layers of two algorithms, one partial
+    store = ContentStore(tmp_path / "root")
+    assert store.list_layers() == [] and next(store.layout.layer_digests(), None) is None
+    for digest in ("sha256:" + "b" * 64, "sha512:" + "a" * 128, "sha256:" + "a" * 64):
+        store.layout.layer_fs(digest).mkdir(parents=True)
+    # Then both listings have all three, the store's in order
+    assert store.list_layers() == ["sha256:" + "a" * 64, "sha256:" + "b" * 64, "sha512:" + "a" * 128]
+    assert sorted(store.layout.layer_digests()) == store.list_layers()

@@ -79,7 +79,7 @@ def run_embedded(settings: Settings, image: str, *, window: int | None = None, i
     ref = parse_reference(image)
     with contextlib.ExitStack() as stack:
         cluster = None
-        if not Layout(settings.root).has_layers():
+        if next(Layout(settings.root).layer_digests(), None) is None:
             # Nothing can be pre-warmed yet: start the private Redis and workers first, so
             # their start-up (~0.6 s) overlaps with resolving the image and getting its
             # zTOCs.  First of all: the registry client and the store are imported after.

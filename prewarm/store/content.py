@@ -153,14 +153,8 @@ class ContentStore:
             raise StoreError(f"layer {digest} is not ready in {self.root}") from None
 
     def list_layers(self) -> list[str]:
-        """Digests of every layer with anything in the store (ready or partial)."""
-        out = []
-        base = self.layout.layers_dir()
-        if base.is_dir():
-            for algo in sorted(base.iterdir()):
-                for d in sorted(algo.iterdir()):
-                    out.append(f"{algo.name}:{d.name}")
-        return out
+        """Digests of every layer with anything in the store (ready or partial), sorted."""
+        return sorted(self.layout.layer_digests())
 
     def check_space(self, bytes_needed: int) -> None:
         """Refuse early when the store's filesystem cannot take ``bytes_needed`` more bytes.

@@ -25,6 +25,7 @@ import hashlib
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from prewarm.errors import StoreError
@@ -62,13 +63,13 @@ class Layout:
     def layers_dir(self) -> Path:
         return self.root / "layers"
 
-    def has_layers(self) -> bool:
-        """Whether any layer has anything in the store (ready or partial)."""
+    def layer_digests(self) -> Iterator[str]:
+        """Digests of every layer with anything in the store (ready or partial), in no order."""
         base = self.layers_dir()
-        try:
-            return any(any(algo.iterdir()) for algo in base.iterdir() if algo.is_dir())
-        except FileNotFoundError:
-            return False
+        if base.is_dir():
+            for algo in base.iterdir():
+                for d in algo.iterdir():
+                    yield f"{algo.name}:{d.name}"
 
     def ztoc(self, digest: str) -> Path:
         return self._by_digest("ztoc", digest)
