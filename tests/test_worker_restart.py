@@ -11,12 +11,20 @@ Two ways Celery fails, each under the test's control:
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from prewarm.node.restart import CRASH_WINDOW, MAX_CRASHES, children_of, judge_crash
+from prewarm.node.restart import (
+    CRASH_WINDOW,
+    MAX_CRASHES,
+    children_of,
+    judge_crash,
+    set_death_signal,
+)
 from tests.images import simple_image
 from tests.pipeline_helpers import clean_env, prewarm, push, start_worker, wait_job
 from tests.services import Registry
@@ -156,3 +164,20 @@ def test_a_worker_whose_celery_logs_an_unrecoverable_error_is_started_again_at_o
     # And the restart names what ended Celery
     assert log.count("starting it again") == 1
     assert "stopped (Unrecoverable error: RuntimeError('stand-in')) without being asked to" in log, log[-3000:]
+
+
+def test_set_death_signal_is_what_the_kernel_then_reports() -> None:
+    # Given a forked child that asks for SIGTERM when its parent dies
+    import ctypes
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        got = ctypes.c_int(-1)
+        try:
+            set_death_signal(signal.SIGTERM)
+            ctypes.CDLL(None).prctl(2, ctypes.byref(got))  # PR_GET_PDEATHSIG
+        finally:
+            os._exit(got.value if got.value >= 0 else 255)
+    # Then the kernel has SIGTERM as its death signal
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == signal.SIGTERM

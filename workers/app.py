@@ -57,20 +57,11 @@ def _pool_death_signal_through_ctypes() -> None:
     of CPU per process at each worker start, on the path to the first span.  The same call
     through ctypes costs nothing.  Celery ignores an OSError here, as it does billiard's.
     """
-    import ctypes
-
     import celery.platforms
 
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def set_death_signal(sig: int) -> None:
-        if libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(sig), 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    from prewarm.node.restart import set_death_signal
 
     celery.platforms._set_pdeathsig = set_death_signal
-
-
-_PR_SET_PDEATHSIG = 1
 
 
 def make_app(settings: Settings | None = None) -> Celery:

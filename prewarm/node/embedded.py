@@ -22,6 +22,7 @@ from pathlib import Path
 from prewarm.config import Settings
 from prewarm.errors import ConfigError, PrewarmError
 from prewarm.fleet.signing import TaskSigner, ensure_keypair
+from prewarm.node.restart import set_death_signal
 
 
 @dataclasses.dataclass
@@ -96,12 +97,8 @@ def _die_with_parent() -> None:
     Why: a command killed outright (SIGKILL, the OOM killer) runs no cleanup; without this
     its private redis-server and workers would run on, orphaned.
     """
-    import ctypes
-
-    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-_PR_SET_PDEATHSIG = 1
+    with contextlib.suppress(OSError):  # as before: a child the kernel refuses it still runs
+        set_death_signal(signal.SIGTERM)
 
 
 @contextlib.contextmanager

@@ -27,6 +27,22 @@ import signal
 import sys
 import time
 
+
+def set_death_signal(sig: int) -> None:
+    """Have the kernel send this process ``sig`` when its parent dies (prctl PR_SET_PDEATHSIG).
+
+    Raises:
+        OSError: the kernel refused it.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(sig), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+_PR_SET_PDEATHSIG = 1
+
 #: Environment variable carrying the times of recent crashes into the replacement process.
 CRASHES_ENV = "PREWARM_WORKER_CRASHES"
 MAX_CRASHES = 5
