@@ -148,3 +148,56 @@ def test_preparing_a_layer_of_200k_entries_holds_its_memory_bound(
     assert prepared["derived"] == 1
     assert prepared["peak"] <= PREPARE_PEAK_PER_ENTRY * n + FIXED, (prepared["peak"], n)
     assert prepared["grew"] <= PER_ENTRY * n + FIXED, (prepared["grew"], n)
+
+
+_PASSES = r"""
+import json, sys
+from pathlib import Path
+
+from prewarm.store import _landing, _tree
+from prewarm.store.layout import Layout
+from prewarm.store.table import parse_mod_time
+from prewarm.store.ztoc_cache import ZtocCache
+
+def mapped_rss(path):
+    # the resident kB of the mapping of ``path`` (smaps: its header line, then its fields)
+    lines = open("/proc/self/smaps").read().splitlines()
+    for i, line in enumerate(lines):
+        if line.endswith(path):
+            return next(int(l.split()[1]) << 10 for l in lines[i + 1:] if l.startswith("Rss:"))
+    raise AssertionError(f"{path} is not mapped")
+
+root, zdigest, file_backed = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+cache = ZtocCache(Layout(root))
+buf, start, n, allowance = cache.get(zdigest).files.vector()
+usize = cache.get(zdigest).uncompressed_archive_size
+path = str(cache.path(zdigest))
+out = {"size": cache.path(zdigest).stat().st_size}
+assert _tree.check_toc(buf, start, n, usize, file_backed) is not None
+out["after_check"] = mapped_rss(path)
+assert _landing.toc_records(buf, start, n, usize, allowance, parse_mod_time, file_backed) is not None
+out["after_records"] = mapped_rss(path)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("file_backed", [True, False])
+def test_each_pass_over_a_mapped_ztoc_gives_its_pages_back_as_it_goes(
+        big_layer: tuple[Path, str, str, Path, int], file_backed: bool) -> None:
+    root, zdigest, _, _, n = big_layer
+    # Given the cached zTOC of a layer of 200k entries, mapped from the node's cache
+    # When the tree check and the records each read every entry of it
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", _PASSES, str(root), zdigest, "1" if file_backed else "0"],
+                         capture_output=True, text=True, env=env, check=False, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    # Then, told the buffer maps a file, each pass ends holding at most the entries it read since
+    # its last give-back (65,536 of the 200k, about a third), not the whole zTOC; told nothing, it
+    # holds what it read
+    assert n > 3 * 65536
+    for after in ("after_check", "after_records"):
+        if file_backed:
+            assert got[after] <= got["size"] // 3, (after, got)
+        else:
+            assert got[after] >= got["size"] * 9 // 10, (after, got)

@@ -7,6 +7,8 @@
 #define PREWARM_FLATBUF_H
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 typedef struct {
     const uint8_t *b;
@@ -72,6 +74,21 @@ static inline int64_t toc_entry_at(const buf_t *B, int64_t start, int64_t k) {
     int64_t at = start + 4 * k;
     if (at < 0 || at > B->n - 4) return -1;
     return at + u32(B, at);
+}
+
+/* How many entries a pass over a TOC that maps a file reads between two give_back_all calls:
+ * a million entries are ~190 MB of zTOC, and a pass touches it all. */
+#define GIVE_BACK_EVERY 65536
+
+/* Drop every page of B from this process (B must map a file: MADV_DONTNEED drops the pages of
+ * a file mapping from this process and the page cache keeps them; on anonymous memory it would
+ * zero them).  Why the whole buffer: a builder may put the entries' strings far from their
+ * tables, so no range behind the pass can be said to be done with; a page read again after
+ * this is a minor fault from the page cache. */
+static inline void give_back_all(const buf_t *B) {
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t a = ((uintptr_t)B->b + page - 1) & ~(page - 1), b = (uintptr_t)(B->b + B->n) & ~(page - 1);
+    if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
 }
 
 #endif

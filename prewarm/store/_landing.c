@@ -974,15 +974,8 @@ PyDoc_STRVAR(toc_records_doc,
 "``parse_mod_time`` parses a time C does not (then the next entry with the same string\n"
 "reuses it).  None for anything the Python derive must take and word: an entry not plainly\n"
 "well-formed, past the decoding ``allowance``, a time out of a record's range, a header\n"
-"chain that does not fit the archive, a heap over 4 GiB.");
-
-/* Give back the pages of B within [from, to) (a file mapping: MADV_DONTNEED drops them from this
- * process, the page cache keeps them). */
-static void give_back(const buf_t *B, int64_t from, int64_t to) {
-    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
-    uintptr_t a = ((uintptr_t)(B->b + from) + page - 1) & ~(page - 1), b = (uintptr_t)(B->b + to) & ~(page - 1);
-    if (from < to && b > a) madvise((void *)a, b - a, MADV_DONTNEED);
-}
+"chain that does not fit the archive, a heap over 4 GiB.  With ``file_backed`` (``buf`` maps\n"
+"a file) the pass gives the buffer's pages back as it goes.");
 
 static PyObject *toc_records(PyObject *self, PyObject *args) {
     Py_buffer view;
@@ -1004,30 +997,11 @@ static PyObject *toc_records(PyObject *self, PyObject *args) {
     record_t *rec = (record_t *)PyByteArray_AS_STRING(records);
     memset(rec, 0, (size_t)count * sizeof(record_t));
     int64_t spent = 0, pos = 0;
-    /* A zTOC of a million entries is ~190 MB.  Builders lay the entries out in order, each table
-     * with its strings (soci's: ascending), so every 4096 entries what lies more than 1 MiB
-     * behind the last ones read (below them, or above them if the TOC runs down) is done with.
-     * Should an entry lie elsewhere, its pages are read again from the page cache. */
-    int64_t done_below = 0, done_above = B.n, mark = -1, wmin = B.n, wmax = 0;
     int unsure = 0;
     for (Py_ssize_t k = 0; k < count; k++) {
         toc_entry_t e;
+        if (file_backed && k && (k & (GIVE_BACK_EVERY - 1)) == 0) give_back_all(&B);
         if (!read_toc_entry(&B, start, k, allowance - spent, &e)) { unsure = 1; break; }
-        if (file_backed) {
-            int64_t t = toc_entry_at(&B, start, k);
-            if (t < wmin) wmin = t;
-            if (t > wmax) wmax = t;
-            if ((k & 4095) == 4095) {
-                if (mark >= 0 && t > mark && wmin - (1 << 20) > done_below) {
-                    give_back(&B, done_below, wmin - (1 << 20));
-                    done_below = wmin - (1 << 20);
-                } else if (mark >= 0 && t < mark && wmax + (1 << 20) < done_above) {
-                    give_back(&B, wmax + (1 << 20), done_above);
-                    done_above = wmax + (1 << 20);
-                }
-                mark = t, wmin = B.n, wmax = 0;
-            }
-        }
         spent += e.cost;
         /* the tree check's bounds and derive's header chain: anything else is Python's to word */
         if (e.offset < 0 || e.size < 0 || e.offset > usize || (e.type == 0 && e.size > usize - e.offset) ||

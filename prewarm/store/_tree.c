@@ -650,7 +650,8 @@ static void tree_free(tree_t *T) {
 }
 
 PyDoc_STRVAR(check_toc_doc,
-"check_toc(buf, start, count, archive_size) -> (kinds, finals, fresh, paths, path_index, made_at, linked) | None\n\n"
+"check_toc(buf, start, count, archive_size, file_backed=False)\n"
+"    -> (kinds, finals, fresh, paths, path_index, made_at, linked) | None\n\n"
 "layerfs.check_archive(parse_ztoc(buf, lazy_files=True).files, archive_size) in C, for\n"
 "the TOC vector of `count` entries at `start` of the zTOC in `buf`, as columns:\n"
 "kinds[i] (table._KINDS code), finals[i], fresh[i] (one byte each), entry i's path as\n"
@@ -659,7 +660,9 @@ PyDoc_STRVAR(check_toc_doc,
 "of a hard link.  None whenever the Python checker must take it: whatever it (or the\n"
 "decoding of the entries) would refuse, and anything this checker leaves to it.\n"
 "`buf` must be the buffer parse_ztoc read (its length sets the decoding budget) and\n"
-"`archive_size` what check_archive is given (the zTOC's uncompressed archive size).\n\n"
+"`archive_size` what check_archive is given (the zTOC's uncompressed archive size).\n"
+"With `file_backed` (`buf` maps a file, never memory of its own) the pass gives the\n"
+"buffer's pages back as it goes, so it does not hold the whole zTOC in its RSS.\n\n"
 "Raises:\n"
 "    ValueError: the TOC vector lies outside the buffer.\n"
 "    MemoryError: no memory for the columns or the path table.");
@@ -668,8 +671,9 @@ static PyObject *check_toc(PyObject *self, PyObject *args) {
     Py_buffer view;
     Py_ssize_t start, count;
     long long archive_size;
+    int file_backed = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*nnL", &view, &start, &count, &archive_size)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*nnL|p", &view, &start, &count, &archive_size, &file_backed)) return NULL;
     tree_t T;
     memset(&T, 0, sizeof T);
     T.B = (buf_t){view.buf, view.len};
@@ -706,7 +710,10 @@ static PyObject *check_toc(PyObject *self, PyObject *args) {
     int64_t root = intern(&T, (const uint8_t *)"", 0, hash_path(NULL, 0), 1, &st);
     if (root != 0) goto done;
     set_kind(&T, 0, P_DIR, -1);
-    for (int64_t i = 0; i < count && st == OK; i++) st = check_entry(&T, start, i);
+    for (int64_t i = 0; i < count && st == OK; i++) {
+        if (file_backed && i && (i & (GIVE_BACK_EVERY - 1)) == 0) give_back_all(&T.B);
+        st = check_entry(&T, start, i);
+    }
     if (st != OK) goto done;
 
     /* the columns as Python wants them */

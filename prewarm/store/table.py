@@ -445,10 +445,10 @@ def _derive_in_c(ztoc: ZtocView, fingerprint: str, spans: list[SpanRange], windo
         return None
     # The tree check first (it also holds the TOC to the decoding budget, before anything is
     # kept per entry from names a zTOC may repeat), so its maps are gone before the records are
-    # made.  A zTOC the node cache maps gives its pages back after each pass: a million entries
-    # are ~190 MB of it, and each pass reads it all (the records' gives them back as it goes).
+    # made.  A zTOC the node cache maps gives its pages back as each pass goes: a million entries
+    # are ~190 MB of it, and each pass reads it all.
     file_backed = bool(getattr(files, "file_backed", False))
-    checked = tree.check_toc(buf, start, n, usize)
+    checked = tree.check_toc(buf, start, n, usize, file_backed)
     _give_back(buf, file_backed)
     if checked is None:
         return None

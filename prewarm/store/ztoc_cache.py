@@ -11,12 +11,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import functools
 import mmap
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from prewarm.errors import BadZtoc, DigestMismatch
 from prewarm.index.ztoc import LazyFiles, Ztoc, parse_ztoc
@@ -33,6 +34,14 @@ _ANY_SHA256 = "sha256:" + "0" * 64
 
 class BlobSource(Protocol):
     def get_blob(self, registry: str, repository: str, digest: str, *, max_size: int = ...) -> bytes: ...
+
+
+@runtime_checkable
+class StreamingBlobSource(BlobSource, Protocol):
+    """A source that can also stream a blob (the registry client): a zTOC then goes to disk as it comes."""
+
+    def stream_blob(self, registry: str, repository: str, digest: str, *,
+                    chunk_size: int = ...) -> contextlib.AbstractContextManager[Iterator[bytes]]: ...
 
 
 class ZtocCache:
@@ -93,6 +102,17 @@ class ZtocCache:
         """
         if digest is not None and self.has(digest):
             return digest  # nothing of source is stored, so nothing of it needs trusting
+        with open(source, "rb") as src:
+            return self._store(iter(functools.partial(src.read, _COPY_CHUNK), b""), digest, f"zTOC file {source}",
+                               limit=None)
+
+    def _store(self, chunks: Iterable[bytes], digest: str | None, what: str, limit: int | None) -> str:
+        """Write ``chunks`` under a temporary name in the cache, hashing them; fsync, check, rename.
+
+        Raises:
+            DigestMismatch: the bytes are not ``digest`` (nothing is stored).
+            BadZtoc: more than ``limit`` bytes (nothing is stored).
+        """
         folder = self.path(digest or _ANY_SHA256).parent  # put names zTOCs by their sha256
         folder.mkdir(parents=True, exist_ok=True)
         # the writer's PID in the name, as atomic_write: remove_orphaned_temps knows a killed writer's file
@@ -100,16 +120,19 @@ class ZtocCache:
         tmp = Path(tmp_name)
         try:
             hasher = new_hasher(digest or _ANY_SHA256)
-            with os.fdopen(fd, "wb") as dst, open(source, "rb") as src:
-                while block := src.read(_COPY_CHUNK):
+            size = 0
+            with os.fdopen(fd, "wb") as dst:
+                for block in chunks:
+                    size += len(block)
+                    if limit is not None and size > limit:
+                        raise BadZtoc(f"{what} is more than the {limit} bytes a zTOC may be")
                     hasher.update(block)
                     dst.write(block)
                 dst.flush()
                 os.fsync(dst.fileno())
             actual = f"{hasher.name}:{hasher.hexdigest()}"
             if digest is not None and actual != digest:
-                raise DigestMismatch(f"zTOC file {source}: expected {digest}, got {actual}",
-                                     expected=digest, actual=actual)
+                raise DigestMismatch(f"{what}: expected {digest}, got {actual}", expected=digest, actual=actual)
             if not self.path(actual).is_file():
                 os.replace(tmp, self.path(actual))
         finally:
@@ -132,7 +155,7 @@ class ZtocCache:
         if not path.is_file():
             if source is None:
                 raise BadZtoc(f"zTOC {digest} is not in the node cache {path.parent} and no registry was given")
-            self.put(source.get_blob(registry, repository, digest, max_size=MAX_ZTOC_BYTES), digest)
+            self._fetch(source, registry, repository, digest)
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
@@ -148,3 +171,16 @@ class ZtocCache:
         while len(self._parsed) > self._capacity:
             self._parsed.popitem(last=False)
         return z
+
+    def _fetch(self, source: BlobSource, registry: str, repository: str, digest: str) -> None:
+        """Fetch zTOC ``digest`` into the cache, streamed to disk where ``source`` can stream.
+
+        Why: a layer of a million files has a zTOC of ~220 MB; read whole, it was that much
+        more peak memory in the process that fetched it (the ``schedule`` CLI).
+        """
+        what = f"zTOC {digest} from {registry}/{repository}"
+        if isinstance(source, StreamingBlobSource):
+            with source.stream_blob(registry, repository, digest) as chunks:
+                self._store(chunks, digest, what, limit=MAX_ZTOC_BYTES)
+        else:
+            self.put(source.get_blob(registry, repository, digest, max_size=MAX_ZTOC_BYTES), digest)
