@@ -11,10 +11,14 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.services import RedisServer, Registry, run_redis, run_registry
+
+if TYPE_CHECKING:
+    from tests.tokenserver import TokenRegistry
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -68,7 +72,7 @@ def repo_name() -> str:
 
 
 @pytest.fixture(scope="session")
-def _token_registry_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator["TokenRegistry"]:
+def _token_registry_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenRegistry]:
     from tests.tokenserver import TokenRegistry, TokenServer
 
     folder = tmp_path_factory.mktemp("token-registry")
@@ -78,7 +82,7 @@ def _token_registry_session(tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 @pytest.fixture()
-def token_registry(_token_registry_session: "TokenRegistry") -> Iterator["TokenRegistry"]:
+def token_registry(_token_registry_session: TokenRegistry) -> Iterator[TokenRegistry]:
     """A docker-registry with bearer-token auth (token server in tests/tokenserver.py; alice / s3cret-pw,
     identity token ``rt-alice-1``; anonymous pull allowed).  Token server settings reset per test."""
     tokens = _token_registry_session.tokens

@@ -50,9 +50,8 @@ def test_byte_rate_is_shared_and_held(r: redis.Redis) -> None:
 
     def client() -> None:
         for _ in range(6):
-            with budget.request("reg:1", 500_000):
-                with lock:
-                    granted.append(time.monotonic())
+            with budget.request("reg:1", 500_000), lock:
+                granted.append(time.monotonic())
 
     start = time.monotonic()
     threads = [threading.Thread(target=client) for _ in range(4)]

@@ -111,7 +111,7 @@ def test_no_credential_reaches_redis(tmp_path: Path, auth_registry: Registry, re
 def _make_ca_and_cert(folder: Path) -> tuple[Path, Path, Path]:
     """A throwaway test CA and a server certificate for 127.0.0.1, made with openssl."""
     ca_key, ca, key, csr, cert = (folder / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt"))
-    run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)  # noqa: E731
+    run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)
     run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=prewarm test CA",
         "-keyout", str(ca_key), "-out", str(ca))
     run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(csr))

@@ -39,7 +39,7 @@ def sha256_digest(data: bytes | bytearray | memoryview) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def new_hasher(digest: str) -> "hashlib._Hash":
+def new_hasher(digest: str) -> hashlib._Hash:
     return hashlib.new(parse_digest(digest)[0])
 
 
