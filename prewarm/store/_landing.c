@@ -1204,6 +1204,109 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(skeleton_nodes_doc,
+"skeleton_nodes(root_fd, records, heap, kinds, born, python, visit, at, dir_kind, reg_kind, symlink_kind) -> int\n\n"
+"Make the skeleton's nodes for the entries ``visit[at:]`` (int64 indices: skeleton_entries'\n"
+"output), in order, the GIL released, as LayerWriter does on paths nothing holds yet: a born\n"
+"file's directory is checked to exist; a directory is made 0755 (one already there is kept); a\n"
+"regular file is made 0600 (O_EXCL) and sized; a symlink is made.  Every parent is opened\n"
+"beneath ``root_fd`` with no symlink followed.  Returns the position in ``visit`` of the first\n"
+"entry left to Python (len(visit) when none): another kind, one ``python[i]`` marks, a record\n"
+"without F_PLAIN, a path already taken, a parent missing or unsafe, any call that fails.\n"
+"Python then makes that entry as before (or words its error), and calls again from the next.\n\n"
+"Raises:\n"
+"    ValueError: the columns differ in length, or an index or a string lies outside them.");
+
+/* Copy heap[off, off + len) into out as a C string; 0 if it does not fit or holds a NUL. */
+static int heap_string(const Py_buffer *heap, uint32_t off, uint32_t len, char *out, size_t cap) {
+    if ((uint64_t)off + len > (uint64_t)heap->len || len >= cap) return 0;
+    memcpy(out, (const char *)heap->buf + off, len);
+    out[len] = 0;
+    return memchr(out, 0, len) == NULL;
+}
+
+static PyObject *skeleton_nodes(PyObject *self, PyObject *args) {
+    int root_fd, dir_kind, reg_kind, link_kind;
+    Py_buffer recs, heap, kindsb, bornb, pyb, visitb;
+    Py_ssize_t at;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iy*y*y*y*y*y*niii", &root_fd, &recs, &heap, &kindsb, &bornb, &pyb, &visitb, &at,
+                          &dir_kind, &reg_kind, &link_kind))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = recs.len / (Py_ssize_t)sizeof(record_t), m = visitb.len / (Py_ssize_t)sizeof(int64_t);
+    if (recs.len % (Py_ssize_t)sizeof(record_t) || kindsb.len != n || bornb.len != n || pyb.len != n ||
+        visitb.len % (Py_ssize_t)sizeof(int64_t) || at < 0 || at > m) {
+        PyErr_SetString(PyExc_ValueError, "skeleton_nodes: the columns differ in length");
+        goto done;
+    }
+    const uint8_t *kinds = kindsb.buf, *born = bornb.buf, *python = pyb.buf;
+    const char *visit = visitb.buf;
+    for (Py_ssize_t pos = at; pos < m; pos++) { /* checked first: the loop below may not raise */
+        int64_t i;
+        memcpy(&i, visit + pos * (Py_ssize_t)sizeof i, sizeof i);
+        if (i < 0 || i >= n) {
+            PyErr_SetString(PyExc_ValueError, "skeleton_nodes: an entry index lies outside the records");
+            goto done;
+        }
+    }
+    Py_ssize_t pos = at;
+    Py_BEGIN_ALLOW_THREADS
+    static __thread char path[4096], target[4096];
+    char parent[4096] = "";
+    int pfd = -1; /* the open directory `parent` names (root_fd for "") */
+    for (; pos < m; pos++) {
+        int64_t i;
+        memcpy(&i, visit + pos * (Py_ssize_t)sizeof i, sizeof i);
+        record_t r;
+        memcpy(&r, (const char *)recs.buf + i * (Py_ssize_t)sizeof(record_t), sizeof r);
+        int kind = kinds[i];
+        if (python[i] || !(r.flags & F_PLAIN) || !heap_string(&heap, r.path_off, r.path_len, path, sizeof path) ||
+            !path[0])
+            break;
+        if (!born[i] && kind != dir_kind && kind != reg_kind && kind != link_kind) break;
+        char *slash = strrchr(path, '/');
+        const char *base = slash ? slash + 1 : path;
+        if (slash) *slash = 0;
+        const char *dir = slash ? path : "";
+        if (pfd < 0 || strcmp(dir, parent) != 0) {
+            if (pfd >= 0 && pfd != root_fd) close(pfd);
+            pfd = *dir ? open_beneath(root_fd, dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW) : root_fd;
+            if (pfd < 0) break; /* missing (Python makes it) or unsafe (Python says so) */
+            strcpy(parent, dir);
+        }
+        if (born[i] || !*base) continue; /* a born file's directory is all the skeleton makes for it */
+        if (kind == dir_kind) {
+            if (mkdirat(pfd, base, 0755) < 0) {
+                struct stat st;
+                if (errno != EEXIST || fstatat(pfd, base, &st, AT_SYMLINK_NOFOLLOW) < 0 || !S_ISDIR(st.st_mode))
+                    break;
+            }
+        } else if (kind == reg_kind) {
+            if (r.size < 0) break;
+            int fd = openat(pfd, base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+            if (fd < 0) break;
+            int bad = r.size > 0 && ftruncate(fd, r.size) < 0;
+            if (close(fd) < 0 || bad) break; /* Python replaces the file and sizes it again */
+        } else {
+            if (!heap_string(&heap, r.link_off, r.link_len, target, sizeof target) ||
+                symlinkat(target, pfd, base) < 0)
+                break;
+        }
+    }
+    if (pfd >= 0 && pfd != root_fd) close(pfd);
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(pos);
+done:
+    PyBuffer_Release(&recs);
+    PyBuffer_Release(&heap);
+    PyBuffer_Release(&kindsb);
+    PyBuffer_Release(&bornb);
+    PyBuffer_Release(&pyb);
+    PyBuffer_Release(&visitb);
+    return result;
+}
+
 PyDoc_STRVAR(create_files_doc,
 "create_files(dir_fd, files, direct, min_direct) -> (failed, errno, direct)\n\n"
 "Create each (name, data, uid, gid, mode, mtime_ns) of ``files`` in ``dir_fd`` (O_EXCL, no symlink\n"
@@ -1272,6 +1375,7 @@ static PyMethodDef methods[] = {
     {"create_files", create_files, METH_VARARGS, create_files_doc},
     {"place_records", place_records, METH_VARARGS, place_records_doc},
     {"skeleton_entries", skeleton_entries, METH_VARARGS, skeleton_entries_doc},
+    {"skeleton_nodes", skeleton_nodes, METH_VARARGS, skeleton_nodes_doc},
     {"toc_records", toc_records, METH_VARARGS, toc_records_doc},
     {"write_pieces", write_pieces, METH_VARARGS, write_pieces_doc},
     {NULL, NULL, 0, NULL},

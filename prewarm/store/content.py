@@ -58,7 +58,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -81,7 +81,7 @@ from prewarm.store.layout import Layout, secure_root
 from prewarm.store.longlived import long_lived
 from prewarm.store.spans import fetch_range
 from prewarm.store.syscalls import syncfs
-from prewarm.store.table import LandingTable, SpanRange, ZtocView, fingerprint_of
+from prewarm.store.table import KIND_CODE, LandingTable, SpanRange, ZtocView, fingerprint_of
 from prewarm.store.writeback import EarlyWriteback
 
 __all__ = ["BOOT_ID_PATH", "ContentStore", "LandResult", "LayerState", "ZtocView", "current_boot_id", "fetch_range"]
@@ -349,11 +349,25 @@ class ContentStore:
         fs.mkdir(mode=0o755)
         born, placements = table.born, table.placements
         c = landing.backend()
-        visit: Iterable[int] = (memoryview(c.skeleton_entries(table.records, table.heap, born)).cast("q")
+        visit: Sequence[int] = (memoryview(c.skeleton_entries(table.records, table.heap, born)).cast("q")
                                 if c is not None else range(len(born)))
+        # C makes the nodes of fresh paths (directories, files, symlinks) and hands each other
+        # entry back: Python makes those as before, or words their error
+        python = bytearray(len(born))
+        for k in table.made_at:
+            python[k] = 1
+        pos, end = 0, len(visit)
         with LayerWriter(fs) as writer:
             made = None  # the directory the last born files are in, made since the last other entry
-            for i in visit:  # (with C, only the entries where there is something to do)
+            while pos < end:
+                if c is not None:
+                    pos = c.skeleton_nodes(writer.root_fd, table.records, table.heap, table.kinds, born, python,
+                                           visit, pos, KIND_CODE["dir"], KIND_CODE["reg"], KIND_CODE["symlink"])
+                    made = None
+                    if pos == end:
+                        break
+                i = visit[pos]
+                pos += 1
                 placement = placements[i]
                 if born[i]:
                     parent = placement.path.rpartition("/")[0]

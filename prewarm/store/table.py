@@ -107,6 +107,7 @@ class LandingTable:
         "heap",
         "keys",
         "kinds",
+        "made_at",
         "meta",
         "placements",
         "records",
@@ -152,6 +153,8 @@ class LandingTable:
         self.header_starts: Sequence[int] = fields[1::_QS_PER_RECORD]
         s = col["spans"].cast("q")
         self.spans = list(map(SpanRange, s[0::4], s[1::4], s[2::4], s[3::4]))
+        #: The entries whose node is made at another path than their own (``Placement.made_at``).
+        self.made_at: dict[int, str] = made_at
         self.placements: Sequence[Placement] = _Placements(self, made_at)
         self.meta: Sequence[Meta] = _Metas(self, xattrs, override)
         self._smap: SpanMap | None = None
@@ -242,7 +245,7 @@ class LandingTable:
             out = stack.enter_context(tempfile.TemporaryFile(dir=spill)) if spill is not None else None
             buf = _encode(known or fp.hexdigest(), (_WINDOWED if windowed else 0) | (_ALL_KEYS if all_keys else 0),
                           pos, spans, records, heap, keys, born, smap.arrays(),
-                          bytes(_KIND_CODE[p.kind] for p in placements), bytes(p.final for p in placements),
+                          bytes(KIND_CODE[p.kind] for p in placements), bytes(p.final for p in placements),
                           marshal.dumps(extras), out)
         table = cls(ztoc, buf)
         table.placements = placements  # (objects already: the skeleton that comes next reads them all)
@@ -328,7 +331,8 @@ class _Unfit(Exception):
 
 #: Placement kinds by their one-byte code in the ``kinds`` column.
 _KINDS = ("reg", "dir", "symlink", "hardlink", "char", "block", "fifo", "whiteout", "opaque", "skip")
-_KIND_CODE = {k: i for i, k in enumerate(_KINDS)}
+#: A placement kind's one-byte code in the ``kinds`` column (C's skeleton is told the ones it makes).
+KIND_CODE = {k: i for i, k in enumerate(_KINDS)}
 _KIND_CODES = bytes(range(len(_KINDS)))
 _MAGIC = b"PWLANDT\0"
 _WINDOWED, _ALL_KEYS = 1, 2
