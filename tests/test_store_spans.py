@@ -6,6 +6,8 @@ import dataclasses
 import gzip
 import json
 import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from prewarm.errors import (
     BadZtoc,
     DigestMismatch,
     InsufficientSpace,
+    PrewarmError,
     StoreError,
     UnsafeArchive,
 )
@@ -439,3 +442,27 @@ def test_a_failed_early_writeback_of_a_whole_layer_fails_its_ingest(tmp_path: Pa
         store.ingest_stream(sha(blob), [blob], media_type="application/vnd.oci.image.layer.v1.tar+gzip",
                             diff_id=sha(tar))
     assert store.layer_state(sha(blob)) != "ready"
+
+
+def test_a_failed_ingest_leaves_no_early_writeback_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a whole layer whose stream breaks off after its first early write-back started,
+    # and a write-back that takes its time (a slow disk)
+    tar = every_kind_tar()
+    blob = gzip.compress(tar, mtime=0)
+    monkeypatch.setattr(ingest, "WRITEBACK_EVERY", 4096)
+    running = threading.Event()
+
+    def slow_syncfs(fd: int) -> None:
+        running.set()
+        time.sleep(0.5)
+
+    monkeypatch.setattr(writeback, "syncfs", slow_syncfs)
+    store = ContentStore(tmp_path / "root")
+    # When the ingest fails (the blob's last bytes are cut off)
+    with pytest.raises(PrewarmError):
+        store.ingest_stream(sha(blob), [blob[:-9]], media_type="application/vnd.oci.image.layer.v1.tar+gzip",
+                            diff_id=sha(tar))
+    # Then the write-back had started, and had ended before the failure was raised: nothing
+    # holds the removed layer's folder open
+    assert running.is_set()
+    assert not [t for t in threading.enumerate() if t.name == "prewarm-writeback"]

@@ -175,6 +175,9 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
                 creator.stop()  # every small file is created (or its error is raised)
         except Exception as err:
             inflater.stop()  # before anything else reads the registry stream
+            # its syncfs holds the layer's folder open: the caller removes the layer next (and
+            # a store on its own small filesystem could not be unmounted while it runs)
+            early.join()
             if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise
             if isinstance(err, (ExpansionLimit, InsufficientSpace)):
