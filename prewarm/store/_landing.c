@@ -347,6 +347,14 @@ static int fail(writer_t *w, int code, Py_ssize_t k) {
     return -1;
 }
 
+/* Copy heap[off, off + len) into out as a C string; 0 if it does not fit or holds a NUL. */
+static int heap_string(const Py_buffer *heap, uint32_t off, uint32_t len, char *out, size_t cap) {
+    if ((uint64_t)off + len > (uint64_t)heap->len || len >= cap) return 0;
+    memcpy(out, (const char *)heap->buf + off, len);
+    out[len] = 0;
+    return memchr(out, 0, len) == NULL;
+}
+
 /* The fd of the directory that holds `path` (len bytes); sets *base to its last component. */
 static int parent_of(writer_t *w, const char *path, size_t len, const char **base, Py_ssize_t k) {
     const char *slash = memrchr(path, '/', len);
@@ -545,7 +553,6 @@ static PyObject *write_pieces(PyObject *self, PyObject *args) {
     w->parent_fd = -1;
     const uint8_t *buf = out.buf;
     int64_t uend = ustart + out.len;
-    const char *heapbuf = L.heap.buf;
     int rc = 0, oom = 0;
     Py_BEGIN_ALLOW_THREADS
     Py_ssize_t k = first_after(&L, ustart);
@@ -570,13 +577,11 @@ static PyObject *write_pieces(PyObject *self, PyObject *args) {
             continue;
         }
         char path[4096];
-        if (r->path_len >= sizeof path || memchr(heapbuf + r->path_off, 0, r->path_len)) {
+        if (!heap_string(&L.heap, r->path_off, r->path_len, path, sizeof path)) {
             errno = ENAMETOOLONG;
             rc = fail(w, E_OPEN_DATA, k);
             break;
         }
-        memcpy(path, heapbuf + r->path_off, r->path_len);
-        path[r->path_len] = 0;
         if (r->flags & F_BORN) {
             if (lo != d || hi != e) { /* a born file lies inside one span: the table lies */
                 errno = EINVAL;
@@ -1217,14 +1222,6 @@ PyDoc_STRVAR(skeleton_nodes_doc,
 "Raises:\n"
 "    ValueError: the columns differ in length, or an index or a string lies outside them.");
 
-/* Copy heap[off, off + len) into out as a C string; 0 if it does not fit or holds a NUL. */
-static int heap_string(const Py_buffer *heap, uint32_t off, uint32_t len, char *out, size_t cap) {
-    if ((uint64_t)off + len > (uint64_t)heap->len || len >= cap) return 0;
-    memcpy(out, (const char *)heap->buf + off, len);
-    out[len] = 0;
-    return memchr(out, 0, len) == NULL;
-}
-
 static PyObject *skeleton_nodes(PyObject *self, PyObject *args) {
     int root_fd, dir_kind, reg_kind, link_kind;
     Py_buffer recs, heap, kindsb, bornb, pyb, visitb;
@@ -1251,10 +1248,12 @@ static PyObject *skeleton_nodes(PyObject *self, PyObject *args) {
         }
     }
     Py_ssize_t pos = at;
+    writer_t w; /* (for its cached parent directory: parent_of) */
+    memset(&w, 0, sizeof w);
+    w.root_fd = root_fd;
+    w.parent_fd = -1;
     Py_BEGIN_ALLOW_THREADS
     static __thread char path[4096], target[4096];
-    char parent[4096] = "";
-    int pfd = -1; /* the open directory `parent` names (root_fd for "") */
     for (; pos < m; pos++) {
         int64_t i;
         memcpy(&i, visit + pos * (Py_ssize_t)sizeof i, sizeof i);
@@ -1265,16 +1264,9 @@ static PyObject *skeleton_nodes(PyObject *self, PyObject *args) {
             !path[0])
             break;
         if (!born[i] && kind != dir_kind && kind != reg_kind && kind != link_kind) break;
-        char *slash = strrchr(path, '/');
-        const char *base = slash ? slash + 1 : path;
-        if (slash) *slash = 0;
-        const char *dir = slash ? path : "";
-        if (pfd < 0 || strcmp(dir, parent) != 0) {
-            if (pfd >= 0 && pfd != root_fd) close(pfd);
-            pfd = *dir ? open_beneath(root_fd, dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW) : root_fd;
-            if (pfd < 0) break; /* missing (Python makes it) or unsafe (Python says so) */
-            strcpy(parent, dir);
-        }
+        const char *base;
+        int pfd = parent_of(&w, path, r.path_len, &base, (Py_ssize_t)i);
+        if (pfd < 0) break; /* missing (Python makes it) or unsafe (Python says so) */
         if (born[i] || !*base) continue; /* a born file's directory is all the skeleton makes for it */
         if (kind == dir_kind) {
             if (mkdirat(pfd, base, 0755) < 0) {
@@ -1294,7 +1286,7 @@ static PyObject *skeleton_nodes(PyObject *self, PyObject *args) {
                 break;
         }
     }
-    if (pfd >= 0 && pfd != root_fd) close(pfd);
+    if (w.parent_fd >= 0) close(w.parent_fd);
     Py_END_ALLOW_THREADS
     result = PyLong_FromSsize_t(pos);
 done:
