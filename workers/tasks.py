@@ -206,7 +206,7 @@ def _run_once(task: Task, fn, ctx: NodeContext, kw: dict, signed: bool,  # type:
             raise
         except ClaimedElsewhere as err:
             _retry(task, ctx, kw, signed, err, peer_wait_delay(waits), waits + 1, waits=waits + 1)
-        except Exception as err:
+        except Exception as err:  # every failure ends in a retry or a recorded reason
             retries = task.request.retries - waits  # waiting for a peer is not a failed attempt
             if isinstance(err, Transient) and retries < ctx.settings.transient_retries:
                 _retry(task, ctx, kw, signed, err, _retry_delay(retries, err, ctx.settings.retry_max_delay),

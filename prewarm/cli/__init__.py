@@ -54,7 +54,7 @@ class PrewarmGroup(click.Group):
                 raise
             click.echo(f"prewarm: error: {err}", err=True)
             sys.exit(err.exit_code)
-        except Exception as err:
+        except Exception as err:  # the broker's own errors, turned into ours once, here
             mapped = _broker_error(err, (ctx.obj or {}).get("broker_url"))
             if mapped is None or (ctx.obj and ctx.obj.get("debug")):
                 raise

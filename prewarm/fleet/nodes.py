@@ -219,7 +219,7 @@ class Heartbeat(threading.Thread):
                     self.on_beat()
             except redis.exceptions.RedisError:
                 self._sent = None  # Redis restarting: the next beat registers again, layers and all
-            except Exception:
+            except Exception:  # the heartbeat must outlive any one bad beat
                 self._sent = None
                 log.exception("heartbeat of node %s failed; beating again in %.0fs", self.node, self.interval)
             self._halt.wait(self.interval)
