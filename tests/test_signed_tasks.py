@@ -125,3 +125,43 @@ def test_runs_making_the_embedded_key_pair_at_once_share_one_matching_pair(tmp_p
     body = TaskSigner.from_files(key, cert).sign({"job": "j"})
     assert loads(body, SIGNED_CONTENT_TYPE, "utf-8", accept=[SIGNED_CONTENT_TYPE])[1]["job"] == "j"
     assert refused == []
+
+
+def test_a_worker_started_before_its_certificate_waits_for_it_then_runs_only_signed_tasks(
+        tmp_path: Path, registry: Registry, redis_url: str) -> None:
+    """The embedded run starts its workers before it makes its key pair (CERT_WAIT_ENV)."""
+    from prewarm.fleet.signing import CERT_WAIT_ENV, keypair_paths
+
+    folder = tmp_path / "scheduler"
+    key, cert = keypair_paths(folder)
+    ref = push(simple_image(tmp_path / "oci"), registry, "signed/late")
+    env = clean_env(tmp_path / "store", PREWARM_BROKER_URL=redis_url, PREWARM_INSECURE_REGISTRIES=registry.host,
+                    PREWARM_NODE_NAME="s4", PREWARM_TRUSTED_CERTS=str(cert), **SPANS)
+    worker = start_worker({**env, CERT_WAIT_ENV: "60"}, tmp_path / "w.log", "-c", "1", "--hostname", "w@s4",
+                          registered=False)
+    try:
+        time.sleep(1.0)  # the worker is waiting: no certificate yet, and it has not given up
+        assert worker.proc.poll() is None, worker.log.read_text()[-2000:]
+        assert not redis.Redis.from_url(redis_url).exists("prewarm:node:s4")
+        assert ensure_keypair(folder) == (key, cert)
+        start = time.monotonic()
+        while not redis.Redis.from_url(redis_url).exists("prewarm:node:s4"):
+            assert worker.proc.poll() is None and time.monotonic() - start < 60, worker.log.read_text()[-2000:]
+            time.sleep(0.1)
+        scheduler = {**env, "PREWARM_SIGNING_KEY": str(key), "PREWARM_SIGNING_CERT": str(cert)}
+        job = prewarm("schedule", ref, "--node", "s4", env=scheduler, check=True).stdout.strip()
+        final = wait_job(job, env)
+        assert final["state"] == "succeeded", (final, worker.log.read_text()[-3000:])
+    finally:
+        worker.stop()
+
+
+def test_a_worker_whose_certificate_never_comes_stops_with_the_usual_message(tmp_path: Path, redis_url: str) -> None:
+    from prewarm.fleet.signing import CERT_WAIT_ENV
+
+    cert = tmp_path / "never" / "signing.crt"
+    env = clean_env(tmp_path / "store", PREWARM_BROKER_URL=redis_url, PREWARM_NODE_NAME="s5",
+                    PREWARM_TRUSTED_CERTS=str(cert), **{CERT_WAIT_ENV: "0.5"})
+    proc = prewarm("worker", "-c", "1", env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "PREWARM_TRUSTED_CERTS" in proc.stderr and "matches no certificate" in proc.stderr, proc.stderr

@@ -53,8 +53,10 @@ def worker_cmd(ctx: click.Context, node: str | None, concurrency: int | None, ho
         raise ConfigError("prewarm worker needs a broker: set PREWARM_BROKER_URL or --broker-url "
                           "(redis://host:port/db, rediss://..., unix:///path)")
     if settings.trusted_certs:
-        from prewarm.fleet.signing import trusted_store
+        from prewarm.fleet.signing import CERT_WAIT_ENV, trusted_store, wait_for_certificate
 
+        if wait := os.environ.pop(CERT_WAIT_ENV, ""):  # started by an embedded run still making its pair
+            wait_for_certificate(settings.trusted_certs, float(wait))
         trusted_store(settings.trusted_certs)  # checked here, before Celery: one line, exit 2
     os.environ.update(settings.to_env())
     os.environ["PREWARM_TASK_EVENTS"] = "1" if task_events else "0"

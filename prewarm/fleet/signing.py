@@ -90,14 +90,22 @@ def signer_from(settings: Settings) -> TaskSigner | None:
     return TaskSigner.from_files(settings.signing_key, settings.signing_cert)
 
 
+def keypair_paths(folder: Path) -> tuple[Path, Path]:
+    """Where :func:`ensure_keypair` keeps the key and the certificate in ``folder``."""
+    return folder / "signing.key", folder / "signing.crt"
+
+
 def ensure_keypair(folder: Path) -> tuple[Path, Path]:
     """The key and certificate in ``folder``, made the first time (RSA 2048, self-signed, key 0600).
+
+    Both appear at once (a folder renamed into place), so a certificate that exists is whole
+    and its key is beside it.
 
     Raises:
         StoreError: the folder cannot be written (InsufficientSpace: the disk is full);
             nothing is left half-written.
     """
-    key, cert = folder / "signing.key", folder / "signing.crt"
+    key, cert = keypair_paths(folder)
     if key.is_file() and cert.is_file():
         return key, cert
     from cryptography import x509
@@ -138,6 +146,28 @@ def ensure_keypair(folder: Path) -> tuple[Path, Path]:
                                     f"({err.strerror}); free some space or point PREWARM_ROOT elsewhere") from None
         raise StoreError(f"cannot write a task-signing key in {folder}: {err.strerror}") from None
     return key, cert
+
+
+#: Set by the embedded scheduler on the workers it starts before its key pair exists: the
+#: seconds a worker may wait for the certificate named by PREWARM_TRUSTED_CERTS to appear.
+CERT_WAIT_ENV = "PREWARM_EMBEDDED_CERT_WAIT"
+
+
+def wait_for_certificate(trusted: str, timeout: float) -> None:
+    """Return once a file matches ``trusted`` (a glob), or after ``timeout`` seconds.
+
+    Why: an embedded run on an empty store starts its workers first and makes the key pair
+    while they import (a new RSA key takes 0.02-0.15 s of the scheduler's start-up, which
+    the workers would otherwise wait out before they start at all).  A worker gets to its
+    certificate check ~0.1 s in; the pair is usually there by then.  If it never comes, the
+    check that follows fails with its usual message.
+    """
+    import glob
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not glob.glob(trusted) and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def trusted_store(trusted: str) -> Any:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from prewarm.config import Settings
 from prewarm.errors import ConfigError, PrewarmError
-from prewarm.fleet.signing import TaskSigner, ensure_keypair
+from prewarm.fleet.signing import CERT_WAIT_ENV, TaskSigner, ensure_keypair, keypair_paths
 from prewarm.node.restart import set_death_signal
 
 
@@ -86,6 +86,10 @@ def default_concurrency() -> int:
     bench.bench_pipeline's (h) ~5% faster; 5 and 6 no faster)."""
     return (os.cpu_count() or 1) + 2
 
+
+#: How long a worker started before the key pair waits for its certificate: far longer
+#: than making one takes; a scheduler that failed to make it stops its workers anyway.
+CERT_WAIT_SECONDS = 30.0
 
 #: The private cluster's run folders under the temp directory, one per embedded run.
 RUN_DIR_PREFIX = "prewarm-embedded-"
@@ -186,11 +190,15 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
                 preexec_fn=_die_with_parent,
             )
         # The private cluster signs its tasks too: its Redis socket is root's alone, but a
-        # worker that runs only signed tasks is the same code path everywhere.
-        key, cert = ensure_keypair(settings.root / "keys")
+        # worker that runs only signed tasks is the same code path everywhere.  On an empty
+        # store the pair is made after the workers start, while they import; they wait for
+        # the certificate (CERT_WAIT_ENV) before their check of it.
+        key, cert = keypair_paths(settings.root / "keys")
         env = {**os.environ,
                **dataclasses.replace(settings, broker_url=broker_url, trusted_certs=str(cert)).to_env()}
         env.setdefault("PREWARM_VISIBILITY_TIMEOUT", "300")
+        if not cert.is_file():
+            env[CERT_WAIT_ENV] = str(CERT_WAIT_SECONDS)
         # the workers' own temp files (their pools' pymp-* folders) go in the run folder, which
         # the cleanup removes: a worker stopped outright cannot remove them itself
         env["TMPDIR"] = str(run_dir)
@@ -208,8 +216,9 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
                         env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                         start_new_session=True, preexec_fn=_die_with_parent,
                     ))
-        # after the workers are started: loading the signer (Celery's security modules) takes
-        # ~0.15 s that their start-up now overlaps
+        # after the workers are started: making the pair and loading the signer (Celery's
+        # security modules) take ~0.2-0.3 s that their start-up now overlaps
+        key, cert = ensure_keypair(settings.root / "keys")
         cluster.signer = TaskSigner.from_files(key, cert)
         yield cluster
     finally:
