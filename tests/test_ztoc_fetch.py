@@ -81,3 +81,23 @@ def test_a_ztoc_over_the_limit_is_refused_and_nothing_is_kept(registry: Registry
         cache.get(digest, client, registry.host, REPO)
     assert not cache.has(digest)
     assert _cache_files(cache, digest) == []
+
+
+def test_a_ztoc_the_registry_serves_altered_is_refused_and_nothing_is_kept(registry: Registry, tmp_path: Path) -> None:
+    """The cache trusts the stream's own digest check (it hashes the bytes once): a registry
+    whose stored blob was altered on its disk, size kept, gets nothing into the cache."""
+    from prewarm.errors import DigestMismatch
+
+    client = _client(registry)
+    data = _ztoc_bytes()
+    digest = client.push_blob(registry.host, REPO, data)
+    hex_ = digest.split(":")[1]
+    stored = registry.dir / "store" / "docker/registry/v2/blobs/sha256" / hex_[:2] / hex_ / "data"
+    altered = bytearray(stored.read_bytes())
+    altered[len(altered) // 2] ^= 0xFF
+    stored.write_bytes(bytes(altered))
+    cache = ZtocCache(Layout(tmp_path / "store"))
+    with pytest.raises(DigestMismatch, match=digest):
+        cache.get(digest, client, registry.host, REPO)
+    assert not cache.has(digest)
+    assert _cache_files(cache, digest) == []

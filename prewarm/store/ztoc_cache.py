@@ -21,8 +21,7 @@ from typing import Protocol, runtime_checkable
 
 from prewarm.errors import BadZtoc, DigestMismatch
 from prewarm.index.ztoc import LazyFiles, Ztoc, parse_ztoc
-from prewarm.resolve.digest import new_hasher, sha256_digest, verify
-from prewarm.store.atomic import atomic_write
+from prewarm.resolve.digest import new_hasher
 from prewarm.store.layout import Layout
 
 #: A zTOC larger than this is refused before it is fetched (about 4,000 GB of layer).
@@ -38,7 +37,11 @@ class BlobSource(Protocol):
 
 @runtime_checkable
 class StreamingBlobSource(BlobSource, Protocol):
-    """A source that can also stream a blob (the registry client): a zTOC then goes to disk as it comes."""
+    """A source that can also stream a blob (the registry client): a zTOC then goes to disk as it comes.
+
+    Its chunks check ``digest`` themselves: the iteration raises DigestMismatch at the end
+    of a blob that is not ``digest``, so the cache does not hash the bytes a second time.
+    """
 
     def stream_blob(self, registry: str, repository: str, digest: str, *,
                     chunk_size: int = ...) -> contextlib.AbstractContextManager[Iterator[bytes]]: ...
@@ -77,16 +80,12 @@ class ZtocCache:
             os.close(fd)
 
     def put(self, data: bytes, digest: str | None = None) -> str:
-        """Store zTOC bytes (verified against ``digest`` when given); returns the digest."""
-        if digest is None:
-            digest = sha256_digest(data)
-        else:
-            verify(data, digest, what=f"zTOC {digest}")
-        path = self.path(digest)
-        if path.is_file():
-            return digest
-        atomic_write(path, data)
-        return digest
+        """Store zTOC bytes (verified against ``digest`` when given); returns the digest.
+
+        Raises:
+            DigestMismatch: ``data`` is not ``digest`` (nothing is stored).
+        """
+        return self._store((data,), digest, f"zTOC {digest or ''}".strip(), limit=None)
 
     def put_file(self, source: Path, digest: str | None = None) -> str:
         """Store a zTOC file (one built on disk: ``build_ztoc_file``) by copying it in; returns its digest.
@@ -106,33 +105,47 @@ class ZtocCache:
             return self._store(iter(functools.partial(src.read, _COPY_CHUNK), b""), digest, f"zTOC file {source}",
                                limit=None)
 
-    def _store(self, chunks: Iterable[bytes], digest: str | None, what: str, limit: int | None) -> str:
+    def _store(self, chunks: Iterable[bytes], digest: str | None, what: str, limit: int | None, *,
+               chunks_verify: bool = False) -> str:
         """Write ``chunks`` under a temporary name in the cache, hashing them; fsync, check, rename.
+
+        With ``chunks_verify`` the chunks check ``digest`` themselves (a
+        :class:`StreamingBlobSource`'s): they are not hashed again here.
+
+        The rename is not followed by an fsync of the folder: a zTOC lost to a crash is
+        fetched again, and a file that is there was whole and verified before its rename.
 
         Raises:
             DigestMismatch: the bytes are not ``digest`` (nothing is stored).
             BadZtoc: more than ``limit`` bytes (nothing is stored).
         """
+        if chunks_verify and digest is None:
+            raise ValueError("chunks that verify themselves need the digest they verify")
         folder = self.path(digest or _ANY_SHA256).parent  # put names zTOCs by their sha256
         folder.mkdir(parents=True, exist_ok=True)
         # the writer's PID in the name, as atomic_write: remove_orphaned_temps knows a killed writer's file
         fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".put.{os.getpid()}-")
         tmp = Path(tmp_name)
         try:
-            hasher = new_hasher(digest or _ANY_SHA256)
+            hasher = None if chunks_verify else new_hasher(digest or _ANY_SHA256)
             size = 0
             with os.fdopen(fd, "wb") as dst:
                 for block in chunks:
                     size += len(block)
                     if limit is not None and size > limit:
                         raise BadZtoc(f"{what} is more than the {limit} bytes a zTOC may be")
-                    hasher.update(block)
+                    if hasher is not None:
+                        hasher.update(block)
                     dst.write(block)
                 dst.flush()
                 os.fsync(dst.fileno())
-            actual = f"{hasher.name}:{hasher.hexdigest()}"
-            if digest is not None and actual != digest:
-                raise DigestMismatch(f"{what}: expected {digest}, got {actual}", expected=digest, actual=actual)
+            if hasher is None:
+                assert digest is not None
+                actual = digest  # the chunks raised DigestMismatch at their end if it were not
+            else:
+                actual = f"{hasher.name}:{hasher.hexdigest()}"
+                if digest is not None and actual != digest:
+                    raise DigestMismatch(f"{what}: expected {digest}, got {actual}", expected=digest, actual=actual)
             if not self.path(actual).is_file():
                 os.replace(tmp, self.path(actual))
         finally:
@@ -181,6 +194,6 @@ class ZtocCache:
         what = f"zTOC {digest} from {registry}/{repository}"
         if isinstance(source, StreamingBlobSource):
             with source.stream_blob(registry, repository, digest) as chunks:
-                self._store(chunks, digest, what, limit=MAX_ZTOC_BYTES)
+                self._store(chunks, digest, what, limit=MAX_ZTOC_BYTES, chunks_verify=True)
         else:
             self.put(source.get_blob(registry, repository, digest, max_size=MAX_ZTOC_BYTES), digest)
