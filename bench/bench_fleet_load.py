@@ -25,6 +25,7 @@ from elsewhere) the parts it lacks are left out, so before and after compare lik
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import shutil
@@ -148,10 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 k += args.workers
 
         def follow() -> None:
-            try:
+            with contextlib.suppress(Exception):  # the wait ends by its timeout here
                 schedule.wait_for_job(r, job, timeout=args.seconds + 5)
-            except Exception:  # noqa: BLE001 - the wait ends by its timeout here
-                pass
 
         threads = [threading.Thread(target=follow, daemon=True)]
         threads += [threading.Thread(target=work, args=(n,), daemon=True) for n in range(args.workers)]

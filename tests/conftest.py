@@ -76,9 +76,9 @@ def _token_registry_session(tmp_path_factory: pytest.TempPathFactory) -> Iterato
     from tests.tokenserver import TokenRegistry, TokenServer
 
     folder = tmp_path_factory.mktemp("token-registry")
-    with TokenServer(folder, users={"alice": "s3cret-pw"}, refresh_tokens={"rt-alice-1": "alice"}) as tokens:
-        with run_registry(folder / "registry", auth_config=tokens.auth_config()) as reg:
-            yield TokenRegistry(reg, tokens)
+    with (TokenServer(folder, users={"alice": "s3cret-pw"}, refresh_tokens={"rt-alice-1": "alice"}) as tokens,
+          run_registry(folder / "registry", auth_config=tokens.auth_config()) as reg):
+        yield TokenRegistry(reg, tokens)
 
 
 @pytest.fixture()

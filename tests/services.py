@@ -200,10 +200,9 @@ def run_registry(data: Path, htpasswd: tuple[str, str] | None = None, *, auth_co
         + tls_block + auth
     )
     log_path = data / "registry.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([_require("docker-registry"), "serve", str(config)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    log.close()
+    with open(log_path, "wb") as log:  # the registry has its own copy of the descriptor
+        proc = subprocess.Popen([_require("docker-registry"), "serve", str(config)],
+                                stdout=log, stderr=subprocess.STDOUT)
     reg = Registry(proc, port, data, log_path, htpasswd, "https" if tls else "http")
 
     def up() -> bool:

@@ -431,7 +431,7 @@ def run_row(cond: Conditions, index: int, row: Row) -> Outcome:
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "prewarm", *args], env=env, cwd=REPO_ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            preexec_fn=_default_signals)
+                            preexec_fn=_default_signals)  # noqa: PLW1509 - resets dispositions only
     if row.stop is not None:
         _wait_moment(proc, row.stop[1], tmpdir, root, started + row.bound)
         if proc.poll() is None:

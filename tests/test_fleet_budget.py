@@ -65,7 +65,7 @@ def blob_responses(registry: Registry, repository: str) -> list[tuple[float, int
         m = _LINE.search(line)
         if not m or f"/v2/{repository}/blobs/" not in m.group(2) or m.group(3) not in ("200", "206"):
             continue
-        stamp = datetime.datetime.fromisoformat(m.group(1)[:26].rstrip("Z") + "+00:00")
+        stamp = datetime.datetime.fromisoformat(m.group(1)[:26].rstrip("Z")).replace(tzinfo=datetime.UTC)
         out.append((stamp.timestamp(), int(m.group(4)), int(m.group(3))))
     return sorted(out)
 

@@ -10,6 +10,7 @@ output of several gzip members, and content that does not compress; spans are so
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import random
 import subprocess
@@ -52,7 +53,7 @@ def _pigz_members(tar: bytes, members: int, level: int) -> bytes:
     """pigz output of ``members`` consecutive slices of the tar, concatenated (a multi-member gzip)."""
     cuts = sorted({0, len(tar), *(len(tar) * k // members for k in range(1, members))})
     out = b""
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in itertools.pairwise(cuts):
         out += subprocess.run(["pigz", f"-{level}", "-c"], input=tar[a:b], capture_output=True, check=True).stdout
     return out
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -32,7 +34,7 @@ def test_pieces_cover_each_data_byte_exactly_once(layout) -> None:  # type: igno
     smap = SpanMap(extents)
     seen: dict[int, tuple[int, int]] = {}
     # When every range is mapped
-    for start, end in zip(cuts, cuts[1:]):
+    for start, end in itertools.pairwise(cuts):
         for p in smap.pieces(start, end):
             assert start <= p.stream_offset and p.stream_offset + p.length <= end and p.length > 0
             for k in range(p.length):

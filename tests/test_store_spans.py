@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import itertools
 import json
 import random
 import threading
@@ -35,7 +36,7 @@ GOLDEN = ["basic-l0", "basic-l9", "empty", "hdr-name", "incompressible-l0-s16384
 def make_layer(tar: bytes, *, span_size: int = 16384, members: int = 1, level: int = 6) -> tuple[bytes, Ztoc]:
     """A gzip layer (optionally pigz-style members) and its zTOC from our builder."""
     cut = [len(tar) * k // members for k in range(members + 1)]
-    blob = b"".join(gzip.compress(tar[a:b], compresslevel=level, mtime=0) for a, b in zip(cut, cut[1:]))
+    blob = b"".join(gzip.compress(tar[a:b], compresslevel=level, mtime=0) for a, b in itertools.pairwise(cut))
     z = build_ztoc([blob[i:i + 65536] for i in range(0, len(blob), 65536)], span_size=span_size,
                    build_tool_identifier="prewarm-test")
     return blob, z

@@ -258,9 +258,9 @@ def warm_span_task(self: Task, *, job: str, image: str, layer: str, layer_index:
                    count: int = 1, node: str | None = None, name: str | None = None, waits: int = 0,
                    **extra: object) -> None:
     """Fetch, verify, inflate and store ``count`` adjacent spans of one layer on this node."""
-    _run(self, warm_span, context(), dict(job=job, node=node, image=image, layer=layer,
-                                          layer_index=layer_index, ztoc=ztoc, span=span, count=count,
-                                          waits=waits),
+    _run(self, warm_span, context(),
+         {"job": job, "node": node, "image": image, "layer": layer, "layer_index": layer_index, "ztoc": ztoc,
+          "span": span, "count": count, "waits": waits},
          _signed(extra), name)
 
 
@@ -268,5 +268,6 @@ def warm_span_task(self: Task, *, job: str, image: str, layer: str, layer_index:
 def warm_layer_task(self: Task, *, job: str, image: str, layer: str, layer_index: int,
                     node: str | None = None, name: str | None = None, waits: int = 0, **extra: object) -> None:
     """Stream one whole layer (no zTOC) into this node's store."""
-    _run(self, warm_layer, context(), dict(job=job, node=node, image=image, layer=layer,
-                                           layer_index=layer_index, waits=waits), _signed(extra), name)
+    _run(self, warm_layer, context(),
+         {"job": job, "node": node, "image": image, "layer": layer, "layer_index": layer_index, "waits": waits},
+         _signed(extra), name)

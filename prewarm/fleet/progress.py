@@ -29,7 +29,7 @@ def human_bytes(n: float) -> str:
 def human_seconds(s: float | None) -> str:
     if s is None:
         return "--"
-    s = int(round(s))
+    s = round(s)
     if s < 60:
         return f"{s}s"
     if s < 3600:

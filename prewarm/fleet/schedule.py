@@ -292,8 +292,8 @@ def _pause_until_woken(r: redis.Redis, job_id: str, pause: float) -> None:
 
 def timeout_report(status: jobs.JobStatus, timeout: float) -> str:
     """One line per unfinished node: what it holds, what is left, and its last error."""
-    lines = [f"job {status.job_id} did not finish within {timeout:.0f}s (it goes on: `prewarm status "
-             f"{status.job_id}` follows it); unfinished nodes:"]
+    lines = [(f"job {status.job_id} did not finish within {timeout:.0f}s (it goes on: `prewarm status "
+              f"{status.job_id}` follows it); unfinished nodes:")]
     for name, node in sorted(status.nodes.items()):
         if node.state in ("succeeded", "failed", "cancelled"):
             continue

@@ -174,9 +174,9 @@ def _parse_pax(payload: bytes) -> dict[str, str]:
         if sp < 0:
             raise BadTarHeader("PAX record without a length field")
         digits = payload[i:sp]
-        if not digits.isdigit():  # Go's ParseInt also takes a sign; no record is that short
-            if not (digits[:1] in (b"+", b"-") and digits[1:].isdigit()):
-                raise BadTarHeader(f"PAX record length {digits[:20]!r} is not a number")
+        # Go's ParseInt also takes a sign; no record is that short
+        if not digits.isdigit() and not (digits[:1] in (b"+", b"-") and digits[1:].isdigit()):
+            raise BadTarHeader(f"PAX record length {digits[:20]!r} is not a number")
         n = int(digits)
         rec_end = i + n
         if n < 5 or rec_end > end or n - (sp - i + 1) <= 0:
@@ -402,10 +402,9 @@ def _make_entry(blk: bytes, fmt: int, flag: int, nums: tuple[int, int, int, int,
     nsecs = 0
     records: tuple[tuple[str, str], ...] = ()
     if pax is not None:
-        if "GNU.sparse.major" in pax or "GNU.sparse.minor" in pax or "GNU.sparse.map" in pax:
-            if _is_gnu_sparse(pax):
-                raise BadTarHeader(f"tar entry {name_s!r} is a GNU sparse file "
-                                   f"(not supported)")
+        sparse_keys = "GNU.sparse.major" in pax or "GNU.sparse.minor" in pax or "GNU.sparse.map" in pax
+        if sparse_keys and _is_gnu_sparse(pax):
+            raise BadTarHeader(f"tar entry {name_s!r} is a GNU sparse file (not supported)")
         for k, v in pax.items():
             if not v:
                 continue

@@ -423,7 +423,7 @@ def verify_ztoc(z: Ztoc, path: str | Path) -> int:
 
     p = Path(path)
     try:
-        f = open(p, "rb")
+        f = open(p, "rb")  # noqa: SIM115 - opened apart, so that only its own failure is "cannot read"
     except OSError as err:
         raise ConfigError(f"cannot read layer {p}: {err.strerror or err}") from err
     with f:

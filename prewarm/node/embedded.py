@@ -187,7 +187,7 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
                  "--save", "", "--appendonly", "no", "--dir", str(run_dir), "--daemonize", "no",
                  "--logfile", str(run_dir / "redis.log")],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl; no thread of ours runs yet
             )
         # The private cluster signs its tasks too: its Redis socket is root's alone, but a
         # worker that runs only signed tasks is the same code path everywhere.  On an empty
@@ -214,7 +214,8 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
                          # no Flower to send task events to (~6% of a cold run's profile samples)
                          "--no-task-events", "--without-mingle", "--without-gossip"],
                         env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                        start_new_session=True, preexec_fn=_die_with_parent,
+                        start_new_session=True,
+                        preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl; no thread of ours runs yet
                     ))
         # after the workers are started: making the pair and loading the signer (Celery's
         # security modules) take ~0.2-0.3 s that their start-up now overlaps
