@@ -101,3 +101,21 @@ def test_a_ztoc_the_registry_serves_altered_is_refused_and_nothing_is_kept(regis
         cache.get(digest, client, registry.host, REPO)
     assert not cache.has(digest)
     assert _cache_files(cache, digest) == []
+
+
+def test_putting_a_cached_ztoc_again_writes_nothing_and_still_refuses_other_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prewarm.errors import DigestMismatch
+
+    data = _ztoc_bytes()
+    cache = ZtocCache(Layout(tmp_path / "store"))
+    digest = cache.put(data)
+
+    def no_write(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a zTOC already in the cache was written again")
+
+    monkeypatch.setattr(ztoc_cache.tempfile, "mkstemp", no_write)
+    assert cache.put(data, digest) == digest
+    with pytest.raises(DigestMismatch):
+        cache.put(data + b"x", digest)
+    assert cache.path(digest).read_bytes() == data

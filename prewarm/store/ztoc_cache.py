@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 
 from prewarm.errors import BadZtoc, DigestMismatch
 from prewarm.index.ztoc import LazyFiles, Ztoc, parse_ztoc
-from prewarm.resolve.digest import new_hasher
+from prewarm.resolve.digest import new_hasher, verify
 from prewarm.store.layout import Layout
 
 #: A zTOC larger than this is refused before it is fetched (about 4,000 GB of layer).
@@ -85,6 +85,9 @@ class ZtocCache:
         Raises:
             DigestMismatch: ``data`` is not ``digest`` (nothing is stored).
         """
+        if digest is not None and self.has(digest):
+            verify(data, digest, what=f"zTOC {digest}")  # refused as ever, but no copy written to drop
+            return digest
         return self._store((data,), digest, f"zTOC {digest or ''}".strip(), limit=None)
 
     def put_file(self, source: Path, digest: str | None = None) -> str:
