@@ -137,15 +137,16 @@ def test_a_worker_started_before_its_certificate_waits_for_it_then_runs_only_sig
     ref = push(simple_image(tmp_path / "oci"), registry, "signed/late")
     env = clean_env(tmp_path / "store", PREWARM_BROKER_URL=redis_url, PREWARM_INSECURE_REGISTRIES=registry.host,
                     PREWARM_NODE_NAME="s4", PREWARM_TRUSTED_CERTS=str(cert), **SPANS)
+    r = redis.Redis.from_url(redis_url)
     worker = start_worker({**env, CERT_WAIT_ENV: "60"}, tmp_path / "w.log", "-c", "1", "--hostname", "w@s4",
                           registered=False)
     try:
         time.sleep(1.0)  # the worker is waiting: no certificate yet, and it has not given up
         assert worker.proc.poll() is None, worker.log.read_text()[-2000:]
-        assert not redis.Redis.from_url(redis_url).exists("prewarm:node:s4")
+        assert not r.exists("prewarm:node:s4")
         assert ensure_keypair(folder) == (key, cert)
         start = time.monotonic()
-        while not redis.Redis.from_url(redis_url).exists("prewarm:node:s4"):
+        while not r.exists("prewarm:node:s4"):
             assert worker.proc.poll() is None and time.monotonic() - start < 60, worker.log.read_text()[-2000:]
             time.sleep(0.1)
         scheduler = {**env, "PREWARM_SIGNING_KEY": str(key), "PREWARM_SIGNING_CERT": str(cert)}
@@ -154,6 +155,7 @@ def test_a_worker_started_before_its_certificate_waits_for_it_then_runs_only_sig
         assert final["state"] == "succeeded", (final, worker.log.read_text()[-3000:])
     finally:
         worker.stop()
+        r.close()
 
 
 def test_a_worker_whose_certificate_never_comes_stops_with_the_usual_message(tmp_path: Path, redis_url: str) -> None:
