@@ -242,6 +242,78 @@ def test_ingest_stream_registry_failure_mid_stream_is_that_failure_not_corruptio
     assert store.is_ready(digest)
 
 
+def _checked_at_end(blob: bytes, digest: str) -> Iterator[bytes]:
+    """What the registry client's stream_blob does: the chunks, then its digest check at their end."""
+    yield from chunked(blob)
+    if sha(blob) != digest:
+        raise DigestMismatch(f"blob {digest} in r.example/x: expected {digest}, got {sha(blob)}",
+                             expected=digest, actual=sha(blob))
+
+
+def test_ingest_stream_with_chunks_verify_leaves_the_digest_to_the_iterator(tmp_path: Path) -> None:
+    tar = every_kind_tar(50_000)
+    blob = gzip.compress(tar, mtime=0)
+    store = ContentStore(tmp_path / "root")
+    # Given a layer whose iterator checks the digest at its end, and finds it wrong
+    wrong = sha(blob + b"x")
+    # Then its DigestMismatch is the error, and nothing is kept
+    with pytest.raises(DigestMismatch, match="r.example/x"):
+        store.ingest_stream(wrong, _checked_at_end(blob, wrong), media_type=GZIP, diff_id=sha(tar),
+                            chunks_verify=True)
+    assert store.layer_state(wrong) == "absent"
+    # And a tar stream broken by a blob corrupted in transit is blamed on the digest, as without chunks_verify
+    bad = bytearray(blob)
+    bad[len(bad) // 2] ^= 0xFF
+    right = sha(blob)
+    with pytest.raises(DigestMismatch):
+        store.ingest_stream(right, _checked_at_end(bytes(bad), right), media_type=GZIP, diff_id=sha(tar),
+                            chunks_verify=True)
+    assert store.layer_state(right) == "absent"
+    # And the blob is hashed once, by the iterator: an iterator that does not check is believed
+    unchecked = sha(b"not the blob")
+    store.ingest_stream(unchecked, chunked(blob), media_type=GZIP, diff_id=sha(tar), chunks_verify=True)
+    assert store.is_ready(unchecked)
+    # (while without chunks_verify the store hashes it itself)
+    other = sha(b"not the blob either")
+    with pytest.raises(DigestMismatch, match="hashes to"):
+        store.ingest_stream(other, chunked(blob), media_type=GZIP, diff_id=sha(tar))
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.tuples(st.booleans(), st.integers(0, 5000)), max_size=60))
+def test_the_hashing_thread_keeps_each_hash_in_order(sizes: list[tuple[bool, int]]) -> None:
+    from prewarm.store.ingest import _Hasher
+
+    rng = random.Random(len(sizes))
+    hashes, given_ = (hashlib.sha256(), hashlib.sha256()), ([], [])
+    hasher = _Hasher()
+    hasher.start()
+    for second, n in sizes:
+        data = rng.randbytes(n)
+        hasher.update(hashes[second], data)
+        given_[second].append(data)
+    hasher.close()
+    assert not hasher.is_alive()
+    for h, parts in zip(hashes, given_):
+        assert h.hexdigest() == hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+def test_a_failed_hash_is_raised_to_the_next_update_or_close() -> None:
+    from prewarm.store.ingest import _Hasher
+
+    class Broken:
+        def update(self, data: bytes) -> None:
+            raise MemoryError("no room to hash")
+
+    hasher = _Hasher()
+    hasher.start()
+    hasher.update(Broken(), b"x" * 4096)  # type: ignore[arg-type]
+    with pytest.raises(MemoryError):
+        hasher.close()
+    with pytest.raises(MemoryError):
+        hasher.update(hashlib.sha256(), b"y")
+
+
 def _hostile(kind: str) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:

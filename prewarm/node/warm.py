@@ -488,7 +488,8 @@ def _layer_from_registry(ctx: NodeContext, ref: Reference, lp: LayerPlan, keep: 
                 ctx.client.stream_blob(ref.registry, ref.repository, lp.digest) as chunks:
             ctx.store.ingest_stream(lp.digest, _metered(ctx, ref.registry, chunks, keep),
                                     media_type=lp.media_type, diff_id=lp.diff_id,
-                                    max_uncompressed=ctx.settings.max_expansion * max(lp.size, 1 << 20))
+                                    max_uncompressed=ctx.settings.max_expansion * max(lp.size, 1 << 20),
+                                    chunks_verify=True)  # stream_blob checks the digest at its end
         LAYERS.labels("ready").inc()
     except RateLimited as err:
         ctx.budget.backoff(ref.registry, err.retry_after or 1.0)

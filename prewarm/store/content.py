@@ -565,13 +565,16 @@ class ContentStore:
     # === the whole-layer path
 
     def ingest_stream(self, digest: str, chunks: Iterable[bytes], *, media_type: str,
-                      diff_id: str | None, max_uncompressed: int | None = None) -> None:
+                      diff_id: str | None, max_uncompressed: int | None = None,
+                      chunks_verify: bool = False) -> None:
         """Stream a whole layer blob into the store (no zTOC), verified twice.
 
         The compressed bytes must hash to ``digest`` and the tar stream to ``diff_id``
         (when given); memory stays bounded whatever the layer size, and so does the disk:
         the stream may unpack to ``max_uncompressed`` bytes at most, and free space is
-        checked again while it is written.
+        checked again while it is written.  ``chunks_verify``: the iterator raises
+        DigestMismatch at its end if its bytes are not ``digest`` (the registry client's
+        ``stream_blob``), so the store does not hash them a second time.
 
         Raises:
             ExpansionLimit: the layer unpacks to more than ``max_uncompressed`` (discarded).
@@ -591,7 +594,8 @@ class ContentStore:
             try:
                 with self._disk_errors(digest):
                     info = unpack_stream(digest, fs, chunks, compression, diff_id, self._writer,
-                                         max_uncompressed=max_uncompressed, check_space=self.check_space)
+                                         max_uncompressed=max_uncompressed, check_space=self.check_space,
+                                         chunks_verify=chunks_verify)
                 self._commit(digest, info)
             except BaseException:
                 self._wipe(digest)
