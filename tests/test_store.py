@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gzip
 import hashlib
 import io
@@ -298,6 +300,63 @@ def test_the_hashing_thread_keeps_each_hash_in_order(sizes: list[tuple[bool, int
         assert h.hexdigest() == hashlib.sha256(b"".join(parts)).hexdigest()
 
 
+def test_a_whole_layer_stream_is_read_on_its_own_thread_and_to_its_end(tmp_path: Path) -> None:
+    import threading
+
+    tar = every_kind_tar(300_000)
+    blob = gzip.compress(tar, mtime=0)
+    store = ContentStore(tmp_path / "root")
+    readers: set[str] = set()
+
+    def source(data: bytes) -> Iterator[bytes]:
+        for chunk in chunked(data, 4096):
+            readers.add(threading.current_thread().name)
+            yield chunk
+        readers.add(threading.current_thread().name)
+
+    # Given a layer streamed whole
+    store.ingest_stream(sha(blob), source(blob), media_type=GZIP, diff_id=sha(tar))
+    # Then the stream was read by the read-ahead thread alone (not the inflating one), to its end
+    assert store.is_ready(sha(blob))
+    assert readers == {"prewarm-read"}
+    # And with trailing bytes after the gzip member, a failure is still blamed on the digest:
+    # the rest of the stream is read through the same thread
+    readers.clear()
+    bad = blob + b"junk after the member"
+    with pytest.raises(DigestMismatch):
+        store.ingest_stream(sha(blob + b"?"), source(bad), media_type=GZIP, diff_id=sha(tar))
+    assert readers == {"prewarm-read"}
+    assert not [t for t in threading.enumerate() if t.name.startswith(("prewarm-read", "prewarm-hash"))]
+
+
+def test_the_read_ahead_hands_on_the_stream_error_and_stops_its_reader() -> None:
+    from prewarm.store.ingest import _ReadAhead
+
+    def broken() -> Iterator[bytes]:
+        yield b"a"
+        yield b"b"
+        raise RateLimited("rate limited by r.example (HTTP 429)", retry_after=1.0)
+
+    got: list[bytes] = []
+    with _ReadAhead(broken()) as ahead, pytest.raises(RateLimited):
+        got.extend(ahead)
+    assert got == [b"a", b"b"]
+    assert not ahead.is_alive()
+
+    def endless() -> Iterator[bytes]:
+        while True:
+            yield b"x" * 100
+
+    with _ReadAhead(endless()) as ahead:
+        it = iter(ahead)
+        assert next(it) == b"x" * 100
+    # Then once stopped, its reader is gone and whoever still reads gets a StoreError, not a hang
+    assert not ahead.is_alive()
+    with pytest.raises(StoreError, match="stopped"):
+        for _ in it:
+            pass
+
+
 def test_a_failed_hash_is_raised_to_the_next_update_or_close() -> None:
     from prewarm.store.ingest import _Hasher
 
@@ -454,6 +513,42 @@ def test_disk_full_while_streaming_is_insufficient_space(small_fs: Path) -> None
         store.ingest_stream(sha(blob), chunked(blob), media_type=GZIP, diff_id=sha(tar))
     assert store.layer_state(sha(blob)) == "absent"
     assert os.statvfs(small_fs).f_bfree * os.statvfs(small_fs).f_frsize > 1_900_000
+
+
+def test_a_write_that_fails_leaves_no_file_of_the_layer_open(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from prewarm.store.directio import DirectWriter
+
+    # Given a layer of files too small for a data lane, some of whose data cross the stream's
+    # (1 MiB) chunks, and a disk that is full for the landing thread's own writes
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for i in range(12):
+            _add(tf, f"f{i}", data=big_data(200 << 10, i))
+    tar = buf.getvalue()
+    blob = gzip.compress(tar, mtime=0)
+    store = ContentStore(tmp_path / "root")
+    real = DirectWriter.pwrite
+
+    def full(self: DirectWriter, fd: int, data: memoryview, offset: int) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return real(self, fd, data, offset)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(DirectWriter, "pwrite", full)
+    # When it is streamed in, Then it fails as a full disk, and no file of the layer stays open
+    # (the first write of a file failed before the file was the landing's current one: its fd leaked,
+    # and the store's filesystem could not be unmounted)
+    with pytest.raises(InsufficientSpace):
+        store.ingest_stream(sha(blob), chunked(blob), media_type=GZIP, diff_id=sha(tar))
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+    assert not [p for p in held if p.startswith(str(tmp_path))], held
+    assert store.layer_state(sha(blob)) == "absent"
 
 
 def test_a_whole_layer_of_small_files_across_directories_lands_in_tar_order(tmp_path: Path) -> None:
