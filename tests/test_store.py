@@ -357,6 +357,29 @@ def test_the_read_ahead_hands_on_the_stream_error_and_stops_its_reader() -> None
             pass
 
 
+def test_the_read_ahead_waits_for_a_slow_read_before_the_stream_is_closed() -> None:
+    import threading
+    import time
+
+    from prewarm.store.ingest import _ReadAhead
+
+    def slow() -> Iterator[bytes]:  # (as a registry that stalls: the client's read timeout ends it)
+        yield b"a"
+        time.sleep(6.0)
+        yield b"b"
+
+    # Given a stream whose reader is inside a slow read when the ingest gives up
+    stream = slow()
+    with _ReadAhead(stream) as ahead:
+        assert next(iter(ahead)) == b"a"
+        time.sleep(0.1)
+    # Then the read-ahead has waited for it, and the stream can be closed (a generator still
+    # running in another thread raises "generator already executing" instead)
+    assert not ahead.is_alive()
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name == "prewarm-read"]
+
+
 def test_a_failed_hash_is_raised_to_the_next_update_or_close() -> None:
     from prewarm.store.ingest import _Hasher
 

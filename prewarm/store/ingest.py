@@ -322,8 +322,14 @@ class _ReadAhead(threading.Thread):
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Stop reading and wait for a read in progress to return.
+
+        Without a timeout: the caller closes the stream next (``stream_blob``'s generator),
+        which it cannot do while this thread is inside it; the registry client's read
+        timeout bounds the wait.
+        """
         self._halt.set()
-        self.join(timeout=5.0)  # (a read that hangs longer is the socket timeout's to end)
+        self.join()
 
     def run(self) -> None:
         try:
