@@ -189,7 +189,7 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
                 creator.stop()  # every small file is created (or its error is raised)
         except Exception as err:
             inflater.stop()  # before anything else reads the registry stream
-            hasher.close()  # what it was given is hashed: _blame hashes the rest here
+            hasher.close(check=False)  # what it was given is hashed: _blame hashes the rest here
             raw.detach()
             # its syncfs holds the layer's folder open: the caller removes the layer next (and
             # a store on its own small filesystem could not be unmounted while it runs)
@@ -233,11 +233,11 @@ class _Inflater(threading.Thread):
 
     Why a thread: a whole layer was one stream on one core (download, sha256, inflate,
     sha256 again, then tar parsing and the file writes, one after the other), slower than
-    ``curl | pigz -d | tar -x``, which is three processes.  The socket reads, both hashes and
-    ISA-L's inflate release the GIL, so this stage runs beside the landing (tar headers,
-    file creation, ``pwrite``) in the caller's thread.  At most :data:`PIPELINE_DEPTH`
-    chunks wait between the two: memory stays bounded.  The two hashes are
-    :class:`_Hasher`'s.
+    ``curl | pigz -d | tar -x``, which is three processes.  ISA-L's inflate releases the
+    GIL, so this stage runs beside the landing (tar headers, file creation, ``pwrite``) in
+    the caller's thread.  At most :data:`PIPELINE_DEPTH` chunks wait between the two:
+    memory stays bounded.  The reads are :class:`_ReadAhead`'s and the hashes
+    :class:`_Hasher`'s, each on a thread of its own: this one only inflates.
     """
 
     def __init__(self, raw: _HashingReader, compression: str, tar_hash: hashlib._Hash, hasher: _Hasher,
@@ -834,12 +834,11 @@ class _HashingReader(io.RawIOBase):
                 raise
             if chunk is None:
                 return
-            if self.hash is None:
-                pass
-            elif self._hasher is not None:
-                self._hasher.update(self.hash, chunk)
-            else:
-                self.hash.update(chunk)
+            if self.hash is not None:  # (None: the iterator checks its own digest)
+                if self._hasher is not None:
+                    self._hasher.update(self.hash, chunk)
+                else:
+                    self.hash.update(chunk)
             self.size += len(chunk)
             yield chunk
 
