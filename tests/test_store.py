@@ -380,6 +380,46 @@ def test_the_read_ahead_waits_for_a_slow_read_before_the_stream_is_closed() -> N
     assert not [t for t in threading.enumerate() if t.name == "prewarm-read"]
 
 
+def test_a_landing_waiting_on_a_stopped_inflate_gets_an_error_not_a_hang() -> None:
+    import threading
+    import time
+
+    from prewarm.store.ingest import _Hasher, _HashingReader, _Inflater
+
+    release = threading.Event()
+
+    def stalled() -> Iterator[bytes]:  # a registry that sends nothing more until released
+        yield gzip.compress(b"x" * 100_000, mtime=0)[:10]  # the gzip header: nothing to inflate yet
+        release.wait(10)
+        yield b""
+
+    hasher = _Hasher()
+    hasher.start()
+    inflater = _Inflater(_HashingReader(iter(stalled()), hashlib.sha256(), hasher), "gzip", hashlib.sha256(),
+                         hasher, "sha256:" + "0" * 64, None)
+    inflater.start()
+    got: list[BaseException] = []
+
+    def land() -> None:
+        try:
+            next(iter(inflater))
+        except BaseException as err:  # noqa: BLE001 - what the landing thread would raise
+            got.append(err)
+
+    # Given a landing thread waiting for the inflate's next chunk
+    landing = threading.Thread(target=land, daemon=True)
+    landing.start()
+    time.sleep(0.2)
+    # When the inflate is stopped (the ingest gives up), Then the landing gets a StoreError at once
+    inflater.stop(timeout=0)
+    landing.join(3)
+    release.set()
+    inflater.stop()
+    hasher.close()
+    assert not landing.is_alive()
+    assert len(got) == 1 and isinstance(got[0], StoreError), got
+
+
 def test_a_failed_hash_is_raised_to_the_next_update_or_close() -> None:
     from prewarm.store.ingest import _Hasher
 

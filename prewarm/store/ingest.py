@@ -228,7 +228,54 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
             "uncompressed_size": offset, "files": len(done)}
 
 
-class _Inflater(threading.Thread):
+class _Stage(threading.Thread):
+    """A thread that hands what it makes to one reader through a bounded queue.
+
+    Its ``run`` gives each item to :meth:`_put`, then None at its end, or the error it
+    failed with, which the reader's iteration raises.  :meth:`stop` halts it: a put that
+    waits for room gives up, and a reader that waits for an item gets StoreError instead
+    of waiting forever.
+    """
+
+    def __init__(self, name: str, depth: int) -> None:
+        super().__init__(name=name, daemon=True)
+        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(depth)
+        self._halt = threading.Event()
+
+    def _put(self, item: bytes | BaseException | None) -> bool:
+        """Queue ``item`` when there is room; False if the stage was stopped first."""
+        while not self._halt.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._halt.is_set():
+                    raise StoreError(f"the layer's {self.name} stage was stopped") from None
+                continue
+            if item is None:
+                self._halt.set()
+                return
+            if isinstance(item, BaseException):
+                self._halt.set()
+                raise item
+            yield item
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Halt the stage and wait for it (``timeout``: at most that long)."""
+        self._halt.set()
+        if self.is_alive():
+            self.join(timeout)
+
+
+class _Inflater(_Stage):
     """The first stage of a whole layer: read it from the registry, hash it, inflate it, hash the tar.
 
     Why a thread: a whole layer was one stream on one core (download, sha256, inflate,
@@ -242,11 +289,9 @@ class _Inflater(threading.Thread):
 
     def __init__(self, raw: _HashingReader, compression: str, tar_hash: hashlib._Hash, hasher: _Hasher,
                  digest: str, max_uncompressed: int | None) -> None:
-        super().__init__(name="prewarm-inflate", daemon=True)
+        super().__init__("prewarm-inflate", PIPELINE_DEPTH)
         self._raw, self._compression, self._tar_hash, self._hasher = raw, compression, tar_hash, hasher
         self._digest, self._max = digest, max_uncompressed
-        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(PIPELINE_DEPTH)
-        self._halt = threading.Event()
 
     def _read(self) -> Iterator[bytes]:
         """The tar stream, inflated."""
@@ -277,31 +322,8 @@ class _Inflater(threading.Thread):
         except BaseException as err:  # noqa: BLE001 - handed to the landing thread, which raises it
             self._put(err)
 
-    def _put(self, item: bytes | BaseException | None) -> None:
-        while not self._halt.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
 
-    def __iter__(self) -> Iterator[bytes]:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop the stage and wait for it: only then may anyone else read the registry stream."""
-        self._halt.set()
-        if self.is_alive():
-            self.join(timeout)
-
-
-class _ReadAhead(threading.Thread):
+class _ReadAhead(_Stage):
     """The registry stream, read on a thread of its own, :data:`READ_AHEAD` chunks ahead of its reader.
 
     Why: the socket reads and the registry client's digest check (its sha256 of the blob)
@@ -312,10 +334,8 @@ class _ReadAhead(threading.Thread):
     """
 
     def __init__(self, chunks: Iterable[bytes]) -> None:
-        super().__init__(name="prewarm-read", daemon=True)
+        super().__init__("prewarm-read", READ_AHEAD)
         self._chunks = chunks
-        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(READ_AHEAD)
-        self._halt = threading.Event()
 
     def __enter__(self) -> Self:
         self.start()
@@ -328,8 +348,7 @@ class _ReadAhead(threading.Thread):
         which it cannot do while this thread is inside it; the registry client's read
         timeout bounds the wait.
         """
-        self._halt.set()
-        self.join()
+        self.stop()
 
     def run(self) -> None:
         try:
@@ -339,31 +358,6 @@ class _ReadAhead(threading.Thread):
             self._put(None)
         except BaseException as err:  # noqa: BLE001 - raised to the reader, where the stream's errors belong
             self._put(err)
-
-    def _put(self, item: bytes | BaseException | None) -> bool:
-        while not self._halt.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator[bytes]:
-        while True:
-            try:
-                item = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                if self._halt.is_set():
-                    raise StoreError("the layer's stream was stopped") from None
-                continue
-            if item is None:
-                self._halt.set()
-                return
-            if isinstance(item, BaseException):
-                self._halt.set()
-                raise item
-            yield item
 
 
 class _Hasher(threading.Thread):
