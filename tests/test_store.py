@@ -420,6 +420,22 @@ def test_a_landing_waiting_on_a_stopped_inflate_gets_an_error_not_a_hang() -> No
     assert len(got) == 1 and isinstance(got[0], StoreError), got
 
 
+def test_once_closed_the_hashing_thread_hashes_inline_after_what_it_had_queued() -> None:
+    from prewarm.store.ingest import _Hasher
+
+    # Given chunks hashed through the thread, then the thread closed (a failure's drain comes next)
+    h = hashlib.sha256()
+    hasher = _Hasher()
+    hasher.start()
+    for i in range(20):
+        hasher.update(h, bytes([i]) * 5000)
+    hasher.close()
+    # When more chunks are given, Then they are hashed in order after the queued ones, none lost
+    hasher.update(h, b"the rest of the stream")
+    expected = b"".join(bytes([i]) * 5000 for i in range(20)) + b"the rest of the stream"
+    assert h.hexdigest() == hashlib.sha256(expected).hexdigest()
+
+
 def test_a_failed_hash_is_raised_to_the_next_update_or_close() -> None:
     from prewarm.store.ingest import _Hasher
 

@@ -33,7 +33,7 @@ from prewarm.errors import (
 )
 from prewarm.index.tarindex import TarIndexer
 from prewarm.index.ztoc import FileEntry
-from prewarm.resolve.digest import parse_digest
+from prewarm.resolve.digest import new_hasher, parse_digest
 from prewarm.store import landing
 from prewarm.store.directio import DirectWriter
 from prewarm.store.layerfs import EntryChecker, LayerWriter, Meta, Placement, apply_meta, entry_meta
@@ -113,7 +113,7 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
     """
     source = _ReadAhead(chunks)
     hasher = _Hasher()
-    raw = _HashingReader(source, None if chunks_verify else hashlib.new(parse_digest(digest)[0]), hasher)
+    raw = _HashingReader(source, None if chunks_verify else new_hasher(digest), hasher)
     # Without a diff_id to check, the one the stream hashes to is recorded (never a claim).
     tar_hash = hashlib.new(parse_digest(diff_id)[0] if diff_id else "sha256")
     indexer = TarIndexer()
@@ -189,8 +189,7 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
                 creator.stop()  # every small file is created (or its error is raised)
         except Exception as err:
             inflater.stop()  # before anything else reads the registry stream
-            hasher.close(check=False)  # what it was given is hashed: _blame hashes the rest here
-            raw.detach()
+            hasher.close(check=False)  # what it was given is hashed: _blame's drain hashes the rest inline
             # its syncfs holds the layer's folder open: the caller removes the layer next (and
             # a store on its own small filesystem could not be unmounted while it runs)
             early.join()
@@ -207,8 +206,7 @@ def unpack_stream(digest: str, fs: Path, chunks: Iterable[bytes], compression: s
                 creator.stop(check=False)
             if current is not None:  # (its lane, if it has one, is stopped: nobody else closes it now)
                 current.close()
-        hasher.close()  # both hashes have every chunk given to them
-        raw.detach()
+        hasher.close()  # both hashes have every chunk given to them; the drain hashes inline
         raw.drain()  # (with chunks_verify, the iterator's own check raises here, or raised in the try)
         if raw.hash is not None:
             actual = f"{raw.hash.name}:{raw.hash.hexdigest()}"
@@ -369,16 +367,23 @@ class _Hasher(threading.Thread):
     landing thread waiting 3.2 s for it).  The two hashes were 2 s of that, and hashlib
     releases the GIL, so they run here, beside the inflate.  One FIFO keeps each hash's
     chunks in order; at most :data:`HASH_DEPTH` chunks wait (memory bound).  The chunks
-    are ``bytes``, never changed once given.
+    are ``bytes``, never changed once given.  Once :meth:`close` d, it hashes what it is
+    given inline, after all it had queued (the rest of a stream that a failure drains).
     """
 
     def __init__(self) -> None:
         super().__init__(name="prewarm-hash", daemon=True)
         self._queue: queue.Queue[tuple[hashlib._Hash, bytes] | None] = queue.Queue(HASH_DEPTH)
         self._error: BaseException | None = None
+        self._closed = False
 
     def update(self, h: hashlib._Hash, data: bytes) -> None:
         """Hash ``data`` into ``h`` after every chunk given before it (waits while :data:`HASH_DEPTH` wait)."""
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            h.update(data)
+            return
         while True:
             if self._error is not None:
                 raise self._error
@@ -402,6 +407,7 @@ class _Hasher(threading.Thread):
         if self.is_alive():
             self._queue.put(None)
             self.join()
+        self._closed = True
         if check and self._error is not None:
             raise self._error
 
@@ -475,19 +481,20 @@ def _blame(digest: str, raw: _HashingReader, err: Exception) -> Exception:
         # its own retry policy; the bytes that did arrive prove nothing.
         failed = raw.source_error
         return failed if isinstance(failed, PrewarmError) else CorruptContent(f"layer {digest}: {failed}")
+    broken = err if isinstance(err, PrewarmError) else CorruptContent(f"layer {digest}: {err}")
     try:
         raw.drain()
     except DigestMismatch as mismatch:  # the registry client's own end-of-stream check
         return mismatch
     except Exception:  # noqa: BLE001 - the stream itself failed; the first error is the story
-        return err if isinstance(err, PrewarmError) else CorruptContent(f"layer {digest}: {err}")
+        return broken
     if raw.hash is None:  # the iterator checked the digest at its end, and found it right
-        return err if isinstance(err, PrewarmError) else CorruptContent(f"layer {digest}: {err}")
+        return broken
     actual = f"{raw.hash.name}:{raw.hash.hexdigest()}"
     if actual != digest:
         return DigestMismatch(f"layer {digest}: the blob ({raw.size} bytes) hashes to {actual} "
                               f"({type(err).__name__}: {err})", expected=digest, actual=actual)
-    return err if isinstance(err, PrewarmError) else CorruptContent(f"layer {digest}: {err}")
+    return broken
 
 
 @dataclasses.dataclass
@@ -805,11 +812,11 @@ class _DataLanes:
 class _HashingReader(io.RawIOBase):
     """A file-like view of an iterable of chunks that hashes what passes through."""
 
-    def __init__(self, chunks: Iterable[bytes], h: hashlib._Hash | None, hasher: _Hasher | None = None) -> None:
+    def __init__(self, chunks: Iterable[bytes], h: hashlib._Hash | None, hasher: _Hasher) -> None:
         self._it = iter(chunks)
         self._buf = memoryview(b"")
         self.hash = h  # None: the chunks' iterator verifies them itself (``chunks_verify``)
-        self._hasher = hasher  # hashes what passes through, until :meth:`detach`
+        self._hasher = hasher
         self.size = 0
         #: What the chunk source raised, if it failed (not the decompressor or tar parser).
         self.source_error: Exception | None = None
@@ -828,12 +835,7 @@ class _HashingReader(io.RawIOBase):
                 raise
             if chunk is None:
                 return
-            if self.hash is not None:  # (None: the iterator checks its own digest)
-                if self._hasher is not None:
-                    self._hasher.update(self.hash, chunk)
-                else:
-                    self.hash.update(chunk)
-            self.size += len(chunk)
+            self._count(chunk)
             yield chunk
 
     def readinto(self, b: Any) -> int:
@@ -849,15 +851,13 @@ class _HashingReader(io.RawIOBase):
         self._buf = self._buf[n:]
         return n
 
-    def detach(self) -> None:
-        """Hash here from now on: the hashing thread is closed (what it was given is hashed)."""
-        self._hasher = None
+    def _count(self, chunk: bytes) -> None:
+        if self.hash is not None:  # (None: the iterator checks its own digest)
+            self._hasher.update(self.hash, chunk)
+        self.size += len(chunk)
 
     def drain(self) -> None:
-        """Hash whatever the decompressor did not read (trailing bytes still count); :meth:`detach` first."""
-        assert self._hasher is None, "drain() before detach()"
+        """Hash whatever the decompressor did not read (trailing bytes still count)."""
         self._buf = memoryview(b"")
         for chunk in self._it:
-            if self.hash is not None:
-                self.hash.update(chunk)
-            self.size += len(chunk)
+            self._count(chunk)
