@@ -141,7 +141,8 @@ def _specs(draw: st.DrawFn) -> list[tuple[str, str, str]]:
 def test_c_check_equals_the_python_check() -> None:
     seen = {"cases": 0, "accepted": 0}
 
-    @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+              derandomize=True)  # the same 1500 cases every run: the share accepted below is not a draw
     @given(_specs(), st.sampled_from([0, 100, 512]))
     def same(specs: list[tuple[str, str, str]], size: int) -> None:
         buf = ztoc_bytes(archive(specs, size))
