@@ -122,6 +122,8 @@ setup(
     ext_modules=[
         Extension("prewarm.store._landing", ["prewarm/store/_landing.c"], depends=["prewarm/index/_flatbuf.h"],
                   extra_compile_args=_FLAGS),  # prewarm.store.landing
+        Extension("prewarm.index._tarindex", ["prewarm/index/_tarindex.c"],
+                  extra_compile_args=_FLAGS),  # prewarm.index.tarindex
         Extension("prewarm.index._ztoc", ["prewarm/index/_ztoc.c"], depends=["prewarm/index/_flatbuf.h"],
                   extra_compile_args=_FLAGS),  # prewarm.index.ztoc
         Extension("prewarm.store._tree", ["prewarm/store/_tree.c"], depends=["prewarm/index/_flatbuf.h"],

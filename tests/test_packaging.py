@@ -99,8 +99,9 @@ def test_the_wheel_holds_the_generated_grpc_modules_the_c_extensions_and_the_lic
     for proto in PROTOS:
         for suffix in (".proto", "_pb2.py", "_pb2_grpc.py", "_pb2.pyi"):
             assert f"{PROTO_DIR}/{proto}{suffix}" in names
-    # Both C extensions were compiled into it
-    for package, ext in (("prewarm/store", "_landing"), ("prewarm/index", "_ztoc")):
+    # Every C extension was compiled into it
+    for package, ext in (("prewarm/store", "_landing"), ("prewarm/store", "_tree"), ("prewarm/index", "_ztoc"),
+                         ("prewarm/index", "_tarindex")):
         assert [n for n in names if n.startswith(f"{package}/{ext}.") and n.endswith(".so")], f"{ext} missing"
     # And the license is an SPDX expression with its text shipped (PEP 639)
     (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
@@ -123,12 +124,13 @@ def test_the_installed_command_runs_from_the_venv(installed: Installed) -> None:
     assert "--address" in proc.stdout and "--root" in proc.stdout
     # And every module, the C extensions included, comes from the venv, not the checkout
     proc = installed.run(installed.python, "-c", "import json, prewarm, prewarm.store._landing as l, "
-                         "prewarm.index._ztoc as z; print(json.dumps([prewarm.__file__, l.__file__, z.__file__]))")
+                         "prewarm.index._ztoc as z, prewarm.index._tarindex as t; "
+                         "print(json.dumps([prewarm.__file__, l.__file__, z.__file__, t.__file__]))")
     assert proc.returncode == 0, proc.stderr
     site = installed.venv / "lib"
     for path in json.loads(proc.stdout):
         assert Path(path).is_relative_to(site), path
-    assert [Path(p).suffix for p in json.loads(proc.stdout)[1:]] == [".so", ".so"]
+    assert [Path(p).suffix for p in json.loads(proc.stdout)[1:]] == [".so", ".so", ".so"]
 
 
 # Runs in the venv's python: the client uses the stub from the installed wheel.

@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prewarm.errors import BadTarHeader
+from prewarm.index import tarindex
 from prewarm.index.tarindex import (
     BLOCK,
     TarIndexer,
@@ -402,3 +403,140 @@ def test_arbitrary_bytes_raise_only_bad_tar_header(raw: bytes, pos: int) -> None
         parse_header_run(data, pos % (len(data) + 1), 0)
     except BadTarHeader:
         pass
+
+
+def _index_or_error(data: bytes, chunk: int) -> tuple[list[FileEntry], int] | str:
+    try:
+        return index_all(data, chunk)
+    except BadTarHeader as err:
+        return f"BadTarHeader: {err}"
+
+
+def _mutate_for_c(rng: random.Random, data: bytes) -> bytes:
+    """One change that moves a header across the C parser's edges: a PAX path record bent
+    out of shape, a GNU atime, a STAR trailer, a signed checksum, an odd number field."""
+    raw = bytearray(data)
+    headers = [i for i in range(0, len(raw) - BLOCK + 1, BLOCK) if raw[i + 257:i + 262] == b"ustar"]
+    if not headers:
+        return bytes(raw)
+    at = rng.choice(headers)
+    blk = raw[at:at + BLOCK]
+    if blk[156] == ord("x") and rng.random() < 0.6:
+        size = int(bytes(blk[124:136]).strip(b"\0 ") or b"0", 8)
+        pos = at + BLOCK + rng.randrange(max(size, 1))
+        raw[pos] = rng.choice([0, ord(" "), ord("="), ord("\n"), ord("/"), ord("0"), ord("9"), ord("+"),
+                               ord("p"), ord("s"), 0xC3, 0xFF])
+        return bytes(raw)
+    pos, value = rng.choice([(345, 1), (357, ord("1")), (508, ord("t")), (100, 0x80), (124, 0x80), (136, ord(" ")),
+                             (329, ord("8")), (337, 0), (263, ord("0")), (0, 0xFF), (345, ord("p")), (156, 0)])
+    blk[pos] = value
+    if pos == 508:
+        blk[508:512] = b"tar\0"
+    blk[148:156] = b" " * 8
+    total = sum(blk)
+    if rng.random() < 0.3 and any(b >= 0x80 for b in blk):  # the signed sum Go also takes
+        total -= 256 * sum(1 for b in blk if b >= 0x80)
+    blk[148:156] = b"%06o\0 " % total
+    raw[at:at + BLOCK] = blk
+    return bytes(raw)
+
+
+@pytest.mark.skipif(tarindex._parse_plain is None, reason="the C header parser is not built")
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**32 - 1), mutations=st.integers(0, 3), chunk=st.sampled_from([1, 100, 512, 1000, 1 << 20]))
+def test_c_header_parse_equals_the_python_parse(seed: int, mutations: int, chunk: int) -> None:
+    # Given a random archive (ustar, GNU, PAX) with some headers bent at the C parser's edges
+    rng = random.Random(seed)
+    data = random_tar(rng)
+    for _ in range(mutations):
+        data = _mutate_for_c(rng, data)
+    # When it is indexed with the C parser of plain headers and with Python alone
+    with_c = _index_or_error(data, chunk)
+    saved = tarindex._parse_plain
+    tarindex._parse_plain = None
+    try:
+        python = _index_or_error(data, chunk)
+    finally:
+        tarindex._parse_plain = saved
+    # Then both give the same entries and end, or the same error
+    assert with_c == python
+
+
+@pytest.mark.skipif(tarindex._parse_plain is None, reason="the C header parser is not built")
+def test_c_takes_plain_headers_and_long_names_and_leaves_the_rest() -> None:
+    # Given plain headers, a Go-style long name (an x header with one path record), a
+    # ustar prefix, a PAX header with another record, and a GNU long name
+    path = b"p" * 150 + b"/long"
+    rec = b"165 path=%s\n" % path
+    assert len(rec) == 165
+    mtime = b"30 mtime=1700000000.987654321\n"
+    data = (_header(b"plain", b"0", 3) + _pad(b"abc") + _header(b"x", b"x", len(rec)) + _pad(rec)
+            + _header(b"short", b"0", 1) + _pad(b"z")
+            + _header(b"name", b"5", extra={345: b"prefix"})
+            + _header(b"x", b"x", len(mtime)) + _pad(mtime) + _header(b"timed", b"0")
+            + _header(b"././@LongLink", b"L", 301, magic=b"ustar  \0") + _pad(b"L" * 300 + b"\0")
+            + _header(b"gnu", b"0", magic=b"ustar  \0") + bytes(2 * BLOCK))
+    # When the C parser runs from the start
+    got, pos, skip, pad = tarindex._parse_plain(data, 0, 0, FileEntry)
+    # Then it took the first three entries, as Python does, and stopped at the PAX mtime header
+    python = index_all(data, len(data))[0]
+    assert got == python[:3] and python[1].name == path.decode() and python[2].name == "prefix/name"
+    assert python[1].xattrs == (("path", path.decode()),)
+    assert tarindex._parse_plain(data, 0, 1000, FileEntry)[0][0].uncompressed_offset == 1000 + BLOCK
+    assert (pos, skip, pad) == (7 * BLOCK, 0, 0)  # plain 2 blocks, long name 4, prefixed 1
+    assert data[pos + 156:pos + 157] == b"x"
+    # And a run cut inside an entry's data says how much data and padding are left
+    got, pos, skip, pad = tarindex._parse_plain(data[:BLOCK + 1], 0, 0, FileEntry)
+    assert [e.name for e in got] == ["plain"] and (pos, skip, pad) == (BLOCK + 1, 2, 509)
+
+
+def _pax_chain(payload: bytes, name: bytes = b"short", **header: object) -> bytes:
+    return _header(b"x", b"x", len(payload)) + _pad(payload) + _header(name, b"0", 1, **header) + _pad(b"z")  # type: ignore[arg-type]
+
+
+def _signed_sum_header() -> bytes:
+    blk = bytearray(_header(b"caf\xe9", b"0"))
+    blk[148:156] = b" " * 8
+    blk[148:156] = b"%06o\0 " % (sum(blk) - 256)
+    return bytes(blk)
+
+
+@pytest.mark.skipif(tarindex._parse_plain is None, reason="the C header parser is not built")
+@pytest.mark.parametrize("chain", [
+    pytest.param(_pax_chain(b"19 path=long/na\0me\n"), id="a NUL in the path"),
+    pytest.param(_pax_chain(b"8 path=\n"), id="an empty path"),
+    pytest.param(_pax_chain(b"8 path=\n", name=b"dir/"), id="an empty path, legacy dir"),
+    pytest.param(_pax_chain(b"18 path=long/name\n" + b"17 comment=hello\n"), id="two records"),
+    pytest.param(_pax_chain(b"19 paths=long/name\n"), id="key paths"),
+    pytest.param(_pax_chain(b"1048577 path=" + b"p" * 1048563 + b"\n"), id="a record over 1 MiB"),
+    pytest.param(_pax_chain(b"1048576 path=" + b"p" * 1048562 + b"\n"), id="a record of 1 MiB"),
+    pytest.param(_pax_chain(b"19 path=long/name\n"), id="length too long"),
+    pytest.param(_pax_chain(b"019 path=long/name\n"), id="length with a zero"),
+    pytest.param(_pax_chain(b"+19 path=long/name\n"), id="length with a sign"),
+    pytest.param(_pax_chain(b"18 path=long/name\n", extra={508: b"tar\0"}), id="STAR"),
+    pytest.param(_pax_chain(b"18 path=long/name\n", magic=b"ustar  \0", extra={345: b"0000000001\0"}), id="GNU atime"),
+    pytest.param(_pax_chain(b"18 path=long/name\n", magic=b"ustar  \0", extra={345: b"p" * 20}), id="GNU old prefix"),
+    pytest.param(_pax_chain(b"18 path=long/nam\xff\n", extra={100: bytes([0x80]) + bytes(6) + b"\1"}), id="base-256 mode"),
+    pytest.param(_header(b"star", b"0", extra={345: b"pre", 476: b"0000001\0", 508: b"tar\0"}) + bytes(2 * BLOCK),
+                 id="STAR alone"),
+    pytest.param(_header(b"star", b"0", extra={476: b"zz", 508: b"tar\0"}) + bytes(2 * BLOCK), id="STAR bad atime"),
+    pytest.param(_header(b"sum", b"0")[:-1] + b"\1" + bytes(2 * BLOCK), id="wrong checksum"),
+    pytest.param(_signed_sum_header() + bytes(2 * BLOCK), id="signed checksum"),
+    pytest.param(_header(b"space", b"0", extra={124: b" 1 2       \0"}) + bytes(2 * BLOCK), id="spaces in size"),
+    pytest.param(_header(b"y" * 100, b"0", extra={345: b"p" * 155}) + bytes(2 * BLOCK), id="longest ustar name"),
+    pytest.param(_header(b"far", b"0", extra={136: b"77777777777\0"}) + bytes(2 * BLOCK), id="far mtime"),
+    pytest.param(_header(b"last", b"0", extra={136: b"777777777777"}) + bytes(2 * BLOCK), id="the latest mtime"),
+])
+def test_c_and_python_agree_at_the_edges(chain: bytes) -> None:
+    # Given a header chain at an edge of what the C parser takes
+    for chunk in (1, 7, len(chain)):
+        # When it is indexed with the C parser and with Python alone
+        with_c = _index_or_error(chain, chunk)
+        saved = tarindex._parse_plain
+        tarindex._parse_plain = None
+        try:
+            python = _index_or_error(chain, chunk)
+        finally:
+            tarindex._parse_plain = saved
+        # Then they agree on the entries or on the error
+        assert with_c == python

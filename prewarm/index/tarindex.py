@@ -61,6 +61,11 @@ _FORMAT_STAR = 4
 
 _MAX_INT64 = (1 << 63) - 1
 
+try:
+    from prewarm.index._tarindex import parse_plain as _parse_plain  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - built by setup.py; the Python parser takes every header then
+    _parse_plain = None
+
 
 class _NeedMore(Exception):
     """The header chain continues past the bytes at hand; ``end`` is the buffer end needed."""
@@ -550,6 +555,13 @@ class TarIndexer:
                 # the carry held exactly what the chain needed: nothing extra consumed
                 self._carry = bytearray()
                 continue
+            if _parse_plain is not None and not self._zero_blocks:
+                # C takes the run of plain headers from here (and skips their data); Python
+                # takes the header it stops at, if any, below
+                got, pos, self._skip, self._pad = _parse_plain(mv, pos, self.offset, FileEntry)
+                out += got
+                if pos == n or self._skip or self._pad:
+                    continue
             consumed = self._step(mv, pos, self.offset, out, final=False)
             if consumed is None:
                 # chain split: copy its start (header bytes only) into the carry
