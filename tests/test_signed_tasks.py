@@ -167,3 +167,25 @@ def test_a_worker_whose_certificate_never_comes_stops_with_the_usual_message(tmp
     proc = prewarm("worker", "-c", "1", env=env)
     assert proc.returncode == 2, proc.stderr
     assert "PREWARM_TRUSTED_CERTS" in proc.stderr and "matches no certificate" in proc.stderr, proc.stderr
+
+
+def test_the_embedded_clusters_signer_is_loaded_once_on_first_use(tmp_path: Path) -> None:
+    import subprocess
+
+    import pytest
+
+    from prewarm.errors import PrewarmError
+    from prewarm.node.embedded import EmbeddedCluster
+
+    # Given a cluster's key pair, and a cluster without one
+    pair = ensure_keypair(tmp_path / "keys")
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    cluster = EmbeddedCluster(tmp_path, proc, [], "unix:///nowhere", signing=pair)
+    bare = EmbeddedCluster(tmp_path, proc, [], "unix:///nowhere")
+    # When its signer is asked for twice / Then it is one signer, and it signs
+    signer = cluster.signer
+    assert cluster.signer is signer and signer.sign({"job": "j"})
+    # And a cluster without a key pair says so instead of signing with nothing
+    with pytest.raises(PrewarmError, match="no task-signing key"):
+        _ = bare.signer

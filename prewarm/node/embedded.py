@@ -33,11 +33,27 @@ class EmbeddedCluster:
     redis: subprocess.Popen[bytes]
     workers: list[subprocess.Popen[bytes]]
     broker_url: str
-    #: Signs the job's tasks; the workers trust only its certificate.
-    signer: TaskSigner | None = None
+    #: The key and certificate the job's tasks are signed with (the workers trust only it).
+    signing: tuple[Path, Path] | None = None
     #: Set when the job has ended: the workers are then killed outright instead of shut
     #: down gracefully (see :func:`embedded_cluster`).
     job_over: bool = False
+    _signer: TaskSigner | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def signer(self) -> TaskSigner:
+        """The signer of the job's tasks, loaded on first use.
+
+        Why not when the cluster starts: loading it imports Celery's security modules (~0.2 s),
+        which on an empty store sat between starting the workers and resolving the image, so
+        on the path to the first span.  The job needs it only at launch, by when the layers'
+        preparing thread runs beside it.
+        """
+        if self._signer is None:
+            if self.signing is None:
+                raise PrewarmError("the embedded cluster has no task-signing key")
+            self._signer = TaskSigner.from_files(*self.signing)
+        return self._signer
 
     @property
     def socket(self) -> Path:
@@ -193,7 +209,7 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
         # worker that runs only signed tasks is the same code path everywhere.  On an empty
         # store the pair is made after the workers start, while they import; they wait for
         # the certificate (CERT_WAIT_ENV) before their check of it.
-        key, cert = keypair_paths(settings.root / "keys")
+        _, cert = keypair_paths(settings.root / "keys")
         env = {**os.environ,
                **dataclasses.replace(settings, broker_url=broker_url, trusted_certs=str(cert)).to_env()}
         env.setdefault("PREWARM_VISIBILITY_TIMEOUT", "300")
@@ -217,10 +233,9 @@ def embedded_cluster(settings: Settings, *, concurrency: int | None = None,
                         start_new_session=True,
                         preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl; no thread of ours runs yet
                     ))
-        # after the workers are started: making the pair and loading the signer (Celery's
-        # security modules) take ~0.2-0.3 s that their start-up now overlaps
-        key, cert = ensure_keypair(settings.root / "keys")
-        cluster.signer = TaskSigner.from_files(key, cert)
+        # after the workers are started: making the pair takes 0.02-0.15 s that their start-up
+        # overlaps (the signer is loaded when the job launches: EmbeddedCluster.signer)
+        cluster.signing = ensure_keypair(settings.root / "keys")
         yield cluster
     finally:
         # Whatever ends the run (success, an error, Ctrl-C, SIGTERM), and a second signal
