@@ -540,3 +540,25 @@ def test_c_and_python_agree_at_the_edges(chain: bytes) -> None:
             tarindex._parse_plain = saved
         # Then they agree on the entries or on the error
         assert with_c == python
+
+
+@pytest.mark.skipif(tarindex._parse_plain is None, reason="the C header parser is not built")
+def test_c_builds_entries_through_the_class_when_its_init_does_more() -> None:
+    import dataclasses
+
+    # Given an entry class like FileEntry whose __init__ also runs a __post_init__
+    seen: list[str] = []
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Checked(FileEntry):  # type: ignore[misc]
+        def __post_init__(self) -> None:
+            seen.append(self.name)
+
+    data = _header(b"a", b"0") + _header(b"b", b"5") + bytes(2 * BLOCK)
+    # When C parses plain headers into it, and then into FileEntry again
+    got = tarindex._parse_plain(data, 0, 0, Checked)[0]
+    plain = tarindex._parse_plain(data, 0, 0, FileEntry)[0]
+    # Then the __post_init__ ran for each entry, and the fields are FileEntry's
+    assert seen == ["a", "b"] and [type(e) for e in got] == [Checked, Checked]
+    assert [(e.name, e.type) for e in got] == [(e.name, e.type) for e in plain] == [("a", "reg"), ("b", "dir")]
+    assert [type(e) for e in plain] == [FileEntry, FileEntry]

@@ -91,11 +91,12 @@ static PyObject *slots_of, *slots[14];
 
 /* A FileEntry of these field values.  Why not a call of the class: the frozen dataclass's
  * __init__ sets each field through object.__setattr__ in Python, ~1.5 us per entry, more
- * than the rest of the header's parse; its slots are set here directly (what that
- * __init__ does), or the class is called where it has no such slots. */
+ * than the rest of the header's parse; its slots are set here directly (all that __init__
+ * does), or the class is called where it has no such slots or its __init__ does more (a
+ * __post_init__). */
 static PyObject *new_entry(PyObject *entry_type, PyObject *const *args) {
     if (slots_of != entry_type) {
-        int usable = PyType_Check(entry_type);
+        int usable = PyType_Check(entry_type) && !PyObject_HasAttrString(entry_type, "__post_init__");
         for (int i = 0; i < 14; i++) {
             Py_CLEAR(slots[i]);
             PyObject *d = usable ? PyObject_GetAttrString(entry_type, field_names[i]) : NULL;
