@@ -120,9 +120,10 @@ class build_with_protos(build):
 
 setup(
     ext_modules=[
-        Extension("prewarm.store._landing", ["prewarm/store/_landing.c"], depends=["prewarm/index/_flatbuf.h"],
+        Extension("prewarm.store._landing", ["prewarm/store/_landing.c"],
+                  depends=["prewarm/index/_flatbuf.h", "prewarm/index/_tarheader.h"],
                   extra_compile_args=_FLAGS),  # prewarm.store.landing
-        Extension("prewarm.index._tarindex", ["prewarm/index/_tarindex.c"],
+        Extension("prewarm.index._tarindex", ["prewarm/index/_tarindex.c"], depends=["prewarm/index/_tarheader.h"],
                   extra_compile_args=_FLAGS),  # prewarm.index.tarindex
         Extension("prewarm.index._ztoc", ["prewarm/index/_ztoc.c"], depends=["prewarm/index/_flatbuf.h"],
                   extra_compile_args=_FLAGS),  # prewarm.index.ztoc

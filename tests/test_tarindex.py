@@ -412,6 +412,17 @@ def _index_or_error(data: bytes, chunk: int) -> tuple[list[FileEntry], int] | st
         return f"BadTarHeader: {err}"
 
 
+def _with_c_and_without(data: bytes, chunk: int) -> tuple[tuple[list[FileEntry], int] | str, ...]:
+    """What indexing ``data`` gives with the C parser of plain headers, then with Python alone."""
+    with_c = _index_or_error(data, chunk)
+    saved = tarindex._parse_plain
+    tarindex._parse_plain = None
+    try:
+        return with_c, _index_or_error(data, chunk)
+    finally:
+        tarindex._parse_plain = saved
+
+
 def _mutate_for_c(rng: random.Random, data: bytes) -> bytes:
     """One change that moves a header across the C parser's edges: a PAX path record bent
     out of shape, a GNU atime, a STAR trailer, a signed checksum, an odd number field."""
@@ -451,13 +462,7 @@ def test_c_header_parse_equals_the_python_parse(seed: int, mutations: int, chunk
     for _ in range(mutations):
         data = _mutate_for_c(rng, data)
     # When it is indexed with the C parser of plain headers and with Python alone
-    with_c = _index_or_error(data, chunk)
-    saved = tarindex._parse_plain
-    tarindex._parse_plain = None
-    try:
-        python = _index_or_error(data, chunk)
-    finally:
-        tarindex._parse_plain = saved
+    with_c, python = _with_c_and_without(data, chunk)
     # Then both give the same entries and end, or the same error
     assert with_c == python
 
@@ -531,13 +536,7 @@ def test_c_and_python_agree_at_the_edges(chain: bytes) -> None:
     # Given a header chain at an edge of what the C parser takes
     for chunk in (1, 7, len(chain)):
         # When it is indexed with the C parser and with Python alone
-        with_c = _index_or_error(chain, chunk)
-        saved = tarindex._parse_plain
-        tarindex._parse_plain = None
-        try:
-            python = _index_or_error(chain, chunk)
-        finally:
-            tarindex._parse_plain = saved
+        with_c, python = _with_c_and_without(chain, chunk)
         # Then they agree on the entries or on the error
         assert with_c == python
 

@@ -21,40 +21,10 @@
 #include <stdio.h>
 #include <string.h>
 
-#define BLOCK 512
+#include "_tarheader.h"
+
+#define BLOCK TAR_BLOCK
 #define MAX_SPECIAL_FILE_SIZE (1 << 20) /* tarindex.MAX_SPECIAL_FILE_SIZE: Python's error above it */
-
-/* A numeric field as plain octal, as tarindex._parse_octal takes the common case: spaces
- * and NULs trimmed on both sides, then only octal digits (at most 21: below 2**63).
- * Anything else returns 0: the Python parser decides. */
-static int plain_octal(const uint8_t *f, int n, int64_t *out) {
-    int a = 0, b = n;
-    while (a < b && (f[a] == ' ' || f[a] == 0)) a++;
-    while (b > a && (f[b - 1] == ' ' || f[b - 1] == 0)) b--;
-    if (b - a > 21) return 0;
-    int64_t v = 0;
-    for (int i = a; i < b; i++) {
-        if (f[i] < '0' || f[i] > '7') return 0;
-        v = (v << 3) | (f[i] - '0');
-    }
-    *out = v;
-    return 1;
-}
-
-static size_t cstrlen(const uint8_t *p, size_t n) {
-    const uint8_t *z = memchr(p, 0, n);
-    return z ? (size_t)(z - p) : n;
-}
-
-/* The checksum is the block's unsigned sum (Python also takes the signed one). */
-static int checksum_ok(const uint8_t *blk) {
-    int64_t chk;
-    if (!plain_octal(blk + 148, 8, &chk)) return 0;
-    int64_t sum = 8 * ' ';
-    for (int i = 0; i < BLOCK; i++)
-        if (i < 148 || i >= 156) sum += blk[i];
-    return chk == sum;
-}
 
 static int zero_block(const uint8_t *blk) {
     for (int i = 0; i < BLOCK; i++)
@@ -120,45 +90,12 @@ static PyObject *new_entry(PyObject *entry_type, PyObject *const *args) {
     return e;
 }
 
-/* A header's fields, when it is plain: see the top of this file. */
-typedef struct {
-    int ustar, flag;
-    int64_t mode, uid, gid, size, mtime, dmaj, dmin;
-} header_t;
-
-static int plain_header(const uint8_t *blk, header_t *h) {
-    if (!checksum_ok(blk)) return 0;
-    h->ustar = memcmp(blk + 257, "ustar\0", 6) == 0;
-    if (h->ustar) {
-        if (memcmp(blk + 508, "tar\0", 4) == 0) return 0; /* STAR: atime and ctime */
-    } else if (memcmp(blk + 257, "ustar ", 6) != 0 || blk[263] != ' ' || blk[264] != 0 || blk[345] || blk[357]) {
-        return 0; /* v7, or GNU with atime/ctime (or a pre-Go 1.8 prefix there) */
-    }
-    h->flag = blk[156];
-    return plain_octal(blk + 100, 8, &h->mode) && plain_octal(blk + 108, 8, &h->uid) &&
-           plain_octal(blk + 116, 8, &h->gid) && plain_octal(blk + 124, 12, &h->size) &&
-           plain_octal(blk + 136, 12, &h->mtime) && plain_octal(blk + 329, 8, &h->dmaj) &&
-           plain_octal(blk + 337, 8, &h->dmin);
-}
-
 /* A type SOCI indexes ('0'..'6', or the legacy NUL); x g L K S 7 ...: Python. */
 static int entry_flag(int flag) { return flag == 0 || (flag >= '0' && flag <= '6'); }
 
-/* An extended header's payload when it is one "path" record, as Go writes a long name:
- * tarindex._parse_pax's checks for that one record.  0: Python reads it. */
-static int path_record(const uint8_t *p, int64_t size, const uint8_t **value, int64_t *len) {
-    int64_t i = 0, n = 0;
-    while (i < size && i < 8 && p[i] >= '0' && p[i] <= '9') n = n * 10 + (p[i++] - '0');
-    if (i == 0 || i >= size || p[i] != ' ' || n != size || n < 5) return 0;
-    if (size - i < 7 || memcmp(p + i + 1, "path=", 5) != 0 || p[size - 1] != '\n') return 0;
-    *value = p + i + 6;
-    *len = size - 1 - (i + 6);
-    return memchr(*value, 0, (size_t)*len) == NULL; /* a NUL in it: Python's error */
-}
-
 /* The entry of the plain header h at blk, its name the PAX path when one is given (a
  * record with an empty value keeps the header's name, and is kept as a record). */
-static PyObject *make_entry(const uint8_t *blk, const header_t *h, const uint8_t *pax, int64_t pax_len,
+static PyObject *make_entry(const uint8_t *blk, const tar_header_t *h, const uint8_t *pax, int64_t pax_len,
                             int64_t data_at, PyObject *entry_type, int64_t *data_len, int64_t *last_mtime,
                             PyObject **last_mod) {
     uint8_t joined[256];
@@ -215,7 +152,7 @@ static PyObject *make_entry(const uint8_t *blk, const header_t *h, const uint8_t
  * NULL on error.  *data_pos: where its data starts; *data_len: its data's length. */
 static PyObject *plain_chain(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t n, long long base, PyObject *entry_type,
                              Py_ssize_t *data_pos, int64_t *data_len, int64_t *last_mtime, PyObject **last_mod) {
-    header_t h;
+    tar_header_t h;
     if (!plain_header(buf + pos, &h)) Py_RETURN_NONE;
     const uint8_t *pax = NULL;
     int64_t pax_len = 0;

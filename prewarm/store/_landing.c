@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 #include "../index/_flatbuf.h"
+#include "../index/_tarheader.h"
 
 #ifndef SYS_openat2
 #define SYS_openat2 437
@@ -86,63 +87,16 @@ enum {
 
 /* ---------------------------------------------------------------- header checks */
 
-/* A numeric field as plain octal, as Go's parseOctal takes the common case: spaces and
- * NULs trimmed on both sides, then only octal digits.  Anything else (base-256, an
- * inner NUL, digits 8/9, overflow) returns 0: the Python parser decides. */
-static int plain_octal(const uint8_t *f, int n, int64_t *out) {
-    int a = 0, b = n;
-    while (a < b && (f[a] == ' ' || f[a] == 0)) a++;
-    while (b > a && (f[b - 1] == ' ' || f[b - 1] == 0)) b--;
-    if (b - a > 21) return 0;
-    int64_t v = 0;
-    for (int i = a; i < b; i++) {
-        if (f[i] < '0' || f[i] > '7') return 0;
-        v = (v << 3) | (f[i] - '0');
-    }
-    *out = v;
-    return 1;
-}
-
-static size_t cstrlen(const uint8_t *p, size_t n) {
-    const uint8_t *z = memchr(p, 0, n);
-    return z ? (size_t)(z - p) : n;
-}
-
-/* The block's checksum is its unsigned sum (the signed one is rare: Python takes it). */
-static int checksum_ok(const uint8_t *blk) {
-    int64_t chk;
-    if (!plain_octal(blk + 148, 8, &chk)) return 0;
-    int64_t sum = 8 * ' ';
-    for (int i = 0; i < BLOCK; i++)
-        if (i < 148 || i >= 156) sum += blk[i];
-    return chk == sum;
-}
-
 /* 1 when the block is one plain header whose fields all equal the record's (its name
  * too, unless `named` says a PAX path record already matched the TOC name). */
 static int header_matches(const uint8_t *blk, const record_t *r, const char *heap, int named) {
-    int64_t mode, uid, gid, size, mtime, dmaj, dmin;
-    if (!checksum_ok(blk)) return 0;
-    int ustar;
-    if (memcmp(blk + 257, "ustar\0", 6) == 0) {
-        if (memcmp(blk + 508, "tar\0", 4) == 0) return 0; /* STAR */
-        ustar = 1;
-    } else if (memcmp(blk + 257, "ustar ", 6) == 0 && blk[263] == ' ' && blk[264] == 0) {
-        if (blk[345] || blk[357]) return 0; /* GNU atime/ctime (or an old prefix) */
-        ustar = 0;
-    } else {
+    tar_header_t h;
+    if (!plain_header(blk, &h) || h.flag != r->type) return 0;
+    int ustar = h.ustar;
+    if (h.mode != r->mode || (uint32_t)h.uid != r->uid || (uint32_t)h.gid != r->gid || h.size != r->size ||
+        h.dmaj != r->devmajor || h.dmin != r->devminor)
         return 0;
-    }
-    if (blk[156] != r->type) return 0;
-    if (!plain_octal(blk + 100, 8, &mode) || !plain_octal(blk + 108, 8, &uid) ||
-        !plain_octal(blk + 116, 8, &gid) || !plain_octal(blk + 124, 12, &size) ||
-        !plain_octal(blk + 136, 12, &mtime) || !plain_octal(blk + 329, 8, &dmaj) ||
-        !plain_octal(blk + 337, 8, &dmin))
-        return 0;
-    if (mode != r->mode || (uint32_t)uid != r->uid || (uint32_t)gid != r->gid || size != r->size ||
-        dmaj != r->devmajor || dmin != r->devminor)
-        return 0;
-    if (mtime < MIN_SECS || mtime >= MAX_SECS || mtime * 1000000000LL != r->mtime_ns) return 0;
+    if (h.mtime < MIN_SECS || h.mtime >= MAX_SECS || h.mtime * 1000000000LL != r->mtime_ns) return 0;
     if (named) goto link;
     size_t nlen = cstrlen(blk, 100);
     size_t plen = ustar ? cstrlen(blk + 345, 155) : 0;
@@ -162,27 +116,14 @@ link:;
 /* The chain at blk is a PAX 'x' header holding exactly "LEN path=<the record's name>\n",
  * then one plain header equal to the record (what Go writes for a long name). */
 static int pax_path_matches(const uint8_t *blk, int64_t avail, const record_t *r, const char *heap) {
-    int64_t size, v;
-    if (blk[156] != 'x' || memcmp(blk + 257, "ustar\0", 6) != 0 || memcmp(blk + 508, "tar\0", 4) == 0 ||
-        !checksum_ok(blk) || !plain_octal(blk + 124, 12, &size) || size < 7 || size > 1 << 20)
-        return 0;
-    /* Go parses every numeric field of every header: they must be valid here too. */
-    if (!plain_octal(blk + 100, 8, &v) || !plain_octal(blk + 108, 8, &v) || !plain_octal(blk + 116, 8, &v) ||
-        !plain_octal(blk + 136, 12, &v) || !plain_octal(blk + 329, 8, &v) || !plain_octal(blk + 337, 8, &v))
-        return 0;
-    int64_t padded = (size + BLOCK - 1) / BLOCK * BLOCK;
+    tar_header_t h;
+    if (!plain_header(blk, &h) || h.flag != 'x' || !h.ustar || h.size < 7 || h.size > 1 << 20) return 0;
+    int64_t padded = (h.size + BLOCK - 1) / BLOCK * BLOCK;
     if (avail != BLOCK + padded + BLOCK) return 0;
-    const uint8_t *p = blk + BLOCK;
-    int64_t n = 0, i = 0;
-    while (i < size && p[i] >= '0' && p[i] <= '9' && i < 8) n = n * 10 + (p[i++] - '0');
-    if (i == 0 || p[0] == '0' || i >= size || p[i] != ' ' || n != size) return 0;
-    i++;
-    if (size - i < 6 || memcmp(p + i, "path=", 5) != 0 || p[size - 1] != '\n') return 0;
-    i += 5;
-    int64_t vlen = size - 1 - i;
-    if (vlen <= 0 || vlen != (int64_t)r->name_len || memchr(p + i, 0, (size_t)vlen) ||
-        memcmp(p + i, heap + r->name_off, (size_t)vlen) != 0)
-        return 0;
+    const uint8_t *p = blk + BLOCK, *value;
+    int64_t vlen;
+    if (p[0] == '0' || !path_record(p, h.size, &value, &vlen)) return 0;
+    if (vlen <= 0 || vlen != (int64_t)r->name_len || memcmp(value, heap + r->name_off, (size_t)vlen) != 0) return 0;
     return header_matches(blk + BLOCK + padded, r, heap, 1);
 }
 
