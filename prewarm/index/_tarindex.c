@@ -7,9 +7,10 @@
  * largest share of the thread that a whole layer waits on.
  *
  * Only the plain case is taken here: one ustar or GNU header, alone or after an extended
- * header that holds only a "path" record (how Go writes a long name); no other PAX, no GNU long name,
- * no STAR or v7 header, no base-256 or odd number field, the checksum its unsigned sum,
- * no GNU atime/ctime), of a type SOCI indexes, whole in the buffer.  At anything else the
+ * header that holds only a "path" record (how Go writes a long name), of a type SOCI
+ * indexes, whole in the buffer (no other PAX record, no GNU long name, no STAR or v7
+ * header, no base-256 or odd number field, the checksum its unsigned sum, no GNU
+ * atime/ctime: see _tarheader.h).  At anything else the
  * run stops and hands the position back to the Python parser, which takes that header
  * chain (or words its error) and calls again after it.  So an entry returned here is the
  * one Python would return, which tests/test_tarindex.py checks on mutated archives.
