@@ -493,6 +493,8 @@ def test_c_takes_plain_headers_and_long_names_and_leaves_the_rest() -> None:
     # And a run cut inside an entry's data says how much data and padding are left
     got, pos, skip, pad = tarindex._parse_plain(data[:BLOCK + 1], 0, 0, FileEntry)
     assert [e.name for e in got] == ["plain"] and (pos, skip, pad) == (BLOCK + 1, 2, 509)
+    # And the archive's end (a zero block) is left to Python
+    assert tarindex._parse_plain(bytes(2 * BLOCK), 0, 0, FileEntry) == ([], 0, 0, 0)
 
 
 def _pax_chain(payload: bytes, name: bytes = b"short", **header: object) -> bytes:

@@ -9,6 +9,8 @@
 #include <string.h>
 
 #define TAR_BLOCK 512
+/* tarindex.MAX_SPECIAL_FILE_SIZE: Go refuses an extended header above it (Python's error). */
+#define TAR_MAX_SPECIAL_FILE_SIZE (1 << 20)
 
 /* A numeric field as plain octal, as Go's parseOctal takes the common case: spaces and
  * NULs trimmed on both sides, then only octal digits (at most 21: below 2**63).  Anything
@@ -50,7 +52,8 @@ typedef struct {
 
 /* 1 when blk is a plain header: its checksum the unsigned sum, ustar (not STAR: atime and
  * ctime) or GNU without atime/ctime (nor a pre-Go 1.8 prefix there), and its seven numbers
- * plain octal (Go parses them in every header, whatever its type). */
+ * plain octal (Go parses them in every header, whatever its type).  Never a zero block (the
+ * archive's end): its sum is 256, its checksum field 0. */
 static inline int plain_header(const uint8_t *blk, tar_header_t *h) {
     if (!checksum_ok(blk)) return 0;
     h->ustar = memcmp(blk + 257, "ustar\0", 6) == 0;
@@ -67,8 +70,10 @@ static inline int plain_header(const uint8_t *blk, tar_header_t *h) {
 }
 
 /* An extended header's payload when it is one "path" record, as Go writes a long name
- * (tarindex._parse_pax's checks for that one record); *value is the path, NUL-free. */
+ * (tarindex._parse_chain's size bound and _parse_pax's checks for that one record); *value
+ * is the path, NUL-free. */
 static inline int path_record(const uint8_t *p, int64_t size, const uint8_t **value, int64_t *len) {
+    if (size > TAR_MAX_SPECIAL_FILE_SIZE) return 0;
     int64_t i = 0, n = 0;
     while (i < size && i < 8 && p[i] >= '0' && p[i] <= '9') n = n * 10 + (p[i++] - '0');
     if (i == 0 || i >= size || p[i] != ' ' || n != size || n < 5) return 0;

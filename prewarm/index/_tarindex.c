@@ -25,13 +25,6 @@
 #include "_tarheader.h"
 
 #define BLOCK TAR_BLOCK
-#define MAX_SPECIAL_FILE_SIZE (1 << 20) /* tarindex.MAX_SPECIAL_FILE_SIZE: Python's error above it */
-
-static int zero_block(const uint8_t *blk) {
-    for (int i = 0; i < BLOCK; i++)
-        if (blk[i]) return 0;
-    return 1;
-}
 
 static PyObject *text(const uint8_t *p, size_t len) {
     return PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)len, "surrogateescape");
@@ -159,10 +152,9 @@ static PyObject *plain_chain(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t n, l
     int64_t pax_len = 0;
     if (h.flag == 'x') {
         Py_ssize_t body = pos + BLOCK;
-        if (h.size > MAX_SPECIAL_FILE_SIZE || h.size > n - body || !path_record(buf + body, h.size, &pax, &pax_len))
-            Py_RETURN_NONE;
+        if (h.size > n - body || !path_record(buf + body, h.size, &pax, &pax_len)) Py_RETURN_NONE;
         pos = body + (Py_ssize_t)(h.size + (-h.size & (BLOCK - 1)));
-        if (pos > n - BLOCK || zero_block(buf + pos) || !plain_header(buf + pos, &h)) Py_RETURN_NONE;
+        if (pos > n - BLOCK || !plain_header(buf + pos, &h)) Py_RETURN_NONE;
     }
     if (!entry_flag(h.flag)) Py_RETURN_NONE;
     *data_pos = pos + BLOCK;
@@ -194,7 +186,7 @@ static PyObject *parse_plain(PyObject *self, PyObject *args) {
     }
     out = PyList_New(0);
     if (!out) goto done;
-    while (pos <= n - BLOCK && !zero_block(buf + pos)) {
+    while (pos <= n - BLOCK) { /* (a zero block is no plain header: Python takes the archive's end) */
         int64_t data_len = 0;
         Py_ssize_t data_pos = 0;
         PyObject *e = plain_chain(buf, pos, n, base, entry_type, &data_pos, &data_len, &last_mtime, &last_mod);

@@ -79,7 +79,7 @@ enum {
     E_IO = 5,
 };
 
-#define BLOCK 512
+#define BLOCK TAR_BLOCK
 #define ALIGN 4096
 /* mtimes whose nanoseconds fit an int64 (years 1678..2262); the Python side takes the rest. */
 #define MIN_SECS (-9223372035LL)
@@ -117,7 +117,7 @@ link:;
  * then one plain header equal to the record (what Go writes for a long name). */
 static int pax_path_matches(const uint8_t *blk, int64_t avail, const record_t *r, const char *heap) {
     tar_header_t h;
-    if (!plain_header(blk, &h) || h.flag != 'x' || !h.ustar || h.size < 7 || h.size > 1 << 20) return 0;
+    if (!plain_header(blk, &h) || h.flag != 'x' || !h.ustar || h.size < 7 || h.size > TAR_MAX_SPECIAL_FILE_SIZE) return 0;
     int64_t padded = (h.size + BLOCK - 1) / BLOCK * BLOCK;
     if (avail != BLOCK + padded + BLOCK) return 0;
     const uint8_t *p = blk + BLOCK, *value;
