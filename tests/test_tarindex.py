@@ -452,7 +452,6 @@ def _mutate_for_c(rng: random.Random, data: bytes) -> bytes:
     return bytes(raw)
 
 
-@pytest.mark.skipif(tarindex._parse_plain is None, reason="the C header parser is not built")
 @settings(max_examples=400, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2**32 - 1), mutations=st.integers(0, 3), chunk=st.sampled_from([1, 100, 512, 1000, 1 << 20]))
 def test_c_header_parse_equals_the_python_parse(seed: int, mutations: int, chunk: int) -> None:
@@ -467,7 +466,6 @@ def test_c_header_parse_equals_the_python_parse(seed: int, mutations: int, chunk
     assert with_c == python
 
 
-@pytest.mark.skipif(tarindex._parse_plain is None, reason="the C header parser is not built")
 def test_c_takes_plain_headers_and_long_names_and_leaves_the_rest() -> None:
     # Given plain headers, a Go-style long name (an x header with one path record), a
     # ustar prefix, a PAX header with another record, and a GNU long name
@@ -508,7 +506,6 @@ def _signed_sum_header() -> bytes:
     return bytes(blk)
 
 
-@pytest.mark.skipif(tarindex._parse_plain is None, reason="the C header parser is not built")
 @pytest.mark.parametrize("chain", [
     pytest.param(_pax_chain(b"19 path=long/na\0me\n"), id="a NUL in the path"),
     pytest.param(_pax_chain(b"8 path=\n"), id="an empty path"),
@@ -543,7 +540,6 @@ def test_c_and_python_agree_at_the_edges(chain: bytes) -> None:
         assert with_c == python
 
 
-@pytest.mark.skipif(tarindex._parse_plain is None, reason="the C header parser is not built")
 def test_c_builds_entries_through_the_class_when_its_init_does_more() -> None:
     import dataclasses
 
